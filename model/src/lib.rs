@@ -1,0 +1,6 @@
+//! Networks in tch: TARFlow, the frozen DINOv2 and SD-VAE encoders, and strict weight IO.
+//!
+//! Invariant: this crate does no file or network I/O apart from reading and writing weights.
+
+pub mod device;
+pub mod weights;

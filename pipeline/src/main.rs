@@ -1,0 +1,39 @@
+//! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
+//! module with a clap `Args` struct and a `run` function; this file only dispatches.
+
+mod config;
+mod config_cmd;
+mod demo_data;
+mod logging;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pipeline", version, about = "Train and use TARFlow normalizing flows on ImageNet webdataset shards")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a small procedurally drawn, labelled dataset as webdataset shards
+    DemoData(demo_data::Args),
+    /// Print the effective configuration (preset + --set overrides) as TOML, or fail on a bad key
+    Config(config_cmd::Args),
+}
+
+fn main() {
+    logging::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::DemoData(args) => demo_data::run(args),
+        Command::Config(args) => config_cmd::run(args),
+    };
+    if let Err(err) = result {
+        // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
