@@ -3,6 +3,7 @@
 //! Invariant: this crate never links libtorch, so it builds and tests in seconds.
 
 pub mod atomic;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -1,0 +1,135 @@
+//! The manifest of one fingerprint directory: the settings that produced it and one entry per cache
+//! shard. It is rewritten atomically under the directory lock, re-reading the file first, so ranks
+//! that finish shards at the same time merge instead of overwriting each other.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::shard::{ShardSummary, FORMAT_VERSION};
+use crate::atomic::write_bytes_atomic;
+use crate::{Error, Result};
+
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// Identity of the source shard a cache shard was computed from: a changed source is recomputed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceShard {
+    pub name: String,
+    pub size: u64,
+    /// blake3 of the source shard's bytes, hex.
+    pub content_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestShard {
+    /// File name inside the fingerprint directory.
+    pub file: String,
+    pub source: SourceShard,
+    #[serde(flatten)]
+    pub summary: ShardSummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub fingerprint: String,
+    /// Everything that changes the cached numbers (what the fingerprint hashes).
+    pub settings: serde_json::Value,
+    /// Keyed by source shard name.
+    pub shards: BTreeMap<String, ManifestShard>,
+}
+
+/// The fingerprint of a settings value: blake3 of its canonical JSON (serde_json sorts object keys),
+/// 16 hex digits.
+pub fn fingerprint(settings: &serde_json::Value) -> String {
+    let canonical = serde_json::to_vec(settings).expect("json value serialises");
+    blake3::hash(&canonical).to_hex()[..16].to_string()
+}
+
+impl Manifest {
+    pub fn new(settings: serde_json::Value) -> Self {
+        Manifest { format_version: FORMAT_VERSION, fingerprint: fingerprint(&settings), settings, shards: BTreeMap::new() }
+    }
+
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST_NAME)
+    }
+
+    /// Reads `dir/manifest.json`; `Ok(None)` when there is none yet.
+    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
+        let path = Self::path(dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        write_bytes_atomic(&Self::path(dir), &json)
+    }
+
+    /// Records finished shards: under the caller's [`super::CacheLock`], re-reads the manifest on disk
+    /// (another rank may have added shards), adds `entries` and writes it back atomically.
+    pub fn record(dir: &Path, settings: &serde_json::Value, entries: Vec<ManifestShard>) -> Result<Manifest> {
+        let mut manifest = Self::load(dir)?.unwrap_or_else(|| Manifest::new(settings.clone()));
+        if manifest.fingerprint != fingerprint(settings) {
+            return Err(Error::Invalid(format!(
+                "{}: manifest fingerprint {} does not match settings {}",
+                dir.display(),
+                manifest.fingerprint,
+                fingerprint(settings)
+            )));
+        }
+        for entry in entries {
+            manifest.shards.insert(entry.source.name.clone(), entry);
+        }
+        manifest.save(dir)?;
+        Ok(manifest)
+    }
+
+    pub fn total_samples(&self) -> usize {
+        self.shards.values().map(|s| s.summary.samples).sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.shards.values().map(|s| s.summary.bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> ManifestShard {
+        ManifestShard {
+            file: format!("{name}.fbc"),
+            source: SourceShard { name: name.into(), size: 1, content_hash: "h".into() },
+            summary: ShardSummary { samples: 3, bytes: 10, blake3: "b".into() },
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_key_order_and_sees_values() {
+        let a = serde_json::json!({"crop": 256, "views": 2});
+        let b: serde_json::Value = serde_json::from_str(r#"{"views": 2, "crop": 256}"#).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&serde_json::json!({"crop": 64, "views": 2})));
+    }
+
+    #[test]
+    fn records_from_two_writers_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = serde_json::json!({"crop": 256});
+        Manifest::record(dir.path(), &settings, vec![entry("a")]).unwrap();
+        let m = Manifest::record(dir.path(), &settings, vec![entry("b")]).unwrap();
+        assert_eq!(m.shards.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(Manifest::load(dir.path()).unwrap().unwrap(), m);
+        assert!(Manifest::record(dir.path(), &serde_json::json!({"crop": 64}), vec![]).is_err());
+    }
+}
