@@ -39,6 +39,9 @@ pub struct Manifest {
     pub settings: serde_json::Value,
     /// Keyed by source shard name.
     pub shards: BTreeMap<String, ManifestShard>,
+    /// Source shard names the runs on this directory were asked for; complete when all are in `shards`.
+    #[serde(default)]
+    pub requested: std::collections::BTreeSet<String>,
 }
 
 /// The fingerprint of a settings value: blake3 of its canonical JSON (serde_json sorts object keys),
@@ -50,7 +53,13 @@ pub fn fingerprint(settings: &serde_json::Value) -> String {
 
 impl Manifest {
     pub fn new(settings: serde_json::Value) -> Self {
-        Manifest { format_version: FORMAT_VERSION, fingerprint: fingerprint(&settings), settings, shards: BTreeMap::new() }
+        Manifest {
+            format_version: FORMAT_VERSION,
+            fingerprint: fingerprint(&settings),
+            settings,
+            shards: BTreeMap::new(),
+            requested: Default::default(),
+        }
     }
 
     pub fn path(dir: &Path) -> PathBuf {
@@ -91,6 +100,11 @@ impl Manifest {
         }
         manifest.save(dir)?;
         Ok(manifest)
+    }
+
+    /// Requested source shards that have no cache shard yet.
+    pub fn missing(&self) -> Vec<&str> {
+        self.requested.iter().filter(|r| !self.shards.contains_key(*r)).map(String::as_str).collect()
     }
 
     pub fn total_samples(&self) -> usize {

@@ -2,6 +2,7 @@
 //! holding one cache shard per source shard and a manifest. See docs/cache-format.md.
 
 pub mod lock;
+pub mod maintenance;
 pub mod manifest;
 pub mod shard;
 

@@ -14,7 +14,7 @@
 //! run of samples at once, so one zstd frame per (chunk, field) decompresses in a single call into a
 //! contiguous array ready to become a tensor, with no per-sample header parsing; the footer gives the
 //! offsets, so a reader can also skip fields it does not need (e.g. the images of a latent run). Every
-//! byte is covered by a checksum: frames carry zstd's content checksum, the footer its blake3.
+//! byte is covered by a checksum: each frame's blake3 is in the footer, the footer's in the trailer.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -77,6 +77,8 @@ pub struct ChunkIndex {
     pub rows: usize,
     /// (offset, compressed length) of each field's frame, in field order.
     pub frames: Vec<(u64, u64)>,
+    /// blake3 of each compressed frame, hex: zstd ignores some header bits, this does not.
+    pub frame_blake3: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,13 +205,15 @@ impl ShardWriter {
             return Ok(());
         }
         let mut frames = Vec::with_capacity(self.fields.len());
+        let mut frame_blake3 = Vec::with_capacity(self.fields.len());
         for i in 0..self.pending.len() {
             let raw = std::mem::take(&mut self.pending[i]);
             let compressed = compress_frame(&raw, self.level).map_err(|e| Error::io(&self.tmp, e))?;
             frames.push((self.offset, compressed.len() as u64));
+            frame_blake3.push(blake3::hash(&compressed).to_hex().to_string());
             self.write_raw(&compressed)?;
         }
-        self.chunks.push(ChunkIndex { rows: self.pending_rows, frames });
+        self.chunks.push(ChunkIndex { rows: self.pending_rows, frames, frame_blake3 });
         self.pending_rows = 0;
         Ok(())
     }
@@ -309,6 +313,13 @@ impl ShardReader {
         let mut compressed = vec![0u8; length as usize];
         self.file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&self.path, e))?;
         self.file.read_exact(&mut compressed).map_err(|e| Error::io(&self.path, e))?;
+        if index.frame_blake3.get(field).map(String::as_str) != Some(blake3::hash(&compressed).to_hex().as_str()) {
+            return Err(Error::Invalid(format!(
+                "{}: corrupt cache shard: chunk {chunk} field {}: checksum mismatch",
+                self.path.display(),
+                spec.name
+            )));
+        }
         let raw = zstd::stream::decode_all(&compressed[..]).map_err(|e| {
             Error::Invalid(format!("{}: corrupt cache shard: chunk {chunk} field {}: {e}", self.path.display(), spec.name))
         })?;
@@ -399,7 +410,7 @@ mod tests {
                 r.read_field("latent")?;
                 Ok(())
             });
-            // A flip in a frame's padding-free zstd stream or anywhere else must surface as an error.
+            // A flip anywhere, even in header bits zstd ignores, must surface as an error.
             assert!(outcome.is_err(), "flip at byte {pos} of {} went unnoticed", good.len());
         }
     }
