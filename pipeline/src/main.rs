@@ -1,6 +1,7 @@
 //! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
+mod cache_cmd;
 mod config;
 mod config_cmd;
 mod demo_data;
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Write a small procedurally drawn, labelled dataset as webdataset shards
     DemoData(demo_data::Args),
+    /// Inspect and maintain precompute caches: ls, verify, gc
+    Cache(cache_cmd::Args),
     /// Print the effective configuration (preset + --set overrides) as TOML, or fail on a bad key
     Config(config_cmd::Args),
 }
@@ -30,6 +33,7 @@ fn main() {
     let result = match cli.command {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
+        Command::Cache(args) => cache_cmd::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
