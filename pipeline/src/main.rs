@@ -1,6 +1,7 @@
 //! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
+mod bench;
 mod config;
 mod config_cmd;
 mod demo_data;
@@ -22,6 +23,8 @@ enum Command {
     DemoData(demo_data::Args),
     /// Print the effective configuration (preset + --set overrides) as TOML, or fail on a bad key
     Config(config_cmd::Args),
+    /// Throughput benchmarks against the reference implementations
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -30,6 +33,7 @@ fn main() {
     let result = match cli.command {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
