@@ -62,8 +62,11 @@ fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     'shards: for shard in &shards {
         let mut full = false;
         stages::wds_reader::read_shard(shard, &counters, &mut |raw| {
+            // Keep only what decodes, so every row times the same work.
             if let Some(sample) = stages::image_stream::select_sample(raw, &cfg, &counters) {
-                images.push(sample.image);
+                if decode_rgb(&sample.image, cfg.max_pixels).is_ok() {
+                    images.push(sample.image);
+                }
             }
             full = images.len() >= limit;
             !full
@@ -72,8 +75,6 @@ fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
             break 'shards;
         }
     }
-    // Keep only what decodes, so every row times the same work.
-    images.retain(|b| decode_rgb(b, cfg.max_pixels).is_ok());
     if images.is_empty() {
         bail!("no decodable image in {spec}");
     }
