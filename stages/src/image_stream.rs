@@ -21,7 +21,7 @@ use crate::crop::{crop_image, hflip};
 use crate::decode::{decode_rgb_scaled, DecodeError};
 use crate::demo::RgbImage;
 use crate::label::{read_label, LabelError};
-use crate::metrics::{summary_table, StageMetrics};
+use crate::metrics::{live_line, summary_table, StageMetrics};
 use crate::order::{epoch_shards, keyed_rng, RankSplit, ShuffleBuffer, PURPOSE_SAMPLES};
 use crate::shardspec::expand_shard_spec;
 use crate::wds_reader::{read_shard, RawSample};
@@ -103,6 +103,7 @@ pub struct ImageStream {
     max_bad_fraction: f64,
     reader: std::thread::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    monitor: tokio::task::JoinHandle<Result<()>>,
 }
 
 /// What a finished stream reports.
@@ -153,16 +154,42 @@ pub fn open_image_stream(cfg: &DataConfig, split: RankSplit, epoch: u64) -> Resu
         .map_err(|e| Error::Invalid(format!("building the decode pool: {e}")))?;
     let rng = keyed_rng(cfg.seed, epoch, split.rank as u64, PURPOSE_SAMPLES);
     let shuffle = tokio::spawn(shuffle_stage(raw_rx, shuffled_tx, ShuffleBuffer::new(cfg.shuffle_buffer, cfg.shuffle_initial, rng), shuffle_metrics.clone()));
-    let decode = tokio::spawn(decode_stage(shuffled_rx, out_tx, cfg.clone(), counters.clone(), decode_metrics.clone(), Arc::new(pool)));
+    let decode_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let decode = {
+        let (cfg, counters, metrics, done) = (cfg.clone(), counters.clone(), decode_metrics.clone(), decode_done.clone());
+        tokio::spawn(async move {
+            let result = decode_stage(shuffled_rx, out_tx, cfg, counters, metrics, Arc::new(pool)).await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            result
+        })
+    };
+    let metrics = vec![read_metrics, shuffle_metrics, decode_metrics];
+    let started = Instant::now();
+    // The live line: logged at a fixed interval, so logs under SLURM or CI show which stage starves.
+    let monitor = {
+        let (metrics, counters, decode_task) = (metrics.clone(), counters.clone(), decode_done.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIVE_LINE_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if decode_task.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                tracing::info!("{} | {}", live_line(&metrics, started.elapsed()), counters.summary_line());
+            }
+        })
+    };
     Ok(ImageStream {
         samples: out_rx,
         counters,
-        metrics: vec![read_metrics, shuffle_metrics, decode_metrics],
+        metrics,
         shards,
-        started: Instant::now(),
+        started,
         max_bad_fraction: cfg.max_bad_fraction,
         reader,
         tasks: vec![shuffle, decode],
+        monitor,
     })
 }
 
@@ -171,6 +198,7 @@ impl ImageStream {
     pub async fn finish(self) -> Result<StreamSummary> {
         // Dropping our receiver lets the stages end even if the consumer stopped early.
         drop(self.samples);
+        self.monitor.abort();
         let mut first_error = None;
         for task in self.tasks {
             match task.await {
@@ -322,6 +350,8 @@ async fn decode_stage(
     }
     Ok(())
 }
+
+const LIVE_LINE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The bad fraction is only judged mid-run after this many samples, so a few early bad ones among the
 /// first dozen do not abort a run that would end well under the limit.

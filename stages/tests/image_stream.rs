@@ -191,3 +191,20 @@ fn flip_view_mirrors_the_crop() {
         assert_eq!(&f.pixels[..3], &s.image.pixels[31 * 3..32 * 3]);
     }
 }
+
+#[test]
+fn a_consumer_that_stops_early_still_finishes_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = DemoConfig { classes: 3, per_class: 10, shards: 3, seed: 4, odd: false, prefix: "demo".into() };
+    write_demo_dataset(tmp.path(), &demo, &|_| {}).unwrap();
+    let spec = format!("{}/demo-{{000000..000002}}.tar", tmp.path().display());
+    let cfg = DataConfig { queue_depth: 1, ..test_config(&spec) };
+    runtime().block_on(async {
+        let stream = open_image_stream(&cfg, RankSplit::default(), 0).unwrap();
+        for _ in 0..3 {
+            stream.samples.recv().await.unwrap();
+        }
+        let summary = tokio::time::timeout(std::time::Duration::from_secs(20), stream.finish()).await.expect("finish must not hang");
+        assert!(summary.unwrap().good >= 3);
+    });
+}
