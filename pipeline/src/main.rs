@@ -2,6 +2,7 @@
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
 mod cache_cmd;
+mod bench;
 mod config;
 mod config_cmd;
 mod demo_data;
@@ -25,6 +26,8 @@ enum Command {
     Cache(cache_cmd::Args),
     /// Print the effective configuration (preset + --set overrides) as TOML, or fail on a bad key
     Config(config_cmd::Args),
+    /// Throughput benchmarks against the reference implementations
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -34,6 +37,7 @@ fn main() {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::Cache(args) => cache_cmd::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.

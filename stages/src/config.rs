@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::crop::{CropMode, ResizeImpl};
+use crate::label::LabelSource;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
@@ -9,10 +12,94 @@ pub struct DataConfig {
     pub shards: String,
     /// Seed of every shuffle; the same seed and shards give the same sample order.
     pub seed: u64,
+    /// Output side length of the square crop.
+    pub image_size: usize,
+    pub crop: CropMode,
+    /// `pillow` is bit-exact with Pillow; `fast` (fast_image_resize) is within 3 levels and faster.
+    pub resize_impl: ResizeImpl,
+    /// `exact` decodes at full size; `dct` decodes JPEGs at 1/2, 1/4 or 1/8 scale when the source is
+    /// that much larger than needed (Pillow's `draft()`): faster, not reference-exact.
+    pub decode_scale: DecodeScale,
+    /// Also emit the horizontally flipped crop as a second view.
+    pub flip: bool,
+    /// Members tried for the image, first present wins (webdataset's `"jpg;png"`).
+    pub image_keys: Vec<String>,
+    pub label: LabelSource,
+    /// Field of the `.json` member holding the class index when `label = "json"`.
+    pub label_json_field: String,
+    /// Shuffle the shard list per (seed, epoch) before splitting it across ranks.
+    pub shard_shuffle: bool,
+    /// Sample shuffle buffer size (0 = no sample shuffle) and the fill before the first output.
+    pub shuffle_buffer: usize,
+    pub shuffle_initial: usize,
+    /// When > 0 every rank yields exactly this many samples per epoch (DDP needs equal counts): it stops
+    /// early or starts over on its shards.
+    pub samples_per_rank: u64,
+    /// Decompression-bomb limit: images with more pixels are rejected from their header.
+    pub max_pixels: u64,
+    /// Abort when bad samples / all samples exceeds this.
+    pub max_bad_fraction: f64,
+    /// Decode/crop threads; 0 = one per core.
+    pub threads: usize,
+    /// Capacity of every queue between stages.
+    pub queue_depth: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeScale {
+    Exact,
+    Dct,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { shards: String::new(), seed: 0 }
+        DataConfig {
+            shards: String::new(),
+            seed: 0,
+            image_size: 256,
+            crop: CropMode::Adm,
+            resize_impl: ResizeImpl::Pillow,
+            decode_scale: DecodeScale::Exact,
+            flip: false,
+            image_keys: vec!["jpg".into(), "jpeg".into(), "png".into()],
+            label: LabelSource::Cls,
+            label_json_field: "label".into(),
+            shard_shuffle: true,
+            shuffle_buffer: 1000,
+            shuffle_initial: 100,
+            samples_per_rank: 0,
+            max_pixels: 64_000_000,
+            max_bad_fraction: 0.01,
+            threads: 0,
+            queue_depth: 64,
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn resolved_threads(&self) -> usize {
+        if self.threads > 0 {
+            self.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    pub fn validate(&self) -> crate::Result<()> {
+        let fail = |m: String| Err(crate::Error::Invalid(m));
+        if self.image_size == 0 {
+            return fail("data.image_size must be positive".into());
+        }
+        if self.image_keys.is_empty() {
+            return fail("data.image_keys must name at least one extension".into());
+        }
+        if !(0.0..=1.0).contains(&self.max_bad_fraction) {
+            return fail(format!("data.max_bad_fraction {} is not in [0, 1]", self.max_bad_fraction));
+        }
+        if self.queue_depth == 0 {
+            return fail("data.queue_depth must be positive".into());
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,409 @@
+//! Shard specs: what a user writes after `--shards` or in `data.shards`, expanded into an ordered list
+//! of shard paths, as webdataset's `expand_urls` does: `::` joins several sources, `${NAME}` takes the
+//! environment variable `WDS_NAME`, then braces expand with the semantics of the `braceexpand` package.
+//! Two additions webdataset lacks: shell-style globs (`*`, `?`, `[...]`, expanded in sorted order) and
+//! `@list.txt`, a file with one path (or pattern) per line.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Expands a full spec into shard paths, in spec order. Globs must match at least one file and an
+/// `@list` must be readable, so a typo fails here rather than as an empty epoch.
+pub fn expand_shard_spec(spec: &str) -> Result<Vec<String>> {
+    let mut shards = Vec::new();
+    for part in spec.split("::").map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some(list_path) = part.strip_prefix('@') {
+            let text = std::fs::read_to_string(list_path).map_err(|e| Error::io(list_path, e))?;
+            let base = Path::new(list_path).parent().unwrap_or(Path::new(""));
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+                // Relative entries are relative to the list file, so a list can travel with its shards.
+                let entry = if Path::new(line).is_absolute() || base.as_os_str().is_empty() {
+                    line.to_string()
+                } else {
+                    base.join(line).to_string_lossy().into_owned()
+                };
+                shards.extend(expand_one(&entry)?);
+            }
+        } else {
+            shards.extend(expand_one(part)?);
+        }
+    }
+    if shards.is_empty() {
+        return Err(Error::Invalid(format!("shard spec `{spec}` names no shards")));
+    }
+    Ok(shards)
+}
+
+fn expand_one(pattern: &str) -> Result<Vec<String>> {
+    let substituted = substitute_env(pattern)?;
+    let mut out = Vec::new();
+    for path in brace_expand(&substituted)? {
+        if has_glob(&path) {
+            let matches = glob_paths(&path)?;
+            if matches.is_empty() {
+                return Err(Error::Invalid(format!("shard glob `{path}` matches no file")));
+            }
+            out.extend(matches);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// `${NAME}` → the value of `WDS_NAME` (webdataset's convention), an error when unset.
+fn substitute_env(pattern: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = pattern;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| Error::Invalid(format!("unclosed ${{ in shard spec `{pattern}`")))?;
+        let name = &after[..end];
+        let var = format!("WDS_{name}");
+        let value = std::env::var(&var)
+            .map_err(|_| Error::Invalid(format!("shard spec `{pattern}` uses ${{{name}}} but {var} is not set")))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Brace expansion as `braceexpand` 0.1.7 does it: comma lists (nested), integer ranges whose output
+/// is zero-padded to the width of a bound written with a leading zero (`{1..010}` → `001`…`010`),
+/// character ranges, optional steps and descending ranges; several groups give their cartesian
+/// product, leftmost varying slowest. `\{` escapes a brace.
+pub fn brace_expand(pattern: &str) -> Result<Vec<String>> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let Some((open, close)) = find_group(&chars)? else {
+        return Ok(vec![unescape(pattern)]);
+    };
+    let prefix: String = chars[..open].iter().collect();
+    let body: String = chars[open + 1..close].iter().collect();
+    let suffix: String = chars[close + 1..].iter().collect();
+    let alternatives = match expand_range(&body) {
+        Some(items) => items,
+        None => {
+            let parts = split_top_level_commas(&body);
+            if parts.len() < 2 {
+                // `{x}` without a comma or range stays literal, as in braceexpand and bash.
+                let literal = format!("{}{{{}}}", prefix, body);
+                return Ok(brace_expand(&format!("{}{}", escape_braces(&literal), suffix))?);
+            }
+            let mut items = Vec::new();
+            for part in parts {
+                items.extend(brace_expand(&part)?);
+            }
+            items
+        }
+    };
+    let prefix = unescape(&prefix);
+    let suffixes = brace_expand(&suffix)?;
+    let mut out = Vec::with_capacity(alternatives.len() * suffixes.len());
+    for alt in &alternatives {
+        for s in &suffixes {
+            out.push(format!("{prefix}{alt}{s}"));
+        }
+    }
+    Ok(out)
+}
+
+fn escape_braces(s: &str) -> String {
+    s.replace('{', "\\{").replace('}', "\\}")
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\{", "{").replace("\\}", "}")
+}
+
+/// The first top-level `{...}` group (unescaped), as (open, close) indices.
+fn find_group(chars: &[char]) -> Result<Option<(usize, usize)>> {
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '\\' => i += 2,
+            '{' => {
+                let mut depth = 0;
+                let mut j = i;
+                while j < chars.len() {
+                    match chars[j] {
+                        '\\' => j += 1,
+                        '{' => depth += 1,
+                        '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Ok(Some((i, j)));
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                let text: String = chars.iter().collect();
+                return Err(Error::Invalid(format!("unbalanced brace in shard spec `{text}`")));
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(None)
+}
+
+fn split_top_level_commas(body: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut depth = 0;
+    let mut escaped = false;
+    for c in body.chars() {
+        if escaped {
+            parts.last_mut().expect("non-empty").push(c);
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(String::new());
+                continue;
+            }
+            _ => {}
+        }
+        if c == '\\' {
+            parts.last_mut().expect("non-empty").push(c);
+        } else {
+            parts.last_mut().expect("non-empty").push(c);
+        }
+    }
+    parts
+}
+
+/// `a..b[..step]` with integer or single-letter bounds; `None` when `body` is not a range.
+fn expand_range(body: &str) -> Option<Vec<String>> {
+    let fields: Vec<&str> = body.split("..").collect();
+    if !(fields.len() == 2 || fields.len() == 3) {
+        return None;
+    }
+    let step: i64 = match fields.get(2) {
+        Some(s) => s.parse::<i64>().ok()?.checked_abs()?.max(1),
+        None => 1,
+    };
+    let (a, b) = (fields[0], fields[1]);
+    let is_int = |s: &str| {
+        let digits = s.strip_prefix('-').unwrap_or(s);
+        !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit())
+    };
+    if is_int(a) && is_int(b) {
+        let (start, end): (i64, i64) = (a.parse().ok()?, b.parse().ok()?);
+        // braceexpand pads to the longer bound's width when either bound is written with a leading
+        // zero (`{1..010}`), and not at all otherwise (`{0..10}`).
+        let padded = |s: &str| {
+            let digits = s.strip_prefix('-').unwrap_or(s);
+            digits.len() > 1 && digits.starts_with('0')
+        };
+        let width = if padded(a) || padded(b) { a.len().max(b.len()) } else { 0 };
+        let values = stepped(start, end, step);
+        return Some(values.into_iter().map(|v| format!("{v:0width$}")).collect());
+    }
+    let single = |s: &str| {
+        let mut it = s.chars();
+        match (it.next(), it.next()) {
+            (Some(c), None) if c.is_ascii_alphabetic() => Some(c),
+            _ => None,
+        }
+    };
+    let (ca, cb) = (single(a)?, single(b)?);
+    let values = stepped(ca as i64, cb as i64, step);
+    Some(values.into_iter().map(|v| char::from(v as u8).to_string()).collect())
+}
+
+fn stepped(start: i64, end: i64, step: i64) -> Vec<i64> {
+    if start <= end {
+        (start..=end).step_by(step as usize).collect()
+    } else {
+        let mut v = Vec::new();
+        let mut x = start;
+        while x >= end {
+            v.push(x);
+            x -= step;
+        }
+        v
+    }
+}
+
+fn has_glob(path: &str) -> bool {
+    path.contains(['*', '?', '['])
+}
+
+/// Expands a glob component by component; matches come back sorted, so the order is stable.
+fn glob_paths(pattern: &str) -> Result<Vec<String>> {
+    let absolute = pattern.starts_with('/');
+    let components: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
+    let mut current: Vec<PathBuf> = vec![if absolute { PathBuf::from("/") } else { PathBuf::from("") }];
+    for (i, component) in components.iter().enumerate() {
+        let last = i + 1 == components.len();
+        let mut next = Vec::new();
+        for dir in &current {
+            if !has_glob(component) {
+                let candidate = dir.join(component);
+                if last || candidate.is_dir() {
+                    next.push(candidate);
+                }
+                continue;
+            }
+            let listing = if dir.as_os_str().is_empty() { Path::new(".") } else { dir.as_path() };
+            let Ok(entries) = std::fs::read_dir(listing) else { continue };
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with('.') || component.starts_with('.'))
+                .filter(|name| wildcard_match(component, name))
+                .collect();
+            names.sort();
+            for name in names {
+                let candidate = dir.join(&name);
+                if (last && candidate.is_file()) || (!last && candidate.is_dir()) {
+                    next.push(candidate);
+                }
+            }
+        }
+        current = next;
+    }
+    Ok(current.into_iter().filter(|p| p.is_file()).map(|p| p.to_string_lossy().into_owned()).collect())
+}
+
+/// Shell wildcard match of one path component: `*`, `?`, `[abc]`, `[a-z]`, `[!x]`.
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    fn class_len_and_match(p: &[char], c: char) -> Option<(usize, bool)> {
+        // p[0] == '['
+        let mut i = 1;
+        let negate = matches!(p.get(1), Some('!') | Some('^'));
+        if negate {
+            i += 1;
+        }
+        let mut matched = false;
+        let mut first = true;
+        while i < p.len() {
+            if p[i] == ']' && !first {
+                return Some((i + 1, matched != negate));
+            }
+            if i + 2 < p.len() && p[i + 1] == '-' && p[i + 2] != ']' {
+                if p[i] <= c && c <= p[i + 2] {
+                    matched = true;
+                }
+                i += 3;
+            } else {
+                if p[i] == c {
+                    matched = true;
+                }
+                i += 1;
+            }
+            first = false;
+        }
+        None
+    }
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
+            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
+            Some('[') => match (n.first(), class_len_and_match(p, *n.first().unwrap_or(&'\0'))) {
+                (Some(_), Some((len, true))) => go(&p[len..], &n[1..]),
+                (Some(_), Some((_, false))) => false,
+                (_, None) => n.first() == Some(&'[') && go(&p[1..], &n[1..]),
+                (None, _) => false,
+            },
+            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+    }
+    go(&p, &n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(s: &str) -> Vec<String> {
+        brace_expand(s).unwrap()
+    }
+
+    #[test]
+    fn zero_padded_bound_sets_the_width() {
+        assert_eq!(ex("{000..003}"), ["000", "001", "002", "003"]);
+        assert_eq!(ex("{1..010}")[0], "001");
+        assert_eq!(ex("{1..010}").len(), 10);
+        assert_eq!(ex("{0..10}")[..3], ["0", "1", "2"]);
+        assert_eq!(ex("{0..10}")[10], "10");
+    }
+
+    #[test]
+    fn imagenet_train_pattern_has_1282_shards() {
+        let shards = ex("/data/imagenet/imagenet-train-{000000..001281}.tar");
+        assert_eq!(shards.len(), 1282);
+        assert_eq!(shards[0], "/data/imagenet/imagenet-train-000000.tar");
+        assert_eq!(shards[1281], "/data/imagenet/imagenet-train-001281.tar");
+    }
+
+    #[test]
+    fn steps_descending_letters_lists_and_products() {
+        assert_eq!(ex("{0..6..3}"), ["0", "3", "6"]);
+        assert_eq!(ex("{3..1}"), ["3", "2", "1"]);
+        assert_eq!(ex("{6..0..3}"), ["6", "3", "0"]);
+        assert_eq!(ex("{a..c}"), ["a", "b", "c"]);
+        assert_eq!(ex("{a,b}-{0..1}"), ["a-0", "a-1", "b-0", "b-1"]);
+        assert_eq!(ex("x{a,{b,c}d}y"), ["xay", "xbdy", "xcdy"]);
+        assert_eq!(ex("{-1..1}"), ["-1", "0", "1"]);
+    }
+
+    #[test]
+    fn literal_and_escaped_braces_stay() {
+        assert_eq!(ex("plain.tar"), ["plain.tar"]);
+        assert_eq!(ex("{x}.tar"), ["{x}.tar"]);
+        assert_eq!(ex("\\{0..1\\}"), ["{0..1}"]);
+        assert!(brace_expand("{0..1").is_err());
+    }
+
+    #[test]
+    fn double_colon_joins_sources_and_env_substitutes() {
+        std::env::set_var("WDS_SHARDSPEC_TEST_ROOT", "/mnt/x");
+        let shards = expand_shard_spec("${SHARDSPEC_TEST_ROOT}/a-{0..1}.tar :: /b/c.tar").unwrap();
+        assert_eq!(shards, ["/mnt/x/a-0.tar", "/mnt/x/a-1.tar", "/b/c.tar"]);
+        assert!(expand_shard_spec("${SHARDSPEC_TEST_UNSET}/a.tar").is_err());
+        assert!(expand_shard_spec(" :: ").is_err());
+    }
+
+    #[test]
+    fn globs_and_list_files_expand_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["s-2.tar", "s-1.tar", "s-10.tar", "other.txt"] {
+            std::fs::write(tmp.path().join(name), b"").unwrap();
+        }
+        let root = tmp.path().to_string_lossy().into_owned();
+        let found = expand_shard_spec(&format!("{root}/s-*.tar")).unwrap();
+        let names: Vec<_> = found.iter().map(|p| p.rsplit('/').next().unwrap()).collect();
+        assert_eq!(names, ["s-1.tar", "s-10.tar", "s-2.tar"]);
+        let found = expand_shard_spec(&format!("{root}/s-?.tar")).unwrap();
+        assert_eq!(found.len(), 2);
+        let found = expand_shard_spec(&format!("{root}/s-[!1].tar")).unwrap();
+        assert_eq!(found.len(), 1);
+        assert!(expand_shard_spec(&format!("{root}/none-*.tar")).is_err());
+
+        let list = tmp.path().join("list.txt");
+        std::fs::write(&list, "# shards\ns-2.tar\n\n/abs/z.tar\ns-{1..2}.tar\n").unwrap();
+        let found = expand_shard_spec(&format!("@{}", list.display())).unwrap();
+        assert_eq!(found, [format!("{root}/s-2.tar"), "/abs/z.tar".into(), format!("{root}/s-1.tar"), format!("{root}/s-2.tar")]);
+        assert!(expand_shard_spec("@/nonexistent/list.txt").is_err());
+    }
+
+    #[test]
+    fn wildcards_match_like_a_shell() {
+        assert!(wildcard_match("a*c", "abbc"));
+        assert!(wildcard_match("a*c", "ac"));
+        assert!(!wildcard_match("a*c", "acb"));
+        assert!(wildcard_match("[a-c]x", "bx"));
+        assert!(!wildcard_match("[!a-c]x", "bx"));
+    }
+}

@@ -1,0 +1,32 @@
+//! `pipeline bench decode` runs end to end on demo shards, Pillow reference included, and prints every
+//! row and ratio the speed goals are stated in.
+
+mod common;
+use common::*;
+
+#[test]
+fn bench_decode_reports_rust_and_pillow_rates() {
+    let tmp = tempfile::tempdir().unwrap();
+    run_ok(pipeline()
+        .args(["demo-data", "--classes", "2", "--per-class", "6", "--shards", "2", "--odd", "--out"])
+        .arg(tmp.path()));
+    let spec = format!("{}/demo-{{000000..000001}}.tar", tmp.path().display());
+    let out = run_ok(pipeline()
+        .current_dir(repo_root())
+        .args(["bench", "decode", "--shards", &spec, "--size", "64", "--threads", "2", "--limit", "16", "--repeats", "1"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "decode (libjpeg-turbo, exact)",
+        "end to end, exact",
+        "end to end, dct decode + fast",
+        "dct + fast vs exact: max |Δ|",
+        "stream (read",
+        "Pillow (1 thread, 16 images)",
+        "exact e2e / Pillow e2e",
+        "scaling 2 threads / 1",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    // 16 decodable images: the garbage and truncated odd members are left out.
+    assert!(text.contains("bench decode: 16 images"), "{text}");
+}
