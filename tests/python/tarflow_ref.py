@@ -2,6 +2,7 @@
 code): the parity oracle of the Rust flow and the anchor of `pipeline bench flow`.
 
   tarflow_ref.py parity CONFIG.json WEIGHTS.safetensors INPUTS.safetensors OUT.safetensors
+  tarflow_ref.py export CONFIG.json WEIGHTS.safetensors INPUTS.safetensors OUT.safetensors
   tarflow_ref.py bench CONFIG.json --batch B --steps S --sample-batch SB --guidance W --threads T
 
 The config is the Rust `model::tarflow::Config` as JSON. Guided sampling here runs the conditional and
@@ -232,6 +233,20 @@ def parity(args):
     save_file({k: v.contiguous() for k, v in out.items()}, args.out)
 
 
+def export(args):
+    """A stand-in for a converted public checkpoint: this module's own state_dict, plus z for x."""
+    cfg = json.load(open(args.config))
+    torch.manual_seed(0)
+    model = Flow(cfg)
+    for blk in model.blocks:
+        nn.init.normal_(blk.proj_out.weight, std=0.01)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.weights)
+    inp = load_file(args.inputs)
+    with torch.no_grad():
+        z, _, logdet = model(inp["x"], inp.get("y"))
+    save_file({"z": z.contiguous(), "logdet": logdet}, args.out)
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     cfg = json.load(open(args.config))
@@ -274,6 +289,9 @@ def main():
     p = sub.add_parser("parity")
     for name in ("config", "weights", "inputs", "out"):
         p.add_argument(name)
+    e = sub.add_parser("export")
+    for name in ("config", "weights", "inputs", "out"):
+        e.add_argument(name)
     b = sub.add_parser("bench")
     b.add_argument("config")
     b.add_argument("--batch", type=int, default=8)
@@ -282,7 +300,7 @@ def main():
     b.add_argument("--guidance", type=float, default=2.0)
     b.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"parity": parity, "bench": bench}[args.cmd](args)
+    {"parity": parity, "export": export, "bench": bench}[args.cmd](args)
 
 
 if __name__ == "__main__":
