@@ -1,6 +1,7 @@
 //! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
+mod bench;
 mod config;
 mod config_cmd;
 mod demo_data;
@@ -25,6 +26,8 @@ enum Command {
     Config(config_cmd::Args),
     /// TARFlow from outside: init a checkpoint, encode images to noise, decode noise to images
     Flow(flow::Args),
+    /// Speed measurements against a reference run in the same invocation
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -34,6 +37,7 @@ fn main() {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::Flow(args) => flow::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
