@@ -252,18 +252,26 @@ def bench(args):
     torch.set_num_threads(args.threads)
     cfg = json.load(open(args.config))
     torch.manual_seed(0)
+    dev = torch.device(args.device)
     model = Flow(cfg)
     for blk in model.blocks:
         nn.init.normal_(blk.proj_out.weight, std=0.01)
+    model.to(dev)
+    for blk in model.blocks:
+        if blk.rope is not None:
+            blk.rope = (blk.rope[0].to(dev), blk.rope[1].to(dev))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
     s = cfg["img_size"]
-    x = torch.rand(args.batch, cfg["in_channels"], s, s) * 2 - 1
+    x = (torch.rand(args.batch, cfg["in_channels"], s, s) * 2 - 1).to(dev)
     k = max(cfg["num_classes"], 1)
-    y = torch.randint(0, k, (args.batch,)) if cfg["num_classes"] > 0 else None
+    y = torch.randint(0, k, (args.batch,)).to(dev) if cfg["num_classes"] > 0 else None
 
     def train_step():
-        z, _, logdet = model(x, y)
-        loss = 0.5 * z.pow(2).mean() - logdet.mean()
+        with autocast():
+            z, _, logdet = model(x, y)
+            loss = 0.5 * z.float().pow(2).mean() - logdet.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -273,13 +281,16 @@ def bench(args):
     for _ in range(args.steps):
         t0 = time.perf_counter()
         train_step()
+        sync()
         times.append(time.perf_counter() - t0)
     n = (s // cfg["patch_size"]) ** 2
     d = cfg["in_channels"] * cfg["patch_size"] ** 2
-    noise = torch.randn(args.sample_batch, n, d)
+    noise = torch.randn(args.sample_batch, n, d).to(dev)
     ys = y[: args.sample_batch] if y is not None else None
     t0 = time.perf_counter()
-    model.reverse(noise, ys, args.guidance, True, 1.0)
+    with autocast():
+        model.reverse(noise, ys, args.guidance, True, 1.0)
+    sync()
     sample_s = time.perf_counter() - t0
     tokens = args.sample_batch * n * cfg["num_blocks"]
     print(json.dumps({"step_s": min(times), "step_s_mean": sum(times) / len(times), "sample_s": sample_s,
@@ -302,6 +313,8 @@ def main():
     b.add_argument("--sample-batch", type=int, default=8)
     b.add_argument("--guidance", type=float, default=2.0)
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     args = ap.parse_args()
     {"parity": parity, "export": export, "bench": bench}[args.cmd](args)
 

@@ -1,10 +1,18 @@
 use std::collections::BTreeSet;
+use std::sync::{Mutex, MutexGuard};
 
 use tch::{nn, Device, Kind, Tensor};
 
 use super::align::{AlignConfig, AlignHead, AlignMode};
 use super::sample::{self, Guidance};
 use super::*;
+
+/// libtorch's generator is global: tests that seed it run one at a time, so their draws are theirs.
+static RNG: Mutex<()> = Mutex::new(());
+
+fn rng() -> MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn cfg(img: i64, patch: i64, in_ch: i64, blocks: i64, layers: i64, classes: i64) -> Config {
     Config {
@@ -57,6 +65,7 @@ fn images(c: &Config, batch: i64, seed: i64) -> Tensor {
 
 #[test]
 fn reverse_inverts_forward_for_every_variant() {
+    let _rng = rng();
     let base = cfg(8, 2, 3, 3, 2, 5);
     for (name, c) in [
         ("pixel", base.clone()),
@@ -83,6 +92,7 @@ fn reverse_inverts_forward_for_every_variant() {
 
 #[test]
 fn patchify_matches_unfold_layout() {
+    let _rng = rng();
     let c = cfg(8, 2, 3, 1, 1, 0);
     let (_vs, model) = random_model(&c, 0);
     let x = images(&c, 2, 3);
@@ -94,6 +104,7 @@ fn patchify_matches_unfold_layout() {
 
 #[test]
 fn kv_cache_reverse_equals_full_recompute() {
+    let _rng = rng();
     for c in [cfg(8, 2, 2, 2, 2, 4), latent(cfg(8, 2, 2, 2, 2, 4), true, true)] {
         let (_vs, model) = random_model(&c, 3);
         let z = Tensor::randn([2, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu));
@@ -106,6 +117,7 @@ fn kv_cache_reverse_equals_full_recompute() {
 
 #[test]
 fn batched_guidance_at_zero_weight_equals_unguided() {
+    let _rng = rng();
     let c = cfg(8, 2, 2, 2, 2, 4);
     let (_vs, model) = random_model(&c, 4);
     let z = Tensor::randn([3, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu));
@@ -121,6 +133,7 @@ fn batched_guidance_at_zero_weight_equals_unguided() {
 
 #[test]
 fn logdet_equals_bruteforce_jacobian() {
+    let _rng = rng();
     // N = 4 tokens of D = 4 features: a 16 × 16 Jacobian.
     let c = cfg(4, 2, 1, 3, 2, 3);
     let (_vs, model) = random_model(&c, 5);
@@ -177,6 +190,7 @@ fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<Str
 
 #[test]
 fn alignment_gradient_reach_per_mode() {
+    let _rng = rng();
     for mode in [AlignMode::Forward, AlignMode::Detach, AlignMode::Reverse, AlignMode::ReverseLiteral] {
         for (t, l) in [(1, 1), (3, 0), (0, 2)] {
             let (reached, expected, head) = reach(mode, t, l);
@@ -188,6 +202,7 @@ fn alignment_gradient_reach_per_mode() {
 
 #[test]
 fn hidden_states_are_unflipped() {
+    let _rng = rng();
     let c = cfg(8, 2, 1, 2, 2, 0);
     let (_vs, model) = random_model(&c, 9);
     let x = images(&c, 1, 10);
@@ -200,6 +215,7 @@ fn hidden_states_are_unflipped() {
 
 #[test]
 fn denoise_step_equals_analytic_score() {
+    let _rng = rng();
     // proj_out weight stays at its zero init: every block is a fixed per-dimension affine map, so
     // z = A ⊙ x + c and ∇ log p(x) = −A ⊙ (A ⊙ x + c) in closed form.
     let c = cfg(8, 2, 2, 3, 1, 3);
@@ -227,6 +243,7 @@ fn denoise_step_equals_analytic_score() {
 
 #[test]
 fn classification_picks_the_generating_class() {
+    let _rng = rng();
     let c = cfg(8, 2, 1, 2, 2, 3);
     let (vs, model) = random_model(&c, 13);
     // Hand-set class tables: well-separated, orthogonal directions per class in every block.
@@ -246,7 +263,8 @@ fn classification_picks_the_generating_class() {
     });
     let y = Tensor::from_slice(&[0i64, 1, 2, 2, 1, 0]);
     tch::manual_seed(14);
-    let z = Tensor::randn([6, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu));
+    // Low-temperature samples are typical of their class.
+    let z = Tensor::randn([6, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu)) * 0.5;
     let x = model.reverse(&z, Some(&y), &Guidance::default());
     let result = classify::classify(&model, &x).unwrap();
     assert_eq!(Vec::<i64>::try_from(&result.predicted).unwrap(), vec![0, 1, 2, 2, 1, 0], "{}", result.scores);
@@ -267,6 +285,7 @@ fn classification_picks_the_generating_class() {
 
 #[test]
 fn sampling_is_seeded_and_redraws_nothing_when_finite() {
+    let _rng = rng();
     let c = cfg(8, 2, 1, 2, 1, 2);
     let (_vs, model) = random_model(&c, 15);
     let y = Tensor::from_slice(&[0i64, 1]);
@@ -279,6 +298,7 @@ fn sampling_is_seeded_and_redraws_nothing_when_finite() {
 
 #[test]
 fn sampling_redraws_and_counts_non_finite_samples() {
+    let _rng = rng();
     let c = cfg(8, 2, 1, 2, 1, 0);
     let (vs, model) = random_model(&c, 16);
     // A huge log-scale overflows exp for every sample: each redraw fails too, and the error says so.
@@ -292,6 +312,7 @@ fn sampling_redraws_and_counts_non_finite_samples() {
 
 #[test]
 fn checkpoint_round_trip_and_config_inference() {
+    let _rng = rng();
     let dir = tempfile::tempdir().unwrap();
     for c in [cfg(8, 2, 3, 2, 3, 4), latent(cfg(8, 2, 3, 2, 3, 0), true, true)] {
         let (vs, model) = random_model(&c, 17);
@@ -313,6 +334,7 @@ fn checkpoint_round_trip_and_config_inference() {
 
 #[test]
 fn bits_per_dim_adds_the_quantisation_jacobian() {
+    let _rng = rng();
     let c = cfg(8, 2, 1, 1, 1, 0);
     let (_vs, model) = random_model(&c, 19);
     let x = images(&c, 2, 20);
@@ -324,4 +346,24 @@ fn bits_per_dim_adds_the_quantisation_jacobian() {
     let bpd = bits_per_dim(&out);
     let expect = (nll + 128f64.ln()) / 2f64.ln();
     assert!(max_diff(&bpd, &expect) < 1e-6);
+}
+
+#[test]
+fn bf16_compute_keeps_fp32_outputs_close() {
+    let _rng = rng();
+    // The CUDA autocast path, exercised on the CPU: matmuls in bf16, LayerNorm and exp in fp32.
+    let c = latent(cfg(8, 2, 2, 2, 2, 3), true, true);
+    let (_vs, mut model) = random_model(&c, 21);
+    let x = images(&c, 2, 22);
+    let y = Tensor::from_slice(&[0i64, 2]);
+    let full = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
+    model.precision = Precision::Bf16;
+    let half = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
+    assert_eq!((half.z.kind(), half.logdet.kind()), (Kind::Float, Kind::Float));
+    assert!(max_diff(&half.z, &full.z) < 0.05, "{}", max_diff(&half.z, &full.z));
+    assert!(max_diff(&half.logdet, &full.logdet) < 0.01);
+    let g = Guidance { weight: 1.0, annealed: false, attn_temp: 0.8 };
+    let back = model.reverse(&half.z, Some(&y), &g);
+    assert_eq!(back.kind(), Kind::Float);
+    assert!(bool::try_from(back.isfinite().all()).unwrap());
 }

@@ -40,9 +40,12 @@ pub struct Args {
     /// Intra-op threads for both sides
     #[arg(long, default_value_t = 2)]
     threads: i32,
-    /// Device for the Rust side (the reference runs on CPU)
+    /// Device of both sides: cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// bf16 compute with fp32 LayerNorm and exp (torch autocast on the reference side); CUDA only
+    #[arg(long)]
+    bf16: bool,
     /// Skip the PyTorch reference (Rust numbers only)
     #[arg(long)]
     no_reference: bool,
@@ -65,11 +68,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--batch, --sample-batch and --steps must be at least 1");
     }
     let device = model::device::parse_device(&args.device)?;
+    if args.bf16 && !device.is_cuda() {
+        bail!("--bf16 needs a CUDA device (autocast is CUDA-only here)");
+    }
     tch::set_num_threads(args.threads);
     let rust = measure(&cfg, &args, device)?;
     let mut report = serde_json::json!({
         "preset": args.preset, "config": cfg, "batch": args.batch, "sample_batch": args.sample_batch,
-        "guidance": args.guidance, "threads": args.threads, "device": args.device, "rust": rust,
+        "guidance": args.guidance, "threads": args.threads, "device": args.device, "bf16": args.bf16, "rust": rust,
     });
     if !args.no_reference {
         let reference = reference(&cfg, &args)?;
@@ -86,7 +92,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_json::Value> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
-    let model = tarflow::Model::new(vs.root(), cfg)?;
+    let mut model = tarflow::Model::new(vs.root(), cfg)?;
+    if args.bf16 {
+        model.precision = tarflow::Precision::Bf16;
+    }
     tch::no_grad(|| {
         for (name, mut v) in vs.variables() {
             if name.ends_with("proj_out.weight") {
@@ -132,6 +141,14 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     Ok(serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }))
 }
 
+/// torch spells `auto` differently; everything else is the same string.
+fn reference_device(name: &str) -> String {
+    match name {
+        "auto" => if tch::Cuda::is_available() { "cuda".into() } else { "cpu".into() },
+        other => other.to_string(),
+    }
+}
+
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -148,7 +165,8 @@ fn reference(cfg: &Config, args: &Args) -> anyhow::Result<serde_json::Value> {
         .arg(&config)
         .args(["--batch", &args.batch.to_string(), "--steps", &args.steps.to_string()])
         .args(["--sample-batch", &args.sample_batch.to_string(), "--guidance", &args.guidance.to_string()])
-        .args(["--threads", &args.threads.to_string()])
+        .args(["--threads", &args.threads.to_string(), "--device", &reference_device(&args.device)])
+        .args(args.bf16.then_some("--bf16"))
         .output()
         .with_context(|| format!("running {} {}", args.python.display(), args.reference.display()))?;
     if !out.status.success() {
