@@ -23,7 +23,9 @@ fn check(cfg: &Config, tag: &str) {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = tarflow::Model::new(vs.root(), cfg).unwrap();
     tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut v) in vars {
             if name.ends_with("proj_out.weight") {
                 v.copy_(&(v.randn_like() * 0.01));
             } else if name.ends_with("_embed") {

@@ -25,6 +25,27 @@ pub enum AlignMode {
     ReverseLiteral,
 }
 
+/// Which flow token an encoder patch is paired with (spec §4.2, [UNKNOWN]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pairing {
+    /// h[n] with v[n] (the spec's [INFER] default).
+    Same,
+    /// The hidden state that predicts token n, h[n−1] in the block's own order, with v[n]; the block's
+    /// first token has no predictor and is left out.
+    Shifted,
+}
+
+/// Projector initialisation: FlowBack's is [UNKNOWN] (spec §4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectorInit {
+    /// PyTorch's Linear default (kaiming-uniform a = √5, uniform bias).
+    Default,
+    /// REPA's: xavier-uniform weights, zero biases.
+    Xavier,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlignConfig {
@@ -39,11 +60,22 @@ pub struct AlignConfig {
     pub shared_projector: bool,
     /// Width of the encoder's tokens (768 for DINOv2-B).
     pub encoder_dim: i64,
+    pub pairing: Pairing,
+    pub projector_init: ProjectorInit,
 }
 
 impl Default for AlignConfig {
     fn default() -> Self {
-        Self { lambda: 0.1, locations: vec![[7, 6], [8, 6]], mode: AlignMode::Reverse, projector_hidden: 1024, shared_projector: true, encoder_dim: 768 }
+        Self {
+            lambda: 0.1,
+            locations: vec![[7, 6], [8, 6]],
+            mode: AlignMode::Reverse,
+            projector_hidden: 1024,
+            shared_projector: true,
+            encoder_dim: 768,
+            pairing: Pairing::Same,
+            projector_init: ProjectorInit::Default,
+        }
     }
 }
 
@@ -76,8 +108,19 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn new(p: nn::Path, input: i64, hidden: i64, output: i64) -> Self {
-        Self { l0: Linear::new(&p / "0", input, hidden), l2: Linear::new(&p / "2", hidden, hidden), l4: Linear::new(&p / "4", hidden, output) }
+    pub fn new(p: nn::Path, input: i64, hidden: i64, output: i64, init: ProjectorInit) -> Self {
+        let this = Self { l0: Linear::new(&p / "0", input, hidden), l2: Linear::new(&p / "2", hidden, hidden), l4: Linear::new(&p / "4", hidden, output) };
+        if init == ProjectorInit::Xavier {
+            tch::no_grad(|| {
+                for l in [&this.l0, &this.l2, &this.l4] {
+                    let (fan_out, fan_in) = (l.weight.size()[0], l.weight.size()[1]);
+                    let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                    let _ = l.weight.shallow_clone().uniform_(-bound, bound);
+                    let _ = l.bias.shallow_clone().zero_();
+                }
+            });
+        }
+        this
     }
 
     pub fn forward(&self, h: &Tensor, prec: super::Precision) -> Tensor {
@@ -98,7 +141,7 @@ impl AlignHead {
     pub fn new(p: nn::Path, cfg: &AlignConfig, model: &Model) -> Result<Self, FlowError> {
         let locations = cfg.locations0(model)?;
         let count = if cfg.shared_projector { 1 } else { locations.len() };
-        let projectors = (0..count).map(|k| Projector::new(&p / "projectors" / k, model.cfg.channels, cfg.projector_hidden, cfg.encoder_dim)).collect();
+        let projectors = (0..count).map(|k| Projector::new(&p / "projectors" / k, model.cfg.channels, cfg.projector_hidden, cfg.encoder_dim, cfg.projector_init)).collect();
         Ok(Self { cfg: cfg.clone(), projectors, locations })
     }
 
@@ -124,7 +167,16 @@ impl AlignHead {
         let mut total = Tensor::zeros([], (Kind::Float, target.device()));
         for (k, h) in feats.iter().enumerate() {
             let proj = &self.projectors[if self.cfg.shared_projector { 0 } else { k }];
-            let cos = (normalize(&proj.forward(h, model.precision)) * &v).sum_dim_intlist(-1, false, Kind::Float);
+            let (h, v) = match self.cfg.pairing {
+                Pairing::Same => (h.shallow_clone(), v.shallow_clone()),
+                Pairing::Shifted => {
+                    // In the block's own order: h[n−1] predicts token n.
+                    let perm = model.blocks[self.locations[k].0].permutation;
+                    let (hp, vp) = (perm.apply(h), perm.apply(&v));
+                    (hp.narrow(1, 0, n - 1), vp.narrow(1, 1, n - 1))
+                }
+            };
+            let cos = (normalize(&proj.forward(&h, model.precision)) * &v).sum_dim_intlist(-1, false, Kind::Float);
             total = total - cos.mean(Kind::Float);
         }
         Ok(total / feats.len() as f64)

@@ -37,13 +37,20 @@ fn latent(mut c: Config, rope: bool, swiglu: bool) -> Config {
     c
 }
 
+/// Variables in name order, so that seeded draws land on the same tensors in every run.
+fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// A model whose every parameter is random (proj_out included), so no path is trivially zero.
 fn random_model(c: &Config, seed: i64) -> (nn::VarStore, Model) {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Model::new(vs.root(), c).unwrap();
     tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
+        for (name, mut v) in sorted(&vs) {
             if name.ends_with("proj_out.weight") {
                 v.copy_(&(v.randn_like() * 0.01));
             } else if name.ends_with("class_embed") || name.ends_with("pos_embed") {
@@ -223,7 +230,7 @@ fn denoise_step_equals_analytic_score() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Model::new(vs.root(), &c).unwrap();
     tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
+        for (name, mut v) in sorted(&vs) {
             if name.ends_with("proj_out.bias") {
                 v.copy_(&(v.randn_like() * 0.3));
             }
@@ -246,25 +253,33 @@ fn classification_picks_the_generating_class() {
     let _rng = rng();
     let c = cfg(8, 2, 1, 2, 2, 3);
     let (vs, model) = random_model(&c, 13);
-    // Hand-set class tables: well-separated, orthogonal directions per class in every block.
+    // Hand-set so that log p(x | e) is Gaussian with a mean linear in the class embedding e: every
+    // attention layer's output projection and MLP output are zero (the layers are the identity),
+    // proj_in and pos_embed are zero, so the hidden state is e; proj_out maps e to the shift b only
+    // (a = 0), with E_k ↦ the unit vector of feature k. Then ∂ log p / ∂λ_k ∝ ⟨u*, u_k⟩ with
+    // u_k = W(E_k − Ē) of equal norms, which is largest exactly for the generating class.
     tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
-            if name.ends_with("class_embed") {
-                let e = Tensor::zeros([3, 1, 32], (Kind::Float, Device::Cpu));
+        for (name, mut v) in sorted(&vs) {
+            let zeroed = ["attention.proj.weight", "attention.proj.bias", "mlp.main.2.weight", "mlp.main.2.bias", "proj_in.weight", "proj_in.bias", "pos_embed", "proj_out.bias"];
+            if zeroed.iter().any(|z| name.ends_with(z)) {
+                let _ = v.zero_();
+            } else if name.ends_with("class_embed") {
+                let _ = v.zero_();
                 for k in 0..3 {
-                    let _ = e.get(k).narrow(1, 8 * k, 8).fill_(1.0);
+                    let _ = v.get(k).narrow(1, 8 * k, 8).fill_(1.0);
                 }
-                v.copy_(&e);
             } else if name.ends_with("proj_out.weight") {
-                // Stronger coupling than random_model's, so the classes shape the density clearly.
-                v.copy_(&(v.randn_like() * 0.02));
+                // rows 0..D are a (kept zero), rows D..2D are b
+                let _ = v.zero_();
+                for k in 0..3 {
+                    let _ = v.get(c.token_dim() + k).narrow(0, 8 * k, 8).fill_(1.0 / 8.0);
+                }
             }
         }
     });
     let y = Tensor::from_slice(&[0i64, 1, 2, 2, 1, 0]);
     tch::manual_seed(14);
-    // Low-temperature samples are typical of their class.
-    let z = Tensor::randn([6, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu)) * 0.5;
+    let z = Tensor::randn([6, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu)) * 0.1;
     let x = model.reverse(&z, Some(&y), &Guidance::default());
     let result = classify::classify(&model, &x).unwrap();
     assert_eq!(Vec::<i64>::try_from(&result.predicted).unwrap(), vec![0, 1, 2, 2, 1, 0], "{}", result.scores);
@@ -366,4 +381,38 @@ fn bf16_compute_keeps_fp32_outputs_close() {
     let back = model.reverse(&half.z, Some(&y), &g);
     assert_eq!(back.kind(), Kind::Float);
     assert!(bool::try_from(back.isfinite().all()).unwrap());
+}
+
+#[test]
+fn alignment_loss_is_negative_cosine_with_configurable_pairing() {
+    let _rng = rng();
+    let c = cfg(8, 2, 1, 2, 2, 0);
+    let (_vs, model) = random_model(&c, 23);
+    let head_vs = nn::VarStore::new(Device::Cpu);
+    let x = images(&c, 2, 24);
+    let target = Tensor::randn([2, c.num_tokens(), 8], (Kind::Float, Device::Cpu));
+    for pairing in [align::Pairing::Same, align::Pairing::Shifted] {
+        let align = AlignConfig {
+            locations: vec![[2, 1]],
+            mode: AlignMode::Detach,
+            projector_hidden: 16,
+            encoder_dim: 8,
+            pairing,
+            projector_init: align::ProjectorInit::Xavier,
+            ..Default::default()
+        };
+        let head = AlignHead::new(&head_vs.root() / format!("{pairing:?}"), &align, &model).unwrap();
+        let out = tch::no_grad(|| model.forward(&x, &Cond::Null, &[(1, 0)]));
+        let loss = tch::no_grad(|| head.loss(&model, &out, &Cond::Null, &target).unwrap()).double_value(&[]);
+        // By hand: block 2 is a flip block, so "shifted" pairs raster h[n+1] with v[n].
+        let h = head.projectors[0].forward(&out.hidden[&(1, 0)], Precision::Fp32);
+        let (h, v) = match pairing {
+            align::Pairing::Same => (h, target.shallow_clone()),
+            align::Pairing::Shifted => (h.narrow(1, 1, 15), target.narrow(1, 0, 15)),
+        };
+        let cos = Tensor::cosine_similarity(&h, &v, -1, 1e-12).mean(Kind::Float).double_value(&[]);
+        assert!((loss + cos).abs() < 1e-5, "{pairing:?}: {loss} vs {}", -cos);
+    }
+    let bad = AlignConfig { locations: vec![[3, 1]], ..Default::default() };
+    assert!(AlignHead::new(head_vs.root(), &bad, &model).err().unwrap().to_string().contains("(3, 1)"));
 }

@@ -97,7 +97,9 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         model.precision = tarflow::Precision::Bf16;
     }
     tch::no_grad(|| {
-        for (name, mut v) in vs.variables() {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut v) in vars {
             if name.ends_with("proj_out.weight") {
                 v.copy_(&(v.randn_like() * 0.01));
             }
