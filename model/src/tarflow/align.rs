@@ -20,6 +20,10 @@ pub enum AlignMode {
     /// u = sg(b) + sg(exp a) ⊙ z^t, whose value is the block's input but whose graph goes through the
     /// chain z^t of the later blocks; so the loss at block t reaches block t and every later block.
     Reverse,
+    /// Reading R2, the exact one-step unrolled reverse: z^{t−1} = μ_t(x̂) + σ_t(x̂) ⊙ z^t from a
+    /// teacher-forced pass on the detached input, features from a second pass of block t on z^{t−1};
+    /// reaches all of block t (through μ_t, σ_t) and every later block. About twice D-REPA's cost.
+    ReverseUnrolled,
     /// Algorithm 2 taken literally (reading R1): features from the teacher-forced pass on the detached
     /// input, chain computed alongside but unused by the loss; gradient-identical to `detach`.
     ReverseLiteral,
@@ -219,6 +223,22 @@ pub fn features(model: &Model, out: &ForwardOutput, cond: &Cond, locations: &[(u
                 let x_perm = block.permutation.apply(&out.inputs[t].detach());
                 let pass = block.pass(&x_perm, class.as_ref(), &keep, Some(keep[keep.len() - 1] + 1), model.precision);
                 record(t, &keep, &pass.hidden, &mut got);
+            }
+        }
+        AlignMode::ReverseUnrolled => {
+            let t_min = locations.iter().map(|(b, _)| *b).min().expect("at least one location");
+            let mut zt = out.z.detach();
+            for t in (t_min..model.blocks.len()).rev() {
+                let block = &model.blocks[t];
+                let keep = layers_at(t);
+                let class = block.class_embedding(cond, batch);
+                let teacher = block.pass(&block.permutation.apply(&out.inputs[t].detach()), class.as_ref(), &[], None, model.precision);
+                let prev_perm = &teacher.b + teacher.a.exp() * block.permutation.apply(&zt);
+                if !keep.is_empty() {
+                    let pass = block.pass(&prev_perm, class.as_ref(), &keep, Some(keep[keep.len() - 1] + 1), model.precision);
+                    record(t, &keep, &pass.hidden, &mut got);
+                }
+                zt = block.permutation.apply(&prev_perm);
             }
         }
         AlignMode::Reverse | AlignMode::ReverseLiteral => {

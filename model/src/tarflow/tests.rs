@@ -187,6 +187,7 @@ fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<Str
             AlignMode::Forward => i < t,
             AlignMode::Detach | AlignMode::ReverseLiteral => false,
             AlignMode::Reverse => i > t,
+            AlignMode::ReverseUnrolled => i >= t,
         };
         if whole_block || (i == t && local) {
             expected.insert(name.clone());
@@ -198,7 +199,7 @@ fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<Str
 #[test]
 fn alignment_gradient_reach_per_mode() {
     let _rng = rng();
-    for mode in [AlignMode::Forward, AlignMode::Detach, AlignMode::Reverse, AlignMode::ReverseLiteral] {
+    for mode in [AlignMode::Forward, AlignMode::Detach, AlignMode::Reverse, AlignMode::ReverseLiteral, AlignMode::ReverseUnrolled] {
         for (t, l) in [(1, 1), (3, 0), (0, 2)] {
             let (reached, expected, head) = reach(mode, t, l);
             assert!(head, "{mode:?} ({t},{l}): projector got no gradient");
