@@ -122,3 +122,33 @@ fn seeded_sampling_and_input_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("bad.safetensors") && stderr.contains("(B, 4, 8, 8)"), "{stderr}");
 }
+
+#[test]
+fn flow_and_bench_flags_are_documented() {
+    for (args, flags) in [
+        (&["flow", "encode", "--help"][..], &["--checkpoint", "--config", "--image-size", "--patch-size", "--in-channels", "--input", "--output", "--device", "--batch"][..]),
+        (&["flow", "decode", "--help"], &["--input", "--samples", "--seed", "--class", "--guidance", "--annealed", "--attn-temp", "--denoise", "--denoise-lr-scale", "--max-redraws"]),
+        (&["bench", "flow", "--help"], &["--preset", "--batch", "--steps", "--sample-batch", "--guidance", "--threads", "--device", "--bf16"]),
+    ] {
+        let out = run_ok(pipeline().args(args));
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in flags {
+            let line = help.lines().find(|l| l.trim_start().starts_with(flag) || l.contains(&format!(" {flag} "))).unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
+            let next = help.lines().skip_while(|l| *l != line).nth(1).unwrap_or("");
+            assert!(line.trim().len() > flag.len() + 12 || !next.trim().is_empty(), "{flag} undocumented:\n{help}");
+        }
+    }
+}
+
+#[test]
+fn bench_flow_reports_both_sides() {
+    let out = run_ok(pipeline().current_dir(repo_root()).args(["bench", "flow", "--preset", "tiny", "--batch", "2", "--sample-batch", "2", "--steps", "1", "--threads", "1"]));
+    let report: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    for side in ["rust", "pytorch"] {
+        assert!(report[side]["step_s"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(report[side]["sample_tokens_per_s"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert!(report["step_time_ratio"].as_f64().unwrap() > 0.0);
+    let out = pipeline().args(["bench", "flow", "--preset", "nope"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown preset `nope`"));
+}

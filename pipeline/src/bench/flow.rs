@@ -49,10 +49,10 @@ pub struct Args {
     /// Skip the PyTorch reference (Rust numbers only)
     #[arg(long)]
     no_reference: bool,
-    /// Python with torch (default: the repository's .venv)
+    /// Python with torch (default: the repository's .venv, relative to the working directory)
     #[arg(long, default_value = ".venv/bin/python")]
     python: PathBuf,
-    /// The reference implementation
+    /// The reference implementation (relative to the working directory: run from the repository root)
     #[arg(long, default_value = "tests/python/tarflow_ref.py")]
     reference: PathBuf,
 }
