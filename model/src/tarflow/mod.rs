@@ -217,7 +217,8 @@ pub fn infer_config(tensors: &HashMap<String, Tensor>, img_size: i64, patch_size
         rope: !pos_embed,
         mlp,
         mlp_ratio: hidden as f64 / channels as f64,
-        head_dim: if channels % 64 == 0 { 64 } else { base.head_dim },
+        // TARFlow fixes the head width at 64; it leaves no trace in the shapes.
+        head_dim: 64,
         ..base
     };
     if proj_in[1] != cfg.token_dim() {
