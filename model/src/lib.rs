@@ -3,4 +3,5 @@
 //! Invariant: this crate does no file or network I/O apart from reading and writing weights.
 
 pub mod device;
+pub mod tarflow;
 pub mod weights;

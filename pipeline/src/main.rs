@@ -6,6 +6,7 @@ mod bench;
 mod config;
 mod config_cmd;
 mod demo_data;
+mod flow;
 mod logging;
 mod progress;
 
@@ -26,7 +27,9 @@ enum Command {
     Cache(cache_cmd::Args),
     /// Print the effective configuration (preset + --set overrides) as TOML, or fail on a bad key
     Config(config_cmd::Args),
-    /// Throughput benchmarks against the reference implementations
+    /// TARFlow from outside: init a checkpoint, encode images to noise, decode noise to images
+    Flow(flow::Args),
+    /// Speed measurements against a reference run in the same invocation
     Bench(bench::Args),
 }
 
@@ -37,6 +40,7 @@ fn main() {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::Cache(args) => cache_cmd::run(args),
+        Command::Flow(args) => flow::run(args),
         Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {

@@ -1,0 +1,162 @@
+//! One autoregressive affine flow block (reference `MetaBlock`, spec §1.3).
+
+use tch::{nn, Kind, Tensor};
+
+use super::config::Config;
+use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope};
+
+/// Token order a block works in. Block i uses identity when i is even and flip when i is odd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permutation {
+    Identity,
+    Flip,
+}
+
+impl Permutation {
+    /// Applies the permutation along dim 1 (it is its own inverse).
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Permutation::Identity => x.shallow_clone(),
+            Permutation::Flip => x.flip([1]),
+        }
+    }
+}
+
+/// What the class embedding of a pass is.
+#[derive(Debug)]
+pub enum Cond<'a> {
+    /// The mean of the class embeddings for every sample (the reference's `y = None`).
+    Null,
+    /// Labels (B,) int64; −1 marks a dropped label, which gets the mean embedding.
+    Labels(&'a Tensor),
+    /// Class probabilities (B, K): the embedding is pᵀE (training-free classification, spec §5).
+    Mix(&'a Tensor),
+}
+
+/// Everything a teacher-forced pass of one block yields, in the block's permuted order.
+#[derive(Debug)]
+pub struct BlockPass {
+    /// Log-scale a (B, N, D), already shifted by one token (token 0 is 0).
+    pub a: Tensor,
+    /// Shift b (B, N, D), shifted likewise.
+    pub b: Tensor,
+    /// Hidden states after the requested layers (0-based), permuted order.
+    pub hidden: Vec<Tensor>,
+}
+
+#[derive(Debug)]
+pub struct MetaBlock {
+    pub permutation: Permutation,
+    proj_in: Linear,
+    pos_embed: Option<Tensor>,
+    pub(crate) class_embed: Option<Tensor>,
+    layers: Vec<AttentionBlock>,
+    proj_out: Linear,
+    rope: Option<Rope>,
+    token_dim: i64,
+}
+
+impl MetaBlock {
+    pub fn new(p: nn::Path, cfg: &Config, permutation: Permutation) -> Self {
+        let (n, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
+        let proj_in = Linear::new(&p / "proj_in", d, c);
+        let pos_embed = cfg.pos_embed.then(|| p.randn("pos_embed", &[n, c], 0.0, 0.01));
+        let class_embed = (cfg.num_classes > 0).then(|| p.randn("class_embed", &[cfg.num_classes, 1, c], 0.0, 0.01));
+        let layers = (0..cfg.layers_per_block).map(|j| AttentionBlock::new(&p / "attn_blocks" / j, cfg)).collect();
+        let proj_out = Linear::new(&p / "proj_out", c, 2 * d);
+        // Only the weight starts at zero; the bias keeps PyTorch's default init (spec §1.3, §8.4).
+        tch::no_grad(|| {
+            let _ = proj_out.weight.shallow_clone().zero_();
+        });
+        let rope = cfg.rope.then(|| Rope::new(cfg, p.device()));
+        Self { permutation, proj_in, pos_embed, class_embed, layers, proj_out, rope, token_dim: d }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The class table as (K, C), if the model is conditional.
+    pub fn class_table(&self) -> Option<Tensor> {
+        self.class_embed.as_ref().map(|e| e.squeeze_dim(1))
+    }
+
+    /// Class embedding to add to every token, (B, 1, C), or None for an unconditional model.
+    pub fn class_embedding(&self, cond: &Cond, batch: i64) -> Option<Tensor> {
+        let table = self.class_table()?;
+        let mean = table.mean_dim(0, true, Kind::Float); // (1, C)
+        let emb = match cond {
+            Cond::Null => mean.expand([batch, -1], false),
+            Cond::Labels(y) => {
+                let dropped = y.lt(0).unsqueeze(1);
+                let picked = table.index_select(0, &y.clamp_min(0));
+                picked.where_self(&dropped.logical_not(), &mean)
+            }
+            Cond::Mix(p) => p.to_kind(table.kind()).matmul(&table),
+        };
+        Some(emb.unsqueeze(1))
+    }
+
+    /// Input embedding of tokens at permuted positions start..start+T (B, T, C).
+    fn embed(&self, x_perm: &Tensor, start: i64, class: Option<&Tensor>, prec: Precision) -> Tensor {
+        let t = x_perm.size()[1];
+        let mut h = self.proj_in.forward(x_perm, prec).to_kind(Kind::Float);
+        if let Some(pos) = &self.pos_embed {
+            h = h + self.permutation.apply(&pos.unsqueeze(0)).narrow(1, start, t);
+        }
+        if let Some(class) = class {
+            h = h + class;
+        }
+        h
+    }
+
+    /// Splits proj_out's (…, 2D) into (a, b) in fp32.
+    fn split(&self, o: &Tensor) -> (Tensor, Tensor) {
+        let o = o.to_kind(Kind::Float);
+        (o.narrow(-1, 0, self.token_dim), o.narrow(-1, self.token_dim, self.token_dim))
+    }
+
+    /// Teacher-forced pass over a whole permuted sequence with the causal mask. `keep` lists the
+    /// 0-based layers whose output is returned; `upto` stops after that many layers (no a/b then).
+    pub fn pass(&self, x_perm: &Tensor, class: Option<&Tensor>, keep: &[usize], upto: Option<usize>, prec: Precision) -> BlockPass {
+        let mut h = self.embed(x_perm, 0, class, prec);
+        let mut hidden = Vec::with_capacity(keep.len());
+        let run = upto.unwrap_or(self.layers.len()).min(self.layers.len());
+        for (j, layer) in self.layers.iter().take(run).enumerate() {
+            h = layer.forward(&h, 0, self.rope.as_ref(), None, None, prec);
+            if keep.contains(&j) {
+                hidden.push(h.shallow_clone());
+            }
+        }
+        if upto.is_some_and(|u| u < self.layers.len()) {
+            let empty = Tensor::zeros([0], (Kind::Float, x_perm.device()));
+            return BlockPass { a: empty.shallow_clone(), b: empty, hidden };
+        }
+        let o = self.proj_out.forward(&h, prec);
+        // The one-token shift: token n's parameters come from the hidden state at n−1; token 0 gets
+        // a = b = 0 exactly.
+        let o = Tensor::cat(&[o.narrow(1, 0, 1).zeros_like(), o.narrow(1, 0, o.size()[1] - 1)], 1);
+        let (a, b) = self.split(&o);
+        BlockPass { a, b, hidden }
+    }
+
+    /// Forward (data → noise): returns z in raster order, the per-sample log-det −mean(a), and the pass.
+    pub fn forward(&self, x: &Tensor, class: Option<&Tensor>, keep: &[usize], prec: Precision) -> (Tensor, Tensor, BlockPass) {
+        let x_perm = self.permutation.apply(x);
+        let pass = self.pass(&x_perm, class, keep, None, prec);
+        // exp in fp32, cast back to the data's precision.
+        let z = (x_perm.to_kind(Kind::Float) - &pass.b) * (-&pass.a).exp();
+        let logdet = -pass.a.mean_dim(&[1i64, 2][..], false, Kind::Float);
+        (self.permutation.apply(&z.to_kind(x.kind())), logdet, pass)
+    }
+
+    /// Parameters (a, b) for permuted token `pos + 1` from token `pos` (B, 1, D), appending to `cache`.
+    pub fn step(&self, token: &Tensor, pos: i64, class: Option<&Tensor>, cache: &mut Cache, q_scale: Option<&Tensor>, prec: Precision) -> (Tensor, Tensor) {
+        let mut h = self.embed(token, pos, class, prec);
+        let capacity = cache.capacity;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(&h, pos, self.rope.as_ref(), Some((slot, capacity)), q_scale, prec);
+        }
+        self.split(&self.proj_out.forward(&h, prec))
+    }
+}

@@ -1,0 +1,251 @@
+//! The transformer inside a flow block: pre-LN causal attention layers (spec §1.4), optional 2-D axial
+//! RoPE and SwiGLU (spec §1.6), and the per-layer KV cache used by sampling.
+
+use tch::{nn, Kind, Tensor};
+
+use super::config::{Config, GateActivation, MlpKind};
+
+/// Mixed precision the way torch autocast does it for this model: matmuls in bf16, LayerNorm and the
+/// exp of the log-scale in fp32. Only enabled on CUDA by callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    fn kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// Linear layer whose parameters stay fp32 while the product runs in the compute precision.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Self {
+        let l = nn::linear(p, in_dim, out_dim, Default::default());
+        Self { weight: l.ws, bias: l.bs.expect("linear has a bias") }
+    }
+
+    pub fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
+        let k = prec.kind();
+        x.to_kind(k).linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
+    }
+}
+
+/// LayerNorm computed in fp32 whatever the input precision (reference: cast to float and back).
+#[derive(Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    dim: i64,
+}
+
+impl LayerNorm {
+    pub fn new(p: nn::Path, dim: i64) -> Self {
+        let ln = nn::layer_norm(p, vec![dim], Default::default());
+        Self { weight: ln.ws.expect("affine"), bias: ln.bs.expect("affine"), dim }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        x.to_kind(Kind::Float).layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true).to_kind(kind)
+    }
+}
+
+/// Cos/sin tables of the 2-D axial rotary embedding, in raster token order (N, head_dim).
+/// The first half of the rotation pairs turns with the token's row, the second half with its column;
+/// pairs are adjacent channels (2k, 2k+1). STARFlow applies the raster-order table to the *permuted*
+/// sequence, which mirrors the geometry in flip blocks consistently; so do we.
+#[derive(Debug)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &Config, device: tch::Device) -> Self {
+        let grid = cfg.grid();
+        let half = cfg.head_dim / 2; // channels rotated by rows; the other half by columns
+        let pairs = half / 2;
+        let freqs: Vec<f64> = (0..pairs).map(|k| 1.0 / cfg.rope_base.powf(2.0 * k as f64 / half as f64)).collect();
+        let mut angles = Vec::with_capacity((cfg.num_tokens() * cfg.head_dim) as usize);
+        for n in 0..cfg.num_tokens() {
+            let (row, col) = ((n / grid) as f64, (n % grid) as f64);
+            for pos in [row, col] {
+                for f in &freqs {
+                    // repeat-interleave: both channels of a pair share the angle
+                    angles.push(pos * f);
+                    angles.push(pos * f);
+                }
+            }
+        }
+        let angles = Tensor::from_slice(&angles).view([cfg.num_tokens(), cfg.head_dim]).to_kind(Kind::Float).to_device(device);
+        Self { cos: angles.cos(), sin: angles.sin() }
+    }
+
+    /// Rotates (B, H, T, d) whose tokens sit at sequence positions start..start+T.
+    fn apply(&self, t: &Tensor, start: i64) -> Tensor {
+        let len = t.size()[2];
+        let cos = self.cos.narrow(0, start, len).to_kind(t.kind());
+        let sin = self.sin.narrow(0, start, len).to_kind(t.kind());
+        let s = t.size();
+        // (x0, x1) -> (-x1, x0) within each adjacent pair
+        let pairs = t.view([s[0], s[1], s[2], s[3] / 2, 2]);
+        let rotated = Tensor::stack(&[-pairs.select(-1, 1), pairs.select(-1, 0)], -1).view(s.as_slice());
+        t * cos + rotated * sin
+    }
+}
+
+/// Keys and values of the tokens seen so far, preallocated for the whole sequence.
+#[derive(Debug)]
+pub struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: i64,
+}
+
+/// One KV cache per attention layer of a block; a fresh one per block and per reverse pass.
+#[derive(Debug, Default)]
+pub struct Cache {
+    pub layers: Vec<Option<LayerCache>>,
+    /// Sequence length the buffers are allocated for.
+    pub capacity: i64,
+}
+
+impl Cache {
+    pub fn new(num_layers: usize, capacity: i64) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), capacity }
+    }
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    norm: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &Config) -> Self {
+        Self {
+            norm: LayerNorm::new(&p / "norm", cfg.channels),
+            qkv: Linear::new(&p / "qkv", cfg.channels, 3 * cfg.channels),
+            proj: Linear::new(&p / "proj", cfg.channels, cfg.channels),
+            heads: cfg.num_heads(),
+            head_dim: cfg.head_dim,
+        }
+    }
+
+    /// x: (B, T, C) at positions start..start+T. With a cache the new keys are appended and every
+    /// cached token is visible (no mask needed: nothing later than the query exists yet); without one
+    /// the attention is causal. `q_scale` (B,1,1,1) multiplies the logits per sample: it carries the
+    /// attention temperature of the unconditional half of a batched guidance pass.
+    fn forward(&self, x: &Tensor, start: i64, rope: Option<&Rope>, cache: Option<(&mut Option<LayerCache>, i64)>, q_scale: Option<&Tensor>, prec: Precision) -> Tensor {
+        let (b, t, c) = x.size3().expect("(B, T, C)");
+        // (B, T, 3C) -> 3 × (B, H, T, d): the layout is [q heads | k heads | v heads]
+        let qkv = self.qkv.forward(&self.norm.forward(x), prec).view([b, t, 3, self.heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
+        let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        if let Some(rope) = rope {
+            q = rope.apply(&q, start);
+            k = rope.apply(&k, start);
+        }
+        if let Some(scale) = q_scale {
+            q = &q * scale.to_kind(q.kind());
+        }
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let out = match cache {
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false),
+            Some(slot) => {
+                let (slot, capacity) = slot;
+                let entry = slot.get_or_insert_with(|| LayerCache {
+                    k: k.new_zeros([b, self.heads, capacity, self.head_dim], (k.kind(), k.device())),
+                    v: v.new_zeros([b, self.heads, capacity, self.head_dim], (v.kind(), v.device())),
+                    len: 0,
+                });
+                assert_eq!(entry.len, start, "KV cache positions must be filled in order");
+                entry.k.narrow(2, start, t).copy_(&k);
+                entry.v.narrow(2, start, t).copy_(&v);
+                entry.len += t;
+                let (ks, vs) = (entry.k.narrow(2, 0, entry.len), entry.v.narrow(2, 0, entry.len));
+                // t > 1 with a cache only happens when prefilling from empty: still causal.
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &ks, &vs, None, 0.0, t > 1 && start == 0, scale, false)
+            }
+        };
+        // (B, H, T, d) -> (B, T, C)
+        self.proj.forward(&out.transpose(1, 2).reshape([b, t, c]), prec)
+    }
+}
+
+#[derive(Debug)]
+enum MlpBody {
+    Gelu { fc1: Linear, fc2: Linear },
+    Swiglu { gate: Linear, up: Linear, down: Linear, act: GateActivation },
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    norm: LayerNorm,
+    body: MlpBody,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, cfg: &Config) -> Self {
+        let (c, h) = (cfg.channels, cfg.mlp_hidden());
+        let body = match cfg.mlp {
+            MlpKind::Gelu => MlpBody::Gelu { fc1: Linear::new(&p / "main" / "0", c, h), fc2: Linear::new(&p / "main" / "2", h, c) },
+            MlpKind::Swiglu => MlpBody::Swiglu {
+                gate: Linear::new(&p / "gate", c, h),
+                up: Linear::new(&p / "up", c, h),
+                down: Linear::new(&p / "down", h, c),
+                act: cfg.swiglu_gate,
+            },
+        };
+        Self { norm: LayerNorm::new(&p / "norm", c), body }
+    }
+
+    fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
+        let x = self.norm.forward(x);
+        match &self.body {
+            MlpBody::Gelu { fc1, fc2 } => fc2.forward(&fc1.forward(&x, prec).gelu("none"), prec),
+            MlpBody::Swiglu { gate, up, down, act } => {
+                let g = gate.forward(&x, prec);
+                let g = match act {
+                    GateActivation::Silu => g.silu(),
+                    GateActivation::GeluTanh => g.gelu("tanh"),
+                };
+                down.forward(&(g * up.forward(&x, prec)), prec)
+            }
+        }
+    }
+}
+
+/// Pre-LayerNorm residual layer: x + Attn(LN x), then x + MLP(LN x) (the norms live in the sub-modules,
+/// as in the reference's parameter names).
+#[derive(Debug)]
+pub struct AttentionBlock {
+    attention: Attention,
+    mlp: Mlp,
+}
+
+impl AttentionBlock {
+    pub fn new(p: nn::Path, cfg: &Config) -> Self {
+        Self { attention: Attention::new(&p / "attention", cfg), mlp: Mlp::new(&p / "mlp", cfg) }
+    }
+
+    pub fn forward(&self, x: &Tensor, start: i64, rope: Option<&Rope>, cache: Option<(&mut Option<LayerCache>, i64)>, q_scale: Option<&Tensor>, prec: Precision) -> Tensor {
+        let x = x + self.attention.forward(x, start, rope, cache, q_scale, prec).to_kind(x.kind());
+        &x + self.mlp.forward(&x, prec).to_kind(x.kind())
+    }
+}

@@ -1,0 +1,164 @@
+//! Sampling (spec §3): the KV-cache reverse pass with TARFlow-style classifier-free guidance, noise
+//! drawn on the CPU, NaN redraws, and one-step score denoising.
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::block::{Cond, MetaBlock};
+use super::layers::Cache;
+use super::{nll, FlowError, Model};
+
+/// Guidance settings of a reverse pass.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Guidance {
+    /// w in a ← a_c + w·(a_c − a_u) (same for b). 0 turns guidance off (one branch only).
+    pub weight: f64,
+    /// Ramp the weight along the sequence: g_i = w·(i+1)/(N−1) at step i (`evaluate_fid.py`).
+    pub annealed: bool,
+    /// Attention temperature of the unconditional branch (logit scale 64^−0.5 / temp).
+    pub attn_temp: f64,
+}
+
+impl Default for Guidance {
+    fn default() -> Self {
+        Self { weight: 0.0, annealed: false, attn_temp: 1.0 }
+    }
+}
+
+/// Inverts every block, last to first: z (B, N, D) → images (B, C, H, W).
+pub fn reverse(model: &Model, z: &Tensor, y: Option<&Tensor>, g: &Guidance) -> Tensor {
+    reverse_with(model, z, y, g, g.weight != 0.0)
+}
+
+/// [`reverse`] with the choice of running the two-branch batched pass made explicitly, so that a test
+/// can check the batched pass at w = 0 against the single-branch one.
+pub fn reverse_with(model: &Model, z: &Tensor, y: Option<&Tensor>, g: &Guidance, batched: bool) -> Tensor {
+    tch::no_grad(|| {
+        let mut x = z.to_kind(Kind::Float) * model.var.sqrt();
+        for block in model.blocks.iter().rev() {
+            x = reverse_block(model, block, &x, y, g, batched);
+        }
+        model.unpatchify(&x)
+    })
+}
+
+/// One block's inverse with a KV cache. With guidance the conditional and unconditional branches are
+/// one batch of 2B rows (cond first), so each step is a single pass.
+fn reverse_block(model: &Model, block: &MetaBlock, z: &Tensor, y: Option<&Tensor>, g: &Guidance, guided: bool) -> Tensor {
+    let (batch, n, _) = z.size3().expect("(B, N, D)");
+    let cond = match y {
+        Some(y) => Cond::Labels(y),
+        None => Cond::Null,
+    };
+    let class = block.class_embedding(&cond, batch);
+    let (class, q_scale) = if guided {
+        let uncond = block.class_embedding(&Cond::Null, batch);
+        let class = class.map(|c| Tensor::cat(&[&c, &uncond.expect("same table")], 0));
+        // An unconditional model still gets a second branch: it differs by the attention temperature.
+        let scale = Tensor::cat(
+            &[Tensor::ones([batch, 1, 1, 1], (Kind::Float, z.device())), Tensor::full([batch, 1, 1, 1], 1.0 / g.attn_temp, (Kind::Float, z.device()))],
+            0,
+        );
+        (class, Some(scale))
+    } else {
+        (class, None)
+    };
+    let x = block.permutation.apply(z);
+    let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
+    let mut cache = Cache::new(block.num_layers(), n);
+    for i in 0..n - 1 {
+        let token = if guided { Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0) } else { tokens[i as usize].shallow_clone() };
+        let (mut a, mut b) = block.step(&token, i, class.as_ref(), &mut cache, q_scale.as_ref(), model.precision);
+        if guided {
+            let w = if g.annealed { g.weight * (i + 1) as f64 / (n - 1) as f64 } else { g.weight };
+            let (ac, au) = (a.narrow(0, 0, batch), a.narrow(0, batch, batch));
+            let (bc, bu) = (b.narrow(0, 0, batch), b.narrow(0, batch, batch));
+            a = &ac + (&ac - au) * w;
+            b = &bc + (&bc - bu) * w;
+        }
+        let next = &tokens[i as usize + 1];
+        tokens[i as usize + 1] = (next.to_kind(Kind::Float) * a.exp() + b).to_kind(next.kind());
+    }
+    block.permutation.apply(&Tensor::cat(&tokens, 1))
+}
+
+/// Reverse without a cache: every step reruns the whole causal pass on the partially inverted
+/// sequence. Quadratically slower; it exists to check the cached path against.
+pub fn reverse_uncached(model: &Model, z: &Tensor, y: Option<&Tensor>) -> Tensor {
+    tch::no_grad(|| {
+        let mut x = z.to_kind(Kind::Float) * model.var.sqrt();
+        let batch = x.size()[0];
+        let cond = match y {
+            Some(y) => Cond::Labels(y),
+            None => Cond::Null,
+        };
+        for block in model.blocks.iter().rev() {
+            let class = block.class_embedding(&cond, batch);
+            let mut xp = block.permutation.apply(&x);
+            let n = xp.size()[1];
+            for i in 1..n {
+                let pass = block.pass(&xp, class.as_ref(), &[], None, model.precision);
+                let row = xp.narrow(1, i, 1) * pass.a.narrow(1, i, 1).exp() + pass.b.narrow(1, i, 1);
+                xp = Tensor::cat(&[xp.narrow(1, 0, i), row, xp.narrow(1, i + 1, n - i - 1)], 1);
+            }
+            x = block.permutation.apply(&xp);
+        }
+        model.unpatchify(&x)
+    })
+}
+
+/// Standard normal noise (B, N, D) drawn on the CPU from `seed`, so samples do not depend on the device.
+pub fn cpu_noise(model: &Model, batch: i64, seed: u64) -> Tensor {
+    tch::manual_seed(seed as i64);
+    Tensor::randn([batch, model.cfg.num_tokens(), model.cfg.token_dim()], (Kind::Float, Device::Cpu))
+}
+
+/// Samples with their redraw count.
+pub struct Samples {
+    /// Images (B, C, H, W) in the flow's space, before denoising.
+    pub x: Tensor,
+    /// Number of samples whose output held NaN/Inf and were drawn again.
+    pub redrawn: i64,
+}
+
+/// Draws noise from `seed` and inverts it; samples that come out non-finite get fresh noise (from the
+/// same CPU generator stream) and are redone, up to `max_redraws` rounds.
+pub fn sample(model: &Model, batch: i64, y: Option<&Tensor>, g: &Guidance, seed: u64, max_redraws: usize) -> Result<Samples, FlowError> {
+    let device = model.device();
+    let z = cpu_noise(model, batch, seed);
+    let mut x = reverse(model, &z.to_device(device), y, g);
+    let mut redrawn = 0;
+    for attempt in 0..=max_redraws {
+        let bad = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
+        let n_bad = bad.sum(Kind::Int64).int64_value(&[]);
+        if n_bad == 0 {
+            return Ok(Samples { x, redrawn });
+        }
+        if attempt == max_redraws {
+            return Err(FlowError::NonFinite { bad: n_bad, attempts: max_redraws });
+        }
+        redrawn += n_bad;
+        let idx = bad.nonzero().squeeze_dim(1);
+        let fresh = Tensor::randn([n_bad, model.cfg.num_tokens(), model.cfg.token_dim()], (Kind::Float, Device::Cpu)).to_device(device);
+        let y_bad = y.map(|y| y.index_select(0, &idx));
+        let redo = reverse(model, &fresh, y_bad.as_ref(), g);
+        x = x.index_copy(0, &idx, &redo);
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// One-step score denoising x + σ²·∇ log p(x) (spec §3.4): a gradient step on the per-dimension mean
+/// NLL with lr = B·D·σ²·lr_scale, which is exactly σ²∇ log p for lr_scale = 1.
+pub fn denoise(model: &Model, x: &Tensor, y: Option<&Tensor>, sigma: f64, lr_scale: f64) -> Tensor {
+    let x_in = x.to_kind(Kind::Float).detach().set_requires_grad(true);
+    let cond = match y {
+        Some(y) => Cond::Labels(y),
+        None => Cond::Null,
+    };
+    let out = model.forward(&x_in, &cond, &[]);
+    let loss = nll(&out).loss;
+    let grad = Tensor::run_backward(&[&loss], &[&x_in], false, false).remove(0);
+    let lr = x.size()[0] as f64 * model.cfg.sample_dim() as f64 * sigma * sigma * lr_scale;
+    (x_in.detach() - grad * lr).to_kind(x.kind())
+}

@@ -1,0 +1,180 @@
+//! `pipeline bench flow`: one training step (forward + backward + AdamW) and guided KV-cache sampling,
+//! timed for this crate's flow and for the PyTorch model of tests/python/tarflow_ref.py on the same
+//! config, thread count and libtorch, in one run. Prints both and the ratios as one JSON line. Step
+//! time is the minimum over the timed steps (the mean is reported too).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use model::tarflow::{self, sample::Guidance, Config};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model preset: in64, latent256, latent256-p1, tiny, tiny-latent
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Training batch size
+    #[arg(long, default_value_t = 8)]
+    batch: i64,
+    /// Override the preset's width (channels)
+    #[arg(long)]
+    channels: Option<i64>,
+    /// Override the preset's number of flow blocks
+    #[arg(long)]
+    blocks: Option<i64>,
+    /// Override the preset's layers per block
+    #[arg(long)]
+    layers: Option<i64>,
+    /// Timed training steps (after one warm-up step)
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Samples drawn in the sampling measurement
+    #[arg(long, default_value_t = 8)]
+    sample_batch: i64,
+    /// Guidance weight while sampling (non-zero runs both branches)
+    #[arg(long, default_value_t = 2.0)]
+    guidance: f64,
+    /// Intra-op threads for both sides
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// Device of both sides: cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// bf16 compute with fp32 LayerNorm and exp (torch autocast on the reference side); CUDA only
+    #[arg(long)]
+    bf16: bool,
+    /// Skip the PyTorch reference (Rust numbers only)
+    #[arg(long)]
+    no_reference: bool,
+    /// Python with torch (default: the repository's .venv, relative to the working directory)
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+    /// The reference implementation (relative to the working directory: run from the repository root)
+    #[arg(long, default_value = "tests/python/tarflow_ref.py")]
+    reference: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = Config::preset(&args.preset)
+        .with_context(|| format!("unknown preset `{}`: expected one of {}", args.preset, tarflow::PRESETS.join(", ")))?;
+    cfg.channels = args.channels.unwrap_or(cfg.channels);
+    cfg.num_blocks = args.blocks.unwrap_or(cfg.num_blocks);
+    cfg.layers_per_block = args.layers.unwrap_or(cfg.layers_per_block);
+    cfg.validate()?;
+    if args.batch < 1 || args.sample_batch < 1 || args.steps < 1 {
+        bail!("--batch, --sample-batch and --steps must be at least 1");
+    }
+    let device = model::device::parse_device(&args.device)?;
+    if args.bf16 && !device.is_cuda() {
+        bail!("--bf16 needs a CUDA device (autocast is CUDA-only here)");
+    }
+    tch::set_num_threads(args.threads);
+    let rust = measure(&cfg, &args, device)?;
+    let mut report = serde_json::json!({
+        "preset": args.preset, "config": cfg, "batch": args.batch, "sample_batch": args.sample_batch,
+        "guidance": args.guidance, "threads": args.threads, "device": args.device, "bf16": args.bf16, "rust": rust,
+    });
+    if !args.no_reference {
+        let reference = reference(&cfg, &args)?;
+        let ratio_step = rust["step_s"].as_f64().unwrap_or(f64::NAN) / reference["step_s"].as_f64().unwrap_or(f64::NAN);
+        let ratio_tokens = rust["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN) / reference["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        report["pytorch"] = reference;
+        report["step_time_ratio"] = ratio_step.into();
+        report["sample_speed_ratio"] = ratio_tokens.into();
+    }
+    println!("{report}");
+    Ok(())
+}
+
+fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_json::Value> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let mut model = tarflow::Model::new(vs.root(), cfg)?;
+    if args.bf16 {
+        model.precision = tarflow::Precision::Bf16;
+    }
+    tch::no_grad(|| {
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut v) in vars {
+            if name.ends_with("proj_out.weight") {
+                v.copy_(&(v.randn_like() * 0.01));
+            }
+        }
+    });
+    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 1e-4, eps: 1e-8, amsgrad: false }.build(&vs, 1e-4)?;
+    let x = Tensor::rand([args.batch, cfg.in_channels, cfg.img_size, cfg.img_size], (Kind::Float, device)) * 2.0 - 1.0;
+    let y = (cfg.num_classes > 0).then(|| Tensor::randint(cfg.num_classes, [args.batch], (Kind::Int64, device)));
+    let cond = y.as_ref().map_or(tarflow::Cond::Null, tarflow::Cond::Labels);
+    let mut step = || {
+        let out = model.forward(&x, &cond, &[]);
+        let loss = tarflow::nll(&out).loss;
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+    };
+    step(); // warm-up
+    sync(device);
+    // The minimum is the estimate least disturbed by other load on a shared machine; the mean is kept.
+    let mut times = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let start = Instant::now();
+        step();
+        sync(device);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let step_s = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let step_s_mean = times.iter().sum::<f64>() / times.len() as f64;
+
+    let noise = tarflow::sample::cpu_noise(&model, args.sample_batch, 0).to_device(device);
+    let ys = y.as_ref().map(|y| y.narrow(0, 0, args.sample_batch.min(args.batch)));
+    if ys.as_ref().is_some_and(|y| y.size()[0] != args.sample_batch) {
+        bail!("--sample-batch must not exceed --batch for a class-conditional preset");
+    }
+    let g = Guidance { weight: args.guidance, annealed: true, attn_temp: 1.0 };
+    let start = Instant::now();
+    let _ = model.reverse(&noise, ys.as_ref(), &g);
+    sync(device);
+    let sample_s = start.elapsed().as_secs_f64();
+    let tokens = (args.sample_batch * cfg.num_tokens() * cfg.num_blocks) as f64;
+    Ok(serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }))
+}
+
+/// torch spells `auto` differently; everything else is the same string.
+fn reference_device(name: &str) -> String {
+    match name {
+        "auto" => if tch::Cuda::is_available() { "cuda".into() } else { "cpu".into() },
+        other => other.to_string(),
+    }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn reference(cfg: &Config, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, serde_json::to_string(cfg)?)?;
+    let out = Command::new(&args.python)
+        .arg(&args.reference)
+        .arg("bench")
+        .arg(&config)
+        .args(["--batch", &args.batch.to_string(), "--steps", &args.steps.to_string()])
+        .args(["--sample-batch", &args.sample_batch.to_string(), "--guidance", &args.guidance.to_string()])
+        .args(["--threads", &args.threads.to_string(), "--device", &reference_device(&args.device)])
+        .args(args.bf16.then_some("--bf16"))
+        .output()
+        .with_context(|| format!("running {} {}", args.python.display(), args.reference.display()))?;
+    if !out.status.success() {
+        bail!("reference bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().context("reference bench printed nothing")?;
+    serde_json::from_str(line).with_context(|| format!("reference bench output `{line}`"))
+}

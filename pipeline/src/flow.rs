@@ -1,0 +1,281 @@
+//! `pipeline flow {init,encode,decode}`: the flow from outside. `encode` maps images to noise with
+//! log-dets, per-block outputs and NLL; `decode` inverts noise (given, or drawn from a seed) with
+//! guidance and optional score denoising. Tensors travel as safetensors.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use model::tarflow::{self, sample::Guidance, Cond, Config};
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: FlowCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum FlowCommand {
+    /// Write a randomly initialised checkpoint and its `.model.toml` config sidecar
+    Init(InitArgs),
+    /// Images → noise: reads `x` (B,C,H,W) and optional `y` (B,); writes `z`, `logdet`, `nll`, `block{i}`
+    Encode(EncodeArgs),
+    /// Noise → images: reads `z` (B,N,D) and optional `y`, or draws `--samples` from `--seed`; writes `x`
+    Decode(DecodeArgs),
+}
+
+/// Where the model's configuration comes from.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Checkpoint (safetensors with the reference TARFlow parameter names)
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Model config TOML (bare keys or a `[model]` section); default: the checkpoint's `.model.toml` sidecar
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Converted reference checkpoints: image (or latent) size; the rest is read from tensor shapes
+    #[arg(long, requires_all = ["patch_size", "in_channels"], conflicts_with = "config")]
+    image_size: Option<i64>,
+    /// Converted reference checkpoints: patch size
+    #[arg(long)]
+    patch_size: Option<i64>,
+    /// Converted reference checkpoints: input channels (3 RGB, 4 SD-VAE latent)
+    #[arg(long)]
+    in_channels: Option<i64>,
+    /// Device: auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Images per forward/reverse batch
+    #[arg(long, default_value_t = 64)]
+    batch: i64,
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Preset: in64, latent256, latent256-p1, tiny, tiny-latent
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Output checkpoint; the config goes to the same path with `.model.toml`
+    #[arg(long)]
+    output: PathBuf,
+    /// Seed of the random initialisation
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+}
+
+#[derive(clap::Args)]
+struct EncodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Input safetensors with `x` (B,C,H,W) in the flow's space and optional int64 labels `y` (−1 = none)
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct DecodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Input safetensors with `z` (B,N,D) and optional `y`; without it noise is drawn (see --samples)
+    #[arg(long, conflicts_with = "samples")]
+    input: Option<PathBuf>,
+    /// Number of samples to draw from --seed when there is no --input
+    #[arg(long)]
+    samples: Option<i64>,
+    /// Seed of the CPU noise (the same seed gives the same samples on any device)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Class of every drawn sample (default: unconditional, i.e. the mean class embedding)
+    #[arg(long)]
+    class: Option<i64>,
+    /// Output safetensors with `x` (B,C,H,W)
+    #[arg(long)]
+    output: PathBuf,
+    /// Classifier-free guidance weight w (0 = off; a ← a_c + w·(a_c − a_u), same for b)
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Ramp the guidance along the sequence, g_i = w·(i+1)/(N−1)
+    #[arg(long)]
+    annealed: bool,
+    /// Attention temperature of the unconditional branch
+    #[arg(long, default_value_t = 1.0)]
+    attn_temp: f64,
+    /// Apply one-step score denoising x + σ²∇log p with σ = the config's noise_std
+    #[arg(long)]
+    denoise: bool,
+    /// Multiplier of the denoising step
+    #[arg(long, default_value_t = 1.0)]
+    denoise_lr_scale: f64,
+    /// Redraw rounds for samples with NaN/Inf before giving up
+    #[arg(long, default_value_t = 10)]
+    max_redraws: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        FlowCommand::Init(a) => init(a),
+        FlowCommand::Encode(a) => encode(a),
+        FlowCommand::Decode(a) => decode(a),
+    }
+}
+
+/// The sidecar config next to a project checkpoint.
+pub fn sidecar(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("model.toml")
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let cfg = Config::preset(&args.preset)
+        .with_context(|| format!("unknown preset `{}`: expected one of {}", args.preset, tarflow::PRESETS.join(", ")))?;
+    tch::manual_seed(args.seed);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let model = tarflow::Model::new(vs.root(), &cfg)?;
+    model::weights::save_atomic(&model.named_tensors(&vs), &args.output)?;
+    let side = sidecar(&args.output);
+    stages::atomic::write_bytes_atomic(&side, toml::to_string_pretty(&cfg)?.as_bytes())?;
+    eprintln!("wrote {} and {}", args.output.display(), side.display());
+    Ok(())
+}
+
+fn read_config(path: &Path) -> anyhow::Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading model config {}", path.display()))?;
+    let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("model config {}", path.display()))?;
+    let value = match table.remove("model") {
+        Some(section) if table.values().all(|v| v.is_table()) => section,
+        Some(_) => bail!("model config {}: mixes a [model] section with top-level keys", path.display()),
+        None => toml::Value::Table(table),
+    };
+    Config::deserialize(value).map_err(|e| anyhow::anyhow!("model config {}: {e}", path.display()))
+}
+
+fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {
+    let device = model::device::parse_device(&args.device)?;
+    let tensors = model::weights::read_safetensors(&args.checkpoint)?;
+    let cfg = match (&args.config, args.image_size) {
+        (Some(path), _) => read_config(path)?,
+        (None, Some(size)) => tarflow::infer_config(&tensors, size, args.patch_size.unwrap_or(0), args.in_channels.unwrap_or(0))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?,
+        (None, None) => {
+            let side = sidecar(&args.checkpoint);
+            if !side.exists() {
+                bail!(
+                    "{}: no config given and no sidecar {}; pass --config FILE or --image-size/--patch-size/--in-channels",
+                    args.checkpoint.display(),
+                    side.display()
+                );
+            }
+            read_config(&side)?
+        }
+    };
+    Ok(tarflow::from_tensors(&tensors, &args.checkpoint, &cfg, device)?)
+}
+
+fn read_inputs(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
+    Ok(model::weights::read_safetensors(path)?)
+}
+
+fn labels(inputs: &HashMap<String, Tensor>, path: &Path, batch: i64, classes: i64) -> anyhow::Result<Option<Tensor>> {
+    let Some(y) = inputs.get("y") else { return Ok(None) };
+    if y.size() != [batch] {
+        bail!("{}: tensor `y` has shape {:?}, expected [{batch}]", path.display(), y.size());
+    }
+    let y = y.to_kind(Kind::Int64);
+    let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
+    if lo < -1 || hi >= classes {
+        bail!("{}: labels in `y` range over [{lo}, {hi}], the model has {classes} classes (−1 = none)", path.display());
+    }
+    Ok(Some(y))
+}
+
+fn encode(args: EncodeArgs) -> anyhow::Result<()> {
+    let loaded = load_model(&args.model)?;
+    let model = &loaded.model;
+    let device = model.device();
+    let inputs = read_inputs(&args.input)?;
+    let x = inputs.get("x").with_context(|| format!("{}: tensor `x` is missing", args.input.display()))?;
+    model.check_input(x).map_err(|e| anyhow::anyhow!("{}: tensor `x`: {e}", args.input.display()))?;
+    let batch = x.size()[0];
+    let y = labels(&inputs, &args.input, batch, model.cfg.num_classes)?;
+    let (mut z, mut logdet, mut nll, mut blocks) = (vec![], vec![], vec![], (0..model.blocks.len()).map(|_| Vec::<Tensor>::new()).collect::<Vec<_>>());
+    for start in (0..batch).step_by(args.model.batch.max(1) as usize) {
+        let len = args.model.batch.min(batch - start);
+        let xb = x.narrow(0, start, len).to_device(device);
+        let yb = y.as_ref().map(|y| y.narrow(0, start, len).to_device(device));
+        let cond = yb.as_ref().map_or(Cond::Null, Cond::Labels);
+        let out = tch::no_grad(|| model.forward(&xb, &cond, &[]));
+        nll.push(tarflow::nll_per_sample(&out).to_device(Device::Cpu));
+        z.push(out.z.to_device(Device::Cpu));
+        logdet.push(out.logdet.to_device(Device::Cpu));
+        for (i, o) in out.outputs.iter().enumerate() {
+            blocks[i].push(o.to_device(Device::Cpu));
+        }
+    }
+    let mut named = vec![("z".to_string(), Tensor::cat(&z, 0)), ("logdet".into(), Tensor::cat(&logdet, 0)), ("nll".into(), Tensor::cat(&nll, 0))];
+    for (i, b) in blocks.iter().enumerate() {
+        named.push((format!("block{i}"), Tensor::cat(b, 0)));
+    }
+    model::weights::save_atomic(&named, &args.output)?;
+    eprintln!("encoded {batch} images into {}", args.output.display());
+    Ok(())
+}
+
+fn decode(args: DecodeArgs) -> anyhow::Result<()> {
+    let loaded = load_model(&args.model)?;
+    let model = &loaded.model;
+    let device = model.device();
+    let g = Guidance { weight: args.guidance, annealed: args.annealed, attn_temp: args.attn_temp };
+    if args.attn_temp <= 0.0 {
+        bail!("--attn-temp must be positive, got {}", args.attn_temp);
+    }
+    let (n, d) = (model.cfg.num_tokens(), model.cfg.token_dim());
+    let mut xs = vec![];
+    let mut redrawn = 0;
+    match (&args.input, args.samples) {
+        (Some(path), _) => {
+            let inputs = read_inputs(path)?;
+            let z = inputs.get("z").with_context(|| format!("{}: tensor `z` is missing", path.display()))?;
+            let size = z.size();
+            if size.len() != 3 || size[1..] != [n, d] {
+                bail!("{}: tensor `z` has shape {size:?}, the flow expects (B, {n}, {d})", path.display());
+            }
+            let y = labels(&inputs, path, size[0], model.cfg.num_classes)?;
+            for start in (0..size[0]).step_by(args.model.batch.max(1) as usize) {
+                let len = args.model.batch.min(size[0] - start);
+                let yb = y.as_ref().map(|y| y.narrow(0, start, len).to_device(device));
+                let x = model.reverse(&z.narrow(0, start, len).to_kind(Kind::Float).to_device(device), yb.as_ref(), &g);
+                xs.push(finish(model, &x, yb.as_ref(), &args));
+            }
+        }
+        (None, Some(count)) => {
+            if let Some(k) = args.class {
+                if k < 0 || k >= model.cfg.num_classes {
+                    bail!("--class {k} is outside the model's {} classes", model.cfg.num_classes);
+                }
+            }
+            let mut seed = args.seed;
+            for start in (0..count).step_by(args.model.batch.max(1) as usize) {
+                let len = args.model.batch.min(count - start);
+                let yb = args.class.map(|k| Tensor::full([len], k, (Kind::Int64, device)));
+                let drawn = tarflow::sample::sample(model, len, yb.as_ref(), &g, seed, args.max_redraws)?;
+                redrawn += drawn.redrawn;
+                xs.push(finish(model, &drawn.x, yb.as_ref(), &args));
+                seed = seed.wrapping_add(1);
+            }
+        }
+        (None, None) => bail!("decode needs --input Z.safetensors or --samples N"),
+    }
+    let x = Tensor::cat(&xs, 0);
+    model::weights::save_atomic(&[("x".to_string(), x.shallow_clone())], &args.output)?;
+    eprintln!("decoded {} samples into {} ({redrawn} redrawn for NaN/Inf)", x.size()[0], args.output.display());
+    Ok(())
+}
+
+fn finish(model: &tarflow::Model, x: &Tensor, y: Option<&Tensor>, args: &DecodeArgs) -> Tensor {
+    let x = if args.denoise { tarflow::sample::denoise(model, x, y, model.cfg.noise_std, args.denoise_lr_scale) } else { x.shallow_clone() };
+    x.to_device(Device::Cpu)
+}
