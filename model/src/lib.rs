@@ -4,3 +4,6 @@
 
 pub mod device;
 pub mod weights;
+pub mod frozen;
+pub mod dinov2;
+pub mod vae;

@@ -4,6 +4,7 @@
 mod config;
 mod config_cmd;
 mod demo_data;
+mod encoders;
 mod logging;
 mod progress;
 
@@ -22,6 +23,8 @@ enum Command {
     DemoData(demo_data::Args),
     /// Print the effective configuration (preset + --set overrides) as TOML, or fail on a bad key
     Config(config_cmd::Args),
+    /// Frozen DINOv2 and SD-VAE: `encoders check` verifies downloaded weight folders
+    Encoders(encoders::Args),
 }
 
 fn main() {
@@ -30,6 +33,7 @@ fn main() {
     let result = match cli.command {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
+        Command::Encoders(args) => encoders::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
