@@ -102,6 +102,26 @@ fn default_registers() -> i64 {
 }
 
 impl Config {
+    /// `facebook/dinov2-base` as published: ViT-B/14, 518-px position table, no registers.
+    pub fn vit_base() -> Self {
+        Config {
+            model_type: default_model_type(),
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            mlp_ratio: 4.0,
+            hidden_act: default_hidden_act(),
+            layer_norm_eps: 1e-6,
+            image_size: 518,
+            patch_size: 14,
+            num_channels: 3,
+            qkv_bias: true,
+            use_swiglu_ffn: false,
+            num_register_tokens: 0,
+            use_mask_token: true,
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, EncoderError> {
         let cfg: Config = frozen::read_json_config(path)?;
         cfg.validate().map_err(|message| EncoderError::Config { path: path.to_path_buf(), message })?;
@@ -329,9 +349,9 @@ impl Embeddings {
         let patches = self.projection.forward(pixels, precision).flatten(2, 3).transpose(1, 2);
         let n = patches.size()[1];
         let cls = self.cls_token.expand([b, 1, cfg.hidden_size], true);
-        // Under bf16 the patch embedding is bf16 and the position table fp32; the sum is fp32, as
-        // type promotion makes it under autocast.
-        let x = Tensor::cat(&[cls.to_kind(patches.kind()), patches], 1) + self.positions(n, h, w, cfg);
+        // Under bf16 the patch embedding is bf16; autocast's `cat` promotes it to the fp32 of the CLS
+        // token, and the position table is fp32 too.
+        let x = Tensor::cat(&[cls, patches.to_kind(Kind::Float)], 1) + self.positions(n, h, w, cfg);
         match &self.register_tokens {
             // Registers go between CLS and the patches, after the position embedding (they have none).
             Some(registers) => {

@@ -121,6 +121,27 @@ fn default_true() -> bool {
 }
 
 impl Config {
+    /// `stabilityai/sd-vae-ft-ema` (and `-mse`) as published: 4 levels of 128/256/512/512 channels,
+    /// 4 latent channels, downsample 8.
+    pub fn sd_vae() -> Self {
+        Config {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into(); 4],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            act_fn: default_act_fn(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: default_scaling_factor(),
+            shift_factor: None,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, EncoderError> {
         let cfg: Config = frozen::read_json_config(path)?;
         cfg.validate().map_err(|message| EncoderError::Config { path: path.to_path_buf(), message })?;

@@ -1,6 +1,8 @@
 //! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
+mod bench;
+mod bench_encoders;
 mod config;
 mod config_cmd;
 mod demo_data;
@@ -25,6 +27,8 @@ enum Command {
     Config(config_cmd::Args),
     /// Frozen DINOv2 and SD-VAE: `encoders check` verifies downloaded weight folders
     Encoders(encoders::Args),
+    /// Speed against the reference implementations (`bench encoders`)
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -34,6 +38,7 @@ fn main() {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::Encoders(args) => encoders::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
