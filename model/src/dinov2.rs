@@ -464,3 +464,42 @@ impl Mlp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// facebook/dinov2-giant's config.json as published (the fields that matter plus a foreign one).
+    const GIANT: &str = r#"{"architectures": ["Dinov2Model"], "hidden_size": 1536, "image_size": 518,
+        "layerscale_value": 1.0, "mlp_ratio": 4, "model_type": "dinov2", "num_attention_heads": 24,
+        "num_hidden_layers": 40, "patch_size": 14, "qkv_bias": true, "torch_dtype": "float32",
+        "use_swiglu_ffn": true}"#;
+
+    #[test]
+    fn reads_published_config_and_sizes_swiglu_like_transformers() {
+        let cfg: Config = serde_json::from_str(GIANT).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.position_grid(), 37);
+        assert_eq!(cfg.registers(), 0);
+        // int(int(1536 * 4) * 2 / 3) = 4096, already a multiple of 8: weights_in is (8192, 1536).
+        assert_eq!(cfg.mlp_hidden(), 4096);
+        assert!(cfg.describe().starts_with("DINOv2 ViT-g/14 (dinov2), 40 layers"), "{}", cfg.describe());
+        assert_eq!(Config::vit_base().mlp_hidden(), 3072);
+    }
+
+    #[test]
+    fn rejects_configs_it_cannot_run() {
+        let cfg: Config = serde_json::from_str(r#"{"model_type": "vit"}"#).unwrap();
+        assert!(cfg.validate().unwrap_err().contains("model_type `vit`"));
+        let cfg: Config = serde_json::from_str(r#"{"hidden_size": 100, "num_attention_heads": 12}"#).unwrap();
+        assert!(cfg.validate().unwrap_err().contains("not a multiple"));
+    }
+
+    #[test]
+    fn vit_base_has_the_published_parameter_count() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = Dinov2::new(vs.root(), &Config::vit_base());
+        // facebook/dinov2-base: 86,580,480 parameters including the mask token.
+        assert_eq!(frozen::parameter_count(&vs), 86_580_480);
+    }
+}

@@ -578,3 +578,50 @@ impl SpatialAttention {
         y + x
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// stabilityai/sd-vae-ft-ema's config.json as published: no scaling_factor key.
+    const SD_VAE_FT_EMA: &str = r#"{"_class_name": "AutoencoderKL", "_diffusers_version": "0.4.2",
+        "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+        "out_channels": 3, "sample_size": 256,
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
+
+    #[test]
+    fn reads_published_config_with_default_scaling_factor() {
+        let cfg: Config = serde_json::from_str(SD_VAE_FT_EMA).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.scaling_factor, 0.18215);
+        assert_eq!(cfg.downsample_factor(), 8);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = AutoencoderKl::new(vs.root(), &cfg, AttentionNaming::Legacy);
+        // sd-vae-ft-ema: 83,653,863 parameters.
+        assert_eq!(frozen::parameter_count(&vs), 83_653_863);
+        assert!(vs.variables().contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
+    }
+
+    #[test]
+    fn detects_attention_naming_and_rejects_other_blocks() {
+        let legacy = ["encoder.mid_block.attentions.0.query.weight".to_string()];
+        assert_eq!(AttentionNaming::detect(legacy.iter()), AttentionNaming::Legacy);
+        let current = ["encoder.mid_block.attentions.0.to_q.weight".to_string()];
+        assert_eq!(AttentionNaming::detect(current.iter()), AttentionNaming::Current);
+        let mut cfg: Config = serde_json::from_str(SD_VAE_FT_EMA).unwrap();
+        cfg.down_block_types[1] = "AttnDownEncoderBlock2D".into();
+        assert!(cfg.validate().unwrap_err().contains("AttnDownEncoderBlock2D"));
+    }
+
+    #[test]
+    fn latent_scaling_round_trips() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = AutoencoderKl::new(vs.root(), &Config::sd_vae(), AttentionNaming::Current);
+        let z = Tensor::randn([1, 4, 2, 2], (Kind::Float, Device::Cpu));
+        let scaled = model.scale_latents(&z);
+        assert!(scaled.allclose(&(&z * 0.18215), 1e-6, 1e-6, false));
+        assert!(model.unscale_latents(&scaled).allclose(&z, 1e-5, 1e-6, false));
+    }
+}
