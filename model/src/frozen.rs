@@ -193,6 +193,13 @@ impl GroupNorm {
     }
 }
 
+/// SiLU in place on a tensor the caller owns (a fresh norm output): at 256 px the VAE's feature maps are
+/// tens of MB, and on CPU a fresh buffer of that size costs page faults on every call.
+pub fn silu_(mut x: Tensor) -> Tensor {
+    let _ = x.silu_();
+    x
+}
+
 /// Creates a frozen var store on `device`, builds the model in it and loads `weights` strictly.
 /// Returns the model, its var store and the parameter count.
 pub fn build_and_load<M>(

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::frozen::{self, Conv2d, EncoderError, GroupNorm, Linear, Precision};
+use crate::frozen::{self, silu_, Conv2d, EncoderError, GroupNorm, Linear, Precision};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "diffusion_pytorch_model.safetensors";
@@ -366,7 +366,7 @@ impl Encoder {
             h = block.forward(&h, precision);
         }
         let h = self.mid_block.forward(&h, precision);
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu(), precision)
+        self.conv_out.forward(&silu_(self.conv_norm_out.forward(&h)), precision)
     }
 }
 
@@ -411,7 +411,7 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h, precision);
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu(), precision)
+        self.conv_out.forward(&silu_(self.conv_norm_out.forward(&h)), precision)
     }
 }
 
@@ -438,8 +438,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu(), precision);
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu(), precision);
+        let h = self.conv1.forward(&silu_(self.norm1.forward(x)), precision);
+        let h = self.conv2.forward(&silu_(self.norm2.forward(&h)), precision);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x, precision),
             None => x.shallow_clone(),
