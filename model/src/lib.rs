@@ -5,3 +5,6 @@
 pub mod device;
 pub mod tarflow;
 pub mod weights;
+pub mod frozen;
+pub mod dinov2;
+pub mod vae;

@@ -2,6 +2,7 @@
 //! (results in BENCHMARKS.md). One module per benchmark.
 
 pub mod decode;
+pub mod encoders;
 pub mod flow;
 
 #[derive(clap::Args)]
@@ -14,6 +15,8 @@ pub struct Args {
 enum BenchCommand {
     /// Decode and ADM-crop throughput against Pillow on the same shards
     Decode(decode::Args),
+    /// DINOv2-B at 224 px and the SD-VAE encoder at 256 px against transformers / diffusers
+    Encoders(encoders::Args),
     /// TARFlow training step and sampling speed against the PyTorch reference model
     Flow(flow::Args),
 }
@@ -21,6 +24,7 @@ enum BenchCommand {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Decode(a) => decode::run(a),
+        BenchCommand::Encoders(a) => encoders::run(a),
         BenchCommand::Flow(a) => flow::run(a),
     }
 }

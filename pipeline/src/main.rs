@@ -6,6 +6,7 @@ mod bench;
 mod config;
 mod config_cmd;
 mod demo_data;
+mod encoders;
 mod flow;
 mod logging;
 mod progress;
@@ -29,6 +30,8 @@ enum Command {
     Config(config_cmd::Args),
     /// TARFlow from outside: init a checkpoint, encode images to noise, decode noise to images
     Flow(flow::Args),
+    /// Frozen DINOv2 and SD-VAE: `encoders check` verifies downloaded weight folders
+    Encoders(encoders::Args),
     /// Speed measurements against a reference run in the same invocation
     Bench(bench::Args),
 }
@@ -41,6 +44,7 @@ fn main() {
         Command::Config(args) => config_cmd::run(args),
         Command::Cache(args) => cache_cmd::run(args),
         Command::Flow(args) => flow::run(args),
+        Command::Encoders(args) => encoders::run(args),
         Command::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {

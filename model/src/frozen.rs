@@ -1,0 +1,231 @@
+//! What the frozen encoders (DINOv2, SD-VAE) share: reading a Hugging Face folder, the weights
+//! fingerprint that keys feature caches, the inference precision, and the few layers both use.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::weights::WeightsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid config: {source}")]
+    ConfigJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{model} input: {message}")]
+    Input { model: &'static str, message: String },
+}
+
+/// Numeric mode of a frozen encoder's forward pass.
+///
+/// `Bf16` does by hand what `torch.autocast(dtype=torch.bfloat16)` does: convolutions, linear layers
+/// and attention run in bfloat16, normalisations and everything they feed stay in float32, and the
+/// weights stay float32 in the var store. tch 0.24 can switch autocast on but cannot choose its dtype
+/// (it would run float16), so the cast is explicit; it also makes the CUDA path testable on CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and gain nothing).
+    pub fn for_device(device: Device) -> Self {
+        if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
+    pub fn compute_kind(self) -> Kind {
+        match self {
+            Precision::F32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Reads and parses a JSON config, naming the file on any error.
+pub fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, EncoderError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EncoderError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| EncoderError::ConfigJson { path: path.to_path_buf(), source })
+}
+
+/// blake3 over the given files' contents, each prefixed by its length so that moving bytes from one
+/// file to the next changes the hash. Covers the config as well as the weights: an edited
+/// `layer_norm_eps` changes the features as surely as edited weights do.
+pub fn fingerprint_files(paths: &[&Path]) -> Result<String, EncoderError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in paths {
+        let io_err = |source| EncoderError::Io { path: path.to_path_buf(), source };
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        hasher.update(&len.to_le_bytes());
+        loop {
+            let n = file.read(&mut buffer).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Number of scalar parameters in a var store.
+pub fn parameter_count(vs: &nn::VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}
+
+/// A linear layer whose weight and bias keep the checkpoint's names (`weight`, `bias`).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
+        let weight = p.var("weight", &[out_dim, in_dim], nn::Init::Const(0.));
+        let bias = bias.then(|| p.var("bias", &[out_dim], nn::Init::Const(0.)));
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
+        let kind = precision.compute_kind();
+        let weight = self.weight.to_kind(kind);
+        let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
+        x.to_kind(kind).linear(&weight, bias.as_ref())
+    }
+}
+
+/// A 2-D convolution with square kernel, stride and symmetric zero padding.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn new(p: nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Self {
+        let weight = p.var("weight", &[out_channels, in_channels, kernel, kernel], nn::Init::Const(0.));
+        let bias = p.var("bias", &[out_channels], nn::Init::Const(0.));
+        Conv2d { weight, bias, stride, padding }
+    }
+
+    pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
+        let kind = precision.compute_kind();
+        x.to_kind(kind).conv2d(
+            &self.weight.to_kind(kind),
+            Some(self.bias.to_kind(kind)),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+}
+
+/// LayerNorm over the last dimension, always computed and returned in float32 (as under autocast).
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        let weight = p.var("weight", &[dim], nn::Init::Const(1.));
+        let bias = p.var("bias", &[dim], nn::Init::Const(0.));
+        LayerNorm { weight, bias, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = self.weight.size()[0];
+        x.to_kind(Kind::Float).layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// GroupNorm over (B, C, H, W), always computed and returned in float32 (as under autocast).
+#[derive(Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(p: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
+        let weight = p.var("weight", &[channels], nn::Init::Const(1.));
+        let bias = p.var("bias", &[channels], nn::Init::Const(0.));
+        GroupNorm { weight, bias, groups, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.to_kind(Kind::Float).group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// SiLU in place on a tensor the caller owns (a fresh norm output): at 256 px the VAE's feature maps are
+/// tens of MB, and on CPU a fresh buffer of that size costs page faults on every call.
+pub fn silu_(mut x: Tensor) -> Tensor {
+    let _ = x.silu_();
+    x
+}
+
+/// Creates a frozen var store on `device`, builds the model in it and loads `weights` strictly.
+/// Returns the model, its var store and the parameter count.
+pub fn build_and_load<M>(
+    device: Device,
+    weights: &Path,
+    ignore_unused: &dyn Fn(&str) -> bool,
+    build: impl FnOnce(nn::Path) -> M,
+) -> Result<(M, nn::VarStore), EncoderError> {
+    let mut vs = nn::VarStore::new(device);
+    let model = build(vs.root());
+    crate::weights::load_strict(&mut vs, weights, ignore_unused)?;
+    vs.freeze();
+    Ok((model, vs))
+}
+
+/// Fails unless `x` is a 4-D (B, C, H, W) tensor with `channels` channels and at least `min_side`
+/// pixels per side.
+pub fn check_image_batch(model: &'static str, x: &Tensor, channels: i64, min_side: i64) -> Result<(), EncoderError> {
+    let size = x.size();
+    let ok = size.len() == 4 && size[1] == channels && size[2] >= min_side && size[3] >= min_side;
+    if ok {
+        Ok(())
+    } else {
+        Err(EncoderError::Input {
+            model,
+            message: format!("expected shape (B, {channels}, H, W) with H, W >= {min_side}, got {size:?}"),
+        })
+    }
+}

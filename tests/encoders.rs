@@ -1,0 +1,248 @@
+//! The frozen encoders against their references: small random-init DINOv2 (transformers) and
+//! AutoencoderKL (diffusers) models written by tests/python/make_encoder_references.py, compared in fp32
+//! on fixed inputs; strict loading errors; fingerprints; and `pipeline encoders check`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use model::dinov2::{self, Dinov2};
+use model::frozen::Precision;
+use model::vae::{self, AttentionNaming, AutoencoderKl};
+use model::weights;
+use tch::{Device, Kind, Tensor};
+
+/// The Python script runs once per test binary; every test reads its folders.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("encoder_references");
+        let _ = std::fs::remove_dir_all(&dir);
+        let script = common::repo_root().join("tests/python/make_encoder_references.py");
+        common::run_ok(common::python().arg(script).arg(&dir));
+        dir
+    })
+}
+
+/// Reference inputs and outputs; tensors are not `Sync`, so each test reads its own copy.
+struct References(HashMap<String, Tensor>);
+
+impl References {
+    fn load() -> Self {
+        References(weights::read_safetensors(&fixtures().join("references.safetensors")).unwrap())
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        self.0.get(name).unwrap_or_else(|| panic!("reference `{name}` missing"))
+    }
+}
+
+/// max |a − b| / max |b|: the error relative to the output's scale.
+fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size(), "shapes differ");
+    let diff = (actual.to_kind(Kind::Double) - expected.to_kind(Kind::Double)).abs().max().double_value(&[]);
+    let scale = expected.to_kind(Kind::Double).abs().max().double_value(&[]);
+    diff / scale.max(1e-12)
+}
+
+fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
+    let err = relative_error(actual, expected);
+    assert!(err <= tolerance, "{what}: max|Δ| / max|ref| = {err:e} > {tolerance:e}");
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn preprocessing_matches_torch_for_256_and_64_px() {
+    let refs = References::load();
+    for size in ["256", "64"] {
+        let prepared = dinov2::prepare_input(refs.get(&format!("images_{size}")), dinov2::INPUT_SIZE).unwrap();
+        assert_eq!(prepared.size(), [2, 3, 224, 224]);
+        let diff = max_abs_diff(&prepared, refs.get(&format!("prepared_{size}")));
+        assert!(diff <= 1e-5, "{size} px: max|Δ| = {diff:e}");
+    }
+    let vae_input = vae::prepare_input(refs.get("vae_images")).unwrap();
+    assert!(max_abs_diff(&vae_input, refs.get("vae_input")) <= 1e-6);
+
+    let floats = Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu));
+    let msg = dinov2::prepare_input(&floats, 224).unwrap_err().to_string();
+    assert!(msg.contains("uint8"), "{msg}");
+}
+
+#[test]
+fn dinov2_at_224_from_the_518_px_table_matches_transformers() {
+    let refs = References::load();
+    let loaded = Dinov2::from_folder(&fixtures().join("dinov2"), Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config.position_grid(), 37);
+    let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
+    assert_eq!(tokens.size(), [2, 256, 48]);
+    assert_close("dinov2 256 px", &tokens, refs.get("dinov2_tokens_256"), 1e-4);
+
+    // uint8 64-px images through the whole path: prepare (64 → 224) and forward.
+    let tokens = loaded.model.patch_tokens(refs.get("images_64")).unwrap();
+    assert_close("dinov2 64 px", &tokens, refs.get("dinov2_tokens_64"), 1e-4);
+}
+
+#[test]
+fn dinov2_with_registers_matches_transformers() {
+    let refs = References::load();
+    let loaded = Dinov2::from_folder(&fixtures().join("dinov2_reg"), Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config.registers(), 4);
+    let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
+    assert_eq!(tokens.size(), [2, 256, 48], "registers and CLS are excluded");
+    assert_close("dinov2 registers", &tokens, refs.get("dinov2_reg_tokens_256"), 1e-4);
+}
+
+#[test]
+fn dinov2_swiglu_at_its_native_grid_matches_transformers() {
+    let refs = References::load();
+    let loaded = Dinov2::from_folder(&fixtures().join("dinov2_swiglu"), Device::Cpu).unwrap();
+    let tokens = loaded.model.forward(refs.get("swiglu_pixels")).unwrap();
+    assert_eq!(tokens.size(), [2, 16, 48]);
+    assert_close("dinov2 swiglu", &tokens, refs.get("dinov2_swiglu_tokens"), 1e-4);
+}
+
+#[test]
+fn vae_with_current_and_legacy_attention_names_matches_diffusers() {
+    let refs = References::load();
+    for (folder, naming) in [("vae", AttentionNaming::Current), ("vae_legacy", AttentionNaming::Legacy)] {
+        let loaded = AutoencoderKl::from_folder(&fixtures().join(folder), Device::Cpu).unwrap();
+        assert_eq!(loaded.naming, naming, "{folder}");
+        assert_eq!(loaded.model.config.scaling_factor, 0.18215);
+        let (mean, logvar) = loaded.model.encode_moments(refs.get("vae_input")).unwrap();
+        assert_eq!(mean.size(), [2, 4, 8, 8]);
+        assert_close(&format!("{folder} mean"), &mean, refs.get("vae_mean"), 1e-4);
+        assert_close(&format!("{folder} logvar"), &logvar, refs.get("vae_logvar"), 1e-4);
+        let decoded = loaded.model.decode(refs.get("vae_latents")).unwrap();
+        assert_eq!(decoded.size(), [2, 3, 32, 32]);
+        assert_close(&format!("{folder} decoded"), &decoded, refs.get("vae_decoded"), 1e-4);
+    }
+}
+
+#[test]
+fn bf16_path_stays_close_to_fp32() {
+    let refs = References::load();
+    // The CUDA default, run on CPU: same code, bf16 matmuls and convolutions, fp32 norms.
+    let mut loaded = Dinov2::from_folder(&fixtures().join("dinov2"), Device::Cpu).unwrap();
+    loaded.model.precision = Precision::Bf16;
+    let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
+    assert_eq!(tokens.kind(), Kind::Float);
+    let err = relative_error(&tokens, refs.get("dinov2_tokens_256"));
+    assert!(err > 0.0 && err < 5e-2, "dinov2 bf16 error {err:e}");
+
+    let mut loaded = AutoencoderKl::from_folder(&fixtures().join("vae"), Device::Cpu).unwrap();
+    loaded.model.precision = Precision::Bf16;
+    let (mean, _) = loaded.model.encode_moments(refs.get("vae_input")).unwrap();
+    let err = relative_error(&mean, refs.get("vae_mean"));
+    assert!(err > 0.0 && err < 5e-2, "vae bf16 error {err:e}");
+}
+
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn strict_loading_names_missing_unused_and_misshaped_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dinov2");
+    copy_folder(&fixtures().join("dinov2"), &dir);
+    let weights_path = dir.join(dinov2::WEIGHTS_FILE);
+    let original = weights::read_safetensors(&weights_path).unwrap();
+    let save = |tensors: &HashMap<String, Tensor>| {
+        let named: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        weights::save_atomic(&named, &weights_path).unwrap();
+    };
+
+    let mut tensors: HashMap<String, Tensor> = original.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    tensors.remove("encoder.layer.1.mlp.fc2.bias");
+    tensors.insert("encoder.layer.1.mlp.fc3.bias".into(), Tensor::zeros([48], (Kind::Float, Device::Cpu)));
+    save(&tensors);
+    let msg = Dinov2::from_folder(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(msg.contains(&weights_path.display().to_string()), "{msg}");
+    assert!(msg.contains("missing tensors [encoder.layer.1.mlp.fc2.bias]"), "{msg}");
+    assert!(msg.contains("unused tensors [encoder.layer.1.mlp.fc3.bias]"), "{msg}");
+
+    // A config that disagrees with the weights: the 224-px table has 257 positions, the file 1370.
+    save(&original);
+    let config_path = dir.join(dinov2::CONFIG_FILE);
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"image_size\": 518", "\"image_size\": 224");
+    std::fs::write(&config_path, config).unwrap();
+    let msg = Dinov2::from_folder(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(
+        msg.contains("embeddings.position_embeddings") && msg.contains("[1, 1370, 48]") && msg.contains("[1, 257, 48]"),
+        "{msg}"
+    );
+
+    std::fs::write(&config_path, "{ not json").unwrap();
+    let msg = Dinov2::from_folder(&dir, Device::Cpu).unwrap_err().to_string();
+    assert!(msg.contains(&config_path.display().to_string()), "{msg}");
+
+    let vae_dir = tmp.path().join("vae");
+    copy_folder(&fixtures().join("vae_legacy"), &vae_dir);
+    std::fs::remove_file(vae_dir.join(vae::WEIGHTS_FILE)).unwrap();
+    let msg = AutoencoderKl::from_folder(&vae_dir, Device::Cpu).unwrap_err().to_string();
+    assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
+}
+
+#[test]
+fn fingerprint_follows_file_contents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vae");
+    copy_folder(&fixtures().join("vae"), &dir);
+    let original = vae::fingerprint(&fixtures().join("vae")).unwrap();
+    assert_eq!(original.len(), 64);
+    assert_eq!(vae::fingerprint(&dir).unwrap(), original, "same bytes elsewhere, same fingerprint");
+    let loaded = AutoencoderKl::from_folder(&dir, Device::Cpu).unwrap();
+    assert_eq!(loaded.fingerprint().unwrap(), original);
+
+    let weights_path = dir.join(vae::WEIGHTS_FILE);
+    let mut bytes = std::fs::read(&weights_path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights_path, bytes).unwrap();
+    assert_ne!(vae::fingerprint(&dir).unwrap(), original);
+    assert_ne!(vae::fingerprint(&fixtures().join("vae_legacy")).unwrap(), original);
+}
+
+fn parameter_count(path: &Path) -> i64 {
+    weights::read_safetensors(path).unwrap().values().map(|t| t.numel() as i64).sum()
+}
+
+#[test]
+fn encoders_check_prints_architecture_parameters_fingerprint_and_forward() {
+    let (encoder, vae_dir) = (fixtures().join("dinov2_reg"), fixtures().join("vae_legacy"));
+    let out = common::run_ok(
+        common::pipeline().args(["encoders", "check", "--device", "cpu", "--image-size", "64"]).arg("--encoder").arg(&encoder).arg("--vae").arg(&vae_dir),
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let expect = [
+        "DINOv2 ViT-custom/14 (dinov2_with_registers)".to_string(),
+        "4 registers".to_string(),
+        format!("parameters: {}", parameter_count(&encoder.join(dinov2::WEIGHTS_FILE))),
+        format!("fingerprint: {}", dinov2::fingerprint(&encoder).unwrap()),
+        "patch tokens [1, 256, 48]".to_string(),
+        "AutoencoderKL, blocks [16, 32, 32]".to_string(),
+        "Legacy names".to_string(),
+        format!("parameters: {}", parameter_count(&vae_dir.join(vae::WEIGHTS_FILE))),
+        format!("fingerprint: {}", vae::fingerprint(&vae_dir).unwrap()),
+        "posterior mean [1, 4, 16, 16]".to_string(),
+        "decoded [1, 3, 64, 64]".to_string(),
+    ];
+    for line in expect {
+        assert!(stdout.contains(&line), "missing `{line}` in:\n{stdout}");
+    }
+
+    let out = common::pipeline().args(["encoders", "check", "--encoder"]).arg(fixtures().join("nope")).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope/config.json"), "{stderr}");
+}
