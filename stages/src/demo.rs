@@ -253,17 +253,8 @@ pub struct RgbImage {
 }
 
 pub fn encode_jpeg(image: &RgbImage, quality: i32, progressive: bool) -> Result<Vec<u8>, turbojpeg::Error> {
-    let mut compressor = turbojpeg::Compressor::new()?;
-    compressor.set_quality(quality)?;
-    compressor.set_subsamp(turbojpeg::Subsamp::Sub2x2)?;
-    compressor.set_progressive(progressive)?;
-    compressor.compress_to_vec(turbojpeg::Image {
-        pixels: image.pixels.as_slice(),
-        width: image.width,
-        pitch: image.width * 3,
-        height: image.height,
-        format: turbojpeg::PixelFormat::RGB,
-    })
+    let format = turbojpeg::PixelFormat::RGB;
+    compress(&image.pixels, image, format, turbojpeg::Subsamp::Sub2x2, quality, progressive)
 }
 
 fn encode_gray_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
@@ -272,16 +263,7 @@ fn encode_gray_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
         .chunks_exact(3)
         .map(|p| ((299 * p[0] as u32 + 587 * p[1] as u32 + 114 * p[2] as u32 + 500) / 1000) as u8)
         .collect();
-    let mut compressor = turbojpeg::Compressor::new()?;
-    compressor.set_quality(90)?;
-    compressor.set_subsamp(turbojpeg::Subsamp::Gray)?;
-    compressor.compress_to_vec(turbojpeg::Image {
-        pixels: gray.as_slice(),
-        width: image.width,
-        pitch: image.width,
-        height: image.height,
-        format: turbojpeg::PixelFormat::GRAY,
-    })
+    compress(&gray, image, turbojpeg::PixelFormat::GRAY, turbojpeg::Subsamp::Gray, 90, false)
 }
 
 /// Writes inverted CMYK as Adobe Photoshop does (the convention Pillow assumes for every 4-channel JPEG).
@@ -296,16 +278,24 @@ fn encode_cmyk_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
             [ink(p[0]), ink(p[1]), ink(p[2]), 255 - k]
         })
         .collect();
+    compress(&cmyk, image, turbojpeg::PixelFormat::CMYK, turbojpeg::Subsamp::None, 90, false)
+}
+
+/// Compresses `pixels` (laid out in `format`) at the size of `like`.
+fn compress(
+    pixels: &[u8],
+    like: &RgbImage,
+    format: turbojpeg::PixelFormat,
+    subsamp: turbojpeg::Subsamp,
+    quality: i32,
+    progressive: bool,
+) -> Result<Vec<u8>, turbojpeg::Error> {
     let mut compressor = turbojpeg::Compressor::new()?;
-    compressor.set_quality(90)?;
-    compressor.set_subsamp(turbojpeg::Subsamp::None)?;
-    compressor.compress_to_vec(turbojpeg::Image {
-        pixels: cmyk.as_slice(),
-        width: image.width,
-        pitch: image.width * 4,
-        height: image.height,
-        format: turbojpeg::PixelFormat::CMYK,
-    })
+    compressor.set_quality(quality)?;
+    compressor.set_subsamp(subsamp)?;
+    compressor.set_progressive(progressive)?;
+    let pitch = like.width * format.size();
+    compressor.compress_to_vec(turbojpeg::Image { pixels, width: like.width, pitch, height: like.height, format })
 }
 
 fn encode_png(image: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
