@@ -15,7 +15,7 @@ pub struct DataConfig {
     /// Output side length of the square crop.
     pub image_size: usize,
     pub crop: CropMode,
-    /// `pillow` is bit-exact with Pillow; `fast` (fast_image_resize) is within 3 levels and faster.
+    /// `pillow` is bit-exact with Pillow 13; `fast` (fast_image_resize) is within 4 levels and faster.
     pub resize_impl: ResizeImpl,
     /// `exact` decodes at full size; `dct` decodes JPEGs at 1/2, 1/4 or 1/8 scale when the source is
     /// that much larger than needed (Pillow's `draft()`): faster, not reference-exact.

@@ -26,7 +26,7 @@ pub enum CropMode {
 pub enum ResizeImpl {
     /// Bit-exact with Pillow (scalar port of its resampler).
     Pillow,
-    /// fast_image_resize (SIMD): within 1–3 levels of Pillow, several times faster.
+    /// fast_image_resize (SIMD) for the bicubic/bilinear step: within 4 levels of Pillow (mean ≈ 0.2).
     Fast,
 }
 

@@ -161,19 +161,20 @@ fn resize_horizontal(src: &RgbImage, row_first: usize, row_last: usize, out_w: u
     let mut out = vec![0u8; rows * out_w * 3];
     for (y, out_row) in out.chunks_exact_mut(out_w * 3).enumerate() {
         let in_row = &src.pixels[(row_first + y) * src.width * 3..(row_first + y + 1) * src.width * 3];
-        for x in 0..out_w {
-            let w = &c.weights[x * c.taps..x * c.taps + c.len[x]];
-            let base = c.start[x] * 3;
+        for (x, out_px) in out_row.chunks_exact_mut(3).enumerate() {
+            let n = c.len[x];
+            let w = &c.weights[x * c.taps..x * c.taps + n];
+            // Zipped iterators instead of indexing: no bounds check in the inner loop.
+            let taps = in_row[c.start[x] * 3..(c.start[x] + n) * 3].chunks_exact(3);
             let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-            for (k, &wk) in w.iter().enumerate() {
-                let p = &in_row[base + k * 3..base + k * 3 + 3];
+            for (p, &wk) in taps.zip(w) {
                 r += p[0] as i32 * wk;
                 g += p[1] as i32 * wk;
                 b += p[2] as i32 * wk;
             }
-            out_row[x * 3] = clip8(r);
-            out_row[x * 3 + 1] = clip8(g);
-            out_row[x * 3 + 2] = clip8(b);
+            out_px[0] = clip8(r);
+            out_px[1] = clip8(g);
+            out_px[2] = clip8(b);
         }
     }
     RgbImage { width: out_w, height: rows, pixels: out }
