@@ -10,6 +10,7 @@ mod encoders;
 mod flow;
 mod logging;
 mod progress;
+mod precompute;
 
 use clap::{Parser, Subcommand};
 
