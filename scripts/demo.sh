@@ -6,9 +6,15 @@ dir=$2
 mkdir -p "$dir"
 "$bin" demo-data --out "$dir/data" --classes 10 --per-class 200 --shards 4 --seed 0
 "$bin" demo-data --out "$dir/heldout" --classes 10 --per-class 20 --shards 1 --seed 1 --prefix heldout
-"$bin" config --set "data.shards=$dir/data/demo-{000000..000003}.tar" > "$dir/config.toml"
+"$bin" config --set "data.shards=$dir/data/demo-{000000..000003}.tar" \
+    --set "precompute.cache=$dir/cache" --set "precompute.encoder=$dir/encoders/dinov2" \
+    --set "precompute.vae=$dir/encoders/vae" > "$dir/config.toml"
+"$bin" encoders init --preset tiny --out "$dir/encoders"
+"$bin" precompute --config "$dir/config.toml"
 echo
 echo "demo outputs:"
 echo "  training shards: $dir/data/demo-{000000..000003}.tar (index: $dir/data/demo-index.json)"
 echo "  held-out shards: $dir/heldout/heldout-000000.tar"
 echo "  effective config: $dir/config.toml"
+echo "  tiny random-init encoders: $dir/encoders/{dinov2,vae}"
+echo "  precompute cache: $dir/cache (pipeline cache ls --cache $dir/cache)"

@@ -15,6 +15,7 @@ pub const DEMO_PRESET: &str = include_str!("../../configs/demo.toml");
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub data: stages::config::DataConfig,
+    pub precompute: crate::precompute::PrecomputeConfig,
 }
 
 /// The configuration flags every job subcommand takes.

@@ -20,6 +20,8 @@ pub struct Args {
 enum Command {
     /// Load the encoder and/or VAE folders, print architecture, parameters and fingerprint, run one forward
     Check(CheckArgs),
+    /// Write random-init DINOv2 / AutoencoderKL folders (Hugging Face layout) for demos, tests, benchmarks
+    Init(crate::encoders_init::Args),
 }
 
 #[derive(clap::Args)]
@@ -41,6 +43,7 @@ struct CheckArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Check(args) => check(args),
+        Command::Init(args) => crate::encoders_init::run(args),
     }
 }
 

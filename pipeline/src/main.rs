@@ -7,9 +7,11 @@ mod config;
 mod config_cmd;
 mod demo_data;
 mod encoders;
+mod encoders_init;
 mod flow;
 mod logging;
 mod progress;
+mod precompute;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,8 @@ enum Command {
     Flow(flow::Args),
     /// Frozen DINOv2 and SD-VAE: `encoders check` verifies downloaded weight folders
     Encoders(encoders::Args),
+    /// Shards → frozen DINOv2 features and VAE latents in a zstd cache, reused by later runs
+    Precompute(precompute::Args),
     /// Speed measurements against a reference run in the same invocation
     Bench(bench::Args),
 }
@@ -46,6 +50,7 @@ fn main() {
         Command::Flow(args) => flow::run(args),
         Command::Encoders(args) => encoders::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Precompute(args) => precompute::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.

@@ -1,0 +1,114 @@
+//! The encode stage: a batch of uint8 crops → the cached fields of each sample, as raw little-endian
+//! bytes in the dtypes of docs/cache-format.md. Runs on the thread that owns the libtorch models.
+
+use model::dinov2::Dinov2;
+use model::vae::{self, AutoencoderKl};
+use stages::cache::{DType, FieldSpec};
+use tch::{Device, Kind, Tensor};
+
+use super::settings::{FeatureDType, LatentDType, PrecomputeConfig};
+
+pub struct Encoders {
+    pub dinov2: Option<Dinov2>,
+    pub vae: Option<AutoencoderKl>,
+    pub device: Device,
+    // The var stores own the weights the models point at.
+    pub _stores: Vec<tch::nn::VarStore>,
+}
+
+/// The fields a cache shard holds, in order, for these settings and encoders.
+pub fn field_specs(p: &PrecomputeConfig, image_size: usize, enc: &Encoders) -> Vec<FieldSpec> {
+    let v = p.views();
+    let mut fields = vec![FieldSpec::new("label", DType::I64, &[])];
+    if p.store_image {
+        fields.push(FieldSpec::new("image", DType::U8, &[image_size, image_size, 3]));
+    }
+    if let Some(vae) = &enc.vae {
+        let f = vae.config.downsample_factor() as usize;
+        let shape = [v, vae.config.latent_channels as usize, image_size / f, image_size / f];
+        let dt = match p.vae_dtype {
+            LatentDType::F16 => DType::F16,
+            LatentDType::F32 => DType::F32,
+        };
+        fields.push(FieldSpec::new("vae_mean", dt, &shape));
+        fields.push(FieldSpec::new("vae_std", dt, &shape));
+    }
+    if let Some(d) = &enc.dinov2 {
+        let grid = (model::dinov2::INPUT_SIZE / d.config.patch_size) as usize;
+        let shape = [v, grid * grid, d.config.hidden_size as usize];
+        let dt = match p.features_dtype {
+            FeatureDType::F16 => DType::F16,
+            FeatureDType::Bf16 => DType::Bf16,
+            FeatureDType::I8 => DType::I8,
+        };
+        fields.push(FieldSpec::new("features", dt, &shape));
+        if p.features_dtype == FeatureDType::I8 {
+            fields.push(FieldSpec::new("features_scale", DType::F32, &shape[..2]));
+        }
+    }
+    fields
+}
+
+/// Bytes of a tensor in its own dtype, row-major.
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let n = t.numel();
+    let mut out = vec![0u8; n * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut out, n);
+    out
+}
+
+/// (B·V, …) in view-major order (all crops, then all flips) → (B, V, …).
+fn per_sample(t: Tensor, b: i64, v: i64) -> Tensor {
+    let mut shape = vec![v, b];
+    shape.extend_from_slice(&t.size()[1..]);
+    t.view(shape.as_slice()).transpose(0, 1).contiguous()
+}
+
+/// Encodes `images` (B crops of side `size`, HWC RGB) and returns, per field, the whole batch's bytes
+/// (B rows of `row_bytes`), in `field_specs` order. `labels` are −1 where the source had none.
+pub fn encode_batch(
+    p: &PrecomputeConfig,
+    enc: &Encoders,
+    images: &[&[u8]],
+    labels: &[i64],
+    size: usize,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let b = images.len() as i64;
+    let v = p.views() as i64;
+    let s = size as i64;
+    let flat: Vec<u8> = images.concat();
+    let hwc = Tensor::from_slice(&flat).view([b, s, s, 3]);
+    let mut out = vec![labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>()];
+    if p.store_image {
+        out.push(flat.clone());
+    }
+    let nchw = hwc.permute([0, 3, 1, 2]).to_device(enc.device);
+    // View 1 is the mirror of the crop: the same flip as stages::crop::hflip, done on the device.
+    let views = if p.flip { Tensor::cat(&[&nchw, &nchw.flip([3])], 0) } else { nchw };
+    if let Some(model) = &enc.vae {
+        let (mean, logvar) = model.encode_moments(&vae::prepare_input(&views)?)?;
+        let std = (logvar * 0.5).exp();
+        let kind = match p.vae_dtype {
+            LatentDType::F16 => Kind::Half,
+            LatentDType::F32 => Kind::Float,
+        };
+        out.push(tensor_bytes(&per_sample(mean, b, v).to_kind(kind)));
+        out.push(tensor_bytes(&per_sample(std, b, v).to_kind(kind)));
+    }
+    if let Some(model) = &enc.dinov2 {
+        let tokens = per_sample(model.patch_tokens(&views)?, b, v);
+        match p.features_dtype {
+            FeatureDType::F16 => out.push(tensor_bytes(&tokens.to_kind(Kind::Half))),
+            FeatureDType::Bf16 => out.push(tensor_bytes(&tokens.to_kind(Kind::BFloat16))),
+            FeatureDType::I8 => {
+                // Per-token symmetric scale: the largest |value| of each token maps to 127.
+                let scale = (tokens.abs().amax([-1i64].as_slice(), true) / 127.0).clamp_min(1e-12);
+                let q = (&tokens / &scale).round().clamp(-127.0, 127.0).to_kind(Kind::Int8);
+                out.push(tensor_bytes(&q));
+                out.push(tensor_bytes(&scale.squeeze_dim(-1).to_kind(Kind::Float)));
+            }
+        }
+    }
+    Ok(out)
+}

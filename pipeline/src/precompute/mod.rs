@@ -1,0 +1,439 @@
+//! `pipeline precompute`: source shards → crops and flips → frozen DINOv2 tokens and VAE posterior
+//! moments → one zstd cache shard per source shard, reused by every later run (docs/cache-format.md).
+//!
+//! Three stages on their own threads with bounded queues, so they overlap: read + decode/crop (a rayon
+//! pool) → encode (libtorch, the thread that owns the models) → compress + write (`ShardWriter`). Batches
+//! never span two source shards: a shard's cache contents then depend only on that shard, so a rerun
+//! after a crash, another rank or a superset run writes byte-identical shards.
+
+pub mod encode;
+pub mod settings;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rayon::prelude::*;
+use stages::bad_input::RunCounters;
+use stages::cache::{CacheLock, Manifest, ManifestShard, ShardWriter, SourceShard};
+use stages::metrics::{summary_table, StageMetrics};
+use stages::order::RankSplit;
+
+pub use settings::{cache_dir, cache_settings, PrecomputeConfig};
+
+use crate::config::ConfigArgs;
+use encode::{encode_batch, field_specs, Encoders};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Source shards (overrides data.shards), e.g. '/data/imagenet/imagenet-train-{000000..001281}.tar'
+    #[arg(long)]
+    shards: Option<String>,
+    /// Cache root (overrides precompute.cache)
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Encode a few batches into a scratch directory and print the projected cache size and time
+    #[arg(long)]
+    dry_run: bool,
+    /// Batches a dry run encodes
+    #[arg(long, default_value_t = 4)]
+    dry_run_batches: usize,
+    /// This process's rank (default RANK, then SLURM_PROCID, else 0): it takes every world-th shard
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Number of ranks (default WORLD_SIZE, then SLURM_NTASKS, else 1)
+    #[arg(long)]
+    world_size: Option<usize>,
+}
+
+/// One source shard to compute.
+struct Job {
+    path: String,
+    source: SourceShard,
+    file: String,
+}
+
+struct DecodedBatch {
+    job: usize,
+    keys: Vec<String>,
+    labels: Vec<i64>,
+    images: Vec<Vec<u8>>,
+    last: bool,
+}
+
+struct EncodedBatch {
+    job: usize,
+    keys: Vec<String>,
+    fields: Vec<Vec<u8>>,
+    last: bool,
+}
+
+/// What a run did, also what `bench precompute` reports.
+pub struct Outcome {
+    pub computed: usize,
+    pub reused: usize,
+    pub samples: u64,
+    pub encodings: u64,
+    pub bytes: u64,
+    pub source_bytes: u64,
+    pub elapsed: Duration,
+    pub metrics: Vec<Arc<StageMetrics>>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut loaded = args.config.load()?;
+    if let Some(spec) = &args.shards {
+        loaded.config.data.shards = spec.clone();
+    }
+    loaded.announce();
+    let split = RankSplit::resolve(args.rank, args.world_size)?;
+    let config = &loaded.config;
+    if args.dry_run {
+        return dry_run(config, args.dry_run_batches);
+    }
+    let (dir, settings) = cache_dir(config, args.cache.as_deref())?;
+    let out = precompute(config, &dir, &settings, split)?;
+    println!(
+        "precompute: rank {} of {}: computed {} shards ({} samples, {} encodings), reused {} shards; cache {}",
+        split.rank,
+        split.world,
+        out.computed,
+        out.samples,
+        out.encodings,
+        out.reused,
+        dir.display()
+    );
+    Ok(())
+}
+
+fn source_name(path: &str) -> String {
+    Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_string())
+}
+
+/// Name, size and blake3 of a source shard: a source that changed under the same name is recomputed.
+fn identify(path: &str) -> anyhow::Result<SourceShard> {
+    let mut hasher = blake3::Hasher::new();
+    let file = std::fs::File::open(path).with_context(|| format!("opening source shard {path}"))?;
+    let size = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)
+        .with_context(|| format!("reading source shard {path}"))?;
+    Ok(SourceShard { name: source_name(path), size, content_hash: hasher.finalize().to_hex().to_string() })
+}
+
+fn cache_file(source: &str) -> String {
+    let stem = source.split('.').next().filter(|s| !s.is_empty()).unwrap_or(source);
+    format!("{stem}.fbc")
+}
+
+fn lock(dir: &Path) -> anyhow::Result<CacheLock> {
+    Ok(CacheLock::acquire(dir, Duration::from_secs(600), &|owner| {
+        tracing::info!("waiting for the cache lock on {} held by {owner}", dir.display())
+    })?)
+}
+
+/// Computes this rank's missing shards into `dir` and records them in its manifest.
+pub fn precompute(config: &crate::config::Config, dir: &Path, settings: &serde_json::Value, split: RankSplit) -> anyhow::Result<Outcome> {
+    config.precompute.validate()?;
+    config.data.validate()?;
+    let all = stages::shardspec::expand_shard_spec(&config.data.shards)?;
+    if all.is_empty() {
+        bail!("no source shards in `{}`", config.data.shards);
+    }
+    let manifest = {
+        let _guard = lock(dir)?;
+        let mut m = Manifest::load(dir)?.unwrap_or_else(|| Manifest::new(settings.clone()));
+        if m.fingerprint != stages::cache::fingerprint(settings) {
+            bail!("{}: manifest fingerprint {} does not match the settings", dir.display(), m.fingerprint);
+        }
+        m.requested.extend(all.iter().map(|p| source_name(p)));
+        m.save(dir)?;
+        m
+    };
+    // A fixed split by position (no shuffle): rank r owns shards r, r+W, …, whatever the seed.
+    let mine: Vec<&String> = all.iter().enumerate().filter(|(i, _)| i % split.world == split.rank).map(|(_, p)| p).collect();
+    let identities: Vec<anyhow::Result<SourceShard>> = mine.par_iter().map(|p| identify(p)).collect();
+    let mut jobs = Vec::new();
+    let mut reused = 0;
+    for (path, source) in mine.iter().zip(identities) {
+        let source = source?;
+        let file = cache_file(&source.name);
+        let done = manifest.shards.get(&source.name).is_some_and(|e| {
+            e.source == source && std::fs::metadata(dir.join(&e.file)).is_ok_and(|m| m.len() == e.summary.bytes)
+        });
+        if done {
+            reused += 1;
+        } else {
+            jobs.push(Job { path: path.to_string(), source, file });
+        }
+    }
+    tracing::info!("{}: {} shards for this rank, {reused} reused, {} to compute", dir.display(), mine.len(), jobs.len());
+    let mut out = run_graph(config, dir, settings, jobs, None)?;
+    out.reused = reused;
+    Ok(out)
+}
+
+/// Encodes `limit` batches into a scratch directory and projects the full run's size and time.
+fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()> {
+    config.precompute.validate()?;
+    let settings = cache_settings(config)?;
+    let all = stages::shardspec::expand_shard_spec(&config.data.shards)?;
+    let first = all.first().with_context(|| format!("no source shards in `{}`", config.data.shards))?;
+    let total_source: u64 = all.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let scratch = tempfile::tempdir()?;
+    let source = SourceShard { name: source_name(first), size: 0, content_hash: String::new() };
+    let job = Job { path: first.clone(), file: cache_file(&source.name), source };
+    let out = run_graph(config, scratch.path(), &settings, vec![job], Some(batches * config.precompute.batch_size))?;
+    if out.samples == 0 {
+        bail!("dry run read no good sample from {first}");
+    }
+    let per_sample = out.bytes as f64 / out.samples as f64;
+    let source_per_sample = out.source_bytes as f64 / out.samples as f64;
+    let projected_samples = total_source as f64 / source_per_sample.max(1.0);
+    let rate = out.samples as f64 / out.elapsed.as_secs_f64().max(1e-9);
+    println!("dry run: {} samples from {first} in {:.1} s ({rate:.1} images/s)", out.samples, out.elapsed.as_secs_f64());
+    println!("  fingerprint {}", stages::cache::fingerprint(&settings));
+    println!("  cache bytes per sample: {per_sample:.0}");
+    println!(
+        "  projected for {} shards ({:.1} GB of source, ~{projected_samples:.0} samples): cache {:.2} GB, {:.1} h on this machine",
+        all.len(),
+        total_source as f64 / 1e9,
+        per_sample * projected_samples / 1e9,
+        projected_samples / rate / 3600.0
+    );
+    Ok(())
+}
+
+fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
+    let device = model::device::parse_device(&p.device)?;
+    let mut stores = Vec::new();
+    let dinov2 = match p.encoder_dir() {
+        Some(dir) => {
+            let l = model::dinov2::Dinov2::from_folder(dir, device).with_context(|| format!("loading encoder {}", dir.display()))?;
+            stores.push(l.vs);
+            Some(l.model)
+        }
+        None => None,
+    };
+    let vae = match p.vae_dir() {
+        Some(dir) => {
+            let l = model::vae::AutoencoderKl::from_folder(dir, device).with_context(|| format!("loading VAE {}", dir.display()))?;
+            stores.push(l.vs);
+            Some(l.model)
+        }
+        None => None,
+    };
+    Ok(Encoders { dinov2, vae, device, _stores: stores })
+}
+
+/// The three overlapping stages over `jobs`. With `limit`, stops after that many samples and records
+/// nothing (dry run).
+fn run_graph(
+    config: &crate::config::Config,
+    dir: &Path,
+    settings: &serde_json::Value,
+    jobs: Vec<Job>,
+    limit: Option<usize>,
+) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let p = config.precompute.clone();
+    let data = config.data.clone();
+    let decode_m = Arc::new(StageMetrics::new("decode", 1));
+    let encode_m = Arc::new(StageMetrics::new("encode", 1));
+    let write_m = Arc::new(StageMetrics::new("write", 1));
+    let metrics = vec![decode_m.clone(), encode_m.clone(), write_m.clone()];
+    let mut out = Outcome { computed: 0, reused: 0, samples: 0, encodings: 0, bytes: 0, source_bytes: 0, elapsed: Duration::ZERO, metrics: metrics.clone() };
+    if jobs.is_empty() {
+        return Ok(out);
+    }
+    let encoders = load_encoders(&p)?;
+    let fields = field_specs(&p, data.image_size, &encoders);
+    let counters = Arc::new(RunCounters::new());
+    let workers = if p.workers > 0 { p.workers } else { data.resolved_threads() };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
+    let (dtx, drx) = sync_channel::<DecodedBatch>(p.queue_batches);
+    let (etx, erx) = sync_channel::<EncodedBatch>(p.queue_batches);
+    let jobs = Arc::new(jobs);
+    let source_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+    let decoder = {
+        let (jobs, counters, data, decode_m, source_bytes) = (jobs.clone(), counters.clone(), data.clone(), decode_m.clone(), source_bytes.clone());
+        let batch_size = p.batch_size;
+        std::thread::Builder::new().name("decode".into()).spawn(move || {
+            decode_stage(&jobs, &data, &counters, &pool, batch_size, limit, &dtx, &decode_m, &source_bytes)
+        })?
+    };
+    let writer = {
+        let (jobs, dir, settings, write_m) = (jobs.clone(), dir.to_path_buf(), settings.clone(), write_m.clone());
+        let (fields, chunk_rows, level, record) = (fields.clone(), p.chunk_rows, p.zstd_level, limit.is_none());
+        std::thread::Builder::new()
+            .name("write".into())
+            .spawn(move || write_stage(&jobs, &dir, &settings, fields, chunk_rows, level, record, erx, &write_m))?
+    };
+
+    // The encode stage runs here: the models stay on the thread that loaded them.
+    let encode_result = (|| -> anyhow::Result<()> {
+        loop {
+            let wait = Instant::now();
+            let Ok(batch) = drx.recv() else { break };
+            encode_m.add_wait_input(wait.elapsed());
+            let busy = Instant::now();
+            let encoded = if batch.images.is_empty() {
+                vec![Vec::new(); fields.len()]
+            } else {
+                let refs: Vec<&[u8]> = batch.images.iter().map(Vec::as_slice).collect();
+                encode_batch(&p, &encoders, &refs, &batch.labels, data.image_size)
+                    .with_context(|| format!("encoding a batch of {}", jobs[batch.job].path))?
+            };
+            encode_m.add_busy(busy.elapsed());
+            out.encodings += (batch.images.len() * p.views()) as u64;
+            let n = batch.keys.len() as u64;
+            let blocked = Instant::now();
+            let sent = etx.send(EncodedBatch { job: batch.job, keys: batch.keys, fields: encoded, last: batch.last }).is_ok();
+            encode_m.add_blocked_output(blocked.elapsed());
+            if !sent {
+                break;
+            }
+            for _ in 0..n {
+                encode_m.add_item(0);
+            }
+        }
+        Ok(())
+    })();
+    drop(etx);
+    drop(drx);
+    let written = writer.join().map_err(|_| anyhow::anyhow!("the write thread panicked"))?;
+    let decoded = decoder.join().map_err(|_| anyhow::anyhow!("the decode thread panicked"))?;
+    encode_result?;
+    let (computed, samples, bytes) = written?;
+    decoded?;
+    counters.check_bad_fraction(data.max_bad_fraction)?;
+    out.elapsed = started.elapsed();
+    out.computed = computed;
+    out.samples = samples;
+    out.bytes = bytes;
+    out.source_bytes = source_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("{}", counters.summary_line());
+    tracing::info!("stages:\n{}", summary_table(&metrics, out.elapsed));
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_stage(
+    jobs: &[Job],
+    data: &stages::config::DataConfig,
+    counters: &RunCounters,
+    pool: &rayon::ThreadPool,
+    batch_size: usize,
+    limit: Option<usize>,
+    tx: &SyncSender<DecodedBatch>,
+    m: &StageMetrics,
+    source_bytes: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<()> {
+    let mut total = 0usize;
+    // Decodes and crops `pending` on the pool (order kept) and sends it; false when the encoder is gone.
+    let flush = |job: usize, pending: &mut Vec<stages::image_stream::Sample>, last: bool| -> bool {
+        let busy = Instant::now();
+        let cropped: Vec<_> = pool.install(|| {
+            pending.par_iter().map(|s| (s, stages::image_stream::process_sample(s, data))).collect()
+        });
+        let mut batch = DecodedBatch { job, keys: Vec::new(), labels: Vec::new(), images: Vec::new(), last };
+        for (sample, result) in cropped {
+            match result {
+                Ok(c) => {
+                    batch.keys.push(c.key);
+                    batch.labels.push(c.label.map(i64::from).unwrap_or(-1));
+                    batch.images.push(c.image.pixels);
+                }
+                Err(e) => counters.record(e.kind, &sample.shard, &sample.key, &e.detail),
+            }
+        }
+        counters.add_good(batch.keys.len() as u64);
+        pending.clear();
+        m.add_busy(busy.elapsed());
+        let n = batch.keys.len() as u64;
+        let blocked = Instant::now();
+        let ok = tx.send(batch).is_ok();
+        m.add_blocked_output(blocked.elapsed());
+        for _ in 0..n {
+            m.add_item(0);
+        }
+        ok
+    };
+    for (j, job) in jobs.iter().enumerate() {
+        let mut pending = Vec::with_capacity(batch_size);
+        let mut alive = true;
+        let mut stop = false;
+        stages::wds_reader::read_shard(&job.path, counters, &mut |raw| {
+            source_bytes.fetch_add(raw.n_bytes(), std::sync::atomic::Ordering::Relaxed);
+            if let Some(sample) = stages::image_stream::select_sample(raw, data, counters) {
+                pending.push(sample);
+                total += 1;
+            }
+            if pending.len() == batch_size {
+                alive = flush(j, &mut pending, false);
+            }
+            stop = limit.is_some_and(|l| total >= l);
+            alive && !stop
+        });
+        counters.add_shard();
+        if !alive || !flush(j, &mut pending, true) || stop {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Compresses and writes each shard's rows; on a shard's last batch renames it into place and records
+/// it in the manifest under the lock. Returns (shards written, samples, bytes).
+#[allow(clippy::too_many_arguments)]
+fn write_stage(
+    jobs: &[Job],
+    dir: &Path,
+    settings: &serde_json::Value,
+    fields: Vec<stages::cache::FieldSpec>,
+    chunk_rows: usize,
+    level: i32,
+    record: bool,
+    rx: Receiver<EncodedBatch>,
+    m: &StageMetrics,
+) -> anyhow::Result<(usize, u64, u64)> {
+    let (mut shards, mut samples, mut bytes) = (0usize, 0u64, 0u64);
+    let mut current: Option<(usize, ShardWriter)> = None;
+    loop {
+        let wait = Instant::now();
+        let Ok(batch) = rx.recv() else { break };
+        m.add_wait_input(wait.elapsed());
+        let busy = Instant::now();
+        let job = &jobs[batch.job];
+        if current.as_ref().is_none_or(|(j, _)| *j != batch.job) {
+            let w = ShardWriter::create(&dir.join(&job.file), fields.clone(), chunk_rows, level)?;
+            current = Some((batch.job, w));
+        }
+        let (_, writer) = current.as_mut().expect("opened above");
+        for (row, key) in batch.keys.iter().enumerate() {
+            let values: Vec<&[u8]> =
+                fields.iter().zip(&batch.fields).map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()]).collect();
+            writer.push(key, &values)?;
+            m.add_item(0);
+        }
+        if batch.last {
+            let (_, writer) = current.take().expect("open");
+            let meta = serde_json::json!({ "source": job.source, "settings_fingerprint": stages::cache::fingerprint(settings) });
+            let summary = writer.finish(meta).with_context(|| format!("finishing cache shard for {}", job.path))?;
+            samples += summary.samples as u64;
+            bytes += summary.bytes;
+            shards += 1;
+            if record {
+                let _guard = lock(dir)?;
+                let entry = ManifestShard { file: job.file.clone(), source: job.source.clone(), summary };
+                Manifest::record(dir, settings, vec![entry])?;
+                tracing::info!("cache shard {} written ({})", job.file, job.path);
+            }
+        }
+        m.add_busy(busy.elapsed());
+    }
+    Ok((shards, samples, bytes))
+}
