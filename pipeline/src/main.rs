@@ -10,6 +10,7 @@ mod encoders;
 mod flow;
 mod logging;
 mod progress;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Flow(flow::Args),
     /// Frozen DINOv2 and SD-VAE: `encoders check` verifies downloaded weight folders
     Encoders(encoders::Args),
+    /// Train TARFlow (pixel or `--latent`) from a precompute cache, with NLL + representation alignment
+    Train(train::Args),
     /// Speed measurements against a reference run in the same invocation
     Bench(bench::Args),
 }
@@ -46,6 +49,7 @@ fn main() {
         Command::Flow(args) => flow::run(args),
         Command::Encoders(args) => encoders::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
