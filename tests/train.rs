@@ -132,6 +132,7 @@ checkpoint_every = 100
 sample_every = 100
 sample_count = 4
 device = "cpu"
+threads = 1
 "#;
 
 fn setup(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub max_nonfinite_in_row: u64,
     pub rank: Option<usize>,
     pub world: Option<usize>,
+    /// libtorch intra-op threads on the CPU; 0 keeps libtorch's default (one per core). Tiny models on
+    /// a busy machine run many times faster with 1, because spinning worker threads contend.
+    pub threads: usize,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +94,7 @@ impl Default for TrainConfig {
             max_nonfinite_in_row: 20,
             rank: None,
             world: None,
+            threads: 0,
         }
     }
 }

@@ -61,6 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = loaded.config.clone();
     let tc = &cfg.train;
     let device = model::device::parse_device(&tc.device)?;
+    if tc.threads > 0 {
+        tch::set_num_threads(tc.threads as i32);
+    }
     let cache_dir = locate_cache(Path::new(&tc.cache))?;
     let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
 
