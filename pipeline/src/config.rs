@@ -16,6 +16,12 @@ pub const DEMO_PRESET: &str = include_str!("../../configs/demo.toml");
 pub struct Config {
     pub data: stages::config::DataConfig,
     pub precompute: crate::precompute::PrecomputeConfig,
+    /// The flow (`model::tarflow::Config`); `pipeline train` builds it.
+    pub model: model::tarflow::Config,
+    /// Representation alignment (`mode = "none"` trains the plain NLL without a projector).
+    pub align: model::tarflow::align::AlignConfig,
+    /// The training loop.
+    pub train: crate::train::TrainConfig,
 }
 
 /// The configuration flags every job subcommand takes.

@@ -12,6 +12,7 @@ mod flow;
 mod logging;
 mod progress;
 mod precompute;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,8 @@ enum Command {
     Encoders(encoders::Args),
     /// Shards → frozen DINOv2 features and VAE latents in a zstd cache, reused by later runs
     Precompute(precompute::Args),
+    /// Train TARFlow (pixel or `--latent`) from a precompute cache, with NLL + representation alignment
+    Train(train::Args),
     /// Speed measurements against a reference run in the same invocation
     Bench(bench::Args),
 }
@@ -51,6 +54,7 @@ fn main() {
         Command::Encoders(args) => encoders::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Precompute(args) => precompute::run(args),
+        Command::Train(args) => train::run(args),
     };
     if let Err(err) = result {
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.

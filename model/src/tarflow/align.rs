@@ -12,6 +12,8 @@ use super::{FlowError, ForwardOutput, Model};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlignMode {
+    /// No alignment: the trainer builds no projector and the loss is the NLL alone.
+    None,
     /// F-REPA: the NLL forward pass's own hidden states; the gradient reaches every earlier block.
     Forward,
     /// D-REPA: an extra pass of block t on its detached input; the gradient stays in block t.
@@ -161,6 +163,17 @@ impl AlignHead {
     /// Unweighted alignment loss: mean over locations of −mean over batch and tokens of
     /// cos(v, Proj(h)). `target` is the encoder's patch tokens (B, N, E) in raster order.
     pub fn loss(&self, model: &Model, out: &ForwardOutput, cond: &Cond, target: &Tensor) -> Result<Tensor, FlowError> {
+        let cos = self.cosines(model, out, cond, target)?;
+        let n = cos.len() as f64;
+        Ok(cos.into_iter().fold(Tensor::zeros([], (Kind::Float, target.device())), |acc, c| acc - c) / n)
+    }
+
+    /// The mean cosine similarity at each aligned location, in `locations` order; the loss is minus
+    /// their mean (spec §4.5), and the trainer logs each one.
+    pub fn cosines(&self, model: &Model, out: &ForwardOutput, cond: &Cond, target: &Tensor) -> Result<Vec<Tensor>, FlowError> {
+        if self.cfg.mode == AlignMode::None {
+            return Err(FlowError::Config("align.mode = none has no alignment loss".into()));
+        }
         let n = model.cfg.num_tokens();
         let ts = target.size();
         if ts.len() != 3 || ts[1] != n || ts[2] != self.cfg.encoder_dim {
@@ -168,7 +181,7 @@ impl AlignHead {
         }
         let feats = features(model, out, cond, &self.locations, self.cfg.mode);
         let v = normalize(&target.to_kind(Kind::Float));
-        let mut total = Tensor::zeros([], (Kind::Float, target.device()));
+        let mut cosines = Vec::with_capacity(feats.len());
         for (k, h) in feats.iter().enumerate() {
             let proj = &self.projectors[if self.cfg.shared_projector { 0 } else { k }];
             let (h, v) = match self.cfg.pairing {
@@ -181,9 +194,9 @@ impl AlignHead {
                 }
             };
             let cos = (normalize(&proj.forward(&h, model.precision)) * &v).sum_dim_intlist(-1, false, Kind::Float);
-            total = total - cos.mean(Kind::Float);
+            cosines.push(cos.mean(Kind::Float));
         }
-        Ok(total / feats.len() as f64)
+        Ok(cosines)
     }
 }
 
@@ -209,6 +222,7 @@ pub fn features(model: &Model, out: &ForwardOutput, cond: &Cond, locations: &[(u
         }
     };
     match mode {
+        AlignMode::None => return vec![],
         AlignMode::Forward => {
             return locations.iter().map(|loc| out.hidden.get(loc).expect("forward pass captured the aligned locations").shallow_clone()).collect();
         }

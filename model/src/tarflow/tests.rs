@@ -188,6 +188,7 @@ fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<Str
             AlignMode::Detach | AlignMode::ReverseLiteral => false,
             AlignMode::Reverse => i > t,
             AlignMode::ReverseUnrolled => i >= t,
+            AlignMode::None => unreachable!("none has no loss"),
         };
         if whole_block || (i == t && local) {
             expected.insert(name.clone());

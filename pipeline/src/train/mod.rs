@@ -1,0 +1,416 @@
+//! `pipeline train [--latent]`: TARFlow on a precompute cache with NLL + λ·alignment (spec §2, §4.7),
+//! AdamW, EMA, checkpoints that resume exactly, metrics JSONL and EMA sample grids.
+
+mod checkpoint;
+mod config;
+mod loader;
+mod optim;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use model::tarflow::align::{AlignHead, AlignMode};
+use model::tarflow::{self, Cond, Model, Precision};
+use tch::{nn, Device, Kind, Tensor};
+
+pub use config::TrainConfig;
+use loader::{Loader, LoaderSpec, Position};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: crate::config::ConfigArgs,
+    /// Train on cached VAE latents (sets train.latent); without it, pixel space on the cached crops
+    #[arg(long)]
+    latent: bool,
+    /// Source shards to train on (overrides data.shards), e.g. /data/imagenet/imagenet-train-{000000..001281}.tar
+    #[arg(long, value_name = "SPEC")]
+    shards: Option<String>,
+    /// Cache root or fingerprint directory (overrides train.cache)
+    #[arg(long, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    /// Run directory: config.toml, metrics.jsonl, checkpoints/, samples/
+    #[arg(long, value_name = "RUN_DIR", default_value = "runs/train")]
+    out: PathBuf,
+    /// Continue from RUN_DIR/checkpoints/latest
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many steps (with a checkpoint), as an interrupted run would; continue with --resume
+    #[arg(long, value_name = "STEP")]
+    stop_at: Option<u64>,
+    /// Test hook: make the loss of these steps non-finite (NaN in the batch)
+    #[arg(long, hide = true, value_delimiter = ',')]
+    inject_nan_at: Vec<u64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut overrides = args.config.overrides.clone();
+    if args.latent {
+        overrides.push("train.latent=true".into());
+    }
+    if let Some(spec) = &args.shards {
+        overrides.push(format!("data.shards={spec:?}"));
+    }
+    if let Some(dir) = &args.cache {
+        overrides.push(format!("train.cache={:?}", dir.display().to_string()));
+    }
+    let loaded = crate::config::ConfigArgs { config: args.config.config.clone(), overrides }.load()?;
+    loaded.announce();
+    let cfg = loaded.config.clone();
+    let tc = &cfg.train;
+    let device = model::device::parse_device(&tc.device)?;
+    if tc.threads > 0 {
+        tch::set_num_threads(tc.threads as i32);
+    }
+    let cache_dir = locate_cache(Path::new(&tc.cache))?;
+    let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating run directory {}", args.out.display()))?;
+    let ckpt_root = args.out.join("checkpoints");
+    let resume_from = if args.resume {
+        Some(checkpoint::latest(&ckpt_root)?)
+    } else {
+        if ckpt_root.join("latest").exists() {
+            bail!("{} already holds checkpoints: pass --resume to continue it, or choose another --out", args.out.display());
+        }
+        None
+    };
+    loaded.write_next_to(&args.out)?;
+
+    // Model, EMA copy and projector. Initialisation draws from the libtorch RNG once, here.
+    tch::manual_seed(tc.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let mut flow = Model::new(vs.root(), &cfg.model)?;
+    let mut ema_vs = nn::VarStore::new(device);
+    let mut ema = Model::new(ema_vs.root(), &cfg.model)?;
+    let precision = if device.is_cuda() { Precision::Bf16 } else { Precision::Fp32 };
+    flow.precision = precision;
+    ema.precision = precision;
+    let mut proj_vs = nn::VarStore::new(device);
+    let head = match cfg.align.mode {
+        AlignMode::None => None,
+        _ => Some(AlignHead::new(proj_vs.root(), &cfg.align, &flow)?),
+    };
+    tch::no_grad(|| ema_vs.copy(&vs)).context("initialising the EMA")?;
+    ema_vs.freeze();
+
+    let mut params: Vec<(String, Tensor)> = trainable(&vs, "model.");
+    if head.is_some() {
+        params.extend(trainable(&proj_vs, "projector."));
+    }
+    let mut adam = optim::AdamW::new(params);
+    let mut state = checkpoint::State { step: 0, adam_t: 0, position: Position::default(), nonfinite_total: 0, nonfinite_in_row: 0, seed: tc.seed };
+    if let Some(dir) = &resume_from {
+        state = restore(dir, &mut vs, &mut ema_vs, &mut proj_vs, head.is_some(), &mut adam)?;
+        if state.seed != tc.seed {
+            bail!("{}: checkpoint was trained with seed {}, the config says {}", dir.display(), state.seed, tc.seed);
+        }
+        tracing::info!("resuming from {} at step {}", dir.display(), state.step);
+        truncate_metrics(&args.out.join("metrics.jsonl"), state.step)?;
+    } else if args.out.join("metrics.jsonl").exists() {
+        std::fs::remove_file(args.out.join("metrics.jsonl")).context("removing the metrics of an earlier run")?;
+    }
+    let ema_pairs: Vec<(Tensor, Tensor)> = {
+        let ev = ema_vs.variables();
+        vs.variables().into_iter().map(|(n, p)| (ev[&n].shallow_clone(), p)).collect()
+    };
+
+    let sigma = if tc.noise_sigma >= 0.0 { tc.noise_sigma } else { cfg.model.noise_std };
+    let m = &cfg.model;
+    let spec = LoaderSpec {
+        shards,
+        batch: tc.batch,
+        seed: tc.seed,
+        split: stages::order::RankSplit::resolve(tc.rank, tc.world)?,
+        shuffle_buffer: tc.shuffle_buffer,
+        prefetch: tc.prefetch,
+        latent: tc.latent,
+        latent_scaling: tc.latent_scaling,
+        noise_sigma: sigma,
+        label_drop: tc.label_drop,
+        features: head.as_ref().map(|_| [m.num_tokens() as usize, cfg.align.encoder_dim as usize]),
+        input_shape: [m.in_channels as usize, m.img_size as usize, m.img_size as usize],
+        device,
+    };
+    let mut data = Loader::start(spec, state.position)?;
+    let model_toml = toml::to_string_pretty(&cfg.model)?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("metrics.jsonl"))
+        .with_context(|| format!("opening {}", args.out.join("metrics.jsonl").display()))?;
+    let progress = crate::progress::Progress::new("train", tc.steps);
+    let save = |state: &checkpoint::State, adam: &optim::AdamW| -> anyhow::Result<PathBuf> {
+        let contents = checkpoint::Contents {
+            model: flow.named_tensors(&vs),
+            ema: ema.named_tensors(&ema_vs),
+            projector: head.as_ref().map(|_| sorted(&proj_vs)),
+            moments: adam.slots.iter().flat_map(|(n, _, mm, v)| [(format!("m.{n}"), mm.shallow_clone()), (format!("v.{n}"), v.shallow_clone())]).collect(),
+            model_toml: &model_toml,
+            state,
+        };
+        checkpoint::write(&ckpt_root, &contents, tc.keep_last)
+    };
+    let mut last_good: Option<PathBuf> = resume_from.clone();
+    let (mut window_start, mut window_wait) = (Instant::now(), data.waited);
+    let stop = args.stop_at.unwrap_or(tc.steps).min(tc.steps);
+    while state.step < stop {
+        let step_start = Instant::now();
+        let batch = data.next()?;
+        let x = if args.inject_nan_at.contains(&state.step) { batch.x.full_like(f64::NAN) } else { batch.x.shallow_clone() };
+        let cond = Cond::Labels(&batch.y);
+        let capture = head.as_ref().map(|h| h.forward_capture()).unwrap_or_default();
+        let out = flow.forward(&x, &cond, &capture);
+        let nll = tarflow::nll(&out);
+        let cosines = match (&head, &batch.features) {
+            (Some(h), Some(f)) => h.cosines(&flow, &out, &cond, f)?,
+            _ => vec![],
+        };
+        let align_loss = if cosines.is_empty() {
+            None
+        } else {
+            Some(-Tensor::stack(&cosines, 0).mean(Kind::Float))
+        };
+        let loss = match &align_loss {
+            Some(a) => &nll.loss + a * cfg.align.lambda,
+            None => nll.loss.shallow_clone(),
+        };
+        let loss_value = loss.double_value(&[]);
+        let lr = tc.lr_at(state.step);
+        let mut grad_norm = f64::NAN;
+        if loss_value.is_finite() {
+            adam.zero_grad();
+            loss.backward();
+            grad_norm = adam.clip(tc.clip_grad);
+            adam.step(lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
+            optim::ema_update(&ema_pairs, tc.ema_decay);
+            state.nonfinite_in_row = 0;
+        } else {
+            state.nonfinite_total += 1;
+            state.nonfinite_in_row += 1;
+            tracing::warn!("step {}: non-finite loss {loss_value}, step skipped ({} in a row)", state.step, state.nonfinite_in_row);
+            if state.nonfinite_in_row >= tc.max_nonfinite_in_row {
+                let good = last_good.as_ref().map_or("none yet".to_string(), |p| p.display().to_string());
+                bail!(
+                    "{} non-finite losses in a row (last at step {}); stopping. The last good checkpoint is {good}; \
+                     resume from it with --resume after lowering train.lr or setting train.clip_grad",
+                    state.nonfinite_in_row,
+                    state.step
+                );
+            }
+        }
+        adam.t = adam.t.max(state.adam_t);
+        state.adam_t = adam.t;
+        state.step += 1;
+        state.position = batch.next;
+        let step_s = step_start.elapsed().as_secs_f64();
+        if tc.metrics_every > 0 && state.step % tc.metrics_every == 0 {
+            let window = window_start.elapsed().as_secs_f64().max(1e-9);
+            let waited = (data.waited - window_wait).as_secs_f64();
+            let nll_v = nll.loss.double_value(&[]);
+            let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
+            let dequant = if tc.latent { 0.0 } else { 128f64.ln() };
+            let line = serde_json::json!({
+                "step": state.step,
+                "epoch": state.position.epoch,
+                "loss": loss_value,
+                "nll": nll_v,
+                "bpd": (nll_v + half_log_2pi + dequant) / 2f64.ln(),
+                "prior": nll.prior.double_value(&[]),
+                "logdet": nll.logdet.double_value(&[]),
+                "align_loss": align_loss.as_ref().map(|a| a.double_value(&[])),
+                "cos": cosines.iter().map(|c| c.double_value(&[])).collect::<Vec<_>>(),
+                "lr": lr,
+                "grad_norm": if grad_norm.is_finite() { Some(grad_norm) } else { None },
+                "samples_per_s": (tc.batch as u64 * tc.metrics_every) as f64 / window,
+                "step_s": step_s,
+                "data_wait_frac": waited / window,
+                "skipped_nonfinite": state.nonfinite_total,
+            });
+            writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+            metrics.flush().context("writing metrics.jsonl")?;
+            window_start = Instant::now();
+            window_wait = data.waited;
+        }
+        if tc.sample_every > 0 && state.step % tc.sample_every == 0 {
+            write_samples(&ema, &args.out.join("samples"), state.step, tc)?;
+        }
+        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || state.step == stop {
+            last_good = Some(save(&state, &adam)?);
+        }
+        progress.set(state.step);
+    }
+    progress.finish();
+    let total_wait = data.waited.as_secs_f64();
+    eprintln!(
+        "trained {} steps into {} ({} non-finite steps skipped, {:.1}s waiting for data)",
+        state.step,
+        args.out.display(),
+        state.nonfinite_total,
+        total_wait
+    );
+    Ok(())
+}
+
+fn trainable(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).map(|(n, t)| (format!("{prefix}{n}"), t)).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn restore(
+    dir: &Path,
+    vs: &mut nn::VarStore,
+    ema_vs: &mut nn::VarStore,
+    proj_vs: &mut nn::VarStore,
+    has_projector: bool,
+    adam: &mut optim::AdamW,
+) -> anyhow::Result<checkpoint::State> {
+    let mask = |n: &str| n.starts_with("blocks.") && n.ends_with(".attn_mask");
+    for (file, store) in [("model.safetensors", &mut *vs), ("ema.safetensors", &mut *ema_vs)] {
+        let path = dir.join(file);
+        let tensors = model::weights::read_safetensors(&path)?;
+        model::weights::load_into(store, &tensors, &path, &mask)?;
+    }
+    let proj = dir.join("projector.safetensors");
+    match (has_projector, proj.exists()) {
+        (true, true) => model::weights::load_strict(proj_vs, &proj, &|_| false)?,
+        (true, false) => bail!("{}: the config aligns but the checkpoint has no projector.safetensors", dir.display()),
+        (false, true) => bail!("{}: the checkpoint has a projector but align.mode = none", dir.display()),
+        (false, false) => {}
+    }
+    let path = dir.join("state.safetensors");
+    let moments = model::weights::read_safetensors(&path)?;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for (name, _, m, v) in &mut adam.slots {
+            for (key, dst) in [(format!("m.{name}"), &mut *m), (format!("v.{name}"), &mut *v)] {
+                let src = moments.get(&key).with_context(|| format!("{}: optimizer moment `{key}` is missing", path.display()))?;
+                if src.size() != dst.size() {
+                    bail!("{}: `{key}` has shape {:?}, expected {:?}", path.display(), src.size(), dst.size());
+                }
+                dst.copy_(src);
+            }
+        }
+        Ok(())
+    })?;
+    let state = checkpoint::read_state(dir)?;
+    adam.t = state.adam_t;
+    Ok(state)
+}
+
+/// Keeps the metric lines up to `step`, so a resumed run's log reads as one run.
+fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    stages::atomic::write_bytes_atomic(path, kept.as_bytes())?;
+    Ok(())
+}
+
+/// The cache directory: DIR itself when it holds a manifest, else its only fingerprint directory.
+fn locate_cache(dir: &Path) -> anyhow::Result<PathBuf> {
+    if stages::cache::Manifest::path(dir).exists() {
+        return Ok(dir.to_path_buf());
+    }
+    let hint = "create it with `pipeline precompute --config C` (DINOv2 features, VAE moments and crops of the source shards), \
+                then pass --cache ROOT or --cache ROOT/FINGERPRINT";
+    if !dir.exists() {
+        bail!("no precompute cache at {}: {hint}", dir.display());
+    }
+    let found: Vec<PathBuf> = stages::cache::maintenance::fingerprint_dirs(dir)?.into_iter().filter(|d| stages::cache::Manifest::path(d).exists()).collect();
+    match found.len() {
+        0 => bail!("{} holds no precompute cache (no manifest.json): {hint}", dir.display()),
+        1 => Ok(found.into_iter().next().expect("one")),
+        _ => bail!(
+            "{} holds {} caches ({}); pass the one to train on as --cache ROOT/FINGERPRINT",
+            dir.display(),
+            found.len(),
+            found.iter().map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// The cache shard files for the configured source shards (all cached ones when `spec` is empty).
+fn cache_shards(dir: &Path, spec: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let manifest = stages::cache::Manifest::load(dir)?.with_context(|| format!("{}: no manifest.json", dir.display()))?;
+    let base = |s: &str| Path::new(s).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| s.to_string());
+    let by_base: std::collections::BTreeMap<String, &stages::cache::ManifestShard> = manifest.shards.iter().map(|(k, v)| (base(k), v)).collect();
+    let wanted: Vec<String> = if spec.trim().is_empty() {
+        by_base.keys().cloned().collect()
+    } else {
+        stages::shardspec::expand_shard_spec(spec)?.iter().map(|s| base(s)).collect()
+    };
+    let missing: Vec<&String> = wanted.iter().filter(|w| !by_base.contains_key(*w)).collect();
+    if !missing.is_empty() {
+        let list: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
+        bail!(
+            "cache {} lacks {} of the {} requested shards ({}{}): run `pipeline precompute` for them first",
+            dir.display(),
+            missing.len(),
+            wanted.len(),
+            list.join(", "),
+            if missing.len() > 5 { ", …" } else { "" }
+        );
+    }
+    let mut files: Vec<PathBuf> = wanted.iter().map(|w| dir.join(&by_base[w].file)).collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.exists() {
+            bail!("cache shard {} is listed in the manifest but missing; run `pipeline cache verify` and precompute again", f.display());
+        }
+    }
+    Ok(files)
+}
+
+/// A grid of EMA samples: a PNG in pixel space, the raw latents (safetensors) in latent space.
+fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let n = tc.sample_count.max(1);
+    let classes = ema.cfg.num_classes.max(1);
+    let y = Tensor::arange(n, (Kind::Int64, ema.device())).remainder(classes);
+    let y = (ema.cfg.num_classes > 0).then_some(y);
+    let out = tch::no_grad(|| tarflow::sample::sample(ema, n, y.as_ref(), &Default::default(), tc.seed, 10));
+    let x = match out {
+        Ok(s) => s.x.to_device(Device::Cpu).to_kind(Kind::Float),
+        Err(e) => {
+            tracing::warn!("step {step}: sample grid skipped: {e}");
+            return Ok(());
+        }
+    };
+    let name = format!("step-{step:08}");
+    if tc.latent || ema.cfg.in_channels != 3 {
+        model::weights::save_atomic(&[("latents".to_string(), x)], &dir.join(format!("{name}.safetensors")))?;
+        return Ok(());
+    }
+    let cols = (n as f64).sqrt().ceil() as i64;
+    let rows = (n + cols - 1) / cols;
+    let s = ema.cfg.img_size;
+    let img = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8);
+    let mut grid = image::RgbImage::new((cols * s) as u32, (rows * s) as u32);
+    let flat: Vec<u8> = Vec::<u8>::try_from(img.permute([0, 2, 3, 1]).contiguous().flatten(0, -1))?;
+    for k in 0..n {
+        let (gx, gy) = ((k % cols) * s, (k / cols) * s);
+        for yy in 0..s {
+            for xx in 0..s {
+                let o = (((k * s + yy) * s + xx) * 3) as usize;
+                grid.put_pixel((gx + xx) as u32, (gy + yy) as u32, image::Rgb([flat[o], flat[o + 1], flat[o + 2]]));
+            }
+        }
+    }
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    grid.write_to(&mut bytes, image::ImageFormat::Png).context("encoding the sample grid")?;
+    stages::atomic::write_bytes_atomic(&dir.join(format!("{name}.png")), bytes.get_ref())?;
+    Ok(())
+}
