@@ -197,7 +197,30 @@ fn classify_recovers_the_classes_of_a_hand_set_model() {
     let confusion = std::fs::read_to_string(out.join("confusion.csv")).unwrap();
     assert_eq!(confusion.lines().nth(3), Some("2,0,0,3,0,0,0,0,0,0,0"));
 
-    // --limit, and a label outside the model's classes named with its sample.
+    // A run directory as `pipeline train` lays it out: EMA weights by default, `--weights model` for the
+    // raw ones (here the random init, which does not classify these images).
+    let run = dir.path().join("run");
+    let step = run.join("checkpoints/step-00000002");
+    std::fs::create_dir_all(&step).unwrap();
+    std::fs::write(run.join("config.toml"), "[data]\nshards = \"unused\"\n\n[train]\nlatent = false\n").unwrap();
+    std::fs::write(run.join("checkpoints/latest"), "step-00000002\n").unwrap();
+    for (from, to) in [(ckpt.clone(), "ema"), (dir.path().join("cls-init.safetensors"), "model")] {
+        std::fs::copy(&from, step.join(format!("{to}.safetensors"))).unwrap();
+        std::fs::copy(from.with_extension("model.toml"), step.join(format!("{to}.model.toml"))).unwrap();
+    }
+    let classify_run = |extra: &[&str]| {
+        let o = run_ok(pipeline().args(["classify", "--device", "cpu", "--run"]).arg(&run).arg("--data").arg(&cache).arg("--out").arg(dir.path().join("run-cls")).args(extra));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let ema = classify_run(&[]);
+    assert!(ema.contains("top-1 accuracy: 100.00%") && ema.contains("step-00000002/ema.safetensors"), "{ema}");
+    let raw = classify_run(&["--weights", "model"]);
+    assert!(!raw.contains("top-1 accuracy: 100.00%") && raw.contains("step-00000002/model.safetensors"), "{raw}");
+    let o = pipeline().args(["classify", "--device", "cpu", "--run"]).arg(dir.path()).arg("--data").arg(&cache).arg("--out").arg(dir.path().join("x")).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("config.toml"), "{err}");
+
+    // --limit stops early.
     let o = run_ok(pipeline().args(["classify", "--device", "cpu", "--limit", "4", "--checkpoint"]).arg(&ckpt).arg("--data").arg(&cache).arg("--out").arg(dir.path().join("few")));
     assert!(String::from_utf8_lossy(&o.stdout).contains("classified 4 images"));
 }
