@@ -18,3 +18,18 @@ echo "  held-out shards: $dir/heldout/heldout-000000.tar"
 echo "  effective config: $dir/config.toml"
 echo "  tiny random-init encoders: $dir/encoders/{dinov2,vae}"
 echo "  precompute cache: $dir/cache (pipeline cache ls --cache $dir/cache)"
+
+# Sample and classify with the demo's trained run (`$dir/run`, written by the train step); until a run
+# exists, a random-init tiny checkpoint stands in and says so.
+run_dir=$dir/run
+if [[ -f $run_dir/checkpoints/latest ]]; then
+    model=(--run "$run_dir")
+else
+    echo "no trained run at $run_dir: sampling and classifying a random-init tiny flow instead"
+    "$bin" flow init --preset tiny --seed 0 --output "$dir/flow-init.safetensors"
+    model=(--checkpoint "$dir/flow-init.safetensors")
+fi
+"$bin" sample "${model[@]}" --num 16 --seed 0 --batch 16 --cfg 1.0 --out "$dir/samples"
+"$bin" classify "${model[@]}" --data "$dir/heldout/heldout-000000.tar" --batch 50 --out "$dir/classify"
+echo "  samples: $dir/samples/grid.png, $dir/samples/samples.npz"
+echo "  classification of the held-out shards: $dir/classify/summary.json, $dir/classify/predictions.csv"

@@ -142,7 +142,7 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_config(path: &Path) -> anyhow::Result<Config> {
+pub fn read_config(path: &Path) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading model config {}", path.display()))?;
     let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("model config {}", path.display()))?;
     let value = match table.remove("model") {

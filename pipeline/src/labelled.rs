@@ -1,0 +1,132 @@
+//! Labelled evaluation data for `classify` and `bpd`, in batches: webdataset shards (decoded and
+//! cropped by the image stream, in reading order) or a precompute cache directory (`manifest.json` +
+//! `.fbc` shards: `image` for pixel models, `vae_mean` view 0 for latent models).
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use stages::cache::{DType, Manifest, ShardReader};
+use tch::{Kind, Tensor};
+
+use crate::trained::Trained;
+
+/// One batch in the flow's input space.
+pub struct Batch {
+    /// Flow input (B, C, H, W) on the model's device.
+    pub x: Tensor,
+    /// Class index per sample, −1 when the source had none.
+    pub labels: Vec<i64>,
+    /// `shard/key` per sample.
+    pub ids: Vec<String>,
+}
+
+pub fn is_cache(data: &str) -> bool {
+    Path::new(data).join(stages::cache::manifest::MANIFEST_NAME).is_file()
+}
+
+/// Calls `f` on consecutive batches of at most `batch` samples, at most `limit` samples in all; returns
+/// the number of samples seen.
+pub fn for_each_batch(data: &str, trained: &Trained, batch: usize, limit: Option<usize>, f: &mut dyn FnMut(Batch) -> anyhow::Result<()>) -> anyhow::Result<usize> {
+    let batch = batch.max(1);
+    let limit = limit.unwrap_or(usize::MAX);
+    if is_cache(data) {
+        from_cache(Path::new(data), trained, batch, limit, f)
+    } else {
+        from_shards(data, trained, batch, limit, f)
+    }
+}
+
+fn from_shards(spec: &str, trained: &Trained, batch: usize, limit: usize, f: &mut dyn FnMut(Batch) -> anyhow::Result<()>) -> anyhow::Result<usize> {
+    let cfg = trained.data_config(spec)?;
+    let size = cfg.image_size;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let stream = stages::image_stream::open_image_stream(&cfg, Default::default(), 0).with_context(|| format!("reading {spec}"))?;
+        let (mut pixels, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        let mut seen = 0;
+        let mut flush = |pixels: &mut Vec<u8>, labels: &mut Vec<i64>, ids: &mut Vec<String>| -> anyhow::Result<()> {
+            let n = labels.len() as i64;
+            let images = Tensor::from_slice(pixels).view([n, size as i64, size as i64, 3]).permute([0, 3, 1, 2]);
+            f(Batch { x: trained.images_to_flow(&images)?, labels: std::mem::take(labels), ids: std::mem::take(ids) })?;
+            pixels.clear();
+            Ok(())
+        };
+        while seen < limit {
+            let Ok(sample) = stream.samples.recv().await else { break };
+            pixels.extend_from_slice(&sample.image.pixels);
+            labels.push(sample.label.map_or(-1, i64::from));
+            ids.push(format!("{}/{}", sample.shard, sample.key));
+            seen += 1;
+            if labels.len() == batch {
+                flush(&mut pixels, &mut labels, &mut ids)?;
+            }
+        }
+        if !labels.is_empty() {
+            flush(&mut pixels, &mut labels, &mut ids)?;
+        }
+        stream.finish().await.with_context(|| format!("reading {spec}"))?;
+        Ok(seen)
+    })
+}
+
+fn tensor_of(bytes: &[u8], dtype: DType, shape: &[i64]) -> anyhow::Result<Tensor> {
+    let kind = match dtype {
+        DType::U8 => Kind::Uint8,
+        DType::F16 => Kind::Half,
+        DType::F32 => Kind::Float,
+        DType::I64 => Kind::Int64,
+        other => bail!("unsupported dtype {other:?}"),
+    };
+    Ok(Tensor::f_from_data_size(bytes, shape, kind)?)
+}
+
+fn from_cache(dir: &Path, trained: &Trained, batch: usize, limit: usize, f: &mut dyn FnMut(Batch) -> anyhow::Result<()>) -> anyhow::Result<usize> {
+    let manifest = Manifest::load(dir)?.with_context(|| format!("{}: no manifest", dir.display()))?;
+    let cfg = &trained.model().cfg;
+    let mut seen = 0;
+    for entry in manifest.shards.values() {
+        if seen >= limit {
+            break;
+        }
+        let path = dir.join(&entry.file);
+        let mut reader = ShardReader::open(&path)?;
+        let n = reader.n_samples();
+        let keys = reader.footer().keys.clone();
+        let field = if trained.latent { "vae_mean" } else { "image" };
+        let spec = reader.footer().fields.iter().find(|s| s.name == field).cloned().with_context(|| {
+            format!("{}: cache shard has no field `{field}` (a {} model needs it)", path.display(), if trained.latent { "latent" } else { "pixel" })
+        })?;
+        let label_bytes = reader.read_field("label")?;
+        let labels: Vec<i64> = label_bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let bytes = reader.read_field(field)?;
+        let mut shape: Vec<i64> = vec![n as i64];
+        shape.extend(spec.shape.iter().map(|&d| d as i64));
+        let values = tensor_of(&bytes, spec.dtype, &shape).with_context(|| format!("{}: field `{field}`", path.display()))?;
+        let x = if trained.latent {
+            // (n, V, C, h, w): view 0 is the crop itself.
+            if shape.len() != 5 || shape[2..] != [cfg.in_channels, cfg.img_size, cfg.img_size] {
+                bail!("{}: field `vae_mean` has per-sample shape {:?}, the flow takes [V, {}, {}, {}]", path.display(), spec.shape, cfg.in_channels, cfg.img_size, cfg.img_size);
+            }
+            let vae = &trained.vae.as_ref().context("a latent model needs --vae (its scaling factor)")?.model;
+            vae.scale_latents(&values.select(1, 0).to_kind(Kind::Float))
+        } else {
+            let size = trained.pixel_size();
+            if shape[1..] != [size, size, 3] {
+                bail!("{}: field `image` has per-sample shape {:?}, the flow takes [{size}, {size}, 3]", path.display(), spec.shape);
+            }
+            values.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 127.5 - 1.0
+        };
+        let take = n.min(limit - seen);
+        for start in (0..take).step_by(batch) {
+            let len = batch.min(take - start);
+            let source = entry.source.name.as_str();
+            f(Batch {
+                x: x.narrow(0, start as i64, len as i64).to_device(trained.device),
+                labels: labels[start..start + len].to_vec(),
+                ids: keys[start..start + len].iter().map(|k| format!("{source}/{k}")).collect(),
+            })?;
+        }
+        seen += take;
+    }
+    Ok(seen)
+}
