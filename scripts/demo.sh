@@ -12,3 +12,11 @@ echo "demo outputs:"
 echo "  training shards: $dir/data/demo-{000000..000003}.tar (index: $dir/data/demo-index.json)"
 echo "  held-out shards: $dir/heldout/heldout-000000.tar"
 echo "  effective config: $dir/config.toml"
+# Training (issue 7): tiny latent TARFlow with R-REPA on the precompute cache of the demo shards.
+if [ -f "$dir/cache/manifest.json" ] || compgen -G "$dir/cache/*/manifest.json" > /dev/null; then
+  "$bin" train --latent --config configs/demo.toml --shards "$dir/data/demo-{000000..000003}.tar" \
+    --cache "$dir/cache" --out "$dir/run"
+  echo "  training run: $dir/run (metrics.jsonl, checkpoints/latest, samples/)"
+else
+  echo "  train: skipped, no precompute cache at $dir/cache (pipeline precompute writes it)"
+fi
