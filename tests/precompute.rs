@@ -74,6 +74,13 @@ fn reuse_superset_and_fingerprints() {
     let out = run_ok(pipeline().arg("precompute").arg("--config").arg(&config).args(["--dry-run", "--dry-run-batches", "1"]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("cache bytes per sample") && text.contains("projected for 4 shards"), "{text}");
+
+    let out = run_ok(pipeline().args(["bench", "precompute", "--limit", "2", "--config"]).arg(&config));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["decode_images_per_s", "encode_images_per_s", "write_images_per_s", "end_to_end_images_per_s", "readback_vs_raw_zstd"] {
+        assert!(line[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {line}");
+    }
+    assert_eq!(line["samples"], 2);
 }
 
 fn count_shards(cache: &Path) -> usize {

@@ -4,6 +4,7 @@
 pub mod decode;
 pub mod encoders;
 pub mod flow;
+pub mod precompute;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,6 +20,8 @@ enum BenchCommand {
     Encoders(encoders::Args),
     /// TARFlow training step and sampling speed against the PyTorch reference model
     Flow(flow::Args),
+    /// Precompute stages standalone vs overlapped, encode wait fraction, cache readback vs raw zstd
+    Precompute(precompute::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -26,5 +29,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Encoders(a) => encoders::run(a),
         BenchCommand::Flow(a) => flow::run(a),
+        BenchCommand::Precompute(a) => precompute::run(a),
     }
 }

@@ -1,0 +1,131 @@
+//! `pipeline bench precompute`: images/s of each precompute stage on its own (read + decode/crop,
+//! encode, compress + write) and of the overlapped pipeline on the same samples, the fraction of time
+//! the encode stage waits for input, and cache readback (read + checksum + decompress + assemble a
+//! batch) against bare zstd decompression of the same frames. One JSON line; goals: end to end ≥ 0.9×
+//! the slowest standalone stage, readback ≥ 0.8× raw decompression.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use rayon::prelude::*;
+use stages::bad_input::RunCounters;
+use stages::cache::{ShardReader, ShardWriter, SourceShard};
+
+use crate::config::ConfigArgs;
+use crate::precompute::{self, encode};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Source shards (overrides data.shards); the first one is used
+    #[arg(long)]
+    shards: Option<String>,
+    /// Samples to run through each measurement
+    #[arg(long, default_value_t = 256)]
+    limit: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut loaded = args.config.load()?;
+    if let Some(spec) = &args.shards {
+        loaded.config.data.shards = spec.clone();
+    }
+    let config = loaded.config;
+    let (p, data) = (&config.precompute, &config.data);
+    p.validate()?;
+    let settings = precompute::cache_settings(&config)?;
+    let first = stages::shardspec::expand_shard_spec(&data.shards)?.into_iter().next().context("no source shard")?;
+    let workers = if p.workers > 0 { p.workers } else { data.resolved_threads() };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
+
+    // Read + decode/crop alone.
+    let counters = RunCounters::new();
+    let t = Instant::now();
+    let mut samples = Vec::new();
+    stages::wds_reader::read_shard(&first, &counters, &mut |raw| {
+        samples.extend(stages::image_stream::select_sample(raw, data, &counters));
+        samples.len() < args.limit
+    });
+    let crops: Vec<_> = pool.install(|| samples.par_iter().filter_map(|s| stages::image_stream::process_sample(s, data).ok()).collect());
+    let decode_rate = crops.len() as f64 / t.elapsed().as_secs_f64();
+    anyhow::ensure!(!crops.is_empty(), "no decodable sample in {first}");
+
+    // Encode alone, batch by batch, on the same crops.
+    let encoders = precompute::load_encoders(p)?;
+    let fields = encode::field_specs(p, data.image_size, &encoders);
+    let t = Instant::now();
+    let mut batches = Vec::new();
+    for chunk in crops.chunks(p.batch_size) {
+        let images: Vec<&[u8]> = chunk.iter().map(|c| c.image.pixels.as_slice()).collect();
+        let labels: Vec<i64> = chunk.iter().map(|c| c.label.map(i64::from).unwrap_or(-1)).collect();
+        batches.push((chunk.len(), encode::encode_batch(p, &encoders, &images, &labels, data.image_size)?));
+    }
+    let encode_rate = crops.len() as f64 / t.elapsed().as_secs_f64();
+
+    // Compress + write alone.
+    let scratch = tempfile::tempdir()?;
+    let path = scratch.path().join("bench.fbc");
+    let t = Instant::now();
+    let mut writer = ShardWriter::create(&path, fields.clone(), p.chunk_rows, p.zstd_level)?;
+    let mut n = 0usize;
+    for (rows, bytes) in &batches {
+        for row in 0..*rows {
+            let values: Vec<&[u8]> = fields.iter().zip(bytes).map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()]).collect();
+            writer.push(&n.to_string(), &values)?;
+            n += 1;
+        }
+    }
+    writer.finish(serde_json::json!({}))?;
+    let write_rate = n as f64 / t.elapsed().as_secs_f64();
+
+    // The overlapped pipeline on the same shard and sample count.
+    let source = SourceShard { name: "bench.tar".into(), size: 0, content_hash: String::new() };
+    let job = precompute::Job { path: first.clone(), source, file: "e2e.fbc".into() };
+    let e2e = precompute::run_graph(&config, scratch.path(), &settings, vec![job], Some(args.limit))?;
+    let e2e_rate = e2e.samples as f64 / e2e.elapsed.as_secs_f64();
+    let encode_wait = e2e.metrics[1].wait_input().as_secs_f64() / e2e.elapsed.as_secs_f64();
+    let slowest = decode_rate.min(encode_rate).min(write_rate);
+
+    // Readback: every field of every chunk through the reader, appended into one batch buffer, against
+    // bare zstd decompression of the same frames already in memory.
+    let file = std::fs::read(&path)?;
+    let mut reader = ShardReader::open(&path)?;
+    let footer = reader.footer().clone();
+    let total_raw: usize = footer.fields.iter().map(|f| f.row_bytes()).sum::<usize>() * reader.n_samples();
+    let reps = 5;
+    let t = Instant::now();
+    for _ in 0..reps {
+        let mut batch = Vec::with_capacity(total_raw);
+        for c in 0..footer.chunks.len() {
+            for f in 0..footer.fields.len() {
+                batch.extend_from_slice(&reader.read_frame(c, f)?);
+            }
+        }
+        std::hint::black_box(&batch);
+    }
+    let readback = (reps * total_raw) as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..reps {
+        for chunk in &footer.chunks {
+            for (i, (offset, len)) in chunk.frames.iter().enumerate() {
+                let cap = chunk.rows * footer.fields[i].row_bytes();
+                std::hint::black_box(zstd::bulk::decompress(&file[*offset as usize..(*offset + *len) as usize], cap)?);
+            }
+        }
+    }
+    let raw = (reps * total_raw) as f64 / t.elapsed().as_secs_f64();
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "shard": first, "samples": crops.len(), "views": p.views(), "batch_size": p.batch_size, "workers": workers,
+            "device": p.device, "image_size": data.image_size,
+            "decode_images_per_s": decode_rate, "encode_images_per_s": encode_rate, "write_images_per_s": write_rate,
+            "end_to_end_images_per_s": e2e_rate, "end_to_end_vs_slowest_stage": e2e_rate / slowest,
+            "encode_wait_fraction": encode_wait,
+            "readback_mb_per_s": readback / 1e6, "raw_zstd_mb_per_s": raw / 1e6, "readback_vs_raw_zstd": readback / raw,
+        })
+    );
+    Ok(())
+}
