@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::demo::RgbImage;
-use crate::resample::{resize_pillow, Filter};
+use crate::resample::{resize_pillow, resize_pillow_crop, Filter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,6 +57,16 @@ fn resize_fast(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> Rg
     RgbImage { width: out_w, height: out_h, pixels: dst.into_vec() }
 }
 
+/// The `size` square at (left, top) of the image resized to `out_w`×`out_h`. The exact path computes
+/// only the pixels inside the square (the same bytes as resizing fully, then cropping).
+#[allow(clippy::too_many_arguments)]
+fn resize_then_crop(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter, imp: ResizeImpl, left: usize, top: usize, size: usize) -> RgbImage {
+    match imp {
+        ResizeImpl::Pillow => resize_pillow_crop(src, out_w, out_h, filter, left, top, size, size),
+        ResizeImpl::Fast => crop(&resize_fast(src, out_w, out_h, filter), left, top, size),
+    }
+}
+
 /// The square `size` crop at (left, top).
 pub fn crop(src: &RgbImage, left: usize, top: usize, size: usize) -> RgbImage {
     let mut pixels = Vec::with_capacity(size * size * 3);
@@ -78,9 +88,8 @@ pub fn center_crop_adm(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbImage
     }
     let scale = size as f64 / img.width.min(img.height) as f64;
     let (w, h) = ((img.width as f64 * scale).round_ties_even() as usize, (img.height as f64 * scale).round_ties_even() as usize);
-    let resized = resize(&img, w, h, Filter::Bicubic, imp);
-    let (top, left) = ((resized.height - size) / 2, (resized.width - size) / 2);
-    crop(&resized, left, top, size)
+    let (top, left) = ((h - size) / 2, (w - size) / 2);
+    resize_then_crop(&img, w, h, Filter::Bicubic, imp, left, top, size)
 }
 
 /// torchvision `CenterCrop(size)(Resize(size)(pil_image))`.
@@ -88,9 +97,8 @@ pub fn resize_center_crop(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbIm
     let (short, long) = (src.width.min(src.height), src.width.max(src.height));
     let new_long = (size as f64 * long as f64 / short as f64) as usize;
     let (w, h) = if src.width <= src.height { (size, new_long) } else { (new_long, size) };
-    let resized = resize(src, w, h, Filter::Bilinear, imp);
     let offset = |extent: usize| ((extent - size) as f64 / 2.0).round_ties_even() as usize;
-    crop(&resized, offset(resized.width), offset(resized.height), size)
+    resize_then_crop(src, w, h, Filter::Bilinear, imp, offset(w), offset(h), size)
 }
 
 pub fn crop_image(src: &RgbImage, mode: CropMode, size: usize, imp: ResizeImpl) -> RgbImage {
