@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{pipeline, run_ok};
+use common::{pipeline, repo_root, run_ok};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
 
 const TOKENS: usize = 16;
@@ -286,4 +286,41 @@ fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
     assert!(err.contains("3 non-finite losses in a row") && err.contains("step-00000004"), "{err}");
     assert_eq!(std::fs::read_to_string(out2.join("checkpoints/latest")).unwrap().trim(), "step-00000004");
     assert!(out2.join("checkpoints/step-00000004/state.json").exists());
+}
+
+/// Without a cache, `train` computes it first (the directory `precompute` would write, found by the
+/// config's fingerprint) and says so; a second run reuses it.
+#[test]
+fn train_precomputes_a_missing_cache_then_reuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    run_ok(pipeline()
+        .args(["demo-data", "--classes", "2", "--per-class", "6", "--shards", "2", "--out"])
+        .arg(root.join("data")));
+    run_ok(pipeline().args(["encoders", "init", "--preset", "tiny", "--out"]).arg(root.join("encoders")));
+    let preset = repo_root().join("configs/demo.toml");
+    let train = |out: &str| {
+        let mut cmd = pipeline();
+        cmd.args(["train", "--latent", "--config"]).arg(&preset).arg("--out").arg(root.join(out));
+        for set in [
+            format!("data.shards={}/data/demo-{{000000..000001}}.tar", root.display()),
+            format!("precompute.encoder={}/encoders/dinov2", root.display()),
+            format!("precompute.vae={}/encoders/vae", root.display()),
+            format!("train.cache={}/cache", root.display()),
+            "train.steps=2".into(),
+            "train.batch=4".into(),
+            "train.checkpoint_every=2".into(),
+            "train.sample_every=0".into(),
+            "train.metrics_every=1".into(),
+        ] {
+            cmd.arg("--set").arg(set);
+        }
+        String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
+    };
+    let first = train("run1");
+    assert!(first.contains("precomputed 2 shards (12 samples), reused 0"), "{first}");
+    let second = train("run2");
+    assert!(second.contains("precomputed 0 shards (0 samples), reused 2"), "{second}");
+    let fingerprints = std::fs::read_dir(root.join("cache")).unwrap().count();
+    assert_eq!(fingerprints, 1);
 }

@@ -64,7 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if tc.threads > 0 {
         tch::set_num_threads(tc.threads as i32);
     }
-    let cache_dir = locate_cache(Path::new(&tc.cache))?;
+    let cache_dir = prepare_cache(&cfg)?;
     let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating run directory {}", args.out.display()))?;
@@ -319,6 +319,37 @@ fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
 }
 
 /// The cache directory: DIR itself when it holds a manifest, else its only fingerprint directory.
+/// The cache this run trains on. A directory holding a manifest (a fingerprint directory given
+/// explicitly) is used as it is. Otherwise, when the config says what to precompute and which shards,
+/// the cache is `<train.cache>/<fingerprint of the config's precompute settings>` — the directory
+/// `pipeline precompute` writes — and shards missing from it are precomputed first, reusing the rest.
+fn prepare_cache(cfg: &crate::config::Config) -> anyhow::Result<PathBuf> {
+    let given = Path::new(&cfg.train.cache);
+    let can_precompute = cfg.precompute.validate().is_ok() && !cfg.data.shards.trim().is_empty();
+    if stages::cache::Manifest::path(given).exists() || !can_precompute {
+        return locate_cache(given);
+    }
+    let (dir, settings) = crate::precompute::cache_dir(cfg, Some(given))?;
+    let split = stages::order::RankSplit::resolve(cfg.train.rank, cfg.train.world)?;
+    if split.world > 1 {
+        // Ranks would start training before the others finished their share: precompute first.
+        if !stages::cache::Manifest::path(&dir).exists() {
+            bail!("no cache at {} for this config: run `pipeline precompute` on every rank first", dir.display());
+        }
+        return Ok(dir);
+    }
+    tracing::info!("cache {}: precomputing the shards it lacks (the rest is reused)", dir.display());
+    let out = crate::precompute::precompute(cfg, &dir, &settings, split)?;
+    println!(
+        "train: cache {}: precomputed {} shards ({} samples), reused {}",
+        dir.display(),
+        out.computed,
+        out.samples,
+        out.reused
+    );
+    Ok(dir)
+}
+
 fn locate_cache(dir: &Path) -> anyhow::Result<PathBuf> {
     if stages::cache::Manifest::path(dir).exists() {
         return Ok(dir.to_path_buf());
