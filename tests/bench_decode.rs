@@ -7,13 +7,36 @@ use common::*;
 #[test]
 fn bench_decode_reports_rust_and_pillow_rates() {
     let tmp = tempfile::tempdir().unwrap();
-    run_ok(pipeline()
-        .args(["demo-data", "--classes", "2", "--per-class", "6", "--shards", "2", "--odd", "--out"])
-        .arg(tmp.path()));
+    run_ok(
+        pipeline()
+            .args([
+                "demo-data",
+                "--classes",
+                "2",
+                "--per-class",
+                "6",
+                "--shards",
+                "2",
+                "--odd",
+                "--out",
+            ])
+            .arg(tmp.path()),
+    );
     let spec = format!("{}/demo-{{000000..000001}}.tar", tmp.path().display());
-    let out = run_ok(pipeline()
-        .current_dir(repo_root())
-        .args(["bench", "decode", "--shards", &spec, "--size", "64", "--threads", "2", "--limit", "16", "--repeats", "1"]));
+    let out = run_ok(pipeline().current_dir(repo_root()).args([
+        "bench",
+        "decode",
+        "--shards",
+        &spec,
+        "--size",
+        "64",
+        "--threads",
+        "2",
+        "--limit",
+        "16",
+        "--repeats",
+        "1",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "decode (libjpeg-turbo, exact)",

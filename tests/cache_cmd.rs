@@ -14,13 +14,28 @@ fn make_cache(root: &Path) -> std::path::PathBuf {
     let mut entries = Vec::new();
     for shard in 0..3 {
         let file = format!("demo-{shard:06}.fbc");
-        let mut w = ShardWriter::create(&dir.join(&file), vec![FieldSpec::new("label", DType::I64, &[])], 4, 3).unwrap();
+        let mut w = ShardWriter::create(
+            &dir.join(&file),
+            vec![FieldSpec::new("label", DType::I64, &[])],
+            4,
+            3,
+        )
+        .unwrap();
         for i in 0..5i64 {
-            w.push(&format!("{shard}-{i}"), &[&i.to_le_bytes()]).unwrap();
+            w.push(&format!("{shard}-{i}"), &[&i.to_le_bytes()])
+                .unwrap();
         }
         let summary = w.finish(serde_json::json!({})).unwrap();
-        let source = SourceShard { name: format!("demo-{shard:06}.tar"), size: 1, content_hash: "h".into() };
-        entries.push(ManifestShard { file, source, summary });
+        let source = SourceShard {
+            name: format!("demo-{shard:06}.tar"),
+            size: 1,
+            content_hash: "h".into(),
+        };
+        entries.push(ManifestShard {
+            file,
+            source,
+            summary,
+        });
     }
     Manifest::record(&dir, &settings, entries).unwrap();
     dir
@@ -34,23 +49,47 @@ fn ls_verify_and_gc() {
 
     let out = run_ok(pipeline().args(["cache", "ls", "--cache"]).arg(tmp.path()));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&fp) && text.contains("samples 15") && text.contains("complete"), "{text}");
+    assert!(
+        text.contains(&fp) && text.contains("samples 15") && text.contains("complete"),
+        "{text}"
+    );
 
-    run_ok(pipeline().args(["cache", "verify", "--cache"]).arg(tmp.path()));
+    run_ok(
+        pipeline()
+            .args(["cache", "verify", "--cache"])
+            .arg(tmp.path()),
+    );
     let victim = dir.join("demo-000001.fbc");
     let mut bytes = std::fs::read(&victim).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&victim, bytes).unwrap();
-    let out = pipeline().args(["cache", "verify", "--cache"]).arg(tmp.path()).output().unwrap();
+    let out = pipeline()
+        .args(["cache", "verify", "--cache"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("BAD")).count(), 1, "{stdout}");
-    assert!(stdout.lines().any(|l| l.starts_with("BAD") && l.contains("demo-000001.fbc")), "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("BAD")).count(),
+        1,
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("BAD") && l.contains("demo-000001.fbc")),
+        "{stdout}"
+    );
 
     std::fs::write(dir.join(".demo-000009.fbc.tmp-4000000000"), b"partial").unwrap();
     let out = run_ok(pipeline().args(["cache", "gc", "--cache"]).arg(tmp.path()));
     assert!(String::from_utf8_lossy(&out.stdout).contains("tmp-4000000000"));
-    run_ok(pipeline().args(["cache", "gc", "--drop", &fp, "--cache"]).arg(tmp.path()));
+    run_ok(
+        pipeline()
+            .args(["cache", "gc", "--drop", &fp, "--cache"])
+            .arg(tmp.path()),
+    );
     assert!(!dir.exists());
 }

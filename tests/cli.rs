@@ -6,9 +6,21 @@ use common::*;
 #[test]
 fn help_runs_in_a_plain_shell() {
     // No LD_LIBRARY_PATH: libtorch must be found through the binary's rpath.
-    for args in [&["--help"][..], &["demo-data", "--help"], &["config", "--help"]] {
-        let out = run_ok(pipeline().env_remove("LD_LIBRARY_PATH").env_remove("LIBTORCH").args(args));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{args:?}");
+    for args in [
+        &["--help"][..],
+        &["demo-data", "--help"],
+        &["config", "--help"],
+    ] {
+        let out = run_ok(
+            pipeline()
+                .env_remove("LD_LIBRARY_PATH")
+                .env_remove("LIBTORCH")
+                .args(args),
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{args:?}"
+        );
     }
 }
 
@@ -16,10 +28,24 @@ fn help_runs_in_a_plain_shell() {
 fn every_flag_is_documented() {
     let out = run_ok(pipeline().args(["demo-data", "--help"]));
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--out", "--classes", "--per-class", "--shards", "--seed", "--odd"] {
-        let line = help.lines().find(|l| l.contains(flag)).unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
+    for flag in [
+        "--out",
+        "--classes",
+        "--per-class",
+        "--shards",
+        "--seed",
+        "--odd",
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.contains(flag))
+            .unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
         let documented = line.trim().len() > flag.len() + 10
-            || help.lines().skip_while(|l| !l.contains(flag)).nth(1).is_some_and(|l| !l.trim().is_empty());
+            || help
+                .lines()
+                .skip_while(|l| !l.contains(flag))
+                .nth(1)
+                .is_some_and(|l| !l.trim().is_empty());
         assert!(documented, "{flag} has no description:\n{help}");
     }
 }
@@ -29,10 +55,17 @@ fn unknown_config_key_names_key_and_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("typo.toml");
     std::fs::write(&path, "[data]\nseed = 3\nshufle_buffer = 10\n").unwrap();
-    let out = pipeline().args(["config", "--config"]).arg(&path).output().unwrap();
+    let out = pipeline()
+        .args(["config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("shufle_buffer") && stderr.contains("typo.toml"), "{stderr}");
+    assert!(
+        stderr.contains("shufle_buffer") && stderr.contains("typo.toml"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -41,10 +74,21 @@ fn set_overrides_a_preset() {
     let base = run_ok(pipeline().args(["config", "--config"]).arg(&preset));
     let base: toml::Table = toml::from_str(&String::from_utf8_lossy(&base.stdout)).unwrap();
     assert_eq!(base["data"]["seed"].as_integer(), Some(0));
-    let out = run_ok(pipeline().args(["config", "--config"]).arg(&preset).args(["--set", "data.seed=41", "--set", "data.shards=/data/imagenet/imagenet-train-{000000..001281}.tar"]));
+    let out = run_ok(pipeline().args(["config", "--config"]).arg(&preset).args([
+        "--set",
+        "data.seed=41",
+        "--set",
+        "data.shards=/data/imagenet/imagenet-train-{000000..001281}.tar",
+    ]));
     let effective: toml::Table = toml::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
     assert_eq!(effective["data"]["seed"].as_integer(), Some(41));
-    assert_eq!(effective["data"]["shards"].as_str(), Some("/data/imagenet/imagenet-train-{000000..001281}.tar"));
-    let bad = pipeline().args(["config", "--set", "data.nope=1"]).output().unwrap();
+    assert_eq!(
+        effective["data"]["shards"].as_str(),
+        Some("/data/imagenet/imagenet-train-{000000..001281}.tar")
+    );
+    let bad = pipeline()
+        .args(["config", "--set", "data.nope=1"])
+        .output()
+        .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("nope"));
 }

@@ -6,20 +6,39 @@ use common::*;
 use std::path::Path;
 
 fn write_demo(dir: &Path, seed: u64, extra: &[&str]) {
-    run_ok(pipeline()
-        .args(["demo-data", "--classes", "3", "--per-class", "6", "--shards", "2", "--seed", &seed.to_string(), "--out"])
-        .arg(dir)
-        .args(extra));
+    run_ok(
+        pipeline()
+            .args([
+                "demo-data",
+                "--classes",
+                "3",
+                "--per-class",
+                "6",
+                "--shards",
+                "2",
+                "--seed",
+                &seed.to_string(),
+                "--out",
+            ])
+            .arg(dir)
+            .args(extra),
+    );
 }
 
 fn shard_bytes(dir: &Path) -> Vec<Vec<u8>> {
-    (0..2).map(|i| std::fs::read(dir.join(format!("demo-{i:06}.tar"))).unwrap()).collect()
+    (0..2)
+        .map(|i| std::fs::read(dir.join(format!("demo-{i:06}.tar"))).unwrap())
+        .collect()
 }
 
 #[test]
 fn same_seed_gives_byte_identical_shards() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
     write_demo(&a, 5, &[]);
     write_demo(&b, 5, &[]);
     write_demo(&c, 6, &[]);
@@ -32,17 +51,25 @@ fn python_webdataset_reads_the_shards() {
     let tmp = tempfile::tempdir().unwrap();
     write_demo(tmp.path(), 0, &["--odd"]);
     let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("demo-index.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(tmp.path().join("demo-index.json")).unwrap())
+            .unwrap();
     let odd: std::collections::HashMap<String, String> = index["odd"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["key"].as_str().unwrap().to_string(), m["kind"].as_str().unwrap().to_string()))
+        .map(|m| {
+            (
+                m["key"].as_str().unwrap().to_string(),
+                m["kind"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
 
-    let out = run_ok(python()
-        .arg(repo_root().join("tests/python/read_webdataset.py"))
-        .arg(tmp.path().join("demo-{000000..000001}.tar")));
+    let out = run_ok(
+        python()
+            .arg(repo_root().join("tests/python/read_webdataset.py"))
+            .arg(tmp.path().join("demo-{000000..000001}.tar")),
+    );
     let samples: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

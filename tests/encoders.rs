@@ -35,21 +35,29 @@ impl References {
     }
 
     fn get(&self, name: &str) -> &Tensor {
-        self.0.get(name).unwrap_or_else(|| panic!("reference `{name}` missing"))
+        self.0
+            .get(name)
+            .unwrap_or_else(|| panic!("reference `{name}` missing"))
     }
 }
 
 /// max |a − b| / max |b|: the error relative to the output's scale.
 fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.size(), expected.size(), "shapes differ");
-    let diff = (actual.to_kind(Kind::Double) - expected.to_kind(Kind::Double)).abs().max().double_value(&[]);
+    let diff = (actual.to_kind(Kind::Double) - expected.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
     let scale = expected.to_kind(Kind::Double).abs().max().double_value(&[]);
     diff / scale.max(1e-12)
 }
 
 fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) {
     let err = relative_error(actual, expected);
-    assert!(err <= tolerance, "{what}: max|Δ| / max|ref| = {err:e} > {tolerance:e}");
+    assert!(
+        err <= tolerance,
+        "{what}: max|Δ| / max|ref| = {err:e} > {tolerance:e}"
+    );
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -61,7 +69,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn preprocessing_matches_torch_for_256_and_64_px() {
     let refs = References::load();
     for size in ["256", "64"] {
-        let prepared = dinov2::prepare_input(refs.get(&format!("images_{size}")), dinov2::INPUT_SIZE).unwrap();
+        let prepared =
+            dinov2::prepare_input(refs.get(&format!("images_{size}")), dinov2::INPUT_SIZE).unwrap();
         assert_eq!(prepared.size(), [2, 3, 224, 224]);
         let diff = max_abs_diff(&prepared, refs.get(&format!("prepared_{size}")));
         assert!(diff <= 1e-5, "{size} px: max|Δ| = {diff:e}");
@@ -81,7 +90,12 @@ fn dinov2_at_224_from_the_518_px_table_matches_transformers() {
     assert_eq!(loaded.model.config.position_grid(), 37);
     let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
     assert_eq!(tokens.size(), [2, 256, 48]);
-    assert_close("dinov2 256 px", &tokens, refs.get("dinov2_tokens_256"), 1e-4);
+    assert_close(
+        "dinov2 256 px",
+        &tokens,
+        refs.get("dinov2_tokens_256"),
+        1e-4,
+    );
 
     // uint8 64-px images through the whole path: prepare (64 → 224) and forward.
     let tokens = loaded.model.patch_tokens(refs.get("images_64")).unwrap();
@@ -94,8 +108,17 @@ fn dinov2_with_registers_matches_transformers() {
     let loaded = Dinov2::from_folder(&fixtures().join("dinov2_reg"), Device::Cpu).unwrap();
     assert_eq!(loaded.model.config.registers(), 4);
     let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
-    assert_eq!(tokens.size(), [2, 256, 48], "registers and CLS are excluded");
-    assert_close("dinov2 registers", &tokens, refs.get("dinov2_reg_tokens_256"), 1e-4);
+    assert_eq!(
+        tokens.size(),
+        [2, 256, 48],
+        "registers and CLS are excluded"
+    );
+    assert_close(
+        "dinov2 registers",
+        &tokens,
+        refs.get("dinov2_reg_tokens_256"),
+        1e-4,
+    );
 }
 
 #[test]
@@ -104,23 +127,41 @@ fn dinov2_swiglu_at_its_native_grid_matches_transformers() {
     let loaded = Dinov2::from_folder(&fixtures().join("dinov2_swiglu"), Device::Cpu).unwrap();
     let tokens = loaded.model.forward(refs.get("swiglu_pixels")).unwrap();
     assert_eq!(tokens.size(), [2, 16, 48]);
-    assert_close("dinov2 swiglu", &tokens, refs.get("dinov2_swiglu_tokens"), 1e-4);
+    assert_close(
+        "dinov2 swiglu",
+        &tokens,
+        refs.get("dinov2_swiglu_tokens"),
+        1e-4,
+    );
 }
 
 #[test]
 fn vae_with_current_and_legacy_attention_names_matches_diffusers() {
     let refs = References::load();
-    for (folder, naming) in [("vae", AttentionNaming::Current), ("vae_legacy", AttentionNaming::Legacy)] {
+    for (folder, naming) in [
+        ("vae", AttentionNaming::Current),
+        ("vae_legacy", AttentionNaming::Legacy),
+    ] {
         let loaded = AutoencoderKl::from_folder(&fixtures().join(folder), Device::Cpu).unwrap();
         assert_eq!(loaded.naming, naming, "{folder}");
         assert_eq!(loaded.model.config.scaling_factor, 0.18215);
         let (mean, logvar) = loaded.model.encode_moments(refs.get("vae_input")).unwrap();
         assert_eq!(mean.size(), [2, 4, 8, 8]);
         assert_close(&format!("{folder} mean"), &mean, refs.get("vae_mean"), 1e-4);
-        assert_close(&format!("{folder} logvar"), &logvar, refs.get("vae_logvar"), 1e-4);
+        assert_close(
+            &format!("{folder} logvar"),
+            &logvar,
+            refs.get("vae_logvar"),
+            1e-4,
+        );
         let decoded = loaded.model.decode(refs.get("vae_latents")).unwrap();
         assert_eq!(decoded.size(), [2, 3, 32, 32]);
-        assert_close(&format!("{folder} decoded"), &decoded, refs.get("vae_decoded"), 1e-4);
+        assert_close(
+            &format!("{folder} decoded"),
+            &decoded,
+            refs.get("vae_decoded"),
+            1e-4,
+        );
     }
 }
 
@@ -158,38 +199,65 @@ fn strict_loading_names_missing_unused_and_misshaped_tensors() {
     let weights_path = dir.join(dinov2::WEIGHTS_FILE);
     let original = weights::read_safetensors(&weights_path).unwrap();
     let save = |tensors: &HashMap<String, Tensor>| {
-        let named: Vec<(String, Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        let named: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
         weights::save_atomic(&named, &weights_path).unwrap();
     };
 
-    let mut tensors: HashMap<String, Tensor> = original.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let mut tensors: HashMap<String, Tensor> = original
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     tensors.remove("encoder.layer.1.mlp.fc2.bias");
-    tensors.insert("encoder.layer.1.mlp.fc3.bias".into(), Tensor::zeros([48], (Kind::Float, Device::Cpu)));
+    tensors.insert(
+        "encoder.layer.1.mlp.fc3.bias".into(),
+        Tensor::zeros([48], (Kind::Float, Device::Cpu)),
+    );
     save(&tensors);
-    let msg = Dinov2::from_folder(&dir, Device::Cpu).unwrap_err().to_string();
+    let msg = Dinov2::from_folder(&dir, Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains(&weights_path.display().to_string()), "{msg}");
-    assert!(msg.contains("missing tensors [encoder.layer.1.mlp.fc2.bias]"), "{msg}");
-    assert!(msg.contains("unused tensors [encoder.layer.1.mlp.fc3.bias]"), "{msg}");
+    assert!(
+        msg.contains("missing tensors [encoder.layer.1.mlp.fc2.bias]"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("unused tensors [encoder.layer.1.mlp.fc3.bias]"),
+        "{msg}"
+    );
 
     // A config that disagrees with the weights: the 224-px table has 257 positions, the file 1370.
     save(&original);
     let config_path = dir.join(dinov2::CONFIG_FILE);
-    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"image_size\": 518", "\"image_size\": 224");
+    let config = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("\"image_size\": 518", "\"image_size\": 224");
     std::fs::write(&config_path, config).unwrap();
-    let msg = Dinov2::from_folder(&dir, Device::Cpu).unwrap_err().to_string();
+    let msg = Dinov2::from_folder(&dir, Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(
-        msg.contains("embeddings.position_embeddings") && msg.contains("[1, 1370, 48]") && msg.contains("[1, 257, 48]"),
+        msg.contains("embeddings.position_embeddings")
+            && msg.contains("[1, 1370, 48]")
+            && msg.contains("[1, 257, 48]"),
         "{msg}"
     );
 
     std::fs::write(&config_path, "{ not json").unwrap();
-    let msg = Dinov2::from_folder(&dir, Device::Cpu).unwrap_err().to_string();
+    let msg = Dinov2::from_folder(&dir, Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains(&config_path.display().to_string()), "{msg}");
 
     let vae_dir = tmp.path().join("vae");
     copy_folder(&fixtures().join("vae_legacy"), &vae_dir);
     std::fs::remove_file(vae_dir.join(vae::WEIGHTS_FILE)).unwrap();
-    let msg = AutoencoderKl::from_folder(&vae_dir, Device::Cpu).unwrap_err().to_string();
+    let msg = AutoencoderKl::from_folder(&vae_dir, Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("diffusion_pytorch_model.safetensors"), "{msg}");
 }
 
@@ -200,7 +268,11 @@ fn fingerprint_follows_file_contents() {
     copy_folder(&fixtures().join("vae"), &dir);
     let original = vae::fingerprint(&fixtures().join("vae")).unwrap();
     assert_eq!(original.len(), 64);
-    assert_eq!(vae::fingerprint(&dir).unwrap(), original, "same bytes elsewhere, same fingerprint");
+    assert_eq!(
+        vae::fingerprint(&dir).unwrap(),
+        original,
+        "same bytes elsewhere, same fingerprint"
+    );
     let loaded = AutoencoderKl::from_folder(&dir, Device::Cpu).unwrap();
     assert_eq!(loaded.fingerprint().unwrap(), original);
 
@@ -210,29 +282,47 @@ fn fingerprint_follows_file_contents() {
     bytes[last] ^= 1;
     std::fs::write(&weights_path, bytes).unwrap();
     assert_ne!(vae::fingerprint(&dir).unwrap(), original);
-    assert_ne!(vae::fingerprint(&fixtures().join("vae_legacy")).unwrap(), original);
+    assert_ne!(
+        vae::fingerprint(&fixtures().join("vae_legacy")).unwrap(),
+        original
+    );
 }
 
 fn parameter_count(path: &Path) -> i64 {
-    weights::read_safetensors(path).unwrap().values().map(|t| t.numel() as i64).sum()
+    weights::read_safetensors(path)
+        .unwrap()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum()
 }
 
 #[test]
 fn encoders_check_prints_architecture_parameters_fingerprint_and_forward() {
     let (encoder, vae_dir) = (fixtures().join("dinov2_reg"), fixtures().join("vae_legacy"));
     let out = common::run_ok(
-        common::pipeline().args(["encoders", "check", "--device", "cpu", "--image-size", "64"]).arg("--encoder").arg(&encoder).arg("--vae").arg(&vae_dir),
+        common::pipeline()
+            .args(["encoders", "check", "--device", "cpu", "--image-size", "64"])
+            .arg("--encoder")
+            .arg(&encoder)
+            .arg("--vae")
+            .arg(&vae_dir),
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let expect = [
         "DINOv2 ViT-custom/14 (dinov2_with_registers)".to_string(),
         "4 registers".to_string(),
-        format!("parameters: {}", parameter_count(&encoder.join(dinov2::WEIGHTS_FILE))),
+        format!(
+            "parameters: {}",
+            parameter_count(&encoder.join(dinov2::WEIGHTS_FILE))
+        ),
         format!("fingerprint: {}", dinov2::fingerprint(&encoder).unwrap()),
         "patch tokens [1, 256, 48]".to_string(),
         "AutoencoderKL, blocks [16, 32, 32]".to_string(),
         "Legacy names".to_string(),
-        format!("parameters: {}", parameter_count(&vae_dir.join(vae::WEIGHTS_FILE))),
+        format!(
+            "parameters: {}",
+            parameter_count(&vae_dir.join(vae::WEIGHTS_FILE))
+        ),
         format!("fingerprint: {}", vae::fingerprint(&vae_dir).unwrap()),
         "posterior mean [1, 4, 16, 16]".to_string(),
         "decoded [1, 3, 64, 64]".to_string(),
@@ -241,7 +331,11 @@ fn encoders_check_prints_architecture_parameters_fingerprint_and_forward() {
         assert!(stdout.contains(&line), "missing `{line}` in:\n{stdout}");
     }
 
-    let out = common::pipeline().args(["encoders", "check", "--encoder"]).arg(fixtures().join("nope")).output().unwrap();
+    let out = common::pipeline()
+        .args(["encoders", "check", "--encoder"])
+        .arg(fixtures().join("nope"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nope/config.json"), "{stderr}");

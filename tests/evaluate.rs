@@ -13,26 +13,53 @@ use tch::{Device, Kind, Tensor};
 /// (TARFlow starts with zero output projections), under a new name with its sidecar.
 fn perturbed_checkpoint(dir: &Path, preset: &str, scale: f64) -> PathBuf {
     let init = dir.join(format!("{preset}-init.safetensors"));
-    run_ok(pipeline().args(["flow", "init", "--preset", preset, "--seed", "2", "--output"]).arg(&init));
+    run_ok(
+        pipeline()
+            .args([
+                "flow", "init", "--preset", preset, "--seed", "2", "--output",
+            ])
+            .arg(&init),
+    );
     tch::manual_seed(7);
     let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&init)
         .unwrap()
         .into_iter()
-        .map(|(n, t)| if t.is_floating_point() { (n, &t + Tensor::randn_like(&t) * scale) } else { (n, t) })
+        .map(|(n, t)| {
+            if t.is_floating_point() {
+                (n, &t + Tensor::randn_like(&t) * scale)
+            } else {
+                (n, t)
+            }
+        })
         .collect();
     let ckpt = dir.join(format!("{preset}.safetensors"));
     Tensor::write_safetensors(&named, &ckpt).unwrap();
-    std::fs::copy(init.with_extension("model.toml"), ckpt.with_extension("model.toml")).unwrap();
+    std::fs::copy(
+        init.with_extension("model.toml"),
+        ckpt.with_extension("model.toml"),
+    )
+    .unwrap();
     ckpt
 }
 
 fn check_samples(dirs: &[&Path]) -> serde_json::Value {
-    let out = run_ok(python().arg(repo_root().join("tests/python/check_samples.py")).args(dirs));
+    let out = run_ok(
+        python()
+            .arg(repo_root().join("tests/python/check_samples.py"))
+            .args(dirs),
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn sample(ckpt: &Path, out: &Path, extra: &[&str]) -> String {
-    let o = run_ok(pipeline().args(["sample", "--device", "cpu", "--checkpoint"]).arg(ckpt).arg("--out").arg(out).args(extra));
+    let o = run_ok(
+        pipeline()
+            .args(["sample", "--device", "cpu", "--checkpoint"])
+            .arg(ckpt)
+            .arg("--out")
+            .arg(out)
+            .args(extra),
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -40,13 +67,40 @@ fn sample(ckpt: &Path, out: &Path, extra: &[&str]) -> String {
 fn sampling_is_the_same_for_any_batch_size_and_run() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = perturbed_checkpoint(dir.path(), "tiny", 0.02);
-    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
     // This perturbed random flow is unstable enough that a sample comes out non-finite: the redraw is
     // counted, and it takes the same fresh noise whatever the batching.
-    let redraws = |stdout: String| stdout.lines().find_map(|l| l.strip_prefix("redrawn for NaN/Inf: ").map(str::to_string)).expect("redraw line");
-    let redrawn = redraws(sample(&ckpt, &a, &["--num", "10", "--seed", "5", "--batch", "3"]));
-    assert_eq!(redraws(sample(&ckpt, &b, &["--num", "10", "--seed", "5", "--batch", "10"])), redrawn);
-    assert_eq!(redraws(sample(&ckpt, &c, &["--num", "10", "--seed", "5", "--batch", "3"])), redrawn);
+    let redraws = |stdout: String| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("redrawn for NaN/Inf: ").map(str::to_string))
+            .expect("redraw line")
+    };
+    let redrawn = redraws(sample(
+        &ckpt,
+        &a,
+        &["--num", "10", "--seed", "5", "--batch", "3"],
+    ));
+    assert_eq!(
+        redraws(sample(
+            &ckpt,
+            &b,
+            &["--num", "10", "--seed", "5", "--batch", "10"]
+        )),
+        redrawn
+    );
+    assert_eq!(
+        redraws(sample(
+            &ckpt,
+            &c,
+            &["--num", "10", "--seed", "5", "--batch", "3"]
+        )),
+        redrawn
+    );
     let report = check_samples(&[&a, &b, &c]);
     assert_eq!(report["files"], serde_json::json!(["arr_0", "arr_1"]));
     assert_eq!(report["shape"], serde_json::json!([10, 16, 16, 3]));
@@ -56,10 +110,16 @@ fn sampling_is_the_same_for_any_batch_size_and_run() {
     // boundary (matrix kernels block a batch of 3 and of 10 differently; this flow saturates, which
     // magnifies the last bits).
     assert_eq!(report["differ"][1], serde_json::json!([0, 0]), "{report}");
-    let (n_diff, max_diff) = (report["differ"][0][0].as_i64().unwrap(), report["differ"][0][1].as_i64().unwrap());
+    let (n_diff, max_diff) = (
+        report["differ"][0][0].as_i64().unwrap(),
+        report["differ"][0][1].as_i64().unwrap(),
+    );
     assert!(n_diff <= 3 && max_diff <= 1, "{report}");
     // ⌈√10⌉ = 4 columns, 3 rows of 16 px with 2 px padding around every cell.
-    assert_eq!(report["grid"], serde_json::json!([4 * 16 + 5 * 2, 3 * 16 + 4 * 2]));
+    assert_eq!(
+        report["grid"],
+        serde_json::json!([4 * 16 + 5 * 2, 3 * 16 + 4 * 2])
+    );
     assert_eq!(report["grid_first_cell_is_sample_0"], true);
     assert_eq!(report["png_matches_npz"], true);
     assert_eq!(report["distinct_samples"], 10);
@@ -68,37 +128,82 @@ fn sampling_is_the_same_for_any_batch_size_and_run() {
     assert!(labels.iter().all(|&l| (0..10).contains(&l)), "{labels:?}");
 
     // Another seed differs; guided, annealed sampling with explicit classes is batch-invariant too.
-    let (d, e, f) = (dir.path().join("d"), dir.path().join("e"), dir.path().join("f"));
+    let (d, e, f) = (
+        dir.path().join("d"),
+        dir.path().join("e"),
+        dir.path().join("f"),
+    );
     sample(&ckpt, &d, &["--num", "10", "--seed", "6", "--batch", "10"]);
-    assert_eq!(check_samples(&[&a, &d])["same_as"], serde_json::json!([false]));
+    assert_eq!(
+        check_samples(&[&a, &d])["same_as"],
+        serde_json::json!([false])
+    );
     // Guidance doubles the batch (conditional and unconditional rows), so matmul kernels block it
     // differently; at most a value or two may land on the other side of a rounding boundary.
     let ckpt = perturbed_checkpoint(dir.path(), "tiny", 0.005);
-    let guided = ["--num", "5", "--seed", "1", "--cfg", "2", "--annealed", "--attn-temp", "1.5", "--classes", "3,7", "--grid-cols", "5"];
+    let guided = [
+        "--num",
+        "5",
+        "--seed",
+        "1",
+        "--cfg",
+        "2",
+        "--annealed",
+        "--attn-temp",
+        "1.5",
+        "--classes",
+        "3,7",
+        "--grid-cols",
+        "5",
+    ];
     sample(&ckpt, &e, &[&guided[..], &["--batch", "2"]].concat());
     sample(&ckpt, &f, &[&guided[..], &["--batch", "5"]].concat());
     let report = check_samples(&[&e, &f]);
-    let (n_diff, max_diff) = (report["differ"][0][0].as_i64().unwrap(), report["differ"][0][1].as_i64().unwrap());
+    let (n_diff, max_diff) = (
+        report["differ"][0][0].as_i64().unwrap(),
+        report["differ"][0][1].as_i64().unwrap(),
+    );
     assert!(n_diff <= 3 && max_diff <= 1, "{report}");
     assert_eq!(report["labels"], serde_json::json!([3, 7, 3, 7, 3]));
-    assert_eq!(report["grid"], serde_json::json!([5 * 16 + 6 * 2, 16 + 2 * 2]));
+    assert_eq!(
+        report["grid"],
+        serde_json::json!([5 * 16 + 6 * 2, 16 + 2 * 2])
+    );
 }
 
 #[test]
 fn latent_samples_are_decoded_by_the_vae() {
     let dir = tempfile::tempdir().unwrap();
     let vae = dir.path().join("vae");
-    run_ok(python().arg(repo_root().join("tests/python/make_tiny_vae.py")).arg(&vae));
+    run_ok(
+        python()
+            .arg(repo_root().join("tests/python/make_tiny_vae.py"))
+            .arg(&vae),
+    );
     let ckpt = perturbed_checkpoint(dir.path(), "tiny-latent", 0.02);
     let out = dir.path().join("latent");
-    sample(&ckpt, &out, &["--num", "4", "--batch", "3", "--vae", vae.to_str().unwrap()]);
+    sample(
+        &ckpt,
+        &out,
+        &["--num", "4", "--batch", "3", "--vae", vae.to_str().unwrap()],
+    );
     // 8×8 latents, downsample factor 2 → 16×16 images.
     let report = check_samples(&[&out]);
     assert_eq!(report["shape"], serde_json::json!([4, 16, 16, 3]));
     // Without a VAE a latent checkpoint is refused with a message naming the flag.
-    let o = pipeline().args(["sample", "--device", "cpu", "--num", "1", "--checkpoint"]).arg(&ckpt).arg("--out").arg(dir.path().join("x")).output().unwrap();
+    let o = pipeline()
+        .args(["sample", "--device", "cpu", "--num", "1", "--checkpoint"])
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--vae"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--vae"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// A tiny flow whose class-conditional density is Gaussian with a mean shift set by the class (the
@@ -108,13 +213,28 @@ fn latent_samples_are_decoded_by_the_vae() {
 /// k raised is then most likely under class k.
 fn hand_set_classifier(dir: &Path) -> PathBuf {
     let init = dir.join("cls-init.safetensors");
-    run_ok(pipeline().args(["flow", "init", "--preset", "tiny", "--seed", "4", "--output"]).arg(&init));
+    run_ok(
+        pipeline()
+            .args([
+                "flow", "init", "--preset", "tiny", "--seed", "4", "--output",
+            ])
+            .arg(&init),
+    );
     let token_dim = 48;
     let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&init)
         .unwrap()
         .into_iter()
         .map(|(name, t)| {
-            let zeroed = ["attention.proj.weight", "attention.proj.bias", "mlp.main.2.weight", "mlp.main.2.bias", "proj_in.weight", "proj_in.bias", "pos_embed", "proj_out.bias"];
+            let zeroed = [
+                "attention.proj.weight",
+                "attention.proj.bias",
+                "mlp.main.2.weight",
+                "mlp.main.2.bias",
+                "proj_in.weight",
+                "proj_in.bias",
+                "pos_embed",
+                "proj_out.bias",
+            ];
             let t = if zeroed.iter().any(|z| name.ends_with(z)) {
                 t.zeros_like()
             } else if name.ends_with("class_embed") {
@@ -137,7 +257,11 @@ fn hand_set_classifier(dir: &Path) -> PathBuf {
         .collect();
     let ckpt = dir.join("cls.safetensors");
     Tensor::write_safetensors(&named, &ckpt).unwrap();
-    std::fs::copy(init.with_extension("model.toml"), ckpt.with_extension("model.toml")).unwrap();
+    std::fs::copy(
+        init.with_extension("model.toml"),
+        ckpt.with_extension("model.toml"),
+    )
+    .unwrap();
     ckpt
 }
 
@@ -147,13 +271,17 @@ fn class_cache(dir: &Path, n: usize) -> PathBuf {
     use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
     let cache = dir.join("cache").join("0123456789abcdef");
     std::fs::create_dir_all(&cache).unwrap();
-    let fields = vec![FieldSpec::new("label", DType::I64, &[]), FieldSpec::new("image", DType::U8, &[16, 16, 3])];
+    let fields = vec![
+        FieldSpec::new("label", DType::I64, &[]),
+        FieldSpec::new("image", DType::U8, &[16, 16, 3]),
+    ];
     let mut writer = ShardWriter::create(&cache.join("eval-000000.fbc"), fields, 8, 3).unwrap();
     tch::manual_seed(11);
     for i in 0..n {
         let k = (i % 10) as i64;
         // Mid-grey with noise, then feature k of each patch (channel k / 16, row (k % 16) / 4, column k % 4).
-        let image = (Tensor::randn([3, 16, 16], (Kind::Float, Device::Cpu)) * 10.0 + 128.0).clamp(0.0, 255.0);
+        let image = (Tensor::randn([3, 16, 16], (Kind::Float, Device::Cpu)) * 10.0 + 128.0)
+            .clamp(0.0, 255.0);
         let (ch, row, col) = (k / 16, (k % 16) / 4, k % 4);
         let plane = image.get(ch);
         for py in 0..4 {
@@ -163,11 +291,21 @@ fn class_cache(dir: &Path, n: usize) -> PathBuf {
         }
         let hwc = image.permute([1, 2, 0]).contiguous().to_kind(Kind::Uint8);
         let bytes = Vec::<u8>::try_from(hwc.flatten(0, -1)).unwrap();
-        writer.push(&format!("{i:06}"), &[&k.to_le_bytes(), &bytes]).unwrap();
+        writer
+            .push(&format!("{i:06}"), &[&k.to_le_bytes(), &bytes])
+            .unwrap();
     }
     let summary = writer.finish(serde_json::json!({})).unwrap();
-    let source = SourceShard { name: "eval-000000.tar".into(), size: 0, content_hash: String::new() };
-    let entry = ManifestShard { file: "eval-000000.fbc".into(), source, summary };
+    let source = SourceShard {
+        name: "eval-000000.tar".into(),
+        size: 0,
+        content_hash: String::new(),
+    };
+    let entry = ManifestShard {
+        file: "eval-000000.fbc".into(),
+        source,
+        summary,
+    };
     Manifest::record(&cache, &serde_json::json!({"test": true}), vec![entry]).unwrap();
     cache
 }
@@ -178,10 +316,26 @@ fn classify_recovers_the_classes_of_a_hand_set_model() {
     let ckpt = hand_set_classifier(dir.path());
     let cache = class_cache(dir.path(), 30);
     let out = dir.path().join("cls");
-    let o = run_ok(pipeline().args(["classify", "--device", "cpu", "--batch", "7", "--checkpoint"]).arg(&ckpt).arg("--data").arg(&cache).arg("--out").arg(&out));
+    let o = run_ok(
+        pipeline()
+            .args([
+                "classify",
+                "--device",
+                "cpu",
+                "--batch",
+                "7",
+                "--checkpoint",
+            ])
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&cache)
+            .arg("--out")
+            .arg(&out),
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("top-1 accuracy: 100.00%"), "{stdout}");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["samples"], 30);
     assert_eq!(summary["top1"], 1.0);
     assert_eq!(summary["top5"], 1.0);
@@ -193,7 +347,11 @@ fn classify_recovers_the_classes_of_a_hand_set_model() {
         assert_eq!(cols[1], cols[2], "{row}");
         assert_eq!(cols[4].split(';').next(), Some(cols[2]), "{row}");
     }
-    assert!(rows[3].starts_with("eval-000000.tar/000003,3,3,1,"), "{}", rows[3]);
+    assert!(
+        rows[3].starts_with("eval-000000.tar/000003,3,3,1,"),
+        "{}",
+        rows[3]
+    );
     let confusion = std::fs::read_to_string(out.join("confusion.csv")).unwrap();
     assert_eq!(confusion.lines().nth(3), Some("2,0,0,3,0,0,0,0,0,0,0"));
 
@@ -202,26 +360,75 @@ fn classify_recovers_the_classes_of_a_hand_set_model() {
     let run = dir.path().join("run");
     let step = run.join("checkpoints/step-00000002");
     std::fs::create_dir_all(&step).unwrap();
-    std::fs::write(run.join("config.toml"), "[data]\nshards = \"unused\"\n\n[train]\nlatent = false\n").unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        "[data]\nshards = \"unused\"\n\n[train]\nlatent = false\n",
+    )
+    .unwrap();
     std::fs::write(run.join("checkpoints/latest"), "step-00000002\n").unwrap();
-    for (from, to) in [(ckpt.clone(), "ema"), (dir.path().join("cls-init.safetensors"), "model")] {
+    for (from, to) in [
+        (ckpt.clone(), "ema"),
+        (dir.path().join("cls-init.safetensors"), "model"),
+    ] {
         std::fs::copy(&from, step.join(format!("{to}.safetensors"))).unwrap();
-        std::fs::copy(from.with_extension("model.toml"), step.join(format!("{to}.model.toml"))).unwrap();
+        std::fs::copy(
+            from.with_extension("model.toml"),
+            step.join(format!("{to}.model.toml")),
+        )
+        .unwrap();
     }
     let classify_run = |extra: &[&str]| {
-        let o = run_ok(pipeline().args(["classify", "--device", "cpu", "--run"]).arg(&run).arg("--data").arg(&cache).arg("--out").arg(dir.path().join("run-cls")).args(extra));
+        let o = run_ok(
+            pipeline()
+                .args(["classify", "--device", "cpu", "--run"])
+                .arg(&run)
+                .arg("--data")
+                .arg(&cache)
+                .arg("--out")
+                .arg(dir.path().join("run-cls"))
+                .args(extra),
+        );
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let ema = classify_run(&[]);
-    assert!(ema.contains("top-1 accuracy: 100.00%") && ema.contains("step-00000002/ema.safetensors"), "{ema}");
+    assert!(
+        ema.contains("top-1 accuracy: 100.00%") && ema.contains("step-00000002/ema.safetensors"),
+        "{ema}"
+    );
     let raw = classify_run(&["--weights", "model"]);
-    assert!(!raw.contains("top-1 accuracy: 100.00%") && raw.contains("step-00000002/model.safetensors"), "{raw}");
-    let o = pipeline().args(["classify", "--device", "cpu", "--run"]).arg(dir.path()).arg("--data").arg(&cache).arg("--out").arg(dir.path().join("x")).output().unwrap();
+    assert!(
+        !raw.contains("top-1 accuracy: 100.00%") && raw.contains("step-00000002/model.safetensors"),
+        "{raw}"
+    );
+    let o = pipeline()
+        .args(["classify", "--device", "cpu", "--run"])
+        .arg(dir.path())
+        .arg("--data")
+        .arg(&cache)
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("config.toml"), "{err}");
 
     // --limit stops early.
-    let o = run_ok(pipeline().args(["classify", "--device", "cpu", "--limit", "4", "--checkpoint"]).arg(&ckpt).arg("--data").arg(&cache).arg("--out").arg(dir.path().join("few")));
+    let o = run_ok(
+        pipeline()
+            .args([
+                "classify",
+                "--device",
+                "cpu",
+                "--limit",
+                "4",
+                "--checkpoint",
+            ])
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&cache)
+            .arg("--out")
+            .arg(dir.path().join("few")),
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("classified 4 images"));
 }
 
@@ -229,15 +436,50 @@ fn classify_recovers_the_classes_of_a_hand_set_model() {
 fn bpd_equals_the_value_by_hand_from_flow_encode() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = perturbed_checkpoint(dir.path(), "tiny", 0.02);
-    run_ok(pipeline().args(["demo-data", "--classes", "10", "--per-class", "2", "--shards", "1", "--seed", "3", "--out"]).arg(dir.path().join("data")));
+    run_ok(
+        pipeline()
+            .args([
+                "demo-data",
+                "--classes",
+                "10",
+                "--per-class",
+                "2",
+                "--shards",
+                "1",
+                "--seed",
+                "3",
+                "--out",
+            ])
+            .arg(dir.path().join("data")),
+    );
     let shards = dir.path().join("data/demo-000000.tar");
     let inputs = dir.path().join("inputs.safetensors");
-    let o = run_ok(pipeline().args(["bpd", "--device", "cpu", "--batch", "6", "--seed", "9", "--checkpoint"]).arg(&ckpt).arg("--data").arg(&shards).arg("--save-inputs").arg(&inputs));
+    let o = run_ok(
+        pipeline()
+            .args([
+                "bpd",
+                "--device",
+                "cpu",
+                "--batch",
+                "6",
+                "--seed",
+                "9",
+                "--checkpoint",
+            ])
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&shards)
+            .arg("--save-inputs")
+            .arg(&inputs),
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["metric"], "bits_per_dim");
     assert_eq!(report["n"], 20);
-    let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&inputs).unwrap().into_iter().collect();
+    let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&inputs)
+        .unwrap()
+        .into_iter()
+        .collect();
     let x = &saved["x"];
     // Uniformly dequantised: (x + 1)·128 = integer level + u with u ∈ [0, 1) spread over the interval.
     let scaled = (x.to_kind(Kind::Double) + 1.0) * 128.0;
@@ -247,21 +489,49 @@ fn bpd_equals_the_value_by_hand_from_flow_encode() {
     assert!((frac_sd - (1.0f64 / 12.0).sqrt()).abs() < 0.02, "{frac_sd}");
     // By hand: flow encode on the same inputs gives the NLL per dimension; bits/dim = (nll + ln 128) / ln 2.
     let encoded = dir.path().join("encoded.safetensors");
-    run_ok(pipeline().args(["flow", "encode", "--device", "cpu", "--checkpoint"]).arg(&ckpt).arg("--input").arg(&inputs).arg("--output").arg(&encoded));
-    let enc: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&encoded).unwrap().into_iter().collect();
+    run_ok(
+        pipeline()
+            .args(["flow", "encode", "--device", "cpu", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--input")
+            .arg(&inputs)
+            .arg("--output")
+            .arg(&encoded),
+    );
+    let enc: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&encoded)
+        .unwrap()
+        .into_iter()
+        .collect();
     let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
     let z = enc["z"].to_kind(Kind::Double);
-    let nll = z.square().mean_dim(&[1i64, 2][..], false, Kind::Double) * 0.5 + half_log_2pi - enc["logdet"].to_kind(Kind::Double);
+    let nll = z.square().mean_dim(&[1i64, 2][..], false, Kind::Double) * 0.5 + half_log_2pi
+        - enc["logdet"].to_kind(Kind::Double);
     let bpd = (nll + 128f64.ln()) / 2f64.ln();
     let mean = bpd.mean(Kind::Double).double_value(&[]);
     let half_width = 1.959_963_984_540_054 * bpd.std(true).double_value(&[]) / 20f64.sqrt();
-    let (got, got_ci) = (report["mean"].as_f64().unwrap(), report["ci95"].as_f64().unwrap());
+    let (got, got_ci) = (
+        report["mean"].as_f64().unwrap(),
+        report["ci95"].as_f64().unwrap(),
+    );
     assert!((got - mean).abs() < 1e-4, "bpd {got} vs by hand {mean}");
-    assert!((got_ci - half_width).abs() < 1e-4, "ci {got_ci} vs by hand {half_width}");
+    assert!(
+        (got_ci - half_width).abs() < 1e-4,
+        "ci {got_ci} vs by hand {half_width}"
+    );
     assert!(got > 0.5 && got < 30.0, "{got}");
     // Another dequantisation seed changes the inputs but hardly the number.
-    let o = run_ok(pipeline().args(["bpd", "--device", "cpu", "--seed", "10", "--checkpoint"]).arg(&ckpt).arg("--data").arg(&shards));
-    let other: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    let o = run_ok(
+        pipeline()
+            .args(["bpd", "--device", "cpu", "--seed", "10", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&shards),
+    );
+    let other: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
     let other = other["mean"].as_f64().unwrap();
-    assert!(other != got && (other - got).abs() < 0.1, "{other} vs {got}");
+    assert!(
+        other != got && (other - got).abs() < 0.1,
+        "{other} vs {got}"
+    );
 }

@@ -8,12 +8,20 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
-    let named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    let named: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.shallow_clone()))
+        .collect();
     Tensor::write_safetensors(&named, path).unwrap();
 }
 
 fn read(path: &Path, name: &str) -> Tensor {
-    Tensor::read_safetensors(path).unwrap().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing")).1
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .1
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -24,7 +32,13 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn encode_then_decode_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("flow.safetensors");
-    run_ok(pipeline().args(["flow", "init", "--preset", "tiny", "--seed", "3", "--output"]).arg(&ckpt));
+    run_ok(
+        pipeline()
+            .args([
+                "flow", "init", "--preset", "tiny", "--seed", "3", "--output",
+            ])
+            .arg(&ckpt),
+    );
     assert!(dir.path().join("flow.model.toml").exists());
     tch::manual_seed(0);
     let x = Tensor::rand([5, 3, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
@@ -32,7 +46,23 @@ fn encode_then_decode_round_trips() {
     let input = dir.path().join("x.safetensors");
     write(&input, &[("x", &x), ("y", &y)]);
     let encoded = dir.path().join("z.safetensors");
-    run_ok(pipeline().args(["flow", "encode", "--device", "cpu", "--batch", "2", "--checkpoint"]).arg(&ckpt).arg("--input").arg(&input).arg("--output").arg(&encoded));
+    run_ok(
+        pipeline()
+            .args([
+                "flow",
+                "encode",
+                "--device",
+                "cpu",
+                "--batch",
+                "2",
+                "--checkpoint",
+            ])
+            .arg(&ckpt)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&encoded),
+    );
     let z = read(&encoded, "z");
     assert_eq!(z.size(), [5, 16, 48]);
     assert_eq!(read(&encoded, "nll").size(), [5]);
@@ -42,7 +72,15 @@ fn encode_then_decode_round_trips() {
     let zin = dir.path().join("zin.safetensors");
     write(&zin, &[("z", &z), ("y", &y)]);
     let decoded = dir.path().join("back.safetensors");
-    run_ok(pipeline().args(["flow", "decode", "--device", "cpu", "--checkpoint"]).arg(&ckpt).arg("--input").arg(&zin).arg("--output").arg(&decoded));
+    run_ok(
+        pipeline()
+            .args(["flow", "decode", "--device", "cpu", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--input")
+            .arg(&zin)
+            .arg("--output")
+            .arg(&decoded),
+    );
     let back = read(&decoded, "x");
     assert!(max_diff(&back, &x) < 1e-4, "{}", max_diff(&back, &x));
 }
@@ -63,12 +101,32 @@ fn reference_named_checkpoint_loads_from_shapes() {
     let y = Tensor::from_slice(&[1i64, -1]);
     let input = dir.path().join("x.safetensors");
     write(&input, &[("x", &x), ("y", &y)]);
-    let (weights, reference) = (dir.path().join("ref.safetensors"), dir.path().join("ref_z.safetensors"));
-    run_ok(python().arg(repo_root().join("tests/python/tarflow_ref.py")).arg("export").args([&config, &weights, &input, &reference]));
+    let (weights, reference) = (
+        dir.path().join("ref.safetensors"),
+        dir.path().join("ref_z.safetensors"),
+    );
+    run_ok(
+        python()
+            .arg(repo_root().join("tests/python/tarflow_ref.py"))
+            .arg("export")
+            .args([&config, &weights, &input, &reference]),
+    );
     let encoded = dir.path().join("z.safetensors");
     run_ok(
         pipeline()
-            .args(["flow", "encode", "--device", "cpu", "--image-size", "8", "--patch-size", "2", "--in-channels", "3", "--checkpoint"])
+            .args([
+                "flow",
+                "encode",
+                "--device",
+                "cpu",
+                "--image-size",
+                "8",
+                "--patch-size",
+                "2",
+                "--in-channels",
+                "3",
+                "--checkpoint",
+            ])
             .arg(&weights)
             .arg("--input")
             .arg(&input)
@@ -79,7 +137,19 @@ fn reference_named_checkpoint_loads_from_shapes() {
     assert!(max_diff(&read(&encoded, "logdet"), &read(&reference, "logdet")) < 1e-5);
     // Wrong geometry is named, not a crash.
     let out = pipeline()
-        .args(["flow", "encode", "--device", "cpu", "--image-size", "8", "--patch-size", "4", "--in-channels", "3", "--checkpoint"])
+        .args([
+            "flow",
+            "encode",
+            "--device",
+            "cpu",
+            "--image-size",
+            "8",
+            "--patch-size",
+            "4",
+            "--in-channels",
+            "3",
+            "--checkpoint",
+        ])
         .arg(&weights)
         .arg("--input")
         .arg(&input)
@@ -88,20 +158,43 @@ fn reference_named_checkpoint_loads_from_shapes() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("ref.safetensors") && stderr.contains("proj_in"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("ref.safetensors") && stderr.contains("proj_in"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn seeded_sampling_and_input_errors() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("flow.safetensors");
-    run_ok(pipeline().args(["flow", "init", "--preset", "tiny-latent", "--output"]).arg(&ckpt));
+    run_ok(
+        pipeline()
+            .args(["flow", "init", "--preset", "tiny-latent", "--output"])
+            .arg(&ckpt),
+    );
     let mut outs = vec![];
     for name in ["a", "b"] {
         let out = dir.path().join(format!("{name}.safetensors"));
         run_ok(
             pipeline()
-                .args(["flow", "decode", "--device", "cpu", "--samples", "3", "--seed", "7", "--class", "2", "--guidance", "1.5", "--annealed", "--denoise", "--checkpoint"])
+                .args([
+                    "flow",
+                    "decode",
+                    "--device",
+                    "cpu",
+                    "--samples",
+                    "3",
+                    "--seed",
+                    "7",
+                    "--class",
+                    "2",
+                    "--guidance",
+                    "1.5",
+                    "--annealed",
+                    "--denoise",
+                    "--checkpoint",
+                ])
                 .arg(&ckpt)
                 .arg("--output")
                 .arg(&out),
@@ -112,43 +205,149 @@ fn seeded_sampling_and_input_errors() {
     assert!(outs[0].equal(&outs[1]));
     // A file without `x` is named with the key.
     let bad = dir.path().join("bad.safetensors");
-    write(&bad, &[("images", &Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu)))]);
-    let out = pipeline().args(["flow", "encode", "--device", "cpu", "--checkpoint"]).arg(&ckpt).arg("--input").arg(&bad).arg("--output").arg(dir.path().join("o.safetensors")).output().unwrap();
+    write(
+        &bad,
+        &[(
+            "images",
+            &Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu)),
+        )],
+    );
+    let out = pipeline()
+        .args(["flow", "encode", "--device", "cpu", "--checkpoint"])
+        .arg(&ckpt)
+        .arg("--input")
+        .arg(&bad)
+        .arg("--output")
+        .arg(dir.path().join("o.safetensors"))
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("bad.safetensors") && stderr.contains("`x` is missing"), "{stderr}");
+    assert!(
+        !out.status.success()
+            && stderr.contains("bad.safetensors")
+            && stderr.contains("`x` is missing"),
+        "{stderr}"
+    );
     // A mis-shaped x is named too.
-    write(&bad, &[("x", &Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu)))]);
-    let out = pipeline().args(["flow", "encode", "--device", "cpu", "--checkpoint"]).arg(&ckpt).arg("--input").arg(&bad).arg("--output").arg(dir.path().join("o.safetensors")).output().unwrap();
+    write(
+        &bad,
+        &[(
+            "x",
+            &Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu)),
+        )],
+    );
+    let out = pipeline()
+        .args(["flow", "encode", "--device", "cpu", "--checkpoint"])
+        .arg(&ckpt)
+        .arg("--input")
+        .arg(&bad)
+        .arg("--output")
+        .arg(dir.path().join("o.safetensors"))
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("bad.safetensors") && stderr.contains("(B, 4, 8, 8)"), "{stderr}");
+    assert!(
+        !out.status.success()
+            && stderr.contains("bad.safetensors")
+            && stderr.contains("(B, 4, 8, 8)"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn flow_and_bench_flags_are_documented() {
     for (args, flags) in [
-        (&["flow", "encode", "--help"][..], &["--checkpoint", "--config", "--image-size", "--patch-size", "--in-channels", "--input", "--output", "--device", "--batch"][..]),
-        (&["flow", "decode", "--help"], &["--input", "--samples", "--seed", "--class", "--guidance", "--annealed", "--attn-temp", "--denoise", "--denoise-lr-scale", "--max-redraws"]),
-        (&["bench", "flow", "--help"], &["--preset", "--batch", "--steps", "--sample-batch", "--guidance", "--threads", "--device", "--bf16"]),
+        (
+            &["flow", "encode", "--help"][..],
+            &[
+                "--checkpoint",
+                "--config",
+                "--image-size",
+                "--patch-size",
+                "--in-channels",
+                "--input",
+                "--output",
+                "--device",
+                "--batch",
+            ][..],
+        ),
+        (
+            &["flow", "decode", "--help"],
+            &[
+                "--input",
+                "--samples",
+                "--seed",
+                "--class",
+                "--guidance",
+                "--annealed",
+                "--attn-temp",
+                "--denoise",
+                "--denoise-lr-scale",
+                "--max-redraws",
+            ],
+        ),
+        (
+            &["bench", "flow", "--help"],
+            &[
+                "--preset",
+                "--batch",
+                "--steps",
+                "--sample-batch",
+                "--guidance",
+                "--threads",
+                "--device",
+                "--bf16",
+            ],
+        ),
     ] {
         let out = run_ok(pipeline().args(args));
         let help = String::from_utf8_lossy(&out.stdout);
         for flag in flags {
-            let line = help.lines().find(|l| l.trim_start().starts_with(flag) || l.contains(&format!(" {flag} "))).unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(flag) || l.contains(&format!(" {flag} ")))
+                .unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
             let next = help.lines().skip_while(|l| *l != line).nth(1).unwrap_or("");
-            assert!(line.trim().len() > flag.len() + 12 || !next.trim().is_empty(), "{flag} undocumented:\n{help}");
+            assert!(
+                line.trim().len() > flag.len() + 12 || !next.trim().is_empty(),
+                "{flag} undocumented:\n{help}"
+            );
         }
     }
 }
 
 #[test]
 fn bench_flow_reports_both_sides() {
-    let out = run_ok(pipeline().current_dir(repo_root()).args(["bench", "flow", "--preset", "tiny", "--batch", "2", "--sample-batch", "2", "--steps", "1", "--threads", "1"]));
-    let report: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let out = run_ok(pipeline().current_dir(repo_root()).args([
+        "bench",
+        "flow",
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--sample-batch",
+        "2",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     for side in ["rust", "pytorch"] {
         assert!(report[side]["step_s"].as_f64().unwrap() > 0.0, "{report}");
-        assert!(report[side]["sample_tokens_per_s"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(
+            report[side]["sample_tokens_per_s"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
     }
     assert!(report["step_time_ratio"].as_f64().unwrap() > 0.0);
-    let out = pipeline().args(["bench", "flow", "--preset", "nope"]).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown preset `nope`"));
+    let out = pipeline()
+        .args(["bench", "flow", "--preset", "nope"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("unknown preset `nope`")
+    );
 }

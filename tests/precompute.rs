@@ -10,8 +10,27 @@ use std::time::{Duration, Instant};
 
 /// Demo shards (4 × `per_shard` samples), tiny encoders and a config pointing at them.
 fn setup(tmp: &Path, per_class: usize) -> PathBuf {
-    run_ok(pipeline().args(["demo-data", "--classes", "4", "--shards", "4", "--seed", "0", "--per-class"]).arg(per_class.to_string()).arg("--out").arg(tmp.join("data")));
-    run_ok(pipeline().args(["encoders", "init", "--preset", "tiny", "--out"]).arg(tmp.join("enc")));
+    run_ok(
+        pipeline()
+            .args([
+                "demo-data",
+                "--classes",
+                "4",
+                "--shards",
+                "4",
+                "--seed",
+                "0",
+                "--per-class",
+            ])
+            .arg(per_class.to_string())
+            .arg("--out")
+            .arg(tmp.join("data")),
+    );
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "tiny", "--out"])
+            .arg(tmp.join("enc")),
+    );
     let config = tmp.join("c.toml");
     let text = format!(
         "[data]\nshards = \"{0}/data/demo-{{000000..000003}}.tar\"\nimage_size = 32\n\n[precompute]\nencoder = \"{0}/enc/dinov2\"\n\
@@ -23,12 +42,24 @@ fn setup(tmp: &Path, per_class: usize) -> PathBuf {
 }
 
 fn precompute(config: &Path, cache: &Path, extra: &[&str]) -> String {
-    let out = run_ok(pipeline().arg("precompute").arg("--config").arg(config).arg("--cache").arg(cache).args(extra));
+    let out = run_ok(
+        pipeline()
+            .arg("precompute")
+            .arg("--config")
+            .arg(config)
+            .arg("--cache")
+            .arg(cache)
+            .args(extra),
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn fingerprint_dirs(cache: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
     dirs.sort();
     dirs
 }
@@ -36,7 +67,10 @@ fn fingerprint_dirs(cache: &Path) -> Vec<PathBuf> {
 /// Shard name → blake3 of its cache file, from the manifest.
 fn shard_hashes(dir: &Path) -> BTreeMap<String, String> {
     let m = stages::cache::Manifest::load(dir).unwrap().unwrap();
-    m.shards.values().map(|s| (s.file.clone(), s.summary.blake3.clone())).collect()
+    m.shards
+        .values()
+        .map(|s| (s.file.clone(), s.summary.blake3.clone()))
+        .collect()
 }
 
 #[test]
@@ -46,38 +80,93 @@ fn reuse_superset_and_fingerprints() {
     let cache = tmp.path().join("cache");
     let first_two = format!("{}/data/demo-{{000000..000001}}.tar", tmp.path().display());
     let out = precompute(&config, &cache, &["--shards", &first_two]);
-    assert!(out.contains("computed 2 shards (4 samples, 8 encodings), reused 0"), "{out}");
+    assert!(
+        out.contains("computed 2 shards (4 samples, 8 encodings), reused 0"),
+        "{out}"
+    );
     // A superset computes only the new shards.
     let out = precompute(&config, &cache, &[]);
-    assert!(out.contains("computed 2 shards (4 samples, 8 encodings), reused 2"), "{out}");
+    assert!(
+        out.contains("computed 2 shards (4 samples, 8 encodings), reused 2"),
+        "{out}"
+    );
     // Same numbers, other worker count and batch size: same fingerprint, nothing encoded.
-    let out = precompute(&config, &cache, &["--set", "precompute.workers=1", "--set", "precompute.batch_size=3"]);
-    assert!(out.contains("computed 0 shards (0 samples, 0 encodings), reused 4"), "{out}");
+    let out = precompute(
+        &config,
+        &cache,
+        &[
+            "--set",
+            "precompute.workers=1",
+            "--set",
+            "precompute.batch_size=3",
+        ],
+    );
+    assert!(
+        out.contains("computed 0 shards (0 samples, 0 encodings), reused 4"),
+        "{out}"
+    );
     assert_eq!(fingerprint_dirs(&cache).len(), 1);
     // A crop size change is a new fingerprint directory, computed from scratch.
     let out = precompute(&config, &cache, &["--set", "data.image_size=16"]);
-    assert!(out.contains("computed 4 shards (8 samples, 16 encodings), reused 0"), "{out}");
+    assert!(
+        out.contains("computed 4 shards (8 samples, 16 encodings), reused 0"),
+        "{out}"
+    );
     assert_eq!(fingerprint_dirs(&cache).len(), 2);
     run_ok(pipeline().args(["cache", "verify", "--cache"]).arg(&cache));
 
     // The fields and shapes of docs/cache-format.md.
     let dir = &fingerprint_dirs(&cache)[0];
     let mut reader = stages::cache::ShardReader::open(&dir.join("demo-000000.fbc")).unwrap();
-    let shapes: Vec<(String, Vec<usize>)> = reader.footer().fields.iter().map(|f| (f.name.clone(), f.shape.clone())).collect();
+    let shapes: Vec<(String, Vec<usize>)> = reader
+        .footer()
+        .fields
+        .iter()
+        .map(|f| (f.name.clone(), f.shape.clone()))
+        .collect();
     let names: Vec<&str> = shapes.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["label", "image", "vae_mean", "vae_std", "features"]);
-    assert!(shapes.iter().any(|(n, s)| n == "vae_mean" && (s == &[2, 4, 4, 4] || s == &[2, 4, 2, 2])), "{shapes:?}");
-    assert!(shapes.iter().any(|(n, s)| n == "features" && s == &[2, 16, 32]), "{shapes:?}");
+    assert!(
+        shapes
+            .iter()
+            .any(|(n, s)| n == "vae_mean" && (s == &[2, 4, 4, 4] || s == &[2, 4, 2, 2])),
+        "{shapes:?}"
+    );
+    assert!(
+        shapes
+            .iter()
+            .any(|(n, s)| n == "features" && s == &[2, 16, 32]),
+        "{shapes:?}"
+    );
     let labels = reader.read_field("label").unwrap();
     assert_eq!(labels.len(), 8 * reader.n_samples());
 
-    let out = run_ok(pipeline().arg("precompute").arg("--config").arg(&config).args(["--dry-run", "--dry-run-batches", "1"]));
+    let out = run_ok(
+        pipeline()
+            .arg("precompute")
+            .arg("--config")
+            .arg(&config)
+            .args(["--dry-run", "--dry-run-batches", "1"]),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("cache bytes per sample") && text.contains("projected for 4 shards"), "{text}");
+    assert!(
+        text.contains("cache bytes per sample") && text.contains("projected for 4 shards"),
+        "{text}"
+    );
 
-    let out = run_ok(pipeline().args(["bench", "precompute", "--limit", "2", "--config"]).arg(&config));
+    let out = run_ok(
+        pipeline()
+            .args(["bench", "precompute", "--limit", "2", "--config"])
+            .arg(&config),
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in ["decode_images_per_s", "encode_images_per_s", "write_images_per_s", "end_to_end_images_per_s", "readback_vs_raw_zstd"] {
+    for key in [
+        "decode_images_per_s",
+        "encode_images_per_s",
+        "write_images_per_s",
+        "end_to_end_images_per_s",
+        "readback_vs_raw_zstd",
+    ] {
         assert!(line[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {line}");
     }
     assert_eq!(line["samples"], 2);
@@ -87,8 +176,20 @@ fn count_shards(cache: &Path) -> usize {
     fingerprint_dirs(cache)
         .iter()
         .flat_map(|d| std::fs::read_dir(d).unwrap())
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".fbc"))
-        .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".fbc")
+        })
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
         .count()
 }
 
@@ -117,7 +218,10 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
             .unwrap();
         let start = Instant::now();
         while !killed.exists() || count_shards(&killed) < after {
-            assert!(start.elapsed() < Duration::from_secs(120), "no shard appeared");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no shard appeared"
+            );
             if child.try_wait().unwrap().is_some() {
                 break;
             }
@@ -131,14 +235,25 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
     run_ok(pipeline().args(["cache", "verify", "--cache"]).arg(&killed));
     let dir = fingerprint_dirs(&killed)[0].clone();
     assert_eq!(dir.file_name(), ref_dir.file_name());
-    assert_eq!(shard_hashes(&dir), expected, "a killed and rerun cache differs from an uninterrupted one");
+    assert_eq!(
+        shard_hashes(&dir),
+        expected,
+        "a killed and rerun cache differs from an uninterrupted one"
+    );
 
     // Two ranks over the same shard list write, together, the same cache as one rank.
     let ranked = tmp.path().join("ranked");
     let out0 = precompute(&config, &ranked, &["--rank", "0", "--world-size", "2"]);
     assert!(out0.contains("computed 2 shards"), "{out0}");
     let out1 = run_ok(
-        pipeline().arg("precompute").arg("--config").arg(&config).arg("--cache").arg(&ranked).env("RANK", "1").env("WORLD_SIZE", "2"),
+        pipeline()
+            .arg("precompute")
+            .arg("--config")
+            .arg(&config)
+            .arg("--cache")
+            .arg(&ranked)
+            .env("RANK", "1")
+            .env("WORLD_SIZE", "2"),
     );
     assert!(String::from_utf8_lossy(&out1.stdout).contains("rank 1 of 2: computed 2 shards"));
     assert_eq!(shard_hashes(&fingerprint_dirs(&ranked)[0]), expected);
@@ -150,9 +265,16 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
     let mid = bytes.len() / 3;
     bytes[mid] ^= 0x01;
     std::fs::write(&victim, bytes).unwrap();
-    let out = pipeline().args(["cache", "verify", "--cache"]).arg(&killed).output().unwrap();
+    let out = pipeline()
+        .args(["cache", "verify", "--cache"])
+        .arg(&killed)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let bad: Vec<&str> = stdout.lines().filter(|l| l.starts_with("BAD")).collect();
-    assert!(bad.len() == 1 && bad[0].contains("demo-000002.fbc"), "{stdout}");
+    assert!(
+        bad.len() == 1 && bad[0].contains("demo-000002.fbc"),
+        "{stdout}"
+    );
 }

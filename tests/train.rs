@@ -21,13 +21,21 @@ fn features_of(img: &[u8]) -> Vec<u8> {
         for y in 0..4 {
             for x in 0..4 {
                 for c in 0..3 {
-                    mean[c] += img[((gy * 4 + y) * 16 + gx * 4 + x) * 3 + c] as f32 / (16.0 * 255.0);
+                    mean[c] +=
+                        img[((gy * 4 + y) * 16 + gx * 4 + x) * 3 + c] as f32 / (16.0 * 255.0);
                 }
             }
         }
         for d in 0..DIM {
-            let w = [(d as f32 * 0.7).sin(), (d as f32 * 1.3).cos(), (d as f32 * 0.4 + 1.0).sin()];
-            let v = w[0] * (mean[0] - 0.5) + w[1] * (mean[1] - 0.5) + w[2] * (mean[2] - 0.5) + 0.1 * ((t + d) as f32).sin();
+            let w = [
+                (d as f32 * 0.7).sin(),
+                (d as f32 * 1.3).cos(),
+                (d as f32 * 0.4 + 1.0).sin(),
+            ];
+            let v = w[0] * (mean[0] - 0.5)
+                + w[1] * (mean[1] - 0.5)
+                + w[2] * (mean[2] - 0.5)
+                + 0.1 * ((t + d) as f32).sin();
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
@@ -53,7 +61,9 @@ fn write_cache(root: &Path, shards: usize, per: usize) -> PathBuf {
     let mut entries = vec![];
     let mut state = 12345u64;
     let mut rnd = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as f32 / (1u64 << 31) as f32
     };
     for s in 0..shards {
@@ -69,7 +79,11 @@ fn write_cache(root: &Path, shards: usize, per: usize) -> PathBuf {
         for i in 0..per {
             let label = ((s * per + i) % 10) as i64;
             // A class colour with a left-to-right ramp and a little pixel noise.
-            let base = [(label * 25) as f32, (255 - label * 20) as f32, ((label * 71) % 255) as f32];
+            let base = [
+                (label * 25) as f32,
+                (255 - label * 20) as f32,
+                ((label * 71) % 255) as f32,
+            ];
             let mut img = vec![0u8; 16 * 16 * 3];
             for y in 0..16 {
                 for x in 0..16 {
@@ -86,17 +100,30 @@ fn write_cache(root: &Path, shards: usize, per: usize) -> PathBuf {
             for v in 0..2 {
                 for c in 0..4 {
                     for p in 0..64 {
-                        let m = (label as f32 - 4.5) * 2.0 * ((c + 1) as f32 * 0.3).sin() + if v == 1 { -(p as f32) } else { p as f32 } / 32.0;
+                        let m = (label as f32 - 4.5) * 2.0 * ((c + 1) as f32 * 0.3).sin()
+                            + if v == 1 { -(p as f32) } else { p as f32 } / 32.0;
                         mean.extend_from_slice(&m.to_le_bytes());
                         std.extend_from_slice(&0.3f32.to_le_bytes());
                     }
                 }
             }
-            w.push(&format!("{s:06}-{i:04}"), &[&label.to_le_bytes(), &img, &mean, &std, &feats]).unwrap();
+            w.push(
+                &format!("{s:06}-{i:04}"),
+                &[&label.to_le_bytes(), &img, &mean, &std, &feats],
+            )
+            .unwrap();
         }
         let summary = w.finish(serde_json::json!({})).unwrap();
-        let source = SourceShard { name: format!("demo-{s:06}.tar"), size: 1, content_hash: "h".into() };
-        entries.push(ManifestShard { file, source, summary });
+        let source = SourceShard {
+            name: format!("demo-{s:06}.tar"),
+            size: 1,
+            content_hash: "h".into(),
+        };
+        entries.push(ManifestShard {
+            file,
+            source,
+            summary,
+        });
     }
     Manifest::record(&dir, &settings, entries).unwrap();
     dir
@@ -146,12 +173,22 @@ fn setup(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 fn train(cfg: &Path, cache: &Path, out: &Path, extra: &[&str]) -> std::process::Command {
     let mut cmd = pipeline();
-    cmd.args(["train", "--config"]).arg(cfg).arg("--cache").arg(cache).arg("--out").arg(out).args(extra);
+    cmd.args(["train", "--config"])
+        .arg(cfg)
+        .arg("--cache")
+        .arg(cache)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
     cmd
 }
 
 fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -161,18 +198,41 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
     run_ok(&mut train(&cfg, &cache, &out, &[]));
     let m = metrics(&out);
     assert_eq!(m.len(), 20);
-    let avg = |k: &str, r: &[serde_json::Value]| r.iter().map(|v| v[k].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
-    let cos = |r: &[serde_json::Value]| r.iter().map(|v| v["cos"][0].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let avg = |k: &str, r: &[serde_json::Value]| {
+        r.iter().map(|v| v[k].as_f64().unwrap()).sum::<f64>() / r.len() as f64
+    };
+    let cos = |r: &[serde_json::Value]| {
+        r.iter().map(|v| v["cos"][0].as_f64().unwrap()).sum::<f64>() / r.len() as f64
+    };
     let (nll0, nll1) = (avg("nll", &m[..2]), avg("nll", &m[18..]));
     assert!(nll1 < nll0 - 0.5, "NLL {nll0} → {nll1}");
     let (c0, c1) = (cos(&m[..2]), cos(&m[18..]));
     assert!(c1 > c0 + 0.2, "alignment cosine {c0} → {c1}");
-    for k in ["bpd", "lr", "grad_norm", "samples_per_s", "step_s", "data_wait_frac", "align_loss"] {
+    for k in [
+        "bpd",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "step_s",
+        "data_wait_frac",
+        "align_loss",
+    ] {
         assert!(m[19][k].is_number(), "metric {k} missing: {}", m[19]);
     }
     let ck = out.join("checkpoints");
-    assert_eq!(std::fs::read_to_string(ck.join("latest")).unwrap().trim(), "step-00000200");
-    for f in ["model.safetensors", "model.model.toml", "ema.safetensors", "ema.model.toml", "projector.safetensors", "state.safetensors", "state.json"] {
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "step-00000200"
+    );
+    for f in [
+        "model.safetensors",
+        "model.model.toml",
+        "ema.safetensors",
+        "ema.model.toml",
+        "projector.safetensors",
+        "state.safetensors",
+        "state.json",
+    ] {
         assert!(ck.join("step-00000200").join(f).exists(), "{f} missing");
     }
     assert!(ck.join("step-00000100").exists());
@@ -182,27 +242,67 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
     let x = tmp.path().join("x.safetensors");
     let code = "import sys, torch; from safetensors.torch import save_file; save_file({'x': torch.rand(2,3,16,16)*2-1}, sys.argv[1])";
     run_ok(common::python().args(["-c", code]).arg(&x));
-    run_ok(pipeline().args(["flow", "encode", "--checkpoint"]).arg(ck.join("step-00000200/ema.safetensors")).arg("--input").arg(&x).arg("--output").arg(tmp.path().join("z.safetensors")));
+    run_ok(
+        pipeline()
+            .args(["flow", "encode", "--checkpoint"])
+            .arg(ck.join("step-00000200/ema.safetensors"))
+            .arg("--input")
+            .arg(&x)
+            .arg("--output")
+            .arg(tmp.path().join("z.safetensors")),
+    );
 }
 
 #[test]
 fn align_none_has_no_projector() {
     let (tmp, cfg, cache) = setup("train-none");
     let out = tmp.path().join("run");
-    run_ok(&mut train(&cfg, &cache, &out, &["--set", "align.mode=none", "--set", "train.steps=10", "--set", "train.metrics_every=5", "--set", "train.sample_every=0"]));
+    run_ok(&mut train(
+        &cfg,
+        &cache,
+        &out,
+        &[
+            "--set",
+            "align.mode=none",
+            "--set",
+            "train.steps=10",
+            "--set",
+            "train.metrics_every=5",
+            "--set",
+            "train.sample_every=0",
+        ],
+    ));
     let ck = out.join("checkpoints/step-00000010");
     assert!(ck.join("model.safetensors").exists());
     assert!(!ck.join("projector.safetensors").exists());
-    assert!(metrics(&out).iter().all(|v| v["align_loss"].is_null() && v["cos"].as_array().unwrap().is_empty()));
+    assert!(metrics(&out)
+        .iter()
+        .all(|v| v["align_loss"].is_null() && v["cos"].as_array().unwrap().is_empty()));
 }
 
 #[test]
 fn resume_matches_an_uninterrupted_latent_run_bit_for_bit() {
     let (tmp, cfg, cache) = setup("train-resume");
     let latent = [
-        "--latent", "--set", "model.img_size=8", "--set", "model.in_channels=4", "--set", "model.patch_size=2",
-        "--set", "train.steps=24", "--set", "train.metrics_every=1", "--set", "train.checkpoint_every=5",
-        "--set", "train.sample_every=0", "--set", "train.shuffle_buffer=40", "--set", "train.batch=24",
+        "--latent",
+        "--set",
+        "model.img_size=8",
+        "--set",
+        "model.in_channels=4",
+        "--set",
+        "model.patch_size=2",
+        "--set",
+        "train.steps=24",
+        "--set",
+        "train.metrics_every=1",
+        "--set",
+        "train.checkpoint_every=5",
+        "--set",
+        "train.sample_every=0",
+        "--set",
+        "train.shuffle_buffer=40",
+        "--set",
+        "train.batch=24",
     ];
     let full = tmp.path().join("full");
     run_ok(&mut train(&cfg, &cache, &full, &latent));
@@ -210,7 +310,12 @@ fn resume_matches_an_uninterrupted_latent_run_bit_for_bit() {
     let mut first: Vec<&str> = latent.to_vec();
     first.extend(["--stop-at", "13"]);
     run_ok(&mut train(&cfg, &cache, &part, &first));
-    assert_eq!(std::fs::read_to_string(part.join("checkpoints/latest")).unwrap().trim(), "step-00000013");
+    assert_eq!(
+        std::fs::read_to_string(part.join("checkpoints/latest"))
+            .unwrap()
+            .trim(),
+        "step-00000013"
+    );
     let mut again: Vec<&str> = latent.to_vec();
     again.push("--resume");
     run_ok(&mut train(&cfg, &cache, &part, &again));
@@ -232,7 +337,12 @@ fn resume_matches_an_uninterrupted_latent_run_bit_for_bit() {
 #[test]
 fn corrupt_cache_shard_is_refused_by_name() {
     let (tmp, cfg, cache) = setup("train-corrupt");
-    let dir = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    let dir = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let shard = dir.join("demo-000001.fbc");
     let mut bytes = std::fs::read(&shard).unwrap();
     // Damage every frame region (the footer sits at the end and stays intact).
@@ -242,10 +352,20 @@ fn corrupt_cache_shard_is_refused_by_name() {
         bytes[at] ^= 0x5a;
     }
     std::fs::write(&shard, bytes).unwrap();
-    let out = train(&cfg, &cache, &tmp.path().join("run"), &["--set", "train.steps=20"]).output().unwrap();
+    let out = train(
+        &cfg,
+        &cache,
+        &tmp.path().join("run"),
+        &["--set", "train.steps=20"],
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("demo-000001.fbc") && err.contains("corrupt"), "{err}");
+    assert!(
+        err.contains("demo-000001.fbc") && err.contains("corrupt"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -253,38 +373,84 @@ fn missing_cache_says_how_to_create_it() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("train.toml");
     std::fs::write(&cfg, PIXEL).unwrap();
-    let out = train(&cfg, &tmp.path().join("nocache"), &tmp.path().join("run"), &[]).output().unwrap();
+    let out = train(
+        &cfg,
+        &tmp.path().join("nocache"),
+        &tmp.path().join("run"),
+        &[],
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no precompute cache") && err.contains("pipeline precompute"), "{err}");
+    assert!(
+        err.contains("no precompute cache") && err.contains("pipeline precompute"),
+        "{err}"
+    );
     // A cache that lacks a requested source shard is named too.
     write_cache(&tmp.path().join("cache"), 2, 16);
-    let out = train(&cfg, &tmp.path().join("cache"), &tmp.path().join("run"), &["--shards", "/data/demo/demo-{000000..000002}.tar"]).output().unwrap();
+    let out = train(
+        &cfg,
+        &tmp.path().join("cache"),
+        &tmp.path().join("run"),
+        &["--shards", "/data/demo/demo-{000000..000002}.tar"],
+    )
+    .output()
+    .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("demo-000002.tar"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("demo-000002.tar"),
+        "{err}"
+    );
 }
 
 #[test]
 fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
     let (tmp, cfg, cache) = setup("train-nan");
     let out = tmp.path().join("run");
-    let base = ["--set", "train.steps=12", "--set", "train.metrics_every=1", "--set", "train.sample_every=0", "--set", "train.checkpoint_every=4"];
+    let base = [
+        "--set",
+        "train.steps=12",
+        "--set",
+        "train.metrics_every=1",
+        "--set",
+        "train.sample_every=0",
+        "--set",
+        "train.checkpoint_every=4",
+    ];
     let mut args: Vec<&str> = base.to_vec();
     args.extend(["--inject-nan-at", "3,7"]);
     run_ok(&mut train(&cfg, &cache, &out, &args));
     let m = metrics(&out);
     assert_eq!(m[11]["skipped_nonfinite"], 2);
     assert!(m[3]["grad_norm"].is_null() && m[3]["loss"].is_null());
-    assert!(m.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 7).all(|(_, v)| v["loss"].as_f64().unwrap().is_finite()));
+    assert!(m
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 7)
+        .all(|(_, v)| v["loss"].as_f64().unwrap().is_finite()));
 
     let out2 = tmp.path().join("run2");
     let mut args: Vec<&str> = base.to_vec();
-    args.extend(["--set", "train.max_nonfinite_in_row=3", "--inject-nan-at", "5,6,7"]);
+    args.extend([
+        "--set",
+        "train.max_nonfinite_in_row=3",
+        "--inject-nan-at",
+        "5,6,7",
+    ]);
     let o = train(&cfg, &cache, &out2, &args).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("3 non-finite losses in a row") && err.contains("step-00000004"), "{err}");
-    assert_eq!(std::fs::read_to_string(out2.join("checkpoints/latest")).unwrap().trim(), "step-00000004");
+    assert!(
+        err.contains("3 non-finite losses in a row") && err.contains("step-00000004"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out2.join("checkpoints/latest"))
+            .unwrap()
+            .trim(),
+        "step-00000004"
+    );
     assert!(out2.join("checkpoints/step-00000004/state.json").exists());
 }
 
@@ -294,16 +460,37 @@ fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
 fn train_precomputes_a_missing_cache_then_reuses_it() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    run_ok(pipeline()
-        .args(["demo-data", "--classes", "2", "--per-class", "6", "--shards", "2", "--out"])
-        .arg(root.join("data")));
-    run_ok(pipeline().args(["encoders", "init", "--preset", "tiny", "--out"]).arg(root.join("encoders")));
+    run_ok(
+        pipeline()
+            .args([
+                "demo-data",
+                "--classes",
+                "2",
+                "--per-class",
+                "6",
+                "--shards",
+                "2",
+                "--out",
+            ])
+            .arg(root.join("data")),
+    );
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "tiny", "--out"])
+            .arg(root.join("encoders")),
+    );
     let preset = repo_root().join("configs/demo.toml");
     let train = |out: &str| {
         let mut cmd = pipeline();
-        cmd.args(["train", "--latent", "--config"]).arg(&preset).arg("--out").arg(root.join(out));
+        cmd.args(["train", "--latent", "--config"])
+            .arg(&preset)
+            .arg("--out")
+            .arg(root.join(out));
         for set in [
-            format!("data.shards={}/data/demo-{{000000..000001}}.tar", root.display()),
+            format!(
+                "data.shards={}/data/demo-{{000000..000001}}.tar",
+                root.display()
+            ),
             format!("precompute.encoder={}/encoders/dinov2", root.display()),
             format!("precompute.vae={}/encoders/vae", root.display()),
             format!("train.cache={}/cache", root.display()),
@@ -318,9 +505,15 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
         String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
     };
     let first = train("run1");
-    assert!(first.contains("precomputed 2 shards (12 samples), reused 0"), "{first}");
+    assert!(
+        first.contains("precomputed 2 shards (12 samples), reused 0"),
+        "{first}"
+    );
     let second = train("run2");
-    assert!(second.contains("precomputed 0 shards (0 samples), reused 2"), "{second}");
+    assert!(
+        second.contains("precomputed 0 shards (0 samples), reused 2"),
+        "{second}"
+    );
     let fingerprints = std::fs::read_dir(root.join("cache")).unwrap().count();
     assert_eq!(fingerprints, 1);
 }

@@ -124,16 +124,25 @@ impl Config {
 
     pub fn from_file(path: &Path) -> Result<Self, EncoderError> {
         let cfg: Config = frozen::read_json_config(path)?;
-        cfg.validate().map_err(|message| EncoderError::Config { path: path.to_path_buf(), message })?;
+        cfg.validate().map_err(|message| EncoderError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), String> {
         if !matches!(self.model_type.as_str(), "dinov2" | "dinov2_with_registers") {
-            return Err(format!("model_type `{}` is not dinov2 or dinov2_with_registers", self.model_type));
+            return Err(format!(
+                "model_type `{}` is not dinov2 or dinov2_with_registers",
+                self.model_type
+            ));
         }
         if self.hidden_act != "gelu" {
-            return Err(format!("hidden_act `{}` is not supported (DINOv2 uses gelu)", self.hidden_act));
+            return Err(format!(
+                "hidden_act `{}` is not supported (DINOv2 uses gelu)",
+                self.hidden_act
+            ));
         }
         if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(format!(
@@ -142,7 +151,10 @@ impl Config {
             ));
         }
         if self.patch_size <= 0 || self.image_size < self.patch_size {
-            return Err(format!("image_size {} / patch_size {} make no patch grid", self.image_size, self.patch_size));
+            return Err(format!(
+                "image_size {} / patch_size {} make no patch grid",
+                self.image_size, self.patch_size
+            ));
         }
         Ok(())
     }
@@ -209,8 +221,14 @@ pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError>
         });
     }
     let device = images.device();
-    let mean = Tensor::from_slice(&IMAGENET_MEAN).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&IMAGENET_STD).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
+    let mean = Tensor::from_slice(&IMAGENET_MEAN)
+        .to_kind(Kind::Float)
+        .to_device(device)
+        .view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&IMAGENET_STD)
+        .to_kind(Kind::Float)
+        .to_device(device)
+        .view([1, 3, 1, 1]);
     let x = (images.to_kind(Kind::Float) / 255.0 - mean) / std;
     let (h, w) = (x.size()[2], x.size()[3]);
     if h == size && w == size {
@@ -234,10 +252,18 @@ impl Dinov2 {
     /// Builds the network with zero-initialised variables under `p` (checkpoint names below it).
     pub fn new(p: nn::Path, config: &Config) -> Self {
         let embeddings = Embeddings::new(&p / "embeddings", config);
-        let layers = (0..config.num_hidden_layers).map(|i| Layer::new(&p / "encoder" / "layer" / i, config)).collect();
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::new(&p / "encoder" / "layer" / i, config))
+            .collect();
         let layernorm = LayerNorm::new(&p / "layernorm", config.hidden_size, config.layer_norm_eps);
         let precision = Precision::for_device(p.device());
-        Dinov2 { config: config.clone(), embeddings, layers, layernorm, precision }
+        Dinov2 {
+            config: config.clone(),
+            embeddings,
+            layers,
+            layernorm,
+            precision,
+        }
     }
 
     /// Loads `config.json` + `model.safetensors` from a Hugging Face folder, strictly.
@@ -245,21 +271,40 @@ impl Dinov2 {
         let config_path = dir.join(CONFIG_FILE);
         let weights_path = dir.join(WEIGHTS_FILE);
         let config = Config::from_file(&config_path)?;
-        let (model, vs) = frozen::build_and_load(device, &weights_path, &|_| false, |p| Dinov2::new(p, &config))?;
-        Ok(LoadedDinov2 { parameters: frozen::parameter_count(&vs), model, vs, config_path, weights_path })
+        let (model, vs) = frozen::build_and_load(device, &weights_path, &|_| false, |p| {
+            Dinov2::new(p, &config)
+        })?;
+        Ok(LoadedDinov2 {
+            parameters: frozen::parameter_count(&vs),
+            model,
+            vs,
+            config_path,
+            weights_path,
+        })
     }
 
     /// Final-LayerNorm patch tokens (B, N, D), N = (H/14)·(W/14), CLS and registers excluded, float32.
     /// `pixels` is prepared input (B, 3, H, W) float (see [`prepare_input`]). Runs under no_grad.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor, EncoderError> {
-        frozen::check_image_batch("DINOv2", pixels, self.config.num_channels, self.config.patch_size)?;
+        frozen::check_image_batch(
+            "DINOv2",
+            pixels,
+            self.config.num_channels,
+            self.config.patch_size,
+        )?;
         let tokens = tch::no_grad(|| {
-            let mut x = self.embeddings.forward(pixels, &self.config, self.precision); // (b, 1 + r + n, d)
+            let mut x = self
+                .embeddings
+                .forward(pixels, &self.config, self.precision); // (b, 1 + r + n, d)
             for layer in &self.layers {
                 x = layer.forward(&x, &self.config, self.precision);
             }
             let x = self.layernorm.forward(&x);
-            x.narrow(1, 1 + self.config.registers(), x.size()[1] - 1 - self.config.registers())
+            x.narrow(
+                1,
+                1 + self.config.registers(),
+                x.size()[1] - 1 - self.config.registers(),
+            )
         });
         Ok(tokens)
     }
@@ -309,12 +354,25 @@ impl Embeddings {
         let cls_token = p.var("cls_token", &[1, 1, d], zeros);
         let has_mask = cfg.use_mask_token || cfg.registers() > 0;
         let _mask_token = has_mask.then(|| p.var("mask_token", &[1, d], zeros));
-        let register_tokens = (cfg.registers() > 0).then(|| p.var("register_tokens", &[1, cfg.registers(), d], zeros));
+        let register_tokens = (cfg.registers() > 0)
+            .then(|| p.var("register_tokens", &[1, cfg.registers(), d], zeros));
         let grid = cfg.position_grid();
         let position_embeddings = p.var("position_embeddings", &[1, grid * grid + 1, d], zeros);
-        let projection =
-            Conv2d::new(&p / "patch_embeddings" / "projection", cfg.num_channels, d, cfg.patch_size, cfg.patch_size, 0);
-        Embeddings { cls_token, _mask_token, register_tokens, position_embeddings, projection }
+        let projection = Conv2d::new(
+            &p / "patch_embeddings" / "projection",
+            cfg.num_channels,
+            d,
+            cfg.patch_size,
+            cfg.patch_size,
+            0,
+        );
+        Embeddings {
+            cls_token,
+            _mask_token,
+            register_tokens,
+            position_embeddings,
+            projection,
+        }
     }
 
     /// Position table for an input of `height` × `width` pixels, interpolated as transformers does:
@@ -331,7 +389,11 @@ impl Embeddings {
         let side = (n_positions as f64).sqrt() as i64;
         let cls = self.position_embeddings.narrow(1, 0, 1);
         // (1, s·s, d) -> (1, d, s, s)
-        let grid = self.position_embeddings.narrow(1, 1, n_positions).reshape([1, side, side, d]).permute([0, 3, 1, 2]);
+        let grid = self
+            .position_embeddings
+            .narrow(1, 1, n_positions)
+            .reshape([1, side, side, d])
+            .permute([0, 3, 1, 2]);
         let grid = grid.to_kind(Kind::Float);
         let resized = if cfg.registers() > 0 {
             grid.internal_upsample_bicubic2d_aa([new_h, new_w], false, None, None)
@@ -346,7 +408,11 @@ impl Embeddings {
     fn forward(&self, pixels: &Tensor, cfg: &Config, precision: Precision) -> Tensor {
         let (b, h, w) = (pixels.size()[0], pixels.size()[2], pixels.size()[3]);
         // (b, 3, h, w) -> (b, d, h/14, w/14) -> (b, n, d)
-        let patches = self.projection.forward(pixels, precision).flatten(2, 3).transpose(1, 2);
+        let patches = self
+            .projection
+            .forward(pixels, precision)
+            .flatten(2, 3)
+            .transpose(1, 2);
         let n = patches.size()[1];
         let cls = self.cls_token.expand([b, 1, cfg.hidden_size], true);
         // Under bf16 the patch embedding is bf16; autocast's `cat` promotes it to the fp32 of the CLS
@@ -355,7 +421,9 @@ impl Embeddings {
         match &self.register_tokens {
             // Registers go between CLS and the patches, after the position embedding (they have none).
             Some(registers) => {
-                let registers = registers.expand([b, cfg.registers(), cfg.hidden_size], true).to_kind(x.kind());
+                let registers = registers
+                    .expand([b, cfg.registers(), cfg.hidden_size], true)
+                    .to_kind(x.kind());
                 Tensor::cat(&[x.narrow(1, 0, 1), registers, x.narrow(1, 1, n)], 1)
             }
             None => x,
@@ -387,7 +455,9 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, cfg: &Config, precision: Precision) -> Tensor {
-        let h = self.attention.forward(&self.norm1.forward(x), cfg, precision);
+        let h = self
+            .attention
+            .forward(&self.norm1.forward(x), cfg, precision);
         let x = x + h * &self.layer_scale1;
         let h = self.mlp.forward(&self.norm2.forward(&x), precision);
         x + h * &self.layer_scale2
@@ -426,7 +496,16 @@ impl Attention {
         let k = split(self.key.forward(x, precision));
         let v = split(self.value.forward(x, precision));
         let scale = (head_dim as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, false);
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            scale,
+            false,
+        );
         // (b, h, t, d/h) -> (b, t, d)
         let y = y.transpose(1, 2).reshape([b, t, d]);
         self.output.forward(&y, precision)
@@ -438,7 +517,10 @@ enum Mlp {
     /// ViT-S/B/L: fc1 → exact GELU → fc2.
     Gelu { fc1: Linear, fc2: Linear },
     /// ViT-g: fused `weights_in` (gate ‖ up) → SiLU(gate)·up → `weights_out`.
-    SwiGlu { weights_in: Linear, weights_out: Linear },
+    SwiGlu {
+        weights_in: Linear,
+        weights_out: Linear,
+    },
 }
 
 impl Mlp {
@@ -450,7 +532,10 @@ impl Mlp {
                 weights_out: Linear::new(&p / "weights_out", hidden, d, true),
             }
         } else {
-            Mlp::Gelu { fc1: Linear::new(&p / "fc1", d, hidden, true), fc2: Linear::new(&p / "fc2", hidden, d, true) }
+            Mlp::Gelu {
+                fc1: Linear::new(&p / "fc1", d, hidden, true),
+                fc2: Linear::new(&p / "fc2", hidden, d, true),
+            }
         }
     }
 
@@ -462,7 +547,10 @@ impl Mlp {
                 let _ = hidden.gelu_("none");
                 fc2.forward(&hidden, precision)
             }
-            Mlp::SwiGlu { weights_in, weights_out } => {
+            Mlp::SwiGlu {
+                weights_in,
+                weights_out,
+            } => {
                 let gate_up = weights_in.forward(x, precision).chunk(2, -1);
                 weights_out.forward(&(gate_up[0].silu() * &gate_up[1]), precision)
             }
@@ -488,7 +576,12 @@ mod tests {
         assert_eq!(cfg.registers(), 0);
         // int(int(1536 * 4) * 2 / 3) = 4096, already a multiple of 8: weights_in is (8192, 1536).
         assert_eq!(cfg.mlp_hidden(), 4096);
-        assert!(cfg.describe().starts_with("DINOv2 ViT-g/14 (dinov2), 40 layers"), "{}", cfg.describe());
+        assert!(
+            cfg.describe()
+                .starts_with("DINOv2 ViT-g/14 (dinov2), 40 layers"),
+            "{}",
+            cfg.describe()
+        );
         assert_eq!(Config::vit_base().mlp_hidden(), 3072);
     }
 
@@ -496,7 +589,8 @@ mod tests {
     fn rejects_configs_it_cannot_run() {
         let cfg: Config = serde_json::from_str(r#"{"model_type": "vit"}"#).unwrap();
         assert!(cfg.validate().unwrap_err().contains("model_type `vit`"));
-        let cfg: Config = serde_json::from_str(r#"{"hidden_size": 100, "num_attention_heads": 12}"#).unwrap();
+        let cfg: Config =
+            serde_json::from_str(r#"{"hidden_size": 100, "num_attention_heads": 12}"#).unwrap();
         assert!(cfg.validate().unwrap_err().contains("not a multiple"));
     }
 

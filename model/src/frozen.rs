@@ -27,7 +27,10 @@ pub enum EncoderError {
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error("{model} input: {message}")]
-    Input { model: &'static str, message: String },
+    Input {
+        model: &'static str,
+        message: String,
+    },
 }
 
 /// Numeric mode of a frozen encoder's forward pass.
@@ -69,8 +72,14 @@ impl Precision {
 
 /// Reads and parses a JSON config, naming the file on any error.
 pub fn read_json_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, EncoderError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EncoderError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| EncoderError::ConfigJson { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| EncoderError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| EncoderError::ConfigJson {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// blake3 over the given files' contents, each prefixed by its length so that moving bytes from one
@@ -80,7 +89,10 @@ pub fn fingerprint_files(paths: &[&Path]) -> Result<String, EncoderError> {
     let mut hasher = blake3::Hasher::new();
     let mut buffer = vec![0u8; 1 << 20];
     for path in paths {
-        let io_err = |source| EncoderError::Io { path: path.to_path_buf(), source };
+        let io_err = |source| EncoderError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut file = std::fs::File::open(path).map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
         hasher.update(&len.to_le_bytes());
@@ -132,10 +144,26 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(p: nn::Path, in_channels: i64, out_channels: i64, kernel: i64, stride: i64, padding: i64) -> Self {
-        let weight = p.var("weight", &[out_channels, in_channels, kernel, kernel], nn::Init::Const(0.));
+    pub fn new(
+        p: nn::Path,
+        in_channels: i64,
+        out_channels: i64,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    ) -> Self {
+        let weight = p.var(
+            "weight",
+            &[out_channels, in_channels, kernel, kernel],
+            nn::Init::Const(0.),
+        );
         let bias = p.var("bias", &[out_channels], nn::Init::Const(0.));
-        Conv2d { weight, bias, stride, padding }
+        Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
     }
 
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
@@ -168,7 +196,13 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let dim = self.weight.size()[0];
-        x.to_kind(Kind::Float).layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.to_kind(Kind::Float).layer_norm(
+            [dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -185,11 +219,22 @@ impl GroupNorm {
     pub fn new(p: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
         let weight = p.var("weight", &[channels], nn::Init::Const(1.));
         let bias = p.var("bias", &[channels], nn::Init::Const(0.));
-        GroupNorm { weight, bias, groups, eps }
+        GroupNorm {
+            weight,
+            bias,
+            groups,
+            eps,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.to_kind(Kind::Float).group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.to_kind(Kind::Float).group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -217,7 +262,12 @@ pub fn build_and_load<M>(
 
 /// Fails unless `x` is a 4-D (B, C, H, W) tensor with `channels` channels and at least `min_side`
 /// pixels per side.
-pub fn check_image_batch(model: &'static str, x: &Tensor, channels: i64, min_side: i64) -> Result<(), EncoderError> {
+pub fn check_image_batch(
+    model: &'static str,
+    x: &Tensor,
+    channels: i64,
+    min_side: i64,
+) -> Result<(), EncoderError> {
     let size = x.size();
     let ok = size.len() == 4 && size[1] == channels && size[2] >= min_side && size[3] >= min_side;
     if ok {
@@ -225,7 +275,9 @@ pub fn check_image_batch(model: &'static str, x: &Tensor, channels: i64, min_sid
     } else {
         Err(EncoderError::Input {
             model,
-            message: format!("expected shape (B, {channels}, H, W) with H, W >= {min_side}, got {size:?}"),
+            message: format!(
+                "expected shape (B, {channels}, H, W) with H, W >= {min_side}, got {size:?}"
+            ),
         })
     }
 }

@@ -3,8 +3,8 @@
 //! Invariant: this crate does no file or network I/O apart from reading and writing weights.
 
 pub mod device;
-pub mod tarflow;
-pub mod weights;
-pub mod frozen;
 pub mod dinov2;
+pub mod frozen;
+pub mod tarflow;
 pub mod vae;
+pub mod weights;

@@ -144,7 +144,10 @@ impl Config {
 
     pub fn from_file(path: &Path) -> Result<Self, EncoderError> {
         let cfg: Config = frozen::read_json_config(path)?;
-        cfg.validate().map_err(|message| EncoderError::Config { path: path.to_path_buf(), message })?;
+        cfg.validate().map_err(|message| EncoderError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -157,17 +160,39 @@ impl Config {
                 self.up_block_types.len()
             ));
         }
-        if let Some(t) = self.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
-            return Err(format!("down block type `{t}` is not supported (only DownEncoderBlock2D)"));
+        if let Some(t) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
+            return Err(format!(
+                "down block type `{t}` is not supported (only DownEncoderBlock2D)"
+            ));
         }
-        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return Err(format!("up block type `{t}` is not supported (only UpDecoderBlock2D)"));
+        if let Some(t) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != "UpDecoderBlock2D")
+        {
+            return Err(format!(
+                "up block type `{t}` is not supported (only UpDecoderBlock2D)"
+            ));
         }
         if self.act_fn != "silu" {
-            return Err(format!("act_fn `{}` is not supported (the SD VAE uses silu)", self.act_fn));
+            return Err(format!(
+                "act_fn `{}` is not supported (the SD VAE uses silu)",
+                self.act_fn
+            ));
         }
-        if let Some(c) = self.block_out_channels.iter().find(|c| **c <= 0 || **c % self.norm_num_groups != 0) {
-            return Err(format!("block channels {c} are not a positive multiple of norm_num_groups {}", self.norm_num_groups));
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| **c <= 0 || **c % self.norm_num_groups != 0)
+        {
+            return Err(format!(
+                "block channels {c} are not a positive multiple of norm_num_groups {}",
+                self.norm_num_groups
+            ));
         }
         if self.scaling_factor == 0.0 {
             return Err("scaling_factor is 0".into());
@@ -226,8 +251,12 @@ impl AutoencoderKl {
         AutoencoderKl {
             config: config.clone(),
             encoder: Encoder::new(&p / "encoder", config, naming),
-            quant_conv: config.use_quant_conv.then(|| Conv2d::new(&p / "quant_conv", 2 * latent, 2 * latent, 1, 1, 0)),
-            post_quant_conv: config.use_post_quant_conv.then(|| Conv2d::new(&p / "post_quant_conv", latent, latent, 1, 1, 0)),
+            quant_conv: config
+                .use_quant_conv
+                .then(|| Conv2d::new(&p / "quant_conv", 2 * latent, 2 * latent, 1, 1, 0)),
+            post_quant_conv: config
+                .use_post_quant_conv
+                .then(|| Conv2d::new(&p / "post_quant_conv", latent, latent, 1, 1, 0)),
             decoder: Decoder::new(&p / "decoder", config, naming),
             precision: Precision::for_device(p.device()),
         }
@@ -245,7 +274,14 @@ impl AutoencoderKl {
         let model = AutoencoderKl::new(vs.root(), &config, naming);
         crate::weights::load_into(&mut vs, &tensors, &weights_path, &|_| false)?;
         vs.freeze();
-        Ok(LoadedVae { parameters: frozen::parameter_count(&vs), model, vs, naming, config_path, weights_path })
+        Ok(LoadedVae {
+            parameters: frozen::parameter_count(&vs),
+            model,
+            vs,
+            naming,
+            config_path,
+            weights_path,
+        })
     }
 
     /// Image in [−1, 1] (B, 3, H, W), H and W multiples of the downsample factor → posterior
@@ -258,7 +294,9 @@ impl AutoencoderKl {
         if h % factor != 0 || w % factor != 0 {
             return Err(EncoderError::Input {
                 model: "VAE encoder",
-                message: format!("image size {h}x{w} is not a multiple of the downsample factor {factor}"),
+                message: format!(
+                    "image size {h}x{w} is not a multiple of the downsample factor {factor}"
+                ),
             });
         }
         Ok(tch::no_grad(|| {
@@ -268,7 +306,10 @@ impl AutoencoderKl {
             }
             let moments = moments.to_kind(Kind::Float);
             let halves = moments.chunk(2, 1);
-            (halves[0].shallow_clone(), halves[1].clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1))
+            (
+                halves[0].shallow_clone(),
+                halves[1].clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1),
+            )
         }))
     }
 
@@ -281,7 +322,9 @@ impl AutoencoderKl {
                 Some(conv) => conv.forward(latents, self.precision),
                 None => latents.shallow_clone(),
             };
-            self.decoder.forward(&z, self.precision).to_kind(Kind::Float)
+            self.decoder
+                .forward(&z, self.precision)
+                .to_kind(Kind::Float)
         }))
     }
 
@@ -353,7 +396,13 @@ impl Encoder {
         Encoder {
             conv_in: Conv2d::new(&p / "conv_in", cfg.in_channels, channels[0], 3, 1, 1),
             down_blocks,
-            mid_block: MidBlock::new(&p / "mid_block", last, g, cfg.mid_block_add_attention, naming),
+            mid_block: MidBlock::new(
+                &p / "mid_block",
+                last,
+                g,
+                cfg.mid_block_add_attention,
+                naming,
+            ),
             conv_norm_out: GroupNorm::new(&p / "conv_norm_out", g, last, NORM_EPS),
             // double_z: mean and logvar.
             conv_out: Conv2d::new(&p / "conv_out", last, 2 * cfg.latent_channels, 3, 1, 1),
@@ -366,7 +415,8 @@ impl Encoder {
             h = block.forward(&h, precision);
         }
         let h = self.mid_block.forward(&h, precision);
-        self.conv_out.forward(&silu_(self.conv_norm_out.forward(&h)), precision)
+        self.conv_out
+            .forward(&silu_(self.conv_norm_out.forward(&h)), precision)
     }
 }
 
@@ -389,8 +439,14 @@ impl Decoder {
             .enumerate()
             .map(|(i, &out_ch)| {
                 // The decoder's blocks have one resnet more than the encoder's.
-                let block =
-                    UpBlock::new(&p / "up_blocks" / i, in_ch, out_ch, cfg.layers_per_block + 1, g, i + 1 < reversed.len());
+                let block = UpBlock::new(
+                    &p / "up_blocks" / i,
+                    in_ch,
+                    out_ch,
+                    cfg.layers_per_block + 1,
+                    g,
+                    i + 1 < reversed.len(),
+                );
                 in_ch = out_ch;
                 block
             })
@@ -398,7 +454,13 @@ impl Decoder {
         let first = cfg.block_out_channels[0];
         Decoder {
             conv_in: Conv2d::new(&p / "conv_in", cfg.latent_channels, reversed[0], 3, 1, 1),
-            mid_block: MidBlock::new(&p / "mid_block", reversed[0], g, cfg.mid_block_add_attention, naming),
+            mid_block: MidBlock::new(
+                &p / "mid_block",
+                reversed[0],
+                g,
+                cfg.mid_block_add_attention,
+                naming,
+            ),
             up_blocks,
             conv_norm_out: GroupNorm::new(&p / "conv_norm_out", g, first, NORM_EPS),
             conv_out: Conv2d::new(&p / "conv_out", first, cfg.out_channels, 3, 1, 1),
@@ -411,7 +473,8 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h, precision);
         }
-        self.conv_out.forward(&silu_(self.conv_norm_out.forward(&h)), precision)
+        self.conv_out
+            .forward(&silu_(self.conv_norm_out.forward(&h)), precision)
     }
 }
 
@@ -433,13 +496,16 @@ impl ResnetBlock {
             conv1: Conv2d::new(&p / "conv1", in_ch, out_ch, 3, 1, 1),
             norm2: GroupNorm::new(&p / "norm2", groups, out_ch, NORM_EPS),
             conv2: Conv2d::new(&p / "conv2", out_ch, out_ch, 3, 1, 1),
-            conv_shortcut: (in_ch != out_ch).then(|| Conv2d::new(&p / "conv_shortcut", in_ch, out_ch, 1, 1, 0)),
+            conv_shortcut: (in_ch != out_ch)
+                .then(|| Conv2d::new(&p / "conv_shortcut", in_ch, out_ch, 1, 1, 0)),
         }
     }
 
     fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
         let h = self.conv1.forward(&silu_(self.norm1.forward(x)), precision);
-        let h = self.conv2.forward(&silu_(self.norm2.forward(&h)), precision);
+        let h = self
+            .conv2
+            .forward(&silu_(self.norm2.forward(&h)), precision);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x, precision),
             None => x.shallow_clone(),
@@ -457,12 +523,30 @@ struct DownBlock {
 }
 
 impl DownBlock {
-    fn new(p: nn::Path, in_ch: i64, out_ch: i64, n_resnets: i64, groups: i64, downsample: bool) -> Self {
+    fn new(
+        p: nn::Path,
+        in_ch: i64,
+        out_ch: i64,
+        n_resnets: i64,
+        groups: i64,
+        downsample: bool,
+    ) -> Self {
         let resnets = (0..n_resnets)
-            .map(|j| ResnetBlock::new(&p / "resnets" / j, if j == 0 { in_ch } else { out_ch }, out_ch, groups))
+            .map(|j| {
+                ResnetBlock::new(
+                    &p / "resnets" / j,
+                    if j == 0 { in_ch } else { out_ch },
+                    out_ch,
+                    groups,
+                )
+            })
             .collect();
-        let downsample = downsample.then(|| Conv2d::new(&p / "downsamplers" / 0 / "conv", out_ch, out_ch, 3, 2, 0));
-        DownBlock { resnets, downsample }
+        let downsample = downsample
+            .then(|| Conv2d::new(&p / "downsamplers" / 0 / "conv", out_ch, out_ch, 3, 2, 0));
+        DownBlock {
+            resnets,
+            downsample,
+        }
     }
 
     fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
@@ -485,11 +569,26 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn new(p: nn::Path, in_ch: i64, out_ch: i64, n_resnets: i64, groups: i64, upsample: bool) -> Self {
+    fn new(
+        p: nn::Path,
+        in_ch: i64,
+        out_ch: i64,
+        n_resnets: i64,
+        groups: i64,
+        upsample: bool,
+    ) -> Self {
         let resnets = (0..n_resnets)
-            .map(|j| ResnetBlock::new(&p / "resnets" / j, if j == 0 { in_ch } else { out_ch }, out_ch, groups))
+            .map(|j| {
+                ResnetBlock::new(
+                    &p / "resnets" / j,
+                    if j == 0 { in_ch } else { out_ch },
+                    out_ch,
+                    groups,
+                )
+            })
             .collect();
-        let upsample = upsample.then(|| Conv2d::new(&p / "upsamplers" / 0 / "conv", out_ch, out_ch, 3, 1, 1));
+        let upsample =
+            upsample.then(|| Conv2d::new(&p / "upsamplers" / 0 / "conv", out_ch, out_ch, 3, 1, 1));
         UpBlock { resnets, upsample }
     }
 
@@ -520,10 +619,17 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(p: nn::Path, channels: i64, groups: i64, add_attention: bool, naming: AttentionNaming) -> Self {
+    fn new(
+        p: nn::Path,
+        channels: i64,
+        groups: i64,
+        add_attention: bool,
+        naming: AttentionNaming,
+    ) -> Self {
         MidBlock {
             first: ResnetBlock::new(&p / "resnets" / 0, channels, channels, groups),
-            attention: add_attention.then(|| SpatialAttention::new(&p / "attentions" / 0, channels, groups, naming)),
+            attention: add_attention
+                .then(|| SpatialAttention::new(&p / "attentions" / 0, channels, groups, naming)),
             second: ResnetBlock::new(&p / "resnets" / 1, channels, channels, groups),
         }
     }
@@ -567,14 +673,32 @@ impl SpatialAttention {
     fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
         let (b, c, h, w) = x.size4().expect("4-D feature map");
         // (b, c, h, w) -> (b, 1, h·w, c)
-        let tokens = self.group_norm.forward(x).view([b, c, h * w]).transpose(1, 2).unsqueeze(1);
+        let tokens = self
+            .group_norm
+            .forward(x)
+            .view([b, c, h * w])
+            .transpose(1, 2)
+            .unsqueeze(1);
         let q = self.q.forward(&tokens, precision);
         let k = self.k.forward(&tokens, precision);
         let v = self.v.forward(&tokens, precision);
         let scale = (c as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, false);
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            scale,
+            false,
+        );
         // (b, 1, h·w, c) -> (b, c, h, w)
-        let y = self.out.forward(&y.squeeze_dim(1), precision).transpose(1, 2).reshape([b, c, h, w]);
+        let y = self
+            .out
+            .forward(&y.squeeze_dim(1), precision)
+            .transpose(1, 2)
+            .reshape([b, c, h, w]);
         y + x
     }
 }
@@ -601,18 +725,29 @@ mod tests {
         let _ = AutoencoderKl::new(vs.root(), &cfg, AttentionNaming::Legacy);
         // sd-vae-ft-ema: 83,653,863 parameters.
         assert_eq!(frozen::parameter_count(&vs), 83_653_863);
-        assert!(vs.variables().contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
+        assert!(vs
+            .variables()
+            .contains_key("decoder.mid_block.attentions.0.proj_attn.weight"));
     }
 
     #[test]
     fn detects_attention_naming_and_rejects_other_blocks() {
         let legacy = ["encoder.mid_block.attentions.0.query.weight".to_string()];
-        assert_eq!(AttentionNaming::detect(legacy.iter()), AttentionNaming::Legacy);
+        assert_eq!(
+            AttentionNaming::detect(legacy.iter()),
+            AttentionNaming::Legacy
+        );
         let current = ["encoder.mid_block.attentions.0.to_q.weight".to_string()];
-        assert_eq!(AttentionNaming::detect(current.iter()), AttentionNaming::Current);
+        assert_eq!(
+            AttentionNaming::detect(current.iter()),
+            AttentionNaming::Current
+        );
         let mut cfg: Config = serde_json::from_str(SD_VAE_FT_EMA).unwrap();
         cfg.down_block_types[1] = "AttnDownEncoderBlock2D".into();
-        assert!(cfg.validate().unwrap_err().contains("AttnDownEncoderBlock2D"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .contains("AttnDownEncoderBlock2D"));
     }
 
     #[test]
@@ -622,6 +757,8 @@ mod tests {
         let z = Tensor::randn([1, 4, 2, 2], (Kind::Float, Device::Cpu));
         let scaled = model.scale_latents(&z);
         assert!(scaled.allclose(&(&z * 0.18215), 1e-6, 1e-6, false));
-        assert!(model.unscale_latents(&scaled).allclose(&z, 1e-5, 1e-6, false));
+        assert!(model
+            .unscale_latents(&scaled)
+            .allclose(&z, 1e-5, 1e-6, false));
     }
 }

@@ -16,9 +16,18 @@ pub enum WeightsError {
         source: tch::TchError,
     },
     #[error("{path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
-    Shape { path: PathBuf, name: String, expected: Vec<i64>, found: Vec<i64> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
     #[error("{path}: missing tensors [{}]; unused tensors [{}]", missing.join(", "), unused.join(", "))]
-    Keys { path: PathBuf, missing: Vec<String>, unused: Vec<String> },
+    Keys {
+        path: PathBuf,
+        missing: Vec<String>,
+        unused: Vec<String>,
+    },
     #[error("{path}: {message}")]
     Write { path: PathBuf, message: String },
 }
@@ -27,7 +36,10 @@ pub enum WeightsError {
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, WeightsError> {
     Tensor::read_safetensors(path)
         .map(|v| v.into_iter().collect())
-        .map_err(|source| WeightsError::Read { path: path.to_path_buf(), source })
+        .map_err(|source| WeightsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Copies `tensors` into the variables of `vs`. Every variable must be present with its exact shape;
@@ -40,9 +52,16 @@ pub fn load_into(
     ignore_unused: &dyn Fn(&str) -> bool,
 ) -> Result<(), WeightsError> {
     let variables = vs.variables();
-    let missing: BTreeSet<String> = variables.keys().filter(|k| !tensors.contains_key(*k)).cloned().collect();
-    let unused: BTreeSet<String> =
-        tensors.keys().filter(|k| !variables.contains_key(*k) && !ignore_unused(k)).cloned().collect();
+    let missing: BTreeSet<String> = variables
+        .keys()
+        .filter(|k| !tensors.contains_key(*k))
+        .cloned()
+        .collect();
+    let unused: BTreeSet<String> = tensors
+        .keys()
+        .filter(|k| !variables.contains_key(*k) && !ignore_unused(k))
+        .cloned()
+        .collect();
     if !missing.is_empty() || !unused.is_empty() {
         return Err(WeightsError::Keys {
             path: path.to_path_buf(),
@@ -73,20 +92,37 @@ pub fn load_into(
 }
 
 /// Loads a safetensors file into `vs` strictly (see [`load_into`]).
-pub fn load_strict(vs: &mut VarStore, path: &Path, ignore_unused: &dyn Fn(&str) -> bool) -> Result<(), WeightsError> {
+pub fn load_strict(
+    vs: &mut VarStore,
+    path: &Path,
+    ignore_unused: &dyn Fn(&str) -> bool,
+) -> Result<(), WeightsError> {
     let tensors = read_safetensors(path)?;
     load_into(vs, &tensors, path, ignore_unused)
 }
 
 /// Saves named tensors as safetensors atomically: temp file in the same directory, fsync, rename.
 pub fn save_atomic(tensors: &[(String, Tensor)], path: &Path) -> Result<(), WeightsError> {
-    let err = |message: String| WeightsError::Write { path: path.to_path_buf(), message };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let err = |message: String| WeightsError::Write {
+        path: path.to_path_buf(),
+        message,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let cpu: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect();
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
+        .collect();
     let result = Tensor::write_safetensors(&cpu, &tmp)
         .map_err(|e| err(e.to_string()))
-        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| err(e.to_string())))
+        .and_then(|_| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| err(e.to_string()))
+        })
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| err(e.to_string())));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -122,24 +158,42 @@ mod tests {
         let mut other = VarStore::new(Device::Cpu);
         tiny(&other);
         load_strict(&mut other, &path, &|_| false).unwrap();
-        let (a, b) = (&vs.variables()["proj.weight"], &other.variables()["proj.weight"]);
+        let (a, b) = (
+            &vs.variables()["proj.weight"],
+            &other.variables()["proj.weight"],
+        );
         assert!(a.equal(b));
 
         // Extra tensor: unused unless ignored.
         let mut tensors = read_safetensors(&path).unwrap();
-        tensors.insert("blocks.0.attn_mask".into(), Tensor::ones([2, 2], (Kind::Float, Device::Cpu)));
-        let msg = load_into(&mut other, &tensors, &path, &|_| false).unwrap_err().to_string();
+        tensors.insert(
+            "blocks.0.attn_mask".into(),
+            Tensor::ones([2, 2], (Kind::Float, Device::Cpu)),
+        );
+        let msg = load_into(&mut other, &tensors, &path, &|_| false)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("unused tensors [blocks.0.attn_mask]"), "{msg}");
         load_into(&mut other, &tensors, &path, &|n| n.ends_with("attn_mask")).unwrap();
 
         // Wrong shape: named with both shapes.
-        tensors.insert("proj.weight".into(), Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)));
-        let msg = load_into(&mut other, &tensors, &path, &|n| n.ends_with("attn_mask")).unwrap_err().to_string();
-        assert!(msg.contains("proj.weight") && msg.contains("[2, 3]") && msg.contains("[2, 4]"), "{msg}");
+        tensors.insert(
+            "proj.weight".into(),
+            Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)),
+        );
+        let msg = load_into(&mut other, &tensors, &path, &|n| n.ends_with("attn_mask"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("proj.weight") && msg.contains("[2, 3]") && msg.contains("[2, 4]"),
+            "{msg}"
+        );
 
         // Missing tensor.
         tensors.remove("proj.bias");
-        let msg = load_into(&mut other, &tensors, &path, &|_| true).unwrap_err().to_string();
+        let msg = load_into(&mut other, &tensors, &path, &|_| true)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("missing tensors [proj.bias]"), "{msg}");
     }
 }

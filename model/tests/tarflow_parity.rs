@@ -8,12 +8,19 @@ use model::tarflow::{self, sample::Guidance, Cond, Config, MlpKind};
 use tch::{nn, Device, Kind, Tensor};
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn python() -> Command {
     let python = repo_root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run `make test`, which creates the reference environment", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run `make test`, which creates the reference environment",
+        python.display()
+    );
     Command::new(python)
 }
 
@@ -37,43 +44,108 @@ fn check(cfg: &Config, tag: &str) {
     model::weights::save_atomic(&model.named_tensors(&vs), &weights).unwrap();
     let config = dir.path().join("c.json");
     std::fs::write(&config, serde_json::to_string(cfg).unwrap()).unwrap();
-    let x = Tensor::rand([3, cfg.in_channels, cfg.img_size, cfg.img_size], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let x = Tensor::rand(
+        [3, cfg.in_channels, cfg.img_size, cfg.img_size],
+        (Kind::Float, Device::Cpu),
+    ) * 2.0
+        - 1.0;
     let y = Tensor::from_slice(&[1i64, -1, 2]);
-    let noise = Tensor::randn([3, cfg.num_tokens(), cfg.token_dim()], (Kind::Float, Device::Cpu));
-    let g = Guidance { weight: 1.5, annealed: true, attn_temp: 0.7 };
+    let noise = Tensor::randn(
+        [3, cfg.num_tokens(), cfg.token_dim()],
+        (Kind::Float, Device::Cpu),
+    );
+    let g = Guidance {
+        weight: 1.5,
+        annealed: true,
+        attn_temp: 0.7,
+    };
     let gt = Tensor::from_slice(&[g.weight as f32, 1.0, g.attn_temp as f32]);
     let inputs = dir.path().join("in.safetensors");
-    let named = [("x", &x), ("y", &y), ("noise", &noise), ("guidance", &gt)].map(|(n, t)| (n.to_string(), t.shallow_clone()));
+    let named = [("x", &x), ("y", &y), ("noise", &noise), ("guidance", &gt)]
+        .map(|(n, t)| (n.to_string(), t.shallow_clone()));
     model::weights::save_atomic(&named, &inputs).unwrap();
     let out_path = dir.path().join("out.safetensors");
     let script = repo_root().join("tests/python/tarflow_ref.py");
-    let out = python().arg(&script).arg("parity").args([&config, &weights, &inputs, &out_path]).output().unwrap();
-    assert!(out.status.success(), "{tag}: reference failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = python()
+        .arg(&script)
+        .arg("parity")
+        .args([&config, &weights, &inputs, &out_path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tag}: reference failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reference = model::weights::read_safetensors(&out_path).unwrap();
 
     let fwd = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
     let diff = |a: &Tensor, name: &str| (a - &reference[name]).abs().max().double_value(&[]);
-    assert!(diff(&fwd.z, "z") < 1e-4, "{tag}: z differs by {}", diff(&fwd.z, "z"));
-    assert!(diff(&fwd.logdet, "logdet") < 1e-5, "{tag}: logdet differs by {}", diff(&fwd.logdet, "logdet"));
+    assert!(
+        diff(&fwd.z, "z") < 1e-4,
+        "{tag}: z differs by {}",
+        diff(&fwd.z, "z")
+    );
+    assert!(
+        diff(&fwd.logdet, "logdet") < 1e-5,
+        "{tag}: logdet differs by {}",
+        diff(&fwd.logdet, "logdet")
+    );
     for (i, o) in fwd.outputs.iter().enumerate() {
-        assert!(diff(o, &format!("block{i}")) < 1e-4, "{tag}: block {i} output");
+        assert!(
+            diff(o, &format!("block{i}")) < 1e-4,
+            "{tag}: block {i} output"
+        );
     }
     let plain = model.reverse(&noise, Some(&y), &Guidance::default());
-    assert!(diff(&plain, "sample_plain") < 1e-4, "{tag}: unguided sample differs by {}", diff(&plain, "sample_plain"));
+    assert!(
+        diff(&plain, "sample_plain") < 1e-4,
+        "{tag}: unguided sample differs by {}",
+        diff(&plain, "sample_plain")
+    );
     let guided = model.reverse(&noise, Some(&y), &g);
-    assert!(diff(&guided, "sample") < 1e-4, "{tag}: guided sample differs by {}", diff(&guided, "sample"));
+    assert!(
+        diff(&guided, "sample") < 1e-4,
+        "{tag}: guided sample differs by {}",
+        diff(&guided, "sample")
+    );
 }
 
 #[test]
 fn pixel_flow_matches_pytorch() {
-    let cfg = Config { img_size: 8, patch_size: 2, channels: 64, num_blocks: 3, layers_per_block: 2, num_classes: 4, head_dim: 32, ..Config::preset("in64").unwrap() };
+    let cfg = Config {
+        img_size: 8,
+        patch_size: 2,
+        channels: 64,
+        num_blocks: 3,
+        layers_per_block: 2,
+        num_classes: 4,
+        head_dim: 32,
+        ..Config::preset("in64").unwrap()
+    };
     check(&cfg, "pixel");
 }
 
 #[test]
 fn latent_flow_matches_pytorch() {
-    let base = Config { img_size: 8, patch_size: 2, channels: 64, num_blocks: 3, layers_per_block: 2, num_classes: 4, head_dim: 32, ..Config::preset("latent256").unwrap() };
+    let base = Config {
+        img_size: 8,
+        patch_size: 2,
+        channels: 64,
+        num_blocks: 3,
+        layers_per_block: 2,
+        num_classes: 4,
+        head_dim: 32,
+        ..Config::preset("latent256").unwrap()
+    };
     assert!(base.rope && base.mlp == MlpKind::Swiglu && !base.pos_embed);
     check(&base, "latent");
-    check(&Config { swiglu_gate: tarflow::GateActivation::GeluTanh, mlp_ratio: 8.0 / 3.0, ..base }, "latent-gelu-tanh");
+    check(
+        &Config {
+            swiglu_gate: tarflow::GateActivation::GeluTanh,
+            mlp_ratio: 8.0 / 3.0,
+            ..base
+        },
+        "latent-gelu-tanh",
+    );
 }

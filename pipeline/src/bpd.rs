@@ -48,22 +48,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let k = model.cfg.num_classes;
     let conditional = k > 0 && !args.unconditional;
     tch::manual_seed(args.seed as i64);
-    let (mut values, mut saved_x, mut saved_y) = (Vec::<Tensor>::new(), Vec::<Tensor>::new(), Vec::<i64>::new());
+    let (mut values, mut saved_x, mut saved_y) = (
+        Vec::<Tensor>::new(),
+        Vec::<Tensor>::new(),
+        Vec::<i64>::new(),
+    );
     labelled::for_each_batch(&args.data, &trained, args.batch, args.limit, &mut |batch| {
         let x = if trained.latent {
             batch.x
         } else {
             // The global CPU generator, seeded once, so the noise depends on the image order only.
-            let u = Tensor::rand(batch.x.size(), (Kind::Float, Device::Cpu)).to_device(batch.x.device());
+            let u = Tensor::rand(batch.x.size(), (Kind::Float, Device::Cpu))
+                .to_device(batch.x.device());
             tarflow::dequantize(&batch.x, &u)
         };
-        let labels: Vec<i64> = if conditional { batch.labels.clone() } else { vec![-1; batch.labels.len()] };
+        let labels: Vec<i64> = if conditional {
+            batch.labels.clone()
+        } else {
+            vec![-1; batch.labels.len()]
+        };
         if let Some((id, label)) = batch.ids.iter().zip(&labels).find(|(_, &l)| l >= k) {
-            bail!("{}: sample {id} has label {label}, the model has {k} classes", args.data);
+            bail!(
+                "{}: sample {id} has label {label}, the model has {k} classes",
+                args.data
+            );
         }
         let y = Tensor::from_slice(&labels).to_device(x.device());
         let out = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
-        let value = if trained.latent { tarflow::nll_per_sample(&out) } else { tarflow::bits_per_dim(&out) };
+        let value = if trained.latent {
+            tarflow::nll_per_sample(&out)
+        } else {
+            tarflow::bits_per_dim(&out)
+        };
         values.push(value.to_device(Device::Cpu));
         if args.save_inputs.is_some() {
             saved_x.push(x.to_device(Device::Cpu));
@@ -77,7 +93,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let values = Tensor::cat(&values, 0).to_kind(Kind::Double);
     let n = values.size()[0];
     let mean = values.mean(Kind::Double).double_value(&[]);
-    let sd = if n > 1 { values.std(true).double_value(&[]) } else { f64::NAN };
+    let sd = if n > 1 {
+        values.std(true).double_value(&[])
+    } else {
+        f64::NAN
+    };
     let half_width = Z95 * sd / (n as f64).sqrt();
     if let Some(path) = &args.save_inputs {
         let named = vec![
@@ -88,12 +108,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model::weights::save_atomic(&named, path)?;
         println!("inputs: {}", path.display());
     }
-    let metric = if trained.latent { "nll_nats_per_latent_dim" } else { "bits_per_dim" };
+    let metric = if trained.latent {
+        "nll_nats_per_latent_dim"
+    } else {
+        "bits_per_dim"
+    };
     println!(
         "{}: {mean:.5} ± {half_width:.5} (95% CI, n = {n}, {})",
-        if trained.latent { "NLL (nats per latent dim)" } else { "bits/dim" },
-        if conditional { "class-conditional" } else { "unconditional" }
+        if trained.latent {
+            "NLL (nats per latent dim)"
+        } else {
+            "bits/dim"
+        },
+        if conditional {
+            "class-conditional"
+        } else {
+            "unconditional"
+        }
     );
-    println!("{}", serde_json::json!({"metric": metric, "mean": mean, "ci95": half_width, "sd": sd, "n": n, "conditional": conditional}));
+    println!(
+        "{}",
+        serde_json::json!({"metric": metric, "mean": mean, "ci95": half_width, "sd": sd, "n": n, "conditional": conditional})
+    );
     Ok(())
 }

@@ -61,7 +61,11 @@ fn ls(root: &Root) -> anyhow::Result<()> {
         let completeness = if missing.is_empty() {
             "complete".to_string()
         } else {
-            format!("incomplete: {} of {} requested shards missing", missing.len(), manifest.requested.len())
+            format!(
+                "incomplete: {} of {} requested shards missing",
+                missing.len(),
+                manifest.requested.len()
+            )
         };
         println!(
             "{}  shards {}  samples {}  bytes {}  bytes/sample {}  {}",
@@ -69,7 +73,11 @@ fn ls(root: &Root) -> anyhow::Result<()> {
             manifest.shards.len(),
             samples,
             bytes,
-            if samples > 0 { bytes / samples as u64 } else { 0 },
+            if samples > 0 {
+                bytes / samples as u64
+            } else {
+                0
+            },
             completeness
         );
         println!("  settings {}", serde_json::to_string(&manifest.settings)?);
@@ -88,7 +96,12 @@ fn verify_all(root: &Root) -> anyhow::Result<()> {
         for (file, problem) in &report.problems {
             println!("BAD {}: {problem}", dir.join(file).display());
         }
-        println!("{}: {} shards checked, {} bad", dir.display(), report.checked, report.problems.len());
+        println!(
+            "{}: {} shards checked, {} bad",
+            dir.display(),
+            report.checked,
+            report.problems.len()
+        );
         bad += report.problems.len();
     }
     if bad > 0 {
@@ -99,13 +112,19 @@ fn verify_all(root: &Root) -> anyhow::Result<()> {
 
 fn gc(args: &GcArgs) -> anyhow::Result<()> {
     for dir in fingerprint_dirs(&args.root.cache)? {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let unwanted = args.drop.contains(&name) || (!args.keep.is_empty() && !args.keep.contains(&name));
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let unwanted =
+            args.drop.contains(&name) || (!args.keep.is_empty() && !args.keep.contains(&name));
         if unwanted {
             // Under its lock, so a running precompute is not cut off mid-shard.
-            let lock = stages::cache::CacheLock::acquire(&dir, std::time::Duration::from_secs(600), &|owner| {
-                tracing::info!("{} is locked by {owner}; waiting", dir.display())
-            })?;
+            let lock = stages::cache::CacheLock::acquire(
+                &dir,
+                std::time::Duration::from_secs(600),
+                &|owner| tracing::info!("{} is locked by {owner}; waiting", dir.display()),
+            )?;
             drop(lock);
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             println!("removed fingerprint {}", dir.display());

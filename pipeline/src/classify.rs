@@ -50,32 +50,59 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("{}: the model is unconditional (num_classes = 0); classification needs a class-conditional flow", trained.checkpoint.display());
     }
     let top = k.min(5);
-    let mut tally = Tally { confusion: vec![vec![0; k as usize]; k as usize], ..Default::default() };
-    tally.csv.push_str("id,label,predicted,correct,top5,score_predicted\n");
-    let seen = labelled::for_each_batch(&args.data, &trained, args.batch, args.limit, &mut |batch| {
-        if let Some((id, label)) = batch.ids.iter().zip(&batch.labels).find(|(_, &l)| l < 0 || l >= k) {
-            bail!("{}: sample {id} has label {label}; classification needs labels in [0, {k})", args.data);
-        }
-        let out = model::tarflow::classify::classify(model, &batch.x)?;
-        let scores = out.scores.to_device(Device::Cpu).to_kind(Kind::Float);
-        let (values, indices) = scores.topk(top, -1, true, true);
-        for (row, (id, &label)) in batch.ids.iter().zip(&batch.labels).enumerate() {
-            let best: Vec<i64> = (0..top).map(|j| indices.int64_value(&[row as i64, j])).collect();
-            let predicted = best[0];
-            tally.n += 1;
-            tally.top1 += usize::from(predicted == label);
-            tally.top5 += usize::from(best.contains(&label));
-            tally.confusion[label as usize][predicted as usize] += 1;
-            let top5: Vec<String> = best.iter().map(i64::to_string).collect();
-            let id = if id.contains([',', '"']) { format!("\"{}\"", id.replace('"', "\"\"")) } else { id.clone() };
-            writeln!(tally.csv, "{id},{label},{predicted},{},{},{:.6e}", u8::from(predicted == label), top5.join(";"), values.double_value(&[row as i64, 0]))?;
-        }
-        Ok(())
-    })?;
+    let mut tally = Tally {
+        confusion: vec![vec![0; k as usize]; k as usize],
+        ..Default::default()
+    };
+    tally
+        .csv
+        .push_str("id,label,predicted,correct,top5,score_predicted\n");
+    let seen =
+        labelled::for_each_batch(&args.data, &trained, args.batch, args.limit, &mut |batch| {
+            if let Some((id, label)) = batch
+                .ids
+                .iter()
+                .zip(&batch.labels)
+                .find(|(_, &l)| l < 0 || l >= k)
+            {
+                bail!(
+                    "{}: sample {id} has label {label}; classification needs labels in [0, {k})",
+                    args.data
+                );
+            }
+            let out = model::tarflow::classify::classify(model, &batch.x)?;
+            let scores = out.scores.to_device(Device::Cpu).to_kind(Kind::Float);
+            let (values, indices) = scores.topk(top, -1, true, true);
+            for (row, (id, &label)) in batch.ids.iter().zip(&batch.labels).enumerate() {
+                let best: Vec<i64> = (0..top)
+                    .map(|j| indices.int64_value(&[row as i64, j]))
+                    .collect();
+                let predicted = best[0];
+                tally.n += 1;
+                tally.top1 += usize::from(predicted == label);
+                tally.top5 += usize::from(best.contains(&label));
+                tally.confusion[label as usize][predicted as usize] += 1;
+                let top5: Vec<String> = best.iter().map(i64::to_string).collect();
+                let id = if id.contains([',', '"']) {
+                    format!("\"{}\"", id.replace('"', "\"\""))
+                } else {
+                    id.clone()
+                };
+                writeln!(
+                    tally.csv,
+                    "{id},{label},{predicted},{},{},{:.6e}",
+                    u8::from(predicted == label),
+                    top5.join(";"),
+                    values.double_value(&[row as i64, 0])
+                )?;
+            }
+            Ok(())
+        })?;
     if seen == 0 {
         bail!("{}: no samples", args.data);
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let predictions = args.out.join("predictions.csv");
     stages::atomic::write_bytes_atomic(&predictions, tally.csv.as_bytes())?;
     let mut confusion_csv = String::from("label");
@@ -95,13 +122,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let summary = summarise(&tally, k, top);
     let summary_path = args.out.join("summary.json");
-    stages::atomic::write_bytes_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
-    let (top1, top5, chance) = (summary["top1"].as_f64().unwrap_or(0.0), summary["top5"].as_f64().unwrap_or(0.0), 1.0 / k as f64);
-    println!("classified {} images from {} with {}", tally.n, args.data, trained.checkpoint.display());
-    println!("top-1 accuracy: {:.2}% ({:.1}x chance {:.2}%)", 100.0 * top1, top1 / chance, 100.0 * chance);
+    stages::atomic::write_bytes_atomic(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    let (top1, top5, chance) = (
+        summary["top1"].as_f64().unwrap_or(0.0),
+        summary["top5"].as_f64().unwrap_or(0.0),
+        1.0 / k as f64,
+    );
+    println!(
+        "classified {} images from {} with {}",
+        tally.n,
+        args.data,
+        trained.checkpoint.display()
+    );
+    println!(
+        "top-1 accuracy: {:.2}% ({:.1}x chance {:.2}%)",
+        100.0 * top1,
+        top1 / chance,
+        100.0 * chance
+    );
     println!("top-{top} accuracy: {:.2}%", 100.0 * top5);
     println!("worst classes (recall): {}", summary["worst_classes"]);
-    println!("most confused (true -> predicted: count): {}", summary["most_confused"]);
+    println!(
+        "most confused (true -> predicted: count): {}",
+        summary["most_confused"]
+    );
     println!("predictions: {}", predictions.display());
     println!("confusion matrix: {}", confusion.display());
     println!("summary: {}", summary_path.display());

@@ -47,17 +47,22 @@ impl ConfigArgs {
     pub fn load(&self) -> anyhow::Result<Loaded> {
         let (text, source) = match &self.config {
             Some(path) => (
-                std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?,
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config {}", path.display()))?,
                 path.display().to_string(),
             ),
-            None => (DEMO_PRESET.to_string(), "embedded configs/demo.toml".to_string()),
+            None => (
+                DEMO_PRESET.to_string(),
+                "embedded configs/demo.toml".to_string(),
+            ),
         };
         load_str(&text, &source, &self.overrides)
     }
 }
 
 pub fn load_str(text: &str, source: &str, overrides: &[String]) -> anyhow::Result<Loaded> {
-    let mut table: toml::Table = toml::from_str(text).with_context(|| format!("config {source}"))?;
+    let mut table: toml::Table =
+        toml::from_str(text).with_context(|| format!("config {source}"))?;
     // Checked before the overrides so that an unknown key is blamed on the file that holds it.
     Config::deserialize(toml::Value::Table(table.clone()))
         .map_err(|e| anyhow::anyhow!("config {source}: {e}"))?;
@@ -66,8 +71,13 @@ pub fn load_str(text: &str, source: &str, overrides: &[String]) -> anyhow::Resul
     }
     let config = Config::deserialize(toml::Value::Table(table))
         .map_err(|e| anyhow::anyhow!("config {source} with --set {}: {e}", overrides.join(" ")))?;
-    let effective_toml = toml::to_string_pretty(&config).context("serialising the effective config")?;
-    Ok(Loaded { config, effective_toml, source: source.to_string() })
+    let effective_toml =
+        toml::to_string_pretty(&config).context("serialising the effective config")?;
+    Ok(Loaded {
+        config,
+        effective_toml,
+        source: source.to_string(),
+    })
 }
 
 /// Applies `section.key=value`. The value is read as a TOML value (`3`, `true`, `[1, 2]`, `"x"`) and
@@ -87,8 +97,12 @@ fn apply_override(table: &mut toml::Table, item: &str) -> anyhow::Result<()> {
     let (last, parents) = path.split_last().expect("non-empty");
     let mut node = table;
     for segment in parents {
-        let entry = node.entry(segment.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = entry.as_table_mut().with_context(|| format!("--set {item}: `{segment}` is not a section"))?;
+        let entry = node
+            .entry(segment.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {item}: `{segment}` is not a section"))?;
     }
     node.insert(last.to_string(), value);
     Ok(())
@@ -121,7 +135,8 @@ mod tests {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
                 let text = std::fs::read_to_string(&path).unwrap();
-                load_str(&text, &path.display().to_string(), &[]).unwrap_or_else(|e| panic!("{e:#}"));
+                load_str(&text, &path.display().to_string(), &[])
+                    .unwrap_or_else(|e| panic!("{e:#}"));
                 n += 1;
             }
         }
@@ -130,7 +145,9 @@ mod tests {
 
     #[test]
     fn unknown_key_names_key_and_file() {
-        let err = load_str("[data]\nseed = 1\nshardz = 'x'\n", "my.toml", &[]).err().unwrap();
+        let err = load_str("[data]\nseed = 1\nshardz = 'x'\n", "my.toml", &[])
+            .err()
+            .unwrap();
         let msg = format!("{err:#}");
         assert!(msg.contains("shardz") && msg.contains("my.toml"), "{msg}");
         let err = load_str("[dta]\n", "my.toml", &[]).err().unwrap();
@@ -139,11 +156,16 @@ mod tests {
 
     #[test]
     fn set_overrides_typed_values_and_strings() {
-        let sets = ["data.seed=7".to_string(), "data.shards=/d/x-{0..3}.tar".to_string()];
+        let sets = [
+            "data.seed=7".to_string(),
+            "data.shards=/d/x-{0..3}.tar".to_string(),
+        ];
         let loaded = load_str("[data]\nseed = 1\n", "p.toml", &sets).unwrap();
         assert_eq!(loaded.config.data.seed, 7);
         assert_eq!(loaded.config.data.shards, "/d/x-{0..3}.tar");
-        let err = load_str("", "p.toml", &["data.sed=3".into()]).err().unwrap();
+        let err = load_str("", "p.toml", &["data.sed=3".into()])
+            .err()
+            .unwrap();
         assert!(format!("{err:#}").contains("sed"), "{err:#}");
         assert!(load_str("", "p.toml", &["data.seed=notanumber".into()]).is_err());
     }

@@ -55,6 +55,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bytes as f64 / 1e6,
         args.out.display()
     );
-    println!("shards: {}/{}-{{000000..{:06}}}.tar", args.out.display(), config.prefix, config.shards - 1);
+    println!(
+        "shards: {}/{}-{{000000..{:06}}}.tar",
+        args.out.display(),
+        config.prefix,
+        config.shards - 1
+    );
     Ok(())
 }

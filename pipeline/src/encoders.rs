@@ -57,10 +57,12 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let device = model::device::parse_device(&args.device)?;
     let image = generated_image(args.image_size, device);
     if let Some(dir) = &args.encoder {
-        check_encoder(dir, device, &image).with_context(|| format!("checking encoder {}", dir.display()))?;
+        check_encoder(dir, device, &image)
+            .with_context(|| format!("checking encoder {}", dir.display()))?;
     }
     if let Some(dir) = &args.vae {
-        check_vae(dir, device, &image).with_context(|| format!("checking VAE {}", dir.display()))?;
+        check_vae(dir, device, &image)
+            .with_context(|| format!("checking VAE {}", dir.display()))?;
     }
     Ok(())
 }
@@ -71,7 +73,10 @@ fn check_encoder(dir: &Path, device: Device, image: &Tensor) -> anyhow::Result<(
     println!("  architecture: {}", loaded.model.config.describe());
     println!("  parameters: {}", loaded.parameters);
     println!("  fingerprint: {}", loaded.fingerprint()?);
-    println!("  device: {device:?}, precision {}", loaded.model.precision.name());
+    println!(
+        "  device: {device:?}, precision {}",
+        loaded.model.precision.name()
+    );
     let start = Instant::now();
     let tokens = loaded.model.patch_tokens(image)?;
     let seconds = start.elapsed().as_secs_f64();
@@ -88,10 +93,16 @@ fn check_encoder(dir: &Path, device: Device, image: &Tensor) -> anyhow::Result<(
 fn check_vae(dir: &Path, device: Device, image: &Tensor) -> anyhow::Result<()> {
     let loaded = AutoencoderKl::from_folder(dir, device)?;
     println!("vae: {}", dir.display());
-    println!("  architecture: {}", loaded.model.config.describe(loaded.naming));
+    println!(
+        "  architecture: {}",
+        loaded.model.config.describe(loaded.naming)
+    );
     println!("  parameters: {}", loaded.parameters);
     println!("  fingerprint: {}", loaded.fingerprint()?);
-    println!("  device: {device:?}, precision {}", loaded.model.precision.name());
+    println!(
+        "  device: {device:?}, precision {}",
+        loaded.model.precision.name()
+    );
     let input = vae::prepare_input(image)?;
     let start = Instant::now();
     let (mean, logvar) = loaded.model.encode_moments(&input)?;
@@ -106,7 +117,11 @@ fn check_vae(dir: &Path, device: Device, image: &Tensor) -> anyhow::Result<()> {
     let start = Instant::now();
     let decoded = loaded.model.decode(&mean)?;
     let decode_s = start.elapsed().as_secs_f64();
-    let rmse = (&decoded - &input).square().mean(Kind::Float).sqrt().double_value(&[]);
+    let rmse = (&decoded - &input)
+        .square()
+        .mean(Kind::Float)
+        .sqrt()
+        .double_value(&[]);
     println!(
         "  decode: posterior mean -> decoded {:?} ({}), RMSE to the input {rmse:.4} in {decode_s:.3} s",
         decoded.size(),
@@ -121,7 +136,11 @@ fn summary(t: &Tensor) -> anyhow::Result<String> {
     if !bool::try_from(t.isfinite().all())? {
         bail!("output has NaN or infinite values");
     }
-    Ok(format!("mean {:.4}, std {:.4}", t.mean(Kind::Double).double_value(&[]), t.std(true).double_value(&[])))
+    Ok(format!(
+        "mean {:.4}, std {:.4}",
+        t.mean(Kind::Double).double_value(&[]),
+        t.std(true).double_value(&[])
+    ))
 }
 
 /// A smooth, deterministic uint8 test image (1, 3, S, S): horizontal and vertical ramps and rings, so
@@ -133,5 +152,9 @@ fn generated_image(size: i64, device: Device) -> Tensor {
     let radius = ((&x - 0.5).square() + (&y - 0.5).square()).sqrt();
     let rings = (radius * 40.0).sin() * 0.5 + 0.5;
     let rgb = Tensor::stack(&[x, y, rings], 0) * 255.0;
-    rgb.round().clamp(0.0, 255.0).to_kind(Kind::Uint8).unsqueeze(0).to_device(device)
+    rgb.round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .unsqueeze(0)
+        .to_device(device)
 }

@@ -39,7 +39,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some((config, dir)) = vae {
         write_vae(&config, &dir).with_context(|| format!("writing {}", dir.display()))?;
-        println!("vae: {} ({})", dir.display(), config.describe(AttentionNaming::Current));
+        println!(
+            "vae: {} ({})",
+            dir.display(),
+            config.describe(AttentionNaming::Current)
+        );
     }
     Ok(())
 }
@@ -75,13 +79,18 @@ fn randomise(vs: &nn::VarStore) {
     tch::no_grad(|| {
         for (name, mut t) in vars {
             let size = t.size();
-            if name.ends_with("lambda1") || name.ends_with("lambda2") || (size.len() == 1 && name.ends_with("weight")) {
+            if name.ends_with("lambda1")
+                || name.ends_with("lambda2")
+                || (size.len() == 1 && name.ends_with("weight"))
+            {
                 let _ = t.fill_(1.0);
             } else if name.ends_with("bias") {
                 let _ = t.zero_();
             } else if size.len() >= 2 && name.ends_with("weight") {
                 let fan_in = (t.numel() as i64 / size[0]).max(1) as f64;
-                t.copy_(&(Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu)) / fan_in.sqrt()));
+                t.copy_(
+                    &(Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu)) / fan_in.sqrt()),
+                );
             } else {
                 t.copy_(&(Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu)) * 0.02));
             }
@@ -115,7 +124,10 @@ fn write_dinov2(c: &dinov2::Config, dir: &Path) -> anyhow::Result<()> {
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
     });
-    stages::atomic::write_bytes_atomic(&dir.join(dinov2::CONFIG_FILE), &serde_json::to_vec_pretty(&config)?)?;
+    stages::atomic::write_bytes_atomic(
+        &dir.join(dinov2::CONFIG_FILE),
+        &serde_json::to_vec_pretty(&config)?,
+    )?;
     model::weights::save_var_store(&vs, &dir.join(dinov2::WEIGHTS_FILE))?;
     Ok(())
 }
@@ -139,7 +151,10 @@ fn write_vae(c: &vae::Config, dir: &Path) -> anyhow::Result<()> {
         "sample_size": 256,
         "scaling_factor": c.scaling_factor,
     });
-    stages::atomic::write_bytes_atomic(&dir.join(vae::CONFIG_FILE), &serde_json::to_vec_pretty(&config)?)?;
+    stages::atomic::write_bytes_atomic(
+        &dir.join(vae::CONFIG_FILE),
+        &serde_json::to_vec_pretty(&config)?,
+    )?;
     model::weights::save_var_store(&vs, &dir.join(vae::WEIGHTS_FILE))?;
     Ok(())
 }

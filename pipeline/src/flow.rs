@@ -130,8 +130,13 @@ pub fn sidecar(checkpoint: &Path) -> PathBuf {
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
-    let cfg = Config::preset(&args.preset)
-        .with_context(|| format!("unknown preset `{}`: expected one of {}", args.preset, tarflow::PRESETS.join(", ")))?;
+    let cfg = Config::preset(&args.preset).with_context(|| {
+        format!(
+            "unknown preset `{}`: expected one of {}",
+            args.preset,
+            tarflow::PRESETS.join(", ")
+        )
+    })?;
     tch::manual_seed(args.seed);
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let model = tarflow::Model::new(vs.root(), &cfg)?;
@@ -143,11 +148,16 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
 }
 
 pub fn read_config(path: &Path) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading model config {}", path.display()))?;
-    let mut table: toml::Table = toml::from_str(&text).with_context(|| format!("model config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading model config {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("model config {}", path.display()))?;
     let value = match table.remove("model") {
         Some(section) if table.values().all(|v| v.is_table()) => section,
-        Some(_) => bail!("model config {}: mixes a [model] section with top-level keys", path.display()),
+        Some(_) => bail!(
+            "model config {}: mixes a [model] section with top-level keys",
+            path.display()
+        ),
         None => toml::Value::Table(table),
     };
     Config::deserialize(value).map_err(|e| anyhow::anyhow!("model config {}: {e}", path.display()))
@@ -158,8 +168,13 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {
     let tensors = model::weights::read_safetensors(&args.checkpoint)?;
     let cfg = match (&args.config, args.image_size) {
         (Some(path), _) => read_config(path)?,
-        (None, Some(size)) => tarflow::infer_config(&tensors, size, args.patch_size.unwrap_or(0), args.in_channels.unwrap_or(0))
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?,
+        (None, Some(size)) => tarflow::infer_config(
+            &tensors,
+            size,
+            args.patch_size.unwrap_or(0),
+            args.in_channels.unwrap_or(0),
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?,
         (None, None) => {
             let side = sidecar(&args.checkpoint);
             if !side.exists() {
@@ -172,17 +187,33 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {
             read_config(&side)?
         }
     };
-    Ok(tarflow::from_tensors(&tensors, &args.checkpoint, &cfg, device)?)
+    Ok(tarflow::from_tensors(
+        &tensors,
+        &args.checkpoint,
+        &cfg,
+        device,
+    )?)
 }
 
 fn read_inputs(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     Ok(model::weights::read_safetensors(path)?)
 }
 
-fn labels(inputs: &HashMap<String, Tensor>, path: &Path, batch: i64, classes: i64) -> anyhow::Result<Option<Tensor>> {
-    let Some(y) = inputs.get("y") else { return Ok(None) };
+fn labels(
+    inputs: &HashMap<String, Tensor>,
+    path: &Path,
+    batch: i64,
+    classes: i64,
+) -> anyhow::Result<Option<Tensor>> {
+    let Some(y) = inputs.get("y") else {
+        return Ok(None);
+    };
     if y.size() != [batch] {
-        bail!("{}: tensor `y` has shape {:?}, expected [{batch}]", path.display(), y.size());
+        bail!(
+            "{}: tensor `y` has shape {:?}, expected [{batch}]",
+            path.display(),
+            y.size()
+        );
     }
     let y = y.to_kind(Kind::Int64);
     let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
@@ -197,15 +228,28 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
     let model = &loaded.model;
     let device = model.device();
     let inputs = read_inputs(&args.input)?;
-    let x = inputs.get("x").with_context(|| format!("{}: tensor `x` is missing", args.input.display()))?;
-    model.check_input(x).map_err(|e| anyhow::anyhow!("{}: tensor `x`: {e}", args.input.display()))?;
+    let x = inputs
+        .get("x")
+        .with_context(|| format!("{}: tensor `x` is missing", args.input.display()))?;
+    model
+        .check_input(x)
+        .map_err(|e| anyhow::anyhow!("{}: tensor `x`: {e}", args.input.display()))?;
     let batch = x.size()[0];
     let y = labels(&inputs, &args.input, batch, model.cfg.num_classes)?;
-    let (mut z, mut logdet, mut nll, mut blocks) = (vec![], vec![], vec![], (0..model.blocks.len()).map(|_| Vec::<Tensor>::new()).collect::<Vec<_>>());
+    let (mut z, mut logdet, mut nll, mut blocks) = (
+        vec![],
+        vec![],
+        vec![],
+        (0..model.blocks.len())
+            .map(|_| Vec::<Tensor>::new())
+            .collect::<Vec<_>>(),
+    );
     for start in (0..batch).step_by(args.model.batch.max(1) as usize) {
         let len = args.model.batch.min(batch - start);
         let xb = x.narrow(0, start, len).to_device(device);
-        let yb = y.as_ref().map(|y| y.narrow(0, start, len).to_device(device));
+        let yb = y
+            .as_ref()
+            .map(|y| y.narrow(0, start, len).to_device(device));
         let cond = yb.as_ref().map_or(Cond::Null, Cond::Labels);
         let out = tch::no_grad(|| model.forward(&xb, &cond, &[]));
         nll.push(tarflow::nll_per_sample(&out).to_device(Device::Cpu));
@@ -215,7 +259,11 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
             blocks[i].push(o.to_device(Device::Cpu));
         }
     }
-    let mut named = vec![("z".to_string(), Tensor::cat(&z, 0)), ("logdet".into(), Tensor::cat(&logdet, 0)), ("nll".into(), Tensor::cat(&nll, 0))];
+    let mut named = vec![
+        ("z".to_string(), Tensor::cat(&z, 0)),
+        ("logdet".into(), Tensor::cat(&logdet, 0)),
+        ("nll".into(), Tensor::cat(&nll, 0)),
+    ];
     for (i, b) in blocks.iter().enumerate() {
         named.push((format!("block{i}"), Tensor::cat(b, 0)));
     }
@@ -228,7 +276,11 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model)?;
     let model = &loaded.model;
     let device = model.device();
-    let g = Guidance { weight: args.guidance, annealed: args.annealed, attn_temp: args.attn_temp };
+    let g = Guidance {
+        weight: args.guidance,
+        annealed: args.annealed,
+        attn_temp: args.attn_temp,
+    };
     if args.attn_temp <= 0.0 {
         bail!("--attn-temp must be positive, got {}", args.attn_temp);
     }
@@ -238,30 +290,49 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     match (&args.input, args.samples) {
         (Some(path), _) => {
             let inputs = read_inputs(path)?;
-            let z = inputs.get("z").with_context(|| format!("{}: tensor `z` is missing", path.display()))?;
+            let z = inputs
+                .get("z")
+                .with_context(|| format!("{}: tensor `z` is missing", path.display()))?;
             let size = z.size();
             if size.len() != 3 || size[1..] != [n, d] {
-                bail!("{}: tensor `z` has shape {size:?}, the flow expects (B, {n}, {d})", path.display());
+                bail!(
+                    "{}: tensor `z` has shape {size:?}, the flow expects (B, {n}, {d})",
+                    path.display()
+                );
             }
             let y = labels(&inputs, path, size[0], model.cfg.num_classes)?;
             for start in (0..size[0]).step_by(args.model.batch.max(1) as usize) {
                 let len = args.model.batch.min(size[0] - start);
-                let yb = y.as_ref().map(|y| y.narrow(0, start, len).to_device(device));
-                let x = model.reverse(&z.narrow(0, start, len).to_kind(Kind::Float).to_device(device), yb.as_ref(), &g);
+                let yb = y
+                    .as_ref()
+                    .map(|y| y.narrow(0, start, len).to_device(device));
+                let x = model.reverse(
+                    &z.narrow(0, start, len)
+                        .to_kind(Kind::Float)
+                        .to_device(device),
+                    yb.as_ref(),
+                    &g,
+                );
                 xs.push(finish(model, &x, yb.as_ref(), &args));
             }
         }
         (None, Some(count)) => {
             if let Some(k) = args.class {
                 if k < 0 || k >= model.cfg.num_classes {
-                    bail!("--class {k} is outside the model's {} classes", model.cfg.num_classes);
+                    bail!(
+                        "--class {k} is outside the model's {} classes",
+                        model.cfg.num_classes
+                    );
                 }
             }
             let mut seed = args.seed;
             for start in (0..count).step_by(args.model.batch.max(1) as usize) {
                 let len = args.model.batch.min(count - start);
-                let yb = args.class.map(|k| Tensor::full([len], k, (Kind::Int64, device)));
-                let drawn = tarflow::sample::sample(model, len, yb.as_ref(), &g, seed, args.max_redraws)?;
+                let yb = args
+                    .class
+                    .map(|k| Tensor::full([len], k, (Kind::Int64, device)));
+                let drawn =
+                    tarflow::sample::sample(model, len, yb.as_ref(), &g, seed, args.max_redraws)?;
                 redrawn += drawn.redrawn;
                 xs.push(finish(model, &drawn.x, yb.as_ref(), &args));
                 seed = seed.wrapping_add(1);
@@ -271,11 +342,19 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     }
     let x = Tensor::cat(&xs, 0);
     model::weights::save_atomic(&[("x".to_string(), x.shallow_clone())], &args.output)?;
-    eprintln!("decoded {} samples into {} ({redrawn} redrawn for NaN/Inf)", x.size()[0], args.output.display());
+    eprintln!(
+        "decoded {} samples into {} ({redrawn} redrawn for NaN/Inf)",
+        x.size()[0],
+        args.output.display()
+    );
     Ok(())
 }
 
 fn finish(model: &tarflow::Model, x: &Tensor, y: Option<&Tensor>, args: &DecodeArgs) -> Tensor {
-    let x = if args.denoise { tarflow::sample::denoise(model, x, y, model.cfg.noise_std, args.denoise_lr_scale) } else { x.shallow_clone() };
+    let x = if args.denoise {
+        tarflow::sample::denoise(model, x, y, model.cfg.noise_std, args.denoise_lr_scale)
+    } else {
+        x.shallow_clone()
+    };
     x.to_device(Device::Cpu)
 }

@@ -21,12 +21,20 @@ pub struct Batch {
 }
 
 pub fn is_cache(data: &str) -> bool {
-    Path::new(data).join(stages::cache::manifest::MANIFEST_NAME).is_file()
+    Path::new(data)
+        .join(stages::cache::manifest::MANIFEST_NAME)
+        .is_file()
 }
 
 /// Calls `f` on consecutive batches of at most `batch` samples, at most `limit` samples in all; returns
 /// the number of samples seen.
-pub fn for_each_batch(data: &str, trained: &Trained, batch: usize, limit: Option<usize>, f: &mut dyn FnMut(Batch) -> anyhow::Result<()>) -> anyhow::Result<usize> {
+pub fn for_each_batch(
+    data: &str,
+    trained: &Trained,
+    batch: usize,
+    limit: Option<usize>,
+    f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
     let batch = batch.max(1);
     let limit = limit.unwrap_or(usize::MAX);
     if is_cache(data) {
@@ -36,23 +44,44 @@ pub fn for_each_batch(data: &str, trained: &Trained, batch: usize, limit: Option
     }
 }
 
-fn from_shards(spec: &str, trained: &Trained, batch: usize, limit: usize, f: &mut dyn FnMut(Batch) -> anyhow::Result<()>) -> anyhow::Result<usize> {
+fn from_shards(
+    spec: &str,
+    trained: &Trained,
+    batch: usize,
+    limit: usize,
+    f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
     let cfg = trained.data_config(spec)?;
     let size = cfg.image_size;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
-        let stream = stages::image_stream::open_image_stream(&cfg, Default::default(), 0).with_context(|| format!("reading {spec}"))?;
+        let stream = stages::image_stream::open_image_stream(&cfg, Default::default(), 0)
+            .with_context(|| format!("reading {spec}"))?;
         let (mut pixels, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         let mut seen = 0;
-        let mut flush = |pixels: &mut Vec<u8>, labels: &mut Vec<i64>, ids: &mut Vec<String>| -> anyhow::Result<()> {
+        let mut flush = |pixels: &mut Vec<u8>,
+                         labels: &mut Vec<i64>,
+                         ids: &mut Vec<String>|
+         -> anyhow::Result<()> {
             let n = labels.len() as i64;
-            let images = Tensor::from_slice(pixels).view([n, size as i64, size as i64, 3]).permute([0, 3, 1, 2]);
-            f(Batch { x: trained.images_to_flow(&images)?, labels: std::mem::take(labels), ids: std::mem::take(ids) })?;
+            let images = Tensor::from_slice(pixels)
+                .view([n, size as i64, size as i64, 3])
+                .permute([0, 3, 1, 2]);
+            f(Batch {
+                x: trained.images_to_flow(&images)?,
+                labels: std::mem::take(labels),
+                ids: std::mem::take(ids),
+            })?;
             pixels.clear();
             Ok(())
         };
         while seen < limit {
-            let Ok(sample) = stream.samples.recv().await else { break };
+            let Ok(sample) = stream.samples.recv().await else {
+                break;
+            };
             pixels.extend_from_slice(&sample.image.pixels);
             labels.push(sample.label.map_or(-1, i64::from));
             ids.push(format!("{}/{}", sample.shard, sample.key));
@@ -64,7 +93,10 @@ fn from_shards(spec: &str, trained: &Trained, batch: usize, limit: usize, f: &mu
         if !labels.is_empty() {
             flush(&mut pixels, &mut labels, &mut ids)?;
         }
-        stream.finish().await.with_context(|| format!("reading {spec}"))?;
+        stream
+            .finish()
+            .await
+            .with_context(|| format!("reading {spec}"))?;
         Ok(seen)
     })
 }
@@ -80,8 +112,15 @@ fn tensor_of(bytes: &[u8], dtype: DType, shape: &[i64]) -> anyhow::Result<Tensor
     Ok(Tensor::f_from_data_size(bytes, shape, kind)?)
 }
 
-fn from_cache(dir: &Path, trained: &Trained, batch: usize, limit: usize, f: &mut dyn FnMut(Batch) -> anyhow::Result<()>) -> anyhow::Result<usize> {
-    let manifest = Manifest::load(dir)?.with_context(|| format!("{}: no manifest", dir.display()))?;
+fn from_cache(
+    dir: &Path,
+    trained: &Trained,
+    batch: usize,
+    limit: usize,
+    f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
+) -> anyhow::Result<usize> {
+    let manifest =
+        Manifest::load(dir)?.with_context(|| format!("{}: no manifest", dir.display()))?;
     let cfg = &trained.model().cfg;
     let mut seen = 0;
     for entry in manifest.shards.values() {
@@ -93,21 +132,39 @@ fn from_cache(dir: &Path, trained: &Trained, batch: usize, limit: usize, f: &mut
         let n = reader.n_samples();
         let keys = reader.footer().keys.clone();
         let field = if trained.latent { "vae_mean" } else { "image" };
-        let spec = reader.footer().fields.iter().find(|s| s.name == field).cloned().with_context(|| {
-            format!("{}: cache shard has no field `{field}` (a {} model needs it)", path.display(), if trained.latent { "latent" } else { "pixel" })
-        })?;
+        let spec = reader
+            .footer()
+            .fields
+            .iter()
+            .find(|s| s.name == field)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "{}: cache shard has no field `{field}` (a {} model needs it)",
+                    path.display(),
+                    if trained.latent { "latent" } else { "pixel" }
+                )
+            })?;
         let label_bytes = reader.read_field("label")?;
-        let labels: Vec<i64> = label_bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let labels: Vec<i64> = label_bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let bytes = reader.read_field(field)?;
         let mut shape: Vec<i64> = vec![n as i64];
         shape.extend(spec.shape.iter().map(|&d| d as i64));
-        let values = tensor_of(&bytes, spec.dtype, &shape).with_context(|| format!("{}: field `{field}`", path.display()))?;
+        let values = tensor_of(&bytes, spec.dtype, &shape)
+            .with_context(|| format!("{}: field `{field}`", path.display()))?;
         let x = if trained.latent {
             // (n, V, C, h, w): view 0 is the crop itself.
             if shape.len() != 5 || shape[2..] != [cfg.in_channels, cfg.img_size, cfg.img_size] {
                 bail!("{}: field `vae_mean` has per-sample shape {:?}, the flow takes [V, {}, {}, {}]", path.display(), spec.shape, cfg.in_channels, cfg.img_size, cfg.img_size);
             }
-            let vae = &trained.vae.as_ref().context("a latent model needs --vae (its scaling factor)")?.model;
+            let vae = &trained
+                .vae
+                .as_ref()
+                .context("a latent model needs --vae (its scaling factor)")?
+                .model;
             vae.scale_latents(&values.select(1, 0).to_kind(Kind::Float))
         } else {
             let size = trained.pixel_size();
@@ -121,9 +178,13 @@ fn from_cache(dir: &Path, trained: &Trained, batch: usize, limit: usize, f: &mut
             let len = batch.min(take - start);
             let source = entry.source.name.as_str();
             f(Batch {
-                x: x.narrow(0, start as i64, len as i64).to_device(trained.device),
+                x: x.narrow(0, start as i64, len as i64)
+                    .to_device(trained.device),
                 labels: labels[start..start + len].to_vec(),
-                ids: keys[start..start + len].iter().map(|k| format!("{source}/{k}")).collect(),
+                ids: keys[start..start + len]
+                    .iter()
+                    .map(|k| format!("{source}/{k}"))
+                    .collect(),
             })?;
         }
         seen += take;

@@ -1,29 +1,33 @@
 //! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
-mod cache_cmd;
 mod bench;
+mod bpd;
+mod cache_cmd;
+mod classify;
 mod config;
 mod config_cmd;
 mod demo_data;
 mod encoders;
 mod encoders_init;
 mod flow;
-mod logging;
-mod progress;
-mod precompute;
-mod train;
-mod bpd;
-mod classify;
 mod labelled;
+mod logging;
 mod npz;
+mod precompute;
+mod progress;
 mod sample;
+mod train;
 mod trained;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pipeline", version, about = "Train and use TARFlow normalizing flows on ImageNet webdataset shards")]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Train and use TARFlow normalizing flows on ImageNet webdataset shards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

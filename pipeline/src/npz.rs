@@ -28,8 +28,15 @@ impl Dtype {
 /// so that the data starts at a multiple of 64 bytes.
 pub fn npy_header(dtype: &Dtype, shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut dict = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}", dtype.descr());
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut dict = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
+        dtype.descr()
+    );
     let unpadded = 10 + dict.len() + 1;
     dict.push_str(&" ".repeat(unpadded.div_ceil(64) * 64 - unpadded));
     dict.push('\n');
@@ -68,7 +75,13 @@ impl NpzWriter {
     pub fn create(path: &Path) -> anyhow::Result<Self> {
         let tmp = stages::atomic::temp_path(path);
         let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Self { path: path.to_path_buf(), tmp, out: BufWriter::with_capacity(1 << 20, file), entries: vec![], open: None })
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            out: BufWriter::with_capacity(1 << 20, file),
+            entries: vec![],
+            open: None,
+        })
     }
 
     /// Starts member `{name}.npy` with its header; the data follows through [`NpzWriter::write`].
@@ -92,8 +105,18 @@ impl NpzWriter {
         h.extend_from_slice(&1u16.to_le_bytes());
         h.extend_from_slice(&16u16.to_le_bytes());
         h.extend_from_slice(&[0u8; 16]); // uncompressed, compressed: patched
-        self.out.write_all(&h).with_context(|| format!("writing {}", self.tmp.display()))?;
-        self.open = Some((Entry { name, offset, size: 0, crc: 0 }, flate2::Crc::new()));
+        self.out
+            .write_all(&h)
+            .with_context(|| format!("writing {}", self.tmp.display()))?;
+        self.open = Some((
+            Entry {
+                name,
+                offset,
+                size: 0,
+                crc: 0,
+            },
+            flate2::Crc::new(),
+        ));
         self.write(&npy_header(&dtype, shape))
     }
 
@@ -101,7 +124,9 @@ impl NpzWriter {
         let (entry, crc) = self.open.as_mut().context("no npz member open")?;
         crc.update(bytes);
         entry.size += bytes.len() as u64;
-        self.out.write_all(bytes).with_context(|| format!("writing {}", self.tmp.display()))
+        self.out
+            .write_all(bytes)
+            .with_context(|| format!("writing {}", self.tmp.display()))
     }
 
     /// Ends the open member: patches its CRC and sizes into the local header.
@@ -111,7 +136,9 @@ impl NpzWriter {
         let end = self.out.stream_position()?;
         self.out.seek(SeekFrom::Start(entry.offset + 14))?;
         self.out.write_all(&entry.crc.to_le_bytes())?;
-        self.out.seek(SeekFrom::Start(entry.offset + 30 + entry.name.len() as u64 + 4))?;
+        self.out.seek(SeekFrom::Start(
+            entry.offset + 30 + entry.name.len() as u64 + 4,
+        ))?;
         self.out.write_all(&entry.size.to_le_bytes())?;
         self.out.write_all(&entry.size.to_le_bytes())?;
         self.out.seek(SeekFrom::Start(end))?;

@@ -30,7 +30,13 @@ impl Progress {
             bar
         });
         let now = Instant::now();
-        Progress { label: label.to_string(), total, bar, started: now, last_log: Mutex::new(now) }
+        Progress {
+            label: label.to_string(),
+            total,
+            bar,
+            started: now,
+            last_log: Mutex::new(now),
+        }
     }
 
     /// Reports that `done` items of `total` are finished. Safe to call from many threads.
@@ -52,6 +58,11 @@ impl Progress {
             bar.finish_and_clear();
         }
         let secs = self.started.elapsed().as_secs_f64();
-        tracing::info!("{}: {} done in {secs:.1}s ({:.1}/s)", self.label, self.total, self.total as f64 / secs.max(1e-9));
+        tracing::info!(
+            "{}: {} done in {secs:.1}s ({:.1}/s)",
+            self.label,
+            self.total,
+            self.total as f64 / secs.max(1e-9)
+        );
     }
 }

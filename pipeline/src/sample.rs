@@ -83,7 +83,10 @@ const PURPOSE_CLASS: u64 = u64::MAX;
 /// Standard normal noise (1, N, D) of one sample, drawn on the CPU.
 fn sample_noise(model: &tarflow::Model, seed: u64, index: u64, attempt: u64) -> Tensor {
     tch::manual_seed(sample_key(seed, index, attempt));
-    Tensor::randn([1, model.cfg.num_tokens(), model.cfg.token_dim()], (Kind::Float, Device::Cpu))
+    Tensor::randn(
+        [1, model.cfg.num_tokens(), model.cfg.token_dim()],
+        (Kind::Float, Device::Cpu),
+    )
 }
 
 /// The class of each sample, or None when sampling unconditionally.
@@ -98,7 +101,11 @@ fn labels(args: &Args, num_classes: i64) -> anyhow::Result<Option<Vec<i64>>> {
         if let Some(bad) = args.classes.iter().find(|&&k| k < 0 || k >= num_classes) {
             bail!("--classes: class {bad} is outside the model's {num_classes} classes");
         }
-        return Ok(Some((0..args.num).map(|i| args.classes[i % args.classes.len()]).collect()));
+        return Ok(Some(
+            (0..args.num)
+                .map(|i| args.classes[i % args.classes.len()])
+                .collect(),
+        ));
     }
     Ok(Some(
         (0..args.num as u64)
@@ -112,25 +119,56 @@ fn labels(args: &Args, num_classes: i64) -> anyhow::Result<Option<Vec<i64>>> {
 
 /// Inverts the noise of samples `start..start+len`; samples that come out non-finite get the noise of
 /// their next redraw key and are redone, so a redraw does not shift any other sample's noise.
-fn draw(trained: &Trained, args: &Args, g: &Guidance, start: u64, len: usize, y: Option<&Tensor>) -> anyhow::Result<(Tensor, i64)> {
+fn draw(
+    trained: &Trained,
+    args: &Args,
+    g: &Guidance,
+    start: u64,
+    len: usize,
+    y: Option<&Tensor>,
+) -> anyhow::Result<(Tensor, i64)> {
     let model = trained.model();
-    let noise: Vec<Tensor> = (0..len as u64).map(|i| sample_noise(model, args.seed, start + i, 0)).collect();
+    let noise: Vec<Tensor> = (0..len as u64)
+        .map(|i| sample_noise(model, args.seed, start + i, 0))
+        .collect();
     let mut x = model.reverse(&Tensor::cat(&noise, 0).to_device(trained.device), y, g);
     let mut redrawn = 0;
     for attempt in 1..=args.max_redraws as u64 + 1 {
-        let bad = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false).to_device(Device::Cpu);
-        let bad: Vec<i64> = Vec::<bool>::try_from(&bad)?.iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i as i64).collect();
+        let bad = x
+            .isfinite()
+            .logical_not()
+            .flatten(1, -1)
+            .any_dim(1, false)
+            .to_device(Device::Cpu);
+        let bad: Vec<i64> = Vec::<bool>::try_from(&bad)?
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b)
+            .map(|(i, _)| i as i64)
+            .collect();
         if bad.is_empty() {
             return Ok((x, redrawn));
         }
         if attempt > args.max_redraws as u64 {
-            bail!("{} samples still non-finite after {} redraws (samples {start}..{})", bad.len(), args.max_redraws, start + len as u64);
+            bail!(
+                "{} samples still non-finite after {} redraws (samples {start}..{})",
+                bad.len(),
+                args.max_redraws,
+                start + len as u64
+            );
         }
         redrawn += bad.len() as i64;
-        let fresh: Vec<Tensor> = bad.iter().map(|&i| sample_noise(model, args.seed, start + i as u64, attempt)).collect();
+        let fresh: Vec<Tensor> = bad
+            .iter()
+            .map(|&i| sample_noise(model, args.seed, start + i as u64, attempt))
+            .collect();
         let idx = Tensor::from_slice(&bad).to_device(trained.device);
         let y_bad = y.map(|y| y.index_select(0, &idx));
-        let redo = model.reverse(&Tensor::cat(&fresh, 0).to_device(trained.device), y_bad.as_ref(), g);
+        let redo = model.reverse(
+            &Tensor::cat(&fresh, 0).to_device(trained.device),
+            y_bad.as_ref(),
+            g,
+        );
         x = x.index_copy(0, &idx, &redo);
     }
     unreachable!("the loop returns or fails on its last attempt")
@@ -139,15 +177,27 @@ fn draw(trained: &Trained, args: &Args, g: &Guidance, start: u64, len: usize, y:
 fn encode_png(image: &[u8], width: usize, height: usize) -> anyhow::Result<Vec<u8>> {
     use image::ImageEncoder;
     let mut out = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut out).write_image(image, width as u32, height as u32, image::ExtendedColorType::Rgb8)?;
+    image::codecs::png::PngEncoder::new(&mut out).write_image(
+        image,
+        width as u32,
+        height as u32,
+        image::ExtendedColorType::Rgb8,
+    )?;
     Ok(out)
 }
 
 /// Grid geometry: (columns, rows, width, height) for `n` cells of `size`² pixels.
 pub fn grid_shape(n: usize, cols: Option<usize>, size: usize) -> (usize, usize, usize, usize) {
-    let cols = cols.unwrap_or_else(|| (n as f64).sqrt().ceil() as usize).clamp(1, n.max(1));
+    let cols = cols
+        .unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)
+        .clamp(1, n.max(1));
     let rows = n.div_ceil(cols);
-    (cols, rows, cols * size + (cols + 1) * GRID_PAD, rows * size + (rows + 1) * GRID_PAD)
+    (
+        cols,
+        rows,
+        cols * size + (cols + 1) * GRID_PAD,
+        rows * size + (rows + 1) * GRID_PAD,
+    )
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -160,12 +210,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let trained = args.trained.load(true)?;
     let model = trained.model();
     let labels = labels(&args, model.cfg.num_classes)?;
-    let g = Guidance { weight: args.cfg, annealed: args.annealed, attn_temp: args.attn_temp };
+    let g = Guidance {
+        weight: args.cfg,
+        annealed: args.annealed,
+        attn_temp: args.attn_temp,
+    };
     let size = trained.pixel_size() as usize;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let images_dir = args.out.join("images");
     if !args.no_png {
-        std::fs::create_dir_all(&images_dir).with_context(|| format!("creating {}", images_dir.display()))?;
+        std::fs::create_dir_all(&images_dir)
+            .with_context(|| format!("creating {}", images_dir.display()))?;
     }
     let npz_path = args.out.join("samples.npz");
     let mut npz = NpzWriter::create(&npz_path)?;
@@ -177,10 +233,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let progress = crate::progress::Progress::new("sample", args.num as u64);
     for start in (0..args.num).step_by(args.batch.max(1)) {
         let len = args.batch.max(1).min(args.num - start);
-        let y = labels.as_ref().map(|l| Tensor::from_slice(&l[start..start + len]).to_device(trained.device));
+        let y = labels
+            .as_ref()
+            .map(|l| Tensor::from_slice(&l[start..start + len]).to_device(trained.device));
         let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
         redrawn += r;
-        let x = if args.denoise { tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0) } else { x };
+        let x = if args.denoise {
+            tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
+        } else {
+            x
+        };
         let images = trained.flow_to_images(&x)?;
         let bytes = Vec::<u8>::try_from(images.flatten(0, -1))?;
         npz.write(&bytes)?;
@@ -191,10 +253,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 stages::atomic::write_bytes_atomic(&path, &encode_png(image, size, size)?)?;
             }
             if index < n_grid {
-                let (gx, gy) = (GRID_PAD + (index % cols) * (size + GRID_PAD), GRID_PAD + (index / cols) * (size + GRID_PAD));
+                let (gx, gy) = (
+                    GRID_PAD + (index % cols) * (size + GRID_PAD),
+                    GRID_PAD + (index / cols) * (size + GRID_PAD),
+                );
                 for row in 0..size {
                     let dst = ((gy + row) * grid_w + gx) * 3;
-                    grid[dst..dst + size * 3].copy_from_slice(&image[row * size * 3..(row + 1) * size * 3]);
+                    grid[dst..dst + size * 3]
+                        .copy_from_slice(&image[row * size * 3..(row + 1) * size * 3]);
                 }
             }
         }
@@ -204,14 +270,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     npz.end()?;
     npz.begin("arr_1", Dtype::I64, &[args.num])?;
     let label_values = labels.clone().unwrap_or_else(|| vec![-1; args.num]);
-    npz.write(&label_values.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>())?;
+    npz.write(
+        &label_values
+            .iter()
+            .flat_map(|l| l.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
     npz.end()?;
     npz.finish()?;
     let grid_path = args.out.join("grid.png");
     stages::atomic::write_bytes_atomic(&grid_path, &encode_png(&grid, grid_w, grid_h)?)?;
-    println!("samples: {} images of {size}x{size} from {}", args.num, trained.checkpoint.display());
-    println!("npz: {} (arr_0 uint8 [{}, {size}, {size}, 3], arr_1 int64 labels)", npz_path.display(), args.num);
-    println!("grid: {} ({grid_w}x{grid_h}, {n_grid} samples)", grid_path.display());
+    println!(
+        "samples: {} images of {size}x{size} from {}",
+        args.num,
+        trained.checkpoint.display()
+    );
+    println!(
+        "npz: {} (arr_0 uint8 [{}, {size}, {size}, 3], arr_1 int64 labels)",
+        npz_path.display(),
+        args.num
+    );
+    println!(
+        "grid: {} ({grid_w}x{grid_h}, {n_grid} samples)",
+        grid_path.display()
+    );
     if !args.no_png {
         println!("images: {}/000000.png …", images_dir.display());
     }
@@ -225,7 +307,10 @@ mod tests {
 
     #[test]
     fn grid_shape_pads_every_cell() {
-        assert_eq!(grid_shape(10, None, 16), (4, 3, 4 * 16 + 5 * GRID_PAD, 3 * 16 + 4 * GRID_PAD));
+        assert_eq!(
+            grid_shape(10, None, 16),
+            (4, 3, 4 * 16 + 5 * GRID_PAD, 3 * 16 + 4 * GRID_PAD)
+        );
         assert_eq!(grid_shape(3, Some(8), 8).0, 3);
     }
 

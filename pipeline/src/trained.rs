@@ -13,7 +13,11 @@ use tch::{Device, Kind, Tensor};
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainedArgs {
     /// Run directory written by `pipeline train --out RUN_DIR` (its `checkpoints/latest`)
-    #[arg(long, conflicts_with = "checkpoint", required_unless_present = "checkpoint")]
+    #[arg(
+        long,
+        conflicts_with = "checkpoint",
+        required_unless_present = "checkpoint"
+    )]
     pub run: Option<PathBuf>,
     /// Bare checkpoint (safetensors + `.model.toml` sidecar, as `pipeline flow init` writes)
     #[arg(long)]
@@ -55,14 +59,23 @@ fn run_checkpoint(run: &Path, step: Option<&str>, weights: &str) -> anyhow::Resu
         None => {
             let latest = dir.join("latest");
             std::fs::read_to_string(&latest)
-                .with_context(|| format!("reading {} (is {} a run directory of `pipeline train`?)", latest.display(), run.display()))?
+                .with_context(|| {
+                    format!(
+                        "reading {} (is {} a run directory of `pipeline train`?)",
+                        latest.display(),
+                        run.display()
+                    )
+                })?
                 .trim()
                 .to_string()
         }
     };
     let file = dir.join(&name).join(format!("{weights}.safetensors"));
     if !file.exists() {
-        bail!("{}: no such checkpoint file (weights `{weights}` of checkpoint `{name}`)", file.display());
+        bail!(
+            "{}: no such checkpoint file (weights `{weights}` of checkpoint `{name}`)",
+            file.display()
+        );
     }
     Ok(file)
 }
@@ -74,16 +87,25 @@ impl TrainedArgs {
         let (checkpoint, run_config) = match (&self.run, &self.checkpoint) {
             (Some(run), _) => {
                 let path = run.join("config.toml");
-                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-                let table: toml::Table = toml::from_str(&text).with_context(|| format!("run config {}", path.display()))?;
-                (run_checkpoint(run, self.step.as_deref(), &self.weights)?, Some(table))
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("run config {}", path.display()))?;
+                (
+                    run_checkpoint(run, self.step.as_deref(), &self.weights)?,
+                    Some(table),
+                )
             }
             (None, Some(ckpt)) => (ckpt.clone(), None),
             (None, None) => bail!("give --run RUN_DIR or --checkpoint FILE"),
         };
         let side = crate::flow::sidecar(&checkpoint);
         if !side.exists() {
-            bail!("{}: no model config sidecar {}", checkpoint.display(), side.display());
+            bail!(
+                "{}: no model config sidecar {}",
+                checkpoint.display(),
+                side.display()
+            );
         }
         let cfg = crate::flow::read_config(&side)?;
         let flow = tarflow::load(&checkpoint, &cfg, device)?;
@@ -93,12 +115,17 @@ impl TrainedArgs {
             .and_then(toml::Value::as_bool)
             .unwrap_or(cfg.in_channels != 3);
         let vae_dir = self.vae.clone().or_else(|| {
-            run_config.as_ref().and_then(|t| lookup(t, "precompute", "vae")).and_then(|v| v.as_str()).map(PathBuf::from)
+            run_config
+                .as_ref()
+                .and_then(|t| lookup(t, "precompute", "vae"))
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
         });
         let vae = match (latent && need_vae, vae_dir) {
             (false, _) => None,
             (true, Some(dir)) => {
-                let vae = AutoencoderKl::from_folder(&dir, device).with_context(|| format!("loading the VAE from {}", dir.display()))?;
+                let vae = AutoencoderKl::from_folder(&dir, device)
+                    .with_context(|| format!("loading the VAE from {}", dir.display()))?;
                 if vae.model.config.latent_channels != cfg.in_channels {
                     bail!(
                         "VAE {} has {} latent channels, the flow {} takes {}",
@@ -110,12 +137,27 @@ impl TrainedArgs {
                 }
                 Some(vae)
             }
-            (true, None) => bail!("{} is a latent model ({} channels): give --vae DIR", checkpoint.display(), cfg.in_channels),
+            (true, None) => bail!(
+                "{} is a latent model ({} channels): give --vae DIR",
+                checkpoint.display(),
+                cfg.in_channels
+            ),
         };
         if !latent && cfg.in_channels != 3 {
-            bail!("{}: a pixel model needs 3 input channels, the config has {}", checkpoint.display(), cfg.in_channels);
+            bail!(
+                "{}: a pixel model needs 3 input channels, the config has {}",
+                checkpoint.display(),
+                cfg.in_channels
+            );
         }
-        Ok(Trained { flow, vae, latent, checkpoint, run_config, device })
+        Ok(Trained {
+            flow,
+            vae,
+            latent,
+            checkpoint,
+            run_config,
+            device,
+        })
     }
 }
 
@@ -126,7 +168,10 @@ impl Trained {
 
     /// Side length of the images the model makes or reads, in pixels.
     pub fn pixel_size(&self) -> i64 {
-        let factor = self.vae.as_ref().map_or(1, |v| v.model.config.downsample_factor());
+        let factor = self
+            .vae
+            .as_ref()
+            .map_or(1, |v| v.model.config.downsample_factor());
         self.model().cfg.img_size * if self.latent { factor } else { 1 }
     }
 
@@ -135,7 +180,8 @@ impl Trained {
     pub fn data_config(&self, shards: &str) -> anyhow::Result<DataConfig> {
         use serde::Deserialize;
         let base = match self.run_config.as_ref().and_then(|t| t.get("data")) {
-            Some(v) => DataConfig::deserialize(v.clone()).map_err(|e| anyhow::anyhow!("[data] of the run config: {e}"))?,
+            Some(v) => DataConfig::deserialize(v.clone())
+                .map_err(|e| anyhow::anyhow!("[data] of the run config: {e}"))?,
             None => DataConfig::default(),
         };
         Ok(DataConfig {
@@ -156,7 +202,11 @@ impl Trained {
         if !self.latent {
             return Ok(x);
         }
-        let vae = &self.vae.as_ref().context("encoding images for a latent model needs --vae")?.model;
+        let vae = &self
+            .vae
+            .as_ref()
+            .context("encoding images for a latent model needs --vae")?
+            .model;
         let (mean, _) = vae.encode_moments(&x)?;
         Ok(vae.scale_latents(&mean))
     }
@@ -164,7 +214,9 @@ impl Trained {
     /// The flow's output (B, C, h, w) → uint8 images (B, H, W, 3) on the CPU.
     pub fn flow_to_images(&self, x: &Tensor) -> anyhow::Result<Tensor> {
         let pixels = match (&self.vae, self.latent) {
-            (Some(vae), true) => vae.model.decode(&vae.model.unscale_latents(&x.to_kind(Kind::Float)))?,
+            (Some(vae), true) => vae
+                .model
+                .decode(&vae.model.unscale_latents(&x.to_kind(Kind::Float)))?,
             (None, true) => bail!("decoding latents needs --vae"),
             (_, false) => x.to_kind(Kind::Float),
         };
@@ -175,5 +227,10 @@ impl Trained {
 /// [−1, 1] float (B, 3, H, W) → uint8 (B, H, W, 3) on the CPU as REPA's sampler does:
 /// clamp(127.5·x + 128, 0, 255) truncated, i.e. 127.5·(x + 1) rounded half up.
 pub fn to_uint8(pixels: &Tensor) -> Tensor {
-    (pixels.to_device(Device::Cpu) * 127.5 + 128.0).floor().clamp(0.0, 255.0).to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous()
+    (pixels.to_device(Device::Cpu) * 127.5 + 128.0)
+        .floor()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
 }

@@ -67,7 +67,10 @@ impl BadKind {
     }
 
     fn index(self) -> usize {
-        BadKind::ALL.iter().position(|k| *k == self).expect("every kind is in ALL")
+        BadKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .expect("every kind is in ALL")
     }
 }
 
@@ -110,7 +113,11 @@ impl RunCounters {
         CountsSnapshot {
             good: self.good(),
             shards_read: self.shards_read.load(Ordering::Relaxed),
-            bad: BadKind::ALL.iter().map(|k| (k.name().to_string(), self.bad(*k))).filter(|(_, n)| *n > 0).collect(),
+            bad: BadKind::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), self.bad(*k)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
         }
     }
 
@@ -148,7 +155,16 @@ impl RunCounters {
             .filter(|k| self.bad(**k) > 0)
             .map(|k| format!("{} {}", k.name(), self.bad(*k)))
             .collect();
-        format!("good {}, bad {}{}", self.good(), self.total_bad(), if kinds.is_empty() { String::new() } else { format!(" ({})", kinds.join(", ")) })
+        format!(
+            "good {}, bad {}{}",
+            self.good(),
+            self.total_bad(),
+            if kinds.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", kinds.join(", "))
+            }
+        )
     }
 }
 
@@ -173,6 +189,9 @@ mod tests {
         assert!((c.bad_fraction() - 0.02).abs() < 1e-12);
         assert!(c.check_bad_fraction(0.05).is_ok());
         let err = c.check_bad_fraction(0.01).unwrap_err().to_string();
-        assert!(err.contains("garbage_image 1") && err.contains("shard_unreadable 1"), "{err}");
+        assert!(
+            err.contains("garbage_image 1") && err.contains("shard_unreadable 1"),
+            "{err}"
+        );
     }
 }

@@ -82,7 +82,9 @@ impl DataConfig {
         if self.threads > 0 {
             self.threads
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 
@@ -95,7 +97,10 @@ impl DataConfig {
             return fail("data.image_keys must name at least one extension".into());
         }
         if !(0.0..=1.0).contains(&self.max_bad_fraction) {
-            return fail(format!("data.max_bad_fraction {} is not in [0, 1]", self.max_bad_fraction));
+            return fail(format!(
+                "data.max_bad_fraction {} is not in [0, 1]",
+                self.max_bad_fraction
+            ));
         }
         if self.queue_depth == 0 {
             return fail("data.queue_depth must be positive".into());

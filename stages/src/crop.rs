@@ -31,7 +31,13 @@ pub enum ResizeImpl {
 }
 
 /// Resizes with the chosen implementation.
-pub fn resize(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter, imp: ResizeImpl) -> RgbImage {
+pub fn resize(
+    src: &RgbImage,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+    imp: ResizeImpl,
+) -> RgbImage {
     match imp {
         ResizeImpl::Pillow => resize_pillow(src, out_w, out_h, filter),
         ResizeImpl::Fast => resize_fast(src, out_w, out_h, filter),
@@ -49,18 +55,38 @@ fn resize_fast(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> Rg
         // CatmullRom is the a = -0.5 Keys cubic, i.e. PIL BICUBIC (Mitchell is not).
         Filter::Bicubic => fr::FilterType::CatmullRom,
     };
-    let src_view = fr::images::ImageRef::new(src.width as u32, src.height as u32, &src.pixels, fr::PixelType::U8x3)
-        .expect("buffer matches its dimensions");
+    let src_view = fr::images::ImageRef::new(
+        src.width as u32,
+        src.height as u32,
+        &src.pixels,
+        fr::PixelType::U8x3,
+    )
+    .expect("buffer matches its dimensions");
     let mut dst = fr::images::Image::new(out_w as u32, out_h as u32, fr::PixelType::U8x3);
     let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(filter_type));
-    fr::Resizer::new().resize(&src_view, &mut dst, &options).expect("same pixel type on both sides");
-    RgbImage { width: out_w, height: out_h, pixels: dst.into_vec() }
+    fr::Resizer::new()
+        .resize(&src_view, &mut dst, &options)
+        .expect("same pixel type on both sides");
+    RgbImage {
+        width: out_w,
+        height: out_h,
+        pixels: dst.into_vec(),
+    }
 }
 
 /// The `size` square at (left, top) of the image resized to `out_w`×`out_h`. The exact path computes
 /// only the pixels inside the square (the same bytes as resizing fully, then cropping).
 #[allow(clippy::too_many_arguments)]
-fn resize_then_crop(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter, imp: ResizeImpl, left: usize, top: usize, size: usize) -> RgbImage {
+fn resize_then_crop(
+    src: &RgbImage,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+    imp: ResizeImpl,
+    left: usize,
+    top: usize,
+    size: usize,
+) -> RgbImage {
     match imp {
         ResizeImpl::Pillow => resize_pillow_crop(src, out_w, out_h, filter, left, top, size, size),
         ResizeImpl::Fast => crop(&resize_fast(src, out_w, out_h, filter), left, top, size),
@@ -74,7 +100,11 @@ pub fn crop(src: &RgbImage, left: usize, top: usize, size: usize) -> RgbImage {
         let row = (y * src.width + left) * 3;
         pixels.extend_from_slice(&src.pixels[row..row + size * 3]);
     }
-    RgbImage { width: size, height: size, pixels }
+    RgbImage {
+        width: size,
+        height: size,
+        pixels,
+    }
 }
 
 /// ADM `center_crop_arr(pil_image, size)`.
@@ -87,7 +117,10 @@ pub fn center_crop_adm(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbImage
         img = std::borrow::Cow::Owned(halved);
     }
     let scale = size as f64 / img.width.min(img.height) as f64;
-    let (w, h) = ((img.width as f64 * scale).round_ties_even() as usize, (img.height as f64 * scale).round_ties_even() as usize);
+    let (w, h) = (
+        (img.width as f64 * scale).round_ties_even() as usize,
+        (img.height as f64 * scale).round_ties_even() as usize,
+    );
     let (top, left) = ((h - size) / 2, (w - size) / 2);
     resize_then_crop(&img, w, h, Filter::Bicubic, imp, left, top, size)
 }
@@ -96,7 +129,11 @@ pub fn center_crop_adm(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbImage
 pub fn resize_center_crop(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbImage {
     let (short, long) = (src.width.min(src.height), src.width.max(src.height));
     let new_long = (size as f64 * long as f64 / short as f64) as usize;
-    let (w, h) = if src.width <= src.height { (size, new_long) } else { (new_long, size) };
+    let (w, h) = if src.width <= src.height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
     let offset = |extent: usize| ((extent - size) as f64 / 2.0).round_ties_even() as usize;
     resize_then_crop(src, w, h, Filter::Bilinear, imp, offset(w), offset(h), size)
 }
@@ -116,7 +153,11 @@ pub fn hflip(src: &RgbImage) -> RgbImage {
             pixels.extend_from_slice(px);
         }
     }
-    RgbImage { width: src.width, height: src.height, pixels }
+    RgbImage {
+        width: src.width,
+        height: src.height,
+        pixels,
+    }
 }
 
 #[cfg(test)]
@@ -126,7 +167,11 @@ mod tests {
 
     #[test]
     fn adm_crop_geometry_for_imagenet_like_sizes() {
-        let img = RgbImage { width: 500, height: 375, pixels: vec![77; 500 * 375 * 3] };
+        let img = RgbImage {
+            width: 500,
+            height: 375,
+            pixels: vec![77; 500 * 375 * 3],
+        };
         for size in [256, 64] {
             for imp in [ResizeImpl::Pillow, ResizeImpl::Fast] {
                 let out = center_crop_adm(&img, size, imp);
@@ -141,7 +186,13 @@ mod tests {
         let img = draw_sample(0, 5, 3);
         let exact = center_crop_adm(&img, 64, ResizeImpl::Pillow);
         let fast = center_crop_adm(&img, 64, ResizeImpl::Fast);
-        let max = exact.pixels.iter().zip(&fast.pixels).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let max = exact
+            .pixels
+            .iter()
+            .zip(&fast.pixels)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
         assert!(max <= 3, "max |Δ| {max}");
     }
 

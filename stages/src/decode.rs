@@ -34,7 +34,10 @@ pub struct DecodeError {
 
 impl DecodeError {
     fn new(kind: BadKind, detail: impl Into<String>) -> Self {
-        DecodeError { kind, detail: detail.into() }
+        DecodeError {
+            kind,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -51,25 +54,42 @@ pub fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError
 /// As [`decode_rgb`], but a JPEG whose short side is at least 2×, 4× or 8× `min_short_side` is decoded
 /// at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's `draft()`): faster, not Pillow-exact.
 /// `min_short_side` 0 always decodes at full size.
-pub fn decode_rgb_scaled(bytes: &[u8], max_pixels: u64, min_short_side: usize) -> Result<RgbImage, DecodeError> {
+pub fn decode_rgb_scaled(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_short_side: usize,
+) -> Result<RgbImage, DecodeError> {
     if bytes.is_empty() {
-        return Err(DecodeError::new(BadKind::EmptyImage, "image member is empty"));
+        return Err(DecodeError::new(
+            BadKind::EmptyImage,
+            "image member is empty",
+        ));
     }
     match sniff(bytes) {
         ImageFormat::Jpeg => DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(
-                    turbojpeg::Decompressor::new()
-                        .map_err(|e| DecodeError::new(BadKind::UndecodableImage, format!("libjpeg-turbo init: {e}")))?,
-                );
+                *slot = Some(turbojpeg::Decompressor::new().map_err(|e| {
+                    DecodeError::new(
+                        BadKind::UndecodableImage,
+                        format!("libjpeg-turbo init: {e}"),
+                    )
+                })?);
             }
-            decode_jpeg(slot.as_mut().expect("just set"), bytes, max_pixels, min_short_side)
+            decode_jpeg(
+                slot.as_mut().expect("just set"),
+                bytes,
+                max_pixels,
+                min_short_side,
+            )
         }),
         ImageFormat::Png => decode_png(bytes, max_pixels),
         ImageFormat::Unknown => Err(DecodeError::new(
             BadKind::GarbageImage,
-            format!("not a JPEG or PNG (first bytes {:02x?})", &bytes[..bytes.len().min(8)]),
+            format!(
+                "not a JPEG or PNG (first bytes {:02x?})",
+                &bytes[..bytes.len().min(8)]
+            ),
         )),
     }
 }
@@ -92,7 +112,10 @@ fn jpeg_failure(bytes: &[u8], e: turbojpeg::Error) -> DecodeError {
     if ends_with_eoi {
         DecodeError::new(BadKind::UndecodableImage, format!("jpeg: {e}"))
     } else {
-        DecodeError::new(BadKind::TruncatedImage, format!("jpeg ends before its EOI marker: {e}"))
+        DecodeError::new(
+            BadKind::TruncatedImage,
+            format!("jpeg ends before its EOI marker: {e}"),
+        )
     }
 }
 
@@ -102,8 +125,12 @@ fn decode_jpeg(
     max_pixels: u64,
     min_short_side: usize,
 ) -> Result<RgbImage, DecodeError> {
-    decompressor.set_scaling_factor(turbojpeg::ScalingFactor::ONE).map_err(|e| jpeg_failure(bytes, e))?;
-    let header = decompressor.read_header(bytes).map_err(|e| jpeg_failure(bytes, e))?;
+    decompressor
+        .set_scaling_factor(turbojpeg::ScalingFactor::ONE)
+        .map_err(|e| jpeg_failure(bytes, e))?;
+    let header = decompressor
+        .read_header(bytes)
+        .map_err(|e| jpeg_failure(bytes, e))?;
     check_bomb(header.width, header.height, max_pixels)?;
     let mut header = header;
     if min_short_side > 0 {
@@ -111,25 +138,54 @@ fn decode_jpeg(
         for denom in [8usize, 4, 2] {
             if short >= denom * min_short_side {
                 let factor = turbojpeg::ScalingFactor::new(1, denom);
-                decompressor.set_scaling_factor(factor).map_err(|e| jpeg_failure(bytes, e))?;
+                decompressor
+                    .set_scaling_factor(factor)
+                    .map_err(|e| jpeg_failure(bytes, e))?;
                 header = header.scaled(factor);
                 break;
             }
         }
     }
     let (width, height) = (header.width, header.height);
-    let four_channel = matches!(header.colorspace, turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK);
+    let four_channel = matches!(
+        header.colorspace,
+        turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
+    );
     if !four_channel {
         let mut pixels = vec![0u8; width * height * 3];
-        let image = turbojpeg::Image { pixels: pixels.as_mut_slice(), width, pitch: width * 3, height, format: turbojpeg::PixelFormat::RGB };
-        decompressor.decompress(bytes, image).map_err(|e| jpeg_failure(bytes, e))?;
-        return Ok(RgbImage { width, height, pixels });
+        let image = turbojpeg::Image {
+            pixels: pixels.as_mut_slice(),
+            width,
+            pitch: width * 3,
+            height,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        decompressor
+            .decompress(bytes, image)
+            .map_err(|e| jpeg_failure(bytes, e))?;
+        return Ok(RgbImage {
+            width,
+            height,
+            pixels,
+        });
     }
     // libjpeg-turbo cannot convert CMYK to RGB; decode the raw ink values and convert as Pillow does.
     let mut cmyk = vec![0u8; width * height * 4];
-    let image = turbojpeg::Image { pixels: cmyk.as_mut_slice(), width, pitch: width * 4, height, format: turbojpeg::PixelFormat::CMYK };
-    decompressor.decompress(bytes, image).map_err(|e| jpeg_failure(bytes, e))?;
-    Ok(RgbImage { width, height, pixels: adobe_cmyk_to_rgb(&cmyk) })
+    let image = turbojpeg::Image {
+        pixels: cmyk.as_mut_slice(),
+        width,
+        pitch: width * 4,
+        height,
+        format: turbojpeg::PixelFormat::CMYK,
+    };
+    decompressor
+        .decompress(bytes, image)
+        .map_err(|e| jpeg_failure(bytes, e))?;
+    Ok(RgbImage {
+        width,
+        height,
+        pixels: adobe_cmyk_to_rgb(&cmyk),
+    })
 }
 
 /// Pillow opens every 4-channel JPEG with raw mode `CMYK;I` (Adobe's inverted storage) and converts
@@ -159,10 +215,14 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
         if has_iend {
             DecodeError::new(BadKind::UndecodableImage, format!("png: {text}"))
         } else {
-            DecodeError::new(BadKind::TruncatedImage, format!("png ends before IEND: {text}"))
+            DecodeError::new(
+                BadKind::TruncatedImage,
+                format!("png ends before IEND: {text}"),
+            )
         }
     };
-    let decoder = image::codecs::png::PngDecoder::new(std::io::Cursor::new(bytes)).map_err(truncated_or_bad)?;
+    let decoder = image::codecs::png::PngDecoder::new(std::io::Cursor::new(bytes))
+        .map_err(truncated_or_bad)?;
     let (w, h) = decoder.dimensions();
     check_bomb(w as usize, h as usize, max_pixels)?;
     let color = decoder.color_type();
@@ -175,26 +235,48 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
     let hi = |chunk: &[u8]| u16::from_ne_bytes([chunk[0], chunk[1]]) >> 8;
     let pixels: Vec<u8> = match color {
         C::Rgb8 => raw,
-        C::Rgba8 => raw.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        C::Rgba8 => raw
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
         C::L8 => raw.iter().flat_map(|&v| [v, v, v]).collect(),
-        C::La8 => raw.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        C::La8 => raw
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
         C::Rgb16 => raw.chunks_exact(2).map(|c| hi(c) as u8).collect(),
         // Pillow opens 16-bit grayscale as mode `I;16`, whose RGB conversion clips at 255 instead of
         // scaling; 16-bit gray+alpha opens as `LA` from the most significant byte.
-        C::L16 => raw.chunks_exact(2).flat_map(|c| {
-            let v = u16::from_ne_bytes([c[0], c[1]]).min(255) as u8;
-            [v, v, v]
-        }).collect(),
-        C::La16 => raw.chunks_exact(4).flat_map(|p| {
-            let v = hi(&p[0..2]) as u8;
-            [v, v, v]
-        }).collect(),
-        C::Rgba16 => raw.chunks_exact(8).flat_map(|p| [hi(&p[0..2]) as u8, hi(&p[2..4]) as u8, hi(&p[4..6]) as u8]).collect(),
+        C::L16 => raw
+            .chunks_exact(2)
+            .flat_map(|c| {
+                let v = u16::from_ne_bytes([c[0], c[1]]).min(255) as u8;
+                [v, v, v]
+            })
+            .collect(),
+        C::La16 => raw
+            .chunks_exact(4)
+            .flat_map(|p| {
+                let v = hi(&p[0..2]) as u8;
+                [v, v, v]
+            })
+            .collect(),
+        C::Rgba16 => raw
+            .chunks_exact(8)
+            .flat_map(|p| [hi(&p[0..2]) as u8, hi(&p[2..4]) as u8, hi(&p[4..6]) as u8])
+            .collect(),
         other => {
-            return Err(DecodeError::new(BadKind::UndecodableImage, format!("png colour type {other:?} is not supported")));
+            return Err(DecodeError::new(
+                BadKind::UndecodableImage,
+                format!("png colour type {other:?} is not supported"),
+            ));
         }
     };
-    Ok(RgbImage { width, height, pixels })
+    Ok(RgbImage {
+        width,
+        height,
+        pixels,
+    })
 }
 
 #[cfg(test)]
@@ -216,13 +298,30 @@ mod tests {
     #[test]
     fn bad_bytes_map_to_their_kind() {
         let jpeg = encode_jpeg(&draw_sample(0, 2, 1), 90, false).unwrap();
-        assert_eq!(decode_rgb(&[], 1 << 30).unwrap_err().kind, BadKind::EmptyImage);
-        assert_eq!(decode_rgb(b"hello world", 1 << 30).unwrap_err().kind, BadKind::GarbageImage);
-        assert_eq!(decode_rgb(&jpeg[..jpeg.len() / 2], 1 << 30).unwrap_err().kind, BadKind::TruncatedImage);
-        assert_eq!(decode_rgb(&jpeg, 1000).unwrap_err().kind, BadKind::DecompressionBomb);
+        assert_eq!(
+            decode_rgb(&[], 1 << 30).unwrap_err().kind,
+            BadKind::EmptyImage
+        );
+        assert_eq!(
+            decode_rgb(b"hello world", 1 << 30).unwrap_err().kind,
+            BadKind::GarbageImage
+        );
+        assert_eq!(
+            decode_rgb(&jpeg[..jpeg.len() / 2], 1 << 30)
+                .unwrap_err()
+                .kind,
+            BadKind::TruncatedImage
+        );
+        assert_eq!(
+            decode_rgb(&jpeg, 1000).unwrap_err().kind,
+            BadKind::DecompressionBomb
+        );
         let mut corrupt = jpeg[..40].to_vec();
         corrupt.extend_from_slice(&[0xFF, 0xD9]);
-        assert_eq!(decode_rgb(&corrupt, 1 << 30).unwrap_err().kind, BadKind::UndecodableImage);
+        assert_eq!(
+            decode_rgb(&corrupt, 1 << 30).unwrap_err().kind,
+            BadKind::UndecodableImage
+        );
     }
 
     #[test]

@@ -37,13 +37,25 @@ const ODD_PER_KIND: usize = 2;
 impl DemoConfig {
     /// Samples written in all, odd members included.
     pub fn n_samples(&self) -> usize {
-        self.classes * self.per_class + if self.odd { ODD_PER_KIND * OddKind::ALL.len() } else { 0 }
+        self.classes * self.per_class
+            + if self.odd {
+                ODD_PER_KIND * OddKind::ALL.len()
+            } else {
+                0
+            }
     }
 }
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { classes: 10, per_class: 200, shards: 4, seed: 0, odd: false, prefix: "demo".into() }
+        DemoConfig {
+            classes: 10,
+            per_class: 200,
+            shards: 4,
+            seed: 0,
+            odd: false,
+            prefix: "demo".into(),
+        }
     }
 }
 
@@ -96,7 +108,10 @@ impl OddKind {
 
     /// Whether a correct reader yields a usable, labelled image for this member.
     pub fn is_valid(self) -> bool {
-        matches!(self, OddKind::Cmyk | OddKind::Grayscale | OddKind::Progressive | OddKind::PngNamedJpg)
+        matches!(
+            self,
+            OddKind::Cmyk | OddKind::Grayscale | OddKind::Progressive | OddKind::PngNamedJpg
+        )
     }
 
     fn name(self) -> &'static str {
@@ -122,7 +137,9 @@ pub struct OddMember {
 
 /// The file names of the shards `config` produces, in order.
 pub fn shard_names(config: &DemoConfig) -> Vec<String> {
-    (0..config.shards).map(|i| format!("{}-{i:06}.tar", config.prefix)).collect()
+    (0..config.shards)
+        .map(|i| format!("{}-{i:06}.tar", config.prefix))
+        .collect()
 }
 
 /// One sample ready to be written: its key and tar members.
@@ -132,9 +149,15 @@ struct Encoded {
 }
 
 /// Writes the whole dataset under `out`. `progress` is called with the number of samples encoded so far.
-pub fn write_demo_dataset(out: &Path, config: &DemoConfig, progress: &(dyn Fn(usize) + Sync)) -> Result<DemoIndex> {
+pub fn write_demo_dataset(
+    out: &Path,
+    config: &DemoConfig,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<DemoIndex> {
     if config.classes == 0 || config.per_class == 0 || config.shards == 0 {
-        return Err(Error::Invalid("demo data needs at least one class, one sample per class and one shard".into()));
+        return Err(Error::Invalid(
+            "demo data needs at least one class, one sample per class and one shard".into(),
+        ));
     }
     fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
 
@@ -144,7 +167,11 @@ pub fn write_demo_dataset(out: &Path, config: &DemoConfig, progress: &(dyn Fn(us
         (0..ODD_PER_KIND * OddKind::ALL.len())
             .map(|i| {
                 let kind = OddKind::ALL[i % OddKind::ALL.len()];
-                OddMember { key: format!("odd-{}-{}", kind.name(), i / OddKind::ALL.len()), kind, label: i % config.classes }
+                OddMember {
+                    key: format!("odd-{}-{}", kind.name(), i / OddKind::ALL.len()),
+                    kind,
+                    label: i % config.classes,
+                }
             })
             .collect()
     } else {
@@ -167,12 +194,17 @@ pub fn write_demo_dataset(out: &Path, config: &DemoConfig, progress: &(dyn Fn(us
             let sample = if index < n_regular {
                 let label = index / config.per_class;
                 let image = draw_sample(config.seed, index as u64, label);
-                let quality = 75 + (SplitMix64::new(mix(config.seed, index as u64, 7)).below(21) as i32);
-                let jpeg = encode_jpeg(&image, quality, false).map_err(|source| Error::JpegEncode {
+                let quality =
+                    75 + (SplitMix64::new(mix(config.seed, index as u64, 7)).below(21) as i32);
+                let jpeg =
+                    encode_jpeg(&image, quality, false).map_err(|source| Error::JpegEncode {
+                        key: sample_key(index),
+                        source,
+                    })?;
+                Encoded {
                     key: sample_key(index),
-                    source,
-                })?;
-                Encoded { key: sample_key(index), members: vec![("jpg", jpeg), ("cls", label.to_string().into_bytes())] }
+                    members: vec![("jpg", jpeg), ("cls", label.to_string().into_bytes())],
+                }
             } else {
                 encode_odd(config, &odd[index - n_regular], index as u64)?
             };
@@ -192,16 +224,28 @@ pub fn write_demo_dataset(out: &Path, config: &DemoConfig, progress: &(dyn Fn(us
         write_atomic(&path, |file| {
             let mut writer = TarShardWriter::new(file);
             for sample in &encoded[start..end] {
-                let members: Vec<(&str, &[u8])> = sample.members.iter().map(|(e, d)| (*e, d.as_slice())).collect();
+                let members: Vec<(&str, &[u8])> = sample
+                    .members
+                    .iter()
+                    .map(|(e, d)| (*e, d.as_slice()))
+                    .collect();
                 writer.write_sample(&sample.key, &members)?;
             }
             writer.finish().map(|_| ())
         })?;
         let bytes = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
-        shards.push(ShardSummary { file: name.clone(), samples: end - start, bytes });
+        shards.push(ShardSummary {
+            file: name.clone(),
+            samples: end - start,
+            bytes,
+        });
     }
 
-    let index = DemoIndex { config: config.clone(), shards, odd };
+    let index = DemoIndex {
+        config: config.clone(),
+        shards,
+        odd,
+    };
     let index_path: PathBuf = out.join(format!("{}-index.json", config.prefix));
     let json = serde_json::to_vec_pretty(&index).expect("demo index serialises");
     crate::atomic::write_bytes_atomic(&index_path, &json)?;
@@ -216,7 +260,10 @@ pub fn sample_key(index: usize) -> String {
 fn encode_odd(config: &DemoConfig, member: &OddMember, stream: u64) -> Result<Encoded> {
     let image = draw_sample(config.seed, stream, member.label);
     let key = member.key.clone();
-    let jpeg_err = |source| Error::JpegEncode { key: key.clone(), source };
+    let jpeg_err = |source| Error::JpegEncode {
+        key: key.clone(),
+        source,
+    };
     let label = member.label.to_string().into_bytes();
     let image_bytes = match member.kind {
         OddKind::Cmyk => encode_cmyk_jpeg(&image).map_err(jpeg_err)?,
@@ -224,8 +271,11 @@ fn encode_odd(config: &DemoConfig, member: &OddMember, stream: u64) -> Result<En
         OddKind::Progressive | OddKind::MissingLabel | OddKind::BadLabel => {
             encode_jpeg(&image, 90, member.kind == OddKind::Progressive).map_err(jpeg_err)?
         }
-        OddKind::PngNamedJpg => encode_png(&image)
-            .map_err(|e| Error::Sample { shard: "-".into(), key: key.clone(), message: format!("png encoding: {e}") })?,
+        OddKind::PngNamedJpg => encode_png(&image).map_err(|e| Error::Sample {
+            shard: "-".into(),
+            key: key.clone(),
+            message: format!("png encoding: {e}"),
+        })?,
         OddKind::Truncated => {
             let mut jpeg = encode_jpeg(&image, 90, false).map_err(jpeg_err)?;
             jpeg.truncate(jpeg.len() / 2);
@@ -252,9 +302,20 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
-pub fn encode_jpeg(image: &RgbImage, quality: i32, progressive: bool) -> Result<Vec<u8>, turbojpeg::Error> {
+pub fn encode_jpeg(
+    image: &RgbImage,
+    quality: i32,
+    progressive: bool,
+) -> Result<Vec<u8>, turbojpeg::Error> {
     let format = turbojpeg::PixelFormat::RGB;
-    compress(&image.pixels, image, format, turbojpeg::Subsamp::Sub2x2, quality, progressive)
+    compress(
+        &image.pixels,
+        image,
+        format,
+        turbojpeg::Subsamp::Sub2x2,
+        quality,
+        progressive,
+    )
 }
 
 fn encode_gray_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
@@ -263,7 +324,14 @@ fn encode_gray_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
         .chunks_exact(3)
         .map(|p| ((299 * p[0] as u32 + 587 * p[1] as u32 + 114 * p[2] as u32 + 500) / 1000) as u8)
         .collect();
-    compress(&gray, image, turbojpeg::PixelFormat::GRAY, turbojpeg::Subsamp::Gray, 90, false)
+    compress(
+        &gray,
+        image,
+        turbojpeg::PixelFormat::GRAY,
+        turbojpeg::Subsamp::Gray,
+        90,
+        false,
+    )
 }
 
 /// Writes inverted CMYK as Adobe Photoshop does (the convention Pillow assumes for every 4-channel JPEG).
@@ -278,7 +346,14 @@ fn encode_cmyk_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
             [ink(p[0]), ink(p[1]), ink(p[2]), 255 - k]
         })
         .collect();
-    compress(&cmyk, image, turbojpeg::PixelFormat::CMYK, turbojpeg::Subsamp::None, 90, false)
+    compress(
+        &cmyk,
+        image,
+        turbojpeg::PixelFormat::CMYK,
+        turbojpeg::Subsamp::None,
+        90,
+        false,
+    )
 }
 
 /// Compresses `pixels` (laid out in `format`) at the size of `like`.
@@ -295,7 +370,13 @@ fn compress(
     compressor.set_subsamp(subsamp)?;
     compressor.set_progressive(progressive)?;
     let pitch = like.width * format.size();
-    compressor.compress_to_vec(turbojpeg::Image { pixels, width: like.width, pitch, height: like.height, format })
+    compressor.compress_to_vec(turbojpeg::Image {
+        pixels,
+        width: like.width,
+        pitch,
+        height: like.height,
+        format,
+    })
 }
 
 fn encode_png(image: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
@@ -319,13 +400,21 @@ pub fn draw_sample(seed: u64, index: u64, label: usize) -> RgbImage {
     let short = 96 + rng.below(512 - 96 + 1) as usize;
     let aspect = 1.0 + rng.unit() * 0.7;
     let long = ((short as f64) * aspect).round() as usize;
-    let (width, height) = if rng.below(2) == 0 { (long, short) } else { (short, long) };
+    let (width, height) = if rng.below(2) == 0 {
+        (long, short)
+    } else {
+        (short, long)
+    };
 
     let shape = Shape::ALL[label % Shape::ALL.len()];
     let texture = (label / Shape::ALL.len()) % 3;
     // Hues spread by the golden ratio keep neighbouring class ids far apart in colour.
     let hue = (label as f64 * 0.618_033_988_75 + 0.07 * (seed % 7) as f64).fract();
-    let fg = hsv_to_rgb((hue + (rng.unit() - 0.5) * 0.06).rem_euclid(1.0), 0.65 + 0.3 * rng.unit(), 0.6 + 0.4 * rng.unit());
+    let fg = hsv_to_rgb(
+        (hue + (rng.unit() - 0.5) * 0.06).rem_euclid(1.0),
+        0.65 + 0.3 * rng.unit(),
+        0.6 + 0.4 * rng.unit(),
+    );
     let fg2 = fg.map(|c| c * 0.45);
     let bg_a = hsv_to_rgb(rng.unit(), 0.25 * rng.unit(), 0.3 + 0.6 * rng.unit());
     let bg_b = hsv_to_rgb(rng.unit(), 0.25 * rng.unit(), 0.3 + 0.6 * rng.unit());
@@ -347,7 +436,9 @@ pub fn draw_sample(seed: u64, index: u64, label: usize) -> RgbImage {
         for x in 0..width {
             let (fx, fy) = (x as f64 + 0.5, y as f64 + 0.5);
             // Background: a two-colour linear gradient in a random direction.
-            let t = (((fx / width as f64 - 0.5) * bg_dx + (fy / height as f64 - 0.5) * bg_dy) + 0.5).clamp(0.0, 1.0);
+            let t = (((fx / width as f64 - 0.5) * bg_dx + (fy / height as f64 - 0.5) * bg_dy)
+                + 0.5)
+                .clamp(0.0, 1.0);
             let mut rgb = [0.0f64; 3];
             for c in 0..3 {
                 rgb[c] = bg_a[c] * (1.0 - t) + bg_b[c] * t;
@@ -359,7 +450,10 @@ pub fn draw_sample(seed: u64, index: u64, label: usize) -> RgbImage {
                     0 => false,
                     1 => ((u * stripe_freq).floor() as i64).rem_euclid(2) == 0,
                     _ => {
-                        let (gu, gv) = ((u * stripe_freq).fract() - 0.5, (v * stripe_freq).fract() - 0.5);
+                        let (gu, gv) = (
+                            (u * stripe_freq).fract() - 0.5,
+                            (v * stripe_freq).fract() - 0.5,
+                        );
                         gu * gu + gv * gv < 0.09
                     }
                 };
@@ -372,7 +466,11 @@ pub fn draw_sample(seed: u64, index: u64, label: usize) -> RgbImage {
             }
         }
     }
-    RgbImage { width, height, pixels }
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -388,8 +486,16 @@ enum Shape {
 }
 
 impl Shape {
-    const ALL: [Shape; 8] =
-        [Shape::Disk, Shape::Square, Shape::Triangle, Shape::Ring, Shape::Cross, Shape::Diamond, Shape::Star, Shape::Ellipse];
+    const ALL: [Shape; 8] = [
+        Shape::Disk,
+        Shape::Square,
+        Shape::Triangle,
+        Shape::Ring,
+        Shape::Cross,
+        Shape::Diamond,
+        Shape::Star,
+        Shape::Ellipse,
+    ];
 
     /// Whether (u, v), in units of the shape's radius around its centre, lies inside.
     fn contains(self, u: f64, v: f64) -> bool {
@@ -469,12 +575,14 @@ mod tests {
         let a = draw_sample(3, 17, 4);
         let b = draw_sample(3, 17, 4);
         assert_eq!(a, b);
-        let sizes: std::collections::HashSet<_> = (0..20).map(|i| {
-            let img = draw_sample(3, i, 1);
-            assert!((96..=512).contains(&img.width.min(img.height)));
-            assert_ne!(img.width, img.height);
-            (img.width, img.height)
-        }).collect();
+        let sizes: std::collections::HashSet<_> = (0..20)
+            .map(|i| {
+                let img = draw_sample(3, i, 1);
+                assert!((96..=512).contains(&img.width.min(img.height)));
+                assert_ne!(img.width, img.height);
+                (img.width, img.height)
+            })
+            .collect();
         assert!(sizes.len() > 15);
     }
 
@@ -500,15 +608,61 @@ mod tests {
 
     #[test]
     fn odd_members_are_what_they_claim() {
-        let config = DemoConfig { classes: 3, per_class: 1, shards: 1, odd: true, ..Default::default() };
-        let cmyk = encode_odd(&config, &OddMember { key: "k".into(), kind: OddKind::Cmyk, label: 0 }, 99).unwrap();
+        let config = DemoConfig {
+            classes: 3,
+            per_class: 1,
+            shards: 1,
+            odd: true,
+            ..Default::default()
+        };
+        let cmyk = encode_odd(
+            &config,
+            &OddMember {
+                key: "k".into(),
+                kind: OddKind::Cmyk,
+                label: 0,
+            },
+            99,
+        )
+        .unwrap();
         let header = turbojpeg::read_header(&cmyk.members[0].1).unwrap();
         assert_eq!(header.colorspace, turbojpeg::Colorspace::YCCK);
-        let prog = encode_odd(&config, &OddMember { key: "k".into(), kind: OddKind::Progressive, label: 0 }, 99).unwrap();
-        assert!(turbojpeg::read_header(&prog.members[0].1).unwrap().is_progressive);
-        let png = encode_odd(&config, &OddMember { key: "k".into(), kind: OddKind::PngNamedJpg, label: 0 }, 99).unwrap();
+        let prog = encode_odd(
+            &config,
+            &OddMember {
+                key: "k".into(),
+                kind: OddKind::Progressive,
+                label: 0,
+            },
+            99,
+        )
+        .unwrap();
+        assert!(
+            turbojpeg::read_header(&prog.members[0].1)
+                .unwrap()
+                .is_progressive
+        );
+        let png = encode_odd(
+            &config,
+            &OddMember {
+                key: "k".into(),
+                kind: OddKind::PngNamedJpg,
+                label: 0,
+            },
+            99,
+        )
+        .unwrap();
         assert_eq!(&png.members[0].1[..4], b"\x89PNG");
-        let nolabel = encode_odd(&config, &OddMember { key: "k".into(), kind: OddKind::MissingLabel, label: 0 }, 99).unwrap();
+        let nolabel = encode_odd(
+            &config,
+            &OddMember {
+                key: "k".into(),
+                kind: OddKind::MissingLabel,
+                label: 0,
+            },
+            99,
+        )
+        .unwrap();
         assert_eq!(nolabel.members.len(), 1);
     }
 }

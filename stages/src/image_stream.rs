@@ -51,13 +51,27 @@ pub struct CroppedSample {
 pub fn select_sample(raw: RawSample, cfg: &DataConfig, counters: &RunCounters) -> Option<Sample> {
     let Some(image_ext) = cfg.image_keys.iter().find(|k| raw.member(k).is_some()) else {
         let have: Vec<&str> = raw.members.iter().map(|(e, _)| e.as_str()).collect();
-        counters.record(BadKind::NoImage, &raw.shard, &raw.key, &format!("no image member ({}) among [{}]", cfg.image_keys.join(", "), have.join(", ")));
+        counters.record(
+            BadKind::NoImage,
+            &raw.shard,
+            &raw.key,
+            &format!(
+                "no image member ({}) among [{}]",
+                cfg.image_keys.join(", "),
+                have.join(", ")
+            ),
+        );
         return None;
     };
     let label = match read_label(cfg.label, &cfg.label_json_field, |e| raw.member(e)) {
         Ok(l) => l,
         Err(LabelError::Missing) => {
-            counters.record(BadKind::MissingLabel, &raw.shard, &raw.key, &format!("no .{} member for the label", label_ext(cfg)));
+            counters.record(
+                BadKind::MissingLabel,
+                &raw.shard,
+                &raw.key,
+                &format!("no .{} member for the label", label_ext(cfg)),
+            );
             return None;
         }
         Err(LabelError::Bad(detail)) => {
@@ -65,10 +79,22 @@ pub fn select_sample(raw: RawSample, cfg: &DataConfig, counters: &RunCounters) -
             return None;
         }
     };
-    let RawSample { shard, key, mut members } = raw;
-    let pos = members.iter().position(|(e, _)| e == image_ext).expect("found above");
+    let RawSample {
+        shard,
+        key,
+        mut members,
+    } = raw;
+    let pos = members
+        .iter()
+        .position(|(e, _)| e == image_ext)
+        .expect("found above");
     let image = members.swap_remove(pos).1;
-    Some(Sample { shard, key, image, label })
+    Some(Sample {
+        shard,
+        key,
+        image,
+        label,
+    })
 }
 
 fn label_ext(cfg: &DataConfig) -> &'static str {
@@ -79,7 +105,10 @@ fn label_ext(cfg: &DataConfig) -> &'static str {
 }
 
 /// Decode and crop one sample: the plain function the decode stage runs on the pool.
-pub fn process_sample(sample: &Sample, cfg: &DataConfig) -> std::result::Result<CroppedSample, DecodeError> {
+pub fn process_sample(
+    sample: &Sample,
+    cfg: &DataConfig,
+) -> std::result::Result<CroppedSample, DecodeError> {
     let min_short = match cfg.decode_scale {
         DecodeScale::Exact => 0,
         DecodeScale::Dct => cfg.image_size,
@@ -87,7 +116,13 @@ pub fn process_sample(sample: &Sample, cfg: &DataConfig) -> std::result::Result<
     let decoded = decode_rgb_scaled(&sample.image, cfg.max_pixels, min_short)?;
     let image = crop_image(&decoded, cfg.crop, cfg.image_size, cfg.resize_impl);
     let flipped = cfg.flip.then(|| hflip(&image));
-    Ok(CroppedSample { shard: sample.shard.clone(), key: sample.key.clone(), label: sample.label, image, flipped })
+    Ok(CroppedSample {
+        shard: sample.shard.clone(),
+        key: sample.key.clone(),
+        label: sample.label,
+        image,
+        flipped,
+    })
 }
 
 /// A running stream. Read `samples` until it closes, then call [`ImageStream::finish`]: it joins the
@@ -141,7 +176,12 @@ pub fn open_image_stream(cfg: &DataConfig, split: RankSplit, epoch: u64) -> Resu
     let (out_tx, out_rx) = async_channel::bounded::<CroppedSample>(cfg.queue_depth);
 
     let reader = {
-        let (cfg, counters, metrics, shards) = (cfg.clone(), counters.clone(), read_metrics.clone(), shards.clone());
+        let (cfg, counters, metrics, shards) = (
+            cfg.clone(),
+            counters.clone(),
+            read_metrics.clone(),
+            shards.clone(),
+        );
         std::thread::Builder::new()
             .name("shard-reader".into())
             .spawn(move || read_stage(&shards, &cfg, &counters, &metrics, raw_tx))
@@ -153,12 +193,23 @@ pub fn open_image_stream(cfg: &DataConfig, split: RankSplit, epoch: u64) -> Resu
         .build()
         .map_err(|e| Error::Invalid(format!("building the decode pool: {e}")))?;
     let rng = keyed_rng(cfg.seed, epoch, split.rank as u64, PURPOSE_SAMPLES);
-    let shuffle = tokio::spawn(shuffle_stage(raw_rx, shuffled_tx, ShuffleBuffer::new(cfg.shuffle_buffer, cfg.shuffle_initial, rng), shuffle_metrics.clone()));
+    let shuffle = tokio::spawn(shuffle_stage(
+        raw_rx,
+        shuffled_tx,
+        ShuffleBuffer::new(cfg.shuffle_buffer, cfg.shuffle_initial, rng),
+        shuffle_metrics.clone(),
+    ));
     let decode_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let decode = {
-        let (cfg, counters, metrics, done) = (cfg.clone(), counters.clone(), decode_metrics.clone(), decode_done.clone());
+        let (cfg, counters, metrics, done) = (
+            cfg.clone(),
+            counters.clone(),
+            decode_metrics.clone(),
+            decode_done.clone(),
+        );
         tokio::spawn(async move {
-            let result = decode_stage(shuffled_rx, out_tx, cfg, counters, metrics, Arc::new(pool)).await;
+            let result =
+                decode_stage(shuffled_rx, out_tx, cfg, counters, metrics, Arc::new(pool)).await;
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             result
         })
@@ -167,7 +218,8 @@ pub fn open_image_stream(cfg: &DataConfig, split: RankSplit, epoch: u64) -> Resu
     let started = Instant::now();
     // The live line: logged at a fixed interval, so logs under SLURM or CI show which stage starves.
     let monitor = {
-        let (metrics, counters, decode_task) = (metrics.clone(), counters.clone(), decode_done.clone());
+        let (metrics, counters, decode_task) =
+            (metrics.clone(), counters.clone(), decode_done.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(LIVE_LINE_INTERVAL);
             tick.tick().await;
@@ -176,7 +228,11 @@ pub fn open_image_stream(cfg: &DataConfig, split: RankSplit, epoch: u64) -> Resu
                 if decode_task.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok(());
                 }
-                tracing::info!("{} | {}", live_line(&metrics, started.elapsed()), counters.summary_line());
+                tracing::info!(
+                    "{} | {}",
+                    live_line(&metrics, started.elapsed()),
+                    counters.summary_line()
+                );
             }
         })
     };
@@ -207,7 +263,8 @@ impl ImageStream {
                     first_error.get_or_insert(e);
                 }
                 Err(join) => {
-                    first_error.get_or_insert(Error::Invalid(format!("a stage task failed: {join}")));
+                    first_error
+                        .get_or_insert(Error::Invalid(format!("a stage task failed: {join}")));
                 }
             }
         }
@@ -218,22 +275,39 @@ impl ImageStream {
         }
         let elapsed = self.started.elapsed();
         let table = summary_table(&self.metrics, elapsed);
-        tracing::info!("stage summary after {:.1}s:\n{table}{}", elapsed.as_secs_f64(), self.counters.summary_line());
+        tracing::info!(
+            "stage summary after {:.1}s:\n{table}{}",
+            elapsed.as_secs_f64(),
+            self.counters.summary_line()
+        );
         if let Some(e) = first_error {
             return Err(e);
         }
         self.counters.check_bad_fraction(self.max_bad_fraction)?;
-        Ok(StreamSummary { good: self.counters.good(), bad: self.counters.total_bad(), elapsed, table })
+        Ok(StreamSummary {
+            good: self.counters.good(),
+            bad: self.counters.total_bad(),
+            elapsed,
+            table,
+        })
     }
 }
 
-fn read_stage(shards: &[String], cfg: &DataConfig, counters: &RunCounters, metrics: &StageMetrics, tx: async_channel::Sender<Sample>) {
+fn read_stage(
+    shards: &[String],
+    cfg: &DataConfig,
+    counters: &RunCounters,
+    metrics: &StageMetrics,
+    tx: async_channel::Sender<Sample>,
+) {
     let started = Instant::now();
     'passes: loop {
         let mut emitted_this_pass = 0u64;
         for shard in shards {
             let keep_going = read_shard(shard, counters, &mut |raw| {
-                let Some(sample) = select_sample(raw, cfg, counters) else { return true };
+                let Some(sample) = select_sample(raw, cfg, counters) else {
+                    return true;
+                };
                 emitted_this_pass += 1;
                 let bytes = sample.image.len() as u64;
                 metrics.send_blocking(&tx, sample, bytes)
@@ -324,12 +398,18 @@ async fn decode_stage(
                 None => input_open = false,
             }
         }
-        let Some(head) = in_flight.pop_front() else { break };
-        let (sample, result) = head.await.map_err(|_| Error::Invalid("a decode worker panicked".into()))?;
+        let Some(head) = in_flight.pop_front() else {
+            break;
+        };
+        let (sample, result) = head
+            .await
+            .map_err(|_| Error::Invalid("a decode worker panicked".into()))?;
         match result {
             Ok(cropped) => {
                 counters.add_good(1);
-                let bytes = (cropped.image.pixels.len() + cropped.flipped.as_ref().map_or(0, |f| f.pixels.len())) as u64;
+                let bytes = (cropped.image.pixels.len()
+                    + cropped.flipped.as_ref().map_or(0, |f| f.pixels.len()))
+                    as u64;
                 if !metrics.send(&tx, cropped, bytes).await {
                     break;
                 }

@@ -28,19 +28,29 @@ pub fn read_label<'a>(
         LabelSource::None => Ok(None),
         LabelSource::Cls => {
             let bytes = member("cls").ok_or(LabelError::Missing)?;
-            let text = std::str::from_utf8(bytes).map_err(|_| LabelError::Bad("cls is not ASCII".into()))?;
-            text.trim().parse::<u32>().map(Some).map_err(|_| LabelError::Bad(format!("cls {:?} is not a class index", truncate(text))))
+            let text = std::str::from_utf8(bytes)
+                .map_err(|_| LabelError::Bad("cls is not ASCII".into()))?;
+            text.trim().parse::<u32>().map(Some).map_err(|_| {
+                LabelError::Bad(format!("cls {:?} is not a class index", truncate(text)))
+            })
         }
         LabelSource::Json => {
             let bytes = member("json").ok_or(LabelError::Missing)?;
-            let value: serde_json::Value =
-                serde_json::from_slice(bytes).map_err(|e| LabelError::Bad(format!("json member: {e}")))?;
-            let field = value.get(json_field).ok_or_else(|| LabelError::Bad(format!("json has no field `{json_field}`")))?;
+            let value: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|e| LabelError::Bad(format!("json member: {e}")))?;
+            let field = value
+                .get(json_field)
+                .ok_or_else(|| LabelError::Bad(format!("json has no field `{json_field}`")))?;
             field
                 .as_u64()
                 .and_then(|v| u32::try_from(v).ok())
                 .map(Some)
-                .ok_or_else(|| LabelError::Bad(format!("json field `{json_field}` = {} is not a class index", truncate(&field.to_string()))))
+                .ok_or_else(|| {
+                    LabelError::Bad(format!(
+                        "json field `{json_field}` = {} is not a class index",
+                        truncate(&field.to_string())
+                    ))
+                })
         }
     }
 }
@@ -63,7 +73,10 @@ mod tests {
         assert_eq!(cls(b" 3\n"), Ok(Some(3)));
         assert!(matches!(cls(b"not-a-number"), Err(LabelError::Bad(_))));
         assert!(matches!(cls(b"-1"), Err(LabelError::Bad(_))));
-        assert_eq!(read_label(LabelSource::Cls, "label", |_| None), Err(LabelError::Missing));
+        assert_eq!(
+            read_label(LabelSource::Cls, "label", |_| None),
+            Err(LabelError::Missing)
+        );
     }
 
     #[test]
@@ -72,8 +85,14 @@ mod tests {
         let get = |e: &str| (e == "json").then_some(json);
         assert_eq!(read_label(LabelSource::Json, "label", get), Ok(Some(5)));
         assert_eq!(read_label(LabelSource::Json, "class_id", get), Ok(Some(7)));
-        assert!(matches!(read_label(LabelSource::Json, "name", get), Err(LabelError::Bad(_))));
-        assert!(matches!(read_label(LabelSource::Json, "nope", get), Err(LabelError::Bad(_))));
+        assert!(matches!(
+            read_label(LabelSource::Json, "name", get),
+            Err(LabelError::Bad(_))
+        ));
+        assert!(matches!(
+            read_label(LabelSource::Json, "nope", get),
+            Err(LabelError::Bad(_))
+        ));
         assert_eq!(read_label(LabelSource::None, "label", |_| None), Ok(None));
     }
 }

@@ -6,8 +6,8 @@
 //! included) into a bounded queue of cropped images with label, shard and key, plus run counters.
 
 pub mod atomic;
-pub mod cache;
 pub mod bad_input;
+pub mod cache;
 pub mod config;
 pub mod crop;
 pub mod decode;

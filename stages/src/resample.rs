@@ -92,14 +92,27 @@ fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients
             total += *w;
         }
         for k in 0..n {
-            let w = if total != 0.0 { float_weights[k] / total } else { float_weights[k] };
+            let w = if total != 0.0 {
+                float_weights[k] / total
+            } else {
+                float_weights[k]
+            };
             let fixed = w * (1u32 << PRECISION_BITS) as f64;
-            weights[i * taps + k] = if w < 0.0 { (fixed - 0.5) as i32 } else { (fixed + 0.5) as i32 };
+            weights[i * taps + k] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
         }
         start.push(lo);
         len.push(n);
     }
-    Coefficients { start, len, taps, weights }
+    Coefficients {
+        start,
+        len,
+        taps,
+        weights,
+    }
 }
 
 #[inline(always)]
@@ -129,7 +142,11 @@ impl Axis {
         let mut w = Vec::with_capacity(self.c.start.len() * self.padded * 4);
         for i in 0..self.c.start.len() {
             for k in 0..self.padded {
-                let wk = if k < self.c.len[i] { self.c.weights[i * self.c.taps + k] } else { 0 };
+                let wk = if k < self.c.len[i] {
+                    self.c.weights[i * self.c.taps + k]
+                } else {
+                    0
+                };
                 w.extend_from_slice(&[wk; 4]);
             }
         }
@@ -169,10 +186,17 @@ pub fn resize_pillow_crop(
     crop_w: usize,
     crop_h: usize,
 ) -> RgbImage {
-    assert!(left + crop_w <= out_w && top + crop_h <= out_h, "crop window outside the resized image");
+    assert!(
+        left + crop_w <= out_w && top + crop_h <= out_h,
+        "crop window outside the resized image"
+    );
     let mut out = vec![0u8; crop_w * crop_h * 3];
     if crop_w == 0 || crop_h == 0 {
-        return RgbImage { width: crop_w, height: crop_h, pixels: out };
+        return RgbImage {
+            width: crop_w,
+            height: crop_h,
+            pixels: out,
+        };
     }
     let stride = src.width * 3;
     let need_h = out_w != src.width;
@@ -185,8 +209,28 @@ pub fn resize_pillow_crop(
             let h = Axis::new(src.width, out_w, filter);
             scratch.between.clear();
             scratch.between.resize(crop_h * stride, 0);
-            vertical_pass(&src.pixels, stride, 0, stride, 0, &v, top, crop_h, &mut scratch.between);
-            horizontal_pass(&scratch.between, stride, src.width, crop_h, &h, left, crop_w, &mut scratch.lanes, &mut out);
+            vertical_pass(
+                &src.pixels,
+                stride,
+                0,
+                stride,
+                0,
+                &v,
+                top,
+                crop_h,
+                &mut scratch.between,
+            );
+            horizontal_pass(
+                &scratch.between,
+                stride,
+                src.width,
+                crop_h,
+                &h,
+                left,
+                crop_w,
+                &mut scratch.lanes,
+                &mut out,
+            );
         } else if need_h {
             let h = Axis::new(src.width, out_w, filter);
             if need_v {
@@ -198,15 +242,55 @@ pub fn resize_pillow_crop(
                 scratch.between.clear();
                 scratch.between.resize(rows * crop_w * 3, 0);
                 let from = &src.pixels[row_first * stride..row_last * stride];
-                horizontal_pass(from, stride, src.width, rows, &h, left, crop_w, &mut scratch.lanes, &mut scratch.between);
-                vertical_pass(&scratch.between, crop_w * 3, 0, crop_w * 3, row_first, &v, top, crop_h, &mut out);
+                horizontal_pass(
+                    from,
+                    stride,
+                    src.width,
+                    rows,
+                    &h,
+                    left,
+                    crop_w,
+                    &mut scratch.lanes,
+                    &mut scratch.between,
+                );
+                vertical_pass(
+                    &scratch.between,
+                    crop_w * 3,
+                    0,
+                    crop_w * 3,
+                    row_first,
+                    &v,
+                    top,
+                    crop_h,
+                    &mut out,
+                );
             } else {
                 let from = &src.pixels[top * stride..(top + crop_h) * stride];
-                horizontal_pass(from, stride, src.width, crop_h, &h, left, crop_w, &mut scratch.lanes, &mut out);
+                horizontal_pass(
+                    from,
+                    stride,
+                    src.width,
+                    crop_h,
+                    &h,
+                    left,
+                    crop_w,
+                    &mut scratch.lanes,
+                    &mut out,
+                );
             }
         } else if need_v {
             let v = Axis::new(src.height, out_h, filter);
-            vertical_pass(&src.pixels, stride, left * 3, crop_w * 3, 0, &v, top, crop_h, &mut out);
+            vertical_pass(
+                &src.pixels,
+                stride,
+                left * 3,
+                crop_w * 3,
+                0,
+                &v,
+                top,
+                crop_h,
+                &mut out,
+            );
         } else {
             for (y, row) in out.chunks_exact_mut(crop_w * 3).enumerate() {
                 let at = (top + y) * stride + left * 3;
@@ -214,7 +298,11 @@ pub fn resize_pillow_crop(
             }
         }
     });
-    RgbImage { width: crop_w, height: crop_h, pixels: out }
+    RgbImage {
+        width: crop_w,
+        height: crop_h,
+        pixels: out,
+    }
 }
 
 /// Pillow 13's choice of pass order (see the module docs).
@@ -230,22 +318,51 @@ fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool 
 /// Horizontal pass over `rows` rows of `src` (row y at `y * stride`, `in_w` pixels), writing output
 /// columns `x0 .. x0 + out_cols` densely into `out`.
 #[allow(clippy::too_many_arguments)]
-fn horizontal_pass(src: &[u8], stride: usize, in_w: usize, rows: usize, axis: &Axis, x0: usize, out_cols: usize, lanes: &mut Vec<i32>, out: &mut [u8]) {
+fn horizontal_pass(
+    src: &[u8],
+    stride: usize,
+    in_w: usize,
+    rows: usize,
+    axis: &Axis,
+    x0: usize,
+    out_cols: usize,
+    lanes: &mut Vec<i32>,
+    out: &mut [u8],
+) {
     let weights = axis.lane_weights();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
-        unsafe { horizontal_avx2(src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out) };
+        unsafe {
+            horizontal_avx2(
+                src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out,
+            )
+        };
         return;
     }
-    horizontal_kernel(src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out);
+    horizontal_kernel(
+        src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out,
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn horizontal_avx2(src: &[u8], stride: usize, in_w: usize, rows: usize, axis: &Axis, weights: &[i32], x0: usize, out_cols: usize, lanes: &mut Vec<i32>, out: &mut [u8]) {
-    horizontal_kernel(src, stride, in_w, rows, axis, weights, x0, out_cols, lanes, out)
+unsafe fn horizontal_avx2(
+    src: &[u8],
+    stride: usize,
+    in_w: usize,
+    rows: usize,
+    axis: &Axis,
+    weights: &[i32],
+    x0: usize,
+    out_cols: usize,
+    lanes: &mut Vec<i32>,
+    out: &mut [u8],
+) {
+    horizontal_kernel(
+        src, stride, in_w, rows, axis, weights, x0, out_cols, lanes, out,
+    )
 }
 
 /// Each source pixel is widened once per row to 4 i32 lanes (R, G, B, 0); an output pixel is then a
@@ -253,7 +370,18 @@ unsafe fn horizontal_avx2(src: &[u8], stride: usize, in_w: usize, rows: usize, a
 /// AVX2 register) per step, with no per-channel or per-tap branching.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn horizontal_kernel(src: &[u8], stride: usize, in_w: usize, rows: usize, axis: &Axis, weights: &[i32], x0: usize, out_cols: usize, lanes: &mut Vec<i32>, out: &mut [u8]) {
+fn horizontal_kernel(
+    src: &[u8],
+    stride: usize,
+    in_w: usize,
+    rows: usize,
+    axis: &Axis,
+    weights: &[i32],
+    x0: usize,
+    out_cols: usize,
+    lanes: &mut Vec<i32>,
+    out: &mut [u8],
+) {
     let c = &axis.c;
     let padded = axis.padded;
     let last = x0 + out_cols - 1;
@@ -291,7 +419,17 @@ fn horizontal_kernel(src: &[u8], stride: usize, in_w: usize, rows: usize, axis: 
 /// Vertical pass: output rows `y0 .. y0 + out_rows` into `out` (dense, `width` bytes a row), reading
 /// bytes `col .. col + width` of source rows; `src` starts at full-image row `row_base`.
 #[allow(clippy::too_many_arguments)]
-fn vertical_pass(src: &[u8], stride: usize, col: usize, width: usize, row_base: usize, axis: &Axis, y0: usize, out_rows: usize, out: &mut [u8]) {
+fn vertical_pass(
+    src: &[u8],
+    stride: usize,
+    col: usize,
+    width: usize,
+    row_base: usize,
+    axis: &Axis,
+    y0: usize,
+    out_rows: usize,
+    out: &mut [u8],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -304,7 +442,17 @@ fn vertical_pass(src: &[u8], stride: usize, col: usize, width: usize, row_base: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn vertical_avx2(src: &[u8], stride: usize, col: usize, width: usize, row_base: usize, axis: &Axis, y0: usize, out_rows: usize, out: &mut [u8]) {
+unsafe fn vertical_avx2(
+    src: &[u8],
+    stride: usize,
+    col: usize,
+    width: usize,
+    row_base: usize,
+    axis: &Axis,
+    y0: usize,
+    out_rows: usize,
+    out: &mut [u8],
+) {
     vertical_kernel(src, stride, col, width, row_base, axis, y0, out_rows, out)
 }
 
@@ -312,7 +460,17 @@ unsafe fn vertical_avx2(src: &[u8], stride: usize, col: usize, width: usize, row
 /// a whole accumulator row going through memory once per tap.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn vertical_kernel(src: &[u8], stride: usize, col: usize, width: usize, row_base: usize, axis: &Axis, y0: usize, out_rows: usize, out: &mut [u8]) {
+fn vertical_kernel(
+    src: &[u8],
+    stride: usize,
+    col: usize,
+    width: usize,
+    row_base: usize,
+    axis: &Axis,
+    y0: usize,
+    out_rows: usize,
+    out: &mut [u8],
+) {
     const BLOCK: usize = 32;
     let c = &axis.c;
     for y in 0..out_rows {
@@ -357,7 +515,12 @@ mod scalar {
     use crate::demo::RgbImage;
 
     /// Resizes as `PIL.Image.resize((out_w, out_h), filter)` does on an RGB image.
-    pub fn resize_pillow_scalar(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> RgbImage {
+    pub fn resize_pillow_scalar(
+        src: &RgbImage,
+        out_w: usize,
+        out_h: usize,
+        filter: Filter,
+    ) -> RgbImage {
         if out_w == src.width && out_h == src.height {
             return src.clone();
         }
@@ -392,12 +555,19 @@ mod scalar {
         }
     }
 
-    fn resize_horizontal(src: &RgbImage, row_first: usize, row_last: usize, out_w: usize, filter: Filter) -> RgbImage {
+    fn resize_horizontal(
+        src: &RgbImage,
+        row_first: usize,
+        row_last: usize,
+        out_w: usize,
+        filter: Filter,
+    ) -> RgbImage {
         let c = coefficients(src.width, out_w, filter);
         let rows = row_last - row_first;
         let mut out = vec![0u8; rows * out_w * 3];
         for (y, out_row) in out.chunks_exact_mut(out_w * 3).enumerate() {
-            let in_row = &src.pixels[(row_first + y) * src.width * 3..(row_first + y + 1) * src.width * 3];
+            let in_row =
+                &src.pixels[(row_first + y) * src.width * 3..(row_first + y + 1) * src.width * 3];
             for (x, out_px) in out_row.chunks_exact_mut(3).enumerate() {
                 let n = c.len[x];
                 let w = &c.weights[x * c.taps..x * c.taps + n];
@@ -414,11 +584,20 @@ mod scalar {
                 out_px[2] = clip8(b);
             }
         }
-        RgbImage { width: out_w, height: rows, pixels: out }
+        RgbImage {
+            width: out_w,
+            height: rows,
+            pixels: out,
+        }
     }
 
     /// `src` holds source rows from `row_first` on; the coefficients index full-image rows.
-    fn resize_vertical(src: &RgbImage, c: &Coefficients, row_first: usize, out_h: usize) -> RgbImage {
+    fn resize_vertical(
+        src: &RgbImage,
+        c: &Coefficients,
+        row_first: usize,
+        out_h: usize,
+    ) -> RgbImage {
         let stride = src.width * 3;
         let mut out = vec![0u8; out_h * stride];
         let mut acc = vec![0i32; stride];
@@ -436,7 +615,11 @@ mod scalar {
                 *o = clip8(a);
             }
         }
-        RgbImage { width: src.width, height: out_h, pixels: out }
+        RgbImage {
+            width: src.width,
+            height: out_h,
+            pixels: out,
+        }
     }
 }
 
@@ -446,7 +629,14 @@ mod tests {
 
     #[test]
     fn box_halving_averages_pairs() {
-        let src = RgbImage { width: 4, height: 2, pixels: vec![0, 0, 0, 10, 20, 30, 100, 100, 100, 200, 200, 200, 0, 0, 0, 10, 20, 30, 100, 100, 100, 200, 200, 200] };
+        let src = RgbImage {
+            width: 4,
+            height: 2,
+            pixels: vec![
+                0, 0, 0, 10, 20, 30, 100, 100, 100, 200, 200, 200, 0, 0, 0, 10, 20, 30, 100, 100,
+                100, 200, 200, 200,
+            ],
+        };
         let out = resize_pillow(&src, 2, 1, Filter::Box);
         assert_eq!(out.pixels, [5, 10, 15, 150, 150, 150]);
     }
@@ -474,7 +664,11 @@ mod tests {
                 _ => rng.next() as u8,
             })
             .collect();
-        RgbImage { width, height, pixels }
+        RgbImage {
+            width,
+            height,
+            pixels,
+        }
     }
 
     #[test]
@@ -496,25 +690,41 @@ mod tests {
             let reference = scalar::resize_pillow_scalar(&img, ow, oh, filter);
             let fast = resize_pillow(&img, ow, oh, filter);
             assert_eq!((fast.width, fast.height), (ow, oh));
-            assert!(fast.pixels == reference.pixels, "{filter:?} {w}x{h} -> {ow}x{oh}");
+            assert!(
+                fast.pixels == reference.pixels,
+                "{filter:?} {w}x{h} -> {ow}x{oh}"
+            );
             // A window of the resized image, computed alone, equals the same window cut from it.
             let (cw, ch) = (1 + rng.below(ow), 1 + rng.below(oh));
             let (left, top) = (rng.below(ow - cw + 1), rng.below(oh - ch + 1));
             let window = resize_pillow_crop(&img, ow, oh, filter, left, top, cw, ch);
-            let cut: Vec<u8> =
-                (top..top + ch).flat_map(|y| reference.pixels[(y * ow + left) * 3..(y * ow + left + cw) * 3].to_vec()).collect();
-            assert!(window.pixels == cut, "{filter:?} {w}x{h} -> {ow}x{oh} window {cw}x{ch} at ({left}, {top})");
+            let cut: Vec<u8> = (top..top + ch)
+                .flat_map(|y| {
+                    reference.pixels[(y * ow + left) * 3..(y * ow + left + cw) * 3].to_vec()
+                })
+                .collect();
+            assert!(
+                window.pixels == cut,
+                "{filter:?} {w}x{h} -> {ow}x{oh} window {cw}x{ch} at ({left}, {top})"
+            );
         }
     }
 
     #[test]
     fn constant_image_stays_constant_under_every_filter() {
-        let src = RgbImage { width: 37, height: 23, pixels: [9u8, 128, 251].repeat(37 * 23) };
+        let src = RgbImage {
+            width: 37,
+            height: 23,
+            pixels: [9u8, 128, 251].repeat(37 * 23),
+        };
         for filter in [Filter::Box, Filter::Bilinear, Filter::Bicubic] {
             for (w, h) in [(16, 10), (50, 40), (37, 11)] {
                 let out = resize_pillow(&src, w, h, filter);
                 assert_eq!((out.width, out.height), (w, h));
-                assert!(out.pixels.chunks_exact(3).all(|p| p == [9, 128, 251]), "{filter:?} {w}x{h}");
+                assert!(
+                    out.pixels.chunks_exact(3).all(|p| p == [9, 128, 251]),
+                    "{filter:?} {w}x{h}"
+                );
             }
         }
     }

@@ -16,7 +16,11 @@ pub fn expand_shard_spec(spec: &str) -> Result<Vec<String>> {
         if let Some(list_path) = part.strip_prefix('@') {
             let text = std::fs::read_to_string(list_path).map_err(|e| Error::io(list_path, e))?;
             let base = Path::new(list_path).parent().unwrap_or(Path::new(""));
-            for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
                 // Relative entries are relative to the list file, so a list can travel with its shards.
                 let entry = if Path::new(line).is_absolute() || base.as_os_str().is_empty() {
                     line.to_string()
@@ -30,7 +34,9 @@ pub fn expand_shard_spec(spec: &str) -> Result<Vec<String>> {
         }
     }
     if shards.is_empty() {
-        return Err(Error::Invalid(format!("shard spec `{spec}` names no shards")));
+        return Err(Error::Invalid(format!(
+            "shard spec `{spec}` names no shards"
+        )));
     }
     Ok(shards)
 }
@@ -42,7 +48,9 @@ fn expand_one(pattern: &str) -> Result<Vec<String>> {
         if has_glob(&path) {
             let matches = glob_paths(&path)?;
             if matches.is_empty() {
-                return Err(Error::Invalid(format!("shard glob `{path}` matches no file")));
+                return Err(Error::Invalid(format!(
+                    "shard glob `{path}` matches no file"
+                )));
             }
             out.extend(matches);
         } else {
@@ -59,11 +67,16 @@ fn substitute_env(pattern: &str) -> Result<String> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| Error::Invalid(format!("unclosed ${{ in shard spec `{pattern}`")))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| Error::Invalid(format!("unclosed ${{ in shard spec `{pattern}`")))?;
         let name = &after[..end];
         let var = format!("WDS_{name}");
-        let value = std::env::var(&var)
-            .map_err(|_| Error::Invalid(format!("shard spec `{pattern}` uses ${{{name}}} but {var} is not set")))?;
+        let value = std::env::var(&var).map_err(|_| {
+            Error::Invalid(format!(
+                "shard spec `{pattern}` uses ${{{name}}} but {var} is not set"
+            ))
+        })?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -90,7 +103,11 @@ pub fn brace_expand(pattern: &str) -> Result<Vec<String>> {
             if parts.len() < 2 {
                 // `{x}` without a comma or range stays literal, as in braceexpand and bash.
                 let literal = format!("{}{{{}}}", prefix, body);
-                return Ok(brace_expand(&format!("{}{}", escape_braces(&literal), suffix))?);
+                return Ok(brace_expand(&format!(
+                    "{}{}",
+                    escape_braces(&literal),
+                    suffix
+                ))?);
             }
             let mut items = Vec::new();
             for part in parts {
@@ -142,7 +159,9 @@ fn find_group(chars: &[char]) -> Result<Option<(usize, usize)>> {
                     j += 1;
                 }
                 let text: String = chars.iter().collect();
-                return Err(Error::Invalid(format!("unbalanced brace in shard spec `{text}`")));
+                return Err(Error::Invalid(format!(
+                    "unbalanced brace in shard spec `{text}`"
+                )));
             }
             _ => i += 1,
         }
@@ -202,7 +221,11 @@ fn expand_range(body: &str) -> Option<Vec<String>> {
             let digits = s.strip_prefix('-').unwrap_or(s);
             digits.len() > 1 && digits.starts_with('0')
         };
-        let width = if padded(a) || padded(b) { a.len().max(b.len()) } else { 0 };
+        let width = if padded(a) || padded(b) {
+            a.len().max(b.len())
+        } else {
+            0
+        };
         let values = stepped(start, end, step);
         return Some(values.into_iter().map(|v| format!("{v:0width$}")).collect());
     }
@@ -215,7 +238,12 @@ fn expand_range(body: &str) -> Option<Vec<String>> {
     };
     let (ca, cb) = (single(a)?, single(b)?);
     let values = stepped(ca as i64, cb as i64, step);
-    Some(values.into_iter().map(|v| char::from(v as u8).to_string()).collect())
+    Some(
+        values
+            .into_iter()
+            .map(|v| char::from(v as u8).to_string())
+            .collect(),
+    )
 }
 
 fn stepped(start: i64, end: i64, step: i64) -> Vec<i64> {
@@ -240,7 +268,11 @@ fn has_glob(path: &str) -> bool {
 fn glob_paths(pattern: &str) -> Result<Vec<String>> {
     let absolute = pattern.starts_with('/');
     let components: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
-    let mut current: Vec<PathBuf> = vec![if absolute { PathBuf::from("/") } else { PathBuf::from("") }];
+    let mut current: Vec<PathBuf> = vec![if absolute {
+        PathBuf::from("/")
+    } else {
+        PathBuf::from("")
+    }];
     for (i, component) in components.iter().enumerate() {
         let last = i + 1 == components.len();
         let mut next = Vec::new();
@@ -252,8 +284,14 @@ fn glob_paths(pattern: &str) -> Result<Vec<String>> {
                 }
                 continue;
             }
-            let listing = if dir.as_os_str().is_empty() { Path::new(".") } else { dir.as_path() };
-            let Ok(entries) = std::fs::read_dir(listing) else { continue };
+            let listing = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir.as_path()
+            };
+            let Ok(entries) = std::fs::read_dir(listing) else {
+                continue;
+            };
             let mut names: Vec<String> = entries
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -270,7 +308,11 @@ fn glob_paths(pattern: &str) -> Result<Vec<String>> {
         }
         current = next;
     }
-    Ok(current.into_iter().filter(|p| p.is_file()).map(|p| p.to_string_lossy().into_owned()).collect())
+    Ok(current
+        .into_iter()
+        .filter(|p| p.is_file())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect())
 }
 
 /// Shell wildcard match of one path component: `*`, `?`, `[abc]`, `[a-z]`, `[!x]`.
@@ -310,7 +352,10 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
             None => n.is_empty(),
             Some('*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
             Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
-            Some('[') => match (n.first(), class_len_and_match(p, *n.first().unwrap_or(&'\0'))) {
+            Some('[') => match (
+                n.first(),
+                class_len_and_match(p, *n.first().unwrap_or(&'\0')),
+            ) {
                 (Some(_), Some((len, true))) => go(&p[len..], &n[1..]),
                 (Some(_), Some((_, false))) => false,
                 (_, None) => n.first() == Some(&'[') && go(&p[1..], &n[1..]),
@@ -383,7 +428,10 @@ mod tests {
         }
         let root = tmp.path().to_string_lossy().into_owned();
         let found = expand_shard_spec(&format!("{root}/s-*.tar")).unwrap();
-        let names: Vec<_> = found.iter().map(|p| p.rsplit('/').next().unwrap()).collect();
+        let names: Vec<_> = found
+            .iter()
+            .map(|p| p.rsplit('/').next().unwrap())
+            .collect();
         assert_eq!(names, ["s-1.tar", "s-10.tar", "s-2.tar"]);
         let found = expand_shard_spec(&format!("{root}/s-?.tar")).unwrap();
         assert_eq!(found.len(), 2);
@@ -394,7 +442,15 @@ mod tests {
         let list = tmp.path().join("list.txt");
         std::fs::write(&list, "# shards\ns-2.tar\n\n/abs/z.tar\ns-{1..2}.tar\n").unwrap();
         let found = expand_shard_spec(&format!("@{}", list.display())).unwrap();
-        assert_eq!(found, [format!("{root}/s-2.tar"), "/abs/z.tar".into(), format!("{root}/s-1.tar"), format!("{root}/s-2.tar")]);
+        assert_eq!(
+            found,
+            [
+                format!("{root}/s-2.tar"),
+                "/abs/z.tar".into(),
+                format!("{root}/s-1.tar"),
+                format!("{root}/s-2.tar")
+            ]
+        );
         assert!(expand_shard_spec("@/nonexistent/list.txt").is_err());
     }
 

@@ -24,7 +24,10 @@ pub struct RawSample {
 
 impl RawSample {
     pub fn member(&self, ext: &str) -> Option<&[u8]> {
-        self.members.iter().find(|(e, _)| e == ext).map(|(_, d)| d.as_slice())
+        self.members
+            .iter()
+            .find(|(e, _)| e == ext)
+            .map(|(_, d)| d.as_slice())
     }
 
     pub fn n_bytes(&self) -> u64 {
@@ -85,7 +88,8 @@ impl Grouper {
         if let Some(pending) = &mut self.current {
             if pending.key == key {
                 if pending.members.iter().any(|(e, _)| *e == ext) && pending.problem.is_none() {
-                    pending.problem = Some((BadKind::DuplicateMember, format!("duplicate member .{ext}")));
+                    pending.problem =
+                        Some((BadKind::DuplicateMember, format!("duplicate member .{ext}")));
                 }
                 pending.members.push((ext, data));
                 return None;
@@ -93,9 +97,17 @@ impl Grouper {
         }
         let finished = self.finish();
         let problem = (!self.seen_keys.insert(key.to_string())).then(|| {
-            (BadKind::SplitKey, "key appears again after other keys: its members are not adjacent in the tar".to_string())
+            (
+                BadKind::SplitKey,
+                "key appears again after other keys: its members are not adjacent in the tar"
+                    .to_string(),
+            )
         });
-        self.current = Some(Pending { key: key.to_string(), members: vec![(ext, data)], problem });
+        self.current = Some(Pending {
+            key: key.to_string(),
+            members: vec![(ext, data)],
+            problem,
+        });
         finished
     }
 
@@ -127,19 +139,32 @@ pub fn open_shard(path: &str) -> std::io::Result<Box<dyn Read + Send>> {
 /// Reads one shard to the end, handing each sample to `emit` (which returns false to stop early).
 /// Bad samples and shard failures are counted in `counters`; what was read before a failure is kept.
 /// Returns false when `emit` asked to stop.
-pub fn read_shard(shard: &str, counters: &RunCounters, emit: &mut dyn FnMut(RawSample) -> bool) -> bool {
+pub fn read_shard(
+    shard: &str,
+    counters: &RunCounters,
+    emit: &mut dyn FnMut(RawSample) -> bool,
+) -> bool {
     let shard_name: Arc<str> = Arc::from(shard);
     let reader = match open_shard(shard) {
         Ok(r) => r,
         Err(e) => {
-            counters.record(BadKind::ShardUnreadable, shard, "-", &format!("cannot open: {e}"));
+            counters.record(
+                BadKind::ShardUnreadable,
+                shard,
+                "-",
+                &format!("cannot open: {e}"),
+            );
             return true;
         }
     };
     let mut grouper = Grouper::new();
     let mut handle = |grouped: Grouped| -> bool {
         match grouped {
-            Grouped::Sample(key, members) => emit(RawSample { shard: shard_name.clone(), key, members }),
+            Grouped::Sample(key, members) => emit(RawSample {
+                shard: shard_name.clone(),
+                key,
+                members,
+            }),
             Grouped::Bad(kind, key, detail) => {
                 counters.record(kind, shard, &key, &detail);
                 true
@@ -150,7 +175,12 @@ pub fn read_shard(shard: &str, counters: &RunCounters, emit: &mut dyn FnMut(RawS
     let entries = match archive.entries() {
         Ok(e) => e,
         Err(e) => {
-            counters.record(BadKind::ShardCorrupt, shard, "-", &format!("not a tar stream: {e}"));
+            counters.record(
+                BadKind::ShardCorrupt,
+                shard,
+                "-",
+                &format!("not a tar stream: {e}"),
+            );
             return true;
         }
     };
@@ -181,7 +211,10 @@ pub fn read_shard(shard: &str, counters: &RunCounters, emit: &mut dyn FnMut(RawS
         }
         // tar reads a member through `take(size)`, so a cut-off shard shows up as a short member.
         if data.len() as u64 != size {
-            failure = Some(format!("member {name} truncated: {} of {size} bytes", data.len()));
+            failure = Some(format!(
+                "member {name} truncated: {} of {size} bytes",
+                data.len()
+            ));
             break;
         }
         if let Some(grouped) = grouper.push(&name, data) {
@@ -212,7 +245,13 @@ mod tests {
         let mut g = Grouper::new();
         let mut out = Vec::new();
         let show = |x: Grouped| match x {
-            Grouped::Sample(k, m) => format!("{k}:{}", m.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>().join(",")),
+            Grouped::Sample(k, m) => format!(
+                "{k}:{}",
+                m.iter()
+                    .map(|(e, _)| e.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             Grouped::Bad(kind, k, _) => format!("{k}!{}", kind.name()),
         };
         for n in names {
@@ -228,9 +267,18 @@ mod tests {
 
     #[test]
     fn splits_key_at_first_dot_of_the_basename() {
-        assert_eq!(split_key_ext("train/n01440764_10026.JPEG"), Some(("train/n01440764_10026", "jpeg".into())));
-        assert_eq!(split_key_ext("a/b.seg.jpg"), Some(("a/b", "seg.jpg".into())));
-        assert_eq!(split_key_ext("dir.v2/x.cls"), Some(("dir.v2/x", "cls".into())));
+        assert_eq!(
+            split_key_ext("train/n01440764_10026.JPEG"),
+            Some(("train/n01440764_10026", "jpeg".into()))
+        );
+        assert_eq!(
+            split_key_ext("a/b.seg.jpg"),
+            Some(("a/b", "seg.jpg".into()))
+        );
+        assert_eq!(
+            split_key_ext("dir.v2/x.cls"),
+            Some(("dir.v2/x", "cls".into()))
+        );
         assert_eq!(split_key_ext("Key.Cls"), Some(("Key", "cls".into())));
         assert_eq!(split_key_ext("nodot"), None);
         assert_eq!(split_key_ext("a/.hidden"), None);
@@ -240,23 +288,41 @@ mod tests {
     #[test]
     fn groups_consecutive_members_and_skips_metadata() {
         assert_eq!(
-            group(&["__meta__", "a.jpg", "a.CLS", "__x__/y.txt", "b.jpg", "noext", "b.cls", "c.png"]),
+            group(&[
+                "__meta__",
+                "a.jpg",
+                "a.CLS",
+                "__x__/y.txt",
+                "b.jpg",
+                "noext",
+                "b.cls",
+                "c.png"
+            ]),
             ["a:jpg,cls", "b:jpg,cls", "c:png"]
         );
     }
 
     #[test]
     fn duplicate_extension_rejects_that_sample_only() {
-        assert_eq!(group(&["a.jpg", "a.JPG", "a.cls", "b.jpg"]), ["a!duplicate_member", "b:jpg"]);
+        assert_eq!(
+            group(&["a.jpg", "a.JPG", "a.cls", "b.jpg"]),
+            ["a!duplicate_member", "b:jpg"]
+        );
     }
 
     #[test]
     fn split_key_is_reported_not_merged() {
-        assert_eq!(group(&["a.jpg", "b.jpg", "a.cls", "c.jpg"]), ["a:jpg", "b:jpg", "a!split_key", "c:jpg"]);
+        assert_eq!(
+            group(&["a.jpg", "b.jpg", "a.cls", "c.jpg"]),
+            ["a:jpg", "b:jpg", "a!split_key", "c:jpg"]
+        );
     }
 
     #[test]
     fn keys_keep_case_and_directories() {
-        assert_eq!(group(&["d1/K.jpg", "d2/K.jpg", "d2/K.json"]), ["d1/K:jpg", "d2/K:jpg,json"]);
+        assert_eq!(
+            group(&["d1/K.jpg", "d2/K.jpg", "d2/K.json"]),
+            ["d1/K:jpg", "d2/K:jpg,json"]
+        );
     }
 }

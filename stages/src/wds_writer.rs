@@ -16,7 +16,10 @@ impl<W: Write> TarShardWriter<W> {
     pub fn new(out: W) -> Self {
         let mut builder = tar::Builder::new(out);
         builder.mode(tar::HeaderMode::Deterministic);
-        TarShardWriter { builder, n_samples: 0 }
+        TarShardWriter {
+            builder,
+            n_samples: 0,
+        }
     }
 
     /// Appends one sample: `members` are (extension, bytes) pairs written as `key.extension`, in order.
@@ -54,8 +57,10 @@ mod tests {
     #[test]
     fn members_read_back_in_order_with_fixed_headers() {
         let mut w = TarShardWriter::new(Vec::new());
-        w.write_sample("000001", &[("jpg", b"abc"), ("cls", b"3")]).unwrap();
-        w.write_sample("dir/000002", &[("jpg", b"defg"), ("cls", b"12")]).unwrap();
+        w.write_sample("000001", &[("jpg", b"abc"), ("cls", b"3")])
+            .unwrap();
+        w.write_sample("dir/000002", &[("jpg", b"defg"), ("cls", b"12")])
+            .unwrap();
         let bytes = w.finish().unwrap();
         let mut archive = tar::Archive::new(&bytes[..]);
         let mut seen = Vec::new();
@@ -67,7 +72,15 @@ mod tests {
             seen.push((entry.path().unwrap().to_string_lossy().into_owned(), data));
         }
         let names: Vec<_> = seen.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["000001.jpg", "000001.cls", "dir/000002.jpg", "dir/000002.cls"]);
+        assert_eq!(
+            names,
+            [
+                "000001.jpg",
+                "000001.cls",
+                "dir/000002.jpg",
+                "dir/000002.cls"
+            ]
+        );
         assert_eq!(seen[3].1, b"12");
     }
 }

@@ -10,7 +10,11 @@ use stages::cache::{DType, FieldSpec, ShardWriter};
 fn python_reader_sees_every_array_the_rust_writer_wrote() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let python = root.join(".venv/bin/python");
-    assert!(python.exists(), "{} missing: run `make test`", python.display());
+    assert!(
+        python.exists(),
+        "{} missing: run `make test`",
+        python.display()
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.fbc");
@@ -29,8 +33,12 @@ fn python_reader_sees_every_array_the_rust_writer_wrote() {
         let image: Vec<u8> = (0..12).map(|j| (i * 12 + j) as u8).collect();
         let features: Vec<i8> = (0..3).map(|j| (i as i8 - 3) * 10 + j).collect();
         let scale: Vec<f32> = (0..3).map(|j| 0.5 + i as f32 * 0.25 + j as f32).collect();
-        let mean: Vec<half::f16> = (0..2).map(|j| half::f16::from_f32(-1.5 + i as f32 + j as f32 * 0.125)).collect();
-        let tokens: Vec<half::bf16> = (0..2).map(|j| half::bf16::from_f32(3.0 * i as f32 - j as f32 * 0.5)).collect();
+        let mean: Vec<half::f16> = (0..2)
+            .map(|j| half::f16::from_f32(-1.5 + i as f32 + j as f32 * 0.125))
+            .collect();
+        let tokens: Vec<half::bf16> = (0..2)
+            .map(|j| half::bf16::from_f32(3.0 * i as f32 - j as f32 * 0.5))
+            .collect();
         let values: Vec<Vec<u8>> = vec![
             label.iter().flat_map(|v| v.to_le_bytes()).collect(),
             image.clone(),
@@ -48,19 +56,38 @@ fn python_reader_sees_every_array_the_rust_writer_wrote() {
         let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
         writer.push(&format!("key{i}"), &refs).unwrap();
     }
-    writer.finish(serde_json::json!({"source": "imagenet-train-000000.tar"})).unwrap();
+    writer
+        .finish(serde_json::json!({"source": "imagenet-train-000000.tar"}))
+        .unwrap();
 
-    let out = Command::new(&python).arg(root.join("tools/flowback_cache.py")).arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&python)
+        .arg(root.join("tools/flowback_cache.py"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["keys"].as_array().unwrap().len(), 7);
     assert_eq!(json["keys"][6], "key6");
     assert_eq!(json["meta"]["source"], "imagenet-train-000000.tar");
     for (spec, want) in fields.iter().zip(&expected) {
-        let got: Vec<f64> =
-            json["fields"][&spec.name]["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let got: Vec<f64> = json["fields"][&spec.name]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert_eq!(&got, want, "field {}", spec.name);
-        let shape: Vec<usize> = json["fields"][&spec.name]["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = json["fields"][&spec.name]["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(shape[0], 7);
         assert_eq!(&shape[1..], spec.shape.as_slice(), "field {}", spec.name);
     }

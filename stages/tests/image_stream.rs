@@ -13,10 +13,22 @@ use stages::order::RankSplit;
 use stages::wds_writer::TarShardWriter;
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
-fn collect(cfg: &DataConfig, split: RankSplit, epoch: u64) -> (Vec<CroppedSample>, stages::Result<StreamSummary>, BTreeMap<&'static str, u64>) {
+fn collect(
+    cfg: &DataConfig,
+    split: RankSplit,
+    epoch: u64,
+) -> (
+    Vec<CroppedSample>,
+    stages::Result<StreamSummary>,
+    BTreeMap<&'static str, u64>,
+) {
     runtime().block_on(async {
         let stream = open_image_stream(cfg, split, epoch).unwrap();
         let mut out = Vec::new();
@@ -25,7 +37,11 @@ fn collect(cfg: &DataConfig, split: RankSplit, epoch: u64) -> (Vec<CroppedSample
         }
         let counters = stream.counters.clone();
         let summary = stream.finish().await;
-        let counts = BadKind::ALL.iter().map(|k| (k.name(), counters.bad(*k))).filter(|(_, n)| *n > 0).collect();
+        let counts = BadKind::ALL
+            .iter()
+            .map(|k| (k.name(), counters.bad(*k)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         (out, summary, counts)
     })
 }
@@ -46,7 +62,10 @@ fn tar_bytes(samples: &[(&str, Vec<(&str, Vec<u8>)>)]) -> Vec<u8> {
 /// A JPEG whose SOF header claims 30000×30000 pixels: a decompression bomb by its header alone.
 fn bomb_jpeg() -> Vec<u8> {
     let mut jpeg = small_jpeg(99);
-    let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0");
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline SOF0");
     jpeg[sof + 5..sof + 7].copy_from_slice(&30000u16.to_be_bytes());
     jpeg[sof + 7..sof + 9].copy_from_slice(&30000u16.to_be_bytes());
     jpeg
@@ -54,15 +73,32 @@ fn bomb_jpeg() -> Vec<u8> {
 
 /// Writes the bad-input shard set and returns its spec and the number of good samples in it.
 fn write_shard_set(dir: &Path) -> (String, usize) {
-    let demo = DemoConfig { classes: 3, per_class: 4, shards: 2, seed: 0, odd: true, prefix: "demo".into() };
+    let demo = DemoConfig {
+        classes: 3,
+        per_class: 4,
+        shards: 2,
+        seed: 0,
+        odd: true,
+        prefix: "demo".into(),
+    };
     write_demo_dataset(dir, &demo, &|_| {}).unwrap();
     let cls = |c: &str| c.as_bytes().to_vec();
     // One shard with one sample of each remaining kind, and one good sample.
     let bad = tar_bytes(&[
         ("empty", vec![("jpg", Vec::new()), ("cls", cls("1"))]),
-        ("textonly", vec![("txt", b"a caption".to_vec()), ("cls", cls("1"))]),
+        (
+            "textonly",
+            vec![("txt", b"a caption".to_vec()), ("cls", cls("1"))],
+        ),
         ("bomb", vec![("jpg", bomb_jpeg()), ("cls", cls("1"))]),
-        ("dup", vec![("jpg", small_jpeg(1)), ("jpg", small_jpeg(2)), ("cls", cls("1"))]),
+        (
+            "dup",
+            vec![
+                ("jpg", small_jpeg(1)),
+                ("jpg", small_jpeg(2)),
+                ("cls", cls("1")),
+            ],
+        ),
         // s1 is split: its first fragment lacks the label, its second is a split key.
         ("s1", vec![("jpg", small_jpeg(3))]),
         ("s2", vec![("jpg", small_jpeg(4)), ("cls", cls("2"))]),
@@ -75,10 +111,19 @@ fn write_shard_set(dir: &Path) -> (String, usize) {
         ("t1", vec![("jpg", small_jpeg(6)), ("cls", cls("0"))]),
         ("t2", vec![("jpg", small_jpeg(7)), ("cls", cls("0"))]),
     ]);
-    let third_image = full.windows(4).rposition(|w| w == [0xFF, 0xD8, 0xFF, 0xE0]).unwrap();
+    let third_image = full
+        .windows(4)
+        .rposition(|w| w == [0xFF, 0xD8, 0xFF, 0xE0])
+        .unwrap();
     std::fs::write(dir.join("cut-000000.tar"), &full[..third_image + 300]).unwrap();
     // Not a tar at all.
-    std::fs::write(dir.join("noise-000000.tar"), (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(
+        dir.join("noise-000000.tar"),
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     // Compressed shards, two good samples each.
     let two = tar_bytes(&[
         ("gz0", vec![("jpg", small_jpeg(8)), ("cls", cls("1"))]),
@@ -91,7 +136,11 @@ fn write_shard_set(dir: &Path) -> (String, usize) {
         ("zs0", vec![("jpg", small_jpeg(10)), ("cls", cls("1"))]),
         ("zs1", vec![("jpg", small_jpeg(11)), ("cls", cls("2"))]),
     ]);
-    std::fs::write(dir.join("packed-000001.tar.zst"), zstd::encode_all(&two_zst[..], 3).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("packed-000001.tar.zst"),
+        zstd::encode_all(&two_zst[..], 3).unwrap(),
+    )
+    .unwrap();
 
     let d = dir.display();
     let spec = format!(
@@ -103,7 +152,16 @@ fn write_shard_set(dir: &Path) -> (String, usize) {
 }
 
 fn test_config(spec: &str) -> DataConfig {
-    DataConfig { shards: spec.to_string(), image_size: 32, shuffle_buffer: 8, shuffle_initial: 4, max_bad_fraction: 1.0, threads: 2, queue_depth: 4, ..Default::default() }
+    DataConfig {
+        shards: spec.to_string(),
+        image_size: 32,
+        shuffle_buffer: 8,
+        shuffle_initial: 4,
+        max_bad_fraction: 1.0,
+        threads: 2,
+        queue_depth: 4,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -131,35 +189,97 @@ fn every_bad_input_kind_is_counted_exactly() {
     assert_eq!(samples.len(), n_good);
     assert_eq!(summary.good as usize, n_good);
     let keys: HashSet<&str> = samples.iter().map(|s| s.key.as_str()).collect();
-    for key in ["s2", "t0", "t1", "gz0", "gz1", "zs0", "zs1", "odd-cmyk-0", "odd-png-1", "odd-gray-0", "odd-progressive-1"] {
+    for key in [
+        "s2",
+        "t0",
+        "t1",
+        "gz0",
+        "gz1",
+        "zs0",
+        "zs1",
+        "odd-cmyk-0",
+        "odd-png-1",
+        "odd-gray-0",
+        "odd-progressive-1",
+    ] {
         assert!(keys.contains(key), "{key} missing");
     }
-    assert!(samples.iter().all(|s| s.image.width == 32 && s.image.height == 32 && s.image.pixels.len() == 32 * 32 * 3 && s.label.is_some()));
+    assert!(samples.iter().all(|s| s.image.width == 32
+        && s.image.height == 32
+        && s.image.pixels.len() == 32 * 32 * 3
+        && s.label.is_some()));
     assert!(summary.table.contains("decode") && summary.table.contains("read"));
 
     // The default limit of 1 % turns the same run into an error that names the counts.
-    let strict = DataConfig { max_bad_fraction: 0.01, ..test_config(&spec) };
+    let strict = DataConfig {
+        max_bad_fraction: 0.01,
+        ..test_config(&spec)
+    };
     let (_, summary, _) = collect(&strict, RankSplit::default(), 0);
     let err = summary.unwrap_err().to_string();
-    assert!(err.contains("exceeds the limit") && err.contains("decompression_bomb 1"), "{err}");
+    assert!(
+        err.contains("exceeds the limit") && err.contains("decompression_bomb 1"),
+        "{err}"
+    );
 }
 
 #[test]
 fn order_is_deterministic_whatever_the_thread_count_and_ranks_partition() {
     let tmp = tempfile::tempdir().unwrap();
-    let demo = DemoConfig { classes: 4, per_class: 6, shards: 4, seed: 1, odd: false, prefix: "demo".into() };
+    let demo = DemoConfig {
+        classes: 4,
+        per_class: 6,
+        shards: 4,
+        seed: 1,
+        odd: false,
+        prefix: "demo".into(),
+    };
     write_demo_dataset(tmp.path(), &demo, &|_| {}).unwrap();
     let spec = format!("{}/demo-{{000000..000003}}.tar", tmp.path().display());
-    let keys = |cfg: &DataConfig, split, epoch| collect(cfg, split, epoch).0.into_iter().map(|s| s.key).collect::<Vec<_>>();
-    let one = keys(&DataConfig { threads: 1, ..test_config(&spec) }, RankSplit::default(), 0);
-    let two = keys(&DataConfig { threads: 2, ..test_config(&spec) }, RankSplit::default(), 0);
+    let keys = |cfg: &DataConfig, split, epoch| {
+        collect(cfg, split, epoch)
+            .0
+            .into_iter()
+            .map(|s| s.key)
+            .collect::<Vec<_>>()
+    };
+    let one = keys(
+        &DataConfig {
+            threads: 1,
+            ..test_config(&spec)
+        },
+        RankSplit::default(),
+        0,
+    );
+    let two = keys(
+        &DataConfig {
+            threads: 2,
+            ..test_config(&spec)
+        },
+        RankSplit::default(),
+        0,
+    );
     assert_eq!(one.len(), 24);
     assert_eq!(one, two, "thread count changed the order");
     let mut sorted = one.clone();
     sorted.sort();
     assert_ne!(one, sorted, "no shuffle happened");
-    assert_ne!(one, keys(&DataConfig { seed: 5, ..test_config(&spec) }, RankSplit::default(), 0));
-    assert_ne!(one, keys(&test_config(&spec), RankSplit::default(), 1), "epochs must differ");
+    assert_ne!(
+        one,
+        keys(
+            &DataConfig {
+                seed: 5,
+                ..test_config(&spec)
+            },
+            RankSplit::default(),
+            0
+        )
+    );
+    assert_ne!(
+        one,
+        keys(&test_config(&spec), RankSplit::default(), 1),
+        "epochs must differ"
+    );
 
     let r0 = keys(&test_config(&spec), RankSplit { rank: 0, world: 2 }, 0);
     let r1 = keys(&test_config(&spec), RankSplit { rank: 1, world: 2 }, 0);
@@ -169,7 +289,10 @@ fn order_is_deterministic_whatever_the_thread_count_and_ranks_partition() {
 
     // Equal samples per rank: exactly N each, starting over on the shards when needed.
     for n in [5u64, 20] {
-        let cfg = DataConfig { samples_per_rank: n, ..test_config(&spec) };
+        let cfg = DataConfig {
+            samples_per_rank: n,
+            ..test_config(&spec)
+        };
         for rank in 0..2 {
             let got = keys(&cfg, RankSplit { rank, world: 2 }, 0);
             assert_eq!(got.len() as u64, n, "rank {rank}");
@@ -180,10 +303,24 @@ fn order_is_deterministic_whatever_the_thread_count_and_ranks_partition() {
 #[test]
 fn flip_view_mirrors_the_crop() {
     let tmp = tempfile::tempdir().unwrap();
-    let demo = DemoConfig { classes: 2, per_class: 2, shards: 1, seed: 2, odd: false, prefix: "demo".into() };
+    let demo = DemoConfig {
+        classes: 2,
+        per_class: 2,
+        shards: 1,
+        seed: 2,
+        odd: false,
+        prefix: "demo".into(),
+    };
     write_demo_dataset(tmp.path(), &demo, &|_| {}).unwrap();
     let spec = format!("{}/demo-000000.tar", tmp.path().display());
-    let (samples, summary, _) = collect(&DataConfig { flip: true, ..test_config(&spec) }, RankSplit::default(), 0);
+    let (samples, summary, _) = collect(
+        &DataConfig {
+            flip: true,
+            ..test_config(&spec)
+        },
+        RankSplit::default(),
+        0,
+    );
     summary.unwrap();
     assert_eq!(samples.len(), 4);
     for s in samples {
@@ -195,16 +332,28 @@ fn flip_view_mirrors_the_crop() {
 #[test]
 fn a_consumer_that_stops_early_still_finishes_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
-    let demo = DemoConfig { classes: 3, per_class: 10, shards: 3, seed: 4, odd: false, prefix: "demo".into() };
+    let demo = DemoConfig {
+        classes: 3,
+        per_class: 10,
+        shards: 3,
+        seed: 4,
+        odd: false,
+        prefix: "demo".into(),
+    };
     write_demo_dataset(tmp.path(), &demo, &|_| {}).unwrap();
     let spec = format!("{}/demo-{{000000..000002}}.tar", tmp.path().display());
-    let cfg = DataConfig { queue_depth: 1, ..test_config(&spec) };
+    let cfg = DataConfig {
+        queue_depth: 1,
+        ..test_config(&spec)
+    };
     runtime().block_on(async {
         let stream = open_image_stream(&cfg, RankSplit::default(), 0).unwrap();
         for _ in 0..3 {
             stream.samples.recv().await.unwrap();
         }
-        let summary = tokio::time::timeout(std::time::Duration::from_secs(20), stream.finish()).await.expect("finish must not hang");
+        let summary = tokio::time::timeout(std::time::Duration::from_secs(20), stream.finish())
+            .await
+            .expect("finish must not hang");
         assert!(summary.unwrap().good >= 3);
     });
 }

@@ -14,12 +14,19 @@ use stages::demo::{draw_sample, write_demo_dataset, DemoConfig, RgbImage};
 use stages::wds_writer::TarShardWriter;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn python() -> Command {
     let python = repo_root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run `make test`, which creates the reference environment", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run `make test`, which creates the reference environment",
+        python.display()
+    );
     Command::new(python)
 }
 
@@ -36,7 +43,11 @@ fn large_image(width: usize, height: usize, index: u64) -> RgbImage {
             pixels.push(tile.pixels[p + 2].saturating_sub(tint as u8 / 3));
         }
     }
-    RgbImage { width, height, pixels }
+    RgbImage {
+        width,
+        height,
+        pixels,
+    }
 }
 
 fn jpeg(image: &RgbImage, quality: i32, subsamp: turbojpeg::Subsamp, progressive: bool) -> Vec<u8> {
@@ -44,31 +55,71 @@ fn jpeg(image: &RgbImage, quality: i32, subsamp: turbojpeg::Subsamp, progressive
     c.set_quality(quality).unwrap();
     c.set_subsamp(subsamp).unwrap();
     c.set_progressive(progressive).unwrap();
-    c.compress_to_vec(turbojpeg::Image { pixels: image.pixels.as_slice(), width: image.width, pitch: image.width * 3, height: image.height, format: turbojpeg::PixelFormat::RGB })
-        .unwrap()
+    c.compress_to_vec(turbojpeg::Image {
+        pixels: image.pixels.as_slice(),
+        width: image.width,
+        pitch: image.width * 3,
+        height: image.height,
+        format: turbojpeg::PixelFormat::RGB,
+    })
+    .unwrap()
 }
 
 fn png(image: &RgbImage, color: image::ExtendedColorType) -> Vec<u8> {
     let data: Vec<u8> = match color {
-        image::ExtendedColorType::Rgba8 => image.pixels.chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], p[0] ^ 0x5a]).collect(),
+        image::ExtendedColorType::Rgba8 => image
+            .pixels
+            .chunks_exact(3)
+            .flat_map(|p| [p[0], p[1], p[2], p[0] ^ 0x5a])
+            .collect(),
         image::ExtendedColorType::L8 => image.pixels.chunks_exact(3).map(|p| p[1]).collect(),
-        image::ExtendedColorType::Rgb16 => image.pixels.iter().flat_map(|&v| (v as u16 * 257 + (v as u16 & 7)).to_be_bytes()).collect(),
-        image::ExtendedColorType::La8 => image.pixels.chunks_exact(3).flat_map(|p| [p[0], p[2]]).collect(),
+        image::ExtendedColorType::Rgb16 => image
+            .pixels
+            .iter()
+            .flat_map(|&v| (v as u16 * 257 + (v as u16 & 7)).to_be_bytes())
+            .collect(),
+        image::ExtendedColorType::La8 => image
+            .pixels
+            .chunks_exact(3)
+            .flat_map(|p| [p[0], p[2]])
+            .collect(),
         _ => unreachable!(),
     };
     let mut out = Vec::new();
-    image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut out), &data, image.width as u32, image.height as u32, color).unwrap();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut out),
+        &data,
+        image.width as u32,
+        image.height as u32,
+        color,
+    )
+    .unwrap();
     out
 }
 
 fn write_extra_shard(path: &Path) {
     let mut w = TarShardWriter::new(std::fs::File::create(path).unwrap());
-    let mut add = |key: &str, bytes: Vec<u8>| w.write_sample(key, &[("jpg", &bytes), ("cls", b"1")]).unwrap();
+    let mut add = |key: &str, bytes: Vec<u8>| {
+        w.write_sample(key, &[("jpg", &bytes), ("cls", b"1")])
+            .unwrap()
+    };
     use turbojpeg::Subsamp::*;
-    add("big-420", jpeg(&large_image(1100, 900, 1), 92, Sub2x2, false));
-    add("big-444-prog", jpeg(&large_image(613, 1301, 2), 85, None, true));
-    add("odd-422", jpeg(&large_image(517, 261, 3), 95, Sub2x1, false));
-    add("small-440", jpeg(&large_image(70, 45, 4), 80, Sub1x2, false));
+    add(
+        "big-420",
+        jpeg(&large_image(1100, 900, 1), 92, Sub2x2, false),
+    );
+    add(
+        "big-444-prog",
+        jpeg(&large_image(613, 1301, 2), 85, None, true),
+    );
+    add(
+        "odd-422",
+        jpeg(&large_image(517, 261, 3), 95, Sub2x1, false),
+    );
+    add(
+        "small-440",
+        jpeg(&large_image(70, 45, 4), 80, Sub1x2, false),
+    );
     add("wide", jpeg(&large_image(1023, 257, 5), 90, Sub2x2, false));
     let base = large_image(300, 211, 6);
     add("png-rgba", png(&base, image::ExtendedColorType::Rgba8));
@@ -105,16 +156,41 @@ impl Diff {
 fn decode_and_crops_match_pillow_on_the_same_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let config = DemoConfig { classes: 4, per_class: 5, shards: 1, seed: 3, odd: true, prefix: "demo".into() };
+    let config = DemoConfig {
+        classes: 4,
+        per_class: 5,
+        shards: 1,
+        seed: 3,
+        odd: true,
+        prefix: "demo".into(),
+    };
     write_demo_dataset(&data, &config, &|_| {}).unwrap();
     write_extra_shard(&data.join("extra-000000.tar"));
 
     let reference = tmp.path().join("ref");
-    let spec = format!("{}::{}", data.join("demo-000000.tar").display(), data.join("extra-000000.tar").display());
-    let out = python().arg(repo_root().join("tests/python/pillow_crops.py")).arg(&reference).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "pillow_crops.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let index: HashMap<String, serde_json::Value> = serde_json::from_slice(&std::fs::read(reference.join("index.json")).unwrap()).unwrap();
-    assert!(index.len() >= 4 * 5 + 9, "{} samples in the reference", index.len());
+    let spec = format!(
+        "{}::{}",
+        data.join("demo-000000.tar").display(),
+        data.join("extra-000000.tar").display()
+    );
+    let out = python()
+        .arg(repo_root().join("tests/python/pillow_crops.py"))
+        .arg(&reference)
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pillow_crops.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(reference.join("index.json")).unwrap()).unwrap();
+    assert!(
+        index.len() >= 4 * 5 + 9,
+        "{} samples in the reference",
+        index.len()
+    );
 
     // Read the same members back from the shards with our own reader.
     let counters = stages::bad_input::RunCounters::new();
@@ -128,29 +204,60 @@ fn decode_and_crops_match_pillow_on_the_same_bytes() {
         });
     }
 
-    let (mut decode, mut adm256, mut adm64, mut tv64) = (Diff::default(), Diff::default(), Diff::default(), Diff::default());
+    let (mut decode, mut adm256, mut adm64, mut tv64) = (
+        Diff::default(),
+        Diff::default(),
+        Diff::default(),
+        Diff::default(),
+    );
     let (mut fast256, mut fast64) = (Diff::default(), Diff::default());
     let (mut compared, mut both_failed) = (0, 0);
     for (key, bytes) in &members {
         let entry = &index[key];
         let ours = decode_rgb(bytes, 64_000_000);
         if entry.get("error").is_some() {
-            assert!(ours.is_err(), "{key}: Pillow fails ({}) but we decode it", entry["error"]);
+            assert!(
+                ours.is_err(),
+                "{key}: Pillow fails ({}) but we decode it",
+                entry["error"]
+            );
             both_failed += 1;
             continue;
         }
         let img = ours.unwrap_or_else(|e| panic!("{key}: Pillow decodes it but we fail: {e:?}"));
-        assert_eq!((img.width as u64, img.height as u64), (entry["width"].as_u64().unwrap(), entry["height"].as_u64().unwrap()), "{key}");
+        assert_eq!(
+            (img.width as u64, img.height as u64),
+            (
+                entry["width"].as_u64().unwrap(),
+                entry["height"].as_u64().unwrap()
+            ),
+            "{key}"
+        );
         let load = |name: &str| std::fs::read(reference.join(format!("{key}.{name}.rgb"))).unwrap();
         decode.add(&img.pixels, &load("decode"));
         let mut per_image = Diff::default();
         per_image.add(&img.pixels, &load("decode"));
         assert_eq!(per_image.max, 0, "{key}: decode differs from Pillow");
-        adm256.add(&center_crop_adm(&img, 256, ResizeImpl::Pillow).pixels, &load("adm256"));
-        adm64.add(&center_crop_adm(&img, 64, ResizeImpl::Pillow).pixels, &load("adm64"));
-        tv64.add(&resize_center_crop(&img, 64, ResizeImpl::Pillow).pixels, &load("tv64"));
-        fast256.add(&center_crop_adm(&img, 256, ResizeImpl::Fast).pixels, &load("adm256"));
-        fast64.add(&center_crop_adm(&img, 64, ResizeImpl::Fast).pixels, &load("adm64"));
+        adm256.add(
+            &center_crop_adm(&img, 256, ResizeImpl::Pillow).pixels,
+            &load("adm256"),
+        );
+        adm64.add(
+            &center_crop_adm(&img, 64, ResizeImpl::Pillow).pixels,
+            &load("adm64"),
+        );
+        tv64.add(
+            &resize_center_crop(&img, 64, ResizeImpl::Pillow).pixels,
+            &load("tv64"),
+        );
+        fast256.add(
+            &center_crop_adm(&img, 256, ResizeImpl::Fast).pixels,
+            &load("adm256"),
+        );
+        fast64.add(
+            &center_crop_adm(&img, 64, ResizeImpl::Fast).pixels,
+            &load("adm64"),
+        );
         compared += 1;
     }
     eprintln!(
@@ -158,13 +265,30 @@ fn decode_and_crops_match_pillow_on_the_same_bytes() {
         decode.max, adm256.max, adm256.mean(), adm64.max, adm64.mean(), tv64.max, fast256.max, fast256.mean(), fast64.max, fast64.mean()
     );
     assert_eq!(compared + both_failed, members.len());
-    assert_eq!(both_failed, 4, "the two truncated and two garbage demo members");
+    assert_eq!(
+        both_failed, 4,
+        "the two truncated and two garbage demo members"
+    );
     assert_eq!(decode.max, 0, "decode differs from Pillow");
-    assert_eq!((adm256.max, adm64.max, tv64.max), (0, 0, 0), "the Pillow port differs from Pillow");
+    assert_eq!(
+        (adm256.max, adm64.max, tv64.max),
+        (0, 0, 0),
+        "the Pillow port differs from Pillow"
+    );
     // fast_image_resize's 16-bit weights: within the mean bound; on the noisy synthetic images here one
     // pixel in ~10^5 reaches 4 levels at 256 (recorded in BENCHMARKS.md), hence 4, not 3.
-    assert!(fast256.max <= 4 && fast256.mean() <= 0.35, "fast ADM 256: max {} mean {}", fast256.max, fast256.mean());
-    assert!(fast64.max <= 3 && fast64.mean() <= 0.35, "fast ADM 64: max {} mean {}", fast64.max, fast64.mean());
+    assert!(
+        fast256.max <= 4 && fast256.mean() <= 0.35,
+        "fast ADM 256: max {} mean {}",
+        fast256.max,
+        fast256.mean()
+    );
+    assert!(
+        fast64.max <= 3 && fast64.mean() <= 0.35,
+        "fast ADM 64: max {} mean {}",
+        fast64.max,
+        fast64.mean()
+    );
 }
 
 /// The resampler alone, on noise (the harshest input for rounding) at sizes that exercise every pass
@@ -199,16 +323,38 @@ fn resampler_matches_pillow_for_every_pass_order() {
         for filter in filters {
             let name = format!("case{i}-{filter}");
             std::fs::write(tmp.path().join(format!("{name}.in.rgb")), &pixels).unwrap();
-            cases.push((name, RgbImage { width: w, height: h, pixels: pixels.clone() }, ow, oh, filter));
+            cases.push((
+                name,
+                RgbImage {
+                    width: w,
+                    height: h,
+                    pixels: pixels.clone(),
+                },
+                ow,
+                oh,
+                filter,
+            ));
         }
     }
     let listing: Vec<serde_json::Value> = cases
         .iter()
         .map(|(name, img, ow, oh, filter)| serde_json::json!({"name": name, "width": img.width, "height": img.height, "out_width": ow, "out_height": oh, "filter": filter}))
         .collect();
-    std::fs::write(tmp.path().join("cases.json"), serde_json::to_vec(&listing).unwrap()).unwrap();
-    let out = python().arg(repo_root().join("tests/python/pillow_resize.py")).arg(tmp.path()).output().unwrap();
-    assert!(out.status.success(), "pillow_resize.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        tmp.path().join("cases.json"),
+        serde_json::to_vec(&listing).unwrap(),
+    )
+    .unwrap();
+    let out = python()
+        .arg(repo_root().join("tests/python/pillow_resize.py"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pillow_resize.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (name, img, ow, oh, filter) in &cases {
         let f = match *filter {
             "box" => stages::resample::Filter::Box,
@@ -217,8 +363,18 @@ fn resampler_matches_pillow_for_every_pass_order() {
         };
         let ours = stages::resample::resize_pillow(img, *ow, *oh, f);
         let theirs = std::fs::read(tmp.path().join(format!("{name}.out.rgb"))).unwrap();
-        let max = ours.pixels.iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        let max = ours
+            .pixels
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
         assert_eq!(ours.pixels.len(), theirs.len(), "{name}");
-        assert_eq!(max, 0, "{name}: {}x{} -> {ow}x{oh} differs from Pillow", img.width, img.height);
+        assert_eq!(
+            max, 0,
+            "{name}: {}x{} -> {ow}x{oh} differs from Pillow",
+            img.width, img.height
+        );
     }
 }

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The `pipeline` binary cargo built for this test run.
@@ -18,13 +21,19 @@ pub fn pipeline() -> Command {
 /// The Python of the project's `.venv`, which holds the reference packages (`make test` creates it).
 pub fn python() -> Command {
     let python = repo_root().join(".venv/bin/python");
-    assert!(python.exists(), "{} is missing: run `make test`, which creates the reference environment", python.display());
+    assert!(
+        python.exists(),
+        "{} is missing: run `make test`, which creates the reference environment",
+        python.display()
+    );
     Command::new(python)
 }
 
 /// Runs `cmd`, panicking with its output when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",

@@ -88,7 +88,10 @@ impl Default for AlignConfig {
 impl AlignConfig {
     /// 0-based (block, layer) pairs after checking them against the flow.
     pub fn locations0(&self, model: &Model) -> Result<Vec<(usize, usize)>, FlowError> {
-        let (t, l) = (model.cfg.num_blocks as usize, model.cfg.layers_per_block as usize);
+        let (t, l) = (
+            model.cfg.num_blocks as usize,
+            model.cfg.layers_per_block as usize,
+        );
         if self.locations.is_empty() {
             return Err(FlowError::Config("align.locations is empty".into()));
         }
@@ -96,7 +99,9 @@ impl AlignConfig {
             .iter()
             .map(|&[b, layer]| {
                 if b == 0 || b > t || layer == 0 || layer > l {
-                    Err(FlowError::Config(format!("align location ({b}, {layer}) is outside blocks 1..={t} × layers 1..={l}")))
+                    Err(FlowError::Config(format!(
+                        "align location ({b}, {layer}) is outside blocks 1..={t} × layers 1..={l}"
+                    )))
                 } else {
                     Ok((b - 1, layer - 1))
                 }
@@ -115,7 +120,11 @@ pub struct Projector {
 
 impl Projector {
     pub fn new(p: nn::Path, input: i64, hidden: i64, output: i64, init: ProjectorInit) -> Self {
-        let this = Self { l0: Linear::new(&p / "0", input, hidden), l2: Linear::new(&p / "2", hidden, hidden), l4: Linear::new(&p / "4", hidden, output) };
+        let this = Self {
+            l0: Linear::new(&p / "0", input, hidden),
+            l2: Linear::new(&p / "2", hidden, hidden),
+            l4: Linear::new(&p / "4", hidden, output),
+        };
         if init == ProjectorInit::Xavier {
             tch::no_grad(|| {
                 for l in [&this.l0, &this.l2, &this.l4] {
@@ -146,9 +155,27 @@ pub struct AlignHead {
 impl AlignHead {
     pub fn new(p: nn::Path, cfg: &AlignConfig, model: &Model) -> Result<Self, FlowError> {
         let locations = cfg.locations0(model)?;
-        let count = if cfg.shared_projector { 1 } else { locations.len() };
-        let projectors = (0..count).map(|k| Projector::new(&p / "projectors" / k, model.cfg.channels, cfg.projector_hidden, cfg.encoder_dim, cfg.projector_init)).collect();
-        Ok(Self { cfg: cfg.clone(), projectors, locations })
+        let count = if cfg.shared_projector {
+            1
+        } else {
+            locations.len()
+        };
+        let projectors = (0..count)
+            .map(|k| {
+                Projector::new(
+                    &p / "projectors" / k,
+                    model.cfg.channels,
+                    cfg.projector_hidden,
+                    cfg.encoder_dim,
+                    cfg.projector_init,
+                )
+            })
+            .collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            projectors,
+            locations,
+        })
     }
 
     /// Locations the NLL forward pass must capture (only F-REPA reads them from that pass).
@@ -162,22 +189,42 @@ impl AlignHead {
 
     /// Unweighted alignment loss: mean over locations of −mean over batch and tokens of
     /// cos(v, Proj(h)). `target` is the encoder's patch tokens (B, N, E) in raster order.
-    pub fn loss(&self, model: &Model, out: &ForwardOutput, cond: &Cond, target: &Tensor) -> Result<Tensor, FlowError> {
+    pub fn loss(
+        &self,
+        model: &Model,
+        out: &ForwardOutput,
+        cond: &Cond,
+        target: &Tensor,
+    ) -> Result<Tensor, FlowError> {
         let cos = self.cosines(model, out, cond, target)?;
         let n = cos.len() as f64;
-        Ok(cos.into_iter().fold(Tensor::zeros([], (Kind::Float, target.device())), |acc, c| acc - c) / n)
+        Ok(cos.into_iter().fold(
+            Tensor::zeros([], (Kind::Float, target.device())),
+            |acc, c| acc - c,
+        ) / n)
     }
 
     /// The mean cosine similarity at each aligned location, in `locations` order; the loss is minus
     /// their mean (spec §4.5), and the trainer logs each one.
-    pub fn cosines(&self, model: &Model, out: &ForwardOutput, cond: &Cond, target: &Tensor) -> Result<Vec<Tensor>, FlowError> {
+    pub fn cosines(
+        &self,
+        model: &Model,
+        out: &ForwardOutput,
+        cond: &Cond,
+        target: &Tensor,
+    ) -> Result<Vec<Tensor>, FlowError> {
         if self.cfg.mode == AlignMode::None {
-            return Err(FlowError::Config("align.mode = none has no alignment loss".into()));
+            return Err(FlowError::Config(
+                "align.mode = none has no alignment loss".into(),
+            ));
         }
         let n = model.cfg.num_tokens();
         let ts = target.size();
         if ts.len() != 3 || ts[1] != n || ts[2] != self.cfg.encoder_dim {
-            return Err(FlowError::Input(format!("alignment target has shape {ts:?}, expected (B, {n}, {})", self.cfg.encoder_dim)));
+            return Err(FlowError::Input(format!(
+                "alignment target has shape {ts:?}, expected (B, {n}, {})",
+                self.cfg.encoder_dim
+            )));
         }
         let feats = features(model, out, cond, &self.locations, self.cfg.mode);
         let v = normalize(&target.to_kind(Kind::Float));
@@ -193,7 +240,11 @@ impl AlignHead {
                     (hp.narrow(1, 0, n - 1), vp.narrow(1, 1, n - 1))
                 }
             };
-            let cos = (normalize(&proj.forward(&h, model.precision)) * &v).sum_dim_intlist(-1, false, Kind::Float);
+            let cos = (normalize(&proj.forward(&h, model.precision)) * &v).sum_dim_intlist(
+                -1,
+                false,
+                Kind::Float,
+            );
             cosines.push(cos.mean(Kind::Float));
         }
         Ok(cosines)
@@ -206,25 +257,44 @@ fn normalize(x: &Tensor) -> Tensor {
 }
 
 /// Hidden states at `locations` (0-based) in raster order, on the graph `mode` prescribes.
-pub fn features(model: &Model, out: &ForwardOutput, cond: &Cond, locations: &[(usize, usize)], mode: AlignMode) -> Vec<Tensor> {
+pub fn features(
+    model: &Model,
+    out: &ForwardOutput,
+    cond: &Cond,
+    locations: &[(usize, usize)],
+    mode: AlignMode,
+) -> Vec<Tensor> {
     use std::collections::HashMap;
     let batch = out.z.size()[0];
     let layers_at = |t: usize| -> Vec<usize> {
-        let mut v: Vec<usize> = locations.iter().filter(|(b, _)| *b == t).map(|(_, l)| *l).collect();
+        let mut v: Vec<usize> = locations
+            .iter()
+            .filter(|(b, _)| *b == t)
+            .map(|(_, l)| *l)
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
     };
     let mut got: HashMap<(usize, usize), Tensor> = HashMap::new();
-    let record = |t: usize, keep: &[usize], hidden: &[Tensor], got: &mut HashMap<(usize, usize), Tensor>| {
-        for (l, h) in keep.iter().zip(hidden) {
-            got.insert((t, *l), model.blocks[t].permutation.apply(h));
-        }
-    };
+    let record =
+        |t: usize, keep: &[usize], hidden: &[Tensor], got: &mut HashMap<(usize, usize), Tensor>| {
+            for (l, h) in keep.iter().zip(hidden) {
+                got.insert((t, *l), model.blocks[t].permutation.apply(h));
+            }
+        };
     match mode {
         AlignMode::None => return vec![],
         AlignMode::Forward => {
-            return locations.iter().map(|loc| out.hidden.get(loc).expect("forward pass captured the aligned locations").shallow_clone()).collect();
+            return locations
+                .iter()
+                .map(|loc| {
+                    out.hidden
+                        .get(loc)
+                        .expect("forward pass captured the aligned locations")
+                        .shallow_clone()
+                })
+                .collect();
         }
         AlignMode::Detach => {
             let mut blocks: Vec<usize> = locations.iter().map(|(b, _)| *b).collect();
@@ -235,28 +305,54 @@ pub fn features(model: &Model, out: &ForwardOutput, cond: &Cond, locations: &[(u
                 let keep = layers_at(t);
                 let class = block.class_embedding(cond, batch);
                 let x_perm = block.permutation.apply(&out.inputs[t].detach());
-                let pass = block.pass(&x_perm, class.as_ref(), &keep, Some(keep[keep.len() - 1] + 1), model.precision);
+                let pass = block.pass(
+                    &x_perm,
+                    class.as_ref(),
+                    &keep,
+                    Some(keep[keep.len() - 1] + 1),
+                    model.precision,
+                );
                 record(t, &keep, &pass.hidden, &mut got);
             }
         }
         AlignMode::ReverseUnrolled => {
-            let t_min = locations.iter().map(|(b, _)| *b).min().expect("at least one location");
+            let t_min = locations
+                .iter()
+                .map(|(b, _)| *b)
+                .min()
+                .expect("at least one location");
             let mut zt = out.z.detach();
             for t in (t_min..model.blocks.len()).rev() {
                 let block = &model.blocks[t];
                 let keep = layers_at(t);
                 let class = block.class_embedding(cond, batch);
-                let teacher = block.pass(&block.permutation.apply(&out.inputs[t].detach()), class.as_ref(), &[], None, model.precision);
+                let teacher = block.pass(
+                    &block.permutation.apply(&out.inputs[t].detach()),
+                    class.as_ref(),
+                    &[],
+                    None,
+                    model.precision,
+                );
                 let prev_perm = &teacher.b + teacher.a.exp() * block.permutation.apply(&zt);
                 if !keep.is_empty() {
-                    let pass = block.pass(&prev_perm, class.as_ref(), &keep, Some(keep[keep.len() - 1] + 1), model.precision);
+                    let pass = block.pass(
+                        &prev_perm,
+                        class.as_ref(),
+                        &keep,
+                        Some(keep[keep.len() - 1] + 1),
+                        model.precision,
+                    );
                     record(t, &keep, &pass.hidden, &mut got);
                 }
                 zt = block.permutation.apply(&prev_perm);
             }
         }
         AlignMode::Reverse | AlignMode::ReverseLiteral => {
-            let t_min = locations.iter().map(|(b, _)| *b).min().expect("at least one location");
+            let t_min = locations
+                .iter()
+                .map(|(b, _)| *b)
+                .min()
+                .expect("at least one location");
             let mut zt = out.z.detach();
             for t in (t_min..model.blocks.len()).rev() {
                 let block = &model.blocks[t];
@@ -279,7 +375,14 @@ pub fn features(model: &Model, out: &ForwardOutput, cond: &Cond, locations: &[(u
             }
         }
     }
-    locations.iter().map(|loc| got.get(loc).map(|t| t.shallow_clone()).unwrap_or_else(|| got_missing(loc))).collect()
+    locations
+        .iter()
+        .map(|loc| {
+            got.get(loc)
+                .map(|t| t.shallow_clone())
+                .unwrap_or_else(|| got_missing(loc))
+        })
+        .collect()
 }
 
 fn got_missing(loc: &(usize, usize)) -> Tensor {

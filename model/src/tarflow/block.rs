@@ -60,16 +60,30 @@ impl MetaBlock {
     pub fn new(p: nn::Path, cfg: &Config, permutation: Permutation) -> Self {
         let (n, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
         let proj_in = Linear::new(&p / "proj_in", d, c);
-        let pos_embed = cfg.pos_embed.then(|| p.randn("pos_embed", &[n, c], 0.0, 0.01));
-        let class_embed = (cfg.num_classes > 0).then(|| p.randn("class_embed", &[cfg.num_classes, 1, c], 0.0, 0.01));
-        let layers = (0..cfg.layers_per_block).map(|j| AttentionBlock::new(&p / "attn_blocks" / j, cfg)).collect();
+        let pos_embed = cfg
+            .pos_embed
+            .then(|| p.randn("pos_embed", &[n, c], 0.0, 0.01));
+        let class_embed = (cfg.num_classes > 0)
+            .then(|| p.randn("class_embed", &[cfg.num_classes, 1, c], 0.0, 0.01));
+        let layers = (0..cfg.layers_per_block)
+            .map(|j| AttentionBlock::new(&p / "attn_blocks" / j, cfg))
+            .collect();
         let proj_out = Linear::new(&p / "proj_out", c, 2 * d);
         // Only the weight starts at zero; the bias keeps PyTorch's default init (spec §1.3, §8.4).
         tch::no_grad(|| {
             let _ = proj_out.weight.shallow_clone().zero_();
         });
         let rope = cfg.rope.then(|| Rope::new(cfg, p.device()));
-        Self { permutation, proj_in, pos_embed, class_embed, layers, proj_out, rope, token_dim: d }
+        Self {
+            permutation,
+            proj_in,
+            pos_embed,
+            class_embed,
+            layers,
+            proj_out,
+            rope,
+            token_dim: d,
+        }
     }
 
     pub fn num_layers(&self) -> usize {
@@ -98,11 +112,20 @@ impl MetaBlock {
     }
 
     /// Input embedding of tokens at permuted positions start..start+T (B, T, C).
-    fn embed(&self, x_perm: &Tensor, start: i64, class: Option<&Tensor>, prec: Precision) -> Tensor {
+    fn embed(
+        &self,
+        x_perm: &Tensor,
+        start: i64,
+        class: Option<&Tensor>,
+        prec: Precision,
+    ) -> Tensor {
         let t = x_perm.size()[1];
         let mut h = self.proj_in.forward(x_perm, prec).to_kind(Kind::Float);
         if let Some(pos) = &self.pos_embed {
-            h = h + self.permutation.apply(&pos.unsqueeze(0)).narrow(1, start, t);
+            h = h + self
+                .permutation
+                .apply(&pos.unsqueeze(0))
+                .narrow(1, start, t);
         }
         if let Some(class) = class {
             h = h + class;
@@ -113,12 +136,22 @@ impl MetaBlock {
     /// Splits proj_out's (…, 2D) into (a, b) in fp32.
     fn split(&self, o: &Tensor) -> (Tensor, Tensor) {
         let o = o.to_kind(Kind::Float);
-        (o.narrow(-1, 0, self.token_dim), o.narrow(-1, self.token_dim, self.token_dim))
+        (
+            o.narrow(-1, 0, self.token_dim),
+            o.narrow(-1, self.token_dim, self.token_dim),
+        )
     }
 
     /// Teacher-forced pass over a whole permuted sequence with the causal mask. `keep` lists the
     /// 0-based layers whose output is returned; `upto` stops after that many layers (no a/b then).
-    pub fn pass(&self, x_perm: &Tensor, class: Option<&Tensor>, keep: &[usize], upto: Option<usize>, prec: Precision) -> BlockPass {
+    pub fn pass(
+        &self,
+        x_perm: &Tensor,
+        class: Option<&Tensor>,
+        keep: &[usize],
+        upto: Option<usize>,
+        prec: Precision,
+    ) -> BlockPass {
         let mut h = self.embed(x_perm, 0, class, prec);
         let mut hidden = Vec::with_capacity(keep.len());
         let run = upto.unwrap_or(self.layers.len()).min(self.layers.len());
@@ -130,18 +163,34 @@ impl MetaBlock {
         }
         if upto.is_some_and(|u| u < self.layers.len()) {
             let empty = Tensor::zeros([0], (Kind::Float, x_perm.device()));
-            return BlockPass { a: empty.shallow_clone(), b: empty, hidden };
+            return BlockPass {
+                a: empty.shallow_clone(),
+                b: empty,
+                hidden,
+            };
         }
         let o = self.proj_out.forward(&h, prec);
         // The one-token shift: token n's parameters come from the hidden state at n−1; token 0 gets
         // a = b = 0 exactly.
-        let o = Tensor::cat(&[o.narrow(1, 0, 1).zeros_like(), o.narrow(1, 0, o.size()[1] - 1)], 1);
+        let o = Tensor::cat(
+            &[
+                o.narrow(1, 0, 1).zeros_like(),
+                o.narrow(1, 0, o.size()[1] - 1),
+            ],
+            1,
+        );
         let (a, b) = self.split(&o);
         BlockPass { a, b, hidden }
     }
 
     /// Forward (data → noise): returns z in raster order, the per-sample log-det −mean(a), and the pass.
-    pub fn forward(&self, x: &Tensor, class: Option<&Tensor>, keep: &[usize], prec: Precision) -> (Tensor, Tensor, BlockPass) {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        class: Option<&Tensor>,
+        keep: &[usize],
+        prec: Precision,
+    ) -> (Tensor, Tensor, BlockPass) {
         let x_perm = self.permutation.apply(x);
         let pass = self.pass(&x_perm, class, keep, None, prec);
         // exp in fp32, cast back to the data's precision.
@@ -151,11 +200,26 @@ impl MetaBlock {
     }
 
     /// Parameters (a, b) for permuted token `pos + 1` from token `pos` (B, 1, D), appending to `cache`.
-    pub fn step(&self, token: &Tensor, pos: i64, class: Option<&Tensor>, cache: &mut Cache, q_scale: Option<&Tensor>, prec: Precision) -> (Tensor, Tensor) {
+    pub fn step(
+        &self,
+        token: &Tensor,
+        pos: i64,
+        class: Option<&Tensor>,
+        cache: &mut Cache,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+    ) -> (Tensor, Tensor) {
         let mut h = self.embed(token, pos, class, prec);
         let capacity = cache.capacity;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(&h, pos, self.rope.as_ref(), Some((slot, capacity)), q_scale, prec);
+            h = layer.forward(
+                &h,
+                pos,
+                self.rope.as_ref(),
+                Some((slot, capacity)),
+                q_scale,
+                prec,
+            );
         }
         self.split(&self.proj_out.forward(&h, prec))
     }

@@ -18,7 +18,9 @@ pub struct Classification {
 pub fn classify(model: &Model, x: &Tensor) -> Result<Classification, FlowError> {
     let k = model.cfg.num_classes;
     if k == 0 {
-        return Err(FlowError::Config("classification needs a class-conditional flow (num_classes > 0)".into()));
+        return Err(FlowError::Config(
+            "classification needs a class-conditional flow (num_classes > 0)".into(),
+        ));
     }
     model.check_input(x)?;
     let batch = x.size()[0];
@@ -30,5 +32,8 @@ pub fn classify(model: &Model, x: &Tensor) -> Result<Classification, FlowError> 
     let dims = model.cfg.sample_dim() as f64;
     let log_p = (-0.5 * out.z.square().sum(Kind::Float)) + out.logdet.sum(Kind::Float) * dims;
     let scores = Tensor::run_backward(&[&log_p], &[&logits], false, false).remove(0);
-    Ok(Classification { predicted: scores.argmax(-1, false), scores })
+    Ok(Classification {
+        predicted: scores.argmax(-1, false),
+        scores,
+    })
 }

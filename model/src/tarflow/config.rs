@@ -97,7 +97,10 @@ impl Config {
         Some(match name {
             "in64" => in64,
             "latent256" => latent,
-            "latent256-p1" => Config { patch_size: 1, ..latent },
+            "latent256-p1" => Config {
+                patch_size: 1,
+                ..latent
+            },
             "tiny" => Config {
                 img_size: 16,
                 patch_size: 4,
@@ -147,19 +150,38 @@ impl Config {
     pub fn validate(&self) -> Result<(), super::FlowError> {
         let bad = |m: String| Err(super::FlowError::Config(m));
         if self.img_size <= 0 || self.patch_size <= 0 || self.img_size % self.patch_size != 0 {
-            return bad(format!("img_size {} is not a positive multiple of patch_size {}", self.img_size, self.patch_size));
+            return bad(format!(
+                "img_size {} is not a positive multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
         }
         if self.head_dim <= 0 || self.channels % self.head_dim != 0 {
-            return bad(format!("channels {} is not a multiple of head_dim {}", self.channels, self.head_dim));
+            return bad(format!(
+                "channels {} is not a multiple of head_dim {}",
+                self.channels, self.head_dim
+            ));
         }
         if self.rope && self.head_dim % 4 != 0 {
-            return bad(format!("2-D RoPE needs head_dim divisible by 4, got {}", self.head_dim));
+            return bad(format!(
+                "2-D RoPE needs head_dim divisible by 4, got {}",
+                self.head_dim
+            ));
         }
-        if self.in_channels <= 0 || self.num_blocks <= 0 || self.layers_per_block <= 0 || self.num_classes < 0 {
-            return bad("in_channels, num_blocks and layers_per_block must be positive, num_classes ≥ 0".into());
+        if self.in_channels <= 0
+            || self.num_blocks <= 0
+            || self.layers_per_block <= 0
+            || self.num_classes < 0
+        {
+            return bad(
+                "in_channels, num_blocks and layers_per_block must be positive, num_classes ≥ 0"
+                    .into(),
+            );
         }
         if self.mlp_ratio <= 0.0 {
-            return bad(format!("mlp_ratio must be positive, got {}", self.mlp_ratio));
+            return bad(format!(
+                "mlp_ratio must be positive, got {}",
+                self.mlp_ratio
+            ));
         }
         Ok(())
     }

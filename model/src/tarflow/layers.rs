@@ -33,12 +33,16 @@ pub struct Linear {
 impl Linear {
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Self {
         let l = nn::linear(p, in_dim, out_dim, Default::default());
-        Self { weight: l.ws, bias: l.bs.expect("linear has a bias") }
+        Self {
+            weight: l.ws,
+            bias: l.bs.expect("linear has a bias"),
+        }
     }
 
     pub fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
         let k = prec.kind();
-        x.to_kind(k).linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
+        x.to_kind(k)
+            .linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
     }
 }
 
@@ -53,12 +57,18 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn new(p: nn::Path, dim: i64) -> Self {
         let ln = nn::layer_norm(p, vec![dim], Default::default());
-        Self { weight: ln.ws.expect("affine"), bias: ln.bs.expect("affine"), dim }
+        Self {
+            weight: ln.ws.expect("affine"),
+            bias: ln.bs.expect("affine"),
+            dim,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        x.to_kind(Kind::Float).layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true).to_kind(kind)
+        x.to_kind(Kind::Float)
+            .layer_norm([self.dim], Some(&self.weight), Some(&self.bias), 1e-5, true)
+            .to_kind(kind)
     }
 }
 
@@ -77,7 +87,9 @@ impl Rope {
         let grid = cfg.grid();
         let half = cfg.head_dim / 2; // channels rotated by rows; the other half by columns
         let pairs = half / 2;
-        let freqs: Vec<f64> = (0..pairs).map(|k| 1.0 / cfg.rope_base.powf(2.0 * k as f64 / half as f64)).collect();
+        let freqs: Vec<f64> = (0..pairs)
+            .map(|k| 1.0 / cfg.rope_base.powf(2.0 * k as f64 / half as f64))
+            .collect();
         let mut angles = Vec::with_capacity((cfg.num_tokens() * cfg.head_dim) as usize);
         for n in 0..cfg.num_tokens() {
             let (row, col) = ((n / grid) as f64, (n % grid) as f64);
@@ -89,8 +101,14 @@ impl Rope {
                 }
             }
         }
-        let angles = Tensor::from_slice(&angles).view([cfg.num_tokens(), cfg.head_dim]).to_kind(Kind::Float).to_device(device);
-        Self { cos: angles.cos(), sin: angles.sin() }
+        let angles = Tensor::from_slice(&angles)
+            .view([cfg.num_tokens(), cfg.head_dim])
+            .to_kind(Kind::Float)
+            .to_device(device);
+        Self {
+            cos: angles.cos(),
+            sin: angles.sin(),
+        }
     }
 
     /// Rotates (B, H, T, d) whose tokens sit at sequence positions start..start+T.
@@ -101,7 +119,8 @@ impl Rope {
         let s = t.size();
         // (x0, x1) -> (-x1, x0) within each adjacent pair
         let pairs = t.view([s[0], s[1], s[2], s[3] / 2, 2]);
-        let rotated = Tensor::stack(&[-pairs.select(-1, 1), pairs.select(-1, 0)], -1).view(s.as_slice());
+        let rotated =
+            Tensor::stack(&[-pairs.select(-1, 1), pairs.select(-1, 0)], -1).view(s.as_slice());
         t * cos + rotated * sin
     }
 }
@@ -124,7 +143,10 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(num_layers: usize, capacity: i64) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), capacity }
+        Self {
+            layers: (0..num_layers).map(|_| None).collect(),
+            capacity,
+        }
     }
 }
 
@@ -152,10 +174,22 @@ impl Attention {
     /// cached token is visible (no mask needed: nothing later than the query exists yet); without one
     /// the attention is causal. `q_scale` (B,1,1,1) multiplies the logits per sample: it carries the
     /// attention temperature of the unconditional half of a batched guidance pass.
-    fn forward(&self, x: &Tensor, start: i64, rope: Option<&Rope>, cache: Option<(&mut Option<LayerCache>, i64)>, q_scale: Option<&Tensor>, prec: Precision) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: i64,
+        rope: Option<&Rope>,
+        cache: Option<(&mut Option<LayerCache>, i64)>,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+    ) -> Tensor {
         let (b, t, c) = x.size3().expect("(B, T, C)");
         // (B, T, 3C) -> 3 × (B, H, T, d): the layout is [q heads | k heads | v heads]
-        let qkv = self.qkv.forward(&self.norm.forward(x), prec).view([b, t, 3, self.heads, self.head_dim]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(&self.norm.forward(x), prec)
+            .view([b, t, 3, self.heads, self.head_dim])
+            .permute([2, 0, 3, 1, 4]);
         let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         if let Some(rope) = rope {
             q = rope.apply(&q, start);
@@ -166,32 +200,64 @@ impl Attention {
         }
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = match cache {
-            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, scale, false),
+            None => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, scale, false,
+            ),
             Some(slot) => {
                 let (slot, capacity) = slot;
                 let entry = slot.get_or_insert_with(|| LayerCache {
-                    k: k.new_zeros([b, self.heads, capacity, self.head_dim], (k.kind(), k.device())),
-                    v: v.new_zeros([b, self.heads, capacity, self.head_dim], (v.kind(), v.device())),
+                    k: k.new_zeros(
+                        [b, self.heads, capacity, self.head_dim],
+                        (k.kind(), k.device()),
+                    ),
+                    v: v.new_zeros(
+                        [b, self.heads, capacity, self.head_dim],
+                        (v.kind(), v.device()),
+                    ),
                     len: 0,
                 });
-                assert_eq!(entry.len, start, "KV cache positions must be filled in order");
+                assert_eq!(
+                    entry.len, start,
+                    "KV cache positions must be filled in order"
+                );
                 entry.k.narrow(2, start, t).copy_(&k);
                 entry.v.narrow(2, start, t).copy_(&v);
                 entry.len += t;
-                let (ks, vs) = (entry.k.narrow(2, 0, entry.len), entry.v.narrow(2, 0, entry.len));
+                let (ks, vs) = (
+                    entry.k.narrow(2, 0, entry.len),
+                    entry.v.narrow(2, 0, entry.len),
+                );
                 // t > 1 with a cache only happens when prefilling from empty: still causal.
-                Tensor::scaled_dot_product_attention::<Tensor>(&q, &ks, &vs, None, 0.0, t > 1 && start == 0, scale, false)
+                Tensor::scaled_dot_product_attention::<Tensor>(
+                    &q,
+                    &ks,
+                    &vs,
+                    None,
+                    0.0,
+                    t > 1 && start == 0,
+                    scale,
+                    false,
+                )
             }
         };
         // (B, H, T, d) -> (B, T, C)
-        self.proj.forward(&out.transpose(1, 2).reshape([b, t, c]), prec)
+        self.proj
+            .forward(&out.transpose(1, 2).reshape([b, t, c]), prec)
     }
 }
 
 #[derive(Debug)]
 enum MlpBody {
-    Gelu { fc1: Linear, fc2: Linear },
-    Swiglu { gate: Linear, up: Linear, down: Linear, act: GateActivation },
+    Gelu {
+        fc1: Linear,
+        fc2: Linear,
+    },
+    Swiglu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        act: GateActivation,
+    },
 }
 
 #[derive(Debug)]
@@ -204,7 +270,10 @@ impl Mlp {
     fn new(p: nn::Path, cfg: &Config) -> Self {
         let (c, h) = (cfg.channels, cfg.mlp_hidden());
         let body = match cfg.mlp {
-            MlpKind::Gelu => MlpBody::Gelu { fc1: Linear::new(&p / "main" / "0", c, h), fc2: Linear::new(&p / "main" / "2", h, c) },
+            MlpKind::Gelu => MlpBody::Gelu {
+                fc1: Linear::new(&p / "main" / "0", c, h),
+                fc2: Linear::new(&p / "main" / "2", h, c),
+            },
             MlpKind::Swiglu => MlpBody::Swiglu {
                 gate: Linear::new(&p / "gate", c, h),
                 up: Linear::new(&p / "up", c, h),
@@ -212,14 +281,22 @@ impl Mlp {
                 act: cfg.swiglu_gate,
             },
         };
-        Self { norm: LayerNorm::new(&p / "norm", c), body }
+        Self {
+            norm: LayerNorm::new(&p / "norm", c),
+            body,
+        }
     }
 
     fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
         let x = self.norm.forward(x);
         match &self.body {
             MlpBody::Gelu { fc1, fc2 } => fc2.forward(&fc1.forward(&x, prec).gelu("none"), prec),
-            MlpBody::Swiglu { gate, up, down, act } => {
+            MlpBody::Swiglu {
+                gate,
+                up,
+                down,
+                act,
+            } => {
                 let g = gate.forward(&x, prec);
                 let g = match act {
                     GateActivation::Silu => g.silu(),
@@ -241,11 +318,25 @@ pub struct AttentionBlock {
 
 impl AttentionBlock {
     pub fn new(p: nn::Path, cfg: &Config) -> Self {
-        Self { attention: Attention::new(&p / "attention", cfg), mlp: Mlp::new(&p / "mlp", cfg) }
+        Self {
+            attention: Attention::new(&p / "attention", cfg),
+            mlp: Mlp::new(&p / "mlp", cfg),
+        }
     }
 
-    pub fn forward(&self, x: &Tensor, start: i64, rope: Option<&Rope>, cache: Option<(&mut Option<LayerCache>, i64)>, q_scale: Option<&Tensor>, prec: Precision) -> Tensor {
-        let x = x + self.attention.forward(x, start, rope, cache, q_scale, prec).to_kind(x.kind());
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        start: i64,
+        rope: Option<&Rope>,
+        cache: Option<(&mut Option<LayerCache>, i64)>,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+    ) -> Tensor {
+        let x = x + self
+            .attention
+            .forward(x, start, rope, cache, q_scale, prec)
+            .to_kind(x.kind());
         &x + self.mlp.forward(&x, prec).to_kind(x.kind())
     }
 }

@@ -72,12 +72,21 @@ impl Model {
         cfg.validate()?;
         let blocks = (0..cfg.num_blocks)
             .map(|i| {
-                let perm = if i % 2 == 0 { Permutation::Identity } else { Permutation::Flip };
+                let perm = if i % 2 == 0 {
+                    Permutation::Identity
+                } else {
+                    Permutation::Flip
+                };
                 MetaBlock::new(&p / "blocks" / i, cfg, perm)
             })
             .collect();
         let var = p.ones_no_train("var", &[cfg.num_tokens(), cfg.token_dim()]);
-        Ok(Self { cfg: cfg.clone(), blocks, var, precision: Precision::Fp32 })
+        Ok(Self {
+            cfg: cfg.clone(),
+            blocks,
+            var,
+            precision: Precision::Fp32,
+        })
     }
 
     pub fn device(&self) -> Device {
@@ -88,21 +97,28 @@ impl Model {
     pub fn patchify(&self, x: &Tensor) -> Tensor {
         let (b, c, h, w) = x.size4().expect("(B, C, H, W)");
         let p = self.cfg.patch_size;
-        x.view([b, c, h / p, p, w / p, p]).permute([0, 2, 4, 1, 3, 5]).reshape([b, (h / p) * (w / p), c * p * p])
+        x.view([b, c, h / p, p, w / p, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b, (h / p) * (w / p), c * p * p])
     }
 
     /// Inverse of [`Model::patchify`] (fold).
     pub fn unpatchify(&self, x: &Tensor) -> Tensor {
         let b = x.size()[0];
         let (p, g, c) = (self.cfg.patch_size, self.cfg.grid(), self.cfg.in_channels);
-        x.reshape([b, g, g, c, p, p]).permute([0, 3, 1, 4, 2, 5]).reshape([b, c, g * p, g * p])
+        x.reshape([b, g, g, c, p, p])
+            .permute([0, 3, 1, 4, 2, 5])
+            .reshape([b, c, g * p, g * p])
     }
 
     pub fn check_input(&self, x: &Tensor) -> Result<(), FlowError> {
         let want = [self.cfg.in_channels, self.cfg.img_size, self.cfg.img_size];
         let size = x.size();
         if size.len() != 4 || size[1..] != want {
-            return Err(FlowError::Input(format!("input has shape {size:?}, the flow expects (B, {}, {}, {})", want[0], want[1], want[2])));
+            return Err(FlowError::Input(format!(
+                "input has shape {size:?}, the flow expects (B, {}, {}, {})",
+                want[0], want[1], want[2]
+            )));
         }
         Ok(())
     }
@@ -116,7 +132,11 @@ impl Model {
         let (mut outputs, mut inputs, mut passes) = (vec![], vec![], vec![]);
         let mut hidden = HashMap::new();
         for (i, block) in self.blocks.iter().enumerate() {
-            let keep: Vec<usize> = capture.iter().filter(|(b, _)| *b == i).map(|(_, l)| *l).collect();
+            let keep: Vec<usize> = capture
+                .iter()
+                .filter(|(b, _)| *b == i)
+                .map(|(_, l)| *l)
+                .collect();
             let class = block.class_embedding(cond, batch);
             inputs.push(h.shallow_clone());
             let (z, ld, pass) = block.forward(&h, class.as_ref(), &keep, self.precision);
@@ -131,7 +151,14 @@ impl Model {
             passes.push(pass);
             h = z;
         }
-        ForwardOutput { z: h, logdet, outputs, inputs, passes, hidden }
+        ForwardOutput {
+            z: h,
+            logdet,
+            outputs,
+            inputs,
+            passes,
+            hidden,
+        }
     }
 
     /// Reverse (noise → data) of token-space z (B, N, D) to images, with a KV cache per block.
@@ -144,7 +171,10 @@ impl Model {
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         let n = self.cfg.num_tokens();
         for i in 0..self.blocks.len() {
-            named.push((format!("blocks.{i}.attn_mask"), Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0)));
+            named.push((
+                format!("blocks.{i}.attn_mask"),
+                Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0),
+            ));
         }
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named
@@ -165,13 +195,23 @@ pub struct Nll {
 pub fn nll(out: &ForwardOutput) -> Nll {
     let prior = 0.5 * out.z.to_kind(Kind::Float).square().mean(Kind::Float);
     let logdet = out.logdet.mean(Kind::Float);
-    Nll { loss: &prior - &logdet, prior, logdet }
+    Nll {
+        loss: &prior - &logdet,
+        prior,
+        logdet,
+    }
 }
 
 /// Per-sample NLL in nats per dimension, including 0.5·ln 2π (B,).
 pub fn nll_per_sample(out: &ForwardOutput) -> Tensor {
     let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
-    0.5 * out.z.to_kind(Kind::Float).square().mean_dim(&[1i64, 2][..], false, Kind::Float) + half_log_2pi - &out.logdet
+    0.5 * out
+        .z
+        .to_kind(Kind::Float)
+        .square()
+        .mean_dim(&[1i64, 2][..], false, Kind::Float)
+        + half_log_2pi
+        - &out.logdet
 }
 
 /// Uniform dequantisation of [-1, 1] images for bits/dim (spec §2.2): x_int = (x+1)·127.5, then
@@ -190,19 +230,40 @@ pub fn bits_per_dim(out: &ForwardOutput) -> Tensor {
 /// Reads the config of a converted reference checkpoint from its tensor shapes, given what shapes
 /// cannot tell: image size, patch size and input channels. RoPE leaves no tensor, so it is assumed
 /// exactly when `pos_embed` is absent (STARFlow's convention).
-pub fn infer_config(tensors: &HashMap<String, Tensor>, img_size: i64, patch_size: i64, in_channels: i64) -> Result<Config, String> {
-    let get = |name: &str| tensors.get(name).map(|t| t.size()).ok_or_else(|| format!("tensor `{name}` is missing"));
+pub fn infer_config(
+    tensors: &HashMap<String, Tensor>,
+    img_size: i64,
+    patch_size: i64,
+    in_channels: i64,
+) -> Result<Config, String> {
+    let get = |name: &str| {
+        tensors
+            .get(name)
+            .map(|t| t.size())
+            .ok_or_else(|| format!("tensor `{name}` is missing"))
+    };
     let proj_in = get("blocks.0.proj_in.weight")?;
     let channels = proj_in[0];
-    let num_blocks = (0..).take_while(|i| tensors.contains_key(&format!("blocks.{i}.proj_in.weight"))).count() as i64;
-    let layers_per_block =
-        (0..).take_while(|j| tensors.contains_key(&format!("blocks.0.attn_blocks.{j}.attention.qkv.weight"))).count() as i64;
-    let num_classes = tensors.get("blocks.0.class_embed").map(|t| t.size()[0]).unwrap_or(0);
+    let num_blocks = (0..)
+        .take_while(|i| tensors.contains_key(&format!("blocks.{i}.proj_in.weight")))
+        .count() as i64;
+    let layers_per_block = (0..)
+        .take_while(|j| {
+            tensors.contains_key(&format!("blocks.0.attn_blocks.{j}.attention.qkv.weight"))
+        })
+        .count() as i64;
+    let num_classes = tensors
+        .get("blocks.0.class_embed")
+        .map(|t| t.size()[0])
+        .unwrap_or(0);
     let pos_embed = tensors.contains_key("blocks.0.pos_embed");
     let (mlp, hidden) = if let Some(t) = tensors.get("blocks.0.attn_blocks.0.mlp.main.0.weight") {
         (MlpKind::Gelu, t.size()[0])
     } else {
-        (MlpKind::Swiglu, get("blocks.0.attn_blocks.0.mlp.gate.weight")?[0])
+        (
+            MlpKind::Swiglu,
+            get("blocks.0.attn_blocks.0.mlp.gate.weight")?[0],
+        )
     };
     let base = Config::default();
     let cfg = Config {
@@ -244,16 +305,26 @@ pub fn load(path: &Path, cfg: &Config, device: Device) -> Result<Loaded, FlowErr
     from_tensors(&tensors, path, cfg, device)
 }
 
-pub fn from_tensors(tensors: &HashMap<String, Tensor>, path: &Path, cfg: &Config, device: Device) -> Result<Loaded, FlowError> {
+pub fn from_tensors(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    cfg: &Config,
+    device: Device,
+) -> Result<Loaded, FlowError> {
     let mut vs = nn::VarStore::new(device);
     let model = Model::new(vs.root(), cfg)?;
     let n = cfg.num_tokens();
     for (name, t) in tensors {
         if name.ends_with(".attn_mask") && t.size() != [n, n] {
-            return Err(FlowError::Checkpoint { path: path.display().to_string(), message: format!("`{name}` has shape {:?}, expected [{n}, {n}]", t.size()) });
+            return Err(FlowError::Checkpoint {
+                path: path.display().to_string(),
+                message: format!("`{name}` has shape {:?}, expected [{n}, {n}]", t.size()),
+            });
         }
     }
-    weights::load_into(&mut vs, tensors, path, &|name| name.starts_with("blocks.") && name.ends_with(".attn_mask"))?;
+    weights::load_into(&mut vs, tensors, path, &|name| {
+        name.starts_with("blocks.") && name.ends_with(".attn_mask")
+    })?;
     Ok(Loaded { vs, model })
 }
 

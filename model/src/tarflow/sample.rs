@@ -22,7 +22,11 @@ pub struct Guidance {
 
 impl Default for Guidance {
     fn default() -> Self {
-        Self { weight: 0.0, annealed: false, attn_temp: 1.0 }
+        Self {
+            weight: 0.0,
+            annealed: false,
+            attn_temp: 1.0,
+        }
     }
 }
 
@@ -33,7 +37,13 @@ pub fn reverse(model: &Model, z: &Tensor, y: Option<&Tensor>, g: &Guidance) -> T
 
 /// [`reverse`] with the choice of running the two-branch batched pass made explicitly, so that a test
 /// can check the batched pass at w = 0 against the single-branch one.
-pub fn reverse_with(model: &Model, z: &Tensor, y: Option<&Tensor>, g: &Guidance, batched: bool) -> Tensor {
+pub fn reverse_with(
+    model: &Model,
+    z: &Tensor,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    batched: bool,
+) -> Tensor {
     tch::no_grad(|| {
         let mut x = z.to_kind(Kind::Float) * model.var.sqrt();
         for block in model.blocks.iter().rev() {
@@ -45,7 +55,14 @@ pub fn reverse_with(model: &Model, z: &Tensor, y: Option<&Tensor>, g: &Guidance,
 
 /// One block's inverse with a KV cache. With guidance the conditional and unconditional branches are
 /// one batch of 2B rows (cond first), so each step is a single pass.
-fn reverse_block(model: &Model, block: &MetaBlock, z: &Tensor, y: Option<&Tensor>, g: &Guidance, guided: bool) -> Tensor {
+fn reverse_block(
+    model: &Model,
+    block: &MetaBlock,
+    z: &Tensor,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    guided: bool,
+) -> Tensor {
     let (batch, n, _) = z.size3().expect("(B, N, D)");
     let cond = match y {
         Some(y) => Cond::Labels(y),
@@ -57,7 +74,14 @@ fn reverse_block(model: &Model, block: &MetaBlock, z: &Tensor, y: Option<&Tensor
         let class = class.map(|c| Tensor::cat(&[&c, &uncond.expect("same table")], 0));
         // An unconditional model still gets a second branch: it differs by the attention temperature.
         let scale = Tensor::cat(
-            &[Tensor::ones([batch, 1, 1, 1], (Kind::Float, z.device())), Tensor::full([batch, 1, 1, 1], 1.0 / g.attn_temp, (Kind::Float, z.device()))],
+            &[
+                Tensor::ones([batch, 1, 1, 1], (Kind::Float, z.device())),
+                Tensor::full(
+                    [batch, 1, 1, 1],
+                    1.0 / g.attn_temp,
+                    (Kind::Float, z.device()),
+                ),
+            ],
             0,
         );
         (class, Some(scale))
@@ -68,10 +92,25 @@ fn reverse_block(model: &Model, block: &MetaBlock, z: &Tensor, y: Option<&Tensor
     let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
     let mut cache = Cache::new(block.num_layers(), n);
     for i in 0..n - 1 {
-        let token = if guided { Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0) } else { tokens[i as usize].shallow_clone() };
-        let (mut a, mut b) = block.step(&token, i, class.as_ref(), &mut cache, q_scale.as_ref(), model.precision);
+        let token = if guided {
+            Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0)
+        } else {
+            tokens[i as usize].shallow_clone()
+        };
+        let (mut a, mut b) = block.step(
+            &token,
+            i,
+            class.as_ref(),
+            &mut cache,
+            q_scale.as_ref(),
+            model.precision,
+        );
         if guided {
-            let w = if g.annealed { g.weight * (i + 1) as f64 / (n - 1) as f64 } else { g.weight };
+            let w = if g.annealed {
+                g.weight * (i + 1) as f64 / (n - 1) as f64
+            } else {
+                g.weight
+            };
             let (ac, au) = (a.narrow(0, 0, batch), a.narrow(0, batch, batch));
             let (bc, bu) = (b.narrow(0, 0, batch), b.narrow(0, batch, batch));
             a = &ac + (&ac - au) * w;
@@ -99,8 +138,12 @@ pub fn reverse_uncached(model: &Model, z: &Tensor, y: Option<&Tensor>) -> Tensor
             let n = xp.size()[1];
             for i in 1..n {
                 let pass = block.pass(&xp, class.as_ref(), &[], None, model.precision);
-                let row = xp.narrow(1, i, 1) * pass.a.narrow(1, i, 1).exp() + pass.b.narrow(1, i, 1);
-                xp = Tensor::cat(&[xp.narrow(1, 0, i), row, xp.narrow(1, i + 1, n - i - 1)], 1);
+                let row =
+                    xp.narrow(1, i, 1) * pass.a.narrow(1, i, 1).exp() + pass.b.narrow(1, i, 1);
+                xp = Tensor::cat(
+                    &[xp.narrow(1, 0, i), row, xp.narrow(1, i + 1, n - i - 1)],
+                    1,
+                );
             }
             x = block.permutation.apply(&xp);
         }
@@ -111,7 +154,10 @@ pub fn reverse_uncached(model: &Model, z: &Tensor, y: Option<&Tensor>) -> Tensor
 /// Standard normal noise (B, N, D) drawn on the CPU from `seed`, so samples do not depend on the device.
 pub fn cpu_noise(model: &Model, batch: i64, seed: u64) -> Tensor {
     tch::manual_seed(seed as i64);
-    Tensor::randn([batch, model.cfg.num_tokens(), model.cfg.token_dim()], (Kind::Float, Device::Cpu))
+    Tensor::randn(
+        [batch, model.cfg.num_tokens(), model.cfg.token_dim()],
+        (Kind::Float, Device::Cpu),
+    )
 }
 
 /// Samples with their redraw count.
@@ -124,7 +170,14 @@ pub struct Samples {
 
 /// Draws noise from `seed` and inverts it; samples that come out non-finite get fresh noise (from the
 /// same CPU generator stream) and are redone, up to `max_redraws` rounds.
-pub fn sample(model: &Model, batch: i64, y: Option<&Tensor>, g: &Guidance, seed: u64, max_redraws: usize) -> Result<Samples, FlowError> {
+pub fn sample(
+    model: &Model,
+    batch: i64,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    seed: u64,
+    max_redraws: usize,
+) -> Result<Samples, FlowError> {
     let device = model.device();
     let z = cpu_noise(model, batch, seed);
     let mut x = reverse(model, &z.to_device(device), y, g);
@@ -136,11 +189,18 @@ pub fn sample(model: &Model, batch: i64, y: Option<&Tensor>, g: &Guidance, seed:
             return Ok(Samples { x, redrawn });
         }
         if attempt == max_redraws {
-            return Err(FlowError::NonFinite { bad: n_bad, attempts: max_redraws });
+            return Err(FlowError::NonFinite {
+                bad: n_bad,
+                attempts: max_redraws,
+            });
         }
         redrawn += n_bad;
         let idx = bad.nonzero().squeeze_dim(1);
-        let fresh = Tensor::randn([n_bad, model.cfg.num_tokens(), model.cfg.token_dim()], (Kind::Float, Device::Cpu)).to_device(device);
+        let fresh = Tensor::randn(
+            [n_bad, model.cfg.num_tokens(), model.cfg.token_dim()],
+            (Kind::Float, Device::Cpu),
+        )
+        .to_device(device);
         let y_bad = y.map(|y| y.index_select(0, &idx));
         let redo = reverse(model, &fresh, y_bad.as_ref(), g);
         x = x.index_copy(0, &idx, &redo);

@@ -67,7 +67,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn images(c: &Config, batch: i64, seed: i64) -> Tensor {
     tch::manual_seed(seed);
-    Tensor::rand([batch, c.in_channels, c.img_size, c.img_size], (Kind::Float, Device::Cpu)) * 2.0 - 1.0
+    Tensor::rand(
+        [batch, c.in_channels, c.img_size, c.img_size],
+        (Kind::Float, Device::Cpu),
+    ) * 2.0
+        - 1.0
 }
 
 #[test]
@@ -84,7 +88,10 @@ fn reverse_inverts_forward_for_every_variant() {
         let x = images(&c, 3, 2);
         let y = Tensor::from_slice(&[1i64, -1, 4]);
         let out = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
-        assert!(max_diff(&out.z, &model.patchify(&x)) > 1e-2, "{name}: the flow is trivially the identity");
+        assert!(
+            max_diff(&out.z, &model.patchify(&x)) > 1e-2,
+            "{name}: the flow is trivially the identity"
+        );
         let back = model.reverse(&out.z, Some(&y), &Guidance::default());
         let err = max_diff(&back, &x);
         assert!(err < 1e-4, "{name}: reverse(forward(x)) off by {err}");
@@ -92,7 +99,10 @@ fn reverse_inverts_forward_for_every_variant() {
         for (t, pass) in out.passes.iter().enumerate() {
             let perm = model.blocks[t].permutation;
             let chain = perm.apply(&(&pass.b + pass.a.exp() * perm.apply(&out.outputs[t])));
-            assert!(max_diff(&chain, &out.inputs[t]) < 1e-4, "{name}: chain at block {t}");
+            assert!(
+                max_diff(&chain, &out.inputs[t]) < 1e-4,
+                "{name}: chain at block {t}"
+            );
         }
     }
 }
@@ -112,13 +122,23 @@ fn patchify_matches_unfold_layout() {
 #[test]
 fn kv_cache_reverse_equals_full_recompute() {
     let _rng = rng();
-    for c in [cfg(8, 2, 2, 2, 2, 4), latent(cfg(8, 2, 2, 2, 2, 4), true, true)] {
+    for c in [
+        cfg(8, 2, 2, 2, 2, 4),
+        latent(cfg(8, 2, 2, 2, 2, 4), true, true),
+    ] {
         let (_vs, model) = random_model(&c, 3);
-        let z = Tensor::randn([2, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu));
+        let z = Tensor::randn(
+            [2, c.num_tokens(), c.token_dim()],
+            (Kind::Float, Device::Cpu),
+        );
         let y = Tensor::from_slice(&[2i64, -1]);
         let cached = model.reverse(&z, Some(&y), &Guidance::default());
         let full = sample::reverse_uncached(&model, &z, Some(&y));
-        assert!(max_diff(&cached, &full) < 1e-5, "{}", max_diff(&cached, &full));
+        assert!(
+            max_diff(&cached, &full) < 1e-5,
+            "{}",
+            max_diff(&cached, &full)
+        );
     }
 }
 
@@ -127,11 +147,18 @@ fn batched_guidance_at_zero_weight_equals_unguided() {
     let _rng = rng();
     let c = cfg(8, 2, 2, 2, 2, 4);
     let (_vs, model) = random_model(&c, 4);
-    let z = Tensor::randn([3, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu));
+    let z = Tensor::randn(
+        [3, c.num_tokens(), c.token_dim()],
+        (Kind::Float, Device::Cpu),
+    );
     let y = Tensor::from_slice(&[0i64, 3, 1]);
     let plain = model.reverse(&z, Some(&y), &Guidance::default());
     // Two branches in one batch, with an unconditional temperature that would show if rows leaked.
-    let g = Guidance { weight: 0.0, annealed: true, attn_temp: 0.5 };
+    let g = Guidance {
+        weight: 0.0,
+        annealed: true,
+        attn_temp: 0.5,
+    };
     let batched = sample::reverse_with(&model, &z, Some(&y), &g, true);
     assert!(max_diff(&plain, &batched) < 1e-5);
     let guided = model.reverse(&z, Some(&y), &Guidance { weight: 2.0, ..g });
@@ -149,21 +176,37 @@ fn logdet_equals_bruteforce_jacobian() {
     let out = model.forward(&x, &Cond::Labels(&y), &[]);
     let z = out.z.flatten(0, -1);
     let rows: Vec<Tensor> = (0..z.size()[0])
-        .map(|i| Tensor::run_backward(&[&z.get(i)], &[&x], true, false).remove(0).flatten(0, -1))
+        .map(|i| {
+            Tensor::run_backward(&[&z.get(i)], &[&x], true, false)
+                .remove(0)
+                .flatten(0, -1)
+        })
         .collect();
     let jac = Tensor::stack(&rows, 0).to_kind(Kind::Double);
     let (_sign, logabsdet) = jac.slogdet();
     let expect = logabsdet.double_value(&[]);
     let got = out.logdet.double_value(&[0]) * c.sample_dim() as f64;
-    assert!(expect.abs() > 1e-3, "log-det {expect} is too small to test anything");
-    assert!((got - expect).abs() < 1e-4, "logdet {got} vs brute force {expect}");
+    assert!(
+        expect.abs() > 1e-3,
+        "log-det {expect} is too small to test anything"
+    );
+    assert!(
+        (got - expect).abs() < 1e-4,
+        "logdet {got} vs brute force {expect}"
+    );
 }
 
 fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<String>, bool) {
     let c = cfg(8, 2, 1, 4, 3, 4);
     let (vs, model) = random_model(&c, 7);
     let head_vs = nn::VarStore::new(Device::Cpu);
-    let align = AlignConfig { locations: vec![[t + 1, l + 1]], mode, projector_hidden: 16, encoder_dim: 8, ..Default::default() };
+    let align = AlignConfig {
+        locations: vec![[t + 1, l + 1]],
+        mode,
+        projector_hidden: 16,
+        encoder_dim: 8,
+        ..Default::default()
+    };
     let head = AlignHead::new(head_vs.root(), &align, &model).unwrap();
     let x = images(&c, 2, 8);
     let y = Tensor::from_slice(&[1i64, -1]);
@@ -172,17 +215,32 @@ fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<Str
     let out = model.forward(&x, &cond, &head.forward_capture());
     let loss = head.loss(&model, &out, &cond, &target).unwrap();
     loss.backward();
-    let reached: BTreeSet<String> =
-        vs.variables().into_iter().filter(|(_, v)| v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0).map(|(n, _)| n).collect();
-    let head_reached = head_vs.variables().values().all(|v| v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    let reached: BTreeSet<String> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, v)| {
+            v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0
+        })
+        .map(|(n, _)| n)
+        .collect();
+    let head_reached = head_vs
+        .variables()
+        .values()
+        .all(|v| v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     // Expected reach from spec §4.8.
     let mut expected = BTreeSet::new();
     for name in vs.variables().keys() {
-        let Some(rest) = name.strip_prefix("blocks.") else { continue };
+        let Some(rest) = name.strip_prefix("blocks.") else {
+            continue;
+        };
         let (i, rest) = rest.split_once('.').unwrap();
         let i: usize = i.parse().unwrap();
-        let local = rest.starts_with("proj_in") || rest == "pos_embed" || rest == "class_embed"
-            || rest.strip_prefix("attn_blocks.").is_some_and(|r| r.split_once('.').unwrap().0.parse::<usize>().unwrap() <= l);
+        let local = rest.starts_with("proj_in")
+            || rest == "pos_embed"
+            || rest == "class_embed"
+            || rest
+                .strip_prefix("attn_blocks.")
+                .is_some_and(|r| r.split_once('.').unwrap().0.parse::<usize>().unwrap() <= l);
         let whole_block = match mode {
             AlignMode::Forward => i < t,
             AlignMode::Detach | AlignMode::ReverseLiteral => false,
@@ -200,7 +258,13 @@ fn reach(mode: AlignMode, t: usize, l: usize) -> (BTreeSet<String>, BTreeSet<Str
 #[test]
 fn alignment_gradient_reach_per_mode() {
     let _rng = rng();
-    for mode in [AlignMode::Forward, AlignMode::Detach, AlignMode::Reverse, AlignMode::ReverseLiteral, AlignMode::ReverseUnrolled] {
+    for mode in [
+        AlignMode::Forward,
+        AlignMode::Detach,
+        AlignMode::Reverse,
+        AlignMode::ReverseLiteral,
+        AlignMode::ReverseUnrolled,
+    ] {
         for (t, l) in [(1, 1), (3, 0), (0, 2)] {
             let (reached, expected, head) = reach(mode, t, l);
             assert!(head, "{mode:?} ({t},{l}): projector got no gradient");
@@ -218,7 +282,15 @@ fn hidden_states_are_unflipped() {
     let out = tch::no_grad(|| model.forward(&x, &Cond::Null, &[(1, 0)]));
     let block = &model.blocks[1];
     assert_eq!(block.permutation, Permutation::Flip);
-    let pass = tch::no_grad(|| block.pass(&block.permutation.apply(&out.inputs[1]), None, &[0], Some(1), Precision::Fp32));
+    let pass = tch::no_grad(|| {
+        block.pass(
+            &block.permutation.apply(&out.inputs[1]),
+            None,
+            &[0],
+            Some(1),
+            Precision::Fp32,
+        )
+    });
     assert!(out.hidden[&(1, 0)].equal(&pass.hidden[0].flip([1])));
 }
 
@@ -240,14 +312,19 @@ fn denoise_step_equals_analytic_score() {
     });
     let y = Tensor::from_slice(&[0i64, 2]);
     let x = images(&c, 2, 12);
-    let z_of = |x: &Tensor| tch::no_grad(|| model.unpatchify(&model.forward(x, &Cond::Labels(&y), &[]).z));
+    let z_of =
+        |x: &Tensor| tch::no_grad(|| model.unpatchify(&model.forward(x, &Cond::Labels(&y), &[]).z));
     let offset = z_of(&x.zeros_like());
     let scale = z_of(&x.ones_like()) - &offset;
     let sigma = 0.1;
     let expect = &x - sigma * sigma * &scale * (&scale * &x + &offset);
     let got = sample::denoise(&model, &x, Some(&y), sigma, 1.0);
     assert!(max_diff(&got, &x) > 1e-3);
-    assert!(max_diff(&got, &expect) < 1e-5, "{}", max_diff(&got, &expect));
+    assert!(
+        max_diff(&got, &expect) < 1e-5,
+        "{}",
+        max_diff(&got, &expect)
+    );
 }
 
 #[test]
@@ -262,7 +339,16 @@ fn classification_picks_the_generating_class() {
     // u_k = W(E_k − Ē) of equal norms, which is largest exactly for the generating class.
     tch::no_grad(|| {
         for (name, mut v) in sorted(&vs) {
-            let zeroed = ["attention.proj.weight", "attention.proj.bias", "mlp.main.2.weight", "mlp.main.2.bias", "proj_in.weight", "proj_in.bias", "pos_embed", "proj_out.bias"];
+            let zeroed = [
+                "attention.proj.weight",
+                "attention.proj.bias",
+                "mlp.main.2.weight",
+                "mlp.main.2.bias",
+                "proj_in.weight",
+                "proj_in.bias",
+                "pos_embed",
+                "proj_out.bias",
+            ];
             if zeroed.iter().any(|z| name.ends_with(z)) {
                 let _ = v.zero_();
             } else if name.ends_with("class_embed") {
@@ -274,30 +360,45 @@ fn classification_picks_the_generating_class() {
                 // rows 0..D are a (kept zero), rows D..2D are b
                 let _ = v.zero_();
                 for k in 0..3 {
-                    let _ = v.get(c.token_dim() + k).narrow(0, 8 * k, 8).fill_(1.0 / 8.0);
+                    let _ = v
+                        .get(c.token_dim() + k)
+                        .narrow(0, 8 * k, 8)
+                        .fill_(1.0 / 8.0);
                 }
             }
         }
     });
     let y = Tensor::from_slice(&[0i64, 1, 2, 2, 1, 0]);
     tch::manual_seed(14);
-    let z = Tensor::randn([6, c.num_tokens(), c.token_dim()], (Kind::Float, Device::Cpu)) * 0.1;
+    let z = Tensor::randn(
+        [6, c.num_tokens(), c.token_dim()],
+        (Kind::Float, Device::Cpu),
+    ) * 0.1;
     let x = model.reverse(&z, Some(&y), &Guidance::default());
     let result = classify::classify(&model, &x).unwrap();
-    assert_eq!(Vec::<i64>::try_from(&result.predicted).unwrap(), vec![0, 1, 2, 2, 1, 0], "{}", result.scores);
+    assert_eq!(
+        Vec::<i64>::try_from(&result.predicted).unwrap(),
+        vec![0, 1, 2, 2, 1, 0],
+        "{}",
+        result.scores
+    );
     // The scores are the gradient of the summed log-likelihood: check one entry by central differences.
     let log_p = |lambda: &Tensor| {
         let p = lambda.softmax(-1, Kind::Float);
         let out = tch::no_grad(|| model.forward(&x.narrow(0, 0, 1), &Cond::Mix(&p), &[]));
         let prior: Tensor = out.z.to_kind(Kind::Double).square().sum(Kind::Double) * -0.5;
-        let logdet: Tensor = out.logdet.to_kind(Kind::Double).sum(Kind::Double) * c.sample_dim() as f64;
+        let logdet: Tensor =
+            out.logdet.to_kind(Kind::Double).sum(Kind::Double) * c.sample_dim() as f64;
         (prior + logdet).double_value(&[])
     };
     let h = 1e-2;
     let e1 = Tensor::from_slice(&[0.0f32, h as f32, 0.0]).unsqueeze(0);
     let fd = (log_p(&e1) - log_p(&-&e1)) / (2.0 * h);
     let got = result.scores.double_value(&[0, 1]);
-    assert!((fd - got).abs() < 1e-2 * got.abs().max(1.0), "finite difference {fd} vs gradient {got}");
+    assert!(
+        (fd - got).abs() < 1e-2 * got.abs().max(1.0),
+        "finite difference {fd} vs gradient {got}"
+    );
 }
 
 #[test]
@@ -306,7 +407,11 @@ fn sampling_is_seeded_and_redraws_nothing_when_finite() {
     let c = cfg(8, 2, 1, 2, 1, 2);
     let (_vs, model) = random_model(&c, 15);
     let y = Tensor::from_slice(&[0i64, 1]);
-    let g = Guidance { weight: 1.5, annealed: true, attn_temp: 1.0 };
+    let g = Guidance {
+        weight: 1.5,
+        annealed: true,
+        attn_temp: 1.0,
+    };
     let a = sample::sample(&model, 2, Some(&y), &g, 42, 3).unwrap();
     let b = sample::sample(&model, 2, Some(&y), &g, 42, 3).unwrap();
     assert!(a.x.equal(&b.x));
@@ -323,15 +428,23 @@ fn sampling_redraws_and_counts_non_finite_samples() {
         let mut bias = vs.variables()["blocks.1.proj_out.bias"].shallow_clone();
         let _ = bias.fill_(200.0);
     });
-    let err = sample::sample(&model, 3, None, &Guidance::default(), 1, 2).err().expect("non-finite samples");
-    assert!(err.to_string().contains("3 samples after 2 redraws"), "{err}");
+    let err = sample::sample(&model, 3, None, &Guidance::default(), 1, 2)
+        .err()
+        .expect("non-finite samples");
+    assert!(
+        err.to_string().contains("3 samples after 2 redraws"),
+        "{err}"
+    );
 }
 
 #[test]
 fn checkpoint_round_trip_and_config_inference() {
     let _rng = rng();
     let dir = tempfile::tempdir().unwrap();
-    for c in [cfg(8, 2, 3, 2, 3, 4), latent(cfg(8, 2, 3, 2, 3, 0), true, true)] {
+    for c in [
+        cfg(8, 2, 3, 2, 3, 4),
+        latent(cfg(8, 2, 3, 2, 3, 0), true, true),
+    ] {
         let (vs, model) = random_model(&c, 17);
         let path = dir.path().join("flow.safetensors");
         crate::weights::save_atomic(&model.named_tensors(&vs), &path).unwrap();
@@ -339,13 +452,38 @@ fn checkpoint_round_trip_and_config_inference() {
         assert!(tensors.contains_key("blocks.1.attn_mask") && tensors.contains_key("var"));
         let inferred = infer_config(&tensors, 8, 2, 3).unwrap();
         assert_eq!(inferred.channels, 32);
-        assert_eq!((inferred.num_blocks, inferred.layers_per_block, inferred.num_classes), (2, 3, c.num_classes));
-        assert_eq!((inferred.mlp, inferred.rope, inferred.pos_embed), (c.mlp, c.rope, c.pos_embed));
-        let loaded = load(&path, &Config { head_dim: 16, ..inferred }, Device::Cpu).unwrap();
+        assert_eq!(
+            (
+                inferred.num_blocks,
+                inferred.layers_per_block,
+                inferred.num_classes
+            ),
+            (2, 3, c.num_classes)
+        );
+        assert_eq!(
+            (inferred.mlp, inferred.rope, inferred.pos_embed),
+            (c.mlp, c.rope, c.pos_embed)
+        );
+        let loaded = load(
+            &path,
+            &Config {
+                head_dim: 16,
+                ..inferred
+            },
+            Device::Cpu,
+        )
+        .unwrap();
         let x = images(&c, 1, 18);
-        let (a, b) = tch::no_grad(|| (model.forward(&x, &Cond::Null, &[]).z, loaded.model.forward(&x, &Cond::Null, &[]).z));
+        let (a, b) = tch::no_grad(|| {
+            (
+                model.forward(&x, &Cond::Null, &[]).z,
+                loaded.model.forward(&x, &Cond::Null, &[]).z,
+            )
+        });
         assert!(a.equal(&b));
-        assert!(infer_config(&tensors, 8, 4, 3).unwrap_err().contains("proj_in takes 12 features"));
+        assert!(infer_config(&tensors, 8, 4, 3)
+            .unwrap_err()
+            .contains("proj_in takes 12 features"));
     }
 }
 
@@ -376,10 +514,21 @@ fn bf16_compute_keeps_fp32_outputs_close() {
     let full = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
     model.precision = Precision::Bf16;
     let half = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
-    assert_eq!((half.z.kind(), half.logdet.kind()), (Kind::Float, Kind::Float));
-    assert!(max_diff(&half.z, &full.z) < 0.05, "{}", max_diff(&half.z, &full.z));
+    assert_eq!(
+        (half.z.kind(), half.logdet.kind()),
+        (Kind::Float, Kind::Float)
+    );
+    assert!(
+        max_diff(&half.z, &full.z) < 0.05,
+        "{}",
+        max_diff(&half.z, &full.z)
+    );
     assert!(max_diff(&half.logdet, &full.logdet) < 0.01);
-    let g = Guidance { weight: 1.0, annealed: false, attn_temp: 0.8 };
+    let g = Guidance {
+        weight: 1.0,
+        annealed: false,
+        attn_temp: 0.8,
+    };
     let back = model.reverse(&half.z, Some(&y), &g);
     assert_eq!(back.kind(), Kind::Float);
     assert!(bool::try_from(back.isfinite().all()).unwrap());
@@ -403,18 +552,29 @@ fn alignment_loss_is_negative_cosine_with_configurable_pairing() {
             projector_init: align::ProjectorInit::Xavier,
             ..Default::default()
         };
-        let head = AlignHead::new(&head_vs.root() / format!("{pairing:?}"), &align, &model).unwrap();
+        let head =
+            AlignHead::new(&head_vs.root() / format!("{pairing:?}"), &align, &model).unwrap();
         let out = tch::no_grad(|| model.forward(&x, &Cond::Null, &[(1, 0)]));
-        let loss = tch::no_grad(|| head.loss(&model, &out, &Cond::Null, &target).unwrap()).double_value(&[]);
+        let loss = tch::no_grad(|| head.loss(&model, &out, &Cond::Null, &target).unwrap())
+            .double_value(&[]);
         // By hand: block 2 is a flip block, so "shifted" pairs raster h[n+1] with v[n].
         let h = head.projectors[0].forward(&out.hidden[&(1, 0)], Precision::Fp32);
         let (h, v) = match pairing {
             align::Pairing::Same => (h, target.shallow_clone()),
             align::Pairing::Shifted => (h.narrow(1, 1, 15), target.narrow(1, 0, 15)),
         };
-        let cos = Tensor::cosine_similarity(&h, &v, -1, 1e-12).mean(Kind::Float).double_value(&[]);
+        let cos = Tensor::cosine_similarity(&h, &v, -1, 1e-12)
+            .mean(Kind::Float)
+            .double_value(&[]);
         assert!((loss + cos).abs() < 1e-5, "{pairing:?}: {loss} vs {}", -cos);
     }
-    let bad = AlignConfig { locations: vec![[3, 1]], ..Default::default() };
-    assert!(AlignHead::new(head_vs.root(), &bad, &model).err().unwrap().to_string().contains("(3, 1)"));
+    let bad = AlignConfig {
+        locations: vec![[3, 1]],
+        ..Default::default()
+    };
+    assert!(AlignHead::new(head_vs.root(), &bad, &model)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("(3, 1)"));
 }

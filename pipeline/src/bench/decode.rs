@@ -37,8 +37,12 @@ pub struct Args {
 }
 
 fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
-    let shards = stages::shardspec::expand_shard_spec(spec).with_context(|| format!("shard spec {spec}"))?;
-    let cfg = DataConfig { label: stages::label::LabelSource::None, ..Default::default() };
+    let shards =
+        stages::shardspec::expand_shard_spec(spec).with_context(|| format!("shard spec {spec}"))?;
+    let cfg = DataConfig {
+        label: stages::label::LabelSource::None,
+        ..Default::default()
+    };
     let counters = RunCounters::new();
     let mut images = Vec::new();
     'shards: for shard in &shards {
@@ -64,8 +68,15 @@ fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 /// Best of `repeats` passes of `work` over `n` items on a pool of `threads`: images per second.
-fn rate(threads: usize, n: usize, repeats: usize, work: &(dyn Fn(usize) + Sync)) -> anyhow::Result<f64> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+fn rate(
+    threads: usize,
+    n: usize,
+    repeats: usize,
+    work: &(dyn Fn(usize) + Sync),
+) -> anyhow::Result<f64> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
         let start = Instant::now();
@@ -76,28 +87,79 @@ fn rate(threads: usize, n: usize, repeats: usize, work: &(dyn Fn(usize) + Sync))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let images = load_images(&a.shards, a.limit)?;
     let n = images.len();
     let mean_bytes = images.iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
-    let decoded: Vec<RgbImage> = images.iter().map(|b| decode_rgb(b, u64::MAX).expect("kept above")).collect();
-    let mean_mp = decoded.iter().map(|d| (d.width * d.height) as f64).sum::<f64>() / n as f64 / 1e6;
+    let decoded: Vec<RgbImage> = images
+        .iter()
+        .map(|b| decode_rgb(b, u64::MAX).expect("kept above"))
+        .collect();
+    let mean_mp = decoded
+        .iter()
+        .map(|d| (d.width * d.height) as f64)
+        .sum::<f64>()
+        / n as f64
+        / 1e6;
     println!("bench decode: {n} images, mean {:.0} KiB, {mean_mp:.3} MP, size {}, threads 1 and {threads}", mean_bytes / 1024.0, a.size);
 
     let size = a.size;
     type Row<'a> = (&'static str, Box<dyn Fn(usize) + Sync + 'a>);
     let rows: Vec<Row> = vec![
-        ("decode (libjpeg-turbo, exact)", Box::new(|i| drop(decode_rgb(&images[i], u64::MAX)))),
-        ("crop only, exact resampler", Box::new(|i| drop(center_crop_adm(&decoded[i], size, ResizeImpl::Pillow)))),
-        ("crop only, fast resampler", Box::new(|i| drop(center_crop_adm(&decoded[i], size, ResizeImpl::Fast)))),
-        ("end to end, exact", Box::new(|i| drop(center_crop_adm(&decode_rgb(&images[i], u64::MAX).unwrap(), size, ResizeImpl::Pillow)))),
-        ("end to end, fast resampler", Box::new(|i| drop(center_crop_adm(&decode_rgb(&images[i], u64::MAX).unwrap(), size, ResizeImpl::Fast)))),
+        (
+            "decode (libjpeg-turbo, exact)",
+            Box::new(|i| drop(decode_rgb(&images[i], u64::MAX))),
+        ),
+        (
+            "crop only, exact resampler",
+            Box::new(|i| drop(center_crop_adm(&decoded[i], size, ResizeImpl::Pillow))),
+        ),
+        (
+            "crop only, fast resampler",
+            Box::new(|i| drop(center_crop_adm(&decoded[i], size, ResizeImpl::Fast))),
+        ),
+        (
+            "end to end, exact",
+            Box::new(|i| {
+                drop(center_crop_adm(
+                    &decode_rgb(&images[i], u64::MAX).unwrap(),
+                    size,
+                    ResizeImpl::Pillow,
+                ))
+            }),
+        ),
+        (
+            "end to end, fast resampler",
+            Box::new(|i| {
+                drop(center_crop_adm(
+                    &decode_rgb(&images[i], u64::MAX).unwrap(),
+                    size,
+                    ResizeImpl::Fast,
+                ))
+            }),
+        ),
         (
             "end to end, dct decode + fast",
-            Box::new(|i| drop(center_crop_adm(&decode_rgb_scaled(&images[i], u64::MAX, size).unwrap(), size, ResizeImpl::Fast))),
+            Box::new(|i| {
+                drop(center_crop_adm(
+                    &decode_rgb_scaled(&images[i], u64::MAX, size).unwrap(),
+                    size,
+                    ResizeImpl::Fast,
+                ))
+            }),
         ),
     ];
-    println!("{:<32} {:>12} {:>12} {:>9}", "path", "1 thread", format!("{threads} threads"), "scaling");
+    println!(
+        "{:<32} {:>12} {:>12} {:>9}",
+        "path",
+        "1 thread",
+        format!("{threads} threads"),
+        "scaling"
+    );
     let mut results = std::collections::HashMap::new();
     for (name, work) in &rows {
         let one = rate(1, n, a.repeats, work.as_ref())?;
@@ -109,8 +171,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // DCT mode against the exact mode, in 8-bit levels.
     let (mut max, mut sum, mut count) = (0u8, 0u64, 0u64);
     for bytes in &images {
-        let exact = center_crop_adm(&decode_rgb(bytes, u64::MAX).unwrap(), size, ResizeImpl::Pillow);
-        let dct = center_crop_adm(&decode_rgb_scaled(bytes, u64::MAX, size).unwrap(), size, ResizeImpl::Fast);
+        let exact = center_crop_adm(
+            &decode_rgb(bytes, u64::MAX).unwrap(),
+            size,
+            ResizeImpl::Pillow,
+        );
+        let dct = center_crop_adm(
+            &decode_rgb_scaled(bytes, u64::MAX, size).unwrap(),
+            size,
+            ResizeImpl::Fast,
+        );
         for (x, y) in exact.pixels.iter().zip(&dct.pixels) {
             let d = x.abs_diff(*y);
             max = max.max(d);
@@ -118,7 +188,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         count += exact.pixels.len() as u64;
     }
-    println!("dct + fast vs exact: max |Δ| {max}, mean |Δ| {:.3}", sum as f64 / count as f64);
+    println!(
+        "dct + fast vs exact: max |Δ| {max}, mean |Δ| {:.3}",
+        sum as f64 / count as f64
+    );
 
     // The stream itself (reader thread, shuffle, decode pool, bounded queues) on the same shards.
     let stream_cfg = DataConfig {
@@ -132,7 +205,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         decode_scale: DecodeScale::Exact,
         ..Default::default()
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let summary = runtime.block_on(async {
         let stream = stages::image_stream::open_image_stream(&stream_cfg, Default::default(), 0)?;
         while stream.samples.recv().await.is_ok() {}
@@ -152,26 +228,58 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/pillow_reference.py");
     let out = std::process::Command::new(&python)
         .arg(&script)
-        .args(["--shards", &a.shards, "--size", &size.to_string(), "--limit", &n.to_string(), "--repeats", &a.repeats.to_string()])
+        .args([
+            "--shards",
+            &a.shards,
+            "--size",
+            &size.to_string(),
+            "--limit",
+            &n.to_string(),
+            "--repeats",
+            &a.repeats.to_string(),
+        ])
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     if !out.status.success() {
-        bail!("{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} failed:\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let pillow: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("")).with_context(|| format!("parsing Pillow output: {text}"))?;
+    let pillow: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or(""))
+        .with_context(|| format!("parsing Pillow output: {text}"))?;
     let get = |k: &str| pillow[k].as_f64().unwrap_or(f64::NAN);
     println!(
         "Pillow (1 thread, {} images): decode {:.1}, decode + ADM {:.1}, draft + ADM {:.1} img/s",
-        pillow["images"], get("decode"), get("decode_adm"), get("draft_adm")
+        pillow["images"],
+        get("decode"),
+        get("decode_adm"),
+        get("draft_adm")
     );
     let e2e = results["end to end, exact"];
     let fast = results["end to end, fast resampler"];
     let dct = results["end to end, dct decode + fast"];
     let decode = results["decode (libjpeg-turbo, exact)"];
-    println!("ratios (per core): exact e2e / Pillow e2e {:.2}x; fast e2e / Pillow e2e {:.2}x", e2e.0 / get("decode_adm"), fast.0 / get("decode_adm"));
-    println!("ratios (per core): exact e2e / decode-only {:.2}; fast e2e / decode-only {:.2}", e2e.0 / decode.0, fast.0 / decode.0);
-    println!("ratios (per core): dct+fast e2e / Pillow draft+ADM {:.2}x", dct.0 / get("draft_adm"));
-    println!("scaling {threads} threads / 1: exact e2e {:.2}x, fast e2e {:.2}x", e2e.1 / e2e.0, fast.1 / fast.0);
+    println!(
+        "ratios (per core): exact e2e / Pillow e2e {:.2}x; fast e2e / Pillow e2e {:.2}x",
+        e2e.0 / get("decode_adm"),
+        fast.0 / get("decode_adm")
+    );
+    println!(
+        "ratios (per core): exact e2e / decode-only {:.2}; fast e2e / decode-only {:.2}",
+        e2e.0 / decode.0,
+        fast.0 / decode.0
+    );
+    println!(
+        "ratios (per core): dct+fast e2e / Pillow draft+ADM {:.2}x",
+        dct.0 / get("draft_adm")
+    );
+    println!(
+        "scaling {threads} threads / 1: exact e2e {:.2}x, fast e2e {:.2}x",
+        e2e.1 / e2e.0,
+        fast.1 / fast.0
+    );
     Ok(())
 }

@@ -47,7 +47,10 @@ impl Timing {
     fn from_median(mut seconds: Vec<f64>, batch: i64) -> Self {
         seconds.sort_by(f64::total_cmp);
         let median = seconds[seconds.len() / 2];
-        Timing { seconds_per_batch: median, images_per_s: batch as f64 / median }
+        Timing {
+            seconds_per_batch: median,
+            images_per_s: batch as f64 / median,
+        }
     }
 }
 
@@ -76,25 +79,48 @@ impl Reference {
         let mut child = Command::new(&args.python)
             .arg(&args.reference)
             .args(["--threads", &threads.to_string()])
-            .args(["--dinov2-batch", &args.dinov2_batch.to_string(), "--vae-batch", &args.vae_batch.to_string()])
+            .args([
+                "--dinov2-batch",
+                &args.dinov2_batch.to_string(),
+                "--vae-batch",
+                &args.vae_batch.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {} {}", args.python.display(), args.reference.display()))?;
+            .with_context(|| {
+                format!(
+                    "starting {} {}",
+                    args.python.display(),
+                    args.reference.display()
+                )
+            })?;
         let stdin = child.stdin.take().context("reference stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("reference stdout")?);
-        Ok(Reference { child, stdin, stdout, script: args.reference.clone() })
+        Ok(Reference {
+            child,
+            stdin,
+            stdout,
+            script: args.reference.clone(),
+        })
     }
 
     fn ask<T: serde::de::DeserializeOwned>(&mut self, command: &str) -> anyhow::Result<T> {
         let script = self.script.display().to_string();
         writeln!(self.stdin, "{command}").with_context(|| format!("writing to {script}"))?;
         let mut line = String::new();
-        self.stdout.read_line(&mut line).with_context(|| format!("reading from {script}"))?;
+        self.stdout
+            .read_line(&mut line)
+            .with_context(|| format!("reading from {script}"))?;
         if line.is_empty() {
             bail!("{script} exited before answering `{command}` (its stderr is above)");
         }
-        serde_json::from_str(&line).with_context(|| format!("parsing the answer of {script} to `{command}`: `{}`", line.trim_end()))
+        serde_json::from_str(&line).with_context(|| {
+            format!(
+                "parsing the answer of {script} to `{command}`: `{}`",
+                line.trim_end()
+            )
+        })
     }
 
     fn time_batch(&mut self, model: &str) -> anyhow::Result<f64> {
@@ -130,16 +156,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let info: Info = reference.ask("info")?;
 
     let dinov2_model = dinov2_random(device);
-    let pixels = Tensor::randn([args.dinov2_batch, 3, dinov2::INPUT_SIZE, dinov2::INPUT_SIZE], (Kind::Float, device));
-    let (dinov2, dinov2_anchor) = interleaved(&args, &mut reference, "dinov2", args.dinov2_batch, || {
-        let _ = dinov2_model.forward(&pixels).expect("valid input shape");
-    })?;
+    let pixels = Tensor::randn(
+        [args.dinov2_batch, 3, dinov2::INPUT_SIZE, dinov2::INPUT_SIZE],
+        (Kind::Float, device),
+    );
+    let (dinov2, dinov2_anchor) =
+        interleaved(&args, &mut reference, "dinov2", args.dinov2_batch, || {
+            let _ = dinov2_model.forward(&pixels).expect("valid input shape");
+        })?;
     drop(dinov2_model);
 
     let vae_model = vae_random(device);
     let images = Tensor::rand([args.vae_batch, 3, 256, 256], (Kind::Float, device)) * 2.0 - 1.0;
     let (vae, vae_anchor) = interleaved(&args, &mut reference, "vae", args.vae_batch, || {
-        let _ = vae_model.encode_moments(&images).expect("valid input shape");
+        let _ = vae_model
+            .encode_moments(&images)
+            .expect("valid input shape");
     })?;
 
     println!(
@@ -147,8 +179,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
          median of {} interleaved batches per side",
         info.torch, info.threads, args.iters
     );
-    report("DINOv2-B/14 224 px", args.dinov2_batch, &dinov2, &dinov2_anchor, "transformers");
-    report("SD-VAE encoder 256 px", args.vae_batch, &vae, &vae_anchor, "diffusers");
+    report(
+        "DINOv2-B/14 224 px",
+        args.dinov2_batch,
+        &dinov2,
+        &dinov2_anchor,
+        "transformers",
+    );
+    report(
+        "SD-VAE encoder 256 px",
+        args.vae_batch,
+        &vae,
+        &vae_anchor,
+        "diffusers",
+    );
     Ok(())
 }
 
@@ -172,7 +216,10 @@ fn interleaved(
         tch_seconds.push(start.elapsed().as_secs_f64());
         anchor_seconds.push(reference.time_batch(model)?);
     }
-    Ok((Timing::from_median(tch_seconds, batch), Timing::from_median(anchor_seconds, batch)))
+    Ok((
+        Timing::from_median(tch_seconds, batch),
+        Timing::from_median(anchor_seconds, batch),
+    ))
 }
 
 fn report(name: &str, batch: i64, ours: &Timing, anchor: &Timing, anchor_name: &str) {
@@ -205,7 +252,11 @@ fn dinov2_random(device: Device) -> Dinov2 {
 
 fn vae_random(device: Device) -> AutoencoderKl {
     let vs = nn::VarStore::new(device);
-    let mut model = AutoencoderKl::new(vs.root(), &vae::Config::sd_vae(), vae::AttentionNaming::Current);
+    let mut model = AutoencoderKl::new(
+        vs.root(),
+        &vae::Config::sd_vae(),
+        vae::AttentionNaming::Current,
+    );
     model.precision = Precision::F32;
     randomize(&vs);
     model

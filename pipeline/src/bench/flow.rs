@@ -58,8 +58,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut cfg = Config::preset(&args.preset)
-        .with_context(|| format!("unknown preset `{}`: expected one of {}", args.preset, tarflow::PRESETS.join(", ")))?;
+    let mut cfg = Config::preset(&args.preset).with_context(|| {
+        format!(
+            "unknown preset `{}`: expected one of {}",
+            args.preset,
+            tarflow::PRESETS.join(", ")
+        )
+    })?;
     cfg.channels = args.channels.unwrap_or(cfg.channels);
     cfg.num_blocks = args.blocks.unwrap_or(cfg.num_blocks);
     cfg.layers_per_block = args.layers.unwrap_or(cfg.layers_per_block);
@@ -79,8 +84,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     if !args.no_reference {
         let reference = reference(&cfg, &args)?;
-        let ratio_step = rust["step_s"].as_f64().unwrap_or(f64::NAN) / reference["step_s"].as_f64().unwrap_or(f64::NAN);
-        let ratio_tokens = rust["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN) / reference["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        let ratio_step = rust["step_s"].as_f64().unwrap_or(f64::NAN)
+            / reference["step_s"].as_f64().unwrap_or(f64::NAN);
+        let ratio_tokens = rust["sample_tokens_per_s"].as_f64().unwrap_or(f64::NAN)
+            / reference["sample_tokens_per_s"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
         report["pytorch"] = reference;
         report["step_time_ratio"] = ratio_step.into();
         report["sample_speed_ratio"] = ratio_tokens.into();
@@ -105,10 +114,24 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
             }
         }
     });
-    let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.95, wd: 1e-4, eps: 1e-8, amsgrad: false }.build(&vs, 1e-4)?;
-    let x = Tensor::rand([args.batch, cfg.in_channels, cfg.img_size, cfg.img_size], (Kind::Float, device)) * 2.0 - 1.0;
-    let y = (cfg.num_classes > 0).then(|| Tensor::randint(cfg.num_classes, [args.batch], (Kind::Int64, device)));
-    let cond = y.as_ref().map_or(tarflow::Cond::Null, tarflow::Cond::Labels);
+    let mut opt = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        wd: 1e-4,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&vs, 1e-4)?;
+    let x = Tensor::rand(
+        [args.batch, cfg.in_channels, cfg.img_size, cfg.img_size],
+        (Kind::Float, device),
+    ) * 2.0
+        - 1.0;
+    let y = (cfg.num_classes > 0)
+        .then(|| Tensor::randint(cfg.num_classes, [args.batch], (Kind::Int64, device)));
+    let cond = y
+        .as_ref()
+        .map_or(tarflow::Cond::Null, tarflow::Cond::Labels);
     let mut step = || {
         let out = model.forward(&x, &cond, &[]);
         let loss = tarflow::nll(&out).loss;
@@ -130,23 +153,40 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     let step_s_mean = times.iter().sum::<f64>() / times.len() as f64;
 
     let noise = tarflow::sample::cpu_noise(&model, args.sample_batch, 0).to_device(device);
-    let ys = y.as_ref().map(|y| y.narrow(0, 0, args.sample_batch.min(args.batch)));
-    if ys.as_ref().is_some_and(|y| y.size()[0] != args.sample_batch) {
+    let ys = y
+        .as_ref()
+        .map(|y| y.narrow(0, 0, args.sample_batch.min(args.batch)));
+    if ys
+        .as_ref()
+        .is_some_and(|y| y.size()[0] != args.sample_batch)
+    {
         bail!("--sample-batch must not exceed --batch for a class-conditional preset");
     }
-    let g = Guidance { weight: args.guidance, annealed: true, attn_temp: 1.0 };
+    let g = Guidance {
+        weight: args.guidance,
+        annealed: true,
+        attn_temp: 1.0,
+    };
     let start = Instant::now();
     let _ = model.reverse(&noise, ys.as_ref(), &g);
     sync(device);
     let sample_s = start.elapsed().as_secs_f64();
     let tokens = (args.sample_batch * cfg.num_tokens() * cfg.num_blocks) as f64;
-    Ok(serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }))
+    Ok(
+        serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }),
+    )
 }
 
 /// torch spells `auto` differently; everything else is the same string.
 fn reference_device(name: &str) -> String {
     match name {
-        "auto" => if tch::Cuda::is_available() { "cuda".into() } else { "cpu".into() },
+        "auto" => {
+            if tch::Cuda::is_available() {
+                "cuda".into()
+            } else {
+                "cpu".into()
+            }
+        }
         other => other.to_string(),
     }
 }
@@ -165,16 +205,43 @@ fn reference(cfg: &Config, args: &Args) -> anyhow::Result<serde_json::Value> {
         .arg(&args.reference)
         .arg("bench")
         .arg(&config)
-        .args(["--batch", &args.batch.to_string(), "--steps", &args.steps.to_string()])
-        .args(["--sample-batch", &args.sample_batch.to_string(), "--guidance", &args.guidance.to_string()])
-        .args(["--threads", &args.threads.to_string(), "--device", &reference_device(&args.device)])
+        .args([
+            "--batch",
+            &args.batch.to_string(),
+            "--steps",
+            &args.steps.to_string(),
+        ])
+        .args([
+            "--sample-batch",
+            &args.sample_batch.to_string(),
+            "--guidance",
+            &args.guidance.to_string(),
+        ])
+        .args([
+            "--threads",
+            &args.threads.to_string(),
+            "--device",
+            &reference_device(&args.device),
+        ])
         .args(args.bf16.then_some("--bf16"))
         .output()
-        .with_context(|| format!("running {} {}", args.python.display(), args.reference.display()))?;
+        .with_context(|| {
+            format!(
+                "running {} {}",
+                args.python.display(),
+                args.reference.display()
+            )
+        })?;
     if !out.status.success() {
-        bail!("reference bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "reference bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().context("reference bench printed nothing")?;
+    let line = stdout
+        .lines()
+        .last()
+        .context("reference bench printed nothing")?;
     serde_json::from_str(line).with_context(|| format!("reference bench output `{line}`"))
 }

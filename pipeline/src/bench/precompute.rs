@@ -35,9 +35,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (p, data) = (&config.precompute, &config.data);
     p.validate()?;
     let settings = precompute::cache_settings(&config)?;
-    let first = stages::shardspec::expand_shard_spec(&data.shards)?.into_iter().next().context("no source shard")?;
-    let workers = if p.workers > 0 { p.workers } else { data.resolved_threads() };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
+    let first = stages::shardspec::expand_shard_spec(&data.shards)?
+        .into_iter()
+        .next()
+        .context("no source shard")?;
+    let workers = if p.workers > 0 {
+        p.workers
+    } else {
+        data.resolved_threads()
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()?;
 
     // Read + decode/crop alone.
     let counters = RunCounters::new();
@@ -47,7 +56,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         samples.extend(stages::image_stream::select_sample(raw, data, &counters));
         samples.len() < args.limit
     });
-    let crops: Vec<_> = pool.install(|| samples.par_iter().filter_map(|s| stages::image_stream::process_sample(s, data).ok()).collect());
+    let crops: Vec<_> = pool.install(|| {
+        samples
+            .par_iter()
+            .filter_map(|s| stages::image_stream::process_sample(s, data).ok())
+            .collect()
+    });
     let decode_rate = crops.len() as f64 / t.elapsed().as_secs_f64();
     anyhow::ensure!(!crops.is_empty(), "no decodable sample in {first}");
 
@@ -58,8 +72,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut batches = Vec::new();
     for chunk in crops.chunks(p.batch_size) {
         let images: Vec<&[u8]> = chunk.iter().map(|c| c.image.pixels.as_slice()).collect();
-        let labels: Vec<i64> = chunk.iter().map(|c| c.label.map(i64::from).unwrap_or(-1)).collect();
-        batches.push((chunk.len(), encode::encode_batch(p, &encoders, &images, &labels, data.image_size)?));
+        let labels: Vec<i64> = chunk
+            .iter()
+            .map(|c| c.label.map(i64::from).unwrap_or(-1))
+            .collect();
+        batches.push((
+            chunk.len(),
+            encode::encode_batch(p, &encoders, &images, &labels, data.image_size)?,
+        ));
     }
     let encode_rate = crops.len() as f64 / t.elapsed().as_secs_f64();
 
@@ -71,7 +91,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut n = 0usize;
     for (rows, bytes) in &batches {
         for row in 0..*rows {
-            let values: Vec<&[u8]> = fields.iter().zip(bytes).map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()]).collect();
+            let values: Vec<&[u8]> = fields
+                .iter()
+                .zip(bytes)
+                .map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()])
+                .collect();
             writer.push(&n.to_string(), &values)?;
             n += 1;
         }
@@ -80,9 +104,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let write_rate = n as f64 / t.elapsed().as_secs_f64();
 
     // The overlapped pipeline on the same shard and sample count.
-    let source = SourceShard { name: "bench.tar".into(), size: 0, content_hash: String::new() };
-    let job = precompute::Job { path: first.clone(), source, file: "e2e.fbc".into() };
-    let e2e = precompute::run_graph(&config, scratch.path(), &settings, vec![job], Some(args.limit))?;
+    let source = SourceShard {
+        name: "bench.tar".into(),
+        size: 0,
+        content_hash: String::new(),
+    };
+    let job = precompute::Job {
+        path: first.clone(),
+        source,
+        file: "e2e.fbc".into(),
+    };
+    let e2e = precompute::run_graph(
+        &config,
+        scratch.path(),
+        &settings,
+        vec![job],
+        Some(args.limit),
+    )?;
     let e2e_rate = e2e.samples as f64 / e2e.elapsed.as_secs_f64();
     let encode_wait = e2e.metrics[1].wait_input().as_secs_f64() / e2e.elapsed.as_secs_f64();
     let slowest = decode_rate.min(encode_rate).min(write_rate);
@@ -92,7 +130,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let file = std::fs::read(&path)?;
     let mut reader = ShardReader::open(&path)?;
     let footer = reader.footer().clone();
-    let total_raw: usize = footer.fields.iter().map(|f| f.row_bytes()).sum::<usize>() * reader.n_samples();
+    let total_raw: usize =
+        footer.fields.iter().map(|f| f.row_bytes()).sum::<usize>() * reader.n_samples();
     let reps = 5;
     let t = Instant::now();
     for _ in 0..reps {
@@ -110,7 +149,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for chunk in &footer.chunks {
             for (i, (offset, len)) in chunk.frames.iter().enumerate() {
                 let cap = chunk.rows * footer.fields[i].row_bytes();
-                std::hint::black_box(zstd::bulk::decompress(&file[*offset as usize..(*offset + *len) as usize], cap)?);
+                std::hint::black_box(zstd::bulk::decompress(
+                    &file[*offset as usize..(*offset + *len) as usize],
+                    cap,
+                )?);
             }
         }
     }

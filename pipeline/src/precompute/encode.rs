@@ -21,11 +21,20 @@ pub fn field_specs(p: &PrecomputeConfig, image_size: usize, enc: &Encoders) -> V
     let v = p.views();
     let mut fields = vec![FieldSpec::new("label", DType::I64, &[])];
     if p.store_image {
-        fields.push(FieldSpec::new("image", DType::U8, &[image_size, image_size, 3]));
+        fields.push(FieldSpec::new(
+            "image",
+            DType::U8,
+            &[image_size, image_size, 3],
+        ));
     }
     if let Some(vae) = &enc.vae {
         let f = vae.config.downsample_factor() as usize;
-        let shape = [v, vae.config.latent_channels as usize, image_size / f, image_size / f];
+        let shape = [
+            v,
+            vae.config.latent_channels as usize,
+            image_size / f,
+            image_size / f,
+        ];
         let dt = match p.vae_dtype {
             LatentDType::F16 => DType::F16,
             LatentDType::F32 => DType::F32,
@@ -79,13 +88,20 @@ pub fn encode_batch(
     let s = size as i64;
     let flat: Vec<u8> = images.concat();
     let hwc = Tensor::from_slice(&flat).view([b, s, s, 3]);
-    let mut out = vec![labels.iter().flat_map(|l| l.to_le_bytes()).collect::<Vec<u8>>()];
+    let mut out = vec![labels
+        .iter()
+        .flat_map(|l| l.to_le_bytes())
+        .collect::<Vec<u8>>()];
     if p.store_image {
         out.push(flat.clone());
     }
     let nchw = hwc.permute([0, 3, 1, 2]).to_device(enc.device);
     // View 1 is the mirror of the crop: the same flip as stages::crop::hflip, done on the device.
-    let views = if p.flip { Tensor::cat(&[&nchw, &nchw.flip([3])], 0) } else { nchw };
+    let views = if p.flip {
+        Tensor::cat(&[&nchw, &nchw.flip([3])], 0)
+    } else {
+        nchw
+    };
     if let Some(model) = &enc.vae {
         let (mean, logvar) = model.encode_moments(&vae::prepare_input(&views)?)?;
         let std = (logvar * 0.5).exp();
@@ -104,7 +120,10 @@ pub fn encode_batch(
             FeatureDType::I8 => {
                 // Per-token symmetric scale: the largest |value| of each token maps to 127.
                 let scale = (tokens.abs().amax([-1i64].as_slice(), true) / 127.0).clamp_min(1e-12);
-                let q = (&tokens / &scale).round().clamp(-127.0, 127.0).to_kind(Kind::Int8);
+                let q = (&tokens / &scale)
+                    .round()
+                    .clamp(-127.0, 127.0)
+                    .to_kind(Kind::Int8);
                 out.push(tensor_bytes(&q));
                 out.push(tensor_bytes(&scale.squeeze_dim(-1).to_kind(Kind::Float)));
             }

@@ -111,31 +111,57 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn source_name(path: &str) -> String {
-    Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_string())
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
 }
 
 /// Name, size and blake3 of a source shard: a source that changed under the same name is recomputed.
 fn identify(path: &str) -> anyhow::Result<SourceShard> {
     let mut hasher = blake3::Hasher::new();
     let file = std::fs::File::open(path).with_context(|| format!("opening source shard {path}"))?;
-    let size = std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, file), &mut hasher)
-        .with_context(|| format!("reading source shard {path}"))?;
-    Ok(SourceShard { name: source_name(path), size, content_hash: hasher.finalize().to_hex().to_string() })
+    let size = std::io::copy(
+        &mut std::io::BufReader::with_capacity(1 << 20, file),
+        &mut hasher,
+    )
+    .with_context(|| format!("reading source shard {path}"))?;
+    Ok(SourceShard {
+        name: source_name(path),
+        size,
+        content_hash: hasher.finalize().to_hex().to_string(),
+    })
 }
 
 fn cache_file(source: &str) -> String {
-    let stem = source.split('.').next().filter(|s| !s.is_empty()).unwrap_or(source);
+    let stem = source
+        .split('.')
+        .next()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(source);
     format!("{stem}.fbc")
 }
 
 fn lock(dir: &Path) -> anyhow::Result<CacheLock> {
-    Ok(CacheLock::acquire(dir, Duration::from_secs(600), &|owner| {
-        tracing::info!("waiting for the cache lock on {} held by {owner}", dir.display())
-    })?)
+    Ok(CacheLock::acquire(
+        dir,
+        Duration::from_secs(600),
+        &|owner| {
+            tracing::info!(
+                "waiting for the cache lock on {} held by {owner}",
+                dir.display()
+            )
+        },
+    )?)
 }
 
 /// Computes this rank's missing shards into `dir` and records them in its manifest.
-pub fn precompute(config: &crate::config::Config, dir: &Path, settings: &serde_json::Value, split: RankSplit) -> anyhow::Result<Outcome> {
+pub fn precompute(
+    config: &crate::config::Config,
+    dir: &Path,
+    settings: &serde_json::Value,
+    split: RankSplit,
+) -> anyhow::Result<Outcome> {
     config.precompute.validate()?;
     config.data.validate()?;
     let all = stages::shardspec::expand_shard_spec(&config.data.shards)?;
@@ -146,30 +172,50 @@ pub fn precompute(config: &crate::config::Config, dir: &Path, settings: &serde_j
         let _guard = lock(dir)?;
         let mut m = Manifest::load(dir)?.unwrap_or_else(|| Manifest::new(settings.clone()));
         if m.fingerprint != stages::cache::fingerprint(settings) {
-            bail!("{}: manifest fingerprint {} does not match the settings", dir.display(), m.fingerprint);
+            bail!(
+                "{}: manifest fingerprint {} does not match the settings",
+                dir.display(),
+                m.fingerprint
+            );
         }
         m.requested.extend(all.iter().map(|p| source_name(p)));
         m.save(dir)?;
         m
     };
     // A fixed split by position (no shuffle): rank r owns shards r, r+W, …, whatever the seed.
-    let mine: Vec<&String> = all.iter().enumerate().filter(|(i, _)| i % split.world == split.rank).map(|(_, p)| p).collect();
-    let identities: Vec<anyhow::Result<SourceShard>> = mine.par_iter().map(|p| identify(p)).collect();
+    let mine: Vec<&String> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % split.world == split.rank)
+        .map(|(_, p)| p)
+        .collect();
+    let identities: Vec<anyhow::Result<SourceShard>> =
+        mine.par_iter().map(|p| identify(p)).collect();
     let mut jobs = Vec::new();
     let mut reused = 0;
     for (path, source) in mine.iter().zip(identities) {
         let source = source?;
         let file = cache_file(&source.name);
         let done = manifest.shards.get(&source.name).is_some_and(|e| {
-            e.source == source && std::fs::metadata(dir.join(&e.file)).is_ok_and(|m| m.len() == e.summary.bytes)
+            e.source == source
+                && std::fs::metadata(dir.join(&e.file)).is_ok_and(|m| m.len() == e.summary.bytes)
         });
         if done {
             reused += 1;
         } else {
-            jobs.push(Job { path: path.to_string(), source, file });
+            jobs.push(Job {
+                path: path.to_string(),
+                source,
+                file,
+            });
         }
     }
-    tracing::info!("{}: {} shards for this rank, {reused} reused, {} to compute", dir.display(), mine.len(), jobs.len());
+    tracing::info!(
+        "{}: {} shards for this rank, {reused} reused, {} to compute",
+        dir.display(),
+        mine.len(),
+        jobs.len()
+    );
     let mut out = run_graph(config, dir, settings, jobs, None)?;
     out.reused = reused;
     Ok(out)
@@ -180,12 +226,31 @@ fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()>
     config.precompute.validate()?;
     let settings = cache_settings(config)?;
     let all = stages::shardspec::expand_shard_spec(&config.data.shards)?;
-    let first = all.first().with_context(|| format!("no source shards in `{}`", config.data.shards))?;
-    let total_source: u64 = all.iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+    let first = all
+        .first()
+        .with_context(|| format!("no source shards in `{}`", config.data.shards))?;
+    let total_source: u64 = all
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
     let scratch = tempfile::tempdir()?;
-    let source = SourceShard { name: source_name(first), size: 0, content_hash: String::new() };
-    let job = Job { path: first.clone(), file: cache_file(&source.name), source };
-    let out = run_graph(config, scratch.path(), &settings, vec![job], Some(batches * config.precompute.batch_size))?;
+    let source = SourceShard {
+        name: source_name(first),
+        size: 0,
+        content_hash: String::new(),
+    };
+    let job = Job {
+        path: first.clone(),
+        file: cache_file(&source.name),
+        source,
+    };
+    let out = run_graph(
+        config,
+        scratch.path(),
+        &settings,
+        vec![job],
+        Some(batches * config.precompute.batch_size),
+    )?;
     if out.samples == 0 {
         bail!("dry run read no good sample from {first}");
     }
@@ -193,7 +258,11 @@ fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()>
     let source_per_sample = out.source_bytes as f64 / out.samples as f64;
     let projected_samples = total_source as f64 / source_per_sample.max(1.0);
     let rate = out.samples as f64 / out.elapsed.as_secs_f64().max(1e-9);
-    println!("dry run: {} samples from {first} in {:.1} s ({rate:.1} images/s)", out.samples, out.elapsed.as_secs_f64());
+    println!(
+        "dry run: {} samples from {first} in {:.1} s ({rate:.1} images/s)",
+        out.samples,
+        out.elapsed.as_secs_f64()
+    );
     println!("  fingerprint {}", stages::cache::fingerprint(&settings));
     println!("  cache bytes per sample: {per_sample:.0}");
     println!(
@@ -211,7 +280,8 @@ pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
     let mut stores = Vec::new();
     let dinov2 = match p.encoder_dir() {
         Some(dir) => {
-            let l = model::dinov2::Dinov2::from_folder(dir, device).with_context(|| format!("loading encoder {}", dir.display()))?;
+            let l = model::dinov2::Dinov2::from_folder(dir, device)
+                .with_context(|| format!("loading encoder {}", dir.display()))?;
             stores.push(l.vs);
             Some(l.model)
         }
@@ -219,13 +289,19 @@ pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
     };
     let vae = match p.vae_dir() {
         Some(dir) => {
-            let l = model::vae::AutoencoderKl::from_folder(dir, device).with_context(|| format!("loading VAE {}", dir.display()))?;
+            let l = model::vae::AutoencoderKl::from_folder(dir, device)
+                .with_context(|| format!("loading VAE {}", dir.display()))?;
             stores.push(l.vs);
             Some(l.model)
         }
         None => None,
     };
-    Ok(Encoders { dinov2, vae, device, _stores: stores })
+    Ok(Encoders {
+        dinov2,
+        vae,
+        device,
+        _stores: stores,
+    })
 }
 
 /// The three overlapping stages over `jobs`. With `limit`, stops after that many samples and records
@@ -244,7 +320,16 @@ pub(crate) fn run_graph(
     let encode_m = Arc::new(StageMetrics::new("encode", 1));
     let write_m = Arc::new(StageMetrics::new("write", 1));
     let metrics = vec![decode_m.clone(), encode_m.clone(), write_m.clone()];
-    let mut out = Outcome { computed: 0, reused: 0, samples: 0, encodings: 0, bytes: 0, source_bytes: 0, elapsed: Duration::ZERO, metrics: metrics.clone() };
+    let mut out = Outcome {
+        computed: 0,
+        reused: 0,
+        samples: 0,
+        encodings: 0,
+        bytes: 0,
+        source_bytes: 0,
+        elapsed: Duration::ZERO,
+        metrics: metrics.clone(),
+    };
     if jobs.is_empty() {
         return Ok(out);
     }
@@ -253,26 +338,60 @@ pub(crate) fn run_graph(
     started = Instant::now();
     let fields = field_specs(&p, data.image_size, &encoders);
     let counters = Arc::new(RunCounters::new());
-    let workers = if p.workers > 0 { p.workers } else { data.resolved_threads() };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).build()?;
+    let workers = if p.workers > 0 {
+        p.workers
+    } else {
+        data.resolved_threads()
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()?;
     let (dtx, drx) = sync_channel::<DecodedBatch>(p.queue_batches);
     let (etx, erx) = sync_channel::<EncodedBatch>(p.queue_batches);
     let jobs = Arc::new(jobs);
     let source_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
 
     let decoder = {
-        let (jobs, counters, data, decode_m, source_bytes) = (jobs.clone(), counters.clone(), data.clone(), decode_m.clone(), source_bytes.clone());
+        let (jobs, counters, data, decode_m, source_bytes) = (
+            jobs.clone(),
+            counters.clone(),
+            data.clone(),
+            decode_m.clone(),
+            source_bytes.clone(),
+        );
         let batch_size = p.batch_size;
-        std::thread::Builder::new().name("decode".into()).spawn(move || {
-            decode_stage(&jobs, &data, &counters, &pool, batch_size, limit, &dtx, &decode_m, &source_bytes)
-        })?
+        std::thread::Builder::new()
+            .name("decode".into())
+            .spawn(move || {
+                decode_stage(
+                    &jobs,
+                    &data,
+                    &counters,
+                    &pool,
+                    batch_size,
+                    limit,
+                    &dtx,
+                    &decode_m,
+                    &source_bytes,
+                )
+            })?
     };
     let writer = {
-        let (jobs, dir, settings, write_m) = (jobs.clone(), dir.to_path_buf(), settings.clone(), write_m.clone());
-        let (fields, chunk_rows, level, record) = (fields.clone(), p.chunk_rows, p.zstd_level, limit.is_none());
+        let (jobs, dir, settings, write_m) = (
+            jobs.clone(),
+            dir.to_path_buf(),
+            settings.clone(),
+            write_m.clone(),
+        );
+        let (fields, chunk_rows, level, record) =
+            (fields.clone(), p.chunk_rows, p.zstd_level, limit.is_none());
         std::thread::Builder::new()
             .name("write".into())
-            .spawn(move || write_stage(&jobs, &dir, &settings, fields, chunk_rows, level, record, erx, &write_m))?
+            .spawn(move || {
+                write_stage(
+                    &jobs, &dir, &settings, fields, chunk_rows, level, record, erx, &write_m,
+                )
+            })?
     };
 
     // The encode stage runs here: the models stay on the thread that loaded them.
@@ -293,7 +412,14 @@ pub(crate) fn run_graph(
             out.encodings += (batch.images.len() * p.views()) as u64;
             let n = batch.keys.len() as u64;
             let blocked = Instant::now();
-            let sent = etx.send(EncodedBatch { job: batch.job, keys: batch.keys, fields: encoded, last: batch.last }).is_ok();
+            let sent = etx
+                .send(EncodedBatch {
+                    job: batch.job,
+                    keys: batch.keys,
+                    fields: encoded,
+                    last: batch.last,
+                })
+                .is_ok();
             encode_m.add_blocked_output(blocked.elapsed());
             if !sent {
                 break;
@@ -306,8 +432,12 @@ pub(crate) fn run_graph(
     })();
     drop(etx);
     drop(drx);
-    let written = writer.join().map_err(|_| anyhow::anyhow!("the write thread panicked"))?;
-    let decoded = decoder.join().map_err(|_| anyhow::anyhow!("the decode thread panicked"))?;
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the write thread panicked"))?;
+    let decoded = decoder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decode thread panicked"))?;
     encode_result?;
     let (computed, samples, bytes) = written?;
     decoded?;
@@ -339,9 +469,18 @@ fn decode_stage(
     let flush = |job: usize, pending: &mut Vec<stages::image_stream::Sample>, last: bool| -> bool {
         let busy = Instant::now();
         let cropped: Vec<_> = pool.install(|| {
-            pending.par_iter().map(|s| (s, stages::image_stream::process_sample(s, data))).collect()
+            pending
+                .par_iter()
+                .map(|s| (s, stages::image_stream::process_sample(s, data)))
+                .collect()
         });
-        let mut batch = DecodedBatch { job, keys: Vec::new(), labels: Vec::new(), images: Vec::new(), last };
+        let mut batch = DecodedBatch {
+            job,
+            keys: Vec::new(),
+            labels: Vec::new(),
+            images: Vec::new(),
+            last,
+        };
         for (sample, result) in cropped {
             match result {
                 Ok(c) => {
@@ -416,21 +555,30 @@ fn write_stage(
         }
         let (_, writer) = current.as_mut().expect("opened above");
         for (row, key) in batch.keys.iter().enumerate() {
-            let values: Vec<&[u8]> =
-                fields.iter().zip(&batch.fields).map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()]).collect();
+            let values: Vec<&[u8]> = fields
+                .iter()
+                .zip(&batch.fields)
+                .map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()])
+                .collect();
             writer.push(key, &values)?;
             m.add_item(0);
         }
         if batch.last {
             let (_, writer) = current.take().expect("open");
             let meta = serde_json::json!({ "source": job.source, "settings_fingerprint": stages::cache::fingerprint(settings) });
-            let summary = writer.finish(meta).with_context(|| format!("finishing cache shard for {}", job.path))?;
+            let summary = writer
+                .finish(meta)
+                .with_context(|| format!("finishing cache shard for {}", job.path))?;
             samples += summary.samples as u64;
             bytes += summary.bytes;
             shards += 1;
             if record {
                 let _guard = lock(dir)?;
-                let entry = ManifestShard { file: job.file.clone(), source: job.source.clone(), summary };
+                let entry = ManifestShard {
+                    file: job.file.clone(),
+                    source: job.source.clone(),
+                    summary,
+                };
                 Manifest::record(dir, settings, vec![entry])?;
                 tracing::info!("cache shard {} written ({})", job.file, job.path);
             }

@@ -111,7 +111,8 @@ pub fn cache_settings(config: &Config) -> anyhow::Result<serde_json::Value> {
     let d = &config.data;
     let encoder = match p.encoder_dir() {
         Some(dir) => {
-            let fp = model::dinov2::fingerprint(dir).with_context(|| format!("fingerprinting encoder {}", dir.display()))?;
+            let fp = model::dinov2::fingerprint(dir)
+                .with_context(|| format!("fingerprinting encoder {}", dir.display()))?;
             serde_json::json!({
                 "kind": "dinov2",
                 "fingerprint": fp,
@@ -124,7 +125,8 @@ pub fn cache_settings(config: &Config) -> anyhow::Result<serde_json::Value> {
     };
     let vae = match p.vae_dir() {
         Some(dir) => {
-            let fp = model::vae::fingerprint(dir).with_context(|| format!("fingerprinting VAE {}", dir.display()))?;
+            let fp = model::vae::fingerprint(dir)
+                .with_context(|| format!("fingerprinting VAE {}", dir.display()))?;
             serde_json::json!({ "kind": "autoencoder_kl", "fingerprint": fp, "moments": "mean_std", "dtype": p.vae_dtype })
         }
         None => serde_json::Value::Null,
@@ -150,9 +152,14 @@ pub fn cache_settings(config: &Config) -> anyhow::Result<serde_json::Value> {
 }
 
 /// `<cache root>/<fingerprint>` for a config, with its settings. `root` overrides `precompute.cache`.
-pub fn cache_dir(config: &Config, root: Option<&Path>) -> anyhow::Result<(PathBuf, serde_json::Value)> {
+pub fn cache_dir(
+    config: &Config,
+    root: Option<&Path>,
+) -> anyhow::Result<(PathBuf, serde_json::Value)> {
     let settings = cache_settings(config)?;
-    let root = root.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(&config.precompute.cache));
+    let root = root
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(&config.precompute.cache));
     Ok((root.join(stages::cache::fingerprint(&settings)), settings))
 }
 
@@ -162,7 +169,8 @@ mod tests {
 
     fn with(sets: &[&str]) -> serde_json::Value {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        let loaded = crate::config::load_str("[precompute]\nstore_image = true\n", "t.toml", &sets).unwrap();
+        let loaded =
+            crate::config::load_str("[precompute]\nstore_image = true\n", "t.toml", &sets).unwrap();
         cache_settings(&loaded.config).unwrap()
     }
 
@@ -170,8 +178,22 @@ mod tests {
     fn fingerprint_sees_numbers_not_speed() {
         let fp = |s: &[&str]| stages::cache::fingerprint(&with(s));
         let base = fp(&[]);
-        assert_eq!(base, fp(&["precompute.workers=7", "precompute.batch_size=3", "precompute.device=cpu"]));
-        assert_eq!(base, fp(&["precompute.chunk_rows=5", "precompute.zstd_level=19", "data.threads=9"]));
+        assert_eq!(
+            base,
+            fp(&[
+                "precompute.workers=7",
+                "precompute.batch_size=3",
+                "precompute.device=cpu"
+            ])
+        );
+        assert_eq!(
+            base,
+            fp(&[
+                "precompute.chunk_rows=5",
+                "precompute.zstd_level=19",
+                "data.threads=9"
+            ])
+        );
         assert_ne!(base, fp(&["data.image_size=64"]));
         assert_ne!(base, fp(&["precompute.flip=false"]));
         assert_ne!(base, fp(&["data.crop=\"resize_center_crop\""]));

@@ -57,11 +57,16 @@ pub fn write(root: &Path, c: &Contents, keep_last: usize) -> anyhow::Result<Path
         model::weights::save_atomic(p, &tmp.join("projector.safetensors"))?;
     }
     model::weights::save_atomic(&c.moments, &tmp.join("state.safetensors"))?;
-    stages::atomic::write_bytes_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(c.state)?.as_bytes())?;
+    stages::atomic::write_bytes_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(c.state)?.as_bytes(),
+    )?;
     if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("replacing {}", final_dir.display()))?;
+        std::fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("replacing {}", final_dir.display()))?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
     stages::atomic::write_bytes_atomic(&root.join("latest"), format!("{name}\n").as_bytes())?;
     prune(root, keep_last.max(1))?;
     Ok(final_dir)
@@ -77,7 +82,8 @@ fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
     dirs.sort();
     let excess = dirs.len().saturating_sub(keep);
     for name in &dirs[..excess] {
-        std::fs::remove_dir_all(root.join(name)).with_context(|| format!("removing old checkpoint {name}"))?;
+        std::fs::remove_dir_all(root.join(name))
+            .with_context(|| format!("removing old checkpoint {name}"))?;
     }
     Ok(())
 }
@@ -85,16 +91,26 @@ fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
 /// The newest complete checkpoint named by `latest`.
 pub fn latest(root: &Path) -> anyhow::Result<PathBuf> {
     let file = root.join("latest");
-    let name = std::fs::read_to_string(&file).with_context(|| format!("--resume: reading {} (no checkpoint written yet?)", file.display()))?;
+    let name = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "--resume: reading {} (no checkpoint written yet?)",
+            file.display()
+        )
+    })?;
     let dir = root.join(name.trim());
     if !dir.join("state.json").exists() {
-        bail!("--resume: {} names {}, which has no state.json", file.display(), dir.display());
+        bail!(
+            "--resume: {} names {}, which has no state.json",
+            file.display(),
+            dir.display()
+        );
     }
     Ok(dir)
 }
 
 pub fn read_state(dir: &Path) -> anyhow::Result<State> {
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
 }

@@ -110,7 +110,8 @@ impl TrainConfig {
                 } else {
                     let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
                     let t = ((step - self.warmup_steps) as f64 / span).min(1.0);
-                    self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+                    self.min_lr
+                        + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
                 }
             }
         }
@@ -123,12 +124,19 @@ mod tests {
 
     #[test]
     fn cosine_warms_up_then_decays_to_min() {
-        let c = TrainConfig { steps: 100, warmup_steps: 10, ..Default::default() };
+        let c = TrainConfig {
+            steps: 100,
+            warmup_steps: 10,
+            ..Default::default()
+        };
         assert_eq!(c.lr_at(0), c.min_lr);
         assert!((c.lr_at(10) - c.lr).abs() < 1e-15);
         assert!(c.lr_at(50) < c.lr && c.lr_at(50) > c.min_lr);
         assert!((c.lr_at(100) - c.min_lr).abs() < 1e-15);
-        let k = TrainConfig { schedule: Schedule::Constant, ..c };
+        let k = TrainConfig {
+            schedule: Schedule::Constant,
+            ..c
+        };
         assert_eq!(k.lr_at(3), k.lr);
     }
 }

@@ -41,7 +41,18 @@ pub struct LoaderSpec {
 }
 
 /// Where the loader stands: the next batch it hands out is batch `batch` of `epoch`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Position {
     pub epoch: u64,
     pub batch: u64,
@@ -83,7 +94,8 @@ impl Loader {
         for path in &spec.shards {
             check_fields(path, &spec)?;
         }
-        let (item_tx, item_rx) = sync_channel::<anyhow::Result<(Position, Option<Item>)>>(spec.batch.max(64) * 2);
+        let (item_tx, item_rx) =
+            sync_channel::<anyhow::Result<(Position, Option<Item>)>>(spec.batch.max(64) * 2);
         let (batch_tx, batch_rx) = sync_channel(spec.prefetch.max(1));
         let reader_spec = spec.clone();
         let reader = std::thread::Builder::new()
@@ -94,12 +106,19 @@ impl Loader {
             .name("train-batch".into())
             .spawn(move || assemble(&spec, from, item_rx, &batch_tx))
             .context("spawning the batch thread")?;
-        Ok(Loader { rx: batch_rx, _workers: vec![reader, assembler], waited: Duration::ZERO })
+        Ok(Loader {
+            rx: batch_rx,
+            _workers: vec![reader, assembler],
+            waited: Duration::ZERO,
+        })
     }
 
     pub fn next(&mut self) -> anyhow::Result<Batch> {
         let start = Instant::now();
-        let got = self.rx.recv().map_err(|_| anyhow::anyhow!("the cache loader stopped without an error"))?;
+        let got = self
+            .rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the cache loader stopped without an error"))?;
         self.waited += start.elapsed();
         got
     }
@@ -107,10 +126,13 @@ impl Loader {
 
 /// Checks up front that a shard holds the fields of this run in shapes that fit the model.
 fn check_fields(path: &Path, spec: &LoaderSpec) -> anyhow::Result<()> {
-    let reader = ShardReader::open(path).with_context(|| format!("cache shard {}", path.display()))?;
+    let reader =
+        ShardReader::open(path).with_context(|| format!("cache shard {}", path.display()))?;
     let footer = reader.footer();
     let field = |name: &str| footer.fields.iter().find(|f| f.name == name);
-    let need = |name: &str| field(name).with_context(|| format!("cache shard {}: no field `{name}`", path.display()));
+    let need = |name: &str| {
+        field(name).with_context(|| format!("cache shard {}: no field `{name}`", path.display()))
+    };
     let [c, h, w] = spec.input_shape;
     need("label")?;
     if spec.latent {
@@ -121,9 +143,15 @@ fn check_fields(path: &Path, spec: &LoaderSpec) -> anyhow::Result<()> {
             }
         }
     } else {
-        let f = need("image").map_err(|e| e.context("pixel training needs cached crops: precompute with store_image = true"))?;
+        let f = need("image").map_err(|e| {
+            e.context("pixel training needs cached crops: precompute with store_image = true")
+        })?;
         if f.shape != [h, w, c] {
-            bail!("cache shard {}: field `image` has shape {:?}, the flow needs [{h}, {w}, {c}]", path.display(), f.shape);
+            bail!(
+                "cache shard {}: field `image` has shape {:?}, the flow needs [{h}, {w}, {c}]",
+                path.display(),
+                f.shape
+            );
         }
     }
     if let Some([t, d]) = spec.features {
@@ -135,17 +163,34 @@ fn check_fields(path: &Path, spec: &LoaderSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_items(spec: &LoaderSpec, from: Position, tx: &SyncSender<anyhow::Result<(Position, Option<Item>)>>) {
-    let names: Vec<String> = spec.shards.iter().map(|p| p.display().to_string()).collect();
+fn read_items(
+    spec: &LoaderSpec,
+    from: Position,
+    tx: &SyncSender<anyhow::Result<(Position, Option<Item>)>>,
+) {
+    let names: Vec<String> = spec
+        .shards
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let mut epoch = from.epoch;
     loop {
         let order = epoch_shards(&names, spec.seed, epoch, true, spec.split);
         if order.is_empty() {
-            let _ = tx.send(Err(anyhow::anyhow!("rank {} of {} gets no cache shard ({} in all)", spec.split.rank, spec.split.world, names.len())));
+            let _ = tx.send(Err(anyhow::anyhow!(
+                "rank {} of {} gets no cache shard ({} in all)",
+                spec.split.rank,
+                spec.split.world,
+                names.len()
+            )));
             return;
         }
         let mut views = keyed_rng(spec.seed, epoch, spec.split.rank as u64, PURPOSE_VIEWS);
-        let mut buffer = ShuffleBuffer::new(spec.shuffle_buffer, spec.shuffle_buffer, keyed_rng(spec.seed, epoch, spec.split.rank as u64, PURPOSE_SAMPLES));
+        let mut buffer = ShuffleBuffer::new(
+            spec.shuffle_buffer,
+            spec.shuffle_buffer,
+            keyed_rng(spec.seed, epoch, spec.split.rank as u64, PURPOSE_SAMPLES),
+        );
         let pos = Position { epoch, batch: 0 };
         for name in &order {
             let result = read_shard(Path::new(name), spec, &mut views, &mut |item| {
@@ -179,7 +224,12 @@ fn read_items(spec: &LoaderSpec, from: Position, tx: &SyncSender<anyhow::Result<
 }
 
 /// Streams one shard chunk by chunk; `emit` returns false when the consumer is gone.
-fn read_shard(path: &Path, spec: &LoaderSpec, views: &mut ChaCha8Rng, emit: &mut dyn FnMut(Item) -> bool) -> anyhow::Result<bool> {
+fn read_shard(
+    path: &Path,
+    spec: &LoaderSpec,
+    views: &mut ChaCha8Rng,
+    emit: &mut dyn FnMut(Item) -> bool,
+) -> anyhow::Result<bool> {
     let ctx = || format!("cache shard {}", path.display());
     let mut reader = ShardReader::open(path).with_context(ctx)?;
     let fields = reader.footer().fields.clone();
@@ -206,8 +256,15 @@ fn read_shard(path: &Path, spec: &LoaderSpec, views: &mut ChaCha8Rng, emit: &mut
             cols.push((i, reader.read_frame(ci, i).with_context(ctx)?));
         }
         for row in 0..chunk.rows {
-            let label = i64::from_le_bytes(labels[row * 8..row * 8 + 8].try_into().expect("8 bytes"));
-            let mut item = Item { label, pixels: vec![], mean: vec![], std: vec![], features: vec![] };
+            let label =
+                i64::from_le_bytes(labels[row * 8..row * 8 + 8].try_into().expect("8 bytes"));
+            let mut item = Item {
+                label,
+                pixels: vec![],
+                mean: vec![],
+                std: vec![],
+                features: vec![],
+            };
             // View count comes from the per-view fields; the image's view 1 is its mirror.
             let n_views = cols
                 .iter()
@@ -223,11 +280,45 @@ fn read_shard(path: &Path, spec: &LoaderSpec, views: &mut ChaCha8Rng, emit: &mut
                 let row_bytes = &bytes[row * rb..(row + 1) * rb];
                 let per_view = rb / f.shape[0].max(1);
                 match f.name.as_str() {
-                    "image" => item.pixels = if view == 1 { mirror(row_bytes, f.shape[0], f.shape[1]) } else { row_bytes.to_vec() },
-                    "vae_mean" => item.mean = to_f32(&row_bytes[view * per_view..(view + 1) * per_view], f.dtype, path, "vae_mean")?,
-                    "vae_std" => item.std = to_f32(&row_bytes[view * per_view..(view + 1) * per_view], f.dtype, path, "vae_std")?,
-                    "features" => item.features = to_f32(&row_bytes[view * per_view..(view + 1) * per_view], f.dtype, path, "features")?,
-                    "features_scale" => scale = Some(to_f32(&row_bytes[view * per_view..(view + 1) * per_view], f.dtype, path, "features_scale")?),
+                    "image" => {
+                        item.pixels = if view == 1 {
+                            mirror(row_bytes, f.shape[0], f.shape[1])
+                        } else {
+                            row_bytes.to_vec()
+                        }
+                    }
+                    "vae_mean" => {
+                        item.mean = to_f32(
+                            &row_bytes[view * per_view..(view + 1) * per_view],
+                            f.dtype,
+                            path,
+                            "vae_mean",
+                        )?
+                    }
+                    "vae_std" => {
+                        item.std = to_f32(
+                            &row_bytes[view * per_view..(view + 1) * per_view],
+                            f.dtype,
+                            path,
+                            "vae_std",
+                        )?
+                    }
+                    "features" => {
+                        item.features = to_f32(
+                            &row_bytes[view * per_view..(view + 1) * per_view],
+                            f.dtype,
+                            path,
+                            "features",
+                        )?
+                    }
+                    "features_scale" => {
+                        scale = Some(to_f32(
+                            &row_bytes[view * per_view..(view + 1) * per_view],
+                            f.dtype,
+                            path,
+                            "features_scale",
+                        )?)
+                    }
                     _ => {}
                 }
             }
@@ -258,11 +349,23 @@ fn mirror(hwc: &[u8], h: usize, w: usize) -> Vec<u8> {
 
 fn to_f32(bytes: &[u8], dtype: DType, path: &Path, field: &str) -> anyhow::Result<Vec<f32>> {
     Ok(match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        DType::Bf16 => bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
         DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
-        other => bail!("cache shard {}: field `{field}` has dtype {other:?}, expected a float type", path.display()),
+        other => bail!(
+            "cache shard {}: field `{field}` has dtype {other:?}, expected a float type",
+            path.display()
+        ),
     })
 }
 
@@ -285,7 +388,12 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn assemble(spec: &LoaderSpec, from: Position, rx: Receiver<anyhow::Result<(Position, Option<Item>)>>, tx: &SyncSender<anyhow::Result<Batch>>) {
+fn assemble(
+    spec: &LoaderSpec,
+    from: Position,
+    rx: Receiver<anyhow::Result<(Position, Option<Item>)>>,
+    tx: &SyncSender<anyhow::Result<Batch>>,
+) {
     let mut pending: Vec<Item> = Vec::with_capacity(spec.batch);
     let mut current_epoch = None;
     let mut batch_index = 0u64;
@@ -311,13 +419,19 @@ fn assemble(spec: &LoaderSpec, from: Position, rx: Receiver<anyhow::Result<(Posi
             continue;
         }
         let items = std::mem::take(&mut pending);
-        let here = Position { epoch: pos.epoch, batch: batch_index };
+        let here = Position {
+            epoch: pos.epoch,
+            batch: batch_index,
+        };
         batch_index += 1;
         // Resuming replays the epoch's order and drops what the run already consumed.
         if here < from {
             continue;
         }
-        let next = Position { epoch: pos.epoch, batch: batch_index };
+        let next = Position {
+            epoch: pos.epoch,
+            batch: batch_index,
+        };
         let batch = build(spec, here, next, items);
         if tx.send(batch).is_err() {
             return;
@@ -325,8 +439,18 @@ fn assemble(spec: &LoaderSpec, from: Position, rx: Receiver<anyhow::Result<(Posi
     }
 }
 
-fn build(spec: &LoaderSpec, here: Position, next: Position, items: Vec<Item>) -> anyhow::Result<Batch> {
-    let mut rng = keyed_rng(spec.seed, here.epoch, spec.split.rank as u64, PURPOSE_BATCH + here.batch);
+fn build(
+    spec: &LoaderSpec,
+    here: Position,
+    next: Position,
+    items: Vec<Item>,
+) -> anyhow::Result<Batch> {
+    let mut rng = keyed_rng(
+        spec.seed,
+        here.epoch,
+        spec.split.rank as u64,
+        PURPOSE_BATCH + here.batch,
+    );
     let [c, h, w] = spec.input_shape;
     let dim = c * h * w;
     let b = items.len();
@@ -354,11 +478,21 @@ fn build(spec: &LoaderSpec, here: Position, next: Position, items: Vec<Item>) ->
     for (v, n) in x.iter_mut().zip(&noise) {
         *v += sigma * n;
     }
-    let y: Vec<i64> = items.iter().map(|it| if uniform(&mut rng) < spec.label_drop { -1 } else { it.label }).collect();
+    let y: Vec<i64> = items
+        .iter()
+        .map(|it| {
+            if uniform(&mut rng) < spec.label_drop {
+                -1
+            } else {
+                it.label
+            }
+        })
+        .collect();
     let to_dev = |t: Tensor| -> Tensor {
         if spec.device.is_cuda() {
             // Pinned host memory lets the copy overlap the running step.
-            t.pin_memory(spec.device).to_device_(spec.device, t.kind(), true, false)
+            t.pin_memory(spec.device)
+                .to_device_(spec.device, t.kind(), true, false)
         } else {
             t
         }
@@ -368,12 +502,26 @@ fn build(spec: &LoaderSpec, here: Position, next: Position, items: Vec<Item>) ->
     let features = match spec.features {
         Some([t, d]) => {
             if items.iter().any(|it| it.features.len() != t * d) {
-                bail!("cache features of epoch {} batch {} are not {t}×{d} per sample", here.epoch, here.batch);
+                bail!(
+                    "cache features of epoch {} batch {} are not {t}×{d} per sample",
+                    here.epoch,
+                    here.batch
+                );
             }
-            let flat: Vec<f32> = items.iter().flat_map(|it| it.features.iter().copied()).collect();
-            Some(to_dev(Tensor::from_slice(&flat).view([b as i64, t as i64, d as i64])))
+            let flat: Vec<f32> = items
+                .iter()
+                .flat_map(|it| it.features.iter().copied())
+                .collect();
+            Some(to_dev(
+                Tensor::from_slice(&flat).view([b as i64, t as i64, d as i64]),
+            ))
         }
         None => None,
     };
-    Ok(Batch { x, y, features, next })
+    Ok(Batch {
+        x,
+        y,
+        features,
+        next,
+    })
 }

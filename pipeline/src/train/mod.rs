@@ -56,7 +56,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.cache {
         overrides.push(format!("train.cache={:?}", dir.display().to_string()));
     }
-    let loaded = crate::config::ConfigArgs { config: args.config.config.clone(), overrides }.load()?;
+    let loaded = crate::config::ConfigArgs {
+        config: args.config.config.clone(),
+        overrides,
+    }
+    .load()?;
     loaded.announce();
     let cfg = loaded.config.clone();
     let tc = &cfg.train;
@@ -67,7 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cache_dir = prepare_cache(&cfg)?;
     let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating run directory {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating run directory {}", args.out.display()))?;
     let ckpt_root = args.out.join("checkpoints");
     let resume_from = if args.resume {
         Some(checkpoint::latest(&ckpt_root)?)
@@ -85,7 +90,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut flow = Model::new(vs.root(), &cfg.model)?;
     let mut ema_vs = nn::VarStore::new(device);
     let mut ema = Model::new(ema_vs.root(), &cfg.model)?;
-    let precision = if device.is_cuda() { Precision::Bf16 } else { Precision::Fp32 };
+    let precision = if device.is_cuda() {
+        Precision::Bf16
+    } else {
+        Precision::Fp32
+    };
     flow.precision = precision;
     ema.precision = precision;
     let mut proj_vs = nn::VarStore::new(device);
@@ -101,23 +110,50 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         params.extend(trainable(&proj_vs, "projector."));
     }
     let mut adam = optim::AdamW::new(params);
-    let mut state = checkpoint::State { step: 0, adam_t: 0, position: Position::default(), nonfinite_total: 0, nonfinite_in_row: 0, seed: tc.seed };
+    let mut state = checkpoint::State {
+        step: 0,
+        adam_t: 0,
+        position: Position::default(),
+        nonfinite_total: 0,
+        nonfinite_in_row: 0,
+        seed: tc.seed,
+    };
     if let Some(dir) = &resume_from {
-        state = restore(dir, &mut vs, &mut ema_vs, &mut proj_vs, head.is_some(), &mut adam)?;
+        state = restore(
+            dir,
+            &mut vs,
+            &mut ema_vs,
+            &mut proj_vs,
+            head.is_some(),
+            &mut adam,
+        )?;
         if state.seed != tc.seed {
-            bail!("{}: checkpoint was trained with seed {}, the config says {}", dir.display(), state.seed, tc.seed);
+            bail!(
+                "{}: checkpoint was trained with seed {}, the config says {}",
+                dir.display(),
+                state.seed,
+                tc.seed
+            );
         }
         tracing::info!("resuming from {} at step {}", dir.display(), state.step);
         truncate_metrics(&args.out.join("metrics.jsonl"), state.step)?;
     } else if args.out.join("metrics.jsonl").exists() {
-        std::fs::remove_file(args.out.join("metrics.jsonl")).context("removing the metrics of an earlier run")?;
+        std::fs::remove_file(args.out.join("metrics.jsonl"))
+            .context("removing the metrics of an earlier run")?;
     }
     let ema_pairs: Vec<(Tensor, Tensor)> = {
         let ev = ema_vs.variables();
-        vs.variables().into_iter().map(|(n, p)| (ev[&n].shallow_clone(), p)).collect()
+        vs.variables()
+            .into_iter()
+            .map(|(n, p)| (ev[&n].shallow_clone(), p))
+            .collect()
     };
 
-    let sigma = if tc.noise_sigma >= 0.0 { tc.noise_sigma } else { cfg.model.noise_std };
+    let sigma = if tc.noise_sigma >= 0.0 {
+        tc.noise_sigma
+    } else {
+        cfg.model.noise_std
+    };
     let m = &cfg.model;
     let spec = LoaderSpec {
         shards,
@@ -130,8 +166,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         latent_scaling: tc.latent_scaling,
         noise_sigma: sigma,
         label_drop: tc.label_drop,
-        features: head.as_ref().map(|_| [m.num_tokens() as usize, cfg.align.encoder_dim as usize]),
-        input_shape: [m.in_channels as usize, m.img_size as usize, m.img_size as usize],
+        features: head
+            .as_ref()
+            .map(|_| [m.num_tokens() as usize, cfg.align.encoder_dim as usize]),
+        input_shape: [
+            m.in_channels as usize,
+            m.img_size as usize,
+            m.img_size as usize,
+        ],
         device,
     };
     let mut data = Loader::start(spec, state.position)?;
@@ -147,7 +189,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: flow.named_tensors(&vs),
             ema: ema.named_tensors(&ema_vs),
             projector: head.as_ref().map(|_| sorted(&proj_vs)),
-            moments: adam.slots.iter().flat_map(|(n, _, mm, v)| [(format!("m.{n}"), mm.shallow_clone()), (format!("v.{n}"), v.shallow_clone())]).collect(),
+            moments: adam
+                .slots
+                .iter()
+                .flat_map(|(n, _, mm, v)| {
+                    [
+                        (format!("m.{n}"), mm.shallow_clone()),
+                        (format!("v.{n}"), v.shallow_clone()),
+                    ]
+                })
+                .collect(),
             model_toml: &model_toml,
             state,
         };
@@ -159,9 +210,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     while state.step < stop {
         let step_start = Instant::now();
         let batch = data.next()?;
-        let x = if args.inject_nan_at.contains(&state.step) { batch.x.full_like(f64::NAN) } else { batch.x.shallow_clone() };
+        let x = if args.inject_nan_at.contains(&state.step) {
+            batch.x.full_like(f64::NAN)
+        } else {
+            batch.x.shallow_clone()
+        };
         let cond = Cond::Labels(&batch.y);
-        let capture = head.as_ref().map(|h| h.forward_capture()).unwrap_or_default();
+        let capture = head
+            .as_ref()
+            .map(|h| h.forward_capture())
+            .unwrap_or_default();
         let out = flow.forward(&x, &cond, &capture);
         let nll = tarflow::nll(&out);
         let cosines = match (&head, &batch.features) {
@@ -190,9 +248,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             state.nonfinite_total += 1;
             state.nonfinite_in_row += 1;
-            tracing::warn!("step {}: non-finite loss {loss_value}, step skipped ({} in a row)", state.step, state.nonfinite_in_row);
+            tracing::warn!(
+                "step {}: non-finite loss {loss_value}, step skipped ({} in a row)",
+                state.step,
+                state.nonfinite_in_row
+            );
             if state.nonfinite_in_row >= tc.max_nonfinite_in_row {
-                let good = last_good.as_ref().map_or("none yet".to_string(), |p| p.display().to_string());
+                let good = last_good
+                    .as_ref()
+                    .map_or("none yet".to_string(), |p| p.display().to_string());
                 bail!(
                     "{} non-finite losses in a row (last at step {}); stopping. The last good checkpoint is {good}; \
                      resume from it with --resume after lowering train.lr or setting train.clip_grad",
@@ -237,7 +301,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if tc.sample_every > 0 && state.step % tc.sample_every == 0 {
             write_samples(&ema, &args.out.join("samples"), state.step, tc)?;
         }
-        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || state.step == stop {
+        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || state.step == stop
+        {
             last_good = Some(save(&state, &adam)?);
         }
         progress.set(state.step);
@@ -255,7 +320,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn trainable(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).map(|(n, t)| (format!("{prefix}{n}"), t)).collect();
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| (format!("{prefix}{n}"), t))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -275,7 +345,10 @@ fn restore(
     adam: &mut optim::AdamW,
 ) -> anyhow::Result<checkpoint::State> {
     let mask = |n: &str| n.starts_with("blocks.") && n.ends_with(".attn_mask");
-    for (file, store) in [("model.safetensors", &mut *vs), ("ema.safetensors", &mut *ema_vs)] {
+    for (file, store) in [
+        ("model.safetensors", &mut *vs),
+        ("ema.safetensors", &mut *ema_vs),
+    ] {
         let path = dir.join(file);
         let tensors = model::weights::read_safetensors(&path)?;
         model::weights::load_into(store, &tensors, &path, &mask)?;
@@ -283,18 +356,34 @@ fn restore(
     let proj = dir.join("projector.safetensors");
     match (has_projector, proj.exists()) {
         (true, true) => model::weights::load_strict(proj_vs, &proj, &|_| false)?,
-        (true, false) => bail!("{}: the config aligns but the checkpoint has no projector.safetensors", dir.display()),
-        (false, true) => bail!("{}: the checkpoint has a projector but align.mode = none", dir.display()),
+        (true, false) => bail!(
+            "{}: the config aligns but the checkpoint has no projector.safetensors",
+            dir.display()
+        ),
+        (false, true) => bail!(
+            "{}: the checkpoint has a projector but align.mode = none",
+            dir.display()
+        ),
         (false, false) => {}
     }
     let path = dir.join("state.safetensors");
     let moments = model::weights::read_safetensors(&path)?;
     tch::no_grad(|| -> anyhow::Result<()> {
         for (name, _, m, v) in &mut adam.slots {
-            for (key, dst) in [(format!("m.{name}"), &mut *m), (format!("v.{name}"), &mut *v)] {
-                let src = moments.get(&key).with_context(|| format!("{}: optimizer moment `{key}` is missing", path.display()))?;
+            for (key, dst) in [
+                (format!("m.{name}"), &mut *m),
+                (format!("v.{name}"), &mut *v),
+            ] {
+                let src = moments.get(&key).with_context(|| {
+                    format!("{}: optimizer moment `{key}` is missing", path.display())
+                })?;
                 if src.size() != dst.size() {
-                    bail!("{}: `{key}` has shape {:?}, expected {:?}", path.display(), src.size(), dst.size());
+                    bail!(
+                        "{}: `{key}` has shape {:?}, expected {:?}",
+                        path.display(),
+                        src.size(),
+                        dst.size()
+                    );
                 }
                 dst.copy_(src);
             }
@@ -308,10 +397,17 @@ fn restore(
 
 /// Keeps the metric lines up to `step`, so a resumed run's log reads as one run.
 fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     stages::atomic::write_bytes_atomic(path, kept.as_bytes())?;
@@ -334,11 +430,17 @@ fn prepare_cache(cfg: &crate::config::Config) -> anyhow::Result<PathBuf> {
     if split.world > 1 {
         // Ranks would start training before the others finished their share: precompute first.
         if !stages::cache::Manifest::path(&dir).exists() {
-            bail!("no cache at {} for this config: run `pipeline precompute` on every rank first", dir.display());
+            bail!(
+                "no cache at {} for this config: run `pipeline precompute` on every rank first",
+                dir.display()
+            );
         }
         return Ok(dir);
     }
-    tracing::info!("cache {}: precomputing the shards it lacks (the rest is reused)", dir.display());
+    tracing::info!(
+        "cache {}: precomputing the shards it lacks (the rest is reused)",
+        dir.display()
+    );
     let out = crate::precompute::precompute(cfg, &dir, &settings, split)?;
     println!(
         "train: cache {}: precomputed {} shards ({} samples), reused {}",
@@ -359,30 +461,57 @@ fn locate_cache(dir: &Path) -> anyhow::Result<PathBuf> {
     if !dir.exists() {
         bail!("no precompute cache at {}: {hint}", dir.display());
     }
-    let found: Vec<PathBuf> = stages::cache::maintenance::fingerprint_dirs(dir)?.into_iter().filter(|d| stages::cache::Manifest::path(d).exists()).collect();
+    let found: Vec<PathBuf> = stages::cache::maintenance::fingerprint_dirs(dir)?
+        .into_iter()
+        .filter(|d| stages::cache::Manifest::path(d).exists())
+        .collect();
     match found.len() {
-        0 => bail!("{} holds no precompute cache (no manifest.json): {hint}", dir.display()),
+        0 => bail!(
+            "{} holds no precompute cache (no manifest.json): {hint}",
+            dir.display()
+        ),
         1 => Ok(found.into_iter().next().expect("one")),
         _ => bail!(
             "{} holds {} caches ({}); pass the one to train on as --cache ROOT/FINGERPRINT",
             dir.display(),
             found.len(),
-            found.iter().map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", ")
+            found
+                .iter()
+                .map(|d| d
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
 
 /// The cache shard files for the configured source shards (all cached ones when `spec` is empty).
 fn cache_shards(dir: &Path, spec: &str) -> anyhow::Result<Vec<PathBuf>> {
-    let manifest = stages::cache::Manifest::load(dir)?.with_context(|| format!("{}: no manifest.json", dir.display()))?;
-    let base = |s: &str| Path::new(s).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| s.to_string());
-    let by_base: std::collections::BTreeMap<String, &stages::cache::ManifestShard> = manifest.shards.iter().map(|(k, v)| (base(k), v)).collect();
+    let manifest = stages::cache::Manifest::load(dir)?
+        .with_context(|| format!("{}: no manifest.json", dir.display()))?;
+    let base = |s: &str| {
+        Path::new(s)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| s.to_string())
+    };
+    let by_base: std::collections::BTreeMap<String, &stages::cache::ManifestShard> =
+        manifest.shards.iter().map(|(k, v)| (base(k), v)).collect();
     let wanted: Vec<String> = if spec.trim().is_empty() {
         by_base.keys().cloned().collect()
     } else {
-        stages::shardspec::expand_shard_spec(spec)?.iter().map(|s| base(s)).collect()
+        stages::shardspec::expand_shard_spec(spec)?
+            .iter()
+            .map(|s| base(s))
+            .collect()
     };
-    let missing: Vec<&String> = wanted.iter().filter(|w| !by_base.contains_key(*w)).collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|w| !by_base.contains_key(*w))
+        .collect();
     if !missing.is_empty() {
         let list: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
         bail!(
@@ -412,7 +541,9 @@ fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow
     let classes = ema.cfg.num_classes.max(1);
     let y = Tensor::arange(n, (Kind::Int64, ema.device())).remainder(classes);
     let y = (ema.cfg.num_classes > 0).then_some(y);
-    let out = tch::no_grad(|| tarflow::sample::sample(ema, n, y.as_ref(), &Default::default(), tc.seed, 10));
+    let out = tch::no_grad(|| {
+        tarflow::sample::sample(ema, n, y.as_ref(), &Default::default(), tc.seed, 10)
+    });
     let x = match out {
         Ok(s) => s.x.to_device(Device::Cpu).to_kind(Kind::Float),
         Err(e) => {
@@ -422,13 +553,18 @@ fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow
     };
     let name = format!("step-{step:08}");
     if tc.latent || ema.cfg.in_channels != 3 {
-        model::weights::save_atomic(&[("latents".to_string(), x)], &dir.join(format!("{name}.safetensors")))?;
+        model::weights::save_atomic(
+            &[("latents".to_string(), x)],
+            &dir.join(format!("{name}.safetensors")),
+        )?;
         return Ok(());
     }
     let cols = (n as f64).sqrt().ceil() as i64;
     let rows = (n + cols - 1) / cols;
     let s = ema.cfg.img_size;
-    let img = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8);
+    let img = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5)
+        .round()
+        .to_kind(Kind::Uint8);
     let mut grid = image::RgbImage::new((cols * s) as u32, (rows * s) as u32);
     let flat: Vec<u8> = Vec::<u8>::try_from(img.permute([0, 2, 3, 1]).contiguous().flatten(0, -1))?;
     for k in 0..n {
@@ -436,12 +572,17 @@ fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow
         for yy in 0..s {
             for xx in 0..s {
                 let o = (((k * s + yy) * s + xx) * 3) as usize;
-                grid.put_pixel((gx + xx) as u32, (gy + yy) as u32, image::Rgb([flat[o], flat[o + 1], flat[o + 2]]));
+                grid.put_pixel(
+                    (gx + xx) as u32,
+                    (gy + yy) as u32,
+                    image::Rgb([flat[o], flat[o + 1], flat[o + 2]]),
+                );
             }
         }
     }
     let mut bytes = std::io::Cursor::new(Vec::new());
-    grid.write_to(&mut bytes, image::ImageFormat::Png).context("encoding the sample grid")?;
+    grid.write_to(&mut bytes, image::ImageFormat::Png)
+        .context("encoding the sample grid")?;
     stages::atomic::write_bytes_atomic(&dir.join(format!("{name}.png")), bytes.get_ref())?;
     Ok(())
 }

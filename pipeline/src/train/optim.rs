@@ -34,11 +34,19 @@ impl AdamW {
 
     /// The global L2 norm of the gradients; scales them down to `max_norm` when that is positive.
     pub fn clip(&mut self, max_norm: f64) -> f64 {
-        let norms: Vec<Tensor> = self.slots.iter().filter(|s| s.1.grad().defined()).map(|s| s.1.grad().square().sum(Kind::Float)).collect();
+        let norms: Vec<Tensor> = self
+            .slots
+            .iter()
+            .filter(|s| s.1.grad().defined())
+            .map(|s| s.1.grad().square().sum(Kind::Float))
+            .collect();
         if norms.is_empty() {
             return 0.0;
         }
-        let total = Tensor::stack(&norms, 0).sum(Kind::Float).sqrt().double_value(&[]);
+        let total = Tensor::stack(&norms, 0)
+            .sum(Kind::Float)
+            .sqrt()
+            .double_value(&[]);
         if max_norm > 0.0 && total > max_norm {
             let coef = max_norm / (total + 1e-6);
             tch::no_grad(|| {

@@ -21,14 +21,20 @@ impl CacheLock {
     pub fn acquire(dir: &Path, timeout: Duration, on_wait: &dyn Fn(&str)) -> Result<CacheLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(LOCK_NAME);
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         let started = Instant::now();
         let mut told = false;
         loop {
             match file.try_lock() {
                 Ok(()) => break,
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    let owner = std::fs::read_to_string(dir.join(OWNER_NAME)).unwrap_or_else(|_| "unknown".into());
+                    let owner = std::fs::read_to_string(dir.join(OWNER_NAME))
+                        .unwrap_or_else(|_| "unknown".into());
                     if !told {
                         on_wait(owner.trim());
                         told = true;
@@ -48,7 +54,8 @@ impl CacheLock {
         }
         let owner_path = dir.join(OWNER_NAME);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let _ = File::create(&owner_path).and_then(|mut f| write!(f, "pid {} on {}", std::process::id(), host.trim()));
+        let _ = File::create(&owner_path)
+            .and_then(|mut f| write!(f, "pid {} on {}", std::process::id(), host.trim()));
         Ok(CacheLock { file, path })
     }
 
@@ -72,9 +79,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let held = CacheLock::acquire(dir.path(), Duration::ZERO, &|_| {}).unwrap();
         let seen = std::sync::Mutex::new(String::new());
-        let err = CacheLock::acquire(dir.path(), Duration::from_millis(200), &|o| *seen.lock().unwrap() = o.to_string())
-            .err()
-            .unwrap();
+        let err = CacheLock::acquire(dir.path(), Duration::from_millis(200), &|o| {
+            *seen.lock().unwrap() = o.to_string()
+        })
+        .err()
+        .unwrap();
         let pid = format!("pid {}", std::process::id());
         assert!(seen.lock().unwrap().contains(&pid));
         assert!(err.to_string().contains(&pid), "{err}");

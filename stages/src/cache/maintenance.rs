@@ -34,19 +34,24 @@ pub struct VerifyReport {
 /// Recomputes every shard's checksum against the manifest and opens it; reports missing, resized,
 /// corrupt and unrecorded shards and requested-but-absent sources.
 pub fn verify(dir: &Path) -> Result<VerifyReport> {
-    let manifest = Manifest::load(dir)?.ok_or_else(|| Error::Invalid(format!("{}: no manifest", dir.display())))?;
+    let manifest = Manifest::load(dir)?
+        .ok_or_else(|| Error::Invalid(format!("{}: no manifest", dir.display())))?;
     let mut report = VerifyReport::default();
     for entry in manifest.shards.values() {
         report.checked += 1;
         let path = dir.join(&entry.file);
         let problem = match std::fs::metadata(&path) {
             Err(_) => Some("missing".to_string()),
-            Ok(meta) if meta.len() != entry.summary.bytes => {
-                Some(format!("size {} but the manifest says {}", meta.len(), entry.summary.bytes))
-            }
+            Ok(meta) if meta.len() != entry.summary.bytes => Some(format!(
+                "size {} but the manifest says {}",
+                meta.len(),
+                entry.summary.bytes
+            )),
             Ok(_) => match file_blake3(&path) {
                 Err(e) => Some(e.to_string()),
-                Ok(hash) if hash != entry.summary.blake3 => Some("checksum mismatch (corrupt)".to_string()),
+                Ok(hash) if hash != entry.summary.blake3 => {
+                    Some("checksum mismatch (corrupt)".to_string())
+                }
                 Ok(_) => match ShardReader::open(&path) {
                     Err(e) => Some(e.to_string()),
                     Ok(reader) if reader.n_samples() != entry.summary.samples => Some(format!(
@@ -63,7 +68,10 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         }
     }
     for missing in manifest.missing() {
-        report.problems.push((missing.to_string(), "requested source shard has no cache shard".to_string()));
+        report.problems.push((
+            missing.to_string(),
+            "requested source shard has no cache shard".to_string(),
+        ));
     }
     Ok(report)
 }
@@ -72,12 +80,17 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
 /// crash between rename and manifest update); returns what was removed.
 pub fn remove_partial(dir: &Path) -> Result<Vec<PathBuf>> {
     let manifest = Manifest::load(dir)?;
-    let recorded: std::collections::HashSet<String> =
-        manifest.iter().flat_map(|m| m.shards.values().map(|s| s.file.clone())).collect();
+    let recorded: std::collections::HashSet<String> = manifest
+        .iter()
+        .flat_map(|m| m.shards.values().map(|s| s.file.clone()))
+        .collect();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let stale_temp = name
             .rsplit_once(".tmp-")
             .and_then(|(_, pid)| pid.parse::<u32>().ok())
@@ -101,13 +114,27 @@ mod tests {
         let mut entries = Vec::new();
         for name in names {
             let file = format!("{name}.fbc");
-            let mut w = ShardWriter::create(&dir.join(&file), vec![FieldSpec::new("label", DType::I64, &[])], 2, 1).unwrap();
+            let mut w = ShardWriter::create(
+                &dir.join(&file),
+                vec![FieldSpec::new("label", DType::I64, &[])],
+                2,
+                1,
+            )
+            .unwrap();
             for i in 0..3i64 {
                 w.push(&format!("{i}"), &[&i.to_le_bytes()]).unwrap();
             }
             let summary = w.finish(serde_json::json!({})).unwrap();
-            let source = SourceShard { name: format!("{name}.tar"), size: 1, content_hash: "h".into() };
-            entries.push(ManifestShard { file, source, summary });
+            let source = SourceShard {
+                name: format!("{name}.tar"),
+                size: 1,
+                content_hash: "h".into(),
+            };
+            entries.push(ManifestShard {
+                file,
+                source,
+                summary,
+            });
         }
         Manifest::record(dir, &settings, entries).unwrap();
         settings

@@ -85,7 +85,11 @@ impl Manifest {
 
     /// Records finished shards: under the caller's [`super::CacheLock`], re-reads the manifest on disk
     /// (another rank may have added shards), adds `entries` and writes it back atomically.
-    pub fn record(dir: &Path, settings: &serde_json::Value, entries: Vec<ManifestShard>) -> Result<Manifest> {
+    pub fn record(
+        dir: &Path,
+        settings: &serde_json::Value,
+        entries: Vec<ManifestShard>,
+    ) -> Result<Manifest> {
         let mut manifest = Self::load(dir)?.unwrap_or_else(|| Manifest::new(settings.clone()));
         if manifest.fingerprint != fingerprint(settings) {
             return Err(Error::Invalid(format!(
@@ -104,7 +108,11 @@ impl Manifest {
 
     /// Requested source shards that have no cache shard yet.
     pub fn missing(&self) -> Vec<&str> {
-        self.requested.iter().filter(|r| !self.shards.contains_key(*r)).map(String::as_str).collect()
+        self.requested
+            .iter()
+            .filter(|r| !self.shards.contains_key(*r))
+            .map(String::as_str)
+            .collect()
     }
 
     pub fn total_samples(&self) -> usize {
@@ -123,8 +131,16 @@ mod tests {
     fn entry(name: &str) -> ManifestShard {
         ManifestShard {
             file: format!("{name}.fbc"),
-            source: SourceShard { name: name.into(), size: 1, content_hash: "h".into() },
-            summary: ShardSummary { samples: 3, bytes: 10, blake3: "b".into() },
+            source: SourceShard {
+                name: name.into(),
+                size: 1,
+                content_hash: "h".into(),
+            },
+            summary: ShardSummary {
+                samples: 3,
+                bytes: 10,
+                blake3: "b".into(),
+            },
         }
     }
 
@@ -133,7 +149,10 @@ mod tests {
         let a = serde_json::json!({"crop": 256, "views": 2});
         let b: serde_json::Value = serde_json::from_str(r#"{"views": 2, "crop": 256}"#).unwrap();
         assert_eq!(fingerprint(&a), fingerprint(&b));
-        assert_ne!(fingerprint(&a), fingerprint(&serde_json::json!({"crop": 64, "views": 2})));
+        assert_ne!(
+            fingerprint(&a),
+            fingerprint(&serde_json::json!({"crop": 64, "views": 2}))
+        );
     }
 
     #[test]

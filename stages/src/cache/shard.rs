@@ -62,7 +62,11 @@ pub struct FieldSpec {
 
 impl FieldSpec {
     pub fn new(name: &str, dtype: DType, shape: &[usize]) -> Self {
-        FieldSpec { name: name.to_string(), dtype, shape: shape.to_vec() }
+        FieldSpec {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        }
     }
 
     /// Bytes of one sample's value.
@@ -119,9 +123,17 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub fn create(path: &Path, fields: Vec<FieldSpec>, chunk_rows: usize, level: i32) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        fields: Vec<FieldSpec>,
+        chunk_rows: usize,
+        level: i32,
+    ) -> Result<Self> {
         if fields.is_empty() || chunk_rows == 0 {
-            return Err(Error::Invalid(format!("{}: a cache shard needs fields and chunk_rows > 0", path.display())));
+            return Err(Error::Invalid(format!(
+                "{}: a cache shard needs fields and chunk_rows > 0",
+                path.display()
+            )));
         }
         let tmp = temp_path(path);
         let file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -146,13 +158,21 @@ impl ShardWriter {
     /// Appends one sample: `values[i]` holds the raw little-endian bytes of field `i`.
     pub fn push(&mut self, key: &str, values: &[&[u8]]) -> Result<()> {
         if values.len() != self.fields.len() {
-            return Err(self.invalid(key, format!("{} values for {} fields", values.len(), self.fields.len())));
+            return Err(self.invalid(
+                key,
+                format!("{} values for {} fields", values.len(), self.fields.len()),
+            ));
         }
         for (field, value) in self.fields.iter().zip(values) {
             if value.len() != field.row_bytes() {
                 return Err(self.invalid(
                     key,
-                    format!("field {} has {} bytes, expected {}", field.name, value.len(), field.row_bytes()),
+                    format!(
+                        "field {} has {} bytes, expected {}",
+                        field.name,
+                        value.len(),
+                        field.row_bytes()
+                    ),
                 ));
             }
         }
@@ -188,16 +208,26 @@ impl ShardWriter {
         self.write_raw(footer_hash.as_bytes())?;
         self.write_raw(MAGIC)?;
         let out = self.out.take().expect("writer open");
-        let file = out.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
         if let Some(dir) = self.path.parent() {
-            if let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+            if let Ok(d) = File::open(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            }) {
                 let _ = d.sync_all();
             }
         }
-        Ok(ShardSummary { samples: footer.keys.len(), bytes: self.offset, blake3: self.hasher.finalize().to_hex().to_string() })
+        Ok(ShardSummary {
+            samples: footer.keys.len(),
+            bytes: self.offset,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+        })
     }
 
     fn flush_chunk(&mut self) -> Result<()> {
@@ -208,12 +238,17 @@ impl ShardWriter {
         let mut frame_blake3 = Vec::with_capacity(self.fields.len());
         for i in 0..self.pending.len() {
             let raw = std::mem::take(&mut self.pending[i]);
-            let compressed = compress_frame(&raw, self.level).map_err(|e| Error::io(&self.tmp, e))?;
+            let compressed =
+                compress_frame(&raw, self.level).map_err(|e| Error::io(&self.tmp, e))?;
             frames.push((self.offset, compressed.len() as u64));
             frame_blake3.push(blake3::hash(&compressed).to_hex().to_string());
             self.write_raw(&compressed)?;
         }
-        self.chunks.push(ChunkIndex { rows: self.pending_rows, frames, frame_blake3 });
+        self.chunks.push(ChunkIndex {
+            rows: self.pending_rows,
+            frames,
+            frame_blake3,
+        });
         self.pending_rows = 0;
         Ok(())
     }
@@ -227,7 +262,11 @@ impl ShardWriter {
     }
 
     fn invalid(&self, key: &str, message: String) -> Error {
-        Error::Sample { shard: self.path.display().to_string(), key: key.to_string(), message }
+        Error::Sample {
+            shard: self.path.display().to_string(),
+            key: key.to_string(),
+            message,
+        }
     }
 }
 
@@ -259,7 +298,8 @@ pub struct ShardReader {
 
 impl ShardReader {
     pub fn open(path: &Path) -> Result<Self> {
-        let corrupt = |what: &str| Error::Invalid(format!("{}: corrupt cache shard: {what}", path.display()));
+        let corrupt =
+            |what: &str| Error::Invalid(format!("{}: corrupt cache shard: {what}", path.display()));
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < MAGIC.len() as u64 + TRAILER_LEN {
@@ -268,8 +308,10 @@ impl ShardReader {
         let mut head = [0u8; 8];
         file.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
         let mut trailer = [0u8; TRAILER_LEN as usize];
-        file.seek(SeekFrom::End(-(TRAILER_LEN as i64))).map_err(|e| Error::io(path, e))?;
-        file.read_exact(&mut trailer).map_err(|e| Error::io(path, e))?;
+        file.seek(SeekFrom::End(-(TRAILER_LEN as i64)))
+            .map_err(|e| Error::io(path, e))?;
+        file.read_exact(&mut trailer)
+            .map_err(|e| Error::io(path, e))?;
         if &head != MAGIC || &trailer[40..] != MAGIC {
             return Err(corrupt("bad magic"));
         }
@@ -278,16 +320,25 @@ impl ShardReader {
             return Err(corrupt("footer length out of range"));
         }
         let mut json = vec![0u8; footer_len as usize];
-        file.seek(SeekFrom::Start(len - TRAILER_LEN - footer_len)).map_err(|e| Error::io(path, e))?;
+        file.seek(SeekFrom::Start(len - TRAILER_LEN - footer_len))
+            .map_err(|e| Error::io(path, e))?;
         file.read_exact(&mut json).map_err(|e| Error::io(path, e))?;
         if blake3::hash(&json).as_bytes() != &trailer[8..40] {
             return Err(corrupt("footer checksum mismatch"));
         }
-        let footer: Footer = serde_json::from_slice(&json).map_err(|e| corrupt(&format!("footer: {e}")))?;
+        let footer: Footer =
+            serde_json::from_slice(&json).map_err(|e| corrupt(&format!("footer: {e}")))?;
         if footer.format_version != FORMAT_VERSION {
-            return Err(corrupt(&format!("format version {} (this build reads {FORMAT_VERSION})", footer.format_version)));
+            return Err(corrupt(&format!(
+                "format version {} (this build reads {FORMAT_VERSION})",
+                footer.format_version
+            )));
         }
-        Ok(ShardReader { path: path.to_path_buf(), file, footer })
+        Ok(ShardReader {
+            path: path.to_path_buf(),
+            file,
+            footer,
+        })
     }
 
     pub fn footer(&self) -> &Footer {
@@ -299,9 +350,16 @@ impl ShardReader {
     }
 
     pub fn field_index(&self, name: &str) -> Result<usize> {
-        self.footer.fields.iter().position(|f| f.name == name).ok_or_else(|| {
-            Error::Invalid(format!("{}: cache shard has no field `{name}`", self.path.display()))
-        })
+        self.footer
+            .fields
+            .iter()
+            .position(|f| f.name == name)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: cache shard has no field `{name}`",
+                    self.path.display()
+                ))
+            })
     }
 
     /// Decompresses field `field` of chunk `chunk`: `rows × row_bytes` bytes.
@@ -311,9 +369,15 @@ impl ShardReader {
         let (offset, length) = index.frames[field];
         let expected = index.rows * spec.row_bytes();
         let mut compressed = vec![0u8; length as usize];
-        self.file.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&self.path, e))?;
-        self.file.read_exact(&mut compressed).map_err(|e| Error::io(&self.path, e))?;
-        if index.frame_blake3.get(field).map(String::as_str) != Some(blake3::hash(&compressed).to_hex().as_str()) {
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.file
+            .read_exact(&mut compressed)
+            .map_err(|e| Error::io(&self.path, e))?;
+        if index.frame_blake3.get(field).map(String::as_str)
+            != Some(blake3::hash(&compressed).to_hex().as_str())
+        {
             return Err(Error::Invalid(format!(
                 "{}: corrupt cache shard: chunk {chunk} field {}: checksum mismatch",
                 self.path.display(),
@@ -323,7 +387,11 @@ impl ShardReader {
         // One-shot decompression into a buffer of the known size (a frame that would overflow it is an
         // error): twice as fast as the streaming decoder on these frames.
         let raw = zstd::bulk::decompress(&compressed, expected).map_err(|e| {
-            Error::Invalid(format!("{}: corrupt cache shard: chunk {chunk} field {}: {e}", self.path.display(), spec.name))
+            Error::Invalid(format!(
+                "{}: corrupt cache shard: chunk {chunk} field {}: {e}",
+                self.path.display(),
+                spec.name
+            ))
         })?;
         if raw.len() != expected {
             return Err(Error::Invalid(format!(
@@ -367,14 +435,19 @@ mod tests {
     use super::*;
 
     fn fields() -> Vec<FieldSpec> {
-        vec![FieldSpec::new("label", DType::I64, &[]), FieldSpec::new("latent", DType::F32, &[2, 3])]
+        vec![
+            FieldSpec::new("label", DType::I64, &[]),
+            FieldSpec::new("latent", DType::F32, &[2, 3]),
+        ]
     }
 
     fn write(path: &Path, n: usize) -> ShardSummary {
         let mut w = ShardWriter::create(path, fields(), 4, 3).unwrap();
         for i in 0..n {
             let label = (i as i64).to_le_bytes();
-            let latent: Vec<u8> = (0..6).flat_map(|j| (i as f32 * 10.0 + j as f32).to_le_bytes()).collect();
+            let latent: Vec<u8> = (0..6)
+                .flat_map(|j| (i as f32 * 10.0 + j as f32).to_le_bytes())
+                .collect();
             w.push(&format!("{i:06}"), &[&label, &latent]).unwrap();
         }
         w.finish(serde_json::json!({"source": "x.tar"})).unwrap()
@@ -389,9 +462,14 @@ mod tests {
         assert_eq!(summary.bytes, std::fs::metadata(&path).unwrap().len());
         assert_eq!(summary.blake3, file_blake3(&path).unwrap());
         let mut r = ShardReader::open(&path).unwrap();
-        assert_eq!(r.footer().chunks.iter().map(|c| c.rows).collect::<Vec<_>>(), [4, 4, 2]);
+        assert_eq!(
+            r.footer().chunks.iter().map(|c| c.rows).collect::<Vec<_>>(),
+            [4, 4, 2]
+        );
         let latent = r.read_field("latent").unwrap();
-        let value = |i: usize, j: usize| f32::from_le_bytes(latent[(i * 6 + j) * 4..][..4].try_into().unwrap());
+        let value = |i: usize, j: usize| {
+            f32::from_le_bytes(latent[(i * 6 + j) * 4..][..4].try_into().unwrap())
+        };
         assert_eq!(value(9, 5), 95.0);
         assert_eq!(r.footer().keys[7], "000007");
         assert!(r.read_field("nope").is_err());
@@ -413,7 +491,11 @@ mod tests {
                 Ok(())
             });
             // A flip anywhere, even in header bits zstd ignores, must surface as an error.
-            assert!(outcome.is_err(), "flip at byte {pos} of {} went unnoticed", good.len());
+            assert!(
+                outcome.is_err(),
+                "flip at byte {pos} of {} went unnoticed",
+                good.len()
+            );
         }
     }
 
@@ -423,7 +505,11 @@ mod tests {
         let path = dir.path().join("a.fbc");
         let mut w = ShardWriter::create(&path, fields(), 4, 3).unwrap();
         w.push("k", &[&0i64.to_le_bytes(), &[0u8; 24]]).unwrap();
-        assert!(w.push("bad", &[&[0u8; 3], &[0u8; 24]]).unwrap_err().to_string().contains("key bad"));
+        assert!(w
+            .push("bad", &[&[0u8; 3], &[0u8; 24]])
+            .unwrap_err()
+            .to_string()
+            .contains("key bad"));
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
