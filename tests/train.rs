@@ -294,6 +294,8 @@ fn resume_matches_an_uninterrupted_latent_run_bit_for_bit() {
         "--set",
         "train.steps=24",
         "--set",
+        "train.latent_scaling=0.18215",
+        "--set",
         "train.metrics_every=1",
         "--set",
         "train.checkpoint_every=5",

@@ -26,6 +26,10 @@ pub struct Args {
     /// Classify at most this many images
     #[arg(long)]
     limit: Option<usize>,
+    /// `gradient`: FlowBack's one forward + one backward pass on class-mixing logits; `bayes`: the
+    /// Bayes-rule baseline, argmax over K class-conditional log-likelihoods (K forward passes)
+    #[arg(long, default_value = "gradient", value_parser = ["gradient", "bayes"])]
+    method: String,
     /// Output directory for predictions.csv, confusion.csv and summary.json
     #[arg(long)]
     out: PathBuf,
@@ -70,7 +74,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     args.data
                 );
             }
-            let out = model::tarflow::classify::classify(model, &batch.x)?;
+            let out = match args.method.as_str() {
+                "bayes" => model::tarflow::classify::classify_bayes(model, &batch.x)?,
+                _ => model::tarflow::classify::classify(model, &batch.x)?,
+            };
             let scores = out.scores.to_device(Device::Cpu).to_kind(Kind::Float);
             let (values, indices) = scores.topk(top, -1, true, true);
             for (row, (id, &label)) in batch.ids.iter().zip(&batch.labels).enumerate() {
@@ -120,7 +127,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let confusion = args.out.join("confusion.csv");
     stages::atomic::write_bytes_atomic(&confusion, confusion_csv.as_bytes())?;
 
-    let summary = summarise(&tally, k, top);
+    let mut summary = summarise(&tally, k, top);
+    summary["method"] = serde_json::Value::from(args.method.as_str());
     let summary_path = args.out.join("summary.json");
     stages::atomic::write_bytes_atomic(
         &summary_path,
@@ -132,10 +140,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         1.0 / k as f64,
     );
     println!(
-        "classified {} images from {} with {}",
+        "classified {} images from {} with {} ({} method)",
         tally.n,
         args.data,
-        trained.checkpoint.display()
+        trained.checkpoint.display(),
+        args.method
     );
     println!(
         "top-1 accuracy: {:.2}% ({:.1}x chance {:.2}%)",

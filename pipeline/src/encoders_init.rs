@@ -61,12 +61,15 @@ fn tiny_dinov2() -> dinov2::Config {
     }
 }
 
-/// Four levels (downsample 8, like SD) of 8–16 channels, one resnet each.
+/// Four levels (downsample 8, like SD) of 8–16 channels, one resnet each. The scaling factor follows
+/// the rule that gave SD its 0.18215 (1 / std of the posterior means): this random VAE's means have
+/// std ≈ 0.66 on the demo images.
 fn tiny_vae() -> vae::Config {
     vae::Config {
         block_out_channels: vec![8, 8, 16, 16],
         layers_per_block: 1,
         norm_num_groups: 4,
+        scaling_factor: 1.5,
         ..vae::Config::sd_vae()
     }
 }
@@ -94,6 +97,22 @@ fn randomise(vs: &nn::VarStore) {
             } else {
                 t.copy_(&(Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu)) * 0.02));
             }
+        }
+    });
+}
+
+/// A trained KL-VAE has a narrow posterior (σ far below the spread of the means); random init gives
+/// logvar ≈ 0, σ ≈ 1, and latents drawn from it would be mostly noise. The log-variance half of
+/// `quant_conv` is therefore made constant: σ = e^(POSTERIOR_LOGVAR/2).
+fn narrow_posterior(vs: &nn::VarStore, latent: i64) {
+    const POSTERIOR_LOGVAR: f64 = -6.0;
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        if let Some(w) = vars.get("quant_conv.weight") {
+            let _ = w.narrow(0, latent, latent).zero_();
+        }
+        if let Some(b) = vars.get("quant_conv.bias") {
+            let _ = b.narrow(0, latent, latent).fill_(POSTERIOR_LOGVAR);
         }
     });
 }
@@ -137,6 +156,7 @@ fn write_vae(c: &vae::Config, dir: &Path) -> anyhow::Result<()> {
     let vs = nn::VarStore::new(Device::Cpu);
     let _net = AutoencoderKl::new(vs.root(), c, AttentionNaming::Current);
     randomise(&vs);
+    narrow_posterior(&vs, c.latent_channels);
     let config = serde_json::json!({
         "_class_name": "AutoencoderKL",
         "in_channels": c.in_channels,

@@ -124,8 +124,16 @@ impl TrainedArgs {
         let vae = match (latent && need_vae, vae_dir) {
             (false, _) => None,
             (true, Some(dir)) => {
-                let vae = AutoencoderKl::from_folder(&dir, device)
+                let mut vae = AutoencoderKl::from_folder(&dir, device)
                     .with_context(|| format!("loading the VAE from {}", dir.display()))?;
+                // The run's own factor wins over the VAE folder's: it is what the flow was trained on.
+                if let Some(scale) = run_config
+                    .as_ref()
+                    .and_then(|t| lookup(t, "train", "latent_scaling"))
+                    .and_then(toml::Value::as_float)
+                {
+                    vae.model.config.scaling_factor = scale;
+                }
                 if vae.model.config.latent_channels != cfg.in_channels {
                     bail!(
                         "VAE {} has {} latent channels, the flow {} takes {}",

@@ -37,3 +37,32 @@ pub fn classify(model: &Model, x: &Tensor) -> Result<Classification, FlowError> 
         scores,
     })
 }
+
+/// Bayes-rule baseline (TARFlow's notebook, spec §5.3): log p(x | k) for every class k, K forward
+/// passes, prediction = argmax. Scores are the per-image log-likelihoods (B, K), constant dropped.
+pub fn classify_bayes(model: &Model, x: &Tensor) -> Result<Classification, FlowError> {
+    let k = model.cfg.num_classes;
+    if k == 0 {
+        return Err(FlowError::Config(
+            "classification needs a class-conditional flow (num_classes > 0)".into(),
+        ));
+    }
+    model.check_input(x)?;
+    let batch = x.size()[0];
+    let x = x.to_kind(Kind::Float).detach();
+    let dims = model.cfg.sample_dim() as f64;
+    let _guard = tch::no_grad_guard();
+    let columns: Vec<Tensor> = (0..k)
+        .map(|class| {
+            let y = Tensor::full([batch], class, (Kind::Int64, x.device()));
+            let out = model.forward(&x, &Cond::Labels(&y), &[]);
+            let per_image = out.z.square().flatten(1, -1).sum_dim_intlist(1, false, Kind::Float);
+            -0.5 * per_image + out.logdet.to_kind(Kind::Float) * dims
+        })
+        .collect();
+    let scores = Tensor::stack(&columns, 1);
+    Ok(Classification {
+        predicted: scores.argmax(-1, false),
+        scores,
+    })
+}

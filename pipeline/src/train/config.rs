@@ -34,8 +34,10 @@ pub struct TrainConfig {
     pub noise_sigma: f64,
     /// Probability of replacing a label by the null class (−1 → mean embedding) for guidance.
     pub label_drop: f64,
-    /// Multiplies the sampled VAE posterior (sd-vae: 0.18215).
-    pub latent_scaling: f64,
+    /// Multiplies the sampled VAE posterior. Unset: the VAE's own `scaling_factor` (config.json of
+    /// `[precompute] vae`; sd-vae: 0.18215), which is also what `sample`/`classify`/`bpd` use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_scaling: Option<f64>,
     /// Train on cached VAE latents rather than cached crops (`--latent` sets it).
     pub latent: bool,
     pub seed: u64,
@@ -79,7 +81,7 @@ impl Default for TrainConfig {
             ema_decay: 0.9999,
             noise_sigma: -1.0,
             label_drop: 0.1,
-            latent_scaling: 0.18215,
+            latent_scaling: None,
             latent: false,
             seed: 0,
             device: "auto".into(),

@@ -56,11 +56,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.cache {
         overrides.push(format!("train.cache={:?}", dir.display().to_string()));
     }
-    let loaded = crate::config::ConfigArgs {
+    let mut loaded = crate::config::ConfigArgs {
         config: args.config.config.clone(),
         overrides,
     }
     .load()?;
+    if loaded.config.train.latent && loaded.config.train.latent_scaling.is_none() {
+        // Resolved once and written into the run's config.toml, so sampling and classification decode
+        // with the factor the flow was trained with.
+        loaded.config.train.latent_scaling = Some(vae_scaling_factor(&loaded.config)?);
+        loaded.effective_toml = toml::to_string_pretty(&loaded.config)?;
+    }
     loaded.announce();
     let cfg = loaded.config.clone();
     let tc = &cfg.train;
@@ -163,7 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         shuffle_buffer: tc.shuffle_buffer,
         prefetch: tc.prefetch,
         latent: tc.latent,
-        latent_scaling: tc.latent_scaling,
+        latent_scaling: tc.latent_scaling.unwrap_or(1.0),
         noise_sigma: sigma,
         label_drop: tc.label_drop,
         features: head
@@ -585,4 +591,15 @@ fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow
         .context("encoding the sample grid")?;
     stages::atomic::write_bytes_atomic(&dir.join(format!("{name}.png")), bytes.get_ref())?;
     Ok(())
+}
+
+/// The `scaling_factor` of the VAE that produced the cache (`[precompute] vae`).
+fn vae_scaling_factor(cfg: &crate::config::Config) -> anyhow::Result<f64> {
+    if cfg.precompute.vae.is_empty() {
+        bail!("latent training needs train.latent_scaling or [precompute] vae (whose config.json has the scaling factor)");
+    }
+    let path = PathBuf::from(&cfg.precompute.vae).join(model::vae::CONFIG_FILE);
+    Ok(model::vae::Config::from_file(&path)
+        .with_context(|| format!("reading the VAE scaling factor from {}", path.display()))?
+        .scaling_factor)
 }
