@@ -18,7 +18,8 @@ jobs=${JOBS:-1}
 here=$(dirname "$0")
 
 if [[ ! -f "$dir/config.toml" ]]; then
-    "$here/../scripts/demo-prepare.sh" "$bin" "$dir" >/dev/null
+    mkdir -p "$dir"
+    "$here/../scripts/demo-prepare.sh" "$bin" "$dir" > "$dir/prepare.log" 2>&1
 fi
 heldout="$dir/heldout/heldout-000000.tar"
 

@@ -278,3 +278,80 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
         "{stdout}"
     );
 }
+
+#[test]
+fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
+    let tmp = tempfile::Builder::new()
+        .prefix("precompute-odd")
+        .tempdir()
+        .unwrap();
+    let root = tmp.path();
+    run_ok(
+        pipeline()
+            .args(["demo-data", "--classes", "4", "--per-class", "6", "--shards", "2"])
+            .args(["--seed", "0", "--odd", "--out"])
+            .arg(root.join("data")),
+    );
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "tiny", "--out"])
+            .arg(root.join("enc")),
+    );
+    let config = root.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[data]\nshards = \"{0}/data/demo-{{000000..000001}}.tar\"\nimage_size = 32\n\n[precompute]\n\
+             encoder = \"{0}/enc/dinov2\"\nvae = \"{0}/enc/vae\"\nbatch_size = 4\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let cache = root.join("cache");
+    // Default max_bad_fraction (0.01): 8 bad of 40 aborts, naming every bad member by shard and key,
+    // after the shards are written.
+    let out = pipeline()
+        .arg("precompute")
+        .arg("--config")
+        .arg(&config)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("bad-input fraction 0.2000 exceeds the limit 0.01")
+            && stderr.contains(
+                "good 32, bad 8 (truncated_image 2, garbage_image 2, missing_label 2, bad_label 2)"
+            ),
+        "{stderr}"
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("data/demo-index.json")).unwrap()).unwrap();
+    let mut bad = 0;
+    for member in index["odd"].as_array().unwrap() {
+        let key = member["key"].as_str().unwrap();
+        let kind = member["kind"].as_str().unwrap();
+        let named = stderr
+            .lines()
+            .any(|l| l.contains("data/demo-00000") && l.contains(&format!("key {key}:")));
+        let broken = matches!(kind, "truncated" | "garbage" | "missing_label" | "bad_label");
+        assert_eq!(named, broken, "{key} ({kind}) named with its shard: {named}\n{stderr}");
+        bad += usize::from(broken);
+    }
+    assert_eq!(bad, 8);
+    let verify = run_ok(pipeline().args(["cache", "verify", "--cache"]).arg(&cache));
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("2 shards checked, 0 bad"),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    // Nothing finished is lost: a rerun that tolerates the bad members reuses both shards.
+    let again = precompute(&config, &cache, &["--set", "data.max_bad_fraction=0.5"]);
+    assert!(again.contains("computed 0 shards") && again.contains("reused 2 shards"), "{again}");
+    let dir = fingerprint_dirs(&cache).remove(0);
+    let manifest = stages::cache::Manifest::load(&dir).unwrap().unwrap();
+    let samples: usize = manifest.shards.values().map(|s| s.summary.samples).sum();
+    assert_eq!(samples, 32);
+}

@@ -499,7 +499,8 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
             "train.steps=2".into(),
             "train.batch=4".into(),
             "train.checkpoint_every=2".into(),
-            "train.sample_every=0".into(),
+            "train.sample_every=2".into(),
+            "train.sample_count=4".into(),
             "train.metrics_every=1".into(),
         ] {
             cmd.arg("--set").arg(set);
@@ -518,4 +519,11 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
     );
     let fingerprints = std::fs::read_dir(root.join("cache")).unwrap().count();
     assert_eq!(fingerprints, 1);
+    // The latent sample grid is decoded by the cache's VAE: 2×2 cells of 64 px (8×8 latents × 8).
+    let grid = image::open(root.join("run1/samples/step-00000002.png")).unwrap();
+    // 2 px padding around and between cells (pipeline/src/grid.rs).
+    assert_eq!((grid.width(), grid.height()), (2 * 64 + 3 * 2, 2 * 64 + 3 * 2));
+    // The resolved latent scaling (the tiny VAE's) is recorded in the run's config.
+    let config = std::fs::read_to_string(root.join("run1/config.toml")).unwrap();
+    assert!(config.contains("latent_scaling = 1.5"), "{config}");
 }

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod encoders;
 pub mod flow;
 pub mod precompute;
+pub mod train;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,6 +23,8 @@ enum BenchCommand {
     Flow(flow::Args),
     /// Precompute stages standalone vs overlapped, encode wait fraction, cache readback vs raw zstd
     Precompute(precompute::Args),
+    /// Training steps/s and data-wait fraction against the cache loader alone
+    Train(train::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Encoders(a) => encoders::run(a),
         BenchCommand::Flow(a) => flow::run(a),
         BenchCommand::Precompute(a) => precompute::run(a),
+        BenchCommand::Train(a) => train::run(a),
     }
 }

@@ -11,6 +11,7 @@ mod demo_data;
 mod encoders;
 mod encoders_init;
 mod flow;
+mod grid;
 mod labelled;
 mod logging;
 mod npz;

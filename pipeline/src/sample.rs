@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance};
 use tch::{Device, Kind, Tensor};
 
+use crate::grid::{encode_png, Grid};
 use crate::npz::{Dtype, NpzWriter};
 use crate::trained::{Trained, TrainedArgs};
 
@@ -62,9 +63,6 @@ pub struct Args {
     #[arg(long)]
     out: PathBuf,
 }
-
-/// Pixels between grid cells (and at the border).
-const GRID_PAD: usize = 2;
 
 /// SplitMix64: decorrelates consecutive (seed, index) keys into independent generator seeds.
 fn mix(mut x: u64) -> u64 {
@@ -174,32 +172,6 @@ fn draw(
     unreachable!("the loop returns or fails on its last attempt")
 }
 
-fn encode_png(image: &[u8], width: usize, height: usize) -> anyhow::Result<Vec<u8>> {
-    use image::ImageEncoder;
-    let mut out = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut out).write_image(
-        image,
-        width as u32,
-        height as u32,
-        image::ExtendedColorType::Rgb8,
-    )?;
-    Ok(out)
-}
-
-/// Grid geometry: (columns, rows, width, height) for `n` cells of `size`² pixels.
-pub fn grid_shape(n: usize, cols: Option<usize>, size: usize) -> (usize, usize, usize, usize) {
-    let cols = cols
-        .unwrap_or_else(|| (n as f64).sqrt().ceil() as usize)
-        .clamp(1, n.max(1));
-    let rows = n.div_ceil(cols);
-    (
-        cols,
-        rows,
-        cols * size + (cols + 1) * GRID_PAD,
-        rows * size + (rows + 1) * GRID_PAD,
-    )
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.num == 0 {
         bail!("--num must be at least 1");
@@ -227,8 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut npz = NpzWriter::create(&npz_path)?;
     npz.begin("arr_0", Dtype::U8, &[args.num, size, size, 3])?;
     let n_grid = args.num.min(args.grid_max.max(1));
-    let (cols, _, grid_w, grid_h) = grid_shape(n_grid, args.grid_cols, size);
-    let mut grid = vec![255u8; grid_w * grid_h * 3];
+    let mut grid = Grid::new(n_grid, args.grid_cols, size);
     let mut redrawn = 0;
     let progress = crate::progress::Progress::new("sample", args.num as u64);
     for start in (0..args.num).step_by(args.batch.max(1)) {
@@ -252,17 +223,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let path = images_dir.join(format!("{index:06}.png"));
                 stages::atomic::write_bytes_atomic(&path, &encode_png(image, size, size)?)?;
             }
-            if index < n_grid {
-                let (gx, gy) = (
-                    GRID_PAD + (index % cols) * (size + GRID_PAD),
-                    GRID_PAD + (index / cols) * (size + GRID_PAD),
-                );
-                for row in 0..size {
-                    let dst = ((gy + row) * grid_w + gx) * 3;
-                    grid[dst..dst + size * 3]
-                        .copy_from_slice(&image[row * size * 3..(row + 1) * size * 3]);
-                }
-            }
+            grid.put(index, image);
         }
         progress.set((start + len) as u64);
     }
@@ -279,7 +240,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     npz.end()?;
     npz.finish()?;
     let grid_path = args.out.join("grid.png");
-    stages::atomic::write_bytes_atomic(&grid_path, &encode_png(&grid, grid_w, grid_h)?)?;
+    stages::atomic::write_bytes_atomic(&grid_path, &grid.png()?)?;
     println!(
         "samples: {} images of {size}x{size} from {}",
         args.num,
@@ -291,8 +252,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.num
     );
     println!(
-        "grid: {} ({grid_w}x{grid_h}, {n_grid} samples)",
-        grid_path.display()
+        "grid: {} ({}x{}, {n_grid} samples)",
+        grid_path.display(),
+        grid.width,
+        grid.height
     );
     if !args.no_png {
         println!("images: {}/000000.png …", images_dir.display());
@@ -304,15 +267,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grid_shape_pads_every_cell() {
-        assert_eq!(
-            grid_shape(10, None, 16),
-            (4, 3, 4 * 16 + 5 * GRID_PAD, 3 * 16 + 4 * GRID_PAD)
-        );
-        assert_eq!(grid_shape(3, Some(8), 8).0, 3);
-    }
 
     #[test]
     fn sample_keys_differ_by_index_and_attempt() {

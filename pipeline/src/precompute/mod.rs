@@ -277,6 +277,9 @@ fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()>
 
 pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
     let device = model::device::parse_device(&p.device)?;
+    if p.encode_threads > 0 {
+        tch::set_num_threads(p.encode_threads as i32);
+    }
     let mut stores = Vec::new();
     let dinov2 = match p.encoder_dir() {
         Some(dir) => {
@@ -313,7 +316,6 @@ pub(crate) fn run_graph(
     jobs: Vec<Job>,
     limit: Option<usize>,
 ) -> anyhow::Result<Outcome> {
-    let mut started = Instant::now();
     let p = config.precompute.clone();
     let data = config.data.clone();
     let decode_m = Arc::new(StageMetrics::new("decode", 1));
@@ -335,7 +337,7 @@ pub(crate) fn run_graph(
     }
     let encoders = load_encoders(&p)?;
     // Rates count from here: loading weights is a fixed cost, not throughput.
-    started = Instant::now();
+    let started = Instant::now();
     let fields = field_specs(&p, data.image_size, &encoders);
     let counters = Arc::new(RunCounters::new());
     let workers = if p.workers > 0 {

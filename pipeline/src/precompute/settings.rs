@@ -51,6 +51,9 @@ pub struct PrecomputeConfig {
     pub zstd_level: i32,
     /// Decode/crop threads; 0 = `data.threads` (0 there = one per core).
     pub workers: usize,
+    /// libtorch threads of the encode stage; 0 = libtorch's default (every core). On a CPU-only machine,
+    /// `workers + encode_threads = cores` keeps decode and encode from competing for the same cores.
+    pub encode_threads: usize,
     /// Batches in flight between decode, encode and write.
     pub queue_batches: usize,
 }
@@ -70,6 +73,7 @@ impl Default for PrecomputeConfig {
             chunk_rows: 256,
             zstd_level: 3,
             workers: 0,
+            encode_threads: 0,
             queue_batches: 2,
         }
     }
@@ -182,6 +186,7 @@ mod tests {
             base,
             fp(&[
                 "precompute.workers=7",
+                "precompute.encode_threads=3",
                 "precompute.batch_size=3",
                 "precompute.device=cpu"
             ])

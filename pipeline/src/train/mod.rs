@@ -45,28 +45,91 @@ pub struct Args {
     inject_nan_at: Vec<u64>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut overrides = args.config.overrides.clone();
-    if args.latent {
+/// The effective config of a training job: the file, `--latent`/`--shards`/`--cache` as overrides, and
+/// the latent scaling resolved from the VAE when the config leaves it unset (written into the run's
+/// config.toml, so sampling and classification decode with the factor the flow was trained with).
+pub fn load_config(
+    config: &crate::config::ConfigArgs,
+    latent: bool,
+    shards: &Option<String>,
+    cache: &Option<PathBuf>,
+) -> anyhow::Result<crate::config::Loaded> {
+    let mut overrides = config.overrides.clone();
+    if latent {
         overrides.push("train.latent=true".into());
     }
-    if let Some(spec) = &args.shards {
+    if let Some(spec) = shards {
         overrides.push(format!("data.shards={spec:?}"));
     }
-    if let Some(dir) = &args.cache {
+    if let Some(dir) = cache {
         overrides.push(format!("train.cache={:?}", dir.display().to_string()));
     }
     let mut loaded = crate::config::ConfigArgs {
-        config: args.config.config.clone(),
+        config: config.config.clone(),
         overrides,
     }
     .load()?;
     if loaded.config.train.latent && loaded.config.train.latent_scaling.is_none() {
-        // Resolved once and written into the run's config.toml, so sampling and classification decode
-        // with the factor the flow was trained with.
         loaded.config.train.latent_scaling = Some(vae_scaling_factor(&loaded.config)?);
         loaded.effective_toml = toml::to_string_pretty(&loaded.config)?;
     }
+    Ok(loaded)
+}
+
+/// The loader settings of a config over the given cache shards.
+fn loader_spec(
+    cfg: &crate::config::Config,
+    shards: Vec<PathBuf>,
+    device: Device,
+) -> anyhow::Result<LoaderSpec> {
+    let (tc, m) = (&cfg.train, &cfg.model);
+    Ok(LoaderSpec {
+        shards,
+        batch: tc.batch,
+        seed: tc.seed,
+        split: stages::order::RankSplit::resolve(tc.rank, tc.world)?,
+        shuffle_buffer: tc.shuffle_buffer,
+        prefetch: tc.prefetch,
+        latent: tc.latent,
+        latent_scaling: tc.latent_scaling.unwrap_or(1.0),
+        noise_sigma: if tc.noise_sigma >= 0.0 {
+            tc.noise_sigma
+        } else {
+            m.noise_std
+        },
+        label_drop: tc.label_drop,
+        features: (cfg.align.mode != AlignMode::None)
+            .then(|| [m.num_tokens() as usize, cfg.align.encoder_dim as usize]),
+        input_shape: [
+            m.in_channels as usize,
+            m.img_size as usize,
+            m.img_size as usize,
+        ],
+        device,
+    })
+}
+
+/// The loader alone, as `pipeline bench train` measures it: batches per second handed out after
+/// `warmup` batches, over `batches` batches, with nothing consuming them but this loop.
+pub fn loader_rate(cfg: &crate::config::Config, warmup: usize, batches: usize) -> anyhow::Result<f64> {
+    let device = model::device::parse_device(&cfg.train.device)?;
+    let cache_dir = prepare_cache(cfg)?;
+    let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
+    let mut data = Loader::start(loader_spec(cfg, shards, device)?, Position::default())?;
+    for _ in 0..warmup {
+        data.next()?;
+    }
+    let start = Instant::now();
+    for _ in 0..batches {
+        let batch = data.next()?;
+        // A batch counts once its tensors exist on the device.
+        let _ = batch.x.sum(Kind::Float).double_value(&[]);
+    }
+    Ok(batches as f64 / start.elapsed().as_secs_f64().max(1e-9))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let loaded = load_config(&args.config, args.latent, &args.shards, &args.cache)?;
     loaded.announce();
     let cfg = loaded.config.clone();
     let tc = &cfg.train;
@@ -155,34 +218,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect()
     };
 
-    let sigma = if tc.noise_sigma >= 0.0 {
-        tc.noise_sigma
-    } else {
-        cfg.model.noise_std
-    };
-    let m = &cfg.model;
-    let spec = LoaderSpec {
-        shards,
-        batch: tc.batch,
-        seed: tc.seed,
-        split: stages::order::RankSplit::resolve(tc.rank, tc.world)?,
-        shuffle_buffer: tc.shuffle_buffer,
-        prefetch: tc.prefetch,
-        latent: tc.latent,
-        latent_scaling: tc.latent_scaling.unwrap_or(1.0),
-        noise_sigma: sigma,
-        label_drop: tc.label_drop,
-        features: head
-            .as_ref()
-            .map(|_| [m.num_tokens() as usize, cfg.align.encoder_dim as usize]),
-        input_shape: [
-            m.in_channels as usize,
-            m.img_size as usize,
-            m.img_size as usize,
-        ],
-        device,
-    };
+    let spec = loader_spec(&cfg, shards, device)?;
     let mut data = Loader::start(spec, state.position)?;
+    // Latent sample grids are decoded by the VAE that made the cache, when it can be loaded.
+    let sample_vae = if tc.latent && tc.sample_every > 0 && !cfg.precompute.vae.is_empty() {
+        match model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device) {
+            Ok(vae) => Some(vae),
+            Err(e) => {
+                tracing::warn!("sample grids stay latents: loading the VAE {}: {e}", cfg.precompute.vae);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let model_toml = toml::to_string_pretty(&cfg.model)?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -305,7 +354,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             window_wait = data.waited;
         }
         if tc.sample_every > 0 && state.step % tc.sample_every == 0 {
-            write_samples(&ema, &args.out.join("samples"), state.step, tc)?;
+            write_samples(
+                &ema,
+                sample_vae.as_ref(),
+                &args.out.join("samples"),
+                state.step,
+                tc,
+            )?;
         }
         if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || state.step == stop
         {
@@ -541,7 +596,15 @@ fn cache_shards(dir: &Path, spec: &str) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// A grid of EMA samples: a PNG in pixel space, the raw latents (safetensors) in latent space.
-fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow::Result<()> {
+/// The EMA sample grid of a step: `step-N.png`; latent runs decode with the VAE of `[precompute] vae`
+/// (and, without one, save `step-N.safetensors` with the latents).
+fn write_samples(
+    ema: &Model,
+    vae: Option<&model::vae::LoadedVae>,
+    dir: &Path,
+    step: u64,
+    tc: &TrainConfig,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let n = tc.sample_count.max(1);
     let classes = ema.cfg.num_classes.max(1);
@@ -551,45 +614,38 @@ fn write_samples(ema: &Model, dir: &Path, step: u64, tc: &TrainConfig) -> anyhow
         tarflow::sample::sample(ema, n, y.as_ref(), &Default::default(), tc.seed, 10)
     });
     let x = match out {
-        Ok(s) => s.x.to_device(Device::Cpu).to_kind(Kind::Float),
+        Ok(s) => s.x.to_kind(Kind::Float),
         Err(e) => {
             tracing::warn!("step {step}: sample grid skipped: {e}");
             return Ok(());
         }
     };
     let name = format!("step-{step:08}");
-    if tc.latent || ema.cfg.in_channels != 3 {
-        model::weights::save_atomic(
-            &[("latents".to_string(), x)],
-            &dir.join(format!("{name}.safetensors")),
-        )?;
-        return Ok(());
-    }
-    let cols = (n as f64).sqrt().ceil() as i64;
-    let rows = (n + cols - 1) / cols;
-    let s = ema.cfg.img_size;
-    let img = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5)
-        .round()
-        .to_kind(Kind::Uint8);
-    let mut grid = image::RgbImage::new((cols * s) as u32, (rows * s) as u32);
-    let flat: Vec<u8> = Vec::<u8>::try_from(img.permute([0, 2, 3, 1]).contiguous().flatten(0, -1))?;
-    for k in 0..n {
-        let (gx, gy) = ((k % cols) * s, (k / cols) * s);
-        for yy in 0..s {
-            for xx in 0..s {
-                let o = (((k * s + yy) * s + xx) * 3) as usize;
-                grid.put_pixel(
-                    (gx + xx) as u32,
-                    (gy + yy) as u32,
-                    image::Rgb([flat[o], flat[o + 1], flat[o + 2]]),
-                );
+    let pixels = if tc.latent || ema.cfg.in_channels != 3 {
+        match vae {
+            Some(vae) => {
+                let scale = tc.latent_scaling.unwrap_or(vae.model.config.scaling_factor);
+                vae.model.decode(&(x / scale))?
+            }
+            None => {
+                model::weights::save_atomic(
+                    &[("latents".to_string(), x.to_device(Device::Cpu))],
+                    &dir.join(format!("{name}.safetensors")),
+                )?;
+                return Ok(());
             }
         }
+    } else {
+        x
+    };
+    let images = crate::trained::to_uint8(&pixels);
+    let size = images.size()[1] as usize;
+    let bytes = Vec::<u8>::try_from(images.flatten(0, -1))?;
+    let mut grid = crate::grid::Grid::new(n as usize, None, size);
+    for (i, image) in bytes.chunks_exact(size * size * 3).enumerate() {
+        grid.put(i, image);
     }
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    grid.write_to(&mut bytes, image::ImageFormat::Png)
-        .context("encoding the sample grid")?;
-    stages::atomic::write_bytes_atomic(&dir.join(format!("{name}.png")), bytes.get_ref())?;
+    stages::atomic::write_bytes_atomic(&dir.join(format!("{name}.png")), &grid.png()?)?;
     Ok(())
 }
 
