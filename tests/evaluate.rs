@@ -552,7 +552,15 @@ fn latent_bpd_and_classify_from_shards_match_the_cache() {
     let ckpt = perturbed_checkpoint(root, "tiny-latent", 0.02);
     run_ok(
         pipeline()
-            .args(["demo-data", "--classes", "10", "--per-class", "2", "--shards", "1"])
+            .args([
+                "demo-data",
+                "--classes",
+                "10",
+                "--per-class",
+                "2",
+                "--shards",
+                "1",
+            ])
             .args(["--seed", "3", "--out"])
             .arg(root.join("data")),
     );
@@ -598,7 +606,14 @@ fn latent_bpd_and_classify_from_shards_match_the_cache() {
         let out = root.join(format!("classify-{tag}"));
         run_ok(
             pipeline()
-                .args(["classify", "--device", "cpu", "--batch", "7", "--checkpoint"])
+                .args([
+                    "classify",
+                    "--device",
+                    "cpu",
+                    "--batch",
+                    "7",
+                    "--checkpoint",
+                ])
                 .arg(&ckpt)
                 .arg("--vae")
                 .arg(&vae)

@@ -288,7 +288,15 @@ fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
     let root = tmp.path();
     run_ok(
         pipeline()
-            .args(["demo-data", "--classes", "4", "--per-class", "6", "--shards", "2"])
+            .args([
+                "demo-data",
+                "--classes",
+                "4",
+                "--per-class",
+                "6",
+                "--shards",
+                "2",
+            ])
             .args(["--seed", "0", "--odd", "--out"])
             .arg(root.join("data")),
     );
@@ -336,8 +344,14 @@ fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
         let named = stderr
             .lines()
             .any(|l| l.contains("data/demo-00000") && l.contains(&format!("key {key}:")));
-        let broken = matches!(kind, "truncated" | "garbage" | "missing_label" | "bad_label");
-        assert_eq!(named, broken, "{key} ({kind}) named with its shard: {named}\n{stderr}");
+        let broken = matches!(
+            kind,
+            "truncated" | "garbage" | "missing_label" | "bad_label"
+        );
+        assert_eq!(
+            named, broken,
+            "{key} ({kind}) named with its shard: {named}\n{stderr}"
+        );
         bad += usize::from(broken);
     }
     assert_eq!(bad, 8);
@@ -349,7 +363,10 @@ fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
     );
     // Nothing finished is lost: a rerun that tolerates the bad members reuses both shards.
     let again = precompute(&config, &cache, &["--set", "data.max_bad_fraction=0.5"]);
-    assert!(again.contains("computed 0 shards") && again.contains("reused 2 shards"), "{again}");
+    assert!(
+        again.contains("computed 0 shards") && again.contains("reused 2 shards"),
+        "{again}"
+    );
     let dir = fingerprint_dirs(&cache).remove(0);
     let manifest = stages::cache::Manifest::load(&dir).unwrap().unwrap();
     let samples: usize = manifest.shards.values().map(|s| s.summary.samples).sum();

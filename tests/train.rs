@@ -522,7 +522,10 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
     // The latent sample grid is decoded by the cache's VAE: 2×2 cells of 64 px (8×8 latents × 8).
     let grid = image::open(root.join("run1/samples/step-00000002.png")).unwrap();
     // 2 px padding around and between cells (pipeline/src/grid.rs).
-    assert_eq!((grid.width(), grid.height()), (2 * 64 + 3 * 2, 2 * 64 + 3 * 2));
+    assert_eq!(
+        (grid.width(), grid.height()),
+        (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+    );
     // The resolved latent scaling (the tiny VAE's) is recorded in the run's config.
     let config = std::fs::read_to_string(root.join("run1/config.toml")).unwrap();
     assert!(config.contains("latent_scaling = 1.5"), "{config}");

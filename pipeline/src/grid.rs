@@ -81,7 +81,10 @@ mod tests {
 
     #[test]
     fn grid_shape_pads_every_cell() {
-        assert_eq!(grid_shape(10, None, 16), (4, 3, 4 * 16 + 5 * GRID_PAD, 3 * 16 + 4 * GRID_PAD));
+        assert_eq!(
+            grid_shape(10, None, 16),
+            (4, 3, 4 * 16 + 5 * GRID_PAD, 3 * 16 + 4 * GRID_PAD)
+        );
         assert_eq!(grid_shape(3, Some(8), 8).0, 3);
     }
 

@@ -84,7 +84,14 @@ fn from_shards(
             };
             pixels.extend_from_slice(&sample.image.pixels);
             labels.push(sample.label.map_or(-1, i64::from));
-            ids.push(format!("{}/{}", sample.shard, sample.key));
+            // Shard file name, as cache manifests record sources: ids agree whichever way the data came.
+            let shard = std::path::Path::new(&*sample.shard)
+                .file_name()
+                .map_or_else(
+                    || sample.shard.to_string(),
+                    |n| n.to_string_lossy().into_owned(),
+                );
+            ids.push(format!("{shard}/{}", sample.key));
             seen += 1;
             if labels.len() == batch {
                 flush(&mut pixels, &mut labels, &mut ids)?;

@@ -56,7 +56,11 @@ pub fn classify_bayes(model: &Model, x: &Tensor) -> Result<Classification, FlowE
         .map(|class| {
             let y = Tensor::full([batch], class, (Kind::Int64, x.device()));
             let out = model.forward(&x, &Cond::Labels(&y), &[]);
-            let per_image = out.z.square().flatten(1, -1).sum_dim_intlist(1, false, Kind::Float);
+            let per_image = out
+                .z
+                .square()
+                .flatten(1, -1)
+                .sum_dim_intlist(1, false, Kind::Float);
             -0.5 * per_image + out.logdet.to_kind(Kind::Float) * dims
         })
         .collect();

@@ -118,7 +118,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         steps_per_s,
         steps_per_s * cfg.train.batch as f64
     );
-    println!("loader headroom (loader / training): {:.2}x", loader / steps_per_s);
+    println!(
+        "loader headroom (loader / training): {:.2}x",
+        loader / steps_per_s
+    );
     println!(
         "data wait: {:.3}% of step time over {steps} steps (goal < 2%: {})",
         100.0 * wait_frac,

@@ -111,7 +111,11 @@ fn loader_spec(
 
 /// The loader alone, as `pipeline bench train` measures it: batches per second handed out after
 /// `warmup` batches, over `batches` batches, with nothing consuming them but this loop.
-pub fn loader_rate(cfg: &crate::config::Config, warmup: usize, batches: usize) -> anyhow::Result<f64> {
+pub fn loader_rate(
+    cfg: &crate::config::Config,
+    warmup: usize,
+    batches: usize,
+) -> anyhow::Result<f64> {
     let device = model::device::parse_device(&cfg.train.device)?;
     let cache_dir = prepare_cache(cfg)?;
     let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
@@ -225,7 +229,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         match model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device) {
             Ok(vae) => Some(vae),
             Err(e) => {
-                tracing::warn!("sample grids stay latents: loading the VAE {}: {e}", cfg.precompute.vae);
+                tracing::warn!(
+                    "sample grids stay latents: loading the VAE {}: {e}",
+                    cfg.precompute.vae
+                );
                 None
             }
         }
