@@ -530,3 +530,29 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
     let config = std::fs::read_to_string(root.join("run1/config.toml")).unwrap();
     assert!(config.contains("latent_scaling = 1.5"), "{config}");
 }
+
+#[test]
+fn bench_train_reports_rates_and_data_wait_against_the_loader() {
+    let (tmp, cfg, cache) = setup("bench-train");
+    let out = tmp.path().join("run");
+    let o = run_ok(
+        pipeline()
+            .args(["bench", "train", "--config"])
+            .arg(&cfg)
+            .arg("--cache")
+            .arg(&cache)
+            .args(["--steps", "6", "--warmup", "2", "--out"])
+            .arg(&out),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("loader alone") && stdout.contains("data wait:"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["steps"], 6, "{stdout}");
+    let rate = |k: &str| report[k].as_f64().unwrap();
+    assert!(rate("steps_per_s") > 0.0 && rate("loader_batches_per_s") > 0.0);
+    assert!((rate("samples_per_s") / rate("steps_per_s") - 16.0).abs() < 1e-6);
+    let wait = rate("data_wait_frac");
+    assert!((0.0..=1.0).contains(&wait), "{wait}");
+    // The measured run is a real one: a metrics line per step, warm-up included.
+    assert_eq!(metrics(&out).len(), 8);
+}
