@@ -8,22 +8,16 @@ draft_adm = Image.draft("RGB", (size, size)) first (DCT-domain downscale, as the
 import argparse
 import io
 import json
+import os
+import sys
 import time
 
-import numpy as np
 import webdataset as wds
 from PIL import Image
 
-
-def center_crop_arr(pil_image, image_size):
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top:top + image_size, left:left + image_size]
+# The same ADM crop the parity test checks the Rust crop against.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+from pillow_crops import adm_center_crop as center_crop_arr  # noqa: E402
 
 
 def load(spec, limit):

@@ -39,14 +39,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .next()
         .context("no source shard")?;
-    let workers = if p.workers > 0 {
-        p.workers
-    } else {
-        data.resolved_threads()
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .build()?;
+    let pool = precompute::decode_pool(&config)?;
+    let workers = pool.current_num_threads();
 
     // Read + decode/crop alone.
     let counters = RunCounters::new();

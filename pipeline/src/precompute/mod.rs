@@ -275,6 +275,19 @@ fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The decode/crop thread pool: `precompute.workers` threads, or `data.threads` when that is 0.
+pub(crate) fn decode_pool(config: &crate::config::Config) -> anyhow::Result<rayon::ThreadPool> {
+    let (p, data) = (&config.precompute, &config.data);
+    let workers = if p.workers > 0 {
+        p.workers
+    } else {
+        data.resolved_threads()
+    };
+    Ok(rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()?)
+}
+
 pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
     let device = model::device::parse_device(&p.device)?;
     if p.encode_threads > 0 {
@@ -340,14 +353,7 @@ pub(crate) fn run_graph(
     let started = Instant::now();
     let fields = field_specs(&p, data.image_size, &encoders);
     let counters = Arc::new(RunCounters::new());
-    let workers = if p.workers > 0 {
-        p.workers
-    } else {
-        data.resolved_threads()
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(workers)
-        .build()?;
+    let pool = decode_pool(&config)?;
     let (dtx, drx) = sync_channel::<DecodedBatch>(p.queue_batches);
     let (etx, erx) = sync_channel::<EncodedBatch>(p.queue_batches);
     let jobs = Arc::new(jobs);
