@@ -6,23 +6,7 @@ use common::*;
 use std::path::Path;
 
 fn write_demo(dir: &Path, seed: u64, extra: &[&str]) {
-    run_ok(
-        pipeline()
-            .args([
-                "demo-data",
-                "--classes",
-                "3",
-                "--per-class",
-                "6",
-                "--shards",
-                "2",
-                "--seed",
-                &seed.to_string(),
-                "--out",
-            ])
-            .arg(dir)
-            .args(extra),
-    );
+    demo_data(&dir, 3, 6, 2, seed, extra);
 }
 
 fn shard_bytes(dir: &Path) -> Vec<Vec<u8>> {

@@ -436,22 +436,7 @@ fn classify_recovers_the_classes_of_a_hand_set_model() {
 fn bpd_equals_the_value_by_hand_from_flow_encode() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = perturbed_checkpoint(dir.path(), "tiny", 0.02);
-    run_ok(
-        pipeline()
-            .args([
-                "demo-data",
-                "--classes",
-                "10",
-                "--per-class",
-                "2",
-                "--shards",
-                "1",
-                "--seed",
-                "3",
-                "--out",
-            ])
-            .arg(dir.path().join("data")),
-    );
+    demo_data(&dir.path().join("data"), 10, 2, 1, 3, &[]);
     let shards = dir.path().join("data/demo-000000.tar");
     let inputs = dir.path().join("inputs.safetensors");
     let o = run_ok(
@@ -550,20 +535,7 @@ fn latent_bpd_and_classify_from_shards_match_the_cache() {
             .arg(&vae),
     );
     let ckpt = perturbed_checkpoint(root, "tiny-latent", 0.02);
-    run_ok(
-        pipeline()
-            .args([
-                "demo-data",
-                "--classes",
-                "10",
-                "--per-class",
-                "2",
-                "--shards",
-                "1",
-            ])
-            .args(["--seed", "3", "--out"])
-            .arg(root.join("data")),
-    );
+    demo_data(&root.join("data"), 10, 2, 1, 3, &[]);
     let shards = root.join("data/demo-000000.tar");
     let config = root.join("c.toml");
     std::fs::write(

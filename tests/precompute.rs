@@ -10,27 +10,8 @@ use std::time::{Duration, Instant};
 
 /// Demo shards (4 × `per_shard` samples), tiny encoders and a config pointing at them.
 fn setup(tmp: &Path, per_class: usize) -> PathBuf {
-    run_ok(
-        pipeline()
-            .args([
-                "demo-data",
-                "--classes",
-                "4",
-                "--shards",
-                "4",
-                "--seed",
-                "0",
-                "--per-class",
-            ])
-            .arg(per_class.to_string())
-            .arg("--out")
-            .arg(tmp.join("data")),
-    );
-    run_ok(
-        pipeline()
-            .args(["encoders", "init", "--preset", "tiny", "--out"])
-            .arg(tmp.join("enc")),
-    );
+    demo_data(&tmp.join("data"), 4, per_class, 4, 0, &[]);
+    tiny_encoders(&tmp.join("enc"));
     let config = tmp.join("c.toml");
     let text = format!(
         "[data]\nshards = \"{0}/data/demo-{{000000..000003}}.tar\"\nimage_size = 32\n\n[precompute]\nencoder = \"{0}/enc/dinov2\"\n\
@@ -286,25 +267,8 @@ fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
         .tempdir()
         .unwrap();
     let root = tmp.path();
-    run_ok(
-        pipeline()
-            .args([
-                "demo-data",
-                "--classes",
-                "4",
-                "--per-class",
-                "6",
-                "--shards",
-                "2",
-            ])
-            .args(["--seed", "0", "--odd", "--out"])
-            .arg(root.join("data")),
-    );
-    run_ok(
-        pipeline()
-            .args(["encoders", "init", "--preset", "tiny", "--out"])
-            .arg(root.join("enc")),
-    );
+    demo_data(&root.join("data"), 4, 6, 2, 0, &["--odd"]);
+    tiny_encoders(&root.join("enc"));
     let config = root.join("c.toml");
     std::fs::write(
         &config,

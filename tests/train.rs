@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{pipeline, repo_root, run_ok};
+use common::{demo_data, pipeline, repo_root, run_ok, tiny_encoders};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
 
 const TOKENS: usize = 16;
@@ -462,25 +462,8 @@ fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
 fn train_precomputes_a_missing_cache_then_reuses_it() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    run_ok(
-        pipeline()
-            .args([
-                "demo-data",
-                "--classes",
-                "2",
-                "--per-class",
-                "6",
-                "--shards",
-                "2",
-                "--out",
-            ])
-            .arg(root.join("data")),
-    );
-    run_ok(
-        pipeline()
-            .args(["encoders", "init", "--preset", "tiny", "--out"])
-            .arg(root.join("encoders")),
-    );
+    demo_data(&root.join("data"), 2, 6, 2, 0, &[]);
+    tiny_encoders(&root.join("encoders"));
     let preset = repo_root().join("configs/demo.toml");
     let train = |out: &str| {
         let mut cmd = pipeline();
@@ -545,7 +528,10 @@ fn bench_train_reports_rates_and_data_wait_against_the_loader() {
             .arg(&out),
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("loader alone") && stdout.contains("data wait:"), "{stdout}");
+    assert!(
+        stdout.contains("loader alone") && stdout.contains("data wait:"),
+        "{stdout}"
+    );
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["steps"], 6, "{stdout}");
     let rate = |k: &str| report[k].as_f64().unwrap();

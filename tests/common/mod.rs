@@ -43,3 +43,38 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// `pipeline demo-data` into `out`: `classes` × `per_class` images over `shards` shards from `seed`,
+/// plus `extra` flags (e.g. `--odd`).
+pub fn demo_data(
+    out: &Path,
+    classes: usize,
+    per_class: usize,
+    shards: usize,
+    seed: u64,
+    extra: &[&str],
+) {
+    run_ok(
+        pipeline()
+            .arg("demo-data")
+            .args([
+                "--classes",
+                &classes.to_string(),
+                "--per-class",
+                &per_class.to_string(),
+            ])
+            .args(["--shards", &shards.to_string(), "--seed", &seed.to_string()])
+            .args(extra)
+            .arg("--out")
+            .arg(out),
+    );
+}
+
+/// Tiny random-init DINOv2 and VAE (`pipeline encoders init --preset tiny`): OUT/dinov2 and OUT/vae.
+pub fn tiny_encoders(out: &Path) {
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "tiny", "--out"])
+            .arg(out),
+    );
+}

@@ -16,13 +16,7 @@ pub struct Classification {
 /// Classifies images x (B, C, H, W). Each image has its own λ; every block mixes its own class table
 /// with the same softmax(λ), which at λ = 0 is the mean (unconditional) embedding.
 pub fn classify(model: &Model, x: &Tensor) -> Result<Classification, FlowError> {
-    let k = model.cfg.num_classes;
-    if k == 0 {
-        return Err(FlowError::Config(
-            "classification needs a class-conditional flow (num_classes > 0)".into(),
-        ));
-    }
-    model.check_input(x)?;
+    let k = classes(model, x)?;
     let batch = x.size()[0];
     let logits = Tensor::zeros([batch, k], (Kind::Float, x.device())).set_requires_grad(true);
     let probs = logits.softmax(-1, Kind::Float);
@@ -41,13 +35,7 @@ pub fn classify(model: &Model, x: &Tensor) -> Result<Classification, FlowError> 
 /// Bayes-rule baseline (TARFlow's notebook, spec §5.3): log p(x | k) for every class k, K forward
 /// passes, prediction = argmax. Scores are the per-image log-likelihoods (B, K), constant dropped.
 pub fn classify_bayes(model: &Model, x: &Tensor) -> Result<Classification, FlowError> {
-    let k = model.cfg.num_classes;
-    if k == 0 {
-        return Err(FlowError::Config(
-            "classification needs a class-conditional flow (num_classes > 0)".into(),
-        ));
-    }
-    model.check_input(x)?;
+    let k = classes(model, x)?;
     let batch = x.size()[0];
     let x = x.to_kind(Kind::Float).detach();
     let dims = model.cfg.sample_dim() as f64;
@@ -69,4 +57,15 @@ pub fn classify_bayes(model: &Model, x: &Tensor) -> Result<Classification, FlowE
         predicted: scores.argmax(-1, false),
         scores,
     })
+}
+
+/// The class count of a conditional flow, after checking the input batch.
+fn classes(model: &Model, x: &Tensor) -> Result<i64, FlowError> {
+    if model.cfg.num_classes == 0 {
+        return Err(FlowError::Config(
+            "classification needs a class-conditional flow (num_classes > 0)".into(),
+        ));
+    }
+    model.check_input(x)?;
+    Ok(model.cfg.num_classes)
 }

@@ -399,6 +399,24 @@ fn classification_picks_the_generating_class() {
         (fd - got).abs() < 1e-2 * got.abs().max(1.0),
         "finite difference {fd} vs gradient {got}"
     );
+    // The Bayes-rule baseline agrees here, and its scores are each class's own log-likelihood.
+    let bayes = classify::classify_bayes(&model, &x).unwrap();
+    assert_eq!(
+        Vec::<i64>::try_from(&bayes.predicted).unwrap(),
+        vec![0, 1, 2, 2, 1, 0],
+        "{}",
+        bayes.scores
+    );
+    let y2 = Tensor::from_slice(&[2i64]);
+    let out = tch::no_grad(|| model.forward(&x.narrow(0, 0, 1), &Cond::Labels(&y2), &[]));
+    let by_hand = (out.z.to_kind(Kind::Double).square().sum(Kind::Double) * -0.5
+        + out.logdet.to_kind(Kind::Double).sum(Kind::Double) * c.sample_dim() as f64)
+        .double_value(&[]);
+    let got = bayes.scores.double_value(&[0, 2]);
+    assert!(
+        (by_hand - got).abs() < 1e-4 * by_hand.abs().max(1.0),
+        "{by_hand} vs {got}"
+    );
 }
 
 #[test]
