@@ -294,6 +294,11 @@ pub struct ShardReader {
     path: PathBuf,
     file: File,
     footer: Footer,
+    /// Compressed bytes of the frame being read, reused: a fresh multi-MB buffer per frame costs its
+    /// zeroing and page faults, a sizeable part of readback next to decompression.
+    scratch: Vec<u8>,
+    /// One zstd decompression context for all frames of the shard.
+    dctx: zstd::bulk::Decompressor<'static>,
 }
 
 impl ShardReader {
@@ -338,6 +343,8 @@ impl ShardReader {
             path: path.to_path_buf(),
             file,
             footer,
+            scratch: Vec::new(),
+            dctx: zstd::bulk::Decompressor::new().map_err(|e| Error::io(path, e))?,
         })
     }
 
@@ -368,15 +375,19 @@ impl ShardReader {
         let index = &self.footer.chunks[chunk];
         let (offset, length) = index.frames[field];
         let expected = index.rows * spec.row_bytes();
-        let mut compressed = vec![0u8; length as usize];
+        if self.scratch.len() < length as usize {
+            self.scratch.resize(length as usize, 0);
+        }
+        let compressed = &mut self.scratch[..length as usize];
         self.file
             .seek(SeekFrom::Start(offset))
             .map_err(|e| Error::io(&self.path, e))?;
         self.file
-            .read_exact(&mut compressed)
+            .read_exact(compressed)
             .map_err(|e| Error::io(&self.path, e))?;
+        let compressed = &self.scratch[..length as usize];
         if index.frame_blake3.get(field).map(String::as_str)
-            != Some(blake3::hash(&compressed).to_hex().as_str())
+            != Some(blake3::hash(compressed).to_hex().as_str())
         {
             return Err(Error::Invalid(format!(
                 "{}: corrupt cache shard: chunk {chunk} field {}: checksum mismatch",
@@ -386,7 +397,7 @@ impl ShardReader {
         }
         // One-shot decompression into a buffer of the known size (a frame that would overflow it is an
         // error): twice as fast as the streaming decoder on these frames.
-        let raw = zstd::bulk::decompress(&compressed, expected).map_err(|e| {
+        let raw = self.dctx.decompress(compressed, expected).map_err(|e| {
             Error::Invalid(format!(
                 "{}: corrupt cache shard: chunk {chunk} field {}: {e}",
                 self.path.display(),
