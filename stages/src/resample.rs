@@ -138,6 +138,57 @@ impl Axis {
         Axis { c, padded }
     }
 
+    /// Taps rounded up to whole pairs, the unit of the madd kernel.
+    fn pairs(&self) -> usize {
+        self.padded / 2
+    }
+
+    /// Whether output pixels `x0 .. x0 + n` are an exact 2:1 box shrink (window 2i, 2i + 1 with
+    /// weights 2^21 each), where the fixed-point sum reduces to a rounded average of two bytes.
+    fn halves(&self, x0: usize, n: usize) -> bool {
+        let c = &self.c;
+        (x0..x0 + n).all(|i| {
+            c.start[i] == 2 * i
+                && c.len[i] == 2
+                && c.weights[i * c.taps] == 1 << 21
+                && c.weights[i * c.taps + 1] == 1 << 21
+        })
+    }
+
+    /// Weights for [`horizontal_madd_avx2`]: per output pixel of the window, per pair of taps, the
+    /// high and then the low part of w = hi·2^11 + lo, each as the pair (w_k, w_k+1) repeated 4 times.
+    /// None when some weight is too large to split into two i16 (never for Pillow's filters, whose
+    /// normalised weights stay near ±2^22).
+    fn madd_weights(&self, x0: usize, n: usize) -> Option<Vec<i16>> {
+        let c = &self.c;
+        let pairs = self.pairs();
+        let mut out = Vec::with_capacity(n * pairs * 16);
+        for i in x0..x0 + n {
+            let w = |k: usize| {
+                if k < c.len[i] {
+                    c.weights[i * c.taps + k]
+                } else {
+                    0
+                }
+            };
+            for p in 0..pairs {
+                let (a, b) = (w(2 * p), w(2 * p + 1));
+                if a.unsigned_abs() >= 1 << 25 || b.unsigned_abs() >= 1 << 25 {
+                    return None;
+                }
+                let (ah, bh) = ((a >> 11) as i16, (b >> 11) as i16);
+                let (al, bl) = ((a & 0x7ff) as i16, (b & 0x7ff) as i16);
+                for _ in 0..4 {
+                    out.extend_from_slice(&[ah, bh]);
+                }
+                for _ in 0..4 {
+                    out.extend_from_slice(&[al, bl]);
+                }
+            }
+        }
+        Some(out)
+    }
+
     fn lane_weights(&self) -> Vec<i32> {
         let mut w = Vec::with_capacity(self.c.start.len() * self.padded * 4);
         for i in 0..self.c.start.len() {
@@ -329,9 +380,43 @@ fn horizontal_pass(
     lanes: &mut Vec<i32>,
     out: &mut [u8],
 ) {
-    let weights = axis.lane_weights();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
+        if axis.halves(x0, out_cols) {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { horizontal_halve_avx2(src, stride, rows, x0, out_cols, out) };
+            return;
+        }
+        if let Some(weights) = axis.madd_weights(x0, out_cols) {
+            // Rows whose widest read (the last window plus padding) stays inside `src` go through the
+            // SIMD kernel; only the last row or two of the buffer can miss that and take the portable one.
+            let max_read = axis.c.start[x0 + out_cols - 1] * 3 + axis.pairs() * 6 + 4;
+            let safe = (0..rows)
+                .take_while(|&y| y * stride + max_read <= src.len())
+                .count();
+            // SAFETY: AVX2 is supported (checked above); every row below `safe` reads at most
+            // `max_read` bytes from its start, which is inside `src` by the count just made.
+            unsafe {
+                horizontal_madd_avx2(src, stride, safe, axis, &weights, x0, out_cols, out)
+            };
+            if safe < rows {
+                let lane_w = axis.lane_weights();
+                horizontal_kernel(
+                    &src[safe * stride..],
+                    stride,
+                    in_w,
+                    rows - safe,
+                    axis,
+                    &lane_w,
+                    x0,
+                    out_cols,
+                    lanes,
+                    &mut out[safe * out_cols * 3..],
+                );
+            }
+            return;
+        }
+        let weights = axis.lane_weights();
         // SAFETY: the CPU supports AVX2 (checked just above).
         unsafe {
             horizontal_avx2(
@@ -340,9 +425,151 @@ fn horizontal_pass(
         };
         return;
     }
+    let weights = axis.lane_weights();
     horizontal_kernel(
         src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out,
     );
+}
+
+/// Exact 2:1 box shrink of RGB rows: every output byte is `(a + b + 1) >> 1` of its two source
+/// pixels' bytes, which is what the fixed-point sum gives for weights 2^21, 2^21 (see
+/// [`Axis::halves`]), and is `pavgb`. Per step, bytes j and j + 3 of 18 source bytes are averaged and
+/// bytes 0-2, 6-8, 12-14 (three output pixels) kept.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_halve_avx2(
+    src: &[u8],
+    stride: usize,
+    rows: usize,
+    x0: usize,
+    out_cols: usize,
+    out: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let keep = _mm_setr_epi8(0, 1, 2, 6, 7, 8, 12, 13, 14, -1, -1, -1, -1, -1, -1, -1);
+    let row_bytes = out_cols * 3;
+    for y in 0..rows {
+        let from = &src[y * stride + x0 * 6..];
+        // The 16-byte store may run into the next output row; that row is written after this one.
+        let to = &mut out[y * row_bytes..];
+        let mut x = 0;
+        while x + 3 <= out_cols && x * 6 + 19 <= from.len() && x * 3 + 16 <= to.len() {
+            // SAFETY: the loop condition keeps the two 16-byte loads (bytes x·6 .. x·6 + 19) inside
+            // `from` and the 16-byte store inside `to`; unaligned loads and stores are allowed.
+            let a = _mm_loadu_si128(from.as_ptr().add(x * 6) as *const __m128i);
+            let b = _mm_loadu_si128(from.as_ptr().add(x * 6 + 3) as *const __m128i);
+            let avg = _mm_shuffle_epi8(_mm_avg_epu8(a, b), keep);
+            _mm_storeu_si128(to.as_mut_ptr().add(x * 3) as *mut __m128i, avg);
+            x += 3;
+        }
+        for x in x..out_cols {
+            for ch in 0..3 {
+                let (a, b) = (from[x * 6 + ch] as u16, from[x * 6 + 3 + ch] as u16);
+                to[x * 3 + ch] = ((a + b + 1) >> 1) as u8;
+            }
+        }
+    }
+}
+
+/// Two rows per register (one in each 128-bit lane, sharing the weights), one output pixel at a time:
+/// pairs of taps are shuffled from RGB bytes into i16 `(p_k, p_k+1)` per channel and multiplied with
+/// `_mm256_madd_epi16` against the weight split w = hi·2^11 + lo (both fit i16). The sum
+/// 2^11·Σp·hi + Σp·lo is the exact Σp·w: i32 adds wrap, and the true sum fits an i32 (Pillow's own
+/// accumulator is an i32), so the result mod 2^32 is the result.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn horizontal_madd_avx2(
+    src: &[u8],
+    stride: usize,
+    rows: usize,
+    axis: &Axis,
+    weights: &[i16],
+    x0: usize,
+    out_cols: usize,
+    out: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let pairs = axis.pairs();
+    let max_read = axis.c.start[x0 + out_cols - 1] * 3 + pairs * 6 + 4;
+    assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
+    assert!(weights.len() >= out_cols * pairs * 16 && out.len() >= rows * out_cols * 3);
+    #[rustfmt::skip]
+    let first = _mm256_setr_epi8(
+        0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
+        0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
+    );
+    #[rustfmt::skip]
+    let second = _mm256_setr_epi8(
+        6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
+        6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
+    );
+    let half = _mm256_set1_epi32(HALF);
+    let row_bytes = out_cols * 3;
+    let mut y = 0;
+    while y < rows {
+        // An odd last row rides in both lanes; only lane 0 is stored.
+        let y1 = (y + 1).min(rows - 1);
+        // SAFETY (all pointer reads below): every read is at most `max_read` bytes past the start
+        // of row y or y1 < rows, inside `src` by the assert above; `weights` holds `pairs` blocks
+        // of 16 i16 per output pixel (assert above).
+        let r0 = src.as_ptr().add(y * stride);
+        let r1 = src.as_ptr().add(y1 * stride);
+        for x in 0..out_cols {
+            let s = axis.c.start[x0 + x] * 3;
+            let w = weights.as_ptr().add(x * pairs * 16);
+            let (mut hi, mut lo) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            let mut p = 0;
+            while p + 2 <= pairs {
+                let at = s + p * 6;
+                let v = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(r0.add(at) as *const __m128i)),
+                    _mm_loadu_si128(r1.add(at) as *const __m128i),
+                );
+                let (a, b) = (_mm256_shuffle_epi8(v, first), _mm256_shuffle_epi8(v, second));
+                let wa = w.add(p * 16);
+                let wb = w.add(p * 16 + 16);
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, bcast(wa.add(8))));
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(b, bcast(wb)));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(b, bcast(wb.add(8))));
+                p += 2;
+            }
+            if p < pairs {
+                let at = s + p * 6;
+                let v = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadl_epi64(r0.add(at) as *const __m128i)),
+                    _mm_loadl_epi64(r1.add(at) as *const __m128i),
+                );
+                let a = _mm256_shuffle_epi8(v, first);
+                let wa = w.add(p * 16);
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, bcast(wa.add(8))));
+            }
+            let acc = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32::<11>(hi), lo), half);
+            let q = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
+            // Saturating packs clamp to 0..=255 exactly as `clip8` (|q| < 2^15 here).
+            let q = _mm256_packus_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
+            let px0 = (_mm256_cvtsi256_si32(q) as u32).to_le_bytes();
+            let px1 = (_mm256_extract_epi32::<4>(q) as u32).to_le_bytes();
+            let at = y * row_bytes + x * 3;
+            out[at..at + 3].copy_from_slice(&px0[..3]);
+            if y1 != y {
+                out[at + row_bytes..at + row_bytes + 3].copy_from_slice(&px1[..3]);
+            }
+        }
+        y += 2;
+    }
+}
+
+/// The 8 i16 at `p` in both 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bcast(p: *const i16) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller passes a pointer to 8 readable i16.
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -430,6 +657,10 @@ fn vertical_pass(
     out_rows: usize,
     out: &mut [u8],
 ) {
+    if axis.halves(y0, out_rows) {
+        vertical_halve(src, stride, col, width, row_base, y0, out_rows, out);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -437,6 +668,28 @@ fn vertical_pass(
         return;
     }
     vertical_kernel(src, stride, col, width, row_base, axis, y0, out_rows, out);
+}
+
+/// Exact 2:1 box shrink of rows (see [`Axis::halves`]): each output byte is the rounded average of
+/// the two source bytes above each other, a pattern the compiler turns into `pavgb` on any x86_64.
+#[allow(clippy::too_many_arguments)]
+fn vertical_halve(
+    src: &[u8],
+    stride: usize,
+    col: usize,
+    width: usize,
+    row_base: usize,
+    y0: usize,
+    out_rows: usize,
+    out: &mut [u8],
+) {
+    for (y, out_row) in out[..out_rows * width].chunks_exact_mut(width).enumerate() {
+        let a = (2 * (y0 + y) - row_base) * stride + col;
+        let (top, bottom) = (&src[a..a + width], &src[a + stride..a + stride + width]);
+        for ((o, &t), &b) in out_row.iter_mut().zip(top).zip(bottom) {
+            *o = ((t as u16 + b as u16 + 1) >> 1) as u8;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
