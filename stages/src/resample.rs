@@ -138,9 +138,11 @@ impl Axis {
         Axis { c, padded }
     }
 
-    /// Taps rounded up to whole pairs, the unit of the madd kernel.
-    fn pairs(&self) -> usize {
-        self.padded / 2
+    /// Taps of the longest window among output pixels `x0 .. x0 + n`, rounded up to whole pairs (the
+    /// unit of the madd kernel). Often fewer than `padded`: an upscaling bicubic window holds 4 of
+    /// its 5 possible taps.
+    fn pairs(&self, x0: usize, n: usize) -> usize {
+        self.c.len[x0..x0 + n].iter().max().map_or(0, |&l| l.div_ceil(2))
     }
 
     /// Whether output pixels `x0 .. x0 + n` are an exact 2:1 box shrink (window 2i, 2i + 1 with
@@ -159,9 +161,9 @@ impl Axis {
     /// high and then the low part of w = hi·2^11 + lo, each as the pair (w_k, w_k+1) repeated 4 times.
     /// None when some weight is too large to split into two i16 (never for Pillow's filters, whose
     /// normalised weights stay near ±2^22).
-    fn madd_weights(&self, x0: usize, n: usize) -> Option<Vec<i16>> {
+    fn madd_weights(&self, x0: usize, n: usize) -> Option<MaddWeights> {
         let c = &self.c;
-        let pairs = self.pairs();
+        let pairs = self.pairs(x0, n);
         let mut out = Vec::with_capacity(n * pairs * 16);
         for i in x0..x0 + n {
             let w = |k: usize| {
@@ -186,7 +188,7 @@ impl Axis {
                 }
             }
         }
-        Some(out)
+        Some(MaddWeights { w: out, pairs })
     }
 
     fn lane_weights(&self) -> Vec<i32> {
@@ -203,6 +205,11 @@ impl Axis {
         }
         w
     }
+}
+
+struct MaddWeights {
+    w: Vec<i16>,
+    pairs: usize,
 }
 
 /// Per-thread buffers, reused across images so no pass allocates per row or per call.
@@ -390,7 +397,7 @@ fn horizontal_pass(
         if let Some(weights) = axis.madd_weights(x0, out_cols) {
             // Rows whose widest read (the last window plus padding) stays inside `src` go through the
             // SIMD kernel; only the last row or two of the buffer can miss that and take the portable one.
-            let max_read = axis.c.start[x0 + out_cols - 1] * 3 + axis.pairs() * 6 + 4;
+            let max_read = axis.c.start[x0 + out_cols - 1] * 3 + weights.pairs * 6 + 4;
             let safe = (0..rows)
                 .take_while(|&y| y * stride + max_read <= src.len())
                 .count();
@@ -484,16 +491,85 @@ unsafe fn horizontal_madd_avx2(
     stride: usize,
     rows: usize,
     axis: &Axis,
-    weights: &[i16],
+    weights: &MaddWeights,
     x0: usize,
     out_cols: usize,
     out: &mut [u8],
 ) {
     use std::arch::x86_64::*;
-    let pairs = axis.pairs();
+    let pairs = weights.pairs;
     let max_read = axis.c.start[x0 + out_cols - 1] * 3 + pairs * 6 + 4;
     assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
-    assert!(weights.len() >= out_cols * pairs * 16 && out.len() >= rows * out_cols * 3);
+    assert!(weights.w.len() >= out_cols * pairs * 16 && out.len() >= rows * out_cols * 3);
+    let starts = &axis.c.start[x0..x0 + out_cols];
+    #[rustfmt::skip]
+    let compact = _mm256_setr_epi8(
+        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
+        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
+    );
+    let row_bytes = out_cols * 3;
+    let mut y = 0;
+    while y < rows {
+        // An odd last row rides in both lanes; only lane 0 is stored.
+        let y1 = (y + 1).min(rows - 1);
+        // SAFETY (the kernel calls): every read is at most `max_read` bytes past the start of row
+        // y or y1 < rows, inside `src` by the assert above; `weights.w` holds `pairs` blocks of
+        // 16 i16 per output pixel (assert above).
+        let r0 = src.as_ptr().add(y * stride);
+        let r1 = src.as_ptr().add(y1 * stride);
+        let w = weights.w.as_ptr();
+        let px = |x: usize| madd_pixel(r0, r1, starts[x] * 3, w.add(x * pairs * 16), pairs);
+        let mut x = 0;
+        // Four output pixels per step, packed together so each row gets one 12-byte copy instead of
+        // four 3-byte ones.
+        while x + 4 <= out_cols {
+            let (q0, q1, q2, q3) = (px(x), px(x + 1), px(x + 2), px(x + 3));
+            // Saturating packs clamp to 0..=255 exactly as `clip8` (|q| < 2^15 here).
+            let b = _mm256_packus_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+            let mut tmp = [0u8; 32];
+            _mm256_storeu_si256(
+                tmp.as_mut_ptr() as *mut __m256i,
+                _mm256_shuffle_epi8(b, compact),
+            );
+            let at = y * row_bytes + x * 3;
+            out[at..at + 12].copy_from_slice(&tmp[..12]);
+            if y1 != y {
+                out[at + row_bytes..at + row_bytes + 12].copy_from_slice(&tmp[16..28]);
+            }
+            x += 4;
+        }
+        while x < out_cols {
+            let q = px(x);
+            let q = _mm256_packus_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
+            let px0 = (_mm256_cvtsi256_si32(q) as u32).to_le_bytes();
+            let px1 = (_mm256_extract_epi32::<4>(q) as u32).to_le_bytes();
+            let at = y * row_bytes + x * 3;
+            out[at..at + 3].copy_from_slice(&px0[..3]);
+            if y1 != y {
+                out[at + row_bytes..at + row_bytes + 3].copy_from_slice(&px1[..3]);
+            }
+            x += 1;
+        }
+        y += 2;
+    }
+}
+
+/// One output pixel of the rows at `r0` (lane 0) and `r1` (lane 1): the window starting at byte `s`,
+/// weights at `w`; returns the rounded sum shifted down to the 8-bit range (not yet clamped).
+///
+/// # Safety
+/// AVX2; bytes `s .. s + pairs·6 + 4` readable from both rows and `pairs·16` i16 from `w`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn madd_pixel(
+    r0: *const u8,
+    r1: *const u8,
+    s: usize,
+    w: *const i16,
+    pairs: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
     #[rustfmt::skip]
     let first = _mm256_setr_epi8(
         0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
@@ -504,62 +580,39 @@ unsafe fn horizontal_madd_avx2(
         6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
         6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1,
     );
-    let half = _mm256_set1_epi32(HALF);
-    let row_bytes = out_cols * 3;
-    let mut y = 0;
-    while y < rows {
-        // An odd last row rides in both lanes; only lane 0 is stored.
-        let y1 = (y + 1).min(rows - 1);
-        // SAFETY (all pointer reads below): every read is at most `max_read` bytes past the start
-        // of row y or y1 < rows, inside `src` by the assert above; `weights` holds `pairs` blocks
-        // of 16 i16 per output pixel (assert above).
-        let r0 = src.as_ptr().add(y * stride);
-        let r1 = src.as_ptr().add(y1 * stride);
-        for x in 0..out_cols {
-            let s = axis.c.start[x0 + x] * 3;
-            let w = weights.as_ptr().add(x * pairs * 16);
-            let (mut hi, mut lo) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            let mut p = 0;
-            while p + 2 <= pairs {
-                let at = s + p * 6;
-                let v = _mm256_inserti128_si256::<1>(
-                    _mm256_castsi128_si256(_mm_loadu_si128(r0.add(at) as *const __m128i)),
-                    _mm_loadu_si128(r1.add(at) as *const __m128i),
-                );
-                let (a, b) = (_mm256_shuffle_epi8(v, first), _mm256_shuffle_epi8(v, second));
-                let wa = w.add(p * 16);
-                let wb = w.add(p * 16 + 16);
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
-                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, bcast(wa.add(8))));
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(b, bcast(wb)));
-                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(b, bcast(wb.add(8))));
-                p += 2;
-            }
-            if p < pairs {
-                let at = s + p * 6;
-                let v = _mm256_inserti128_si256::<1>(
-                    _mm256_castsi128_si256(_mm_loadl_epi64(r0.add(at) as *const __m128i)),
-                    _mm_loadl_epi64(r1.add(at) as *const __m128i),
-                );
-                let a = _mm256_shuffle_epi8(v, first);
-                let wa = w.add(p * 16);
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
-                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, bcast(wa.add(8))));
-            }
-            let acc = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32::<11>(hi), lo), half);
-            let q = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
-            // Saturating packs clamp to 0..=255 exactly as `clip8` (|q| < 2^15 here).
-            let q = _mm256_packus_epi16(_mm256_packs_epi32(q, q), _mm256_setzero_si256());
-            let px0 = (_mm256_cvtsi256_si32(q) as u32).to_le_bytes();
-            let px1 = (_mm256_extract_epi32::<4>(q) as u32).to_le_bytes();
-            let at = y * row_bytes + x * 3;
-            out[at..at + 3].copy_from_slice(&px0[..3]);
-            if y1 != y {
-                out[at + row_bytes..at + row_bytes + 3].copy_from_slice(&px1[..3]);
-            }
-        }
-        y += 2;
+    let (mut hi, mut lo) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut p = 0;
+    while p + 2 <= pairs {
+        let at = s + p * 6;
+        let v = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(r0.add(at) as *const __m128i)),
+            _mm_loadu_si128(r1.add(at) as *const __m128i),
+        );
+        let (a, b) = (_mm256_shuffle_epi8(v, first), _mm256_shuffle_epi8(v, second));
+        let wa = w.add(p * 16);
+        let wb = w.add(p * 16 + 16);
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, bcast(wa.add(8))));
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(b, bcast(wb)));
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(b, bcast(wb.add(8))));
+        p += 2;
     }
+    if p < pairs {
+        let at = s + p * 6;
+        let v = _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadl_epi64(r0.add(at) as *const __m128i)),
+            _mm_loadl_epi64(r1.add(at) as *const __m128i),
+        );
+        let a = _mm256_shuffle_epi8(v, first);
+        let wa = w.add(p * 16);
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(a, bcast(wa.add(8))));
+    }
+    let acc = _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_slli_epi32::<11>(hi), lo),
+        _mm256_set1_epi32(HALF),
+    );
+    _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(acc)
 }
 
 /// The 8 i16 at `p` in both 128-bit lanes.
