@@ -416,19 +416,25 @@ fn horizontal_pass(
                 horizontal_madd_avx2(src, stride, safe, axis, &weights, x0, out_cols, out)
             };
             if safe < rows {
-                let lane_w = axis.lane_weights();
-                horizontal_kernel(
-                    &src[safe * stride..],
-                    stride,
-                    in_w,
-                    rows - safe,
-                    axis,
-                    &lane_w,
-                    x0,
-                    out_cols,
-                    lanes,
-                    &mut out[safe * out_cols * 3..],
-                );
+                // The last rows, copied with zero padding for the over-read (a row or two: cheaper
+                // than the portable kernel and its lane-repeated weights for the whole axis).
+                let tail = &src[safe * stride..];
+                let mut padded = vec![0u8; (rows - safe - 1) * stride + max_read.max(stride)];
+                let n = tail.len().min(padded.len());
+                padded[..n].copy_from_slice(&tail[..n]);
+                // SAFETY: as above; `padded` holds `max_read` bytes from the start of its last row.
+                unsafe {
+                    horizontal_madd_avx2(
+                        &padded,
+                        stride,
+                        rows - safe,
+                        axis,
+                        &weights,
+                        x0,
+                        out_cols,
+                        &mut out[safe * out_cols * 3..],
+                    )
+                };
             }
             return;
         }
