@@ -67,7 +67,12 @@ fn halve(src: &RgbImage, size: usize) -> Option<RgbImage> {
         if cur.width.min(cur.height) < 2 * size {
             return img;
         }
-        img = Some(resize_pillow(cur, cur.width / 2, cur.height / 2, Filter::Box));
+        img = Some(resize_pillow(
+            cur,
+            cur.width / 2,
+            cur.height / 2,
+            Filter::Box,
+        ));
     }
 }
 

@@ -142,7 +142,10 @@ impl Axis {
     /// unit of the madd kernel). Often fewer than `padded`: an upscaling bicubic window holds 4 of
     /// its 5 possible taps.
     fn pairs(&self, x0: usize, n: usize) -> usize {
-        self.c.len[x0..x0 + n].iter().max().map_or(0, |&l| l.div_ceil(2))
+        self.c.len[x0..x0 + n]
+            .iter()
+            .max()
+            .map_or(0, |&l| l.div_ceil(2))
     }
 
     /// Whether output pixels `x0 .. x0 + n` are an exact 2:1 box shrink (window 2i, 2i + 1 with
@@ -266,17 +269,7 @@ pub fn resize_pillow_crop(
             let v = Axis::new(src.height, out_h, filter);
             let h = Axis::new(src.width, out_w, filter);
             let between = grown(&mut scratch.between, crop_h * stride);
-            vertical_pass(
-                &src.pixels,
-                stride,
-                0,
-                stride,
-                0,
-                &v,
-                top,
-                crop_h,
-                between,
-            );
+            vertical_pass(&src.pixels, stride, 0, stride, 0, &v, top, crop_h, between);
             horizontal_pass(
                 between,
                 stride,
@@ -404,17 +397,15 @@ fn horizontal_pass(
             return;
         }
         if let Some(weights) = axis.madd_weights(x0, out_cols) {
-            // Rows whose widest read (the last window plus padding) stays inside `src` go through the
-            // SIMD kernel; only the last row or two of the buffer can miss that and take the portable one.
+            // Rows whose widest read (the last window plus padding) stays inside `src` are read in
+            // place; only the last row or two of the buffer can miss that and go through a copy.
             let max_read = axis.c.start[x0 + out_cols - 1] * 3 + weights.pairs * 6 + 4;
             let safe = (0..rows)
                 .take_while(|&y| y * stride + max_read <= src.len())
                 .count();
             // SAFETY: AVX2 is supported (checked above); every row below `safe` reads at most
             // `max_read` bytes from its start, which is inside `src` by the count just made.
-            unsafe {
-                horizontal_madd_avx2(src, stride, safe, axis, &weights, x0, out_cols, out)
-            };
+            unsafe { horizontal_madd_avx2(src, stride, safe, axis, &weights, x0, out_cols, out) };
             if safe < rows {
                 // The last rows, copied with zero padding for the over-read (a row or two: cheaper
                 // than the portable kernel and its lane-repeated weights for the whole axis).
@@ -603,7 +594,10 @@ unsafe fn madd_pixel(
             _mm256_castsi128_si256(_mm_loadu_si128(r0.add(at) as *const __m128i)),
             _mm_loadu_si128(r1.add(at) as *const __m128i),
         );
-        let (a, b) = (_mm256_shuffle_epi8(v, first), _mm256_shuffle_epi8(v, second));
+        let (a, b) = (
+            _mm256_shuffle_epi8(v, first),
+            _mm256_shuffle_epi8(v, second),
+        );
         let wa = w.add(p * 16);
         let wb = w.add(p * 16 + 16);
         hi = _mm256_add_epi32(hi, _mm256_madd_epi16(a, bcast(wa)));
