@@ -137,7 +137,15 @@ fn reuse_superset_and_fingerprints() {
 
     let out = run_ok(
         pipeline()
-            .args(["bench", "precompute", "--limit", "2", "--config"])
+            .args([
+                "bench",
+                "precompute",
+                "--limit",
+                "2",
+                "--repeats",
+                "2",
+                "--config",
+            ])
             .arg(&config),
     );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -151,6 +159,7 @@ fn reuse_superset_and_fingerprints() {
         assert!(line[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {line}");
     }
     assert_eq!(line["samples"], 2);
+    assert_eq!(line["repeats"], 2);
 }
 
 fn count_shards(cache: &Path) -> usize {
