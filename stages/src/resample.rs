@@ -1002,27 +1002,37 @@ mod tests {
             };
             let (ow, oh) = (pick(&mut rng, w), pick(&mut rng, h));
             let filter = filters[case % 3];
-            let reference = scalar::resize_pillow_scalar(&img, ow, oh, filter);
-            let fast = resize_pillow(&img, ow, oh, filter);
-            assert_eq!((fast.width, fast.height), (ow, oh));
-            assert!(
-                fast.pixels == reference.pixels,
-                "{filter:?} {w}x{h} -> {ow}x{oh}"
-            );
-            // A window of the resized image, computed alone, equals the same window cut from it.
             let (cw, ch) = (1 + rng.below(ow), 1 + rng.below(oh));
             let (left, top) = (rng.below(ow - cw + 1), rng.below(oh - ch + 1));
-            let window = resize_pillow_crop(&img, ow, oh, filter, left, top, cw, ch);
-            let cut: Vec<u8> = (top..top + ch)
-                .flat_map(|y| {
-                    reference.pixels[(y * ow + left) * 3..(y * ow + left + cw) * 3].to_vec()
-                })
-                .collect();
-            assert!(
-                window.pixels == cut,
-                "{filter:?} {w}x{h} -> {ow}x{oh} window {cw}x{ch} at ({left}, {top})"
-            );
+            check_against_scalar(&img, ow, oh, filter, (left, top, cw, ch));
         }
+    }
+
+    /// The full resize equals the scalar port byte for byte, and a window of it computed alone
+    /// (`resize_pillow_crop`) equals the same window cut from the scalar result.
+    fn check_against_scalar(
+        img: &RgbImage,
+        ow: usize,
+        oh: usize,
+        filter: Filter,
+        (left, top, cw, ch): (usize, usize, usize, usize),
+    ) {
+        let (w, h) = (img.width, img.height);
+        let reference = scalar::resize_pillow_scalar(img, ow, oh, filter);
+        let fast = resize_pillow(img, ow, oh, filter);
+        assert_eq!((fast.width, fast.height), (ow, oh));
+        assert!(
+            fast.pixels == reference.pixels,
+            "{filter:?} {w}x{h} -> {ow}x{oh}"
+        );
+        let window = resize_pillow_crop(img, ow, oh, filter, left, top, cw, ch);
+        let cut: Vec<u8> = (top..top + ch)
+            .flat_map(|y| reference.pixels[(y * ow + left) * 3..(y * ow + left + cw) * 3].to_vec())
+            .collect();
+        assert!(
+            window.pixels == cut,
+            "{filter:?} {w}x{h} -> {ow}x{oh} window {cw}x{ch} at ({left}, {top})"
+        );
     }
 
     /// ADM-like sizes: wide rows (many 4-pixel groups and every tail length), 2:1 and odd box
@@ -1041,23 +1051,9 @@ mod tests {
                 _ => (1 + rng.below(w + 100), 1 + rng.below(h + 100)),
             };
             let filter = filters[rng.below(3)];
-            let reference = scalar::resize_pillow_scalar(&img, ow, oh, filter);
-            assert!(
-                resize_pillow(&img, ow, oh, filter).pixels == reference.pixels,
-                "{filter:?} {w}x{h} -> {ow}x{oh}"
-            );
             let (cw, ch) = (1 + rng.below(ow), 1 + rng.below(oh));
             let (left, top) = (rng.below(ow - cw + 1), oh - ch - rng.below(2).min(oh - ch));
-            let window = resize_pillow_crop(&img, ow, oh, filter, left, top, cw, ch);
-            let cut: Vec<u8> = (top..top + ch)
-                .flat_map(|y| {
-                    reference.pixels[(y * ow + left) * 3..(y * ow + left + cw) * 3].to_vec()
-                })
-                .collect();
-            assert!(
-                window.pixels == cut,
-                "{filter:?} {w}x{h} -> {ow}x{oh} window {cw}x{ch} at ({left}, {top})"
-            );
+            check_against_scalar(&img, ow, oh, filter, (left, top, cw, ch));
         }
     }
 
