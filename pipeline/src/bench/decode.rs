@@ -36,7 +36,7 @@ pub struct Args {
     python: Option<String>,
 }
 
-fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+fn load_images(spec: &str, limit: usize, size: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     let shards =
         stages::shardspec::expand_shard_spec(spec).with_context(|| format!("shard spec {spec}"))?;
     let cfg = DataConfig {
@@ -48,9 +48,11 @@ fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     'shards: for shard in &shards {
         let mut full = false;
         stages::wds_reader::read_shard(shard, &counters, &mut |raw| {
-            // Keep only what decodes, so every row times the same work.
+            // Keep only what decodes both ways, so every row times the same work on the same images.
             if let Some(sample) = stages::image_stream::select_sample(raw, &cfg, &counters) {
-                if decode_rgb(&sample.image, cfg.max_pixels).is_ok() {
+                if decode_rgb(&sample.image, cfg.max_pixels).is_ok()
+                    && decode_rgb_scaled(&sample.image, cfg.max_pixels, size).is_ok()
+                {
                     images.push(sample.image);
                 }
             }
@@ -65,6 +67,15 @@ fn load_images(spec: &str, limit: usize) -> anyhow::Result<Vec<Vec<u8>>> {
         bail!("no decodable image in {spec}");
     }
     Ok(images)
+}
+
+/// `load_images` kept only images that decode both ways, so this would mean a nondeterministic decoder.
+fn undecodable(index: usize, e: stages::decode::DecodeError) -> anyhow::Error {
+    anyhow::anyhow!(
+        "image {index} decoded while loading but not now: {:?}: {}",
+        e.kind,
+        e.detail
+    )
 }
 
 /// Best of `repeats` passes of `work` over `n` items on a pool of `threads`: images per second.
@@ -92,13 +103,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let images = load_images(&a.shards, a.limit)?;
+    let images = load_images(&a.shards, a.limit, a.size)?;
     let n = images.len();
     let mean_bytes = images.iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
     let decoded: Vec<RgbImage> = images
         .iter()
-        .map(|b| decode_rgb(b, u64::MAX).expect("kept above"))
-        .collect();
+        .enumerate()
+        .map(|(i, b)| decode_rgb(b, u64::MAX).map_err(|e| undecodable(i, e)))
+        .collect::<anyhow::Result<_>>()?;
     let mean_mp = decoded
         .iter()
         .map(|d| (d.width * d.height) as f64)
@@ -125,31 +137,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         (
             "end to end, exact",
             Box::new(|i| {
-                drop(center_crop_adm(
-                    &decode_rgb(&images[i], u64::MAX).unwrap(),
-                    size,
-                    ResizeImpl::Pillow,
-                ))
+                if let Ok(img) = decode_rgb(&images[i], u64::MAX) {
+                    drop(center_crop_adm(&img, size, ResizeImpl::Pillow))
+                }
             }),
         ),
         (
             "end to end, fast resampler",
             Box::new(|i| {
-                drop(center_crop_adm(
-                    &decode_rgb(&images[i], u64::MAX).unwrap(),
-                    size,
-                    ResizeImpl::Fast,
-                ))
+                if let Ok(img) = decode_rgb(&images[i], u64::MAX) {
+                    drop(center_crop_adm(&img, size, ResizeImpl::Fast))
+                }
             }),
         ),
         (
             "end to end, dct decode + fast",
             Box::new(|i| {
-                drop(center_crop_adm(
-                    &decode_rgb_scaled(&images[i], u64::MAX, size).unwrap(),
-                    size,
-                    ResizeImpl::Fast,
-                ))
+                if let Ok(img) = decode_rgb_scaled(&images[i], u64::MAX, size) {
+                    drop(center_crop_adm(&img, size, ResizeImpl::Fast))
+                }
             }),
         ),
     ];
@@ -170,14 +176,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     // DCT mode against the exact mode, in 8-bit levels.
     let (mut max, mut sum, mut count) = (0u8, 0u64, 0u64);
-    for bytes in &images {
+    for (i, bytes) in images.iter().enumerate() {
         let exact = center_crop_adm(
-            &decode_rgb(bytes, u64::MAX).unwrap(),
+            &decode_rgb(bytes, u64::MAX).map_err(|e| undecodable(i, e))?,
             size,
             ResizeImpl::Pillow,
         );
         let dct = center_crop_adm(
-            &decode_rgb_scaled(bytes, u64::MAX, size).unwrap(),
+            &decode_rgb_scaled(bytes, u64::MAX, size).map_err(|e| undecodable(i, e))?,
             size,
             ResizeImpl::Fast,
         );
