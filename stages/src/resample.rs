@@ -129,13 +129,34 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 struct Axis {
     c: Coefficients,
     padded: usize,
+    /// Per output pixel: the first of two source pixels if its window, once zero weights are
+    /// dropped, is exactly those two weighted 2^21 each (its fixed-point sum then reduces to
+    /// `(a + b + 1) >> 1`, `pavgb`); [`NOT_PAIR`] otherwise. A box shrink by 2 is all pairs, and a box
+    /// shrink of an odd size (scale just above 2) is pairs whose start drifts by one pixel across the
+    /// axis, plus the odd three-pixel window.
+    pair: Vec<usize>,
 }
+
+const NOT_PAIR: usize = usize::MAX;
 
 impl Axis {
     fn new(in_size: usize, out_size: usize, filter: Filter) -> Axis {
         let c = coefficients(in_size, out_size, filter);
         let padded = c.taps.div_ceil(2) * 2;
-        Axis { c, padded }
+        let pair = (0..out_size)
+            .map(|i| {
+                let w = &c.weights[i * c.taps..i * c.taps + c.len[i]];
+                let first = w.iter().position(|&x| x != 0);
+                let last = w.iter().rposition(|&x| x != 0);
+                match (first, last) {
+                    (Some(f), Some(l)) if l == f + 1 && w[f] == 1 << 21 && w[l] == 1 << 21 => {
+                        c.start[i] + f
+                    }
+                    _ => NOT_PAIR,
+                }
+            })
+            .collect();
+        Axis { c, padded, pair }
     }
 
     /// Taps of the longest window among output pixels `x0 .. x0 + n`, rounded up to whole pairs (the
@@ -148,16 +169,26 @@ impl Axis {
             .map_or(0, |&l| l.div_ceil(2))
     }
 
-    /// Whether output pixels `x0 .. x0 + n` are an exact 2:1 box shrink (window 2i, 2i + 1 with
-    /// weights 2^21 each), where the fixed-point sum reduces to a rounded average of two bytes.
-    fn halves(&self, x0: usize, n: usize) -> bool {
+    /// Whether at least 3/4 of output pixels `x0 .. x0 + n` are pairs (see [`Axis::pair`]): then the
+    /// averaging kernel, computing the rest one by one, beats the multiply-add kernels.
+    fn mostly_pairs(&self, x0: usize, n: usize) -> bool {
+        let pairs = self.pair[x0..x0 + n]
+            .iter()
+            .filter(|&&s| s != NOT_PAIR)
+            .count();
+        4 * pairs >= 3 * n
+    }
+
+    /// Output pixel i's exact fixed-point sum over the bytes `at(k)` of its window's taps.
+    #[inline]
+    fn weighted(&self, i: usize, at: impl Fn(usize) -> u8) -> u8 {
         let c = &self.c;
-        (x0..x0 + n).all(|i| {
-            c.start[i] == 2 * i
-                && c.len[i] == 2
-                && c.weights[i * c.taps] == 1 << 21
-                && c.weights[i * c.taps + 1] == 1 << 21
-        })
+        let w = &c.weights[i * c.taps..i * c.taps + c.len[i]];
+        let acc = w
+            .iter()
+            .enumerate()
+            .fold(HALF, |acc, (k, &wk)| acc + at(c.start[i] + k) as i32 * wk);
+        clip8(acc)
     }
 
     /// Weights for [`horizontal_madd_avx2`]: per output pixel of the window, per pair of taps, the
@@ -391,9 +422,9 @@ fn horizontal_pass(
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        if axis.halves(x0, out_cols) {
+        if axis.mostly_pairs(x0, out_cols) {
             // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { horizontal_halve_avx2(src, stride, rows, x0, out_cols, out) };
+            unsafe { horizontal_pairs_avx2(src, stride, rows, axis, x0, out_cols, out) };
             return;
         }
         if let Some(weights) = axis.madd_weights(x0, out_cols) {
@@ -444,42 +475,58 @@ fn horizontal_pass(
     );
 }
 
-/// Exact 2:1 box shrink of RGB rows: every output byte is `(a + b + 1) >> 1` of its two source
-/// pixels' bytes, which is what the fixed-point sum gives for weights 2^21, 2^21 (see
-/// [`Axis::halves`]), and is `pavgb`. Per step, bytes j and j + 3 of 18 source bytes are averaged and
-/// bytes 0-2, 6-8, 12-14 (three output pixels) kept.
+/// Rows whose output pixels are mostly pairs (see [`Axis::pair`]): three output pixels per step
+/// when their pairs are adjacent (starts s, s + 2, s + 4: bytes j and j + 3 of 18 source bytes are
+/// averaged with `pavgb` and bytes 0-2, 6-8, 12-14 kept), any other pixel on its own, a pair as the
+/// rounded average and a wider window as its exact fixed-point sum.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn horizontal_halve_avx2(
+unsafe fn horizontal_pairs_avx2(
     src: &[u8],
     stride: usize,
     rows: usize,
+    axis: &Axis,
     x0: usize,
     out_cols: usize,
     out: &mut [u8],
 ) {
     use std::arch::x86_64::*;
     let keep = _mm_setr_epi8(0, 1, 2, 6, 7, 8, 12, 13, 14, -1, -1, -1, -1, -1, -1, -1);
+    let pair = &axis.pair[x0..x0 + out_cols];
     let row_bytes = out_cols * 3;
     for y in 0..rows {
-        let from = &src[y * stride + x0 * 6..];
-        // The 16-byte store may run into the next output row; that row is written after this one.
+        let from = &src[y * stride..];
+        // The 16-byte store may run into the pixels after the three (written next, in this row or
+        // the next one).
         let to = &mut out[y * row_bytes..];
         let mut x = 0;
-        while x + 3 <= out_cols && x * 6 + 19 <= from.len() && x * 3 + 16 <= to.len() {
-            // SAFETY: the loop condition keeps the two 16-byte loads (bytes x·6 .. x·6 + 19) inside
-            // `from` and the 16-byte store inside `to`; unaligned loads and stores are allowed.
-            let a = _mm_loadu_si128(from.as_ptr().add(x * 6) as *const __m128i);
-            let b = _mm_loadu_si128(from.as_ptr().add(x * 6 + 3) as *const __m128i);
-            let avg = _mm_shuffle_epi8(_mm_avg_epu8(a, b), keep);
-            _mm_storeu_si128(to.as_mut_ptr().add(x * 3) as *mut __m128i, avg);
-            x += 3;
-        }
-        for x in x..out_cols {
-            for ch in 0..3 {
-                let (a, b) = (from[x * 6 + ch] as u16, from[x * 6 + 3 + ch] as u16);
-                to[x * 3 + ch] = ((a + b + 1) >> 1) as u8;
+        while x < out_cols {
+            let s = pair[x];
+            if s != NOT_PAIR
+                && x + 3 <= out_cols
+                && pair[x + 1] == s + 2
+                && pair[x + 2] == s + 4
+                && s * 3 + 19 <= from.len()
+                && x * 3 + 16 <= to.len()
+            {
+                // SAFETY: the condition keeps the two 16-byte loads (bytes s·3 .. s·3 + 19) inside
+                // `from` and the 16-byte store inside `to`; unaligned loads and stores are allowed.
+                let a = _mm_loadu_si128(from.as_ptr().add(s * 3) as *const __m128i);
+                let b = _mm_loadu_si128(from.as_ptr().add(s * 3 + 3) as *const __m128i);
+                let avg = _mm_shuffle_epi8(_mm_avg_epu8(a, b), keep);
+                _mm_storeu_si128(to.as_mut_ptr().add(x * 3) as *mut __m128i, avg);
+                x += 3;
+                continue;
             }
+            for ch in 0..3 {
+                to[x * 3 + ch] = if s != NOT_PAIR {
+                    let (a, b) = (from[s * 3 + ch] as u16, from[s * 3 + 3 + ch] as u16);
+                    ((a + b + 1) >> 1) as u8
+                } else {
+                    axis.weighted(x0 + x, |k| from[k * 3 + ch])
+                };
+            }
+            x += 1;
         }
     }
 }
@@ -719,10 +766,36 @@ fn vertical_pass(
     out_rows: usize,
     out: &mut [u8],
 ) {
-    if axis.halves(y0, out_rows) {
-        vertical_halve(src, stride, col, width, row_base, y0, out_rows, out);
-        return;
+    // Runs of pair rows are averaged, runs of other rows go through the multiply-add kernel.
+    let mut y = 0;
+    while y < out_rows {
+        let is_pair = axis.pair[y0 + y] != NOT_PAIR;
+        let run = axis.pair[y0 + y..y0 + out_rows]
+            .iter()
+            .take_while(|&&s| (s != NOT_PAIR) == is_pair)
+            .count();
+        let out = &mut out[y * width..(y + run) * width];
+        if is_pair {
+            vertical_pairs(src, stride, col, width, row_base, axis, y0 + y, run, out);
+        } else {
+            vertical_weighted(src, stride, col, width, row_base, axis, y0 + y, run, out);
+        }
+        y += run;
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn vertical_weighted(
+    src: &[u8],
+    stride: usize,
+    col: usize,
+    width: usize,
+    row_base: usize,
+    axis: &Axis,
+    y0: usize,
+    out_rows: usize,
+    out: &mut [u8],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
@@ -732,21 +805,22 @@ fn vertical_pass(
     vertical_kernel(src, stride, col, width, row_base, axis, y0, out_rows, out);
 }
 
-/// Exact 2:1 box shrink of rows (see [`Axis::halves`]): each output byte is the rounded average of
-/// the two source bytes above each other, a pattern the compiler turns into `pavgb` on any x86_64.
+/// Pair rows (see [`Axis::pair`]): each output byte is the rounded average of the two source
+/// bytes above each other, a pattern the compiler turns into `pavgb` on any x86_64.
 #[allow(clippy::too_many_arguments)]
-fn vertical_halve(
+fn vertical_pairs(
     src: &[u8],
     stride: usize,
     col: usize,
     width: usize,
     row_base: usize,
+    axis: &Axis,
     y0: usize,
     out_rows: usize,
     out: &mut [u8],
 ) {
     for (y, out_row) in out[..out_rows * width].chunks_exact_mut(width).enumerate() {
-        let a = (2 * (y0 + y) - row_base) * stride + col;
+        let a = (axis.pair[y0 + y] - row_base) * stride + col;
         let (top, bottom) = (&src[a..a + width], &src[a + stride..a + stride + width]);
         for ((o, &t), &b) in out_row.iter_mut().zip(top).zip(bottom) {
             *o = ((t as u16 + b as u16 + 1) >> 1) as u8;
@@ -1050,10 +1124,36 @@ mod tests {
                 2 => (w * 3, h * 3),
                 _ => (1 + rng.below(w + 100), 1 + rng.below(h + 100)),
             };
-            let filter = filters[rng.below(3)];
+            // Every other halving is the ADM box halving (odd sizes: pairs with drifting starts).
+            let filter = if case % 8 == 0 {
+                Filter::Box
+            } else {
+                filters[rng.below(3)]
+            };
             let (cw, ch) = (1 + rng.below(ow), 1 + rng.below(oh));
             let (left, top) = (rng.below(ow - cw + 1), oh - ch - rng.below(2).min(oh - ch));
             check_against_scalar(&img, ow, oh, filter, (left, top, cw, ch));
+        }
+    }
+
+    #[test]
+    fn odd_box_halving_is_mostly_pairs_and_exact() {
+        // 375 → 187: scale 2.005, so the pairs' starts drift from 2i to 2i + 1 across the axis.
+        let axis = Axis::new(375, 187, Filter::Box);
+        assert!(axis.mostly_pairs(0, 187));
+        assert_eq!(axis.pair[0], 0);
+        assert_eq!(axis.pair[186], 373);
+        assert!(axis.pair.contains(&NOT_PAIR));
+        let mut rng = Rng(7);
+        for (w, h) in [(501, 375), (375, 501), (333, 77)] {
+            let img = random_image(&mut rng, w, h);
+            check_against_scalar(
+                &img,
+                w / 2,
+                h / 2,
+                Filter::Box,
+                (1, 2, w / 2 - 3, h / 2 - 2),
+            );
         }
     }
 
