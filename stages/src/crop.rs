@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::demo::RgbImage;
-use crate::resample::{resize_pillow, resize_pillow_crop, Filter};
+use crate::resample::{resize_pillow, resize_window, source_span, Filter, Placement, Rect};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,25 +74,6 @@ fn resize_fast(src: &RgbImage, out_w: usize, out_h: usize, filter: Filter) -> Rg
     }
 }
 
-/// The `size` square at (left, top) of the image resized to `out_w`×`out_h`. The exact path computes
-/// only the pixels inside the square (the same bytes as resizing fully, then cropping).
-#[allow(clippy::too_many_arguments)]
-fn resize_then_crop(
-    src: &RgbImage,
-    out_w: usize,
-    out_h: usize,
-    filter: Filter,
-    imp: ResizeImpl,
-    left: usize,
-    top: usize,
-    size: usize,
-) -> RgbImage {
-    match imp {
-        ResizeImpl::Pillow => resize_pillow_crop(src, out_w, out_h, filter, left, top, size, size),
-        ResizeImpl::Fast => crop(&resize_fast(src, out_w, out_h, filter), left, top, size),
-    }
-}
-
 /// The square `size` crop at (left, top).
 pub fn crop(src: &RgbImage, left: usize, top: usize, size: usize) -> RgbImage {
     let mut pixels = Vec::with_capacity(size * size * 3);
@@ -107,41 +88,155 @@ pub fn crop(src: &RgbImage, left: usize, top: usize, size: usize) -> RgbImage {
     }
 }
 
+/// One crop as Pillow runs it on a `width`×`height` image: resizes in turn, then the `size` square
+/// at (left, top) of the last one. Walking the steps backwards gives the window of each step's output
+/// that the next one reads, and the source rectangle the whole crop reads (all a region decode has to
+/// deliver): the exact path computes only those windows, the same bytes as resizing fully.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CropPlan {
+    width: usize,
+    height: usize,
+    /// (out_w, out_h, filter) of each resize, in order.
+    steps: Vec<(usize, usize, Filter)>,
+    /// Per step, the window of its output that is computed; the last is the crop itself.
+    windows: Vec<Rect>,
+    /// The source pixels the crop reads.
+    source: Rect,
+}
+
+impl CropPlan {
+    pub fn new(mode: CropMode, width: usize, height: usize, size: usize) -> CropPlan {
+        let (mut steps, mut w, mut h) = (Vec::new(), width, height);
+        let (left, top) = match mode {
+            CropMode::Adm => {
+                // Box-halve while the short side is ≥ 2×size, then one bicubic resize that makes the
+                // short side equal size, the long side rounded half to even (Python's `round`).
+                while w.min(h) >= 2 * size {
+                    (w, h) = (w / 2, h / 2);
+                    steps.push((w, h, Filter::Box));
+                }
+                let scale = size as f64 / w.min(h) as f64;
+                (w, h) = (
+                    (w as f64 * scale).round_ties_even() as usize,
+                    (h as f64 * scale).round_ties_even() as usize,
+                );
+                steps.push((w, h, Filter::Bicubic));
+                ((w - size) / 2, (h - size) / 2)
+            }
+            CropMode::ResizeCenterCrop => {
+                // The long side truncated (`int(size * long / short)`), offsets rounded half to even.
+                let (short, long) = (w.min(h), w.max(h));
+                let new_long = (size as f64 * long as f64 / short as f64) as usize;
+                (w, h) = if w <= h {
+                    (size, new_long)
+                } else {
+                    (new_long, size)
+                };
+                steps.push((w, h, Filter::Bilinear));
+                let offset =
+                    |extent: usize| ((extent - size) as f64 / 2.0).round_ties_even() as usize;
+                (offset(w), offset(h))
+            }
+        };
+        let mut need = Rect {
+            x: left,
+            y: top,
+            width: size,
+            height: size,
+        };
+        let mut windows = vec![need; steps.len()];
+        for j in (0..steps.len()).rev() {
+            windows[j] = need;
+            let (in_w, in_h) = if j == 0 {
+                (width, height)
+            } else {
+                (steps[j - 1].0, steps[j - 1].1)
+            };
+            let (out_w, out_h, filter) = steps[j];
+            let (x0, x1) = source_span(in_w, out_w, filter, need.x, need.width);
+            let (y0, y1) = source_span(in_h, out_h, filter, need.y, need.height);
+            need = Rect {
+                x: x0,
+                y: y0,
+                width: x1 - x0,
+                height: y1 - y0,
+            };
+        }
+        CropPlan {
+            width,
+            height,
+            steps,
+            windows,
+            source: need,
+        }
+    }
+
+    /// The source pixels the crop reads.
+    pub fn source(&self) -> Rect {
+        self.source
+    }
+
+    /// Runs the crop, bit-exact with Pillow, on `src` placed by `at` in the image the plan was made
+    /// for; `src` must contain [`CropPlan::source`].
+    pub fn run(&self, src: &RgbImage, at: Placement) -> RgbImage {
+        assert_eq!(
+            (at.full_w, at.full_h),
+            (self.width, self.height),
+            "the plan is for another image size"
+        );
+        let mut cur = std::borrow::Cow::Borrowed(src);
+        let mut at = at;
+        for (&(out_w, out_h, filter), win) in self.steps.iter().zip(&self.windows) {
+            let next = resize_window(
+                &cur, at, out_w, out_h, filter, win.x, win.y, win.width, win.height,
+            );
+            at = Placement {
+                x: win.x,
+                y: win.y,
+                full_w: out_w,
+                full_h: out_h,
+            };
+            cur = std::borrow::Cow::Owned(next);
+        }
+        cur.into_owned()
+    }
+}
+
 /// ADM `center_crop_arr(pil_image, size)`.
 pub fn center_crop_adm(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbImage {
-    let mut img = std::borrow::Cow::Borrowed(src);
-    while img.width.min(img.height) >= 2 * size {
-        // Box halving reads 2-3 taps, so the exact port costs little here; fast_image_resize's 16-bit
-        // weights would add their error before the bicubic adds its own.
-        let halved = resize_pillow(&img, img.width / 2, img.height / 2, Filter::Box);
-        img = std::borrow::Cow::Owned(halved);
-    }
-    let scale = size as f64 / img.width.min(img.height) as f64;
-    let (w, h) = (
-        (img.width as f64 * scale).round_ties_even() as usize,
-        (img.height as f64 * scale).round_ties_even() as usize,
-    );
-    let (top, left) = ((h - size) / 2, (w - size) / 2);
-    resize_then_crop(&img, w, h, Filter::Bicubic, imp, left, top, size)
+    crop_image(src, CropMode::Adm, size, imp)
 }
 
 /// torchvision `CenterCrop(size)(Resize(size)(pil_image))`.
 pub fn resize_center_crop(src: &RgbImage, size: usize, imp: ResizeImpl) -> RgbImage {
-    let (short, long) = (src.width.min(src.height), src.width.max(src.height));
-    let new_long = (size as f64 * long as f64 / short as f64) as usize;
-    let (w, h) = if src.width <= src.height {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    };
-    let offset = |extent: usize| ((extent - size) as f64 / 2.0).round_ties_even() as usize;
-    resize_then_crop(src, w, h, Filter::Bilinear, imp, offset(w), offset(h), size)
+    crop_image(src, CropMode::ResizeCenterCrop, size, imp)
 }
 
 pub fn crop_image(src: &RgbImage, mode: CropMode, size: usize, imp: ResizeImpl) -> RgbImage {
-    match mode {
-        CropMode::Adm => center_crop_adm(src, size, imp),
-        CropMode::ResizeCenterCrop => resize_center_crop(src, size, imp),
+    let plan = CropPlan::new(mode, src.width, src.height, size);
+    match imp {
+        ResizeImpl::Pillow => plan.run(src, Placement::whole(src)),
+        ResizeImpl::Fast => plan.run_fast(src),
+    }
+}
+
+impl CropPlan {
+    /// The crop with fast_image_resize for the last (bicubic or bilinear) step on the whole image.
+    /// Box halvings stay on the exact port: they read 2-3 taps, so it costs little there, and
+    /// fast_image_resize's 16-bit weights would add their error before the last step adds its own.
+    fn run_fast(&self, src: &RgbImage) -> RgbImage {
+        let mut img = std::borrow::Cow::Borrowed(src);
+        let (last, halvings) = self.steps.split_last().expect("a plan has a last resize");
+        for &(w, h, filter) in halvings {
+            img = std::borrow::Cow::Owned(resize_pillow(&img, w, h, filter));
+        }
+        let win = self.windows[self.windows.len() - 1];
+        crop(
+            &resize_fast(&img, last.0, last.1, last.2),
+            win.x,
+            win.y,
+            win.width,
+        )
     }
 }
 

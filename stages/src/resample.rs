@@ -69,22 +69,68 @@ struct Coefficients {
     weights: Vec<i32>,
 }
 
+/// The geometry of one axis's resize: the scale, the filter's support in source pixels and the most
+/// taps a window can have.
+struct Geometry {
+    scale: f64,
+    inv_filter_scale: f64,
+    support: f64,
+    taps: usize,
+    in_size: usize,
+}
+
+impl Geometry {
+    fn new(in_size: usize, out_size: usize, filter: Filter) -> Geometry {
+        let scale = in_size as f64 / out_size as f64;
+        let filter_scale = scale.max(1.0);
+        let support = filter.support() * filter_scale;
+        Geometry {
+            scale,
+            inv_filter_scale: 1.0 / filter_scale,
+            support,
+            taps: support.ceil() as usize * 2 + 1,
+            in_size,
+        }
+    }
+
+    /// Output pixel i's centre in source coordinates and its window `lo .. hi` of source pixels.
+    fn window(&self, i: usize) -> (f64, usize, usize) {
+        let center = (i as f64 + 0.5) * self.scale;
+        // C's (int) cast truncates toward zero; both values are ≥ -0.5 + 0.5 here except near 0.
+        let lo = ((center - self.support + 0.5) as i64).max(0) as usize;
+        let hi = ((center + self.support + 0.5) as i64).min(self.in_size as i64) as usize;
+        (center, lo, hi.max(lo))
+    }
+}
+
+/// The source pixels `start .. end` that output pixels `first .. first + n` (n ≥ 1) of a resize of
+/// an axis from `in_size` to `out_size` read: windows move monotonically with the output pixel, so
+/// this is the first one's start to the last one's end. An axis left at its size is not resampled.
+pub fn source_span(
+    in_size: usize,
+    out_size: usize,
+    filter: Filter,
+    first: usize,
+    n: usize,
+) -> (usize, usize) {
+    if in_size == out_size {
+        return (first, first + n);
+    }
+    let g = Geometry::new(in_size, out_size, filter);
+    (g.window(first).1, g.window(first + n - 1).2)
+}
+
 fn coefficients(in_size: usize, out_size: usize, filter: Filter) -> Coefficients {
-    let scale = in_size as f64 / out_size as f64;
-    let filter_scale = scale.max(1.0);
-    let inv_filter_scale = 1.0 / filter_scale;
-    let support = filter.support() * filter_scale;
-    let taps = support.ceil() as usize * 2 + 1;
+    let g = Geometry::new(in_size, out_size, filter);
+    let taps = g.taps;
+    let inv_filter_scale = g.inv_filter_scale;
     let mut start = Vec::with_capacity(out_size);
     let mut len = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * taps];
     let mut float_weights = vec![0f64; taps];
     for i in 0..out_size {
-        let center = (i as f64 + 0.5) * scale;
-        // C's (int) cast truncates toward zero; both values are ≥ -0.5 + 0.5 here except near 0.
-        let lo = ((center - support + 0.5) as i64).max(0) as usize;
-        let hi = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let n = hi.saturating_sub(lo).min(taps);
+        let (center, lo, hi) = g.window(i);
+        let n = (hi - lo).min(taps);
         let mut total = 0.0;
         for (k, w) in float_weights.iter_mut().enumerate().take(n) {
             // Multiplying by the reciprocal, not dividing, matches Pillow's rounding bit for bit.
@@ -169,6 +215,29 @@ impl Axis {
             .map_or(0, |&l| l.div_ceil(2))
     }
 
+    /// The same axis with source positions counted from `origin` (the first source pixel of a window
+    /// of the full image), for output pixels `first .. first + n`, whose windows must lie in
+    /// `origin .. origin + len`. Positions of the other output pixels are left meaningless.
+    fn shifted(mut self, origin: usize, len: usize, first: usize, n: usize) -> Axis {
+        for i in first..first + n {
+            let (start, end) = (self.c.start[i], self.c.start[i] + self.c.len[i]);
+            assert!(
+                start >= origin && end <= origin + len,
+                "output pixel {i} reads source pixels {start}..{end}, outside the window {origin}..{}",
+                origin + len
+            );
+        }
+        if origin > 0 {
+            for s in &mut self.c.start {
+                *s = s.saturating_sub(origin);
+            }
+            for p in self.pair.iter_mut().filter(|p| **p != NOT_PAIR) {
+                *p = p.saturating_sub(origin);
+            }
+        }
+        self
+    }
+
     /// Whether at least 3/4 of output pixels `x0 .. x0 + n` are pairs (see [`Axis::pair`]): then the
     /// averaging kernel, computing the rest one by one, beats the multiply-add kernels.
     fn mostly_pairs(&self, x0: usize, n: usize) -> bool {
@@ -246,6 +315,37 @@ struct MaddWeights {
     pairs: usize,
 }
 
+/// A rectangle of pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x: usize,
+    pub y: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// Where an image's pixels sit in a larger one: its top-left pixel is (x, y) of a `full_w`×`full_h`
+/// image (a region decode, or the window of an intermediate resize that later steps read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub x: usize,
+    pub y: usize,
+    pub full_w: usize,
+    pub full_h: usize,
+}
+
+impl Placement {
+    /// The whole image.
+    pub fn whole(image: &RgbImage) -> Placement {
+        Placement {
+            x: 0,
+            y: 0,
+            full_w: image.width,
+            full_h: image.height,
+        }
+    }
+}
+
 /// Per-thread buffers, reused across images so no pass allocates per row or per call.
 #[derive(Default)]
 struct Scratch {
@@ -278,9 +378,31 @@ pub fn resize_pillow_crop(
     crop_w: usize,
     crop_h: usize,
 ) -> RgbImage {
+    let at = Placement::whole(src);
+    resize_window(src, at, out_w, out_h, filter, left, top, crop_w, crop_h)
+}
+
+/// [`resize_pillow_crop`] of the full image when `src` holds only part of it, placed by `at`: the
+/// part must contain every source pixel the window reads (see [`source_span`]); it panics otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn resize_window(
+    src: &RgbImage,
+    at: Placement,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+    left: usize,
+    top: usize,
+    crop_w: usize,
+    crop_h: usize,
+) -> RgbImage {
     assert!(
         left + crop_w <= out_w && top + crop_h <= out_h,
         "crop window outside the resized image"
+    );
+    assert!(
+        at.x + src.width <= at.full_w && at.y + src.height <= at.full_h,
+        "placement outside the full image"
     );
     let mut out = vec![0u8; crop_w * crop_h * 3];
     if crop_w == 0 || crop_h == 0 {
@@ -291,14 +413,17 @@ pub fn resize_pillow_crop(
         };
     }
     let stride = src.width * 3;
-    let need_h = out_w != src.width;
-    let need_v = out_h != src.height;
+    let need_h = out_w != at.full_w;
+    let need_v = out_h != at.full_h;
+    // Axes over the full image, their source positions then counted within `src`.
+    let h_axis = || Axis::new(at.full_w, out_w, filter).shifted(at.x, src.width, left, crop_w);
+    let v_axis = || Axis::new(at.full_h, out_h, filter).shifted(at.y, src.height, top, crop_h);
     SCRATCH.with(|scratch| {
         let scratch = &mut *scratch.borrow_mut();
-        if need_h && need_v && vertical_first(src.width, src.height, out_w, out_h) {
+        if need_h && need_v && vertical_first(at.full_w, at.full_h, out_w, out_h) {
             // Vertical over every source column for the window's rows, then horizontal.
-            let v = Axis::new(src.height, out_h, filter);
-            let h = Axis::new(src.width, out_w, filter);
+            let v = v_axis();
+            let h = h_axis();
             let between = grown(&mut scratch.between, crop_h * stride);
             vertical_pass(&src.pixels, stride, 0, stride, 0, &v, top, crop_h, between);
             horizontal_pass(
@@ -313,9 +438,9 @@ pub fn resize_pillow_crop(
                 &mut out,
             );
         } else if need_h {
-            let h = Axis::new(src.width, out_w, filter);
+            let h = h_axis();
             if need_v {
-                let v = Axis::new(src.height, out_h, filter);
+                let v = v_axis();
                 // Only the source rows some window row reads go through the horizontal pass.
                 let last = top + crop_h - 1;
                 let (row_first, row_last) = (v.c.start[top], v.c.start[last] + v.c.len[last]);
@@ -347,7 +472,8 @@ pub fn resize_pillow_crop(
                     &mut out,
                 );
             } else {
-                let from = &src.pixels[top * stride..];
+                // No vertical resize: output rows are source rows.
+                let from = &src.pixels[(top - at.y) * stride..];
                 horizontal_pass(
                     from,
                     stride,
@@ -361,11 +487,12 @@ pub fn resize_pillow_crop(
                 );
             }
         } else if need_v {
-            let v = Axis::new(src.height, out_h, filter);
+            let v = v_axis();
+            // No horizontal resize: output columns are source columns.
             vertical_pass(
                 &src.pixels,
                 stride,
-                left * 3,
+                (left - at.x) * 3,
                 crop_w * 3,
                 0,
                 &v,
@@ -375,8 +502,8 @@ pub fn resize_pillow_crop(
             );
         } else {
             for (y, row) in out.chunks_exact_mut(crop_w * 3).enumerate() {
-                let at = (top + y) * stride + left * 3;
-                row.copy_from_slice(&src.pixels[at..at + crop_w * 3]);
+                let from = (top - at.y + y) * stride + (left - at.x) * 3;
+                row.copy_from_slice(&src.pixels[from..from + crop_w * 3]);
             }
         }
     });
@@ -753,7 +880,7 @@ fn horizontal_kernel(
 }
 
 /// Vertical pass: output rows `y0 .. y0 + out_rows` into `out` (dense, `width` bytes a row), reading
-/// bytes `col .. col + width` of source rows; `src` starts at full-image row `row_base`.
+/// bytes `col .. col + width` of source rows; `src` starts at row `row_base` of the axis's source positions.
 #[allow(clippy::too_many_arguments)]
 fn vertical_pass(
     src: &[u8],
