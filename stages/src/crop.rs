@@ -277,6 +277,53 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_run_on_its_source_rectangle_alone_gives_the_whole_image_crop() {
+        for (i, (w, h)) in [
+            (500, 375),
+            (375, 500),
+            (333, 500),
+            (1024, 683),
+            (97, 300),
+            (64, 64),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut img = draw_sample(1, i as u64, i);
+            img = resize_pillow(&img, w, h, Filter::Bilinear);
+            for (mode, size) in [
+                (CropMode::Adm, 256),
+                (CropMode::Adm, 64),
+                (CropMode::ResizeCenterCrop, 64),
+            ] {
+                let plan = CropPlan::new(mode, w, h, size);
+                let r = plan.source();
+                assert!(r.x + r.width <= w && r.y + r.height <= h);
+                let part = RgbImage {
+                    width: r.width,
+                    height: r.height,
+                    pixels: (r.y..r.y + r.height)
+                        .flat_map(|y| {
+                            img.pixels[(y * w + r.x) * 3..(y * w + r.x + r.width) * 3].to_vec()
+                        })
+                        .collect(),
+                };
+                let at = Placement {
+                    x: r.x,
+                    y: r.y,
+                    full_w: w,
+                    full_h: h,
+                };
+                assert_eq!(
+                    plan.run(&part, at),
+                    crop_image(&img, mode, size, ResizeImpl::Pillow),
+                    "{mode:?} {size} of {w}x{h} from {r:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn fast_resize_stays_within_a_few_levels_of_exact() {
         let img = draw_sample(0, 5, 3);
         let exact = center_crop_adm(&img, 64, ResizeImpl::Pillow);

@@ -7,6 +7,8 @@ use std::cell::RefCell;
 
 use crate::bad_input::BadKind;
 use crate::demo::RgbImage;
+use crate::jpeg::{Header, Jpeg};
+use crate::resample::{Placement, Rect};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
@@ -43,7 +45,7 @@ impl DecodeError {
 
 thread_local! {
     // One libjpeg-turbo handle per thread: creating one per image costs more than a small decode.
-    static DECOMPRESSOR: RefCell<Option<turbojpeg::Decompressor>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<Jpeg>> = const { RefCell::new(None) };
 }
 
 /// Decodes to RGB8. `max_pixels` bounds width × height, checked from the header before allocating.
@@ -59,6 +61,21 @@ pub fn decode_rgb_scaled(
     max_pixels: u64,
     min_short_side: usize,
 ) -> Result<RgbImage, DecodeError> {
+    decode_rgb_window(bytes, max_pixels, min_short_side, |_, _| None).map(|(image, _)| image)
+}
+
+/// As [`decode_rgb_scaled`], but only the part of the (scaled) image that `need(width, height)` asks
+/// for has to be right: a JPEG is decoded from a region around it (a margin wider than libjpeg-turbo's
+/// upsampling reaches, the left edge on an iMCU boundary), which leaves out the inverse DCT,
+/// upsampling and colour conversion left and right of it and everything below it. The pixels inside
+/// `need` are those of a full decode. The placement says where the decoded part sits. PNGs, CMYK
+/// JPEGs and JPEGs without their end marker (so that truncation is still reported) are decoded whole.
+pub fn decode_rgb_window(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_short_side: usize,
+    need: impl FnOnce(usize, usize) -> Option<Rect>,
+) -> Result<(RgbImage, Placement), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::new(
             BadKind::EmptyImage,
@@ -69,21 +86,21 @@ pub fn decode_rgb_scaled(
         ImageFormat::Jpeg => DECOMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(turbojpeg::Decompressor::new().map_err(|e| {
+                *slot = Some(Jpeg::new().map_err(|e| {
                     DecodeError::new(
                         BadKind::UndecodableImage,
                         format!("libjpeg-turbo init: {e}"),
                     )
                 })?);
             }
-            decode_jpeg(
-                slot.as_mut().expect("just set"),
-                bytes,
-                max_pixels,
-                min_short_side,
-            )
+            let jpeg = slot.as_mut().expect("just set");
+            decode_jpeg(jpeg, bytes, max_pixels, min_short_side, need)
         }),
-        ImageFormat::Png => decode_png(bytes, max_pixels),
+        ImageFormat::Png => {
+            let image = decode_png(bytes, max_pixels)?;
+            let at = Placement::whole(&image);
+            Ok((image, at))
+        }
         ImageFormat::Unknown => Err(DecodeError::new(
             BadKind::GarbageImage,
             format!(
@@ -107,9 +124,8 @@ fn check_bomb(width: usize, height: usize, max_pixels: u64) -> Result<(), Decode
 
 /// libjpeg-turbo reports a file cut short as a warning-turned-error; without the EOI marker we call it
 /// truncated, everything else undecodable.
-fn jpeg_failure(bytes: &[u8], e: turbojpeg::Error) -> DecodeError {
-    let ends_with_eoi = bytes.len() >= 2 && bytes[bytes.len() - 2..] == [0xFF, 0xD9];
-    if ends_with_eoi {
+fn jpeg_failure(bytes: &[u8], e: String) -> DecodeError {
+    if ends_with_eoi(bytes) {
         DecodeError::new(BadKind::UndecodableImage, format!("jpeg: {e}"))
     } else {
         DecodeError::new(
@@ -119,73 +135,84 @@ fn jpeg_failure(bytes: &[u8], e: turbojpeg::Error) -> DecodeError {
     }
 }
 
+fn ends_with_eoi(bytes: &[u8]) -> bool {
+    bytes.len() >= 2 && bytes[bytes.len() - 2..] == [0xFF, 0xD9]
+}
+
+/// The region to decode for `need` in a `width`×`height` (scaled) image, or None for all of it.
+fn decode_region(
+    header: &Header,
+    denom: usize,
+    width: usize,
+    height: usize,
+    need: Rect,
+) -> Option<Rect> {
+    // Fancy upsampling reads the chroma samples next to a pixel's own (up to 4 pixels away for 4:1:1)
+    // and treats the region's edges as the image's. 8 pixels of margin keeps that away (2 are
+    // enough on the test's images); the left edge then moves down to an iMCU boundary.
+    let mcu = header.mcu_width?.div_ceil(denom).max(1);
+    let margin = 8;
+    let x = need.x.saturating_sub(margin) / mcu * mcu;
+    let y = need.y.saturating_sub(margin);
+    let right = (need.x + need.width + margin).min(width);
+    let bottom = (need.y + need.height + margin).min(height);
+    let region = Rect {
+        x,
+        y,
+        width: right - x,
+        height: bottom - y,
+    };
+    (region.width < width || region.height < height).then_some(region)
+}
+
 fn decode_jpeg(
-    decompressor: &mut turbojpeg::Decompressor,
+    jpeg: &mut Jpeg,
     bytes: &[u8],
     max_pixels: u64,
     min_short_side: usize,
-) -> Result<RgbImage, DecodeError> {
-    decompressor
-        .set_scaling_factor(turbojpeg::ScalingFactor::ONE)
-        .map_err(|e| jpeg_failure(bytes, e))?;
-    let header = decompressor
-        .read_header(bytes)
-        .map_err(|e| jpeg_failure(bytes, e))?;
+    need: impl FnOnce(usize, usize) -> Option<Rect>,
+) -> Result<(RgbImage, Placement), DecodeError> {
+    let header = jpeg.header(bytes).map_err(|e| jpeg_failure(bytes, e))?;
     check_bomb(header.width, header.height, max_pixels)?;
-    let mut header = header;
-    if min_short_side > 0 {
-        let short = header.width.min(header.height);
-        for denom in [8usize, 4, 2] {
-            if short >= denom * min_short_side {
-                let factor = turbojpeg::ScalingFactor::new(1, denom);
-                decompressor
-                    .set_scaling_factor(factor)
-                    .map_err(|e| jpeg_failure(bytes, e))?;
-                header = header.scaled(factor);
-                break;
-            }
+    let short = header.width.min(header.height);
+    let denom = [8usize, 4, 2]
+        .into_iter()
+        .find(|&d| min_short_side > 0 && short >= d * min_short_side)
+        .unwrap_or(1);
+    let (full_w, full_h) = (header.width.div_ceil(denom), header.height.div_ceil(denom));
+    let region = match need(full_w, full_h) {
+        Some(need) if !header.four_channel && ends_with_eoi(bytes) => {
+            decode_region(&header, denom, full_w, full_h, need)
         }
-    }
-    let (width, height) = (header.width, header.height);
-    let four_channel = matches!(
-        header.colorspace,
-        turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
-    );
-    if !four_channel {
-        let mut pixels = vec![0u8; width * height * 3];
-        let image = turbojpeg::Image {
-            pixels: pixels.as_mut_slice(),
-            width,
-            pitch: width * 3,
-            height,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        decompressor
-            .decompress(bytes, image)
-            .map_err(|e| jpeg_failure(bytes, e))?;
-        return Ok(RgbImage {
-            width,
-            height,
-            pixels,
-        });
-    }
-    // libjpeg-turbo cannot convert CMYK to RGB; decode the raw ink values and convert as Pillow does.
-    let mut cmyk = vec![0u8; width * height * 4];
-    let image = turbojpeg::Image {
-        pixels: cmyk.as_mut_slice(),
-        width,
-        pitch: width * 4,
-        height,
-        format: turbojpeg::PixelFormat::CMYK,
+        _ => None,
     };
-    decompressor
-        .decompress(bytes, image)
+    let whole = Rect {
+        x: 0,
+        y: 0,
+        width: full_w,
+        height: full_h,
+    };
+    let r = region.unwrap_or(whole);
+    let channels = if header.four_channel { 4 } else { 3 };
+    let mut pixels = vec![0u8; r.width * r.height * channels];
+    jpeg.decode(bytes, denom, region, channels, &mut pixels)
         .map_err(|e| jpeg_failure(bytes, e))?;
-    Ok(RgbImage {
-        width,
-        height,
-        pixels: adobe_cmyk_to_rgb(&cmyk),
-    })
+    if header.four_channel {
+        // libjpeg-turbo cannot convert CMYK to RGB; it gave the raw ink values, converted as Pillow does.
+        pixels = adobe_cmyk_to_rgb(&pixels);
+    }
+    let image = RgbImage {
+        width: r.width,
+        height: r.height,
+        pixels,
+    };
+    let at = Placement {
+        x: r.x,
+        y: r.y,
+        full_w,
+        full_h,
+    };
+    Ok((image, at))
 }
 
 /// Pillow opens every 4-channel JPEG with raw mode `CMYK;I` (Adobe's inverted storage) and converts
@@ -322,6 +349,92 @@ mod tests {
             decode_rgb(&corrupt, 1 << 30).unwrap_err().kind,
             BadKind::UndecodableImage
         );
+    }
+
+    /// Noise with some smooth areas: every chroma sample differs from its neighbours, so any pixel the
+    /// upsampling near a region edge gets wrong shows.
+    fn noisy_jpeg(
+        width: usize,
+        height: usize,
+        subsamp: turbojpeg::Subsamp,
+        progressive: bool,
+    ) -> Vec<u8> {
+        let mut state = (width * 31 + height) as u64;
+        let pixels = (0..width * height * 3)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (i / 3 / width) % 40 < 20 {
+                    (state >> 56) as u8
+                } else {
+                    (i / 3 % width) as u8
+                }
+            })
+            .collect::<Vec<u8>>();
+        let mut c = turbojpeg::Compressor::new().unwrap();
+        c.set_quality(92).unwrap();
+        c.set_subsamp(subsamp).unwrap();
+        c.set_progressive(progressive).unwrap();
+        c.compress_to_vec(turbojpeg::Image {
+            pixels: pixels.as_slice(),
+            width,
+            pitch: width * 3,
+            height,
+            format: turbojpeg::PixelFormat::RGB,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_region_decode_equals_the_full_decode_inside_the_needed_rectangle() {
+        use turbojpeg::Subsamp::*;
+        let mut cropped = 0;
+        for (case, subsamp) in [Sub2x2, Sub2x1, Sub1x2, None, Sub4x1, Gray]
+            .into_iter()
+            .enumerate()
+        {
+            for progressive in [false, true] {
+                let (w, h) = (301 + 37 * case, 203 + 29 * case);
+                let jpeg = noisy_jpeg(w, h, subsamp, progressive);
+                for min_short in [0, 50, 100] {
+                    let full = decode_rgb_scaled(&jpeg, u64::MAX, min_short).unwrap();
+                    let (fw, fh) = (full.width, full.height);
+                    let needs = [
+                        (fw / 4, fh / 5, fw / 2, fh / 2),
+                        (0, 0, fw / 3, fh / 3),
+                        (fw - fw / 3, fh - fh / 4, fw / 3, fh / 4),
+                        (fw / 2 + 3, 1, 5, fh - 2),
+                        (17, fh / 2, fw - 30, 7),
+                    ];
+                    for (x, y, rw, rh) in needs {
+                        let need = Rect {
+                            x,
+                            y,
+                            width: rw,
+                            height: rh,
+                        };
+                        let (part, at) =
+                            decode_rgb_window(&jpeg, u64::MAX, min_short, |_, _| Some(need))
+                                .unwrap();
+                        assert_eq!((at.full_w, at.full_h), (fw, fh));
+                        assert!(at.x <= x && at.y <= y);
+                        assert!(at.x + part.width >= x + rw && at.y + part.height >= y + rh);
+                        cropped += usize::from(part.width * part.height < fw * fh);
+                        for row in y..y + rh {
+                            let a = (row * fw + x) * 3;
+                            let b = ((row - at.y) * part.width + x - at.x) * 3;
+                            assert!(
+                                full.pixels[a..a + rw * 3] == part.pixels[b..b + rw * 3],
+                                "{subsamp:?} progressive {progressive} 1/{} need {need:?} from {at:?}: row {row} differs",
+                                w / fw
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cropped > 100, "only {cropped} decodes were of a region");
     }
 
     #[test]

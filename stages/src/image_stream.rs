@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::bad_input::{BadKind, RunCounters};
 use crate::config::{DataConfig, DecodeScale};
-use crate::crop::{crop_image, hflip};
-use crate::decode::{decode_rgb_scaled, DecodeError};
+use crate::crop::{crop_image, hflip, CropPlan, ResizeImpl};
+use crate::decode::{decode_rgb_scaled, decode_rgb_window, DecodeError};
 use crate::demo::RgbImage;
 use crate::label::{read_label, LabelError};
 use crate::metrics::{live_line, summary_table, StageMetrics};
@@ -104,6 +104,28 @@ fn label_ext(cfg: &DataConfig) -> &'static str {
     }
 }
 
+/// Decodes and crops one image. The exact path decodes only the source rectangle the crop reads (see
+/// [`decode_rgb_window`]); the fast resampler works on whole images.
+pub fn decode_and_crop(
+    bytes: &[u8],
+    cfg: &DataConfig,
+    min_short: usize,
+) -> std::result::Result<RgbImage, DecodeError> {
+    let (mode, size) = (cfg.crop, cfg.image_size);
+    match cfg.resize_impl {
+        ResizeImpl::Pillow => {
+            let (part, at) = decode_rgb_window(bytes, cfg.max_pixels, min_short, |w, h| {
+                Some(CropPlan::new(mode, w, h, size).source())
+            })?;
+            Ok(CropPlan::new(mode, at.full_w, at.full_h, size).run(&part, at))
+        }
+        ResizeImpl::Fast => {
+            let decoded = decode_rgb_scaled(bytes, cfg.max_pixels, min_short)?;
+            Ok(crop_image(&decoded, mode, size, ResizeImpl::Fast))
+        }
+    }
+}
+
 /// Decode and crop one sample: the plain function the decode stage runs on the pool.
 pub fn process_sample(
     sample: &Sample,
@@ -113,8 +135,7 @@ pub fn process_sample(
         DecodeScale::Exact => 0,
         DecodeScale::Dct => cfg.image_size,
     };
-    let decoded = decode_rgb_scaled(&sample.image, cfg.max_pixels, min_short)?;
-    let image = crop_image(&decoded, cfg.crop, cfg.image_size, cfg.resize_impl);
+    let image = decode_and_crop(&sample.image, cfg, min_short)?;
     let flipped = cfg.flip.then(|| hflip(&image));
     Ok(CroppedSample {
         shard: sample.shard.clone(),

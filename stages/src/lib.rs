@@ -14,6 +14,7 @@ pub mod decode;
 pub mod demo;
 pub mod error;
 pub mod image_stream;
+pub mod jpeg;
 pub mod label;
 pub mod metrics;
 pub mod order;

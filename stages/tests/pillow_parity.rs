@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use stages::crop::{center_crop_adm, resize_center_crop, ResizeImpl};
+use stages::config::DataConfig;
+use stages::crop::{center_crop_adm, resize_center_crop, CropMode, ResizeImpl};
 use stages::decode::decode_rgb;
 use stages::demo::{draw_sample, write_demo_dataset, DemoConfig, RgbImage};
+use stages::image_stream::decode_and_crop;
 use stages::wds_writer::TarShardWriter;
 
 fn repo_root() -> PathBuf {
@@ -258,6 +260,23 @@ fn decode_and_crops_match_pillow_on_the_same_bytes() {
             &center_crop_adm(&img, 64, ResizeImpl::Fast).pixels,
             &load("adm64"),
         );
+        // The stream's path: only the source rectangle each crop reads is decoded.
+        for (crop, size, name) in [
+            (CropMode::Adm, 256, "adm256"),
+            (CropMode::Adm, 64, "adm64"),
+            (CropMode::ResizeCenterCrop, 64, "tv64"),
+        ] {
+            let cfg = DataConfig {
+                crop,
+                image_size: size,
+                ..Default::default()
+            };
+            let out = decode_and_crop(bytes, &cfg, 0).unwrap();
+            assert!(
+                out.pixels == load(name),
+                "{key}: the region-decode path differs from Pillow ({name})"
+            );
+        }
         compared += 1;
     }
     eprintln!(
