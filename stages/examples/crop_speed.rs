@@ -1,6 +1,7 @@
 //! Quick timing of the exact (Pillow-identical) decode + ADM crop without building the `pipeline`
 //! binary (which links libtorch): per-image µs for decode, crop (split into the box halvings and the
-//! final bicubic), and both, at 256 and 64, on one thread and on two.
+//! final bicubic), and both (the stream's path: region decode, then the crop), at 256 and 64, on one
+//! thread and on two.
 //!
 //! `cargo run --release -p stages --example crop_speed -- '/tmp/demo/demo-{000000..000003}.tar' [limit] [repeats]`
 
@@ -11,6 +12,7 @@ use stages::config::DataConfig;
 use stages::crop::{center_crop_adm, ResizeImpl};
 use stages::decode::decode_rgb;
 use stages::demo::RgbImage;
+use stages::image_stream::decode_and_crop;
 use stages::resample::{resize_pillow, Filter};
 
 fn load(spec: &str, limit: usize) -> Vec<Vec<u8>> {
@@ -109,10 +111,12 @@ fn main() {
             let src = halved[i].as_ref().unwrap_or(&decoded[i]);
             drop(center_crop_adm(src, size, ResizeImpl::Pillow))
         };
-        let e2e = |i: usize| {
-            let d = decode_rgb(&images[i], u64::MAX).unwrap();
-            drop(center_crop_adm(&d, size, ResizeImpl::Pillow))
+        // The stream's exact path: a region decode of what the crop reads, then the crop.
+        let cfg = DataConfig {
+            image_size: size,
+            ..Default::default()
         };
+        let e2e = |i: usize| drop(decode_and_crop(&images[i], &cfg, 0).unwrap());
         let t_dec = per_image_us(n, 1, repeats, &dec);
         let t_box = per_image_us(n, 1, repeats, &boxes);
         let t_bic = per_image_us(n, 1, repeats, &bicubic);

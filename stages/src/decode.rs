@@ -194,7 +194,7 @@ fn decode_jpeg(
     };
     let r = region.unwrap_or(whole);
     let channels = if header.four_channel { 4 } else { 3 };
-    let mut pixels = vec![0u8; r.width * r.height * channels];
+    let mut pixels = Vec::new();
     jpeg.decode(bytes, denom, region, channels, &mut pixels)
         .map_err(|e| jpeg_failure(bytes, e))?;
     if header.four_channel {

@@ -77,14 +77,14 @@ impl Jpeg {
     /// right after [`Jpeg::header`] read the same bytes (which sets what the scaling factor and the
     /// region are checked against),
     /// `channels` bytes a pixel (3: RGB, 4: CMYK), rows packed. `region.x` must be a multiple of the
-    /// scaled iMCU width. `out` must hold the region.
+    /// scaled iMCU width. `out` is replaced by the pixels.
     pub fn decode(
         &mut self,
         bytes: &[u8],
         denom: usize,
         region: Option<Rect>,
         channels: usize,
-        out: &mut [u8],
+        out: &mut Vec<u8>,
     ) -> Result<(), String> {
         let factor = raw::tjscalingfactor {
             num: 1,
@@ -117,14 +117,12 @@ impl Jpeg {
                 scaled(self.get(raw::TJPARAM_TJPARAM_JPEGHEIGHT).max(0) as usize),
             ),
         };
-        if out.len() < w * h * channels {
-            return Err(format!(
-                "output buffer of {} bytes for a {w}x{h} region",
-                out.len()
-            ));
-        }
-        // SAFETY: the handle is valid; `out` holds `h` rows of `w * channels` bytes (checked above),
-        // which is what tj3Decompress8 writes for this scaling factor and region.
+        // Written by libjpeg-turbo through a raw pointer before anything reads it: no zeroing.
+        let n = w * h * channels;
+        out.clear();
+        out.reserve(n);
+        // SAFETY: the handle is valid; `out` has room for `h` rows of `w * channels` bytes, which is
+        // what tj3Decompress8 writes for this scaling factor and region, through the raw pointer.
         let rc = unsafe {
             if raw::tj3SetScalingFactor(self.handle, factor) != 0
                 || raw::tj3SetCroppingRegion(self.handle, crop) != 0
@@ -144,6 +142,8 @@ impl Jpeg {
         if rc != 0 {
             return Err(self.error());
         }
+        // SAFETY: on success every one of the `n` bytes has been written (every pixel of every row).
+        unsafe { out.set_len(n) };
         Ok(())
     }
 }
