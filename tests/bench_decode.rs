@@ -26,9 +26,14 @@ fn bench_decode_reports_rust_and_pillow_rates() {
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "decode (libjpeg-turbo, exact)",
+        "decode at DCT scale",
         "end to end, exact",
-        "end to end, dct decode + fast",
+        "end to end, exact, whole decode",
+        "end to end, dct + exact",
+        "end to end, dct + fast",
+        "dct + exact vs exact: max |Δ|",
         "dct + fast vs exact: max |Δ|",
+        "DCT-scale decode alone",
         "stream (read",
         "Pillow (1 thread, 16 images)",
         "exact e2e / Pillow e2e",

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::demo::RgbImage;
-use crate::resample::{resize_pillow, resize_window, source_span, Filter, Placement, Rect};
+use crate::resample::{resize_pillow, resize_window_into, source_span, Filter, Placement, Rect};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -184,22 +184,45 @@ impl CropPlan {
             (self.width, self.height),
             "the plan is for another image size"
         );
+        // Intermediate results go to two per-thread buffers used in turn (a large allocation per image
+        // costs page faults, which also serialise threads); only the result is a new allocation.
+        let mut spare = INTERMEDIATE.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
         let mut cur = std::borrow::Cow::Borrowed(src);
         let mut at = at;
-        for (&(out_w, out_h, filter), win) in self.steps.iter().zip(&self.windows) {
-            let next = resize_window(
-                &cur, at, out_w, out_h, filter, win.x, win.y, win.width, win.height,
-            );
+        let last = self.steps.len() - 1;
+        for (j, (&(out_w, out_h, filter), &win)) in self.steps.iter().zip(&self.windows).enumerate()
+        {
+            let buf = if j < last {
+                std::mem::take(&mut spare[j % 2])
+            } else {
+                Vec::new()
+            };
+            let next = resize_window_into(&cur, at, out_w, out_h, filter, win, buf);
             at = Placement {
                 x: win.x,
                 y: win.y,
                 full_w: out_w,
                 full_h: out_h,
             };
-            cur = std::borrow::Cow::Owned(next);
+            if let std::borrow::Cow::Owned(done) =
+                std::mem::replace(&mut cur, std::borrow::Cow::Owned(next))
+            {
+                // The step before last's output, read by this step: back to its slot.
+                spare[(j + 1) % 2] = done.pixels;
+            }
         }
+        for buf in &mut spare {
+            if buf.capacity() > crate::image_stream::KEEP_BYTES {
+                *buf = Vec::new();
+            }
+        }
+        INTERMEDIATE.with(|cell| *cell.borrow_mut() = spare);
         cur.into_owned()
     }
+}
+
+thread_local! {
+    static INTERMEDIATE: std::cell::RefCell<[Vec<u8>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// ADM `center_crop_arr(pil_image, size)`.

@@ -76,6 +76,18 @@ pub fn decode_rgb_window(
     min_short_side: usize,
     need: impl FnOnce(usize, usize) -> Option<Rect>,
 ) -> Result<(RgbImage, Placement), DecodeError> {
+    decode_rgb_window_into(bytes, max_pixels, min_short_side, need, Vec::new())
+}
+
+/// [`decode_rgb_window`] into `buf`'s allocation where it can (a JPEG not in CMYK), so that a caller
+/// can keep reusing one buffer instead of allocating, and faulting in, a large one per image.
+pub fn decode_rgb_window_into(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_short_side: usize,
+    need: impl FnOnce(usize, usize) -> Option<Rect>,
+    buf: Vec<u8>,
+) -> Result<(RgbImage, Placement), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::new(
             BadKind::EmptyImage,
@@ -94,7 +106,7 @@ pub fn decode_rgb_window(
                 })?);
             }
             let jpeg = slot.as_mut().expect("just set");
-            decode_jpeg(jpeg, bytes, max_pixels, min_short_side, need)
+            decode_jpeg(jpeg, bytes, max_pixels, min_short_side, need, buf)
         }),
         ImageFormat::Png => {
             let image = decode_png(bytes, max_pixels)?;
@@ -171,6 +183,7 @@ fn decode_jpeg(
     max_pixels: u64,
     min_short_side: usize,
     need: impl FnOnce(usize, usize) -> Option<Rect>,
+    buf: Vec<u8>,
 ) -> Result<(RgbImage, Placement), DecodeError> {
     let header = jpeg.header(bytes).map_err(|e| jpeg_failure(bytes, e))?;
     check_bomb(header.width, header.height, max_pixels)?;
@@ -194,7 +207,7 @@ fn decode_jpeg(
     };
     let r = region.unwrap_or(whole);
     let channels = if header.four_channel { 4 } else { 3 };
-    let mut pixels = Vec::new();
+    let mut pixels = buf;
     jpeg.decode(bytes, denom, region, channels, &mut pixels)
         .map_err(|e| jpeg_failure(bytes, e))?;
     if header.four_channel {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::bad_input::{BadKind, RunCounters};
 use crate::config::{DataConfig, DecodeScale};
 use crate::crop::{crop_image, hflip, CropPlan, ResizeImpl};
-use crate::decode::{decode_rgb_scaled, decode_rgb_window, DecodeError};
+use crate::decode::{decode_rgb_scaled, decode_rgb_window_into, DecodeError};
 use crate::demo::RgbImage;
 use crate::label::{read_label, LabelError};
 use crate::metrics::{live_line, summary_table, StageMetrics};
@@ -104,6 +104,13 @@ fn label_ext(cfg: &DataConfig) -> &'static str {
     }
 }
 
+/// The largest decode buffer a thread keeps (5 MP of RGB): a rare huge image is not held on to.
+pub const KEEP_BYTES: usize = 16 << 20;
+
+thread_local! {
+    static DECODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Decodes and crops one image. The exact path decodes only the source rectangle the crop reads (see
 /// [`decode_rgb_window`]); the fast resampler works on whole images.
 pub fn decode_and_crop(
@@ -114,10 +121,15 @@ pub fn decode_and_crop(
     let (mode, size) = (cfg.crop, cfg.image_size);
     match cfg.resize_impl {
         ResizeImpl::Pillow => {
-            let (part, at) = decode_rgb_window(bytes, cfg.max_pixels, min_short, |w, h| {
-                Some(CropPlan::new(mode, w, h, size).source())
-            })?;
-            Ok(CropPlan::new(mode, at.full_w, at.full_h, size).run(&part, at))
+            // One decode buffer per thread, reused image after image.
+            let buf = DECODED.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+            let need = |w, h| Some(CropPlan::new(mode, w, h, size).source());
+            let (part, at) = decode_rgb_window_into(bytes, cfg.max_pixels, min_short, need, buf)?;
+            let out = CropPlan::new(mode, at.full_w, at.full_h, size).run(&part, at);
+            if part.pixels.capacity() <= KEEP_BYTES {
+                DECODED.with(|cell| *cell.borrow_mut() = part.pixels);
+            }
+            Ok(out)
         }
         ResizeImpl::Fast => {
             let decoded = decode_rgb_scaled(bytes, cfg.max_pixels, min_short)?;

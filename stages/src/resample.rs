@@ -396,6 +396,28 @@ pub fn resize_window(
     crop_w: usize,
     crop_h: usize,
 ) -> RgbImage {
+    let window = Rect {
+        x: left,
+        y: top,
+        width: crop_w,
+        height: crop_h,
+    };
+    resize_window_into(src, at, out_w, out_h, filter, window, Vec::new())
+}
+
+/// [`resize_window`] into `buf`'s allocation (its contents do not matter: every byte is written), so
+/// that a caller can keep reusing one buffer instead of allocating, and faulting in, a large one
+/// per image.
+pub fn resize_window_into(
+    src: &RgbImage,
+    at: Placement,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+    window: Rect,
+    buf: Vec<u8>,
+) -> RgbImage {
+    let (left, top, crop_w, crop_h) = (window.x, window.y, window.width, window.height);
     assert!(
         left + crop_w <= out_w && top + crop_h <= out_h,
         "crop window outside the resized image"
@@ -404,7 +426,8 @@ pub fn resize_window(
         at.x + src.width <= at.full_w && at.y + src.height <= at.full_h,
         "placement outside the full image"
     );
-    let mut out = vec![0u8; crop_w * crop_h * 3];
+    let mut out = buf;
+    out.resize(crop_w * crop_h * 3, 0);
     if crop_w == 0 || crop_h == 0 {
         return RgbImage {
             width: crop_w,

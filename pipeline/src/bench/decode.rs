@@ -1,5 +1,6 @@
 //! `pipeline bench decode`: images/s for decode alone, crop alone and decode+crop, on one thread and
-//! on N, for the exact (Pillow-identical) path, the fast resampler and DCT-scaled decoding; then the
+//! on N, for the exact (Pillow-identical) path (as the stream runs it: a region decode of what the
+//! crop reads; and with a whole-image decode), the fast resampler and DCT-scaled decoding; then the
 //! Pillow reference (`bench/pillow_reference.py`) on the same shards in the same invocation, and the
 //! ratios the speed goals are stated in. A benchmark, not a test: numbers go to BENCHMARKS.md.
 
@@ -13,6 +14,7 @@ use stages::config::{DataConfig, DecodeScale};
 use stages::crop::{center_crop_adm, ResizeImpl};
 use stages::decode::{decode_rgb, decode_rgb_scaled};
 use stages::demo::RgbImage;
+use stages::image_stream::decode_and_crop;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -120,11 +122,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("bench decode: {n} images, mean {:.0} KiB, {mean_mp:.3} MP, size {}, threads 1 and {threads}", mean_bytes / 1024.0, a.size);
 
     let size = a.size;
+    let config = |scale: DecodeScale, imp: ResizeImpl| DataConfig {
+        image_size: size,
+        decode_scale: scale,
+        resize_impl: imp,
+        ..Default::default()
+    };
+    let (exact, fast) = (
+        config(DecodeScale::Exact, ResizeImpl::Pillow),
+        config(DecodeScale::Exact, ResizeImpl::Fast),
+    );
+    let (dct_exact, dct_fast) = (
+        config(DecodeScale::Dct, ResizeImpl::Pillow),
+        config(DecodeScale::Dct, ResizeImpl::Fast),
+    );
+    // What the stream runs per image (`image_stream::decode_and_crop`): the exact path decodes only
+    // the source rectangle the crop reads.
+    let stream = |cfg: &DataConfig, min_short: usize, i: usize| {
+        drop(decode_and_crop(&images[i], cfg, min_short))
+    };
     type Row<'a> = (&'static str, Box<dyn Fn(usize) + Sync + 'a>);
     let rows: Vec<Row> = vec![
         (
             "decode (libjpeg-turbo, exact)",
             Box::new(|i| drop(decode_rgb(&images[i], u64::MAX))),
+        ),
+        (
+            "decode at DCT scale",
+            Box::new(|i| drop(decode_rgb_scaled(&images[i], u64::MAX, size))),
         ),
         (
             "crop only, exact resampler",
@@ -134,8 +159,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "crop only, fast resampler",
             Box::new(|i| drop(center_crop_adm(&decoded[i], size, ResizeImpl::Fast))),
         ),
+        ("end to end, exact", Box::new(|i| stream(&exact, 0, i))),
         (
-            "end to end, exact",
+            "end to end, exact, whole decode",
             Box::new(|i| {
                 if let Ok(img) = decode_rgb(&images[i], u64::MAX) {
                     drop(center_crop_adm(&img, size, ResizeImpl::Pillow))
@@ -144,19 +170,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ),
         (
             "end to end, fast resampler",
-            Box::new(|i| {
-                if let Ok(img) = decode_rgb(&images[i], u64::MAX) {
-                    drop(center_crop_adm(&img, size, ResizeImpl::Fast))
-                }
-            }),
+            Box::new(|i| stream(&fast, 0, i)),
         ),
         (
-            "end to end, dct decode + fast",
-            Box::new(|i| {
-                if let Ok(img) = decode_rgb_scaled(&images[i], u64::MAX, size) {
-                    drop(center_crop_adm(&img, size, ResizeImpl::Fast))
-                }
-            }),
+            "end to end, dct + exact",
+            Box::new(|i| stream(&dct_exact, size, i)),
+        ),
+        (
+            "end to end, dct + fast",
+            Box::new(|i| stream(&dct_fast, size, i)),
         ),
     ];
     println!(
@@ -174,30 +196,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         results.insert(*name, (one, many));
     }
 
-    // DCT mode against the exact mode, in 8-bit levels.
-    let (mut max, mut sum, mut count) = (0u8, 0u64, 0u64);
-    for (i, bytes) in images.iter().enumerate() {
-        let exact = center_crop_adm(
-            &decode_rgb(bytes, u64::MAX).map_err(|e| undecodable(i, e))?,
-            size,
-            ResizeImpl::Pillow,
-        );
-        let dct = center_crop_adm(
-            &decode_rgb_scaled(bytes, u64::MAX, size).map_err(|e| undecodable(i, e))?,
-            size,
-            ResizeImpl::Fast,
-        );
-        for (x, y) in exact.pixels.iter().zip(&dct.pixels) {
-            let d = x.abs_diff(*y);
-            max = max.max(d);
-            sum += d as u64;
+    // DCT modes against the exact mode, in 8-bit levels.
+    for (name, cfg) in [("dct + exact", &dct_exact), ("dct + fast", &dct_fast)] {
+        let (mut max, mut sum, mut count) = (0u8, 0u64, 0u64);
+        for (i, bytes) in images.iter().enumerate() {
+            let reference = decode_and_crop(bytes, &exact, 0).map_err(|e| undecodable(i, e))?;
+            let dct = decode_and_crop(bytes, cfg, size).map_err(|e| undecodable(i, e))?;
+            for (x, y) in reference.pixels.iter().zip(&dct.pixels) {
+                let d = x.abs_diff(*y);
+                max = max.max(d);
+                sum += d as u64;
+            }
+            count += reference.pixels.len() as u64;
         }
-        count += exact.pixels.len() as u64;
+        println!(
+            "{name} vs exact: max |Δ| {max}, mean |Δ| {:.3}",
+            sum as f64 / count as f64
+        );
     }
-    println!(
-        "dct + fast vs exact: max |Δ| {max}, mean |Δ| {:.3}",
-        sum as f64 / count as f64
-    );
 
     // The stream itself (reader thread, shuffle, decode pool, bounded queues) on the same shards.
     let stream_cfg = DataConfig {
@@ -265,27 +281,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         get("draft_adm")
     );
     let e2e = results["end to end, exact"];
+    let whole = results["end to end, exact, whole decode"];
     let fast = results["end to end, fast resampler"];
-    let dct = results["end to end, dct decode + fast"];
+    let dct_exact = results["end to end, dct + exact"];
+    let dct_fast = results["end to end, dct + fast"];
     let decode = results["decode (libjpeg-turbo, exact)"];
+    let dct_decode = results["decode at DCT scale"];
     println!(
         "ratios (per core): exact e2e / Pillow e2e {:.2}x; fast e2e / Pillow e2e {:.2}x",
         e2e.0 / get("decode_adm"),
         fast.0 / get("decode_adm")
     );
     println!(
-        "ratios (per core): exact e2e / decode-only {:.2}; fast e2e / decode-only {:.2}",
+        "ratios (per core): exact e2e / decode-only {:.2} (whole-image decode: {:.2}); fast e2e / decode-only {:.2}",
         e2e.0 / decode.0,
+        whole.0 / decode.0,
         fast.0 / decode.0
     );
     println!(
-        "ratios (per core): dct+fast e2e / Pillow draft+ADM {:.2}x",
-        dct.0 / get("draft_adm")
+        "ratios (per core): dct+exact e2e / Pillow draft+ADM {:.2}x; dct+fast {:.2}x; DCT-scale decode alone {:.2}x",
+        dct_exact.0 / get("draft_adm"),
+        dct_fast.0 / get("draft_adm"),
+        dct_decode.0 / get("draft_adm")
     );
     println!(
-        "scaling {threads} threads / 1: exact e2e {:.2}x, fast e2e {:.2}x",
+        "scaling {threads} threads / 1: exact e2e {:.2}x, fast e2e {:.2}x, dct+exact e2e {:.2}x",
         e2e.1 / e2e.0,
-        fast.1 / fast.0
+        fast.1 / fast.0,
+        dct_exact.1 / dct_exact.0
     );
     Ok(())
 }
