@@ -1100,12 +1100,110 @@ fn vertical_weighted(
     out: &mut [u8],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if avx512_vnni() {
+        // SAFETY: the CPU supports the kernel's features (checked just above).
+        unsafe { vertical_avx512(src, stride, col, width, row_base, axis, y0, out_rows, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above).
         unsafe { vertical_avx2(src, stride, col, width, row_base, axis, y0, out_rows, out) };
         return;
     }
     vertical_kernel(src, stride, col, width, row_base, axis, y0, out_rows, out);
+}
+
+/// The vertical pass with `vpdpwssd`: two taps (source rows k, k + 1) at a time, their bytes widened
+/// to interleaved i16 pairs and multiplied against the pair of weights split hi·2^11 + lo as in
+/// [`horizontal_madd_avx2`]; 32 output bytes per step, the last partial step through masked loads
+/// and stores (which never touch bytes outside the mask). The same sums as the scalar port.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn vertical_avx512(
+    src: &[u8],
+    stride: usize,
+    col: usize,
+    width: usize,
+    row_base: usize,
+    axis: &Axis,
+    y0: usize,
+    out_rows: usize,
+    out: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let c = &axis.c;
+    let half = _mm512_set1_epi32(HALF);
+    assert!(out.len() >= out_rows * width);
+    let mut pairs: Vec<(__m512i, __m512i, usize, usize)> = Vec::new();
+    for y in 0..out_rows {
+        let i = y0 + y;
+        let (n, first) = (c.len[i], c.start[i] - row_base);
+        assert!(
+            col + width <= stride && (first + n.max(1) - 1) * stride + col + width <= src.len()
+        );
+        // Tap pairs (k, k + 1) as (hi, lo) i32 broadcasts; an odd last tap pairs with weight 0 on
+        // its own row (read, never weighted).
+        pairs.clear();
+        pairs.extend((0..n.div_ceil(2)).map(|p| {
+            let (k0, k1) = (2 * p, (2 * p + 1).min(n - 1));
+            let w0 = c.weights[i * c.taps + k0];
+            let w1 = if 2 * p + 1 < n {
+                c.weights[i * c.taps + k1]
+            } else {
+                0
+            };
+            let pack = |a: i32, b: i32| (a as u16 as u32 | ((b as u16 as u32) << 16)) as i32;
+            (
+                _mm512_set1_epi32(pack(w0 >> 11, w1 >> 11)),
+                _mm512_set1_epi32(pack(w0 & 0x7ff, w1 & 0x7ff)),
+                (first + k0) * stride + col,
+                (first + k1) * stride + col,
+            )
+        }));
+        let out_row = out.as_mut_ptr().add(y * width);
+        let mut bx = 0;
+        while bx < width {
+            let mask: __mmask32 = if width - bx >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << (width - bx)) - 1
+            };
+            let zero = _mm512_setzero_si512();
+            let (mut lo_hi, mut lo_lo, mut hi_hi, mut hi_lo) = (zero, zero, zero, zero);
+            for &(wh, wl, a, b) in &pairs {
+                // SAFETY: rows `first .. first + n` hold bytes `col .. col + width` (asserts above);
+                // masked loads read only the bytes below `width`.
+                let ra = _mm256_maskz_loadu_epi8(mask, src.as_ptr().add(a + bx) as *const i8);
+                let rb = _mm256_maskz_loadu_epi8(mask, src.as_ptr().add(b + bx) as *const i8);
+                let (ra, rb) = (_mm512_cvtepu8_epi16(ra), _mm512_cvtepu8_epi16(rb));
+                let (lo, hi) = (_mm512_unpacklo_epi16(ra, rb), _mm512_unpackhi_epi16(ra, rb));
+                lo_hi = _mm512_dpwssd_epi32(lo_hi, lo, wh);
+                lo_lo = _mm512_dpwssd_epi32(lo_lo, lo, wl);
+                hi_hi = _mm512_dpwssd_epi32(hi_hi, hi, wh);
+                hi_lo = _mm512_dpwssd_epi32(hi_lo, hi, wl);
+            }
+            let sum = |h: __m512i, l: __m512i| {
+                let acc = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32::<11>(h), l), half);
+                _mm512_srai_epi32::<PRECISION_BITS>(acc)
+            };
+            // unpacklo/hi and packs both work within 128-bit lanes, so this restores pixel order;
+            // the saturating packs clamp to 0..=255 as `clip8`. Each lane's 8 bytes are then
+            // gathered into the low half (narrowing straight to memory would be slower).
+            let words = _mm512_packs_epi32(sum(lo_hi, lo_lo), sum(hi_hi, hi_lo));
+            let bytes = _mm512_permutexvar_epi64(
+                _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7),
+                _mm512_packus_epi16(words, words),
+            );
+            let bytes = _mm512_castsi512_si256(bytes);
+            _mm256_mask_storeu_epi8(out_row.add(bx) as *mut i8, mask, bytes);
+            bx += 32;
+        }
+    }
 }
 
 /// Pair rows (see [`Axis::pair`]): each output byte is the rounded average of the two source
