@@ -14,7 +14,7 @@
 
 use crate::demo::RgbImage;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Filter {
     /// PIL `Image.BOX`.
     Box,
@@ -175,6 +175,9 @@ const HALF: i32 = 1 << (PRECISION_BITS - 1);
 struct Axis {
     c: Coefficients,
     padded: usize,
+    /// The madd kernels' weights for the one window of output pixels (first, n) they were made
+    /// for, kept with a cached axis.
+    madd: std::cell::OnceCell<Option<(usize, usize, MaddWeights)>>,
     /// Per output pixel: the first of two source pixels if its window, once zero weights are
     /// dropped, is exactly those two weighted 2^21 each (its fixed-point sum then reduces to
     /// `(a + b + 1) >> 1`, `pavgb`); [`NOT_PAIR`] otherwise. A box shrink by 2 is all pairs, and a box
@@ -202,7 +205,12 @@ impl Axis {
                 }
             })
             .collect();
-        Axis { c, padded, pair }
+        Axis {
+            c,
+            padded,
+            madd: std::cell::OnceCell::new(),
+            pair,
+        }
     }
 
     /// Taps of the longest window among output pixels `x0 .. x0 + n`, rounded up to whole pairs (the
@@ -346,6 +354,40 @@ impl Placement {
     }
 }
 
+/// The axis of a resize from `in_size` to `out_size` for output pixels `first .. first + n`, its
+/// source positions counted from `origin` of a part of `len` pixels ([`Axis::shifted`]), from a
+/// per-thread cache: ImageNet's images come in a few sizes, and the crop plan and decode region
+/// depend on the size alone, so the weights are mostly computed once per size.
+fn cached_axis(
+    in_size: usize,
+    out_size: usize,
+    filter: Filter,
+    (origin, len): (usize, usize),
+    (first, n): (usize, usize),
+) -> std::rc::Rc<Axis> {
+    type Key = (usize, usize, Filter, usize, usize, usize, usize);
+    thread_local! {
+        static AXES: std::cell::RefCell<std::collections::HashMap<Key, std::rc::Rc<Axis>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    const KEEP: usize = 64;
+    let key = (in_size, out_size, filter, origin, len, first, n);
+    AXES.with(|axes| {
+        let mut axes = axes.borrow_mut();
+        if let Some(axis) = axes.get(&key) {
+            return axis.clone();
+        }
+        let axis =
+            std::rc::Rc::new(Axis::new(in_size, out_size, filter).shifted(origin, len, first, n));
+        if axes.len() >= KEEP {
+            // Many sizes (not ImageNet-like data): start over rather than track recency.
+            axes.clear();
+        }
+        axes.insert(key, axis.clone());
+        axis
+    })
+}
+
 /// Per-thread buffers, reused across images so no pass allocates per row or per call.
 #[derive(Default)]
 struct Scratch {
@@ -439,8 +481,8 @@ pub fn resize_window_into(
     let need_h = out_w != at.full_w;
     let need_v = out_h != at.full_h;
     // Axes over the full image, their source positions then counted within `src`.
-    let h_axis = || Axis::new(at.full_w, out_w, filter).shifted(at.x, src.width, left, crop_w);
-    let v_axis = || Axis::new(at.full_h, out_h, filter).shifted(at.y, src.height, top, crop_h);
+    let h_axis = || cached_axis(at.full_w, out_w, filter, (at.x, src.width), (left, crop_w));
+    let v_axis = || cached_axis(at.full_h, out_h, filter, (at.y, src.height), (top, crop_h));
     SCRATCH.with(|scratch| {
         let scratch = &mut *scratch.borrow_mut();
         if need_h && need_v && vertical_first(at.full_w, at.full_h, out_w, out_h) {
@@ -577,7 +619,13 @@ fn horizontal_pass(
             unsafe { horizontal_pairs_avx2(src, stride, rows, axis, x0, out_cols, out) };
             return;
         }
-        if let Some(weights) = axis.madd_weights(x0, out_cols) {
+        if let Some(weights) = axis
+            .madd
+            .get_or_init(|| axis.madd_weights(x0, out_cols).map(|w| (x0, out_cols, w)))
+            .as_ref()
+            .filter(|(at, n, _)| (*at, *n) == (x0, out_cols))
+            .map(|(_, _, w)| w)
+        {
             // Rows whose widest read (the last window plus padding) stays inside `src` are read in
             // place; only the last row or two of the buffer can miss that and go through a copy.
             let max_read = axis.c.start[x0 + out_cols - 1] * 3 + weights.pairs * 6 + 4;
@@ -593,7 +641,7 @@ fn horizontal_pass(
             // SAFETY: the CPU supports the kernel's features (checked above); every row below `safe`
             // reads at most `max_read` bytes from its start, which is inside `src` by the count just
             // made.
-            unsafe { kernel(src, stride, safe, axis, &weights, x0, out_cols, out) };
+            unsafe { kernel(src, stride, safe, axis, weights, x0, out_cols, out) };
             if safe < rows {
                 // The last rows, copied with zero padding for the over-read (a row or two: cheaper
                 // than the portable kernel and its lane-repeated weights for the whole axis).
@@ -608,7 +656,7 @@ fn horizontal_pass(
                         stride,
                         rows - safe,
                         axis,
-                        &weights,
+                        weights,
                         x0,
                         out_cols,
                         &mut out[safe * out_cols * 3..],
