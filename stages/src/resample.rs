@@ -323,6 +323,28 @@ struct MaddWeights {
     pairs: usize,
 }
 
+impl MaddWeights {
+    /// The window starts of output pixels `x0 .. x0 + out_cols`, after the checks the madd kernels'
+    /// unchecked reads and writes rest on: every row's widest read (the last window plus padding)
+    /// inside the source, a weight block per output pixel and pair, room for every output row.
+    #[allow(clippy::too_many_arguments)]
+    fn checked_starts<'a>(
+        &self,
+        src_len: usize,
+        stride: usize,
+        rows: usize,
+        axis: &'a Axis,
+        x0: usize,
+        out_cols: usize,
+        out_len: usize,
+    ) -> &'a [usize] {
+        let max_read = axis.c.start[x0 + out_cols - 1] * 3 + self.pairs * 6 + 4;
+        assert!(rows == 0 || (rows - 1) * stride + max_read <= src_len);
+        assert!(self.w.len() >= out_cols * self.pairs * 16 && out_len >= rows * out_cols * 3);
+        &axis.c.start[x0..x0 + out_cols]
+    }
+}
+
 /// A rectangle of pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rect {
@@ -756,10 +778,7 @@ unsafe fn horizontal_madd_avx2(
 ) {
     use std::arch::x86_64::*;
     let pairs = weights.pairs;
-    let max_read = axis.c.start[x0 + out_cols - 1] * 3 + pairs * 6 + 4;
-    assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
-    assert!(weights.w.len() >= out_cols * pairs * 16 && out.len() >= rows * out_cols * 3);
-    let starts = &axis.c.start[x0..x0 + out_cols];
+    let starts = weights.checked_starts(src.len(), stride, rows, axis, x0, out_cols, out.len());
     #[rustfmt::skip]
     let compact = _mm256_setr_epi8(
         0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
@@ -851,10 +870,7 @@ unsafe fn horizontal_madd_avx512(
 ) {
     use std::arch::x86_64::*;
     let pairs = weights.pairs;
-    let max_read = axis.c.start[x0 + out_cols - 1] * 3 + pairs * 6 + 4;
-    assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
-    assert!(weights.w.len() >= out_cols * pairs * 16 && out.len() >= rows * out_cols * 3);
-    let starts = &axis.c.start[x0..x0 + out_cols];
+    let starts = weights.checked_starts(src.len(), stride, rows, axis, x0, out_cols, out.len());
     let compact = _mm512_broadcast_i32x4(_mm_setr_epi8(
         0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,
     ));
