@@ -205,11 +205,20 @@ fn decode_jpeg(
         width: full_w,
         height: full_h,
     };
-    let r = region.unwrap_or(whole);
     let channels = if header.four_channel { 4 } else { 3 };
     let mut pixels = buf;
-    jpeg.decode(bytes, denom, region, channels, &mut pixels)
-        .map_err(|e| jpeg_failure(bytes, e))?;
+    let mut r = region.unwrap_or(whole);
+    if let Err(e) = jpeg.decode(bytes, denom, region, channels, &mut pixels) {
+        if region.is_none() {
+            return Err(jpeg_failure(bytes, e));
+        }
+        // A JPEG libjpeg-turbo cannot crop (lossless, an odd sampling): the whole image, as Pillow
+        // would decode it; a broken one fails again and is reported from the full decode.
+        jpeg.header(bytes).map_err(|e| jpeg_failure(bytes, e))?;
+        jpeg.decode(bytes, denom, None, channels, &mut pixels)
+            .map_err(|e| jpeg_failure(bytes, e))?;
+        r = whole;
+    }
     if header.four_channel {
         // libjpeg-turbo cannot convert CMYK to RGB; it gave the raw ink values, converted as Pillow does.
         pixels = adobe_cmyk_to_rgb(&pixels);
@@ -448,6 +457,32 @@ mod tests {
             }
         }
         assert!(cropped > 100, "only {cropped} decodes were of a region");
+    }
+
+    #[test]
+    fn a_jpeg_that_cannot_be_cropped_is_decoded_whole() {
+        // libjpeg-turbo decodes lossless JPEGs but cannot crop them.
+        let img = draw_sample(0, 4, 1);
+        let mut c = turbojpeg::Compressor::new().unwrap();
+        c.set_lossless(true).unwrap();
+        let jpeg = c
+            .compress_to_vec(turbojpeg::Image {
+                pixels: img.pixels.as_slice(),
+                width: img.width,
+                pitch: img.width * 3,
+                height: img.height,
+                format: turbojpeg::PixelFormat::RGB,
+            })
+            .unwrap();
+        let need = Rect {
+            x: img.width / 3,
+            y: img.height / 3,
+            width: img.width / 3,
+            height: img.height / 3,
+        };
+        let (part, at) = decode_rgb_window(&jpeg, u64::MAX, 0, |_, _| Some(need)).unwrap();
+        assert_eq!((at.x, at.y, part.width, part.height), (0, 0, img.width, img.height));
+        assert_eq!(part, decode_rgb(&jpeg, u64::MAX).unwrap());
     }
 
     #[test]
