@@ -15,7 +15,8 @@ pub struct DataConfig {
     /// Output side length of the square crop.
     pub image_size: usize,
     pub crop: CropMode,
-    /// `pillow` is bit-exact with Pillow 13; `fast` (fast_image_resize) is within 4 levels and faster.
+    /// `pillow` is bit-exact with Pillow 13 (and the fastest: region decode, SIMD kernels); `fast`
+    /// (fast_image_resize on whole images) is within ~5 levels, kept for comparison.
     pub resize_impl: ResizeImpl,
     /// `exact` decodes at full size; `dct` decodes JPEGs at 1/2, 1/4 or 1/8 scale when the source is
     /// that much larger than needed (Pillow's `draft()`): faster, not reference-exact.

@@ -24,9 +24,9 @@ pub enum CropMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResizeImpl {
-    /// Bit-exact with Pillow (scalar port of its resampler).
+    /// Bit-exact with Pillow (its resampler's arithmetic in SIMD kernels, on a region decode).
     Pillow,
-    /// fast_image_resize (SIMD) for the bicubic/bilinear step: within 4 levels of Pillow (mean ≈ 0.2).
+    /// fast_image_resize for the bicubic/bilinear step: within ~5 levels of Pillow (mean ≈ 0.2).
     Fast,
 }
 
