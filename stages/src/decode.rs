@@ -481,7 +481,10 @@ mod tests {
             height: img.height / 3,
         };
         let (part, at) = decode_rgb_window(&jpeg, u64::MAX, 0, |_, _| Some(need)).unwrap();
-        assert_eq!((at.x, at.y, part.width, part.height), (0, 0, img.width, img.height));
+        assert_eq!(
+            (at.x, at.y, part.width, part.height),
+            (0, 0, img.width, img.height)
+        );
         assert_eq!(part, decode_rgb(&jpeg, u64::MAX).unwrap());
     }
 
