@@ -212,7 +212,7 @@ impl CropPlan {
             }
         }
         for buf in &mut spare {
-            if buf.capacity() > crate::image_stream::KEEP_BYTES {
+            if buf.capacity() > crate::resample::KEEP_BYTES {
                 *buf = Vec::new();
             }
         }

@@ -104,9 +104,6 @@ fn label_ext(cfg: &DataConfig) -> &'static str {
     }
 }
 
-/// The largest decode buffer a thread keeps (5 MP of RGB): a rare huge image is not held on to.
-pub const KEEP_BYTES: usize = 16 << 20;
-
 thread_local! {
     static DECODED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -123,10 +120,18 @@ pub fn decode_and_crop(
         ResizeImpl::Pillow => {
             // One decode buffer per thread, reused image after image.
             let buf = DECODED.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-            let need = |w, h| Some(CropPlan::new(mode, w, h, size).source());
+            // The plan made for the header's size is the one that runs (PNGs never ask for it).
+            let mut plan = None;
+            let need = |w, h| {
+                let p = CropPlan::new(mode, w, h, size);
+                let source = p.source();
+                plan = Some(p);
+                Some(source)
+            };
             let (part, at) = decode_rgb_window_into(bytes, cfg.max_pixels, min_short, need, buf)?;
-            let out = CropPlan::new(mode, at.full_w, at.full_h, size).run(&part, at);
-            if part.pixels.capacity() <= KEEP_BYTES {
+            let plan = plan.unwrap_or_else(|| CropPlan::new(mode, at.full_w, at.full_h, size));
+            let out = plan.run(&part, at);
+            if part.pixels.capacity() <= crate::resample::KEEP_BYTES {
                 DECODED.with(|cell| *cell.borrow_mut() = part.pixels);
             }
             Ok(out)

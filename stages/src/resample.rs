@@ -412,6 +412,9 @@ fn cached_axis(
     })
 }
 
+/// The largest buffer a thread keeps for reuse (5 MP of RGB): a rare huge image is not held on to.
+pub const KEEP_BYTES: usize = 16 << 20;
+
 /// Per-thread buffers, reused across images so no pass allocates per row or per call.
 #[derive(Default)]
 struct Scratch {
