@@ -9,8 +9,9 @@
 //! shrink, the vertical pass goes first iff 2·(in_w − out_w) < in_h − out_h; when both grow, horizontal
 //! first. The order matters because the intermediate image is rounded to u8.
 //!
-//! Speed comes from SIMD kernels over the same integer sums (AVX2, or AVX-512 VNNI where the CPU has
-//! it, chosen at run time; checked against the scalar port kept in the tests), from computing only
+//! Speed comes from SIMD kernels over the same integer sums (AVX2, AVX-512 VNNI, or VNNI with VBMI's
+//! byte permutes for the horizontal pass, chosen at run time; each checked against the scalar port
+//! kept in the tests), from computing only
 //! the window a crop needs, and from per-thread buffers and weights. fast_image_resize, off by a few
 //! levels (its weights are 16-bit), is offered as `data.resize_impl = "fast"` in [`crate::crop`].
 
@@ -180,6 +181,8 @@ struct Axis {
     /// The madd kernels' weights for the one window of output pixels (first, n) they were made
     /// for, kept with a cached axis.
     madd: std::cell::OnceCell<Option<(usize, usize, MaddWeights)>>,
+    /// The permute kernel's tables, likewise for one window of output pixels.
+    permute: std::cell::OnceCell<Option<(usize, usize, PermuteTables)>>,
     /// Per output pixel: the first of two source pixels if its window, once zero weights are
     /// dropped, is exactly those two weighted 2^21 each (its fixed-point sum then reduces to
     /// `(a + b + 1) >> 1`, `pavgb`); [`NOT_PAIR`] otherwise. A box shrink by 2 is all pairs, and a box
@@ -211,6 +214,7 @@ impl Axis {
             c,
             padded,
             madd: std::cell::OnceCell::new(),
+            permute: std::cell::OnceCell::new(),
             pair,
         }
     }
@@ -344,6 +348,90 @@ impl MaddWeights {
         assert!(rows == 0 || (rows - 1) * stride + max_read <= src_len);
         assert!(self.w.len() >= out_cols * self.pairs * 16 && out_len >= rows * out_cols * 3);
         &axis.c.start[x0..x0 + out_cols]
+    }
+}
+
+/// The most taps the permute kernel handles, in quads (4 taps per `vpdpbusd` lane).
+const PERMUTE_MAX_QUADS: usize = 3;
+
+/// Output pixels per group of the permute kernel: 15 of a register's 16 i32 lanes, one per channel.
+const PERMUTE_GROUP: usize = 5;
+
+/// Tables of [`horizontal_permute_avx512`]: output pixels in groups of five, each group reading the
+/// 64 source bytes from its first pixel's window start, which hold every tap of all five windows
+/// when the scale is below about 2.5 (so every ADM bicubic step).
+struct PermuteTables {
+    quads: usize,
+    /// Per group: its first source byte (3 × the first window's start) and its output pixels (1..=5).
+    groups: Vec<(usize, usize)>,
+    /// Per group and quad: the 64-byte `vpermb` index that fills i32 lane 3j + c with taps
+    /// 4q .. 4q + 4 of channel c of the group's pixel j.
+    index: Vec<[u8; 64]>,
+    /// Per group and quad: the signed base-256 digits of the weights matching `index` (each
+    /// weight k = 2^16·a + 2^8·b + c), the 64 a's, then the b's, then the c's.
+    digits: Vec<[i8; 192]>,
+}
+
+/// k as 2^16·a + 2^8·b + c with every digit in -128..=127, or `None` if a does not fit.
+fn weight_digits(k: i32) -> Option<[i8; 3]> {
+    let c = (k.wrapping_add(128) & 0xff) - 128;
+    let k1 = (k - c) >> 8;
+    let b = (k1.wrapping_add(128) & 0xff) - 128;
+    let a = (k1 - b) >> 8;
+    Some([i8::try_from(a).ok()?, b as i8, c as i8])
+}
+
+impl Axis {
+    /// The permute kernel's tables for output pixels `x0 .. x0 + n`, or `None` when a group's taps
+    /// do not fit in 64 bytes, there are too many taps, or a weight is too large for three digits.
+    fn permute_tables(&self, x0: usize, n: usize) -> Option<PermuteTables> {
+        let c = &self.c;
+        let quads = c.len[x0..x0 + n].iter().max()?.div_ceil(4);
+        if quads == 0 || quads > PERMUTE_MAX_QUADS {
+            return None;
+        }
+        let groups = n.div_ceil(PERMUTE_GROUP);
+        let mut t = PermuteTables {
+            quads,
+            groups: Vec::with_capacity(groups),
+            index: Vec::with_capacity(groups * quads),
+            digits: Vec::with_capacity(groups * quads),
+        };
+        for g in (x0..x0 + n).step_by(PERMUTE_GROUP) {
+            let m = (x0 + n - g).min(PERMUTE_GROUP);
+            let base = c.start[g];
+            for q in 0..quads {
+                let (mut index, mut digits) = ([0u8; 64], [0i8; 192]);
+                for j in 0..m {
+                    let i = g + j;
+                    let off = 3 * c.start[i].checked_sub(base)?;
+                    for tap in 0..4 {
+                        let k = 4 * q + tap;
+                        let wk = if k < c.len[i] {
+                            c.weights[i * c.taps + k]
+                        } else {
+                            0
+                        };
+                        let d = weight_digits(wk)?;
+                        for ch in 0..3 {
+                            let byte = 4 * (3 * j + ch) + tap;
+                            // A zero weight reads byte 0: any byte in the load will do.
+                            if wk != 0 {
+                                let at = off + 3 * k + ch;
+                                index[byte] = u8::try_from(at).ok().filter(|&a| a < 64)?;
+                            }
+                            for (digit, &v) in d.iter().enumerate() {
+                                digits[64 * digit + byte] = v;
+                            }
+                        }
+                    }
+                }
+                t.index.push(index);
+                t.digits.push(digits);
+            }
+            t.groups.push((3 * base, m));
+        }
+        Some(t)
     }
 }
 
@@ -646,6 +734,33 @@ fn horizontal_pass(
             unsafe { horizontal_pairs_avx2(src, stride, rows, axis, x0, out_cols, out) };
             return;
         }
+        if avx512_vbmi() {
+            if let Some(tables) = axis
+                .permute
+                .get_or_init(|| axis.permute_tables(x0, out_cols).map(|t| (x0, out_cols, t)))
+                .as_ref()
+                .filter(|(at, n, _)| (*at, *n) == (x0, out_cols))
+                .map(|(_, _, t)| t)
+            {
+                let max_read = tables.groups.last().map_or(0, |g| g.0) + 64;
+                in_bounds_rows(
+                    src,
+                    stride,
+                    rows,
+                    max_read,
+                    out_cols * 3,
+                    out,
+                    |src, rows, out| {
+                        // SAFETY: the CPU has AVX-512 VNNI and VBMI (checked above); the kernel asserts
+                        // its reads and writes are in bounds.
+                        unsafe {
+                            horizontal_permute_avx512(src, stride, rows, tables, out_cols, out)
+                        }
+                    },
+                );
+                return;
+            }
+        }
         if let Some(weights) = axis
             .madd
             .get_or_init(|| axis.madd_weights(x0, out_cols).map(|w| (x0, out_cols, w)))
@@ -653,43 +768,26 @@ fn horizontal_pass(
             .filter(|(at, n, _)| (*at, *n) == (x0, out_cols))
             .map(|(_, _, w)| w)
         {
-            // Rows whose widest read (the last window plus padding) stays inside `src` are read in
-            // place; only the last row or two of the buffer can miss that and go through a copy.
             let max_read = axis.c.start[x0 + out_cols - 1] * 3 + weights.pairs * 6 + 4;
-            let safe = (0..rows)
-                .take_while(|&y| y * stride + max_read <= src.len())
-                .count();
             // Four rows per register with fused multiply-adds where the CPU has AVX-512 VNNI.
             let kernel = if avx512_vnni() {
                 horizontal_madd_avx512
             } else {
                 horizontal_madd_avx2
             };
-            // SAFETY: the CPU supports the kernel's features (checked above); every row below `safe`
-            // reads at most `max_read` bytes from its start, which is inside `src` by the count just
-            // made.
-            unsafe { kernel(src, stride, safe, axis, weights, x0, out_cols, out) };
-            if safe < rows {
-                // The last rows, copied with zero padding for the over-read (a row or two: cheaper
-                // than the portable kernel and its lane-repeated weights for the whole axis).
-                let tail = &src[safe * stride..];
-                let mut padded = vec![0u8; (rows - safe - 1) * stride + max_read.max(stride)];
-                let n = tail.len().min(padded.len());
-                padded[..n].copy_from_slice(&tail[..n]);
-                // SAFETY: as above; `padded` holds `max_read` bytes from the start of its last row.
-                unsafe {
-                    kernel(
-                        &padded,
-                        stride,
-                        rows - safe,
-                        axis,
-                        weights,
-                        x0,
-                        out_cols,
-                        &mut out[safe * out_cols * 3..],
-                    )
-                };
-            }
+            in_bounds_rows(
+                src,
+                stride,
+                rows,
+                max_read,
+                out_cols * 3,
+                out,
+                |src, rows, out| {
+                    // SAFETY: the CPU supports the kernel's features (checked above); every row reads
+                    // at most `max_read` bytes from its start, inside `src` (see `in_bounds_rows`).
+                    unsafe { kernel(src, stride, rows, axis, weights, x0, out_cols, out) }
+                },
+            );
             return;
         }
         let weights = axis.lane_weights();
@@ -705,6 +803,31 @@ fn horizontal_pass(
     horizontal_kernel(
         src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out,
     );
+}
+
+/// Runs a SIMD row kernel that reads up to `max_read` bytes from each row's start: rows whose read
+/// stays inside `src` are read in place; only the last row or two of the buffer can miss that, and
+/// they go through a copy with zero padding (cheaper than a portable kernel for the whole axis).
+fn in_bounds_rows(
+    src: &[u8],
+    stride: usize,
+    rows: usize,
+    max_read: usize,
+    out_row_bytes: usize,
+    out: &mut [u8],
+    kernel: impl Fn(&[u8], usize, &mut [u8]),
+) {
+    let safe = (0..rows)
+        .take_while(|&y| y * stride + max_read <= src.len())
+        .count();
+    kernel(src, safe, out);
+    if safe < rows {
+        let tail = &src[safe * stride..];
+        let mut padded = vec![0u8; (rows - safe - 1) * stride + max_read.max(stride)];
+        let n = tail.len().min(padded.len());
+        padded[..n].copy_from_slice(&tail[..n]);
+        kernel(&padded, rows - safe, &mut out[safe * out_row_bytes..]);
+    }
 }
 
 /// Rows whose output pixels are mostly pairs (see [`Axis::pair`]): three output pixels per step
@@ -837,21 +960,33 @@ unsafe fn horizontal_madd_avx2(
 }
 
 #[cfg(test)]
+#[cfg(test)]
 thread_local! {
-    /// Lets a test run the AVX2 kernels on a machine that has AVX-512.
-    static AVX2_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Lets a test run the older kernels on a machine that has newer ones: 0 every kernel the CPU
+    /// has, 1 no `vpermb` kernel, 2 AVX2 only.
+    static KERNEL_LIMIT: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
 }
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_vnni() -> bool {
     #[cfg(test)]
-    if AVX2_ONLY.with(|c| c.get()) {
+    if KERNEL_LIMIT.with(|c| c.get()) >= 2 {
         return false;
     }
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+/// AVX-512 VNNI and VBMI (`vpermb`, any byte of a register to any position).
+#[cfg(target_arch = "x86_64")]
+fn avx512_vbmi() -> bool {
+    #[cfg(test)]
+    if KERNEL_LIMIT.with(|c| c.get()) >= 1 {
+        return false;
+    }
+    avx512_vnni() && std::arch::is_x86_feature_detected!("avx512vbmi")
 }
 
 /// [`horizontal_madd_avx2`] with four rows per register (one per 128-bit lane) and `vpdpwssd`, which
@@ -976,6 +1111,132 @@ unsafe fn horizontal_madd_avx512(
             x += 1;
         }
         y += 4;
+    }
+}
+
+/// Horizontal pass with one 64-byte load per row and group of five output pixels: `vpermb` moves
+/// each pixel's taps, four at a time, into the i32 lane of its channel, and `vpdpbusd` multiplies
+/// them by the weights' three signed base-256 digits (u8 × i8, four products per lane), so no
+/// widening, per-pixel loads or inserts are needed; a group's tables stay in registers while the loop
+/// walks down a block of rows. Integer sums are exact in any order (and modulo 2^32 on the way), so
+/// the bytes are those of the other kernels.
+///
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI/VBMI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn horizontal_permute_avx512(
+    src: &[u8],
+    stride: usize,
+    rows: usize,
+    t: &PermuteTables,
+    out_cols: usize,
+    out: &mut [u8],
+) {
+    match t.quads {
+        1 => permute_rows::<1>(src, stride, rows, t, out_cols, out),
+        2 => permute_rows::<2>(src, stride, rows, t, out_cols, out),
+        3 => permute_rows::<3>(src, stride, rows, t, out_cols, out),
+        _ => unreachable!("permute tables have 1..={PERMUTE_MAX_QUADS} quads"),
+    }
+}
+
+/// [`horizontal_permute_avx512`] for `Q` quads of taps (a constant, so the tables live in
+/// registers).
+///
+/// # Safety
+/// As [`horizontal_permute_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+unsafe fn permute_rows<const Q: usize>(
+    src: &[u8],
+    stride: usize,
+    rows: usize,
+    t: &PermuteTables,
+    out_cols: usize,
+    out: &mut [u8],
+) {
+    use std::arch::x86_64::*;
+    let row_bytes = out_cols * 3;
+    assert!(t.quads == Q && t.index.len() == t.groups.len() * Q);
+    assert!(t.digits.len() == t.index.len());
+    assert_eq!(t.groups.iter().map(|g| g.1).sum::<usize>(), out_cols);
+    let max_read = t.groups.last().map_or(0, |g| g.0) + 64;
+    assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
+    assert!(out.len() >= rows * row_bytes);
+    let half = _mm512_set1_epi32(HALF);
+    let zero = _mm512_setzero_si512();
+    let max = _mm512_set1_epi32(255);
+    // Hidden from the optimiser, which would otherwise turn the permute and store into a
+    // `vpmovdb` to memory, several times slower on Zen 4.
+    let low_bytes = std::hint::black_box(_mm512_set_epi32(
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x3c38_3430,
+        0x2c28_2420,
+        0x1c18_1410,
+        0x0c08_0400,
+    ));
+    // Blocks of rows, so the rows' source and output bytes stay in L1 while every group passes
+    // over them (a group's tables are a few loads per block).
+    const BLOCK: usize = 16;
+    for y0 in (0..rows).step_by(BLOCK) {
+        let block = (rows - y0).min(BLOCK);
+        for (g, &(base, m)) in t.groups.iter().enumerate() {
+            let table = |q: usize, digit: usize| {
+                _mm512_loadu_si512(t.digits[g * Q + q].as_ptr().add(64 * digit) as *const _)
+            };
+            let index: [__m512i; Q] =
+                std::array::from_fn(
+                    |q| _mm512_loadu_si512(t.index[g * Q + q].as_ptr() as *const _),
+                );
+            let a: [__m512i; Q] = std::array::from_fn(|q| table(q, 0));
+            let b: [__m512i; Q] = std::array::from_fn(|q| table(q, 1));
+            let c: [__m512i; Q] = std::array::from_fn(|q| table(q, 2));
+            let last = g + 1 == t.groups.len();
+            let store_mask: __mmask16 = (1 << (3 * m)) - 1;
+            // SAFETY (below): row y's load is `base + 64 ≤ max_read` bytes from its start, inside
+            // `src` by the assert above; the store is 16 bytes at column 5g of an output row, the
+            // last group's masked to its 3·m, inside `out`.
+            let from = src.as_ptr().add(base + y0 * stride);
+            let to = out.as_mut_ptr().add(3 * PERMUTE_GROUP * g + y0 * row_bytes);
+            for y in 0..block {
+                let v = _mm512_loadu_si512(from.add(y * stride) as *const _);
+                let (mut sa, mut sb, mut sc) = (zero, zero, zero);
+                for q in 0..Q {
+                    let taps = _mm512_permutexvar_epi8(index[q], v);
+                    sa = _mm512_dpbusd_epi32(sa, taps, a[q]);
+                    sb = _mm512_dpbusd_epi32(sb, taps, b[q]);
+                    sc = _mm512_dpbusd_epi32(sc, taps, c[q]);
+                }
+                let acc = _mm512_add_epi32(
+                    _mm512_add_epi32(_mm512_slli_epi32::<16>(sa), _mm512_slli_epi32::<8>(sb)),
+                    _mm512_add_epi32(sc, half),
+                );
+                // Clamped to 0..=255 as `clip8`, then the low byte of each lane: lane 3j + c lands
+                // on byte 3j + c of the output.
+                let q = _mm512_srai_epi32::<PRECISION_BITS>(acc);
+                let q = _mm512_min_epi32(_mm512_max_epi32(q, zero), max);
+                let bytes = _mm512_castsi512_si128(_mm512_permutexvar_epi8(low_bytes, q));
+                let at = to.add(y * row_bytes);
+                if last {
+                    _mm_mask_storeu_epi8(at as *mut i8, store_mask, bytes);
+                } else {
+                    // The byte past the group's 15 is the next group's, written after this one.
+                    _mm_storeu_si128(at as *mut __m128i, bytes);
+                }
+            }
+        }
     }
 }
 
@@ -1561,12 +1822,12 @@ mod tests {
         filter: Filter,
         window: (usize, usize, usize, usize),
     ) {
-        // Every kernel this CPU can run: with AVX-512 VNNI, the AVX2 ones too.
-        for avx2_only in [false, true] {
-            AVX2_ONLY.with(|c| c.set(avx2_only));
+        // Every kernel this CPU can run: with AVX-512 VBMI, the VNNI and AVX2 ones too.
+        for limit in 0..3 {
+            KERNEL_LIMIT.with(|c| c.set(limit));
             check_kernels_against_scalar(img, ow, oh, filter, window);
         }
-        AVX2_ONLY.with(|c| c.set(false));
+        KERNEL_LIMIT.with(|c| c.set(0));
     }
 
     fn check_kernels_against_scalar(
