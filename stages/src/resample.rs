@@ -11,9 +11,9 @@
 //!
 //! Speed comes from SIMD kernels over the same integer sums (AVX2, AVX-512 VNNI, or VNNI with VBMI's
 //! byte permutes for the horizontal pass, chosen at run time; each checked against the scalar port
-//! kept in the tests), from computing only
-//! the window a crop needs, and from per-thread buffers and weights. fast_image_resize, off by a few
-//! levels (its weights are 16-bit), is offered as `data.resize_impl = "fast"` in [`crate::crop`].
+//! kept in the tests), from computing only the window a crop needs, and from per-thread buffers and
+//! weights. fast_image_resize, off by a few levels (its weights are 16-bit), is offered as
+//! `data.resize_impl = "fast"` in [`crate::crop`].
 
 use crate::demo::RgbImage;
 
