@@ -382,6 +382,17 @@ fn weight_digits(k: i32) -> Option<[i8; 3]> {
 }
 
 impl Axis {
+    /// Whether every weight of output pixels `first .. first + n` has three base-256 digits (only a
+    /// weight near 2^23 or beyond, twice Pillow's 2^22 for 1.0, would not).
+    fn fits_digits(&self, first: usize, n: usize) -> bool {
+        let c = &self.c;
+        (first..first + n).all(|i| {
+            c.weights[i * c.taps..i * c.taps + c.len[i]]
+                .iter()
+                .all(|&w| weight_digits(w).is_some())
+        })
+    }
+
     /// The permute kernel's tables for output pixels `x0 .. x0 + n`, or `None` when a group's taps
     /// do not fit in 64 bytes, there are too many taps, or a weight is too large for three digits.
     fn permute_tables(&self, x0: usize, n: usize) -> Option<PermuteTables> {
@@ -1430,7 +1441,7 @@ fn vertical_weighted(
     out: &mut [u8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx512_vnni() {
+    if avx512_vnni() && axis.fits_digits(y0, out_rows) {
         // SAFETY: the CPU supports the kernel's features (checked just above).
         unsafe { vertical_avx512(src, stride, col, width, row_base, axis, y0, out_rows, out) };
         return;
@@ -1444,10 +1455,11 @@ fn vertical_weighted(
     vertical_kernel(src, stride, col, width, row_base, axis, y0, out_rows, out);
 }
 
-/// The vertical pass with `vpdpwssd`: two taps (source rows k, k + 1) at a time, their bytes widened
-/// to interleaved i16 pairs and multiplied against the pair of weights split hi·2^11 + lo as in
-/// [`horizontal_madd_avx2`]; 32 output bytes per step, the last partial step through masked loads
-/// and stores (which never touch bytes outside the mask). The same sums as the scalar port.
+/// The vertical pass with `vpdpbusd`: four taps (source rows k .. k + 4) at a time, their bytes
+/// interleaved so each i32 lane holds one column's four, multiplied (u8 × i8) by the weights' three
+/// signed base-256 digits as in [`horizontal_permute_avx512`]; 64 output bytes per step, the last
+/// partial step through masked loads and stores (which never touch bytes outside the mask). Integer
+/// sums, exact in any order, so the bytes of the scalar port.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/VNNI.
@@ -1469,69 +1481,87 @@ unsafe fn vertical_avx512(
     let c = &axis.c;
     let half = _mm512_set1_epi32(HALF);
     assert!(out.len() >= out_rows * width);
-    let mut pairs: Vec<(__m512i, __m512i, usize, usize)> = Vec::new();
+    // Per quad of taps: the a, b and c digits of its four weights (one byte per tap, broadcast)
+    // and the byte offsets of its four rows.
+    let mut quads: Vec<([__m512i; 3], [usize; 4])> = Vec::new();
     for y in 0..out_rows {
         let i = y0 + y;
         let (n, first) = (c.len[i], c.start[i] - row_base);
         assert!(
             col + width <= stride && (first + n.max(1) - 1) * stride + col + width <= src.len()
         );
-        // Tap pairs (k, k + 1) as (hi, lo) i32 broadcasts; an odd last tap pairs with weight 0 on
-        // its own row (read, never weighted).
-        pairs.clear();
-        pairs.extend((0..n.div_ceil(2)).map(|p| {
-            let (k0, k1) = (2 * p, (2 * p + 1).min(n - 1));
-            let w0 = c.weights[i * c.taps + k0];
-            let w1 = if 2 * p + 1 < n {
-                c.weights[i * c.taps + k1]
-            } else {
-                0
-            };
-            let pack = |a: i32, b: i32| (a as u16 as u32 | ((b as u16 as u32) << 16)) as i32;
-            (
-                _mm512_set1_epi32(pack(w0 >> 11, w1 >> 11)),
-                _mm512_set1_epi32(pack(w0 & 0x7ff, w1 & 0x7ff)),
-                (first + k0) * stride + col,
-                (first + k1) * stride + col,
-            )
-        }));
+        quads.clear();
+        for q in 0..n.div_ceil(4) {
+            let mut digits = [[0u8; 4]; 3];
+            // Taps past the window read its last row, with weight 0.
+            let rows = std::array::from_fn(|t| (first + (4 * q + t).min(n - 1)) * stride + col);
+            for t in 0..4 {
+                let k = 4 * q + t;
+                let w = if k < n { c.weights[i * c.taps + k] } else { 0 };
+                let d = weight_digits(w).expect("checked by the caller (`Axis::fits_digits`)");
+                for (digit, v) in d.into_iter().enumerate() {
+                    digits[digit][t] = v as u8;
+                }
+            }
+            let bcast = |d: [u8; 4]| _mm512_set1_epi32(i32::from_le_bytes(d));
+            quads.push((digits.map(bcast), rows));
+        }
         let out_row = out.as_mut_ptr().add(y * width);
         let mut bx = 0;
         while bx < width {
-            let mask: __mmask32 = if width - bx >= 32 {
-                u32::MAX
+            let mask: __mmask64 = if width - bx >= 64 {
+                u64::MAX
             } else {
-                (1u32 << (width - bx)) - 1
+                (1u64 << (width - bx)) - 1
             };
             let zero = _mm512_setzero_si512();
-            let (mut lo_hi, mut lo_lo, mut hi_hi, mut hi_lo) = (zero, zero, zero, zero);
-            for &(wh, wl, a, b) in &pairs {
+            let mut acc = [[zero; 4]; 3];
+            for (digits, rows) in &quads {
                 // SAFETY: rows `first .. first + n` hold bytes `col .. col + width` (asserts above);
                 // masked loads read only the bytes below `width`.
-                let ra = _mm256_maskz_loadu_epi8(mask, src.as_ptr().add(a + bx) as *const i8);
-                let rb = _mm256_maskz_loadu_epi8(mask, src.as_ptr().add(b + bx) as *const i8);
-                let (ra, rb) = (_mm512_cvtepu8_epi16(ra), _mm512_cvtepu8_epi16(rb));
-                let (lo, hi) = (_mm512_unpacklo_epi16(ra, rb), _mm512_unpackhi_epi16(ra, rb));
-                lo_hi = _mm512_dpwssd_epi32(lo_hi, lo, wh);
-                lo_lo = _mm512_dpwssd_epi32(lo_lo, lo, wl);
-                hi_hi = _mm512_dpwssd_epi32(hi_hi, hi, wh);
-                hi_lo = _mm512_dpwssd_epi32(hi_lo, hi, wl);
+                let r = rows.map(|at| {
+                    _mm512_maskz_loadu_epi8(mask, src.as_ptr().add(at + bx) as *const i8)
+                });
+                // Within each 128-bit lane: columns 0-7 and 8-15 as row pairs, then as row quads:
+                // v[0] holds columns 0-3 of every lane, v[1] 4-7, v[2] 8-11, v[3] 12-15.
+                let (lo01, hi01) = (
+                    _mm512_unpacklo_epi8(r[0], r[1]),
+                    _mm512_unpackhi_epi8(r[0], r[1]),
+                );
+                let (lo23, hi23) = (
+                    _mm512_unpacklo_epi8(r[2], r[3]),
+                    _mm512_unpackhi_epi8(r[2], r[3]),
+                );
+                let v = [
+                    _mm512_unpacklo_epi16(lo01, lo23),
+                    _mm512_unpackhi_epi16(lo01, lo23),
+                    _mm512_unpacklo_epi16(hi01, hi23),
+                    _mm512_unpackhi_epi16(hi01, hi23),
+                ];
+                for d in 0..3 {
+                    for k in 0..4 {
+                        acc[d][k] = _mm512_dpbusd_epi32(acc[d][k], v[k], digits[d]);
+                    }
+                }
             }
-            let sum = |h: __m512i, l: __m512i| {
-                let acc = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32::<11>(h), l), half);
-                _mm512_srai_epi32::<PRECISION_BITS>(acc)
+            let sum = |k: usize| {
+                let s = _mm512_add_epi32(
+                    _mm512_add_epi32(
+                        _mm512_slli_epi32::<16>(acc[0][k]),
+                        _mm512_slli_epi32::<8>(acc[1][k]),
+                    ),
+                    _mm512_add_epi32(acc[2][k], half),
+                );
+                _mm512_srai_epi32::<PRECISION_BITS>(s)
             };
-            // unpacklo/hi and packs both work within 128-bit lanes, so this restores pixel order;
-            // the saturating packs clamp to 0..=255 as `clip8`. Each lane's 8 bytes are then
-            // gathered into the low half (narrowing straight to memory would be slower).
-            let words = _mm512_packs_epi32(sum(lo_hi, lo_lo), sum(hi_hi, hi_lo));
-            let bytes = _mm512_permutexvar_epi64(
-                _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7),
-                _mm512_packus_epi16(words, words),
+            // The packs work within 128-bit lanes, undoing the interleave: columns 0-3 and 4-7,
+            // then 8-15, then all 16 in order; saturation clamps to 0..=255 as `clip8`.
+            let bytes = _mm512_packus_epi16(
+                _mm512_packs_epi32(sum(0), sum(1)),
+                _mm512_packs_epi32(sum(2), sum(3)),
             );
-            let bytes = _mm512_castsi512_si256(bytes);
-            _mm256_mask_storeu_epi8(out_row.add(bx) as *mut i8, mask, bytes);
-            bx += 32;
+            _mm512_mask_storeu_epi8(out_row.add(bx) as *mut i8, mask, bytes);
+            bx += 64;
         }
     }
 }
@@ -1880,6 +1910,34 @@ mod tests {
             let (left, top) = (rng.below(ow - cw + 1), oh - ch - rng.below(2).min(oh - ch));
             check_against_scalar(&img, ow, oh, filter, (left, top, cw, ch));
         }
+    }
+
+    #[test]
+    fn weight_digits_rebuild_every_weight_they_can_hold() {
+        let rebuild = |d: [i8; 3]| (d[0] as i32) * 65536 + (d[1] as i32) * 256 + d[2] as i32;
+        // Three digits of -128..=127 span -128·65793 ..= 127·65793, about ±2^23 (Pillow's 1.0 is 2^22).
+        let (min, max) = (-128 * 65793, 127 * 65793);
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let edges = [
+            0,
+            1,
+            -1,
+            127,
+            128,
+            -128,
+            -129,
+            1 << 22,
+            -(1 << 22),
+            min,
+            max,
+        ];
+        let random = (0..10_000).map(|_| min + rng.below((max - min) as usize + 1) as i32);
+        for k in edges.into_iter().chain(random) {
+            let d = weight_digits(k).unwrap_or_else(|| panic!("{k} has no digits"));
+            assert_eq!(rebuild(d), k);
+        }
+        assert_eq!(weight_digits(max + 1), None);
+        assert_eq!(weight_digits(min - 1), None);
     }
 
     #[test]
