@@ -479,8 +479,9 @@ impl Placement {
 
 /// The axis of a resize from `in_size` to `out_size` for output pixels `first .. first + n`, its
 /// source positions counted from `origin` of a part of `len` pixels ([`Axis::shifted`]), from a
-/// per-thread cache: ImageNet's images come in a few sizes, and the crop plan and decode region
-/// depend on the size alone, so the weights are mostly computed once per size.
+/// per-thread cache: the crop plan and decode region depend on the image size alone, and most of
+/// ImageNet comes in a few sizes, so the weights (and the kernels' tables) are mostly made once per
+/// size.
 fn cached_axis(
     in_size: usize,
     out_size: usize,
@@ -488,27 +489,56 @@ fn cached_axis(
     (origin, len): (usize, usize),
     (first, n): (usize, usize),
 ) -> std::rc::Rc<Axis> {
-    type Key = (usize, usize, Filter, usize, usize, usize, usize);
-    thread_local! {
-        static AXES: std::cell::RefCell<std::collections::HashMap<Key, std::rc::Rc<Axis>>> =
-            std::cell::RefCell::new(std::collections::HashMap::new());
-    }
-    const KEEP: usize = 64;
     let key = (in_size, out_size, filter, origin, len, first, n);
     AXES.with(|axes| {
-        let mut axes = axes.borrow_mut();
-        if let Some(axis) = axes.get(&key) {
+        axes.borrow_mut().get_or_insert_with(key, || {
+            Axis::new(in_size, out_size, filter).shifted(origin, len, first, n)
+        })
+    })
+}
+
+type AxisKey = (usize, usize, Filter, usize, usize, usize, usize);
+
+thread_local! {
+    static AXES: std::cell::RefCell<AxisCache> = std::cell::RefCell::new(AxisCache::default());
+}
+
+/// A small map that keeps what is used again: when full it drops the entries not used since the
+/// last time it was full, so the long tail of one-off image sizes (ImageNet has thousands) cannot
+/// push out the few sizes most images have.
+#[derive(Default)]
+struct AxisCache {
+    entries: std::collections::HashMap<AxisKey, (std::rc::Rc<Axis>, bool)>,
+}
+
+impl AxisCache {
+    /// Entries kept at most (a bicubic axis for a 256 crop with its tables is ~40 KB).
+    const KEEP: usize = 64;
+
+    fn get_or_insert_with(
+        &mut self,
+        key: AxisKey,
+        make: impl FnOnce() -> Axis,
+    ) -> std::rc::Rc<Axis> {
+        if let Some((axis, used)) = self.entries.get_mut(&key) {
+            *used = true;
             return axis.clone();
         }
-        let axis =
-            std::rc::Rc::new(Axis::new(in_size, out_size, filter).shifted(origin, len, first, n));
-        if axes.len() >= KEEP {
-            // Many sizes (not ImageNet-like data): start over rather than track recency.
-            axes.clear();
+        if self.entries.len() >= Self::KEEP {
+            self.entries.retain(|_, (_, used)| std::mem::take(used));
+            if self.entries.len() >= Self::KEEP / 2 {
+                // Everything was used again: forget half rather than stay full.
+                let drop: Vec<AxisKey> =
+                    self.entries.keys().copied().take(Self::KEEP / 2).collect();
+                for k in drop {
+                    self.entries.remove(&k);
+                }
+            }
         }
-        axes.insert(key, axis.clone());
+        let axis = std::rc::Rc::new(make());
+        self.entries.insert(key, (axis.clone(), false));
         axis
-    })
+    }
 }
 
 /// The largest buffer a thread keeps for reuse (5 MP of RGB): a rare huge image is not held on to.
@@ -1938,6 +1968,26 @@ mod tests {
         }
         assert_eq!(weight_digits(max + 1), None);
         assert_eq!(weight_digits(min - 1), None);
+    }
+
+    #[test]
+    fn the_axis_cache_keeps_sizes_used_again_through_a_tail_of_one_off_sizes() {
+        let mut cache = AxisCache::default();
+        let key = |n: usize| (n, 256, Filter::Bicubic, 0, n, 0, 256);
+        let make = |n: usize| move || Axis::new(n, 256, Filter::Bicubic);
+        let hot = cache.get_or_insert_with(key(500), make(500));
+        for one_off in 1000..1000 + 10 * AxisCache::KEEP {
+            cache.get_or_insert_with(key(one_off), make(one_off));
+            // The common size comes back every few images.
+            if one_off % 4 == 0 {
+                let again = cache.get_or_insert_with(key(500), make(500));
+                assert!(
+                    std::rc::Rc::ptr_eq(&hot, &again),
+                    "recomputed after {one_off}"
+                );
+            }
+            assert!(cache.entries.len() <= AxisCache::KEEP);
+        }
     }
 
     #[test]
