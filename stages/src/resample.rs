@@ -183,6 +183,8 @@ struct Axis {
     madd: std::cell::OnceCell<Option<(usize, usize, MaddWeights)>>,
     /// The permute kernel's tables, likewise for one window of output pixels.
     permute: std::cell::OnceCell<Option<(usize, usize, PermuteTables)>>,
+    /// Whether the `vpdpbusd` kernels can take every weight ([`Axis::fits_digits`]).
+    digits_fit: std::cell::OnceCell<bool>,
     /// Per output pixel: the first of two source pixels if its window, once zero weights are
     /// dropped, is exactly those two weighted 2^21 each (its fixed-point sum then reduces to
     /// `(a + b + 1) >> 1`, `pavgb`); [`NOT_PAIR`] otherwise. A box shrink by 2 is all pairs, and a box
@@ -215,6 +217,7 @@ impl Axis {
             padded,
             madd: std::cell::OnceCell::new(),
             permute: std::cell::OnceCell::new(),
+            digits_fit: std::cell::OnceCell::new(),
             pair,
         }
     }
@@ -382,15 +385,12 @@ fn weight_digits(k: i32) -> Option<[i8; 3]> {
 }
 
 impl Axis {
-    /// Whether every weight of output pixels `first .. first + n` has three base-256 digits (only a
-    /// weight near 2^23 or beyond, twice Pillow's 2^22 for 1.0, would not).
-    fn fits_digits(&self, first: usize, n: usize) -> bool {
-        let c = &self.c;
-        (first..first + n).all(|i| {
-            c.weights[i * c.taps..i * c.taps + c.len[i]]
-                .iter()
-                .all(|&w| weight_digits(w).is_some())
-        })
+    /// Whether every weight of the axis has three base-256 digits (only a weight near 2^23 or
+    /// beyond, twice Pillow's 2^22 for 1.0, would not); worked out once per axis.
+    fn fits_digits(&self) -> bool {
+        *self
+            .digits_fit
+            .get_or_init(|| self.c.weights.iter().all(|&w| weight_digits(w).is_some()))
     }
 
     /// The permute kernel's tables for output pixels `x0 .. x0 + n`, or `None` when a group's taps
@@ -1471,7 +1471,7 @@ fn vertical_weighted(
     out: &mut [u8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if avx512_vnni() && axis.fits_digits(y0, out_rows) {
+    if avx512_vnni() && axis.fits_digits() {
         // SAFETY: the CPU supports the kernel's features (checked just above).
         unsafe { vertical_avx512(src, stride, col, width, row_base, axis, y0, out_rows, out) };
         return;
