@@ -776,13 +776,9 @@ fn horizontal_pass(
             return;
         }
         if avx512_vbmi() {
-            if let Some(tables) = axis
-                .permute
-                .get_or_init(|| axis.permute_tables(x0, out_cols).map(|t| (x0, out_cols, t)))
-                .as_ref()
-                .filter(|(at, n, _)| (*at, *n) == (x0, out_cols))
-                .map(|(_, _, t)| t)
-            {
+            if let Some(tables) = made_for(&axis.permute, (x0, out_cols), || {
+                axis.permute_tables(x0, out_cols)
+            }) {
                 let max_read = tables.groups.last().map_or(0, |g| g.0) + 64;
                 in_bounds_rows(
                     src,
@@ -802,13 +798,9 @@ fn horizontal_pass(
                 return;
             }
         }
-        if let Some(weights) = axis
-            .madd
-            .get_or_init(|| axis.madd_weights(x0, out_cols).map(|w| (x0, out_cols, w)))
-            .as_ref()
-            .filter(|(at, n, _)| (*at, *n) == (x0, out_cols))
-            .map(|(_, _, w)| w)
-        {
+        if let Some(weights) = made_for(&axis.madd, (x0, out_cols), || {
+            axis.madd_weights(x0, out_cols)
+        }) {
             let max_read = axis.c.start[x0 + out_cols - 1] * 3 + weights.pairs * 6 + 4;
             // Four rows per register with fused multiply-adds where the CPU has AVX-512 VNNI.
             let kernel = if avx512_vnni() {
@@ -844,6 +836,19 @@ fn horizontal_pass(
     horizontal_kernel(
         src, stride, in_w, rows, axis, &weights, x0, out_cols, lanes, out,
     );
+}
+
+/// A kernel's tables kept with a cached axis, made on first use for one window of output pixels
+/// (`x0`, `n`); `None` if they cannot be made, or were made for another window.
+fn made_for<T>(
+    cell: &std::cell::OnceCell<Option<(usize, usize, T)>>,
+    window: (usize, usize),
+    make: impl FnOnce() -> Option<T>,
+) -> Option<&T> {
+    cell.get_or_init(|| make().map(|t| (window.0, window.1, t)))
+        .as_ref()
+        .filter(|(x0, n, _)| (*x0, *n) == window)
+        .map(|(_, _, t)| t)
 }
 
 /// Runs a SIMD row kernel that reads up to `max_read` bytes from each row's start: rows whose read
