@@ -1527,19 +1527,16 @@ unsafe fn vertical_avx512(
         );
         quads.clear();
         for q in 0..n.div_ceil(4) {
-            let mut digits = [[0u8; 4]; 3];
             // Taps past the window read its last row, with weight 0.
             let rows = std::array::from_fn(|t| (first + (4 * q + t).min(n - 1)) * stride + col);
-            for t in 0..4 {
+            let taps: [[i8; 3]; 4] = std::array::from_fn(|t| {
                 let k = 4 * q + t;
                 let w = if k < n { c.weights[i * c.taps + k] } else { 0 };
-                let d = weight_digits(w).expect("checked by the caller (`Axis::fits_digits`)");
-                for (digit, v) in d.into_iter().enumerate() {
-                    digits[digit][t] = v as u8;
-                }
-            }
-            let bcast = |d: [u8; 4]| _mm512_set1_epi32(i32::from_le_bytes(d));
-            quads.push((digits.map(bcast), rows));
+                weight_digits(w).expect("checked by the caller (`Axis::fits_digits`)")
+            });
+            let digit =
+                |d: usize| _mm512_set1_epi32(i32::from_le_bytes(taps.map(|tap| tap[d] as u8)));
+            quads.push(([digit(0), digit(1), digit(2)], rows));
         }
         let out_row = out.as_mut_ptr().add(y * width);
         let mut bx = 0;
