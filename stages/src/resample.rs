@@ -504,7 +504,7 @@ thread_local! {
 }
 
 /// A small map that keeps what is used again: when full it drops the entries not used since the
-/// last time it was full, so the long tail of one-off image sizes (ImageNet has thousands) cannot
+/// last time it was full, so the long tail of one-off image sizes (ImageNet has many) cannot
 /// push out the few sizes most images have.
 #[derive(Default)]
 struct AxisCache {
