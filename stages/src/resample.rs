@@ -1187,6 +1187,26 @@ unsafe fn horizontal_permute_avx512(
     }
 }
 
+/// The fixed-point sums from the per-digit sums of the `vpdpbusd` kernels (Σp·a, Σp·b, Σp·c for
+/// weights 2^16·a + 2^8·b + c), rounded and shifted down to the 8-bit range, not yet clamped. The
+/// i32 adds wrap, but the true sum fits an i32, so the result is exact.
+///
+/// # Safety
+/// AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn digit_sums(
+    a: std::arch::x86_64::__m512i,
+    b: std::arch::x86_64::__m512i,
+    c: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let high = _mm512_add_epi32(_mm512_slli_epi32::<16>(a), _mm512_slli_epi32::<8>(b));
+    let acc = _mm512_add_epi32(high, _mm512_add_epi32(c, _mm512_set1_epi32(HALF)));
+    _mm512_srai_epi32::<PRECISION_BITS>(acc)
+}
+
 /// [`horizontal_permute_avx512`] for `Q` quads of taps (a constant, so the tables live in
 /// registers).
 ///
@@ -1210,7 +1230,6 @@ unsafe fn permute_rows<const Q: usize>(
     let max_read = t.groups.last().map_or(0, |g| g.0) + 64;
     assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
     assert!(out.len() >= rows * row_bytes);
-    let half = _mm512_set1_epi32(HALF);
     let zero = _mm512_setzero_si512();
     let max = _mm512_set1_epi32(255);
     // Hidden from the optimiser, which would otherwise turn the permute and store into a
@@ -1265,14 +1284,9 @@ unsafe fn permute_rows<const Q: usize>(
                     sb = _mm512_dpbusd_epi32(sb, taps, b[q]);
                     sc = _mm512_dpbusd_epi32(sc, taps, c[q]);
                 }
-                let acc = _mm512_add_epi32(
-                    _mm512_add_epi32(_mm512_slli_epi32::<16>(sa), _mm512_slli_epi32::<8>(sb)),
-                    _mm512_add_epi32(sc, half),
-                );
                 // Clamped to 0..=255 as `clip8`, then the low byte of each lane: lane 3j + c lands
                 // on byte 3j + c of the output.
-                let q = _mm512_srai_epi32::<PRECISION_BITS>(acc);
-                let q = _mm512_min_epi32(_mm512_max_epi32(q, zero), max);
+                let q = _mm512_min_epi32(_mm512_max_epi32(digit_sums(sa, sb, sc), zero), max);
                 let bytes = _mm512_castsi512_si128(_mm512_permutexvar_epi8(low_bytes, q));
                 let at = to.add(y * row_bytes);
                 if last {
@@ -1514,7 +1528,6 @@ unsafe fn vertical_avx512(
 ) {
     use std::arch::x86_64::*;
     let c = &axis.c;
-    let half = _mm512_set1_epi32(HALF);
     assert!(out.len() >= out_rows * width);
     // Per quad of taps: the a, b and c digits of its four weights (one byte per tap, broadcast)
     // and the byte offsets of its four rows.
@@ -1576,16 +1589,7 @@ unsafe fn vertical_avx512(
                     }
                 }
             }
-            let sum = |k: usize| {
-                let s = _mm512_add_epi32(
-                    _mm512_add_epi32(
-                        _mm512_slli_epi32::<16>(acc[0][k]),
-                        _mm512_slli_epi32::<8>(acc[1][k]),
-                    ),
-                    _mm512_add_epi32(acc[2][k], half),
-                );
-                _mm512_srai_epi32::<PRECISION_BITS>(s)
-            };
+            let sum = |k: usize| digit_sums(acc[0][k], acc[1][k], acc[2][k]);
             // The packs work within 128-bit lanes, undoing the interleave: columns 0-3 and 4-7,
             // then 8-15, then all 16 in order; saturation clamps to 0..=255 as `clip8`.
             let bytes = _mm512_packus_epi16(
