@@ -3,8 +3,6 @@
 //! and everything ends as 8-bit RGB the way Pillow's `convert("RGB")` makes it: grayscale replicated,
 //! alpha dropped, 4-channel JPEGs read as Adobe-inverted CMYK. No EXIF rotation, as Pillow applies none.
 
-use std::cell::RefCell;
-
 use crate::bad_input::BadKind;
 use crate::demo::RgbImage;
 use crate::jpeg::{Header, Jpeg};
@@ -41,11 +39,6 @@ impl DecodeError {
             detail: detail.into(),
         }
     }
-}
-
-thread_local! {
-    // One libjpeg-turbo handle per thread: creating one per image costs more than a small decode.
-    static DECOMPRESSOR: RefCell<Option<Jpeg>> = const { RefCell::new(None) };
 }
 
 /// Decodes to RGB8. `max_pixels` bounds width × height, checked from the header before allocating.
@@ -95,19 +88,18 @@ pub fn decode_rgb_window_into(
         ));
     }
     match sniff(bytes) {
-        ImageFormat::Jpeg => DECOMPRESSOR.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(Jpeg::new().map_err(|e| {
-                    DecodeError::new(
-                        BadKind::UndecodableImage,
-                        format!("libjpeg-turbo init: {e}"),
-                    )
-                })?);
-            }
-            let jpeg = slot.as_mut().expect("just set");
-            decode_jpeg(jpeg, bytes, max_pixels, min_short_side, need, buf)
-        }),
+        ImageFormat::Jpeg => {
+            // A decompressor per image (0.2 µs to make): libjpeg keeps the quantisation and Huffman
+            // tables of one image for the next (for abbreviated streams), so a reused one decodes a
+            // JPEG that lacks its tables with some earlier image's, where Pillow fails.
+            let mut jpeg = Jpeg::new(max_pixels).map_err(|e| {
+                DecodeError::new(
+                    BadKind::UndecodableImage,
+                    format!("libjpeg-turbo init: {e}"),
+                )
+            })?;
+            decode_jpeg(&mut jpeg, bytes, max_pixels, min_short_side, need, buf)
+        }
         ImageFormat::Png => {
             let image = decode_png(bytes, max_pixels)?;
             let at = Placement::whole(&image);
@@ -166,8 +158,20 @@ fn decode_region(
     let margin = 8;
     let x = need.x.saturating_sub(margin) / mcu * mcu;
     let y = need.y.saturating_sub(margin);
-    let right = (need.x + need.width + margin).min(width);
-    let bottom = (need.y + need.height + margin).min(height);
+    let right = need
+        .x
+        .saturating_add(need.width)
+        .saturating_add(margin)
+        .min(width);
+    let bottom = need
+        .y
+        .saturating_add(need.height)
+        .saturating_add(margin)
+        .min(height);
+    // A need outside the image (a caller's mistake) decodes all of it rather than nothing.
+    if right <= x || bottom <= y {
+        return None;
+    }
     let region = Rect {
         x,
         y,
@@ -185,40 +189,35 @@ fn decode_jpeg(
     need: impl FnOnce(usize, usize) -> Option<Rect>,
     buf: Vec<u8>,
 ) -> Result<(RgbImage, Placement), DecodeError> {
-    let header = jpeg.header(bytes).map_err(|e| jpeg_failure(bytes, e))?;
+    let frame = jpeg
+        .read_header(bytes)
+        .map_err(|e| jpeg_failure(bytes, e))?;
+    let header = *frame.header();
     check_bomb(header.width, header.height, max_pixels)?;
     let short = header.width.min(header.height);
+    // libjpeg ignores the scaling factor of a lossless JPEG: those are decoded at full size.
     let denom = [8usize, 4, 2]
         .into_iter()
-        .find(|&d| min_short_side > 0 && short >= d * min_short_side)
+        .find(|&d| !header.lossless && min_short_side > 0 && short >= d * min_short_side)
         .unwrap_or(1);
     let (full_w, full_h) = (header.width.div_ceil(denom), header.height.div_ceil(denom));
     let region = match need(full_w, full_h) {
-        Some(need) if !header.four_channel && ends_with_eoi(bytes) => {
+        Some(need) if header.croppable() && !header.four_channel && ends_with_eoi(bytes) => {
             decode_region(&header, denom, full_w, full_h, need)
         }
         _ => None,
     };
-    let whole = Rect {
-        x: 0,
-        y: 0,
-        width: full_w,
-        height: full_h,
-    };
-    let channels = if header.four_channel { 4 } else { 3 };
     let mut pixels = buf;
-    let mut r = region.unwrap_or(whole);
-    if let Err(e) = jpeg.decode(bytes, denom, region, channels, &mut pixels) {
-        if region.is_none() {
-            return Err(jpeg_failure(bytes, e));
-        }
-        // A JPEG libjpeg-turbo cannot crop (lossless, an odd sampling): the whole image, as Pillow
-        // would decode it; a broken one fails again and is reported from the full decode.
-        jpeg.header(bytes).map_err(|e| jpeg_failure(bytes, e))?;
-        jpeg.decode(bytes, denom, None, channels, &mut pixels)
-            .map_err(|e| jpeg_failure(bytes, e))?;
-        r = whole;
-    }
+    let r = match frame.decode(denom, region, &mut pixels) {
+        Ok(r) => r,
+        Err(e) if region.is_none() => return Err(jpeg_failure(bytes, e)),
+        // A sampling libjpeg-turbo names but cannot crop: the whole image, as Pillow would decode
+        // it; a broken one fails again and is reported from the full decode.
+        Err(_) => jpeg
+            .read_header(bytes)
+            .and_then(|frame| frame.decode(denom, None, &mut pixels))
+            .map_err(|e| jpeg_failure(bytes, e))?,
+    };
     if header.four_channel {
         // libjpeg-turbo cannot convert CMYK to RGB; it gave the raw ink values, converted as Pillow does.
         pixels = adobe_cmyk_to_rgb(&pixels);

@@ -333,8 +333,19 @@ struct MaddWeights {
 }
 
 impl MaddWeights {
+    /// The most bytes a row's read reaches from its start for output pixels `x0 .. x0 + out_cols`:
+    /// the furthest window start (the last, as starts never decrease, but taken as the maximum so
+    /// that no bound rests on that) plus `pairs` pairs of pixels and the 16-byte load's spare bytes.
+    fn max_read(&self, axis: &Axis, x0: usize, out_cols: usize) -> usize {
+        let furthest = axis.c.start[x0..x0 + out_cols]
+            .iter()
+            .max()
+            .map_or(0, |&s| s);
+        furthest * 3 + self.pairs * 6 + 4
+    }
+
     /// The window starts of output pixels `x0 .. x0 + out_cols`, after the checks the madd kernels'
-    /// unchecked reads and writes rest on: every row's widest read (the last window plus padding)
+    /// unchecked reads and writes rest on: every row's widest read (any window plus padding)
     /// inside the source, a weight block per output pixel and pair, room for every output row.
     #[allow(clippy::too_many_arguments)]
     fn checked_starts<'a>(
@@ -347,8 +358,8 @@ impl MaddWeights {
         out_cols: usize,
         out_len: usize,
     ) -> &'a [usize] {
-        let max_read = axis.c.start[x0 + out_cols - 1] * 3 + self.pairs * 6 + 4;
-        assert!(rows == 0 || (rows - 1) * stride + max_read <= src_len);
+        let max_read = self.max_read(axis, x0, out_cols);
+        assert!(rows_fit(src_len, stride, rows, max_read));
         assert!(self.w.len() >= out_cols * self.pairs * 16 && out_len >= rows * out_cols * 3);
         &axis.c.start[x0..x0 + out_cols]
     }
@@ -373,6 +384,23 @@ struct PermuteTables {
     /// Per group and quad: the signed base-256 digits of the weights matching `index` (each
     /// weight k = 2^16·a + 2^8·b + c), the 64 a's, then the b's, then the c's.
     digits: Vec<[i8; 192]>,
+}
+
+impl PermuteTables {
+    /// The most bytes a row's loads reach from its start: 64 from the furthest group's first byte.
+    fn max_read(&self) -> usize {
+        self.groups.iter().map(|g| g.0).max().map_or(0, |b| b) + 64
+    }
+
+    /// Panics unless the tables are laid out as [`permute_rows`] stores them for `out_cols` output
+    /// pixels: groups of five (the last 1..=5) at columns 5g, `Q` index and digit tables per group.
+    fn check_layout<const Q: usize>(&self, out_cols: usize) {
+        assert!(self.quads == Q && self.groups.len() == out_cols.div_ceil(PERMUTE_GROUP));
+        assert!(self.index.len() == self.groups.len() * Q && self.digits.len() == self.index.len());
+        for (g, &(_, m)) in self.groups.iter().enumerate() {
+            assert_eq!(m, (out_cols - PERMUTE_GROUP * g).min(PERMUTE_GROUP));
+        }
+    }
 }
 
 /// k as 2^16·a + 2^8·b + c with every digit in -128..=127, or `None` if a does not fit.
@@ -634,8 +662,32 @@ pub fn resize_window_into(
         };
     }
     let stride = src.width * 3;
+    assert!(
+        src.pixels.len() >= src.height * stride,
+        "{} bytes of pixels for a {}x{} image",
+        src.pixels.len(),
+        src.width,
+        src.height
+    );
     let need_h = out_w != at.full_w;
     let need_v = out_h != at.full_h;
+    // An axis left at its size has no `Axis::shifted` to check the part holds the window: output
+    // pixels are source pixels, so the window must lie inside the part (else `left - at.x` and the
+    // like wrap in release, and the kernels would read outside the part's rows or columns).
+    assert!(
+        need_h || (at.x <= left && left + crop_w <= at.x + src.width),
+        "columns {left}..{} outside the part {}..{}",
+        left + crop_w,
+        at.x,
+        at.x + src.width
+    );
+    assert!(
+        need_v || (at.y <= top && top + crop_h <= at.y + src.height),
+        "rows {top}..{} outside the part {}..{}",
+        top + crop_h,
+        at.y,
+        at.y + src.height
+    );
     // Axes over the full image, their source positions then counted within `src`.
     let h_axis = || cached_axis(at.full_w, out_w, filter, (at.x, src.width), (left, crop_w));
     let v_axis = || cached_axis(at.full_h, out_h, filter, (at.y, src.height), (top, crop_h));
@@ -768,6 +820,13 @@ fn horizontal_pass(
     lanes: &mut Vec<i32>,
     out: &mut [u8],
 ) {
+    // Once per call, so that no kernel relies on the cached axis having been made for this source:
+    // `rows` whole rows of `in_w` pixels in `src` (so `in_bounds_rows` pads only over-reads, never
+    // pixels), room for the output, and every window of the output pixels inside the row.
+    assert!(in_w * 3 <= stride && rows_fit(src.len(), stride, rows, in_w * 3));
+    assert!(out_cols > 0 && out.len() >= rows * out_cols * 3);
+    let c = &axis.c;
+    assert!((x0..x0 + out_cols).all(|i| c.start[i] + c.len[i] <= in_w));
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         if axis.mostly_pairs(x0, out_cols) {
@@ -779,7 +838,7 @@ fn horizontal_pass(
             if let Some(tables) = made_for(&axis.permute, (x0, out_cols), || {
                 axis.permute_tables(x0, out_cols)
             }) {
-                let max_read = tables.groups.last().map_or(0, |g| g.0) + 64;
+                let max_read = tables.max_read();
                 in_bounds_rows(
                     src,
                     stride,
@@ -801,7 +860,7 @@ fn horizontal_pass(
         if let Some(weights) = made_for(&axis.madd, (x0, out_cols), || {
             axis.madd_weights(x0, out_cols)
         }) {
-            let max_read = axis.c.start[x0 + out_cols - 1] * 3 + weights.pairs * 6 + 4;
+            let max_read = weights.max_read(axis, x0, out_cols);
             // Four rows per register with fused multiply-adds where the CPU has AVX-512 VNNI.
             let kernel = if avx512_vnni() {
                 horizontal_madd_avx512
@@ -849,6 +908,16 @@ fn made_for<T>(
         .as_ref()
         .filter(|(x0, n, _)| (*x0, *n) == window)
         .map(|(_, _, t)| t)
+}
+
+/// Whether `rows` rows, `stride` bytes apart, can each read `max_read` bytes from their start in a
+/// buffer of `len` bytes (overflow counts as no).
+fn rows_fit(len: usize, stride: usize, rows: usize, max_read: usize) -> bool {
+    rows == 0
+        || (rows - 1)
+            .checked_mul(stride)
+            .and_then(|n| n.checked_add(max_read))
+            .is_some_and(|n| n <= len)
 }
 
 /// Runs a SIMD row kernel that reads up to `max_read` bytes from each row's start: rows whose read
@@ -1224,11 +1293,8 @@ unsafe fn permute_rows<const Q: usize>(
 ) {
     use std::arch::x86_64::*;
     let row_bytes = out_cols * 3;
-    assert!(t.quads == Q && t.index.len() == t.groups.len() * Q);
-    assert!(t.digits.len() == t.index.len());
-    assert_eq!(t.groups.iter().map(|g| g.1).sum::<usize>(), out_cols);
-    let max_read = t.groups.last().map_or(0, |g| g.0) + 64;
-    assert!(rows == 0 || (rows - 1) * stride + max_read <= src.len());
+    t.check_layout::<Q>(out_cols);
+    assert!(rows_fit(src.len(), stride, rows, t.max_read()));
     assert!(out.len() >= rows * row_bytes);
     let zero = _mm512_setzero_si512();
     let max = _mm512_set1_epi32(255);
@@ -1271,8 +1337,9 @@ unsafe fn permute_rows<const Q: usize>(
             let last = g + 1 == t.groups.len();
             let store_mask: __mmask16 = (1 << (3 * m)) - 1;
             // SAFETY (below): row y's load is `base + 64 ≤ max_read` bytes from its start, inside
-            // `src` by the assert above; the store is 16 bytes at column 5g of an output row, the
-            // last group's masked to its 3·m, inside `out`.
+            // `src` by the assert above; the store is 16 bytes at column 5g of an output row, inside
+            // it as a later group follows (`check_layout`: five pixels in every group but the
+            // last), the last group's masked to its 3·m, so inside `out`.
             let from = src.as_ptr().add(base + y0 * stride);
             let to = out.as_mut_ptr().add(3 * PERMUTE_GROUP * g + y0 * row_bytes);
             for y in 0..block {
@@ -1534,10 +1601,18 @@ unsafe fn vertical_avx512(
     let mut quads: Vec<([__m512i; 3], [usize; 4])> = Vec::new();
     for y in 0..out_rows {
         let i = y0 + y;
-        let (n, first) = (c.len[i], c.start[i] - row_base);
+        // Checked arithmetic: a wrapped `first` or row offset would pass a plain comparison and
+        // send the unchecked loads below before or far past `src` in release builds.
+        let n = c.len[i];
+        let first = c.start[i].checked_sub(row_base);
+        let last_end = first
+            .and_then(|f| (f + n.max(1) - 1).checked_mul(stride))
+            .and_then(|at| at.checked_add(col + width));
         assert!(
-            col + width <= stride && (first + n.max(1) - 1) * stride + col + width <= src.len()
+            col + width <= stride && last_end.is_some_and(|end| end <= src.len()),
+            "output row {i} reads source rows outside `src`"
         );
+        let first = first.unwrap_or_default();
         quads.clear();
         for q in 0..n.div_ceil(4) {
             // Taps past the window read its last row, with weight 0.
@@ -2034,5 +2109,189 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Resizes `src` placed by `at` under every kernel limit, returning for each whether it panicked.
+    fn panics_under_every_kernel(
+        src: &RgbImage,
+        at: Placement,
+        (out_w, out_h): (usize, usize),
+        window: Rect,
+    ) -> Vec<bool> {
+        let r = (0..3)
+            .map(|limit| {
+                KERNEL_LIMIT.with(|c| c.set(limit));
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    resize_window_into(src, at, out_w, out_h, Filter::Bicubic, window, Vec::new())
+                }))
+                .is_err()
+            })
+            .collect();
+        KERNEL_LIMIT.with(|c| c.set(0));
+        r
+    }
+
+    /// An axis left at its size gets no `Axis::shifted` check, so the window must be checked against
+    /// the source part directly: rows below it were zero-padded by `in_bounds_rows`, columns right of
+    /// it read from the next row, and (release only) columns left of it wrapped `left - at.x` into an
+    /// unchecked read before the buffer in `vertical_avx512`.
+    #[test]
+    fn a_window_outside_the_source_part_panics_on_an_unresized_axis() {
+        let mut rng = Rng(11);
+        let rect = |x, y, width, height| Rect {
+            x,
+            y,
+            width,
+            height,
+        };
+        // Horizontal only: output rows 2..6 of a part holding rows 0..4.
+        let wide = random_image(&mut rng, 40, 4);
+        let at = Placement {
+            x: 0,
+            y: 0,
+            full_w: 40,
+            full_h: 8,
+        };
+        let r = panics_under_every_kernel(&wide, at, (23, 8), rect(0, 2, 23, 4));
+        assert_eq!(r, [true; 3], "rows past the part");
+        // Vertical only: output columns 2..6 of a part holding columns 0..4, rows well inside.
+        let tall = random_image(&mut rng, 4, 40);
+        let at = Placement {
+            x: 0,
+            y: 0,
+            full_w: 8,
+            full_h: 40,
+        };
+        let r = panics_under_every_kernel(&tall, at, (8, 23), rect(2, 0, 4, 1));
+        assert_eq!(r, [true; 3], "columns past the part");
+        // Vertical only: columns 0..4 of a part holding columns 4..8.
+        let at = Placement {
+            x: 4,
+            y: 0,
+            full_w: 8,
+            full_h: 40,
+        };
+        let r = panics_under_every_kernel(&tall, at, (8, 23), rect(0, 0, 4, 1));
+        assert_eq!(r, [true; 3], "columns before the part");
+        // Neither axis resized: a window reaching past the part's last column.
+        let at = Placement {
+            x: 0,
+            y: 0,
+            full_w: 8,
+            full_h: 40,
+        };
+        let r = panics_under_every_kernel(&tall, at, (8, 40), rect(1, 0, 4, 2));
+        assert_eq!(r, [true; 3], "copy past the part");
+        // A part shorter than its size says.
+        let mut short = random_image(&mut rng, 40, 6);
+        short.pixels.truncate(40 * 5 * 3 + 7);
+        let r =
+            panics_under_every_kernel(&short, Placement::whole(&short), (23, 6), rect(0, 0, 23, 6));
+        assert_eq!(r, [true; 3], "pixels shorter than width × height");
+    }
+
+    /// `permute_rows` stores whole 16-byte groups at column 15g, so every group but the last must
+    /// hold five pixels; a count that only sums to `out_cols` is not enough.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_permute_kernel_checks_its_group_layout() {
+        if !avx512_vbmi() {
+            return;
+        }
+        let axis = Axis::new(20, 12, Filter::Bicubic);
+        let mut t = axis.permute_tables(0, 6).expect("tables for 20 -> 12");
+        assert_eq!(t.groups.iter().map(|g| g.1).collect::<Vec<_>>(), [5, 1]);
+        (t.groups[0].1, t.groups[1].1) = (1, 5);
+        // Room past the one output row, so the old kernel's overrun stays inside the buffer.
+        let (src, mut out) = (vec![7u8; 256], vec![0u8; 64]);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            horizontal_permute_avx512(&src, 60, 1, &t, 6, &mut out)
+        }));
+        assert!(r.is_err(), "a 1-then-5 layout was run");
+        assert!(out[18..].iter().all(|&b| b == 0), "stored past the row");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    type MaddKernel = unsafe fn(&[u8], usize, usize, &Axis, &MaddWeights, usize, usize, &mut [u8]);
+
+    /// The madd kernels' bounds check must cover the widest read of every output pixel, not only
+    /// the last one's (window starts are monotonic by construction, but nothing enforced it).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_madd_kernels_check_every_window_start() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut axis = Axis::new(40, 23, Filter::Bicubic);
+        let weights = axis.madd_weights(0, 4).expect("madd weights");
+        let stride = 40 * 3;
+        let max_read = axis.c.start[3] * 3 + weights.pairs * 6 + 4;
+        axis.c.start[0] = 38;
+        // `src` is exactly what the last start needs; the buffer behind it keeps an overrun defined.
+        let backing = vec![1u8; 4096];
+        let src = &backing[..max_read];
+        let mut kernels: Vec<(&str, MaddKernel)> = vec![("avx2", horizontal_madd_avx2)];
+        if avx512_vnni() {
+            kernels.push(("avx512", horizontal_madd_avx512));
+        }
+        for (name, kernel) in kernels {
+            let mut out = vec![0u8; 12];
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+                kernel(src, stride, 1, &axis, &weights, 0, 4, &mut out)
+            }));
+            assert!(
+                r.is_err(),
+                "{name}: read past `src` for a start before the last"
+            );
+        }
+    }
+
+    /// A vertical window above the rows `src` starts at wrapped `start - row_base` in release.
+    #[test]
+    fn the_vertical_kernels_reject_a_window_above_the_source_rows() {
+        let axis = Axis::new(40, 23, Filter::Bicubic);
+        let src = vec![0u8; 40 * 12];
+        for limit in 0..3 {
+            KERNEL_LIMIT.with(|c| c.set(limit));
+            let mut out = vec![0u8; 12];
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                vertical_pass(&src, 12, 0, 12, axis.c.start[5] + 1, &axis, 5, 1, &mut out)
+            }));
+            assert!(r.is_err(), "limit {limit}");
+        }
+        KERNEL_LIMIT.with(|c| c.set(0));
+    }
+
+    /// One thread resizing sizes of 1..=3 pixels and larger ones in turn, with every window, so each
+    /// cached axis (and its madd/permute tables, made for one window) meets the cases after it.
+    #[test]
+    fn tiny_and_mixed_sizes_on_one_thread_match_the_scalar_port() {
+        let mut rng = Rng(0x0dd5_1e5e);
+        let filters = [Filter::Box, Filter::Bilinear, Filter::Bicubic];
+        let sizes = [1, 2, 3, 7, 64];
+        for round in 0..2 {
+            for &w in &sizes {
+                for &h in &[1, 2, 3, 9] {
+                    let img = random_image(&mut rng, w, h);
+                    for &ow in &[1, 2, 3, 5, w] {
+                        for (f, &filter) in filters.iter().enumerate() {
+                            let oh = [1, 2, 3, h + 1][(w + f + round) % 4];
+                            let (cw, ch) = (1 + rng.below(ow), 1 + rng.below(oh));
+                            let (left, top) = (rng.below(ow - cw + 1), rng.below(oh - ch + 1));
+                            check_against_scalar(&img, ow, oh, filter, (left, top, cw, ch));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_tables_are_used_only_for_the_window_they_were_made_for() {
+        let cell = std::cell::OnceCell::new();
+        assert_eq!(made_for(&cell, (3, 4), || Some(7)), Some(&7));
+        assert_eq!(made_for(&cell, (3, 4), || Some(8)), Some(&7));
+        assert_eq!(made_for(&cell, (3, 5), || Some(9)), None);
+        assert_eq!(made_for(&cell, (0, 4), || Some(9)), None);
     }
 }
