@@ -44,3 +44,30 @@ fn bench_decode_reports_rust_and_pillow_rates() {
     // 16 decodable images: the garbage and truncated odd members are left out.
     assert!(text.contains("bench decode: 16 images"), "{text}");
 }
+
+#[test]
+fn bench_decode_counts_a_header_without_a_scan_and_decodes_the_image_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shard = tmp.path().join("two-000000.tar");
+    std::fs::write(&shard, stages::demo::no_scan_then_good_shard()).unwrap();
+    let out = run_ok(pipeline().current_dir(repo_root()).args([
+        "bench",
+        "decode",
+        "--shards",
+        shard.to_str().unwrap(),
+        "--size",
+        "64",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--python",
+        "none",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("bench decode: read good 1, bad 1 (undecodable_image 1)")
+            && text.contains("bench decode: 1 images"),
+        "{text}"
+    );
+}

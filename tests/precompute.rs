@@ -345,3 +345,49 @@ fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
     let samples: usize = manifest.shards.values().map(|s| s.summary.samples).sum();
     assert_eq!(samples, 32);
 }
+
+#[test]
+fn a_header_without_a_scan_is_counted_and_the_image_after_it_is_encoded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    std::fs::create_dir(root.join("data")).unwrap();
+    std::fs::write(
+        root.join("data/two-000000.tar"),
+        stages::demo::no_scan_then_good_shard(),
+    )
+    .unwrap();
+    tiny_encoders(&root.join("enc"));
+    let config = root.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[data]\nshards = \"{0}/data/two-000000.tar\"\nimage_size = 32\nthreads = 1\n\
+             max_bad_fraction = 0.5\n\n[precompute]\nencoder = \"{0}/enc/dinov2\"\nvae = \"{0}/enc/vae\"\n\
+             batch_size = 2\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let cache = root.join("cache");
+    let out = pipeline()
+        .arg("precompute")
+        .arg("--config")
+        .arg(&config)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("key noscan:") && stderr.contains("missing SOS marker"),
+        "{stderr}"
+    );
+    let dir = fingerprint_dirs(&cache).remove(0);
+    let manifest = stages::cache::Manifest::load(&dir).unwrap().unwrap();
+    let samples: usize = manifest.shards.values().map(|s| s.summary.samples).sum();
+    assert_eq!(samples, 1, "{stdout}");
+}

@@ -302,6 +302,24 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+/// SOI, a baseline frame header declaring 60000 × 60000 pixels in three components, EOI: no scan.
+/// Once it left the thread's reused decompressor mid-header and the next good JPEG was decoded
+/// into a zero-byte buffer (issue 14); the regression tests put it before a good image.
+pub const NO_SCAN_JPEG: [u8; 23] = [
+    0xff, 0xd8, 0xff, 0xc0, 0x00, 0x11, 0x08, 0xea, 0x60, 0xea, 0x60, 0x03, 0x01, 0x22, 0x00, 0x02,
+    0x11, 0x01, 0x03, 0x11, 0x01, 0xff, 0xd9,
+];
+
+/// A shard of two samples, `noscan` ([`NO_SCAN_JPEG`]) then `good` (a normal JPEG), both labelled.
+pub fn no_scan_then_good_shard() -> Vec<u8> {
+    let good = encode_jpeg(&draw_sample(0, 1, 0), 90, false).expect("encodes");
+    let mut w = crate::wds_writer::TarShardWriter::new(Vec::new());
+    w.write_sample("noscan", &[("jpg", &NO_SCAN_JPEG[..]), ("cls", b"0")])
+        .and_then(|()| w.write_sample("good", &[("jpg", &good), ("cls", b"1")]))
+        .expect("writes to memory");
+    w.finish().expect("writes to memory")
+}
+
 pub fn encode_jpeg(
     image: &RgbImage,
     quality: i32,

@@ -14,15 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use stages::decode::{decode_rgb, decode_rgb_window_into, DecodeError};
-use stages::demo::{draw_sample, encode_jpeg, RgbImage};
+use stages::demo::{draw_sample, encode_jpeg, RgbImage, NO_SCAN_JPEG as NO_SCAN};
 use stages::resample::{Placement, Rect};
-
-/// The regression of issue 14: SOI, an SOF0 declaring 60000 × 60000 pixels and three components,
-/// EOI; no scan.
-const NO_SCAN: [u8; 23] = [
-    0xff, 0xd8, 0xff, 0xc0, 0x00, 0x11, 0x08, 0xea, 0x60, 0xea, 0x60, 0x03, 0x01, 0x22, 0x00, 0x02,
-    0x11, 0x01, 0x03, 0x11, 0x01, 0xff, 0xd9,
-];
 
 /// Long enough for a debug build under valgrind on a busy 2-core machine; a hang (issue 14's
 /// decoder spun for over 10 minutes) still fails the test.

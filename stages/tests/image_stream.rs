@@ -357,3 +357,31 @@ fn a_consumer_that_stops_early_still_finishes_cleanly() {
         assert!(summary.unwrap().good >= 3);
     });
 }
+
+#[test]
+fn a_header_without_a_scan_does_not_touch_the_next_image_on_the_thread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let both = tmp.path().join("both-000000.tar");
+    std::fs::write(&both, stages::demo::no_scan_then_good_shard()).unwrap();
+    let good_only = tmp.path().join("good-000000.tar");
+    let good = encode_jpeg(&draw_sample(0, 1, 0), 90, false).unwrap();
+    std::fs::write(
+        &good_only,
+        tar_bytes(&[("good", vec![("jpg", good), ("cls", b"1".to_vec())])]),
+    )
+    .unwrap();
+    // One decode thread, so the good image follows the broken header on the same thread.
+    let cfg = |path: &Path| DataConfig {
+        threads: 1,
+        ..test_config(&path.display().to_string())
+    };
+    let (expected, _, _) = collect(&cfg(&good_only), RankSplit::default(), 0);
+    for epoch in 0..3 {
+        let (samples, summary, counts) = collect(&cfg(&both), RankSplit::default(), epoch);
+        assert_eq!(summary.unwrap().good, 1);
+        assert_eq!(counts, BTreeMap::from([("undecodable_image", 1)]));
+        assert_eq!(samples.len(), 1);
+        assert_eq!(samples[0].key, "good");
+        assert_eq!(samples[0].image, expected[0].image);
+    }
+}

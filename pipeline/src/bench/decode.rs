@@ -52,10 +52,14 @@ fn load_images(spec: &str, limit: usize, size: usize) -> anyhow::Result<Vec<Vec<
         stages::wds_reader::read_shard(shard, &counters, &mut |raw| {
             // Keep only what decodes both ways, so every row times the same work on the same images.
             if let Some(sample) = stages::image_stream::select_sample(raw, &cfg, &counters) {
-                if decode_rgb(&sample.image, cfg.max_pixels).is_ok()
-                    && decode_rgb_scaled(&sample.image, cfg.max_pixels, size).is_ok()
+                match decode_rgb(&sample.image, cfg.max_pixels)
+                    .and_then(|_| decode_rgb_scaled(&sample.image, cfg.max_pixels, size))
                 {
-                    images.push(sample.image);
+                    Ok(_) => {
+                        counters.add_good(1);
+                        images.push(sample.image);
+                    }
+                    Err(e) => counters.record(e.kind, &sample.shard, &sample.key, &e.detail),
                 }
             }
             full = images.len() >= limit;
@@ -65,6 +69,9 @@ fn load_images(spec: &str, limit: usize, size: usize) -> anyhow::Result<Vec<Vec<
             break 'shards;
         }
     }
+    // What was left out, so that a run over real shards shows its broken members were met and
+    // counted rather than silently dropped.
+    println!("bench decode: read {}", counters.summary_line());
     if images.is_empty() {
         bail!("no decodable image in {spec}");
     }
