@@ -637,6 +637,9 @@ fn mutated_images_decode_as_a_fresh_decoder_decodes_them_in_any_sequence() {
     );
     assert!(tally.len() >= 4, "{tally:?}");
 
+    if let Some(dir) = std::env::var_os("FUZZ_DECODE_SHARDS") {
+        write_shards(std::path::Path::new(&dir), &bad);
+    }
     let goods = std::sync::Arc::new(goods);
     let start = Instant::now();
     // One thread through everything in order, and three more at the same time in other orders.
@@ -713,4 +716,55 @@ fn a_progressive_jpeg_with_more_scans_than_the_limit_is_refused() {
     assert_eq!((image.width, image.height), (41, 120));
     let err = decode_rgb(&many, 64_000_000).unwrap_err();
     assert!(err.detail.contains("more than 500 scans"), "{err:?}");
+}
+
+/// For `bench/fuzz_decode.sh --shards`: every variant, each followed by a good demo image, in
+/// webdataset shards of 1000 samples, and `expected.json` with how many of them `bench decode
+/// --size 64` and `precompute` (`image_size = 32`, exact decode) must count as good and bad.
+fn write_shards(dir: &std::path::Path, bad: &[Case]) {
+    use stages::config::DataConfig;
+    use stages::image_stream::decode_and_crop;
+    std::fs::create_dir_all(dir).unwrap();
+    let mut samples = Vec::new();
+    for (i, case) in bad.iter().enumerate() {
+        samples.push((format!("bad{i:05}"), case.bytes.clone()));
+        let good = encode_jpeg(&draw_sample(7, i as u64, i % 10), 85, i % 3 == 0).unwrap();
+        samples.push((format!("good{i:05}"), good));
+    }
+    let cfg = DataConfig {
+        image_size: 32,
+        ..Default::default()
+    };
+    let (mut bench_good, mut precompute_good) = (0, 0);
+    for (_, bytes) in &samples {
+        let (b, p) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let bench = decode_rgb(bytes, cfg.max_pixels).is_ok()
+                    && stages::decode::decode_rgb_scaled(bytes, cfg.max_pixels, 64).is_ok();
+                (bench, decode_and_crop(bytes, &cfg, 0).is_ok())
+            })
+            .join()
+            .unwrap()
+        });
+        bench_good += usize::from(b);
+        precompute_good += usize::from(p);
+    }
+    let shards = samples.chunks(1000).count();
+    for (n, chunk) in samples.chunks(1000).enumerate() {
+        let mut w = stages::wds_writer::TarShardWriter::new(Vec::new());
+        for (i, (key, bytes)) in chunk.iter().enumerate() {
+            let label = ((n * 1000 + i) % 10).to_string();
+            w.write_sample(key, &[("jpg", bytes.as_slice()), ("cls", label.as_bytes())])
+                .unwrap();
+        }
+        std::fs::write(dir.join(format!("fuzz-{n:06}.tar")), w.finish().unwrap()).unwrap();
+    }
+    let expected = serde_json::json!({
+        "shards": format!("fuzz-{{000000..{:06}}}.tar", shards - 1),
+        "samples": samples.len(),
+        "bench_decode_good": bench_good,
+        "precompute_good": precompute_good,
+    });
+    std::fs::write(dir.join("expected.json"), expected.to_string()).unwrap();
+    eprintln!("wrote {shards} shards to {}: {expected}", dir.display());
 }
