@@ -87,7 +87,7 @@ EOF
     echo "fuzz_decode: precompute took $(( $(date +%s) - start )) s"
     written=$(python3 -c 'import json,sys,glob
 m = json.load(open(glob.glob(sys.argv[1] + "/*/manifest.json")[0]))
-print(sum(s["summary"]["samples"] for s in m["shards"].values()))' "$dir/cache")
+print(sum(s["samples"] for s in m["shards"].values()))' "$dir/cache")
     echo "fuzz_decode: precompute wrote $written samples (expected $precompute_good)"
     [ "$written" -eq "$precompute_good" ]
     ;;

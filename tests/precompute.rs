@@ -22,16 +22,18 @@ fn setup(tmp: &Path, per_class: usize) -> PathBuf {
     config
 }
 
+fn precompute_command(config: &Path, cache: &Path) -> std::process::Command {
+    let mut cmd = pipeline();
+    cmd.arg("precompute")
+        .arg("--config")
+        .arg(config)
+        .arg("--cache")
+        .arg(cache);
+    cmd
+}
+
 fn precompute(config: &Path, cache: &Path, extra: &[&str]) -> String {
-    let out = run_ok(
-        pipeline()
-            .arg("precompute")
-            .arg("--config")
-            .arg(config)
-            .arg("--cache")
-            .arg(cache)
-            .args(extra),
-    );
+    let out = run_ok(precompute_command(config, cache).args(extra));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -291,14 +293,7 @@ fn bad_input_is_counted_by_kind_named_and_finished_shards_are_kept() {
     let cache = root.join("cache");
     // Default max_bad_fraction (0.01): 8 bad of 40 aborts, naming every bad member by shard and key,
     // after the shards are written.
-    let out = pipeline()
-        .arg("precompute")
-        .arg("--config")
-        .arg(&config)
-        .arg("--cache")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let out = precompute_command(&config, &cache).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -369,14 +364,7 @@ fn a_header_without_a_scan_is_counted_and_the_image_after_it_is_encoded() {
     )
     .unwrap();
     let cache = root.join("cache");
-    let out = pipeline()
-        .arg("precompute")
-        .arg("--config")
-        .arg(&config)
-        .arg("--cache")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let out = precompute_command(&config, &cache).output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

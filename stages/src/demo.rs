@@ -374,6 +374,22 @@ fn encode_cmyk_jpeg(image: &RgbImage) -> Result<Vec<u8>, turbojpeg::Error> {
     )
 }
 
+/// `image` as a JPEG from a compressor `setup` configured (quality, subsampling, progressive, …).
+pub fn encode_jpeg_with(
+    image: &RgbImage,
+    setup: impl FnOnce(&mut turbojpeg::Compressor) -> Result<(), turbojpeg::Error>,
+) -> Result<Vec<u8>, turbojpeg::Error> {
+    let mut compressor = turbojpeg::Compressor::new()?;
+    setup(&mut compressor)?;
+    compressor.compress_to_vec(turbojpeg::Image {
+        pixels: image.pixels.as_slice(),
+        width: image.width,
+        pitch: image.width * 3,
+        height: image.height,
+        format: turbojpeg::PixelFormat::RGB,
+    })
+}
+
 /// Compresses `pixels` (laid out in `format`) at the size of `like`.
 fn compress(
     pixels: &[u8],

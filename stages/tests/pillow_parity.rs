@@ -53,16 +53,10 @@ fn large_image(width: usize, height: usize, index: u64) -> RgbImage {
 }
 
 fn jpeg(image: &RgbImage, quality: i32, subsamp: turbojpeg::Subsamp, progressive: bool) -> Vec<u8> {
-    let mut c = turbojpeg::Compressor::new().unwrap();
-    c.set_quality(quality).unwrap();
-    c.set_subsamp(subsamp).unwrap();
-    c.set_progressive(progressive).unwrap();
-    c.compress_to_vec(turbojpeg::Image {
-        pixels: image.pixels.as_slice(),
-        width: image.width,
-        pitch: image.width * 3,
-        height: image.height,
-        format: turbojpeg::PixelFormat::RGB,
+    stages::demo::encode_jpeg_with(image, |c| {
+        c.set_quality(quality)?;
+        c.set_subsamp(subsamp)?;
+        c.set_progressive(progressive)
     })
     .unwrap()
 }
