@@ -52,6 +52,18 @@ pub enum ProjectorInit {
     Xavier,
 }
 
+/// How the flow's tokens meet the encoder's when the grids differ (spec §4.2): a patch-1 latent flow
+/// at 256 px has 32×32 tokens, DINOv2-B/14 at 224 px 16×16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenMatch {
+    /// The grids must be equal.
+    None,
+    /// The flow's hidden states are average-pooled k×k to the encoder's grid before the projector
+    /// (k = flow grid / encoder grid, a whole number); the cache is the same as for an equal grid.
+    Pool,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlignConfig {
@@ -68,6 +80,9 @@ pub struct AlignConfig {
     pub encoder_dim: i64,
     pub pairing: Pairing,
     pub projector_init: ProjectorInit,
+    /// Tokens the encoder gives per image (256 for DINOv2-B/14 at 224 px); 0 = as many as the flow.
+    pub encoder_tokens: i64,
+    pub token_match: TokenMatch,
 }
 
 impl Default for AlignConfig {
@@ -81,11 +96,40 @@ impl Default for AlignConfig {
             encoder_dim: 768,
             pairing: Pairing::Same,
             projector_init: ProjectorInit::Default,
+            encoder_tokens: 0,
+            token_match: TokenMatch::None,
         }
     }
 }
 
 impl AlignConfig {
+    /// The encoder's token count for a flow of `flow_tokens` tokens, after checking that the two
+    /// grids meet: equal, or (with `token_match = "pool"`) square with the flow's a whole multiple.
+    pub fn target_tokens(&self, flow_tokens: i64) -> Result<i64, FlowError> {
+        let m = if self.encoder_tokens == 0 {
+            flow_tokens
+        } else {
+            self.encoder_tokens
+        };
+        if m == flow_tokens {
+            return Ok(m);
+        }
+        let side = |n: i64| (1..=n).find(|s| s * s >= n).filter(|s| s * s == n);
+        match (self.token_match, side(flow_tokens), side(m)) {
+            (TokenMatch::None, ..) => Err(FlowError::Config(format!(
+                "the flow has {flow_tokens} tokens and the encoder {m}: set align.token_match = \"pool\""
+            ))),
+            (TokenMatch::Pool, Some(f), Some(e)) if f % e == 0 && self.pairing == Pairing::Same => {
+                Ok(m)
+            }
+            (TokenMatch::Pool, ..) => Err(FlowError::Config(format!(
+                "align.token_match = \"pool\" needs square grids, the flow's a whole multiple of the \
+                 encoder's and pairing = \"same\"; got {flow_tokens} and {m} tokens, pairing {:?}",
+                self.pairing
+            ))),
+        }
+    }
+
     /// 0-based (block, layer) pairs after checking them against the flow.
     pub fn locations0(&self, model: &Model) -> Result<Vec<(usize, usize)>, FlowError> {
         let (t, l) = (
@@ -219,14 +263,18 @@ impl AlignHead {
             ));
         }
         let n = model.cfg.num_tokens();
+        let m = self.cfg.target_tokens(n)?;
         let ts = target.size();
-        if ts.len() != 3 || ts[1] != n || ts[2] != self.cfg.encoder_dim {
+        if ts.len() != 3 || ts[1] != m || ts[2] != self.cfg.encoder_dim {
             return Err(FlowError::Input(format!(
-                "alignment target has shape {ts:?}, expected (B, {n}, {})",
+                "alignment target has shape {ts:?}, expected (B, {m}, {})",
                 self.cfg.encoder_dim
             )));
         }
-        let feats = features(model, out, cond, &self.locations, self.cfg.mode);
+        let mut feats = features(model, out, cond, &self.locations, self.cfg.mode);
+        if m != n {
+            feats = feats.iter().map(|h| pool_tokens(h, m)).collect();
+        }
         let v = normalize(&target.to_kind(Kind::Float));
         let mut cosines = Vec::with_capacity(feats.len());
         for (k, h) in feats.iter().enumerate() {
@@ -249,6 +297,29 @@ impl AlignHead {
         }
         Ok(cosines)
     }
+}
+
+/// Raster-order tokens (B, g², C) average-pooled to (B, m, C) over k×k squares, g = k·√m.
+pub fn pool_tokens(h: &Tensor, m: i64) -> Tensor {
+    let [b, n, c] = h.size()[..] else {
+        unreachable!("hidden states are (B, N, C)")
+    };
+    let (g, e) = (
+        (n as f64).sqrt().round() as i64,
+        (m as f64).sqrt().round() as i64,
+    );
+    h.reshape([b, g, g, c])
+        .permute([0, 3, 1, 2])
+        .avg_pool2d(
+            [g / e, g / e],
+            [g / e, g / e],
+            [0, 0],
+            false,
+            true,
+            None::<i64>,
+        )
+        .permute([0, 2, 3, 1])
+        .reshape([b, m, c])
 }
 
 /// F.normalize along the last dim (eps 1e-12).

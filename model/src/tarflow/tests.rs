@@ -596,3 +596,69 @@ fn alignment_loss_is_negative_cosine_with_configurable_pairing() {
         .to_string()
         .contains("(3, 1)"));
 }
+
+#[test]
+fn a_patch_1_flow_aligns_with_a_coarser_encoder_grid_by_pooling() {
+    let _rng = rng();
+    // A tiny patch-1 latent flow: 4×8×8 latents, 64 tokens; the encoder gives 4×4 = 16.
+    let c = cfg(8, 1, 4, 2, 2, 0);
+    let (_vs, model) = random_model(&c, 31);
+    let head_vs = nn::VarStore::new(Device::Cpu);
+    let x = images(&c, 2, 32);
+    let target = Tensor::randn([2, 16, 8], (Kind::Float, Device::Cpu));
+    let align = AlignConfig {
+        locations: vec![[2, 1]],
+        mode: AlignMode::Detach,
+        projector_hidden: 16,
+        encoder_dim: 8,
+        encoder_tokens: 16,
+        token_match: align::TokenMatch::Pool,
+        ..Default::default()
+    };
+    let head = AlignHead::new(head_vs.root(), &align, &model).unwrap();
+    let out = tch::no_grad(|| model.forward(&x, &Cond::Null, &[(1, 0)]));
+    let loss =
+        tch::no_grad(|| head.loss(&model, &out, &Cond::Null, &target).unwrap()).double_value(&[]);
+    // By hand: the mean of each 2×2 square of the 8×8 token grid, then the projector.
+    let h = &out.hidden[&(1, 0)];
+    let ch = h.size()[2];
+    let pooled = h
+        .reshape([2, 4, 2, 4, 2, ch])
+        .mean_dim([2, 4].as_slice(), false, Kind::Float)
+        .reshape([2, 16, ch]);
+    let proj = head.projectors[0].forward(&pooled, Precision::Fp32);
+    let cos = Tensor::cosine_similarity(&proj, &target, -1, 1e-12)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    assert!((loss + cos).abs() < 1e-5, "{loss} vs {}", -cos);
+    // The loss reaches the flow through the pooling.
+    let out = model.forward(&x, &Cond::Null, &head.forward_capture());
+    head.loss(&model, &out, &Cond::Null, &target)
+        .unwrap()
+        .backward();
+    let grads: f64 = _vs
+        .trainable_variables()
+        .iter()
+        .map(|v| v.grad())
+        .filter(|g| g.defined())
+        .map(|g| g.abs().sum(Kind::Float).double_value(&[]))
+        .sum();
+    assert!(grads > 0.0);
+    // Unequal grids need the pooling asked for, and one that divides.
+    let err = |cfg: AlignConfig| cfg.target_tokens(64).err().unwrap().to_string();
+    let none = AlignConfig {
+        token_match: align::TokenMatch::None,
+        ..align.clone()
+    };
+    assert!(err(none).contains("token_match"));
+    let uneven = AlignConfig {
+        encoder_tokens: 9,
+        ..align.clone()
+    };
+    assert!(err(uneven).contains("whole multiple"));
+    let shifted = AlignConfig {
+        pairing: align::Pairing::Shifted,
+        ..align
+    };
+    assert!(err(shifted).contains("pairing"));
+}
