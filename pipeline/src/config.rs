@@ -108,6 +108,61 @@ fn apply_override(table: &mut toml::Table, item: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Downsampling of the Stable Diffusion VAE the latent presets name (`sd-vae-ft-ema`).
+pub const SD_VAE_DOWNSAMPLE: usize = 8;
+
+impl Config {
+    /// What a preset must hold to train from source shards as shipped, given only the paths: the
+    /// crop the flow's input is made from, what the cache must store for it (crops for a pixel flow,
+    /// VAE moments for a latent one, encoder tokens for the alignment), a valid flow and alignment.
+    /// Latent sizes assume the SD VAE's ×8 downsampling.
+    pub fn check_runnable(&self) -> anyhow::Result<()> {
+        let (m, d, p, a) = (&self.model, &self.data, &self.precompute, &self.align);
+        m.validate()?;
+        p.validate()?;
+        let img = m.img_size as usize;
+        if self.train.latent {
+            if m.in_channels != 4 || d.image_size != img * SD_VAE_DOWNSAMPLE {
+                bail!(
+                    "a latent flow of {}×{img}×{img} needs 4 channels and data.image_size = {} (the VAE downsamples ×{SD_VAE_DOWNSAMPLE}), got data.image_size = {}",
+                    m.in_channels,
+                    img * SD_VAE_DOWNSAMPLE,
+                    d.image_size
+                );
+            }
+            if p.vae_dir().is_none() {
+                bail!("a latent flow trains on VAE moments: set precompute.vae");
+            }
+        } else {
+            if m.in_channels != 3 || d.image_size != img {
+                bail!(
+                    "a pixel flow of {}×{img}×{img} needs 3 channels and data.image_size = {img}, got data.image_size = {}",
+                    m.in_channels,
+                    d.image_size
+                );
+            }
+            if !p.store_image {
+                bail!("a pixel flow trains on cached crops: set precompute.store_image = true");
+            }
+        }
+        if a.mode != model::tarflow::align::AlignMode::None {
+            if p.encoder_dir().is_none() {
+                bail!("alignment needs encoder tokens: set precompute.encoder (or align.mode = \"none\")");
+            }
+            a.target_tokens(m.num_tokens())?;
+            let (t, l) = (m.num_blocks as usize, m.layers_per_block as usize);
+            if let Some([b, layer]) = a
+                .locations
+                .iter()
+                .find(|[b, layer]| *b == 0 || *b > t || *layer == 0 || *layer > l)
+            {
+                bail!("align location ({b}, {layer}) is outside blocks 1..={t} × layers 1..={l}");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Loaded {
     /// Logs the effective configuration; every job calls this first.
     pub fn announce(&self) {
@@ -127,20 +182,131 @@ impl Loaded {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_shipped_preset_parses() {
+    fn shipped_presets() -> Vec<(String, Config)> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
+        let mut presets: Vec<(String, Config)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|path| {
                 let text = std::fs::read_to_string(&path).unwrap();
-                load_str(&text, &path.display().to_string(), &[])
-                    .unwrap_or_else(|e| panic!("{e:#}"));
-                n += 1;
-            }
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let config = load_str(&text, &path.display().to_string(), &[]);
+                (name, config.unwrap().config)
+            })
+            .collect();
+        presets.sort_by(|a, b| a.0.cmp(&b.0));
+        presets
+    }
+
+    #[test]
+    fn every_shipped_preset_is_runnable_as_shipped() {
+        let presets = shipped_presets();
+        let names: Vec<&str> = presets.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "demo.toml",
+                "imagenet256-latent-p1.toml",
+                "imagenet256-latent.toml",
+                "imagenet64.toml"
+            ]
+        );
+        for (name, cfg) in &presets {
+            cfg.check_runnable()
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            // The no-alignment baselines are the same presets with one override.
+            let mut plain = cfg.clone();
+            plain.align.mode = model::tarflow::align::AlignMode::None;
+            plain.precompute.encoder.clear();
+            plain
+                .check_runnable()
+                .unwrap_or_else(|e| panic!("{name} with align.mode = none: {e:#}"));
         }
-        assert!(n >= 1);
+        // The paper's crop for the ImageNet runs (TARFlow's), where the demo keeps ADM's.
+        for (name, cfg) in presets.iter().filter(|p| p.0.starts_with("imagenet")) {
+            assert_eq!(
+                cfg.data.crop,
+                stages::crop::CropMode::ResizeCenterCrop,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_preset_that_cannot_run_is_refused_with_the_key_to_set() {
+        let base = load_str(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/imagenet64.toml"),
+            )
+            .unwrap(),
+            "imagenet64.toml",
+            &[],
+        )
+        .unwrap()
+        .config;
+        let refused = |edit: &dyn Fn(&mut Config), needle: &str| {
+            let mut c = base.clone();
+            edit(&mut c);
+            let e = format!("{:#}", c.check_runnable().unwrap_err());
+            assert!(e.contains(needle), "{needle}: {e}");
+        };
+        // The first shipped imagenet64 preset: 256-px crops for a 64-px flow, no cached crops.
+        refused(&|c| c.data.image_size = 256, "data.image_size = 64");
+        refused(&|c| c.precompute.store_image = false, "store_image");
+        refused(&|c| c.precompute.encoder.clear(), "precompute.encoder");
+        refused(&|c| c.align.locations = vec![[9, 1]], "(9, 1)");
+        // A latent flow without a VAE, and a patch-1 flow aligned without token matching.
+        refused(
+            &|c| {
+                c.train.latent = true;
+                c.model.in_channels = 4;
+                c.model.img_size = 32;
+                c.data.image_size = 256;
+            },
+            "precompute.vae",
+        );
+        refused(
+            &|c| {
+                c.model.patch_size = 1;
+                c.align.encoder_tokens = 256;
+            },
+            "token_match",
+        );
+    }
+
+    /// Each preset's flow and alignment built and run once on the shapes its cache holds, with the
+    /// width shrunk (`model.channels = 64`, `head_dim = 32`, `align.projector_hidden = 32`) so that
+    /// the test fits a CPU; blocks, layers, patches, tokens and locations are the preset's.
+    #[test]
+    fn every_shipped_preset_builds_its_flow_and_alignment() {
+        use model::tarflow::align::AlignHead;
+        use model::tarflow::Model;
+        use tch::{nn, Device, Kind, Tensor};
+        for (name, cfg) in shipped_presets() {
+            let mut m = cfg.model.clone();
+            (m.channels, m.head_dim) = (64, 32);
+            let mut a = cfg.align.clone();
+            a.projector_hidden = 32;
+            let vs = nn::VarStore::new(Device::Cpu);
+            let flow = Model::new(vs.root(), &m).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let head_vs = nn::VarStore::new(Device::Cpu);
+            let head = AlignHead::new(head_vs.root(), &a, &flow).unwrap();
+            let x = Tensor::randn(
+                [2, m.in_channels, m.img_size, m.img_size],
+                (Kind::Float, Device::Cpu),
+            );
+            let y = Tensor::from_slice(&[0i64, m.num_classes.max(1) - 1]);
+            let cond = model::tarflow::Cond::Labels(&y);
+            let out = flow.forward(&x, &cond, &head.forward_capture());
+            let tokens = a.target_tokens(m.num_tokens()).unwrap();
+            let target = Tensor::randn([2, tokens, a.encoder_dim], (Kind::Float, Device::Cpu));
+            let loss = head
+                .loss(&flow, &out, &cond, &target)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .double_value(&[]);
+            assert!(loss.is_finite() && loss.abs() <= 1.0, "{name}: {loss}");
+        }
     }
 
     #[test]

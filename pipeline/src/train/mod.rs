@@ -98,8 +98,12 @@ fn loader_spec(
             m.noise_std
         },
         label_drop: tc.label_drop,
-        features: (cfg.align.mode != AlignMode::None)
-            .then(|| [m.num_tokens() as usize, cfg.align.encoder_dim as usize]),
+        features: if cfg.align.mode == AlignMode::None {
+            None
+        } else {
+            let tokens = cfg.align.target_tokens(m.num_tokens())?;
+            Some([tokens as usize, cfg.align.encoder_dim as usize])
+        },
         input_shape: [
             m.in_channels as usize,
             m.img_size as usize,
