@@ -265,6 +265,8 @@ fn align_none_has_no_projector() {
             "--set",
             "align.mode=none",
             "--set",
+            "train.noise_sigma=0.3",
+            "--set",
             "train.steps=10",
             "--set",
             "train.metrics_every=5",
@@ -275,6 +277,12 @@ fn align_none_has_no_projector() {
     let ck = out.join("checkpoints/step-00000010");
     assert!(ck.join("model.safetensors").exists());
     assert!(!ck.join("projector.safetensors").exists());
+    // The σ the run trained with (not the preset's model.noise_std 0.05) is the one sampling
+    // denoises with: it is in the checkpoint's model config.
+    for sidecar in ["model.model.toml", "ema.model.toml"] {
+        let text = std::fs::read_to_string(ck.join(sidecar)).unwrap();
+        assert!(text.contains("noise_std = 0.3"), "{sidecar}: {text}");
+    }
     assert!(metrics(&out)
         .iter()
         .all(|v| v["align_loss"].is_null() && v["cos"].as_array().unwrap().is_empty()));

@@ -45,9 +45,10 @@ pub struct Args {
     inject_nan_at: Vec<u64>,
 }
 
-/// The effective config of a training job: the file, `--latent`/`--shards`/`--cache` as overrides, and
-/// the latent scaling resolved from the VAE when the config leaves it unset (written into the run's
-/// config.toml, so sampling and classification decode with the factor the flow was trained with).
+/// The effective config of a training job: the file, `--latent`/`--shards`/`--cache` as overrides, the
+/// latent scaling resolved from the VAE when the config leaves it unset and `model.noise_std` set to
+/// the trained σ (written into the run's config.toml and the checkpoints' sidecars, so sampling and
+/// classification decode and denoise with what the flow was trained with).
 pub fn load_config(
     config: &crate::config::ConfigArgs,
     latent: bool,
@@ -69,10 +70,16 @@ pub fn load_config(
         overrides,
     }
     .load()?;
-    if loaded.config.train.latent && loaded.config.train.latent_scaling.is_none() {
-        loaded.config.train.latent_scaling = Some(vae_scaling_factor(&loaded.config)?);
-        loaded.effective_toml = toml::to_string_pretty(&loaded.config)?;
+    let c = &mut loaded.config;
+    if c.train.latent && c.train.latent_scaling.is_none() {
+        c.train.latent_scaling = Some(vae_scaling_factor(c)?);
     }
+    // The σ the run trains with becomes the model's noise_std, which the checkpoint's sidecar carries
+    // and sampling's one-step denoising uses.
+    if c.train.noise_sigma >= 0.0 {
+        c.model.noise_std = c.train.noise_sigma;
+    }
+    loaded.effective_toml = toml::to_string_pretty(&loaded.config)?;
     Ok(loaded)
 }
 
