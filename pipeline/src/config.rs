@@ -150,14 +150,7 @@ impl Config {
                 bail!("alignment needs encoder tokens: set precompute.encoder (or align.mode = \"none\")");
             }
             a.target_tokens(m.num_tokens())?;
-            let (t, l) = (m.num_blocks as usize, m.layers_per_block as usize);
-            if let Some([b, layer]) = a
-                .locations
-                .iter()
-                .find(|[b, layer]| *b == 0 || *b > t || *layer == 0 || *layer > l)
-            {
-                bail!("align location ({b}, {layer}) is outside blocks 1..={t} × layers 1..={l}");
-            }
+            a.locations0(m)?;
         }
         Ok(())
     }

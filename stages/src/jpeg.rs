@@ -56,12 +56,12 @@ impl Header {
     }
 }
 
-/// One TurboJPEG decompressor (not thread-safe). After any libjpeg-turbo error it is replaced by a
-/// new one, so every call starts from a clean state. It still keeps an image's quantisation and
+/// One TurboJPEG decompressor (not thread-safe). Any libjpeg-turbo error destroys it and the next
+/// header read makes a new one, so every image starts from a clean state. It still keeps an image's quantisation and
 /// Huffman tables for the next one (libjpeg's abbreviated streams): `crate::decode` makes one per
 /// image.
 pub struct Jpeg {
-    /// Null only when re-creating it after an error failed (out of memory); every call checks.
+    /// Null after an error destroyed it, until [`Jpeg::read_header`] makes the next one.
     handle: raw::tjhandle,
     max_pixels: c_int,
 }
@@ -113,36 +113,27 @@ impl Jpeg {
         })
     }
 
-    fn live(&self) -> Result<raw::tjhandle, String> {
-        if self.handle.is_null() {
-            Err("libjpeg-turbo: no decompressor (re-creating it after an error failed)".into())
-        } else {
-            Ok(self.handle)
-        }
-    }
-
-    /// The handle's error message; the handle is then replaced, since libjpeg-turbo leaves it in
+    /// The handle's error message; the handle is then destroyed, since libjpeg-turbo leaves it in
     /// whatever state the error interrupted (see the module docs).
     fn fail(&mut self) -> String {
-        let message = match self.live() {
-            // SAFETY: the handle is valid; libjpeg-turbo returns a NUL-terminated string it owns,
-            // copied here before the handle is destroyed.
-            Ok(handle) => unsafe { CStr::from_ptr(raw::tj3GetErrorStr(handle)) }
-                .to_string_lossy()
-                .into_owned(),
-            Err(e) => e,
-        };
-        self.replace();
+        if self.handle.is_null() {
+            return "libjpeg-turbo: no decompressor".into();
+        }
+        // SAFETY: the handle is valid; libjpeg-turbo returns a NUL-terminated string it owns, copied
+        // here before the handle is destroyed.
+        let message = unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.handle)) }
+            .to_string_lossy()
+            .into_owned();
+        self.discard();
         message
     }
 
-    fn replace(&mut self) {
+    fn discard(&mut self) {
         if !self.handle.is_null() {
             // SAFETY: the handle came from tj3Init, is destroyed once and nulled right after.
             unsafe { raw::tj3Destroy(self.handle) };
             self.handle = std::ptr::null_mut();
         }
-        self.handle = new_handle(self.max_pixels).unwrap_or(std::ptr::null_mut());
     }
 
     fn get(&self, handle: raw::tjhandle, param: raw::TJPARAM) -> c_int {
@@ -153,7 +144,10 @@ impl Jpeg {
 
     /// Reads the header of `bytes`; decoding goes through the returned frame.
     pub fn read_header<'a>(&'a mut self, bytes: &'a [u8]) -> Result<Frame<'a>, String> {
-        let handle = self.live()?;
+        if self.handle.is_null() {
+            self.handle = new_handle(self.max_pixels)?;
+        }
+        let handle = self.handle;
         let frame = frame_header(bytes)?;
         let len = raw::size_t::try_from(bytes.len()).map_err(|_| "image member too large")?;
         // SAFETY: the handle is valid and `bytes` is a live slice of the given length.
@@ -171,7 +165,7 @@ impl Jpeg {
         {
             // The header call did not read this frame (a tables-only stream, or a state no test has
             // found): nothing it reports can size a buffer.
-            self.replace();
+            self.discard();
             return Err(format!(
                 "frame header says {}x{}{}, libjpeg-turbo {width:?}x{height:?}{}",
                 frame.width,
@@ -229,7 +223,8 @@ impl Frame<'_> {
             bytes,
             header,
         } = self;
-        let handle = jpeg.live()?;
+        // Non-null: `read_header` made or kept it and returned this frame without an error since.
+        let handle = jpeg.handle;
         if ![1, 2, 4, 8].contains(&denom) {
             return Err(format!("scaling 1/{denom} is not one libjpeg-turbo offers"));
         }

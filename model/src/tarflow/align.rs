@@ -131,11 +131,8 @@ impl AlignConfig {
     }
 
     /// 0-based (block, layer) pairs after checking them against the flow.
-    pub fn locations0(&self, model: &Model) -> Result<Vec<(usize, usize)>, FlowError> {
-        let (t, l) = (
-            model.cfg.num_blocks as usize,
-            model.cfg.layers_per_block as usize,
-        );
+    pub fn locations0(&self, flow: &super::Config) -> Result<Vec<(usize, usize)>, FlowError> {
+        let (t, l) = (flow.num_blocks as usize, flow.layers_per_block as usize);
         if self.locations.is_empty() {
             return Err(FlowError::Config("align.locations is empty".into()));
         }
@@ -198,7 +195,7 @@ pub struct AlignHead {
 
 impl AlignHead {
     pub fn new(p: nn::Path, cfg: &AlignConfig, model: &Model) -> Result<Self, FlowError> {
-        let locations = cfg.locations0(model)?;
+        let locations = cfg.locations0(&model.cfg)?;
         let count = if cfg.shared_projector {
             1
         } else {
