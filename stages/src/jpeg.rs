@@ -150,7 +150,10 @@ impl Jpeg {
         let handle = self.handle;
         let frame = frame_header(bytes)?;
         let len = raw::size_t::try_from(bytes.len()).map_err(|_| "image member too large")?;
-        // SAFETY: the handle is valid and `bytes` is a live slice of the given length.
+        // SAFETY: the handle is valid and `bytes` is a live slice of the given length; libjpeg only
+        // reads it. What an earlier image left in the handle (tables, parameters; never a half-read
+        // header, since errors destroy the handle) can change what is reported, not memory safety,
+        // and the dimensions that size a buffer are cross-checked against the bytes below.
         let rc = unsafe { raw::tj3DecompressHeader(handle, bytes.as_ptr(), len) };
         if rc != 0 {
             return Err(self.fail());
