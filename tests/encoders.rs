@@ -98,7 +98,10 @@ fn dinov2_at_224_from_the_518_px_table_matches_transformers() {
     );
 
     // uint8 64-px images through the whole path: prepare (64 → 224) and forward.
-    let tokens = loaded.model.patch_tokens(refs.get("images_64")).unwrap();
+    let tokens = loaded
+        .model
+        .patch_tokens(refs.get("images_64"), model::dinov2::INPUT_SIZE)
+        .unwrap();
     assert_close("dinov2 64 px", &tokens, refs.get("dinov2_tokens_64"), 1e-4);
 }
 

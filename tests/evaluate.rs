@@ -461,6 +461,12 @@ fn bpd_equals_the_value_by_hand_from_flow_encode() {
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["metric"], "bits_per_dim");
     assert_eq!(report["n"], 20);
+    // Unconditional by default, as ml-tarflow reports bits/dim, and the header says so.
+    assert_eq!(report["conditional"], false);
+    assert!(
+        stdout.starts_with("scoring: unconditional (default"),
+        "{stdout}"
+    );
     let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&inputs)
         .unwrap()
         .into_iter()
@@ -519,6 +525,26 @@ fn bpd_equals_the_value_by_hand_from_flow_encode() {
         other != got && (other - got).abs() < 0.1,
         "{other} vs {got}"
     );
+    // With the labels: another number, reported as class-conditional.
+    let o = run_ok(
+        pipeline()
+            .args([
+                "bpd",
+                "--device",
+                "cpu",
+                "--seed",
+                "9",
+                "--conditional",
+                "--checkpoint",
+            ])
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&shards),
+    );
+    let cond: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(cond["conditional"], true);
+    assert_ne!(cond["mean"].as_f64().unwrap(), got);
 }
 
 /// Latent models read shards through the VAE encoder (crop at latent size × downsample factor, scaled

@@ -204,12 +204,13 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
     let cos = |r: &[serde_json::Value]| {
         r.iter().map(|v| v["cos"][0].as_f64().unwrap()).sum::<f64>() / r.len() as f64
     };
-    let (nll0, nll1) = (avg("nll", &m[..2]), avg("nll", &m[18..]));
+    let (nll0, nll1) = (avg("nll_noised", &m[..2]), avg("nll_noised", &m[18..]));
     assert!(nll1 < nll0 - 0.5, "NLL {nll0} → {nll1}");
     let (c0, c1) = (cos(&m[..2]), cos(&m[18..]));
     assert!(c1 > c0 + 0.2, "alignment cosine {c0} → {c1}");
+    // The training NLL is of noised inputs: no `bpd` (that is for dequantised data) and no bare `nll`.
+    assert!(m[0].get("bpd").is_none() && m[0].get("nll").is_none());
     for k in [
-        "bpd",
         "lr",
         "grad_norm",
         "samples_per_s",
@@ -333,7 +334,7 @@ fn resume_matches_an_uninterrupted_latent_run_bit_for_bit() {
     assert_eq!(a.len(), 24);
     assert_eq!(b.len(), 24);
     for (x, y) in a.iter().zip(&b) {
-        for k in ["loss", "nll", "align_loss", "grad_norm", "epoch"] {
+        for k in ["loss", "nll_noised", "align_loss", "grad_norm", "epoch"] {
             assert_eq!(x[k], y[k], "step {}: {k} differs", x["step"]);
         }
     }
@@ -520,6 +521,68 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
     // The resolved latent scaling (the tiny VAE's) is recorded in the run's config.
     let config = std::fs::read_to_string(root.join("run1/config.toml")).unwrap();
     assert!(config.contains("latent_scaling = 1.5"), "{config}");
+
+    // The checkpoint's sidecar records the data space; a bare copy of it, away from the run, samples
+    // with the VAE and factors it names, and refuses a VAE that did not make its latents.
+    let ck = root.join("run1/checkpoints/step-00000002");
+    let side = std::fs::read_to_string(ck.join("ema.model.toml")).unwrap();
+    for want in [
+        "[space]",
+        "latent = true",
+        "latent_scaling = 1.5",
+        "latent_shift = 0.0",
+        "image_size = 64",
+        "crop = \"",
+        "vae_fingerprint = \"",
+        "cache_fingerprint = \"",
+    ] {
+        assert!(side.contains(want), "{want}: {side}");
+    }
+    let bare = root.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["ema.safetensors", "ema.model.toml"] {
+        std::fs::copy(ck.join(f), bare.join(f)).unwrap();
+    }
+    let sample = |extra: &[&str]| {
+        pipeline()
+            .args([
+                "sample",
+                "--device",
+                "cpu",
+                "--num",
+                "2",
+                "--no-png",
+                "--checkpoint",
+            ])
+            .arg(bare.join("ema.safetensors"))
+            .arg("--out")
+            .arg(root.join("bare-samples"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = sample(&[]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.starts_with("sampling: guidance w 0 (annealed), attn_temp 1, denoise on (σ 0.2)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 images of 64x64"), "{stdout}");
+    run_ok(
+        pipeline()
+            .args([
+                "encoders", "init", "--preset", "tiny", "--seed", "5", "--out",
+            ])
+            .arg(root.join("other")),
+    );
+    let other = root.join("other/vae");
+    let o = sample(&["--vae", other.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("fingerprint") && stderr.contains("other/vae"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -549,4 +612,101 @@ fn bench_train_reports_rates_and_data_wait_against_the_loader() {
     assert!((0.0..=1.0).contains(&wait), "{wait}");
     // The measured run is a real one: a metrics line per step, warm-up included.
     assert_eq!(metrics(&out).len(), 8);
+}
+
+/// A patch-1 latent flow (8×8 tokens) meets the tiny DINOv2's 4×4 grid both ways (spec §4.2): pooled
+/// 2×2 onto the grid of a 224-px cache, or aligned token for token with a cache of DINOv2 run at
+/// 448 px, which has its own fingerprint.
+#[test]
+fn both_token_matchings_train_a_patch_1_latent_flow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    demo_data(&root.join("data"), 2, 6, 1, 0, &[]);
+    tiny_encoders(&root.join("encoders"));
+    let preset = repo_root().join("configs/demo.toml");
+    let train = |out: &str, sets: &[&str]| {
+        let mut cmd = pipeline();
+        cmd.args(["train", "--latent", "--config"])
+            .arg(&preset)
+            .arg("--out")
+            .arg(root.join(out));
+        let paths = [
+            format!("data.shards={}/data/demo-000000.tar", root.display()),
+            format!("precompute.encoder={}/encoders/dinov2", root.display()),
+            format!("precompute.vae={}/encoders/vae", root.display()),
+            format!("train.cache={}/cache", root.display()),
+        ];
+        let common = [
+            "model.patch_size=1",
+            "train.steps=3",
+            "train.batch=4",
+            "train.checkpoint_every=3",
+            "train.sample_every=0",
+            "train.metrics_every=1",
+        ];
+        for set in paths
+            .iter()
+            .map(String::as_str)
+            .chain(common)
+            .chain(sets.iter().copied())
+        {
+            cmd.arg("--set").arg(set);
+        }
+        run_ok(&mut cmd);
+        metrics(&root.join(out))
+    };
+    let pooled = train(
+        "pool",
+        &["align.token_match=\"pool\"", "align.encoder_tokens=16"],
+    );
+    let resized = train(
+        "resize",
+        &[
+            "align.token_match=\"encoder_resize\"",
+            "precompute.encoder_input_size=448",
+        ],
+    );
+    for m in [&pooled, &resized] {
+        assert_eq!(m.len(), 3);
+        for line in m {
+            let cos = line["cos"].as_array().unwrap();
+            assert_eq!(cos.len(), 2, "{line}");
+            assert!(
+                cos.iter().all(|c| c.as_f64().unwrap().is_finite()),
+                "{line}"
+            );
+        }
+    }
+    // Two caches: DINOv2 at 224 px (4×4 tokens) and at 448 px (8×8), told apart by the fingerprint.
+    let mut sizes: Vec<(i64, Vec<u64>)> = std::fs::read_dir(root.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .map(|dir| {
+            let m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+                    .unwrap();
+            let file = m["shards"].as_object().unwrap().values().next().unwrap()["file"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let reader = stages::cache::ShardReader::open(&dir.join(file)).unwrap();
+            let features = reader
+                .footer()
+                .fields
+                .iter()
+                .find(|f| f.name == "features")
+                .unwrap()
+                .shape
+                .iter()
+                .map(|&v| v as u64)
+                .collect();
+            (
+                m["settings"]["encoder"]["input_size"].as_i64().unwrap(),
+                features,
+            )
+        })
+        .collect();
+    sizes.sort();
+    assert_eq!(sizes, [(224, vec![2, 16, 32]), (448, vec![2, 64, 32])]);
 }

@@ -309,9 +309,10 @@ impl Dinov2 {
         Ok(tokens)
     }
 
-    /// uint8 images (B, 3, H, W) → patch tokens at [`INPUT_SIZE`]: [`prepare_input`] then [`Self::forward`].
-    pub fn patch_tokens(&self, images: &Tensor) -> Result<Tensor, EncoderError> {
-        self.forward(&prepare_input(images, INPUT_SIZE)?)
+    /// uint8 images (B, 3, H, W) → patch tokens at `size` × `size` ([`INPUT_SIZE`] for REPA's 16×16):
+    /// [`prepare_input`] then [`Self::forward`], the position table interpolated to the grid.
+    pub fn patch_tokens(&self, images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
+        self.forward(&prepare_input(images, size)?)
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod device;
 pub mod dinov2;
 pub mod frozen;
+pub mod pth;
 pub mod tarflow;
 pub mod vae;
 pub mod weights;

@@ -30,9 +30,10 @@ pub struct Args {
     /// Seed of the dequantisation noise
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Score every image unconditionally even when the model is class-conditional
+    /// Score each image with its label (log p(x | y)); the default is unconditional, log p(x) with the
+    /// mean class embedding, as ml-tarflow's `evaluate_bpd.py` reports bits/dim
     #[arg(long)]
-    unconditional: bool,
+    conditional: bool,
     /// Also write the flow inputs (`x`, after dequantisation), labels `y` (−1 = none) and per-image
     /// values `value` to this safetensors file, so the number can be recomputed with `flow encode`
     #[arg(long, value_name = "FILE")]
@@ -46,7 +47,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let trained = args.trained.load(true)?;
     let model = trained.model();
     let k = model.cfg.num_classes;
-    let conditional = k > 0 && !args.unconditional;
+    if args.conditional && k == 0 {
+        bail!("--conditional: the model is unconditional (num_classes = 0)");
+    }
+    let conditional = args.conditional;
+    println!(
+        "scoring: {}, {}, seed {}",
+        if conditional {
+            "class-conditional (each image's label)"
+        } else {
+            "unconditional (default; --conditional uses the labels)"
+        },
+        if trained.latent {
+            "nats per latent dim of the scaled VAE posterior mean"
+        } else {
+            "bits/dim with uniform dequantisation"
+        },
+        args.seed
+    );
     tch::manual_seed(args.seed as i64);
     let (mut values, mut saved_x, mut saved_y) = (
         Vec::<Tensor>::new(),

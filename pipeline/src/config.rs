@@ -149,8 +149,35 @@ impl Config {
             if p.encoder_dir().is_none() {
                 bail!("alignment needs encoder tokens: set precompute.encoder (or align.mode = \"none\")");
             }
-            a.target_tokens(m.num_tokens())?;
+            let tokens = a.target_tokens(m.num_tokens())?;
             a.locations0(m)?;
+            // What the encoder gives at precompute.encoder_input_size must be what the flow aligns to
+            // (checked when the encoder folder can be read: its config has the patch size).
+            let patch = p
+                .encoder_dir()
+                .and_then(|d| {
+                    model::dinov2::Config::from_file(&d.join(model::dinov2::CONFIG_FILE)).ok()
+                })
+                .map(|c| c.patch_size);
+            if let Some(patch) = patch {
+                let grid = p.encoder_input_size / patch;
+                if grid * patch != p.encoder_input_size || grid * grid != tokens {
+                    let side = (tokens as f64).sqrt().round() as i64;
+                    bail!(
+                    "the flow aligns to {tokens} encoder tokens, but DINOv2/{patch} at precompute.encoder_input_size = {} gives {}: {}",
+                    p.encoder_input_size,
+                    grid * grid,
+                    if a.token_match == model::tarflow::align::TokenMatch::EncoderResize {
+                        format!("set precompute.encoder_input_size = {}", side * patch)
+                    } else {
+                        format!(
+                            "set align.encoder_tokens = {} (and align.token_match = \"pool\" when it differs from the flow's)",
+                            grid * grid
+                        )
+                    }
+                );
+                }
+            }
         }
         Ok(())
     }
@@ -266,6 +293,43 @@ mod tests {
             },
             "token_match",
         );
+    }
+
+    /// A patch-1 latent flow (32×32 tokens) meets DINOv2-B/14 either by pooling onto its 16×16 grid at
+    /// 224 px or by running DINOv2 at 448 px; a size that gives another grid is refused with the fix.
+    #[test]
+    fn encoder_resize_needs_the_input_size_that_gives_the_flows_grid() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "dinov2", "hidden_size": 768, "patch_size": 14, "image_size": 518}"#,
+        )
+        .unwrap();
+        let preset =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/imagenet256-latent-p1.toml");
+        let text = std::fs::read_to_string(&preset).unwrap();
+        let with = |sets: &[&str]| {
+            let mut all = vec![format!(
+                "precompute.encoder={:?}",
+                dir.path().display().to_string()
+            )];
+            all.extend(sets.iter().map(|s| s.to_string()));
+            load_str(&text, "p1", &all).unwrap().config.check_runnable()
+        };
+        with(&[]).unwrap();
+        let resize = [
+            "align.token_match=\"encoder_resize\"",
+            "align.encoder_tokens=0",
+        ];
+        let e = format!("{:#}", with(&resize).unwrap_err());
+        assert!(e.contains("precompute.encoder_input_size = 448"), "{e}");
+        with(&[&resize[..], &["precompute.encoder_input_size=448"]].concat()).unwrap();
+        // Pooling with a cache made at 448 px is refused too: the encoder would give 1024 tokens.
+        let e = format!(
+            "{:#}",
+            with(&["precompute.encoder_input_size=448"]).unwrap_err()
+        );
+        assert!(e.contains("align.encoder_tokens = 1024"), "{e}");
     }
 
     /// Each preset's flow and alignment built and run once on the shapes its cache holds, with the

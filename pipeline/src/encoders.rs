@@ -78,7 +78,9 @@ fn check_encoder(dir: &Path, device: Device, image: &Tensor) -> anyhow::Result<(
         loaded.model.precision.name()
     );
     let start = Instant::now();
-    let tokens = loaded.model.patch_tokens(image)?;
+    let tokens = loaded
+        .model
+        .patch_tokens(image, model::dinov2::INPUT_SIZE)?;
     let seconds = start.elapsed().as_secs_f64();
     println!(
         "  forward: generated {0}x{0} image -> {1}x{1} input -> patch tokens {2:?} ({3}) in {seconds:.3} s",

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance, Cond, Config};
-use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 #[derive(clap::Args)]
@@ -24,6 +23,8 @@ enum FlowCommand {
     Encode(EncodeArgs),
     /// Noise → images: reads `z` (B,N,D) and optional `y`, or draws `--samples` from `--seed`; writes `x`
     Decode(DecodeArgs),
+    /// A checkpoint of another code base (ml-tarflow's `.pth`) → safetensors + `.model.toml` sidecar
+    Import(crate::flow_import::ImportArgs),
 }
 
 /// Where the model's configuration comes from.
@@ -121,6 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FlowCommand::Init(a) => init(a),
         FlowCommand::Encode(a) => encode(a),
         FlowCommand::Decode(a) => decode(a),
+        FlowCommand::Import(a) => crate::flow_import::import(a),
     }
 }
 
@@ -142,25 +144,13 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     let model = tarflow::Model::new(vs.root(), &cfg)?;
     model::weights::save_atomic(&model.named_tensors(&vs), &args.output)?;
     let side = sidecar(&args.output);
-    stages::atomic::write_bytes_atomic(&side, toml::to_string_pretty(&cfg)?.as_bytes())?;
+    stages::atomic::write_bytes_atomic(&side, crate::space::sidecar_text(&cfg, None)?.as_bytes())?;
     eprintln!("wrote {} and {}", args.output.display(), side.display());
     Ok(())
 }
 
 pub fn read_config(path: &Path) -> anyhow::Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading model config {}", path.display()))?;
-    let mut table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("model config {}", path.display()))?;
-    let value = match table.remove("model") {
-        Some(section) if table.values().all(|v| v.is_table()) => section,
-        Some(_) => bail!(
-            "model config {}: mixes a [model] section with top-level keys",
-            path.display()
-        ),
-        None => toml::Value::Table(table),
-    };
-    Config::deserialize(value).map_err(|e| anyhow::anyhow!("model config {}: {e}", path.display()))
+    Ok(crate::space::read_sidecar(path)?.0)
 }
 
 fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {

@@ -11,6 +11,7 @@ mod demo_data;
 mod encoders;
 mod encoders_init;
 mod flow;
+mod flow_import;
 mod grid;
 mod labelled;
 mod logging;
@@ -18,6 +19,7 @@ mod npz;
 mod precompute;
 mod progress;
 mod sample;
+mod space;
 mod train;
 mod trained;
 

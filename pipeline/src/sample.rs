@@ -32,14 +32,18 @@ pub struct Args {
     /// Classifier-free guidance weight w (0 = off)
     #[arg(long, default_value_t = 0.0)]
     cfg: f64,
-    /// Ramp the guidance along the sequence, g_i = w·(i+1)/(N−1)
-    #[arg(long)]
+    /// Ramp the guidance along the sequence, g_i = w·(i+1)/(N−1), as ml-tarflow evaluates FID;
+    /// `--annealed=false` holds it at w
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_name = "BOOL")]
     annealed: bool,
     /// Attention temperature of the unconditional branch
     #[arg(long, default_value_t = 1.0)]
     attn_temp: f64,
-    /// One-step score denoising x + σ²∇log p with σ = the model's noise_std
-    #[arg(long)]
+    /// One-step score denoising x + σ²∇log p with σ = the trained noise_std (the checkpoint's), as
+    /// ml-tarflow evaluates; `--denoise=false` keeps the raw inverse
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_name = "BOOL")]
     denoise: bool,
     /// Seed: the same seed gives the same images on any device and for any --batch
     #[arg(long, default_value_t = 0)]
@@ -188,6 +192,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         attn_temp: args.attn_temp,
     };
     let size = trained.pixel_size() as usize;
+    // Every evaluation default in one line first, so a sample set says how it was made.
+    println!(
+        "sampling: guidance w {} ({}), attn_temp {}, denoise {}, seed {}, {}",
+        args.cfg,
+        if args.annealed {
+            "annealed"
+        } else {
+            "constant"
+        },
+        args.attn_temp,
+        if args.denoise {
+            format!("on (σ {})", trained.noise_sigma())
+        } else {
+            "off".to_string()
+        },
+        args.seed,
+        match (&labels, args.classes.is_empty()) {
+            (None, _) => "unconditional",
+            (Some(_), true) => "random classes",
+            (Some(_), false) => "given classes",
+        }
+    );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let images_dir = args.out.join("images");
@@ -210,7 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
         redrawn += r;
         let x = if args.denoise {
-            tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
+            tarflow::sample::denoise(model, &x, y.as_ref(), trained.noise_sigma(), 1.0)
         } else {
             x
         };

@@ -28,7 +28,8 @@ pub struct TrainedArgs {
     /// With --run: checkpoint directory name under `checkpoints/` (default: the one `latest` names)
     #[arg(long, value_name = "NAME")]
     pub step: Option<String>,
-    /// VAE folder (diffusers layout) of a latent model; default: `[precompute] vae` of the run config
+    /// VAE folder (diffusers layout) of a latent model; default: the one the checkpoint's sidecar
+    /// records (`[space] vae`), else `[precompute] vae` of the run config
     #[arg(long, value_name = "DIR")]
     pub vae: Option<PathBuf>,
     /// Device: auto, cpu, cuda or cuda:N
@@ -41,6 +42,8 @@ pub struct Trained {
     /// Present for latent models when a VAE is known.
     pub vae: Option<LoadedVae>,
     pub latent: bool,
+    /// The data space the checkpoint's sidecar records (absent in checkpoints from `flow init/import`).
+    pub space: Option<crate::space::Space>,
     pub checkpoint: PathBuf,
     /// The run's effective config (raw TOML: sections of other jobs are read by key, not by type).
     pub run_config: Option<toml::Table>,
@@ -107,18 +110,28 @@ impl TrainedArgs {
                 side.display()
             );
         }
-        let cfg = crate::flow::read_config(&side)?;
+        let (cfg, space) = crate::space::read_sidecar(&side)?;
         let flow = tarflow::load(&checkpoint, &cfg, device)?;
-        let latent = run_config
-            .as_ref()
-            .and_then(|t| lookup(t, "train", "latent"))
-            .and_then(toml::Value::as_bool)
-            .unwrap_or(cfg.in_channels != 3);
-        let vae_dir = self.vae.clone().or_else(|| {
+        let run_value = |section: &str, key: &str| {
             run_config
                 .as_ref()
-                .and_then(|t| lookup(t, "precompute", "vae"))
-                .and_then(|v| v.as_str())
+                .and_then(|t| lookup(t, section, key))
+                .cloned()
+        };
+        let latent = match &space {
+            Some(s) => s.latent,
+            None => run_value("train", "latent")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(cfg.in_channels != 3),
+        };
+        let vae_dir = self.vae.clone().or_else(|| {
+            space
+                .as_ref()
+                .map(|s| s.vae.clone())
+                .filter(|v| !v.is_empty())
+                .or_else(|| {
+                    run_value("precompute", "vae").and_then(|v| v.as_str().map(String::from))
+                })
                 .map(PathBuf::from)
         });
         let vae = match (latent && need_vae, vae_dir) {
@@ -126,13 +139,36 @@ impl TrainedArgs {
             (true, Some(dir)) => {
                 let mut vae = AutoencoderKl::from_folder(&dir, device)
                     .with_context(|| format!("loading the VAE from {}", dir.display()))?;
-                // The run's own factor wins over the VAE folder's: it is what the flow was trained on.
-                if let Some(scale) = run_config
-                    .as_ref()
-                    .and_then(|t| lookup(t, "train", "latent_scaling"))
-                    .and_then(toml::Value::as_float)
-                {
+                // The factors the flow was trained with win over the VAE folder's.
+                let recorded = |key: &str, from_space: Option<f64>| {
+                    from_space.or_else(|| run_value("train", key).and_then(|v| v.as_float()))
+                };
+                if let Some(scale) = recorded(
+                    "latent_scaling",
+                    space.as_ref().and_then(|s| s.latent_scaling),
+                ) {
                     vae.model.config.scaling_factor = scale;
+                }
+                if let Some(shift) =
+                    recorded("latent_shift", space.as_ref().and_then(|s| s.latent_shift))
+                {
+                    vae.model.config.shift_factor = Some(shift);
+                }
+                if let Some(expected) = space
+                    .as_ref()
+                    .map(|s| s.vae_fingerprint.as_str())
+                    .filter(|f| !f.is_empty())
+                {
+                    let got = vae.fingerprint()?;
+                    if got != expected {
+                        bail!(
+                            "VAE {} (fingerprint {got}) is not the VAE whose latents {} was trained on \
+                             (fingerprint {expected}, recorded in {}): give the VAE that made the cache",
+                            dir.display(),
+                            checkpoint.display(),
+                            side.display()
+                        );
+                    }
                 }
                 if vae.model.config.latent_channels != cfg.in_channels {
                     bail!(
@@ -162,6 +198,7 @@ impl TrainedArgs {
             flow,
             vae,
             latent,
+            space,
             checkpoint,
             run_config,
             device,
@@ -174,8 +211,18 @@ impl Trained {
         &self.flow.model
     }
 
+    /// σ of the one-step denoising: the noise the flow was trained with.
+    pub fn noise_sigma(&self) -> f64 {
+        self.space
+            .as_ref()
+            .map_or(self.model().cfg.noise_std, |s| s.noise_sigma)
+    }
+
     /// Side length of the images the model makes or reads, in pixels.
     pub fn pixel_size(&self) -> i64 {
+        if let Some(space) = &self.space {
+            return space.image_size as i64;
+        }
         let factor = self
             .vae
             .as_ref()
@@ -192,6 +239,10 @@ impl Trained {
                 .map_err(|e| anyhow::anyhow!("[data] of the run config: {e}"))?,
             None => DataConfig::default(),
         };
+        let mut base = base;
+        if let Some(space) = &self.space {
+            space.apply_crop(&mut base);
+        }
         Ok(DataConfig {
             shards: shards.to_string(),
             image_size: self.pixel_size() as usize,

@@ -2,7 +2,7 @@
 code): the parity oracle of the Rust flow and the anchor of `pipeline bench flow`.
 
   tarflow_ref.py parity CONFIG.json WEIGHTS.safetensors INPUTS.safetensors OUT.safetensors
-  tarflow_ref.py export CONFIG.json WEIGHTS.safetensors INPUTS.safetensors OUT.safetensors
+  tarflow_ref.py export CONFIG.json WEIGHTS.{safetensors,pth} INPUTS.safetensors OUT.safetensors
   tarflow_ref.py bench CONFIG.json --batch B --steps S --sample-batch SB --guidance W --threads T
 
 The config is the Rust `model::tarflow::Config` as JSON. Guided sampling here runs the conditional and
@@ -235,13 +235,17 @@ def parity(args):
 
 
 def export(args):
-    """A stand-in for a converted public checkpoint: this module's own state_dict, plus z for x."""
+    """A stand-in for a public checkpoint: this module's own state_dict (safetensors, or a `.pth` written
+    with torch.save as ml-tarflow's train.py writes it), plus z for x."""
     cfg = json.load(open(args.config))
     torch.manual_seed(0)
     model = Flow(cfg)
     for blk in model.blocks:
         nn.init.normal_(blk.proj_out.weight, std=0.01)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.weights)
+    if args.weights.endswith(".pth"):
+        torch.save(model.state_dict(), args.weights)
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.weights)
     inp = load_file(args.inputs)
     with torch.no_grad():
         z, _, logdet = model(inp["x"], inp.get("y"))

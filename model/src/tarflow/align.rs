@@ -62,6 +62,10 @@ pub enum TokenMatch {
     /// The flow's hidden states are average-pooled k×k to the encoder's grid before the projector
     /// (k = flow grid / encoder grid, a whole number); the cache is the same as for an equal grid.
     Pool,
+    /// The encoder runs on a larger input so that its grid is the flow's (DINOv2/14 at 448 px: 32×32
+    /// tokens, its position table interpolated): `precompute.encoder_input_size` sets the input, and
+    /// the cache (whose fingerprint records that size) holds as many tokens as the flow has.
+    EncoderResize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,7 +121,15 @@ impl AlignConfig {
         let side = |n: i64| (1..=n).find(|s| s * s >= n).filter(|s| s * s == n);
         match (self.token_match, side(flow_tokens), side(m)) {
             (TokenMatch::None, ..) => Err(FlowError::Config(format!(
-                "the flow has {flow_tokens} tokens and the encoder {m}: set align.token_match = \"pool\""
+                "the flow has {flow_tokens} tokens and the encoder {m}: set align.token_match = \"pool\" \
+                 or \"encoder_resize\""
+            ))),
+            (TokenMatch::EncoderResize, Some(f), _) => Err(FlowError::Config(format!(
+                "align.token_match = \"encoder_resize\" runs the encoder at the flow's {f}×{f} grid: \
+                 align.encoder_tokens must be {flow_tokens} (or 0), got {m}"
+            ))),
+            (TokenMatch::EncoderResize, None, _) => Err(FlowError::Config(format!(
+                "align.token_match = \"encoder_resize\" needs a square grid, the flow has {flow_tokens} tokens"
             ))),
             (TokenMatch::Pool, Some(f), Some(e)) if f % e == 0 && self.pairing == Pairing::Same => {
                 Ok(m)

@@ -43,7 +43,7 @@ pub fn field_specs(p: &PrecomputeConfig, image_size: usize, enc: &Encoders) -> V
         fields.push(FieldSpec::new("vae_std", dt, &shape));
     }
     if let Some(d) = &enc.dinov2 {
-        let grid = (model::dinov2::INPUT_SIZE / d.config.patch_size) as usize;
+        let grid = (p.encoder_input_size / d.config.patch_size) as usize;
         let shape = [v, grid * grid, d.config.hidden_size as usize];
         let dt = match p.features_dtype {
             FeatureDType::F16 => DType::F16,
@@ -113,7 +113,7 @@ pub fn encode_batch(
         out.push(tensor_bytes(&per_sample(std, b, v).to_kind(kind)));
     }
     if let Some(model) = &enc.dinov2 {
-        let tokens = per_sample(model.patch_tokens(&views)?, b, v);
+        let tokens = per_sample(model.patch_tokens(&views, p.encoder_input_size)?, b, v);
         match p.features_dtype {
             FeatureDType::F16 => out.push(tensor_bytes(&tokens.to_kind(Kind::Half))),
             FeatureDType::Bf16 => out.push(tensor_bytes(&tokens.to_kind(Kind::BFloat16))),

@@ -34,6 +34,10 @@ pub struct PrecomputeConfig {
     pub cache: String,
     /// DINOv2 folder (Hugging Face layout); empty = no features.
     pub encoder: String,
+    /// Side DINOv2 sees, in pixels: 224 gives DINOv2-B/14 16×16 tokens (REPA's); 448 gives 32×32, the
+    /// grid of a patch-1 latent flow at 256 px (`align.token_match = "encoder_resize"`). The crop is
+    /// resized to it bicubically and the position table interpolated.
+    pub encoder_input_size: i64,
     /// AutoencoderKL folder (diffusers layout); empty = no latents.
     pub vae: String,
     /// Images per encoder batch (views count separately: a batch runs batch_size × views images).
@@ -63,6 +67,7 @@ impl Default for PrecomputeConfig {
         PrecomputeConfig {
             cache: "cache".into(),
             encoder: String::new(),
+            encoder_input_size: model::dinov2::INPUT_SIZE,
             vae: String::new(),
             batch_size: 32,
             device: "auto".into(),
@@ -100,6 +105,12 @@ impl PrecomputeConfig {
         if self.batch_size == 0 || self.chunk_rows == 0 || self.queue_batches == 0 {
             bail!("precompute.batch_size, chunk_rows and queue_batches must be positive");
         }
+        if self.encoder_input_size <= 0 {
+            bail!(
+                "precompute.encoder_input_size must be positive, got {}",
+                self.encoder_input_size
+            );
+        }
         if self.encoder_dir().is_none() && self.vae_dir().is_none() && !self.store_image {
             bail!("precompute would store nothing: set precompute.encoder, precompute.vae or precompute.store_image");
         }
@@ -120,7 +131,7 @@ pub fn cache_settings(config: &Config) -> anyhow::Result<serde_json::Value> {
             serde_json::json!({
                 "kind": "dinov2",
                 "fingerprint": fp,
-                "input_size": model::dinov2::INPUT_SIZE,
+                "input_size": p.encoder_input_size,
                 "preprocess": "repa",
                 "dtype": p.features_dtype,
             })

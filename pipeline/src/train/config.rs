@@ -38,6 +38,10 @@ pub struct TrainConfig {
     /// `[precompute] vae`; sd-vae: 0.18215), which is also what `sample`/`classify`/`bpd` use.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latent_scaling: Option<f64>,
+    /// Subtracted from the VAE posterior before scaling. Unset: the VAE's `shift_factor` (0 when it has
+    /// none, as sd-vae; SD3/FLUX VAEs have one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latent_shift: Option<f64>,
     /// Train on cached VAE latents rather than cached crops (`--latent` sets it).
     pub latent: bool,
     pub seed: u64,
@@ -82,6 +86,7 @@ impl Default for TrainConfig {
             noise_sigma: -1.0,
             label_drop: 0.1,
             latent_scaling: None,
+            latent_shift: None,
             latent: false,
             seed: 0,
             device: "auto".into(),

@@ -31,6 +31,7 @@ pub struct LoaderSpec {
     pub prefetch: usize,
     pub latent: bool,
     pub latent_scaling: f64,
+    pub latent_shift: f64,
     pub noise_sigma: f64,
     pub label_drop: f64,
     /// Token count and width (T, D) of the alignment targets, when they are needed.
@@ -457,10 +458,10 @@ fn build(
     let mut x = Vec::with_capacity(b * dim);
     if spec.latent {
         let eps = normals(&mut rng, b * dim);
-        let scale = spec.latent_scaling as f32;
+        let (scale, shift) = (spec.latent_scaling as f32, spec.latent_shift as f32);
         for (k, item) in items.iter().enumerate() {
             for j in 0..dim {
-                x.push((item.mean[j] + item.std[j] * eps[k * dim + j]) * scale);
+                x.push((item.mean[j] + item.std[j] * eps[k * dim + j] - shift) * scale);
             }
         }
     } else {

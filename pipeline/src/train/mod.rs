@@ -71,8 +71,17 @@ pub fn load_config(
     }
     .load()?;
     let c = &mut loaded.config;
-    if c.train.latent && c.train.latent_scaling.is_none() {
-        c.train.latent_scaling = Some(vae_scaling_factor(c)?);
+    if c.train.latent && (c.train.latent_scaling.is_none() || c.train.latent_shift.is_none()) {
+        if c.train.latent_scaling.is_some() && c.precompute.vae.is_empty() {
+            // A scale given by hand without a VAE to read: the common VAEs (sd-vae) have no shift.
+            c.train.latent_shift.get_or_insert(0.0);
+        } else {
+            let vae = vae_latent_space(c)?;
+            c.train.latent_scaling.get_or_insert(vae.scaling_factor);
+            c.train
+                .latent_shift
+                .get_or_insert(vae.shift_factor.unwrap_or(0.0));
+        }
     }
     // The σ the run trains with becomes the model's noise_std, which the checkpoint's sidecar carries
     // and sampling's one-step denoising uses.
@@ -99,6 +108,7 @@ fn loader_spec(
         prefetch: tc.prefetch,
         latent: tc.latent,
         latent_scaling: tc.latent_scaling.unwrap_or(1.0),
+        latent_shift: tc.latent_shift.unwrap_or(0.0),
         noise_sigma: if tc.noise_sigma >= 0.0 {
             tc.noise_sigma
         } else {
@@ -250,7 +260,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let model_toml = toml::to_string_pretty(&cfg.model)?;
+    let manifest = stages::cache::Manifest::load(&cache_dir)?
+        .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
+    let space = crate::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
+    let model_toml = crate::space::sidecar_text(&cfg.model, Some(&space))?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -346,15 +359,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if tc.metrics_every > 0 && state.step % tc.metrics_every == 0 {
             let window = window_start.elapsed().as_secs_f64().max(1e-9);
             let waited = (data.waited - window_wait).as_secs_f64();
-            let nll_v = nll.loss.double_value(&[]);
+            // The inputs carry the Gaussian noise augmentation, so this is the NLL of the noised data in
+            // nats/dim with the ½·ln 2π the objective leaves out, never bits/dim of the data (`pipeline
+            // bpd` measures that on dequantised images).
             let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
-            let dequant = if tc.latent { 0.0 } else { 128f64.ln() };
             let line = serde_json::json!({
                 "step": state.step,
                 "epoch": state.position.epoch,
                 "loss": loss_value,
-                "nll": nll_v,
-                "bpd": (nll_v + half_log_2pi + dequant) / 2f64.ln(),
+                "nll_noised": nll.loss.double_value(&[]) + half_log_2pi,
                 "prior": nll.prior.double_value(&[]),
                 "logdet": nll.logdet.double_value(&[]),
                 "align_loss": align_loss.as_ref().map(|a| a.double_value(&[])),
@@ -643,7 +656,8 @@ fn write_samples(
         match vae {
             Some(vae) => {
                 let scale = tc.latent_scaling.unwrap_or(vae.model.config.scaling_factor);
-                vae.model.decode(&(x / scale))?
+                let shift = tc.latent_shift.unwrap_or(0.0);
+                vae.model.decode(&(x / scale + shift))?
             }
             None => {
                 model::weights::save_atomic(
@@ -667,13 +681,16 @@ fn write_samples(
     Ok(())
 }
 
-/// The `scaling_factor` of the VAE that produced the cache (`[precompute] vae`).
-fn vae_scaling_factor(cfg: &crate::config::Config) -> anyhow::Result<f64> {
+/// The config (scaling and shift factors) of the VAE that produced the cache (`[precompute] vae`).
+fn vae_latent_space(cfg: &crate::config::Config) -> anyhow::Result<model::vae::Config> {
     if cfg.precompute.vae.is_empty() {
-        bail!("latent training needs train.latent_scaling or [precompute] vae (whose config.json has the scaling factor)");
+        bail!("latent training needs train.latent_scaling (and train.latent_shift when not 0), or [precompute] vae (whose config.json has both factors)");
     }
     let path = PathBuf::from(&cfg.precompute.vae).join(model::vae::CONFIG_FILE);
-    Ok(model::vae::Config::from_file(&path)
-        .with_context(|| format!("reading the VAE scaling factor from {}", path.display()))?
-        .scaling_factor)
+    model::vae::Config::from_file(&path).with_context(|| {
+        format!(
+            "reading the VAE scaling and shift factors from {}",
+            path.display()
+        )
+    })
 }
