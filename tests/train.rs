@@ -441,11 +441,17 @@ fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
         .filter(|(i, _)| *i != 3 && *i != 7)
         .all(|(_, v)| v["loss"].as_f64().unwrap().is_finite()));
 
+    // A streak: the checkpoint saved inside it (step 6) is not the last good one; pruning to one
+    // checkpoint keeps step 4 anyway, and `latest` names it when the run stops.
     let out2 = tmp.path().join("run2");
     let mut args: Vec<&str> = base.to_vec();
     args.extend([
         "--set",
         "train.max_nonfinite_in_row=3",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.keep_last=1",
         "--inject-nan-at",
         "5,6,7",
     ]);
@@ -453,7 +459,7 @@ fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("3 non-finite losses in a row") && err.contains("step-00000004"),
+        err.contains("3 non-finite steps in a row") && err.contains("step-00000004"),
         "{err}"
     );
     assert_eq!(
@@ -463,6 +469,61 @@ fn non_finite_losses_are_skipped_counted_and_abort_in_a_row() {
         "step-00000004"
     );
     assert!(out2.join("checkpoints/step-00000004/state.json").exists());
+    assert!(out2.join("checkpoints/step-00000006/state.json").exists());
+    assert!(!out2.join("checkpoints/step-00000002").exists());
+}
+
+/// A gradient that is not finite while the loss is: the optimizer skips the step on the device (no
+/// read-back), so weights, EMA and moments are those of the step before; it is counted; the next
+/// good step is applied.
+#[test]
+fn a_non_finite_gradient_with_a_finite_loss_is_skipped() {
+    let (tmp, cfg, cache) = setup("train-infgrad");
+    let out = tmp.path().join("run");
+    run_ok(&mut train(
+        &cfg,
+        &cache,
+        &out,
+        &[
+            "--set",
+            "train.steps=5",
+            "--set",
+            "train.metrics_every=1",
+            "--set",
+            "train.sample_every=0",
+            "--set",
+            "train.checkpoint_every=1",
+            "--set",
+            "train.keep_last=10",
+            "--inject-inf-grad-at",
+            "3",
+        ],
+    ));
+    let m = metrics(&out);
+    assert!(m[3]["loss"].as_f64().unwrap().is_finite(), "{}", m[3]);
+    assert!(m[3]["grad_norm"].is_null(), "{}", m[3]);
+    assert_eq!(m[3]["skipped_nonfinite"], 1);
+    assert_eq!(m[4]["skipped_nonfinite"], 1);
+    let ck = |step: u32, file: &str| {
+        std::fs::read(out.join(format!("checkpoints/step-{step:08}/{file}"))).unwrap()
+    };
+    for file in ["model.safetensors", "ema.safetensors", "state.safetensors"] {
+        assert!(
+            ck(3, file) == ck(4, file),
+            "{file} changed on the skipped step"
+        );
+        assert!(
+            ck(4, file) != ck(5, file),
+            "{file} did not change on the next step"
+        );
+    }
+    let state = |step: u32| -> serde_json::Value {
+        serde_json::from_slice(&ck(step, "state.json")).unwrap()
+    };
+    assert_eq!(
+        (state(4)["adam_t"].clone(), state(5)["adam_t"].clone()),
+        (3.into(), 4.into())
+    );
 }
 
 /// Without a cache, `train` computes it first (the directory `precompute` would write, found by the

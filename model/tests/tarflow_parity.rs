@@ -149,3 +149,92 @@ fn latent_flow_matches_pytorch() {
         "latent-gelu-tanh",
     );
 }
+
+/// Every Linear of a fresh flow and projector starts as `torch.nn.Linear` does for the same shape
+/// (weight and bias std ≈ 1/√(3·fan_in)); the output projections' weights start at zero.
+#[test]
+fn fresh_linear_layers_have_pytorch_init_statistics() {
+    let cfg = Config {
+        img_size: 16,
+        patch_size: 2,
+        channels: 128,
+        num_blocks: 2,
+        layers_per_block: 2,
+        num_classes: 4,
+        ..Config::preset("tiny").unwrap()
+    };
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = tarflow::Model::new(vs.root(), &cfg).unwrap();
+    let pvs = nn::VarStore::new(Device::Cpu);
+    let align = tarflow::align::AlignConfig {
+        locations: vec![[1, 1]],
+        projector_hidden: 256,
+        encoder_dim: 64,
+        ..Default::default()
+    };
+    let _head = tarflow::align::AlignHead::new(pvs.root(), &align, &model).unwrap();
+    let mut layers: Vec<(String, Vec<i64>, f64, f64)> = vec![];
+    for store in [&vs, &pvs] {
+        let vars = store.variables();
+        let mut names: Vec<&String> = vars.keys().filter(|n| n.ends_with(".weight")).collect();
+        names.sort();
+        for name in names {
+            let w = &vars[name];
+            let Some(b) = vars.get(&name.replace(".weight", ".bias")) else {
+                continue; // LayerNorm weights have no fan-in
+            };
+            if w.dim() != 2 {
+                continue;
+            }
+            layers.push((
+                name.clone(),
+                w.size(),
+                w.std(true).double_value(&[]),
+                b.std(true).double_value(&[]),
+            ));
+        }
+    }
+    assert!(layers.len() > 10, "{layers:?}");
+    let shapes: Vec<Vec<i64>> = layers.iter().map(|l| l.1.clone()).collect();
+    let out = python()
+        .arg("-c")
+        .arg(
+            "import json, sys, torch\n\
+             torch.manual_seed(0)\n\
+             shapes = json.loads(sys.argv[1])\n\
+             print(json.dumps([[torch.nn.Linear(i, o).weight.std().item(), torch.nn.Linear(i, o).bias.std().item()] for o, i in shapes]))",
+        )
+        .arg(serde_json::to_string(&shapes).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: Vec<[f64; 2]> = serde_json::from_slice(&out.stdout).unwrap();
+    for ((name, shape, w, b), [rw, rb]) in layers.iter().zip(&reference) {
+        if name.ends_with("proj_out.weight") {
+            assert_eq!(*w, 0.0, "{name}");
+        } else {
+            // Uniform(±1/√fan_in) has std 1/√(3·fan_in); tch's default is √6 times that.
+            let exact = 1.0 / (3.0 * shape[1] as f64).sqrt();
+            assert!(
+                (w / rw - 1.0).abs() < 0.12,
+                "{name} {shape:?}: weight std {w} vs torch {rw}"
+            );
+            assert!(
+                (w / exact - 1.0).abs() < 0.08,
+                "{name} {shape:?}: weight std {w} vs {exact}"
+            );
+        }
+        // A bias has only `out` samples: compared where there are enough of them.
+        if shape[0] >= 64 {
+            assert!(
+                (b / rb - 1.0).abs() < 0.35,
+                "{name} {shape:?}: bias std {b} vs torch {rb}"
+            );
+        }
+    }
+}

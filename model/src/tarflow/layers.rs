@@ -31,8 +31,20 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Initialised as `torch.nn.Linear` is: weight and bias uniform in ±1/√fan_in (kaiming-uniform with
+    /// a = √5). tch's default draws the weight with the ReLU gain, bound √(6/fan_in): 6× the variance.
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Self {
-        let l = nn::linear(p, in_dim, out_dim, Default::default());
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let init = nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let config = nn::LinearConfig {
+            ws_init: init,
+            bs_init: Some(init),
+            bias: true,
+        };
+        let l = nn::linear(p, in_dim, out_dim, config);
         Self {
             weight: l.ws,
             bias: l.bs.expect("linear has a bias"),

@@ -15,7 +15,7 @@ use super::loader::Position;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct State {
-    /// Batches consumed (steps taken plus steps skipped for a non-finite loss).
+    /// Batches consumed (steps taken plus steps skipped as non-finite).
     pub step: u64,
     /// AdamW updates applied.
     pub adam_t: u64,
@@ -40,7 +40,14 @@ pub struct Contents<'a> {
     pub state: &'a State,
 }
 
-pub fn write(root: &Path, c: &Contents, keep_last: usize) -> anyhow::Result<PathBuf> {
+/// Writes the checkpoint, then prunes to the newest `keep_last`, never removing `keep` (the last one
+/// saved before a non-finite streak began).
+pub fn write(
+    root: &Path,
+    c: &Contents,
+    keep_last: usize,
+    keep: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let name = dir_name(c.state.step);
     let final_dir = root.join(&name);
@@ -68,11 +75,11 @@ pub fn write(root: &Path, c: &Contents, keep_last: usize) -> anyhow::Result<Path
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
     stages::atomic::write_bytes_atomic(&root.join("latest"), format!("{name}\n").as_bytes())?;
-    prune(root, keep_last.max(1))?;
+    prune(root, keep_last.max(1), keep)?;
     Ok(final_dir)
 }
 
-fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
+fn prune(root: &Path, keep: usize, protect: Option<&Path>) -> anyhow::Result<()> {
     let mut dirs: Vec<String> = std::fs::read_dir(root)
         .with_context(|| format!("listing {}", root.display()))?
         .filter_map(|e| e.ok())
@@ -82,6 +89,9 @@ fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
     dirs.sort();
     let excess = dirs.len().saturating_sub(keep);
     for name in &dirs[..excess] {
+        if protect.is_some_and(|p| p.file_name() == Some(std::ffi::OsStr::new(name))) {
+            continue;
+        }
         std::fs::remove_dir_all(root.join(name))
             .with_context(|| format!("removing old checkpoint {name}"))?;
     }

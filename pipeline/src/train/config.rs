@@ -19,6 +19,9 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Samples per step (per rank).
     pub batch: usize,
+    /// Samples per forward/backward pass: the batch runs in ⌈batch / micro_batch⌉ passes whose
+    /// gradients accumulate into the same update (0 = the whole batch at once).
+    pub micro_batch: usize,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
@@ -73,6 +76,7 @@ impl Default for TrainConfig {
         Self {
             steps: 400_000,
             batch: 256,
+            micro_batch: 0,
             lr: 1e-4,
             min_lr: 1e-6,
             warmup_steps: 5004,

@@ -5,6 +5,7 @@ mod checkpoint;
 mod config;
 mod loader;
 mod optim;
+mod step;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use model::tarflow::align::{AlignHead, AlignMode};
-use model::tarflow::{self, Cond, Model, Precision};
+use model::tarflow::{self, Model, Precision};
 use tch::{nn, Device, Kind, Tensor};
 
 pub use config::TrainConfig;
@@ -43,6 +44,9 @@ pub struct Args {
     /// Test hook: make the loss of these steps non-finite (NaN in the batch)
     #[arg(long, hide = true, value_delimiter = ',')]
     inject_nan_at: Vec<u64>,
+    /// Test hook: make one gradient element of these steps infinite while the loss stays finite
+    #[arg(long, hide = true, value_delimiter = ',')]
+    inject_inf_grad_at: Vec<u64>,
 }
 
 /// The effective config of a training job: the file, `--latent`/`--shards`/`--cache` as overrides, the
@@ -270,7 +274,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .open(args.out.join("metrics.jsonl"))
         .with_context(|| format!("opening {}", args.out.join("metrics.jsonl").display()))?;
     let progress = crate::progress::Progress::new("train", tc.steps);
-    let save = |state: &checkpoint::State, adam: &optim::AdamW| -> anyhow::Result<PathBuf> {
+    let save = |state: &checkpoint::State,
+                adam: &optim::AdamW,
+                keep: Option<&Path>|
+     -> anyhow::Result<PathBuf> {
         let contents = checkpoint::Contents {
             model: flow.named_tensors(&vs),
             ema: ema.named_tensors(&ema_vs),
@@ -288,10 +295,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model_toml: &model_toml,
             state,
         };
-        checkpoint::write(&ckpt_root, &contents, tc.keep_last)
+        checkpoint::write(&ckpt_root, &contents, tc.keep_last, keep)
     };
+    // The last checkpoint saved while no non-finite streak was running: what a user resumes from
+    // after a blow-up, so pruning never removes it.
     let mut last_good: Option<PathBuf> = resume_from.clone();
+    let mut skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
     let (mut window_start, mut window_wait) = (Instant::now(), data.waited);
+    let mut reported_skips = state.nonfinite_total;
     let stop = args.stop_at.unwrap_or(tc.steps).min(tc.steps);
     while state.step < stop {
         let step_start = Instant::now();
@@ -301,79 +312,86 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             batch.x.shallow_clone()
         };
-        let cond = Cond::Labels(&batch.y);
-        let capture = head
-            .as_ref()
-            .map(|h| h.forward_capture())
-            .unwrap_or_default();
-        let out = flow.forward(&x, &cond, &capture);
-        let nll = tarflow::nll(&out);
-        let cosines = match (&head, &batch.features) {
-            (Some(h), Some(f)) => h.cosines(&flow, &out, &cond, f)?,
-            _ => vec![],
-        };
-        let align_loss = if cosines.is_empty() {
-            None
-        } else {
-            Some(-Tensor::stack(&cosines, 0).mean(Kind::Float))
-        };
-        let loss = match &align_loss {
-            Some(a) => &nll.loss + a * cfg.align.lambda,
-            None => nll.loss.shallow_clone(),
-        };
-        let loss_value = loss.double_value(&[]);
+        adam.zero_grad();
+        let totals = step::accumulate(
+            &flow,
+            head.as_ref(),
+            &x,
+            &batch.y,
+            batch.features.as_ref(),
+            tc.micro_batch,
+            cfg.align.lambda,
+        )
+        .with_context(|| format!("step {}", state.step))?;
+        if args.inject_inf_grad_at.contains(&state.step) {
+            if let Some((_, p, _, _)) = adam.slots.first() {
+                let _ = p.grad().view([-1]).get(0).fill_(f64::INFINITY);
+            }
+        }
         let lr = tc.lr_at(state.step);
-        let mut grad_norm = f64::NAN;
-        if loss_value.is_finite() {
-            adam.zero_grad();
-            loss.backward();
-            grad_norm = adam.clip(tc.clip_grad);
-            adam.step(lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
-            optim::ema_update(&ema_pairs, tc.ema_decay);
-            state.nonfinite_in_row = 0;
-        } else {
-            state.nonfinite_total += 1;
-            state.nonfinite_in_row += 1;
-            tracing::warn!(
-                "step {}: non-finite loss {loss_value}, step skipped ({} in a row)",
-                state.step,
-                state.nonfinite_in_row
-            );
+        let grad_norm = adam.grad_norm();
+        skips.record(&totals.loss, &grad_norm);
+        adam.clip(&grad_norm, tc.clip_grad);
+        adam.step(&skips.ok, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
+        optim::ema_update(&ema_pairs, tc.ema_decay, &skips.ok);
+        state.step += 1;
+        state.position = batch.next;
+        let step_s = step_start.elapsed().as_secs_f64();
+        let metric_step = tc.metrics_every > 0 && state.step.is_multiple_of(tc.metrics_every);
+        let checkpoint_step = (tc.checkpoint_every > 0
+            && state.step.is_multiple_of(tc.checkpoint_every))
+            || state.step == stop;
+        // The host learns about skipped steps here only: on metric and checkpoint steps.
+        if metric_step || checkpoint_step {
+            state.nonfinite_total = skips.total.int64_value(&[]) as u64;
+            state.nonfinite_in_row = skips.in_row.int64_value(&[]) as u64;
+            if state.nonfinite_total > reported_skips {
+                tracing::warn!(
+                    "step {}: {} non-finite steps skipped since the last report ({} in a row now)",
+                    state.step,
+                    state.nonfinite_total - reported_skips,
+                    state.nonfinite_in_row
+                );
+                reported_skips = state.nonfinite_total;
+            }
             if state.nonfinite_in_row >= tc.max_nonfinite_in_row {
+                // `--resume` continues from what `latest` names: make that the last good checkpoint.
+                if let Some(name) = last_good.as_ref().and_then(|p| p.file_name()) {
+                    stages::atomic::write_bytes_atomic(
+                        &ckpt_root.join("latest"),
+                        format!("{}\n", name.to_string_lossy()).as_bytes(),
+                    )?;
+                }
                 let good = last_good
                     .as_ref()
                     .map_or("none yet".to_string(), |p| p.display().to_string());
                 bail!(
-                    "{} non-finite losses in a row (last at step {}); stopping. The last good checkpoint is {good}; \
+                    "{} non-finite steps in a row (last at step {}); stopping. The last good checkpoint is {good}; \
                      resume from it with --resume after lowering train.lr or setting train.clip_grad",
                     state.nonfinite_in_row,
-                    state.step
+                    state.step - 1
                 );
             }
         }
-        adam.t = adam.t.max(state.adam_t);
-        state.adam_t = adam.t;
-        state.step += 1;
-        state.position = batch.next;
-        let step_s = step_start.elapsed().as_secs_f64();
-        if tc.metrics_every > 0 && state.step % tc.metrics_every == 0 {
+        if metric_step {
             let window = window_start.elapsed().as_secs_f64().max(1e-9);
             let waited = (data.waited - window_wait).as_secs_f64();
             // The inputs carry the Gaussian noise augmentation, so this is the NLL of the noised data in
             // nats/dim with the ½·ln 2π the objective leaves out, never bits/dim of the data (`pipeline
             // bpd` measures that on dequantised images).
             let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
+            let norm = grad_norm.double_value(&[]);
             let line = serde_json::json!({
                 "step": state.step,
                 "epoch": state.position.epoch,
-                "loss": loss_value,
-                "nll_noised": nll.loss.double_value(&[]) + half_log_2pi,
-                "prior": nll.prior.double_value(&[]),
-                "logdet": nll.logdet.double_value(&[]),
-                "align_loss": align_loss.as_ref().map(|a| a.double_value(&[])),
-                "cos": cosines.iter().map(|c| c.double_value(&[])).collect::<Vec<_>>(),
+                "loss": totals.loss.double_value(&[]),
+                "nll_noised": totals.nll.double_value(&[]) + half_log_2pi,
+                "prior": totals.prior.double_value(&[]),
+                "logdet": totals.logdet.double_value(&[]),
+                "align_loss": totals.align.as_ref().map(|a| a.double_value(&[])),
+                "cos": totals.cosines.iter().map(|c| c.double_value(&[])).collect::<Vec<_>>(),
                 "lr": lr,
-                "grad_norm": if grad_norm.is_finite() { Some(grad_norm) } else { None },
+                "grad_norm": if norm.is_finite() { Some(norm) } else { None },
                 "samples_per_s": (tc.batch as u64 * tc.metrics_every) as f64 / window,
                 "step_s": step_s,
                 "data_wait_frac": waited / window,
@@ -384,7 +402,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             window_start = Instant::now();
             window_wait = data.waited;
         }
-        if tc.sample_every > 0 && state.step % tc.sample_every == 0 {
+        if tc.sample_every > 0 && state.step.is_multiple_of(tc.sample_every) {
             write_samples(
                 &ema,
                 sample_vae.as_ref(),
@@ -393,9 +411,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 tc,
             )?;
         }
-        if (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) || state.step == stop
-        {
-            last_good = Some(save(&state, &adam)?);
+        if checkpoint_step {
+            state.adam_t = adam.t.double_value(&[]) as u64;
+            let saved = save(&state, &adam, last_good.as_deref())?;
+            if state.nonfinite_in_row == 0 {
+                last_good = Some(saved);
+            }
         }
         progress.set(state.step);
     }
@@ -483,7 +504,7 @@ fn restore(
         Ok(())
     })?;
     let state = checkpoint::read_state(dir)?;
-    adam.t = state.adam_t;
+    adam.set_t(state.adam_t);
     Ok(state)
 }
 
