@@ -239,12 +239,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::remove_file(args.out.join("metrics.jsonl"))
             .context("removing the metrics of an earlier run")?;
     }
-    let ema_pairs: Vec<(Tensor, Tensor)> = {
+    // (EMA, parameter) pairs in one order, as the two lists the multi-tensor lerp takes.
+    let (ema_list, param_list): (Vec<Tensor>, Vec<Tensor>) = {
         let ev = ema_vs.variables();
         vs.variables()
             .into_iter()
             .map(|(n, p)| (ev[&n].shallow_clone(), p))
-            .collect()
+            .unzip()
     };
 
     let spec = loader_spec(&cfg, shards, device)?;
@@ -329,11 +330,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         let lr = tc.lr_at(state.step);
-        let grad_norm = adam.grad_norm();
+        let grad_norm = adam.grad_norm()?;
         skips.record(&totals.loss, &grad_norm);
-        adam.clip(&grad_norm, tc.clip_grad);
-        adam.step(&skips.ok, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay);
-        optim::ema_update(&ema_pairs, tc.ema_decay, &skips.ok);
+        adam.clip(&grad_norm, tc.clip_grad)?;
+        adam.step(&skips.ok, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)
+            .with_context(|| format!("step {}: optimizer", state.step))?;
+        optim::ema_update(&ema_list, &param_list, tc.ema_decay, &skips.ok)?;
         state.step += 1;
         state.position = batch.next;
         let step_s = step_start.elapsed().as_secs_f64();

@@ -2,17 +2,19 @@
 //! because a checkpoint must hold the moments and an exact resume must restore them.
 //!
 //! Nothing here reads a value back to the host: the gradient norm, the clipping factor and the
-//! "this step is finite" flag stay on the device, and a non-finite step is skipped by the update
-//! itself (every factor of the update becomes the identity), as `GradScaler.step` skips one with
-//! `found_inf`. The trainer reads the counters only on metric and checkpoint steps.
+//! "this step is finite" flag stay on the device, and a non-finite step is skipped by the fused AdamW
+//! kernel itself through its `found_inf` argument, as `GradScaler.step` skips one. The update, the
+//! norm, the clipping and the EMA are each one multi-tensor libtorch call (`torch_ext`), not a few
+//! kernels per parameter. The trainer reads the counters only on metric and checkpoint steps.
 
 use tch::{Kind, Tensor};
 
 pub struct AdamW {
     /// (name, parameter, first moment, second moment), sorted by name.
     pub slots: Vec<(String, Tensor, Tensor, Tensor)>,
-    /// Updates applied so far (bias correction uses it), a float scalar on the parameters' device:
-    /// skipped steps do not count, and the host learns the value only when it checkpoints.
+    /// Updates applied so far (bias correction uses it), a float32 scalar on the parameters' device
+    /// (the fused kernel's step type): skipped steps do not count, and the host learns the value only
+    /// when it checkpoints.
     pub t: Tensor,
 }
 
@@ -57,12 +59,12 @@ impl AdamW {
             .collect();
         Self {
             slots,
-            t: Tensor::zeros([], (Kind::Double, device)),
+            t: Tensor::zeros([], (Kind::Float, device)),
         }
     }
 
     pub fn set_t(&mut self, t: u64) {
-        self.t = Tensor::full([], t as f64, (Kind::Double, self.t.device()));
+        self.t = Tensor::full([], t as f64, (Kind::Float, self.t.device()));
     }
 
     pub fn zero_grad(&mut self) {
@@ -74,38 +76,38 @@ impl AdamW {
         }
     }
 
-    fn grads(&self) -> impl Iterator<Item = Tensor> + '_ {
+    /// The slots whose parameter has a gradient, with that gradient.
+    fn with_grads(&self) -> Vec<(&(String, Tensor, Tensor, Tensor), Tensor)> {
         self.slots
             .iter()
-            .map(|s| s.1.grad())
-            .filter(Tensor::defined)
+            .map(|s| (s, s.1.grad()))
+            .filter(|(_, g)| g.defined())
+            .collect()
     }
 
     /// The global L2 norm of the gradients, a device scalar (0 when there are none).
-    pub fn grad_norm(&self) -> Tensor {
-        let squares: Vec<Tensor> = self.grads().map(|g| g.square().sum(Kind::Float)).collect();
-        match squares.is_empty() {
-            true => Tensor::zeros([], (Kind::Float, self.t.device())),
-            false => Tensor::stack(&squares, 0).sum(Kind::Float).sqrt(),
+    pub fn grad_norm(&self) -> Result<Tensor, torch_ext::ExtError> {
+        let grads: Vec<Tensor> = self.with_grads().into_iter().map(|(_, g)| g).collect();
+        if grads.is_empty() {
+            return Ok(Tensor::zeros([], (Kind::Float, self.t.device())));
         }
+        let norms = torch_ext::foreach_norm(&grads)?;
+        Ok(Tensor::stack(&norms, 0).to_kind(Kind::Float).norm())
     }
 
     /// Scales the gradients down so that their norm is at most `max_norm` (0 = no clipping), with the
     /// factor computed on the device from `norm`.
-    pub fn clip(&mut self, norm: &Tensor, max_norm: f64) {
+    pub fn clip(&mut self, norm: &Tensor, max_norm: f64) -> Result<(), torch_ext::ExtError> {
         if max_norm <= 0.0 {
-            return;
+            return Ok(());
         }
         let coef = (max_norm / (norm + 1e-6)).clamp_max(1.0);
-        tch::no_grad(|| {
-            for mut g in self.grads() {
-                let _ = g.g_mul_(&coef);
-            }
-        });
+        let grads: Vec<Tensor> = self.with_grads().into_iter().map(|(_, g)| g).collect();
+        tch::no_grad(|| torch_ext::foreach_mul_(&grads, &coef))
     }
 
-    /// One AdamW update, applied only where `ok` is 1: with `ok` = 0 the parameters, the moments and
-    /// the step count stay as they were, even if the gradients are NaN.
+    /// One AdamW update in PyTorch's fused kernel, applied only where `ok` is 1: with `ok` = 0 the
+    /// parameters, the moments and the step count stay as they were, even if the gradients are NaN.
     pub fn step(
         &mut self,
         ok: &Tensor,
@@ -114,47 +116,38 @@ impl AdamW {
         beta2: f64,
         eps: f64,
         weight_decay: f64,
-    ) {
-        let ok_bool = ok.gt(0.5);
-        let pick = |yes: f64, no: f64| Tensor::where_scalar(&ok_bool, yes, no);
-        self.t = &self.t + ok.to_kind(Kind::Double);
-        // Bias corrections from the device-side count; clamped so a count of 0 stays finite.
-        let bc1 = ((&self.t * beta1.ln()).exp().neg() + 1.0).clamp_min(1e-30);
-        let bc2 = ((&self.t * beta2.ln()).exp().neg() + 1.0).clamp_min(1e-30);
-        let step_size = (ok.to_kind(Kind::Double) * (-lr) / bc1).to_kind(Kind::Float);
-        let bc2_sqrt = bc2.sqrt().to_kind(Kind::Float);
-        let decay = pick(1.0 - lr * weight_decay, 1.0);
-        let m_weight = pick(1.0 - beta1, 0.0);
-        let v_decay = pick(beta2, 1.0);
-        let v_weight = pick(1.0 - beta2, 0.0);
-        let zero = Tensor::zeros([], (Kind::Float, ok.device()));
-        tch::no_grad(|| {
-            for (_, p, m, v) in &mut self.slots {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                // A skipped step's gradient may be NaN, and 0 · NaN is NaN: select it away first.
-                let g = g.where_self(&ok_bool, &zero);
-                let _ = p.g_mul_(&decay);
-                let _ = m.lerp_tensor_(&g, &m_weight);
-                let _ = v.g_mul_(&v_decay);
-                let _ = v.addcmul_(&g, &(&g * &v_weight));
-                let denom = v.sqrt() / &bc2_sqrt + eps;
-                let _ = p.addcdiv_(&(&*m * &step_size), &denom);
+    ) -> Result<(), torch_ext::ExtError> {
+        let _ = self.t.g_add_(ok);
+        let found_inf = ok.neg() + 1.0;
+        let live = self.with_grads();
+        let mut lists: [Vec<Tensor>; 5] = Default::default();
+        for ((_, p, m, v), g) in live {
+            for (list, t) in lists.iter_mut().zip([p, &g, m, v, &self.t]) {
+                list.push(t.shallow_clone());
             }
-        });
+        }
+        let [params, grads, m, v, steps] = lists;
+        let h = torch_ext::AdamWStep {
+            lr,
+            beta1,
+            beta2,
+            weight_decay,
+            eps,
+        };
+        tch::no_grad(|| {
+            torch_ext::fused_adamw(&params, &grads, &m, &v, &steps, h, Some(&found_inf))
+        })
     }
 }
 
 /// Exponential moving average of the weights, kept in fp32 whatever the compute precision; a skipped
-/// step (`ok` = 0) leaves it unchanged.
-pub fn ema_update(ema: &[(Tensor, Tensor)], decay: f64, ok: &Tensor) {
-    let weight = Tensor::where_scalar(&ok.gt(0.5), 1.0 - decay, 0.0);
-    tch::no_grad(|| {
-        for (e, p) in ema {
-            let mut e = e.shallow_clone();
-            let _ = e.lerp_tensor_(&p.to_kind(Kind::Float), &weight);
-        }
-    });
+/// step (`ok` = 0) leaves it unchanged. One multi-tensor lerp over (EMA, parameter) lists.
+pub fn ema_update(
+    ema: &[Tensor],
+    params: &[Tensor],
+    decay: f64,
+    ok: &Tensor,
+) -> Result<(), torch_ext::ExtError> {
+    let weight = ok * (1.0 - decay);
+    tch::no_grad(|| torch_ext::foreach_lerp_(ema, params, &weight))
 }

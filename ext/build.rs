@@ -1,0 +1,31 @@
+// Compiles csrc/ext.cpp against the headers of the libtorch that torch-sys linked (the venv's torch
+// when LIBTORCH_USE_PYTORCH=1), with the same C++ ABI, and bakes that libtorch into the rpath of this
+// crate's test binaries.
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/ext.cpp");
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let lib = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"),
+    );
+    let include = lib
+        .parent()
+        .expect("libtorch lib dir has a parent")
+        .join("include");
+    // torch ≥ 2.7 wheels (and libtorch builds) use the C++11 ABI; torch-sys assumes the same.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/ext.cpp")
+        .include(&include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false)
+        .compile("torch_ext");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+}
