@@ -9,9 +9,12 @@
 
 use tch::{Kind, Tensor};
 
+/// (name, parameter, first moment, second moment).
+pub type Slot = (String, Tensor, Tensor, Tensor);
+
 pub struct AdamW {
-    /// (name, parameter, first moment, second moment), sorted by name.
-    pub slots: Vec<(String, Tensor, Tensor, Tensor)>,
+    /// Sorted by name.
+    pub slots: Vec<Slot>,
     /// Updates applied so far (bias correction uses it), a float32 scalar on the parameters' device
     /// (the fused kernel's step type): skipped steps do not count, and the host learns the value only
     /// when it checkpoints.
@@ -77,7 +80,7 @@ impl AdamW {
     }
 
     /// The slots whose parameter has a gradient, with that gradient.
-    fn with_grads(&self) -> Vec<(&(String, Tensor, Tensor, Tensor), Tensor)> {
+    fn with_grads(&self) -> Vec<(&Slot, Tensor)> {
         self.slots
             .iter()
             .map(|s| (s, s.1.grad()))
