@@ -120,6 +120,7 @@ fn every_readme_command_parses_and_every_preset_it_names_exists() {
             ));
         }
     }
+    eprintln!("README: {} pipeline commands parsed", commands.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Every subcommand the binary has is shown at least once.
     let help = run_ok(pipeline().arg("--help"));
