@@ -217,9 +217,19 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
         "step_s",
         "data_wait_frac",
         "align_loss",
+        "tokens_per_s",
+        "forward_s",
+        "backward_s",
+        "optimizer_s",
     ] {
         assert!(m[19][k].is_number(), "metric {k} missing: {}", m[19]);
     }
+    // The phases are timed on metric steps and fit inside the step.
+    let phases: f64 = ["forward_s", "backward_s", "optimizer_s"]
+        .iter()
+        .map(|k| m[19][k].as_f64().unwrap())
+        .sum();
+    assert!(phases > 0.0 && phases <= m[19]["step_s"].as_f64().unwrap(), "{}", m[19]);
     let ck = out.join("checkpoints");
     assert_eq!(
         std::fs::read_to_string(ck.join("latest")).unwrap().trim(),

@@ -6,18 +6,19 @@ mod config;
 mod loader;
 mod optim;
 mod step;
+mod trainer;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use model::tarflow::align::{AlignHead, AlignMode};
-use model::tarflow::{self, Model, Precision};
+use model::tarflow::align::AlignMode;
+use model::tarflow::{self, Model};
 use tch::{nn, Device, Kind, Tensor};
 
 pub use config::TrainConfig;
 use loader::{Loader, LoaderSpec, Position};
+use trainer::Trainer;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -160,276 +161,41 @@ pub fn loader_rate(
 pub fn run(args: Args) -> anyhow::Result<()> {
     let loaded = load_config(&args.config, args.latent, &args.shards, &args.cache)?;
     loaded.announce();
-    let cfg = loaded.config.clone();
-    let tc = &cfg.train;
-    let device = model::device::parse_device(&tc.device)?;
-    if tc.threads > 0 {
-        tch::set_num_threads(tc.threads as i32);
-    }
-    let cache_dir = prepare_cache(&cfg)?;
-    let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating run directory {}", args.out.display()))?;
-    let ckpt_root = args.out.join("checkpoints");
-    let resume_from = if args.resume {
-        Some(checkpoint::latest(&ckpt_root)?)
-    } else {
-        if ckpt_root.join("latest").exists() {
-            bail!("{} already holds checkpoints: pass --resume to continue it, or choose another --out", args.out.display());
-        }
-        None
+    let tc = loaded.config.train.clone();
+    let hooks = trainer::Hooks {
+        nan_at: args.inject_nan_at.clone(),
+        inf_grad_at: args.inject_inf_grad_at.clone(),
     };
-    loaded.write_next_to(&args.out)?;
-
-    // Model, EMA copy and projector. Initialisation draws from the libtorch RNG once, here.
-    tch::manual_seed(tc.seed as i64);
-    let mut vs = nn::VarStore::new(device);
-    let mut flow = Model::new(vs.root(), &cfg.model)?;
-    let mut ema_vs = nn::VarStore::new(device);
-    let mut ema = Model::new(ema_vs.root(), &cfg.model)?;
-    let precision = if device.is_cuda() {
-        Precision::Bf16
-    } else {
-        Precision::Fp32
-    };
-    flow.precision = precision;
-    ema.precision = precision;
-    let mut proj_vs = nn::VarStore::new(device);
-    let head = match cfg.align.mode {
-        AlignMode::None => None,
-        _ => Some(AlignHead::new(proj_vs.root(), &cfg.align, &flow)?),
-    };
-    tch::no_grad(|| ema_vs.copy(&vs)).context("initialising the EMA")?;
-    ema_vs.freeze();
-
-    let mut params: Vec<(String, Tensor)> = trainable(&vs, "model.");
-    if head.is_some() {
-        params.extend(trainable(&proj_vs, "projector."));
-    }
-    let mut adam = optim::AdamW::new(params);
-    let mut state = checkpoint::State {
-        step: 0,
-        adam_t: 0,
-        position: Position::default(),
-        nonfinite_total: 0,
-        nonfinite_in_row: 0,
-        seed: tc.seed,
-    };
-    if let Some(dir) = &resume_from {
-        state = restore(
-            dir,
-            &mut vs,
-            &mut ema_vs,
-            &mut proj_vs,
-            head.is_some(),
-            &mut adam,
-        )?;
-        if state.seed != tc.seed {
-            bail!(
-                "{}: checkpoint was trained with seed {}, the config says {}",
-                dir.display(),
-                state.seed,
-                tc.seed
-            );
-        }
-        tracing::info!("resuming from {} at step {}", dir.display(), state.step);
-        truncate_metrics(&args.out.join("metrics.jsonl"), state.step)?;
-    } else if args.out.join("metrics.jsonl").exists() {
-        std::fs::remove_file(args.out.join("metrics.jsonl"))
-            .context("removing the metrics of an earlier run")?;
-    }
-    // (EMA, parameter) pairs in one order, as the two lists the multi-tensor lerp takes.
-    let (ema_list, param_list): (Vec<Tensor>, Vec<Tensor>) = {
-        let ev = ema_vs.variables();
-        vs.variables()
-            .into_iter()
-            .map(|(n, p)| (ev[&n].shallow_clone(), p))
-            .unzip()
-    };
-
-    let spec = loader_spec(&cfg, shards, device)?;
-    let mut data = Loader::start(spec, state.position)?;
-    // Latent sample grids are decoded by the VAE that made the cache, when it can be loaded.
-    let sample_vae = if tc.latent && tc.sample_every > 0 && !cfg.precompute.vae.is_empty() {
-        match model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device) {
-            Ok(vae) => Some(vae),
-            Err(e) => {
-                tracing::warn!(
-                    "sample grids stay latents: loading the VAE {}: {e}",
-                    cfg.precompute.vae
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let manifest = stages::cache::Manifest::load(&cache_dir)?
-        .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
-    let space = crate::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
-    let model_toml = crate::space::sidecar_text(&cfg.model, Some(&space))?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(args.out.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}", args.out.join("metrics.jsonl").display()))?;
-    let progress = crate::progress::Progress::new("train", tc.steps);
-    let save = |state: &checkpoint::State,
-                adam: &optim::AdamW,
-                keep: Option<&Path>|
-     -> anyhow::Result<PathBuf> {
-        let contents = checkpoint::Contents {
-            model: flow.named_tensors(&vs),
-            ema: ema.named_tensors(&ema_vs),
-            projector: head.as_ref().map(|_| sorted(&proj_vs)),
-            moments: adam
-                .slots
-                .iter()
-                .flat_map(|(n, _, mm, v)| {
-                    [
-                        (format!("m.{n}"), mm.shallow_clone()),
-                        (format!("v.{n}"), v.shallow_clone()),
-                    ]
-                })
-                .collect(),
-            model_toml: &model_toml,
-            state,
-        };
-        checkpoint::write(&ckpt_root, &contents, tc.keep_last, keep)
-    };
-    // The last checkpoint saved while no non-finite streak was running: what a user resumes from
-    // after a blow-up, so pruning never removes it.
-    let mut last_good: Option<PathBuf> = resume_from.clone();
-    let mut skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
-    let (mut window_start, mut window_wait) = (Instant::now(), data.waited);
-    let mut reported_skips = state.nonfinite_total;
+    let mut trainer = Trainer::new(&loaded, &args.out, args.resume, hooks)?;
     let stop = args.stop_at.unwrap_or(tc.steps).min(tc.steps);
-    while state.step < stop {
-        let step_start = Instant::now();
-        let batch = data.next()?;
-        let x = if args.inject_nan_at.contains(&state.step) {
-            batch.x.full_like(f64::NAN)
-        } else {
-            batch.x.shallow_clone()
-        };
-        adam.zero_grad();
-        let totals = step::accumulate(
-            &flow,
-            head.as_ref(),
-            &x,
-            &batch.y,
-            batch.features.as_ref(),
-            tc.micro_batch,
-            cfg.align.lambda,
-        )
-        .with_context(|| format!("step {}", state.step))?;
-        if args.inject_inf_grad_at.contains(&state.step) {
-            if let Some((_, p, _, _)) = adam.slots.first() {
-                let _ = p.grad().view([-1]).get(0).fill_(f64::INFINITY);
-            }
-        }
-        let lr = tc.lr_at(state.step);
-        let grad_norm = adam.grad_norm()?;
-        skips.record(&totals.loss, &grad_norm);
-        adam.clip(&grad_norm, tc.clip_grad)?;
-        adam.step(&skips.ok, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)
-            .with_context(|| format!("step {}: optimizer", state.step))?;
-        optim::ema_update(&ema_list, &param_list, tc.ema_decay, &skips.ok)?;
-        state.step += 1;
-        state.position = batch.next;
-        let step_s = step_start.elapsed().as_secs_f64();
-        let metric_step = tc.metrics_every > 0 && state.step.is_multiple_of(tc.metrics_every);
-        let checkpoint_step = (tc.checkpoint_every > 0
-            && state.step.is_multiple_of(tc.checkpoint_every))
-            || state.step == stop;
+    let progress = crate::progress::Progress::new("train", tc.steps);
+    while trainer.state.step < stop {
+        let every = |n: u64| n > 0 && (trainer.state.step + 1).is_multiple_of(n);
+        let (metric_step, sample_step) = (every(tc.metrics_every), every(tc.sample_every));
+        let checkpoint_step = every(tc.checkpoint_every) || trainer.state.step + 1 == stop;
+        let report = trainer.step(metric_step)?;
         // The host learns about skipped steps here only: on metric and checkpoint steps.
         if metric_step || checkpoint_step {
-            state.nonfinite_total = skips.total.int64_value(&[]) as u64;
-            state.nonfinite_in_row = skips.in_row.int64_value(&[]) as u64;
-            if state.nonfinite_total > reported_skips {
-                tracing::warn!(
-                    "step {}: {} non-finite steps skipped since the last report ({} in a row now)",
-                    state.step,
-                    state.nonfinite_total - reported_skips,
-                    state.nonfinite_in_row
-                );
-                reported_skips = state.nonfinite_total;
-            }
-            if state.nonfinite_in_row >= tc.max_nonfinite_in_row {
-                // `--resume` continues from what `latest` names: make that the last good checkpoint.
-                if let Some(name) = last_good.as_ref().and_then(|p| p.file_name()) {
-                    stages::atomic::write_bytes_atomic(
-                        &ckpt_root.join("latest"),
-                        format!("{}\n", name.to_string_lossy()).as_bytes(),
-                    )?;
-                }
-                let good = last_good
-                    .as_ref()
-                    .map_or("none yet".to_string(), |p| p.display().to_string());
-                bail!(
-                    "{} non-finite steps in a row (last at step {}); stopping. The last good checkpoint is {good}; \
-                     resume from it with --resume after lowering train.lr or setting train.clip_grad",
-                    state.nonfinite_in_row,
-                    state.step - 1
-                );
-            }
+            trainer.check_skips()?;
         }
         if metric_step {
-            let window = window_start.elapsed().as_secs_f64().max(1e-9);
-            let waited = (data.waited - window_wait).as_secs_f64();
-            // The inputs carry the Gaussian noise augmentation, so this is the NLL of the noised data in
-            // nats/dim with the ½·ln 2π the objective leaves out, never bits/dim of the data (`pipeline
-            // bpd` measures that on dequantised images).
-            let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
-            let norm = grad_norm.double_value(&[]);
-            let line = serde_json::json!({
-                "step": state.step,
-                "epoch": state.position.epoch,
-                "loss": totals.loss.double_value(&[]),
-                "nll_noised": totals.nll.double_value(&[]) + half_log_2pi,
-                "prior": totals.prior.double_value(&[]),
-                "logdet": totals.logdet.double_value(&[]),
-                "align_loss": totals.align.as_ref().map(|a| a.double_value(&[])),
-                "cos": totals.cosines.iter().map(|c| c.double_value(&[])).collect::<Vec<_>>(),
-                "lr": lr,
-                "grad_norm": if norm.is_finite() { Some(norm) } else { None },
-                "samples_per_s": (tc.batch as u64 * tc.metrics_every) as f64 / window,
-                "step_s": step_s,
-                "data_wait_frac": waited / window,
-                "skipped_nonfinite": state.nonfinite_total,
-            });
-            writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
-            metrics.flush().context("writing metrics.jsonl")?;
-            window_start = Instant::now();
-            window_wait = data.waited;
+            trainer.log(&report)?;
         }
-        if tc.sample_every > 0 && state.step.is_multiple_of(tc.sample_every) {
-            write_samples(
-                &ema,
-                sample_vae.as_ref(),
-                &args.out.join("samples"),
-                state.step,
-                tc,
-            )?;
+        if sample_step {
+            trainer.sample()?;
         }
         if checkpoint_step {
-            state.adam_t = adam.t.double_value(&[]) as u64;
-            let saved = save(&state, &adam, last_good.as_deref())?;
-            if state.nonfinite_in_row == 0 {
-                last_good = Some(saved);
-            }
+            trainer.checkpoint()?;
         }
-        progress.set(state.step);
+        progress.set(trainer.state.step);
     }
     progress.finish();
-    let total_wait = data.waited.as_secs_f64();
     eprintln!(
         "trained {} steps into {} ({} non-finite steps skipped, {:.1}s waiting for data)",
-        state.step,
+        trainer.state.step,
         args.out.display(),
-        state.nonfinite_total,
-        total_wait
+        trainer.state.nonfinite_total,
+        trainer.data_wait().as_secs_f64()
     );
     Ok(())
 }

@@ -1,9 +1,27 @@
 //! The forward and backward half of a training step: the batch in micro-batches whose gradients
 //! accumulate, so a batch that does not fit in memory at once trains exactly as if it did.
 
+use std::time::Instant;
+
 use model::tarflow::align::AlignHead;
 use model::tarflow::{self, Cond, Model};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// Seconds of each phase of a step, measured only on metric steps: the device is synchronised at
+/// every boundary, which a normal step never does.
+#[derive(Clone, Debug, Default)]
+pub struct Phases {
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// Waits for the device's queued work, so that a host clock measures it (CUDA; the CPU is synchronous).
+pub fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
 
 /// The step's batch-mean values as detached device scalars, read back only when they are logged.
 pub struct Totals {
@@ -21,7 +39,8 @@ pub struct Totals {
 /// Forward and backward of the batch (`x`, `y`, `features`) in micro-batches of at most `micro`
 /// samples (0 = all at once). Each micro-batch's loss is weighted by its share of the batch, so the
 /// gradients that accumulate in the parameters' `.grad` (zeroed by the caller) are the whole batch's:
-/// every term of the loss is a mean over samples.
+/// every term of the loss is a mean over samples. With `phases`, forward and backward are timed.
+#[allow(clippy::too_many_arguments)]
 pub fn accumulate(
     flow: &Model,
     head: Option<&AlignHead>,
@@ -30,6 +49,7 @@ pub fn accumulate(
     features: Option<&Tensor>,
     micro: usize,
     lambda: f64,
+    mut phases: Option<&mut Phases>,
 ) -> anyhow::Result<Totals> {
     let b = x.size()[0];
     let micro = if micro == 0 { b } else { (micro as i64).min(b) };
@@ -40,6 +60,7 @@ pub fn accumulate(
         let share = len as f64 / b as f64;
         let (xi, yi) = (x.narrow(0, start, len), y.narrow(0, start, len));
         let cond = Cond::Labels(&yi);
+        let forward_start = Instant::now();
         let out = flow.forward(&xi, &cond, &capture);
         let nll = tarflow::nll(&out);
         let cosines = match (head, features) {
@@ -51,7 +72,17 @@ pub fn accumulate(
             Some(a) => &nll.loss + a * lambda,
             None => nll.loss.shallow_clone(),
         };
+        let backward_start = Instant::now();
+        if let Some(p) = phases.as_deref_mut() {
+            sync(x.device());
+            p.forward_s += (backward_start - forward_start).as_secs_f64();
+        }
+        let backward_start = Instant::now();
         (&loss * share).backward();
+        if let Some(p) = phases.as_deref_mut() {
+            sync(x.device());
+            p.backward_s += backward_start.elapsed().as_secs_f64();
+        }
         let part = |t: &Tensor| t.detach() * share;
         let add = |acc: Option<&Tensor>, t: &Tensor| match acc {
             Some(a) => a + part(t),
@@ -139,7 +170,8 @@ mod tests {
                     }
                 }
             }
-            let totals = accumulate(&flow, Some(&head), &x, &y, Some(&f), micro, 0.5).unwrap();
+            let totals =
+                accumulate(&flow, Some(&head), &x, &y, Some(&f), micro, 0.5, None).unwrap();
             let mut all = grads(&vs);
             all.extend(grads(&pvs));
             (totals, all)

@@ -1,0 +1,404 @@
+//! The training job as one object: the flow, its EMA and the projector, the optimizer, the loader and
+//! the run directory, with a step, a log line, a sample grid and a checkpoint as methods. Micro-batching
+//! lives in `step`, and gradient synchronisation across ranks will too.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use model::tarflow::align::{AlignHead, AlignMode};
+use model::tarflow::{Model, Precision};
+use tch::{nn, Device, Tensor};
+
+use super::loader::{Loader, Position};
+use super::{checkpoint, optim, step};
+
+/// Test hooks: steps whose batch is made NaN, or whose gradient gets an infinite element.
+#[derive(Default)]
+pub struct Hooks {
+    pub nan_at: Vec<u64>,
+    pub inf_grad_at: Vec<u64>,
+}
+
+/// What one step produced, on the device until it is logged.
+pub struct Report {
+    totals: step::Totals,
+    grad_norm: Tensor,
+    lr: f64,
+    step_s: f64,
+    /// Forward, backward and optimizer seconds, measured (with device synchronisation) on timed steps.
+    phases: Option<step::Phases>,
+}
+
+pub struct Trainer {
+    cfg: crate::config::Config,
+    device: Device,
+    vs: nn::VarStore,
+    flow: Model,
+    ema_vs: nn::VarStore,
+    ema: Model,
+    proj_vs: nn::VarStore,
+    head: Option<AlignHead>,
+    adam: optim::AdamW,
+    skips: optim::Skips,
+    /// (EMA, parameter) in one order: the two lists the multi-tensor lerp takes.
+    ema_list: Vec<Tensor>,
+    param_list: Vec<Tensor>,
+    data: Loader,
+    pub state: checkpoint::State,
+    out: PathBuf,
+    ckpt_root: PathBuf,
+    metrics: std::fs::File,
+    model_toml: String,
+    sample_vae: Option<model::vae::LoadedVae>,
+    /// The last checkpoint saved while no non-finite streak was running: what a user resumes from
+    /// after a blow-up, so pruning never removes it.
+    last_good: Option<PathBuf>,
+    reported_skips: u64,
+    window: (Instant, Duration),
+    hooks: Hooks,
+}
+
+impl Trainer {
+    /// Builds (or, with `resume`, restores) everything a run needs; creates the run directory.
+    pub fn new(
+        loaded: &crate::config::Loaded,
+        out: &Path,
+        resume: bool,
+        hooks: Hooks,
+    ) -> anyhow::Result<Self> {
+        let cfg = loaded.config.clone();
+        let tc = &cfg.train;
+        let device = model::device::parse_device(&tc.device)?;
+        if tc.threads > 0 {
+            tch::set_num_threads(tc.threads as i32);
+        }
+        let cache_dir = super::prepare_cache(&cfg)?;
+        let shards = super::cache_shards(&cache_dir, &cfg.data.shards)?;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("creating run directory {}", out.display()))?;
+        let ckpt_root = out.join("checkpoints");
+        let resume_from = if resume {
+            Some(checkpoint::latest(&ckpt_root)?)
+        } else {
+            if ckpt_root.join("latest").exists() {
+                bail!("{} already holds checkpoints: pass --resume to continue it, or choose another --out", out.display());
+            }
+            None
+        };
+        loaded.write_next_to(out)?;
+
+        // Model, EMA copy and projector. Initialisation draws from the libtorch RNG once, here.
+        tch::manual_seed(tc.seed as i64);
+        let mut vs = nn::VarStore::new(device);
+        let mut flow = Model::new(vs.root(), &cfg.model)?;
+        let mut ema_vs = nn::VarStore::new(device);
+        let mut ema = Model::new(ema_vs.root(), &cfg.model)?;
+        let precision = if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+        flow.precision = precision;
+        ema.precision = precision;
+        let mut proj_vs = nn::VarStore::new(device);
+        let head = match cfg.align.mode {
+            AlignMode::None => None,
+            _ => Some(AlignHead::new(proj_vs.root(), &cfg.align, &flow)?),
+        };
+        tch::no_grad(|| ema_vs.copy(&vs)).context("initialising the EMA")?;
+        ema_vs.freeze();
+
+        let mut params: Vec<(String, Tensor)> = super::trainable(&vs, "model.");
+        if head.is_some() {
+            params.extend(super::trainable(&proj_vs, "projector."));
+        }
+        let mut adam = optim::AdamW::new(params);
+        let mut state = checkpoint::State {
+            step: 0,
+            adam_t: 0,
+            position: Position::default(),
+            nonfinite_total: 0,
+            nonfinite_in_row: 0,
+            seed: tc.seed,
+        };
+        let metrics_path = out.join("metrics.jsonl");
+        if let Some(dir) = &resume_from {
+            state = super::restore(
+                dir,
+                &mut vs,
+                &mut ema_vs,
+                &mut proj_vs,
+                head.is_some(),
+                &mut adam,
+            )?;
+            if state.seed != tc.seed {
+                bail!(
+                    "{}: checkpoint was trained with seed {}, the config says {}",
+                    dir.display(),
+                    state.seed,
+                    tc.seed
+                );
+            }
+            tracing::info!("resuming from {} at step {}", dir.display(), state.step);
+            super::truncate_metrics(&metrics_path, state.step)?;
+        } else if metrics_path.exists() {
+            std::fs::remove_file(&metrics_path)
+                .context("removing the metrics of an earlier run")?;
+        }
+        let (ema_list, param_list): (Vec<Tensor>, Vec<Tensor>) = {
+            let ev = ema_vs.variables();
+            vs.variables()
+                .into_iter()
+                .map(|(n, p)| (ev[&n].shallow_clone(), p))
+                .unzip()
+        };
+        let data = Loader::start(super::loader_spec(&cfg, shards, device)?, state.position)?;
+        // Latent sample grids are decoded by the VAE that made the cache, when it can be loaded.
+        let sample_vae = if tc.latent && tc.sample_every > 0 && !cfg.precompute.vae.is_empty() {
+            match model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device) {
+                Ok(vae) => Some(vae),
+                Err(e) => {
+                    tracing::warn!(
+                        "sample grids stay latents: loading the VAE {}: {e}",
+                        cfg.precompute.vae
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let manifest = stages::cache::Manifest::load(&cache_dir)?
+            .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
+        let space = crate::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
+        let model_toml = crate::space::sidecar_text(&cfg.model, Some(&space))?;
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
+        let window = (Instant::now(), data.waited);
+        Ok(Trainer {
+            reported_skips: state.nonfinite_total,
+            cfg,
+            device,
+            vs,
+            flow,
+            ema_vs,
+            ema,
+            proj_vs,
+            head,
+            adam,
+            skips,
+            ema_list,
+            param_list,
+            data,
+            state,
+            out: out.to_path_buf(),
+            ckpt_root,
+            metrics,
+            model_toml,
+            sample_vae,
+            last_good: resume_from,
+            window,
+            hooks,
+        })
+    }
+
+    /// Time spent waiting for the loader so far.
+    pub fn data_wait(&self) -> Duration {
+        self.data.waited
+    }
+
+    /// One optimizer step: the next batch forward and backward in micro-batches, the gradient norm,
+    /// clipping and a fused AdamW update that skips itself when anything is not finite, then the EMA.
+    /// Reads nothing back to the host unless `timed`, when it synchronises around each phase.
+    pub fn step(&mut self, timed: bool) -> anyhow::Result<Report> {
+        let tc = &self.cfg.train;
+        let step_start = Instant::now();
+        let batch = self.data.next()?;
+        let x = if self.hooks.nan_at.contains(&self.state.step) {
+            batch.x.full_like(f64::NAN)
+        } else {
+            batch.x.shallow_clone()
+        };
+        self.adam.zero_grad();
+        let mut phases = timed.then(|| {
+            step::sync(self.device);
+            step::Phases::default()
+        });
+        let totals = step::accumulate(
+            &self.flow,
+            self.head.as_ref(),
+            &x,
+            &batch.y,
+            batch.features.as_ref(),
+            tc.micro_batch,
+            self.cfg.align.lambda,
+            phases.as_mut(),
+        )
+        .with_context(|| format!("step {}", self.state.step))?;
+        if self.hooks.inf_grad_at.contains(&self.state.step) {
+            if let Some((_, p, _, _)) = self.adam.slots.first() {
+                let _ = p.grad().view([-1]).get(0).fill_(f64::INFINITY);
+            }
+        }
+        let optimizer_start = Instant::now();
+        let lr = tc.lr_at(self.state.step);
+        let grad_norm = self.adam.grad_norm()?;
+        self.skips.record(&totals.loss, &grad_norm);
+        self.adam.clip(&grad_norm, tc.clip_grad)?;
+        self.adam
+            .step(
+                &self.skips.ok,
+                lr,
+                tc.beta1,
+                tc.beta2,
+                tc.eps,
+                tc.weight_decay,
+            )
+            .with_context(|| format!("step {}: optimizer", self.state.step))?;
+        optim::ema_update(
+            &self.ema_list,
+            &self.param_list,
+            tc.ema_decay,
+            &self.skips.ok,
+        )?;
+        if let Some(p) = phases.as_mut() {
+            step::sync(self.device);
+            p.optimizer_s = optimizer_start.elapsed().as_secs_f64();
+        }
+        self.state.step += 1;
+        self.state.position = batch.next;
+        Ok(Report {
+            totals,
+            grad_norm,
+            lr,
+            step_s: step_start.elapsed().as_secs_f64(),
+            phases,
+        })
+    }
+
+    /// Reads the skip counters back, warns about new skips and stops a run whose streak is too long,
+    /// pointing `latest` at the last good checkpoint first.
+    pub fn check_skips(&mut self) -> anyhow::Result<()> {
+        let state = &mut self.state;
+        state.nonfinite_total = self.skips.total.int64_value(&[]) as u64;
+        state.nonfinite_in_row = self.skips.in_row.int64_value(&[]) as u64;
+        if state.nonfinite_total > self.reported_skips {
+            tracing::warn!(
+                "step {}: {} non-finite steps skipped since the last report ({} in a row now)",
+                state.step,
+                state.nonfinite_total - self.reported_skips,
+                state.nonfinite_in_row
+            );
+            self.reported_skips = state.nonfinite_total;
+        }
+        if state.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row {
+            // `--resume` continues from what `latest` names: make that the last good checkpoint.
+            if let Some(name) = self.last_good.as_ref().and_then(|p| p.file_name()) {
+                stages::atomic::write_bytes_atomic(
+                    &self.ckpt_root.join("latest"),
+                    format!("{}\n", name.to_string_lossy()).as_bytes(),
+                )?;
+            }
+            let good = self
+                .last_good
+                .as_ref()
+                .map_or("none yet".to_string(), |p| p.display().to_string());
+            bail!(
+                "{} non-finite steps in a row (last at step {}); stopping. The last good checkpoint is {good}; \
+                 resume from it with --resume after lowering train.lr or setting train.clip_grad",
+                state.nonfinite_in_row,
+                state.step - 1
+            );
+        }
+        Ok(())
+    }
+
+    /// One line of `metrics.jsonl`: the step's values read back, rates over the window since the last.
+    pub fn log(&mut self, r: &Report) -> anyhow::Result<()> {
+        let tc = &self.cfg.train;
+        let (start, wait0) = self.window;
+        let window = start.elapsed().as_secs_f64().max(1e-9);
+        let waited = (self.data.waited - wait0).as_secs_f64();
+        // The inputs carry the Gaussian noise augmentation, so this is the NLL of the noised data in
+        // nats/dim with the ½·ln 2π the objective leaves out, never bits/dim of the data (`pipeline
+        // bpd` measures that on dequantised images).
+        let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
+        let norm = r.grad_norm.double_value(&[]);
+        let t = &r.totals;
+        let samples_per_s = (tc.batch as u64 * tc.metrics_every) as f64 / window;
+        let line = serde_json::json!({
+            "step": self.state.step,
+            "epoch": self.state.position.epoch,
+            "loss": t.loss.double_value(&[]),
+            "nll_noised": t.nll.double_value(&[]) + half_log_2pi,
+            "prior": t.prior.double_value(&[]),
+            "logdet": t.logdet.double_value(&[]),
+            "align_loss": t.align.as_ref().map(|a| a.double_value(&[])),
+            "cos": t.cosines.iter().map(|c| c.double_value(&[])).collect::<Vec<_>>(),
+            "lr": r.lr,
+            "grad_norm": if norm.is_finite() { Some(norm) } else { None },
+            "samples_per_s": samples_per_s,
+            "tokens_per_s": samples_per_s * self.cfg.model.num_tokens() as f64,
+            "step_s": r.step_s,
+            "forward_s": r.phases.as_ref().map(|p| p.forward_s),
+            "backward_s": r.phases.as_ref().map(|p| p.backward_s),
+            "optimizer_s": r.phases.as_ref().map(|p| p.optimizer_s),
+            "data_wait_frac": waited / window,
+            "skipped_nonfinite": self.state.nonfinite_total,
+        });
+        writeln!(self.metrics, "{line}").context("writing metrics.jsonl")?;
+        self.metrics.flush().context("writing metrics.jsonl")?;
+        self.window = (Instant::now(), self.data.waited);
+        Ok(())
+    }
+
+    /// An EMA sample grid under `RUN_DIR/samples/`.
+    pub fn sample(&self) -> anyhow::Result<()> {
+        super::write_samples(
+            &self.ema,
+            self.sample_vae.as_ref(),
+            &self.out.join("samples"),
+            self.state.step,
+            &self.cfg.train,
+        )
+    }
+
+    /// A complete checkpoint directory; it becomes the last good one unless a streak is running.
+    pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+        self.state.adam_t = self.adam.t.double_value(&[]) as u64;
+        let contents = checkpoint::Contents {
+            model: self.flow.named_tensors(&self.vs),
+            ema: self.ema.named_tensors(&self.ema_vs),
+            projector: self.head.as_ref().map(|_| super::sorted(&self.proj_vs)),
+            moments: self
+                .adam
+                .slots
+                .iter()
+                .flat_map(|(n, _, m, v)| {
+                    [
+                        (format!("m.{n}"), m.shallow_clone()),
+                        (format!("v.{n}"), v.shallow_clone()),
+                    ]
+                })
+                .collect(),
+            model_toml: &self.model_toml,
+            state: &self.state,
+        };
+        let saved = checkpoint::write(
+            &self.ckpt_root,
+            &contents,
+            self.cfg.train.keep_last,
+            self.last_good.as_deref(),
+        )?;
+        if self.state.nonfinite_in_row == 0 {
+            self.last_good = Some(saved.clone());
+        }
+        Ok(saved)
+    }
+}
