@@ -229,7 +229,11 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
         .iter()
         .map(|k| m[19][k].as_f64().unwrap())
         .sum();
-    assert!(phases > 0.0 && phases <= m[19]["step_s"].as_f64().unwrap(), "{}", m[19]);
+    assert!(
+        phases > 0.0 && phases <= m[19]["step_s"].as_f64().unwrap(),
+        "{}",
+        m[19]
+    );
     let ck = out.join("checkpoints");
     assert_eq!(
         std::fs::read_to_string(ck.join("latest")).unwrap().trim(),
@@ -780,4 +784,47 @@ fn both_token_matchings_train_a_patch_1_latent_flow() {
         .collect();
     sizes.sort();
     assert_eq!(sizes, [(224, vec![2, 16, 32]), (448, vec![2, 64, 32])]);
+}
+
+/// `--dry-run` builds a shipped preset's model on the CPU without data and prints what it costs; the
+/// micro-batch each preset sets fits the H200 estimate it prints.
+#[test]
+fn dry_run_prints_what_the_latent_presets_cost() {
+    for preset in ["imagenet256-latent.toml", "imagenet256-latent-p1.toml"] {
+        let path = repo_root().join("configs").join(preset);
+        let o = run_ok(
+            pipeline()
+                .args(["train", "--dry-run", "--latent", "--config"])
+                .arg(&path)
+                .args(["--set", "train.device=cpu"]),
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        let number_after = |prefix: &str| -> f64 {
+            let line = out
+                .lines()
+                .find(|l| l.contains(prefix))
+                .unwrap_or_else(|| panic!("{out}"));
+            line[line.find(prefix).unwrap() + prefix.len()..]
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .find(|w| !w.is_empty())
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let params = number_after("flow: ");
+        assert!((1.0e9..1.2e9).contains(&params), "{preset}: {out}");
+        assert!(number_after("EMA: ") > 15.0, "{preset}: {out}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let micro: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("micro_batch = "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            micro <= number_after("H200 (141 GB): about "),
+            "{preset}: {out}"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod config;
+mod dry_run;
 mod loader;
 mod optim;
 mod step;
@@ -39,6 +40,10 @@ pub struct Args {
     /// Continue from RUN_DIR/checkpoints/latest
     #[arg(long)]
     resume: bool,
+    /// Build the model and print parameters, optimizer-state bytes and an activation estimate per
+    /// micro-batch, then exit: no data is read and nothing is written
+    #[arg(long)]
+    dry_run: bool,
     /// Stop after this many steps (with a checkpoint), as an interrupted run would; continue with --resume
     #[arg(long, value_name = "STEP")]
     stop_at: Option<u64>,
@@ -60,6 +65,17 @@ pub fn load_config(
     shards: &Option<String>,
     cache: &Option<PathBuf>,
 ) -> anyhow::Result<crate::config::Loaded> {
+    load_config_with(config, latent, shards, cache, true)
+}
+
+/// `load_config`, optionally without reading the VAE folder (a dry run needs no latent factors).
+fn load_config_with(
+    config: &crate::config::ConfigArgs,
+    latent: bool,
+    shards: &Option<String>,
+    cache: &Option<PathBuf>,
+    resolve_latent: bool,
+) -> anyhow::Result<crate::config::Loaded> {
     let mut overrides = config.overrides.clone();
     if latent {
         overrides.push("train.latent=true".into());
@@ -76,7 +92,10 @@ pub fn load_config(
     }
     .load()?;
     let c = &mut loaded.config;
-    if c.train.latent && (c.train.latent_scaling.is_none() || c.train.latent_shift.is_none()) {
+    if resolve_latent
+        && c.train.latent
+        && (c.train.latent_scaling.is_none() || c.train.latent_shift.is_none())
+    {
         if c.train.latent_scaling.is_some() && c.precompute.vae.is_empty() {
             // A scale given by hand without a VAE to read: the common VAEs (sd-vae) have no shift.
             c.train.latent_shift.get_or_insert(0.0);
@@ -159,6 +178,10 @@ pub fn loader_rate(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.dry_run {
+        let loaded = load_config_with(&args.config, args.latent, &args.shards, &args.cache, false)?;
+        return dry_run::run(&loaded.config);
+    }
     let loaded = load_config(&args.config, args.latent, &args.shards, &args.cache)?;
     loaded.announce();
     let tc = loaded.config.train.clone();
