@@ -85,17 +85,24 @@ fn encode_then_decode_round_trips() {
     assert!(max_diff(&back, &x) < 1e-4, "{}", max_diff(&back, &x));
 }
 
-#[test]
-fn reference_named_checkpoint_loads_from_shapes() {
-    let dir = tempfile::tempdir().unwrap();
-    // The PyTorch module's own state_dict stands in for a converted public checkpoint.
-    let config = dir.path().join("c.json");
+/// The config of tests/python/tarflow_ref.py's stand-in for a published TARFlow: 8-px images, patch 2,
+/// learned positions, GELU, 4 classes.
+fn reference_config(dir: &Path) -> std::path::PathBuf {
+    let config = dir.join("c.json");
     std::fs::write(
         &config,
         r#"{"img_size":8,"in_channels":3,"patch_size":2,"channels":64,"num_blocks":2,"layers_per_block":2,"num_classes":4,
             "head_dim":64,"pos_embed":true,"rope":false,"rope_base":10000.0,"mlp":"gelu","swiglu_gate":"silu","mlp_ratio":4.0,"noise_std":0.05}"#,
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn reference_named_checkpoint_loads_from_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The PyTorch module's own state_dict stands in for a converted public checkpoint.
+    let config = reference_config(dir.path());
     tch::manual_seed(1);
     let x = Tensor::rand([2, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let y = Tensor::from_slice(&[1i64, -1]);
@@ -169,13 +176,7 @@ fn reference_named_checkpoint_loads_from_shapes() {
 #[test]
 fn an_ml_tarflow_pth_imports_and_encodes_like_the_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("c.json");
-    std::fs::write(
-        &config,
-        r#"{"img_size":8,"in_channels":3,"patch_size":2,"channels":64,"num_blocks":2,"layers_per_block":2,"num_classes":4,
-            "head_dim":64,"pos_embed":true,"rope":false,"rope_base":10000.0,"mlp":"gelu","swiglu_gate":"silu","mlp_ratio":4.0,"noise_std":0.05}"#,
-    )
-    .unwrap();
+    let config = reference_config(dir.path());
     tch::manual_seed(3);
     let x = Tensor::rand([3, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let y = Tensor::from_slice(&[1i64, -1, 3]);

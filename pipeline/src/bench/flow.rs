@@ -1,6 +1,7 @@
-//! `pipeline bench flow`: one training step (forward + backward + AdamW) and guided KV-cache sampling,
+//! `pipeline bench flow`: one training step (the trainer's own: forward + backward through
+//! `train::step`, gradient norm and finiteness on the device, fused AdamW) and guided KV-cache sampling,
 //! timed for this crate's flow and for the PyTorch model of tests/python/tarflow_ref.py on the same
-//! config, thread count and libtorch, in one run. Prints both and the ratios as one JSON line. Step
+//! config, thread count and libtorch (its AdamW `fused=True`), in one run. Prints both and the ratios as one JSON line. Step
 //! time is the minimum over the timed steps (the mean is reported too).
 
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance, Config};
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -114,14 +115,17 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
             }
         }
     });
-    let mut opt = nn::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        wd: 1e-4,
-        eps: 1e-8,
-        amsgrad: false,
-    }
-    .build(&vs, 1e-4)?;
+    // The trainer's own step: forward/backward through `train::step`, then the global gradient norm,
+    // the device-side finiteness check and the fused AdamW of `train::optim` (no host read-back).
+    let mut params: Vec<(String, Tensor)> = vs
+        .trainable_variables()
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (format!("{i:05}"), t))
+        .collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = crate::train::optim::AdamW::new(params);
+    let mut skips = crate::train::optim::Skips::new(device, 0, 0);
     let x = Tensor::rand(
         [args.batch, cfg.in_channels, cfg.img_size, cfg.img_size],
         (Kind::Float, device),
@@ -129,23 +133,25 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         - 1.0;
     let y = (cfg.num_classes > 0)
         .then(|| Tensor::randint(cfg.num_classes, [args.batch], (Kind::Int64, device)));
-    let cond = y
-        .as_ref()
-        .map_or(tarflow::Cond::Null, tarflow::Cond::Labels);
-    let mut step = || {
-        let out = model.forward(&x, &cond, &[]);
-        let loss = tarflow::nll(&out).loss;
+    let labels = y.as_ref().map_or_else(
+        || Tensor::full([args.batch], -1, (Kind::Int64, device)),
+        Tensor::shallow_clone,
+    );
+    let mut step = || -> anyhow::Result<()> {
         opt.zero_grad();
-        loss.backward();
-        opt.step();
+        let totals = crate::train::step::accumulate(&model, None, &x, &labels, None, 0, 0.0, None)?;
+        let norm = opt.grad_norm()?;
+        skips.record(&totals.loss, &norm);
+        opt.step(&skips.ok, 1e-4, 0.9, 0.95, 1e-8, 1e-4)?;
+        Ok(())
     };
-    step(); // warm-up
+    step()?; // warm-up
     sync(device);
     // The minimum is the estimate least disturbed by other load on a shared machine; the mean is kept.
     let mut times = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
         let start = Instant::now();
-        step();
+        step()?;
         sync(device);
         times.push(start.elapsed().as_secs_f64());
     }

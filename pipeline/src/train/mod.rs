@@ -5,8 +5,8 @@ mod checkpoint;
 mod config;
 mod dry_run;
 mod loader;
-mod optim;
-mod step;
+pub(crate) mod optim;
+pub(crate) mod step;
 mod trainer;
 
 use std::path::{Path, PathBuf};
