@@ -7,6 +7,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/ext.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-changed=/usr/include/gloo");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"),
     );
@@ -16,10 +17,25 @@ fn main() {
         .join("include");
     // torch ≥ 2.7 wheels (and libtorch builds) use the C++11 ABI; torch-sys assumes the same.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    // Gloo's headers are not in the wheel; Debian's libgloo-dev (scripts/setup-system.sh) has them.
+    let gloo = [
+        "/usr/include/gloo/allreduce.h",
+        "/usr/local/include/gloo/allreduce.h",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if gloo {
+        build.define("USE_C10D_GLOO", None);
+    } else {
+        println!("cargo:warning=torch-ext: gloo headers not found (install libgloo-dev): multi-process training on CPU will be refused at run time");
+    }
+    // The NCCL process group needs the CUDA headers; this build does not compile it yet.
+    build
         .cpp(true)
         .file("csrc/ext.cpp")
         .include(&include)
+        .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

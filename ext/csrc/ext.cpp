@@ -82,3 +82,84 @@ char* ext_foreach_mul_(Tensor* const* ts, size_t n, const Tensor* factor) {
 }
 
 }  // extern "C"
+
+// ---- Process groups (c10d): a TCPStore rendezvous and a Gloo (CPU) or NCCL (CUDA) backend. ----
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
+
+struct ExtGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+extern "C" {
+
+// Joins the group `rank` of `world` through a TCPStore served by rank 0 at host:port. `backend` is
+// "gloo" or "nccl"; collectives and the rendezvous give up after timeout_ms.
+char* ext_group_new(const char* backend, const char* host, int port, int rank, int world,
+                    int64_t timeout_ms, ExtGroup** out) {
+  return guard([&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<uint16_t>(port);
+    o.isServer = rank == 0;
+    o.numWorkers = world;
+    o.waitWorkers = true;
+    o.timeout = timeout;
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+    std::string which(backend);
+    c10::intrusive_ptr<c10d::Backend> pg;
+    if (which == "gloo") {
+#ifdef USE_C10D_GLOO
+      auto opts = c10d::ProcessGroupGloo::Options::create();
+      opts->timeout = timeout;
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      if (ifname != nullptr && *ifname != '\0') {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+      } else if (std::string(host).rfind("127.", 0) == 0 || std::string(host) == "localhost") {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      } else {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
+      pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+#else
+      throw std::runtime_error("this build has no Gloo (libgloo-dev was missing when torch-ext was built)");
+#endif
+    } else if (which == "nccl") {
+      throw std::runtime_error(
+          "this build has no NCCL process group: torch-ext was compiled without CUDA headers; use "
+          "train.backend = \"gloo\"");
+    } else {
+      throw std::runtime_error("unknown backend " + which);
+    }
+    *out = new ExtGroup{store, pg};
+  });
+}
+
+void ext_group_free(ExtGroup* g) { delete g; }
+
+// In-place sum over ranks of one tensor.
+char* ext_group_allreduce_sum(ExtGroup* g, Tensor* t) {
+  return guard([&] {
+    std::vector<Tensor> v{*t};
+    g->backend->allreduce(v)->wait();
+  });
+}
+
+// In-place: every rank gets root's tensor.
+char* ext_group_broadcast(ExtGroup* g, Tensor* t, int root) {
+  return guard([&] {
+    std::vector<Tensor> v{*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    g->backend->broadcast(v, o)->wait();
+  });
+}
+
+char* ext_group_barrier(ExtGroup* g) {
+  return guard([&] { g->backend->barrier()->wait(); });
+}
+
+}  // extern "C"

@@ -1,8 +1,11 @@
 //! libtorch operations that tch does not bind, reached through `csrc/ext.cpp`: PyTorch's fused AdamW
 //! kernel and the `_foreach_*` multi-tensor ops that the optimizer step, the EMA and gradient clipping
 //! are made of. Each call is one libtorch dispatch over a whole list of tensors instead of one or more
-//! kernels per parameter, and none reads a value back to the host. C++ exceptions come back as
-//! [`ExtError`] with the operation's name, never as a panic.
+//! kernels per parameter, and none reads a value back to the host; and (`dist`) c10d's process groups
+//! for data-parallel training. C++ exceptions come back as [`ExtError`] with the operation's name,
+//! never as a panic.
+
+pub mod dist;
 
 use std::ffi::{c_char, CStr};
 
