@@ -140,11 +140,13 @@ char* ext_group_new(const char* backend, const char* host, int port, int rank, i
 
 void ext_group_free(ExtGroup* g) { delete g; }
 
-// In-place sum over ranks of one tensor.
-char* ext_group_allreduce_sum(ExtGroup* g, Tensor* t) {
+// In-place reduction over ranks of one tensor: op 0 = sum, 1 = max.
+char* ext_group_allreduce(ExtGroup* g, Tensor* t, int op) {
   return guard([&] {
     std::vector<Tensor> v{*t};
-    g->backend->allreduce(v)->wait();
+    c10d::AllreduceOptions o;
+    o.reduceOp = op == 1 ? c10d::ReduceOp(c10d::ReduceOp::MAX) : c10d::ReduceOp(c10d::ReduceOp::SUM);
+    g->backend->allreduce(v, o)->wait();
   });
 }
 

@@ -27,7 +27,7 @@ extern "C" {
         out: *mut *mut RawGroup,
     ) -> *mut c_char;
     fn ext_group_free(g: *mut RawGroup);
-    fn ext_group_allreduce_sum(g: *mut RawGroup, t: *const C_tensor) -> *mut c_char;
+    fn ext_group_allreduce(g: *mut RawGroup, t: *const C_tensor, op: c_int) -> *mut c_char;
     fn ext_group_broadcast(g: *mut RawGroup, t: *const C_tensor, root: c_int) -> *mut c_char;
     fn ext_group_barrier(g: *mut RawGroup) -> *mut c_char;
 }
@@ -97,7 +97,15 @@ impl Group {
     pub fn all_reduce_sum(&self, t: &Tensor) -> Result<(), ExtError> {
         // SAFETY: a live group and a live tensor handle for the call.
         check("all_reduce", unsafe {
-            ext_group_allreduce_sum(self.raw, t.as_ptr())
+            ext_group_allreduce(self.raw, t.as_ptr(), 0)
+        })
+    }
+
+    /// The element-wise maximum of `t` over the ranks, in place.
+    pub fn all_reduce_max(&self, t: &Tensor) -> Result<(), ExtError> {
+        // SAFETY: as above.
+        check("all_reduce", unsafe {
+            ext_group_allreduce(self.raw, t.as_ptr(), 1)
         })
     }
 
@@ -154,6 +162,9 @@ mod tests {
                     .unwrap();
                     let t = Tensor::full([3], (rank + 1) as f64, (Kind::Float, Device::Cpu));
                     g.all_reduce_sum(&t).unwrap();
+                    let m = Tensor::full([1], rank as f64, (Kind::Float, Device::Cpu));
+                    g.all_reduce_max(&m).unwrap();
+                    assert_eq!(m.double_value(&[0]), 1.0);
                     let b = Tensor::full([2], rank as f64 * 10.0 + 5.0, (Kind::Float, Device::Cpu));
                     g.broadcast(&b, 1).unwrap();
                     g.barrier().unwrap();

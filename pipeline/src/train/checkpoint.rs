@@ -22,6 +22,10 @@ pub struct State {
     pub position: Position,
     pub nonfinite_total: u64,
     pub nonfinite_in_row: u64,
+    /// Every rank's loader position, by rank (`position` is rank 0's); a resume with the same world
+    /// size continues each rank where it was.
+    #[serde(default)]
+    pub positions: Vec<Position>,
     /// Every random draw of training comes from generators keyed by (seed, epoch, rank, batch), so
     /// the seed and the loader position are the whole RNG state.
     pub seed: u64,

@@ -66,6 +66,10 @@ pub struct TrainConfig {
     pub max_nonfinite_in_row: u64,
     pub rank: Option<usize>,
     pub world: Option<usize>,
+    /// Process-group backend with several ranks: `auto` (NCCL on CUDA, Gloo on the CPU), `nccl`, `gloo`.
+    pub backend: String,
+    /// Seconds a rendezvous or a collective may wait for the other ranks before the job fails.
+    pub dist_timeout_s: u64,
     /// libtorch intra-op threads on the CPU; 0 keeps libtorch's default (one per core). Tiny models on
     /// a busy machine run many times faster with 1, because spinning worker threads contend.
     pub threads: usize,
@@ -105,6 +109,8 @@ impl Default for TrainConfig {
             max_nonfinite_in_row: 20,
             rank: None,
             world: None,
+            backend: "auto".into(),
+            dist_timeout_s: 600,
             threads: 0,
         }
     }

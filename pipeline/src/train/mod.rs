@@ -4,8 +4,10 @@
 mod checkpoint;
 mod config;
 mod dry_run;
+mod launch;
 mod loader;
 pub(crate) mod optim;
+mod replicas;
 pub(crate) mod step;
 mod trainer;
 
@@ -53,6 +55,10 @@ pub struct Args {
     /// Test hook: make one gradient element of these steps infinite while the loss stays finite
     #[arg(long, hide = true, value_delimiter = ',')]
     inject_inf_grad_at: Vec<u64>,
+    /// Test hook: one process whose every batch is the concatenation of the batches ranks 0..N of an
+    /// N-rank job would read (what a data-parallel run averages over)
+    #[arg(long, hide = true, value_name = "N")]
+    union_of_ranks: Option<usize>,
 }
 
 /// The effective config of a training job: the file, `--latent`/`--shards`/`--cache` as overrides, the
@@ -121,13 +127,14 @@ fn loader_spec(
     cfg: &crate::config::Config,
     shards: Vec<PathBuf>,
     device: Device,
+    split: stages::order::RankSplit,
 ) -> anyhow::Result<LoaderSpec> {
     let (tc, m) = (&cfg.train, &cfg.model);
     Ok(LoaderSpec {
         shards,
         batch: tc.batch,
         seed: tc.seed,
-        split: stages::order::RankSplit::resolve(tc.rank, tc.world)?,
+        split,
         shuffle_buffer: tc.shuffle_buffer,
         prefetch: tc.prefetch,
         latent: tc.latent,
@@ -164,7 +171,11 @@ pub fn loader_rate(
     let device = model::device::parse_device(&cfg.train.device)?;
     let cache_dir = prepare_cache(cfg)?;
     let shards = cache_shards(&cache_dir, &cfg.data.shards)?;
-    let mut data = Loader::start(loader_spec(cfg, shards, device)?, Position::default())?;
+    let split = stages::order::RankSplit::resolve(cfg.train.rank, cfg.train.world)?;
+    let mut data = Loader::start(
+        loader_spec(cfg, shards, device, split)?,
+        Position::default(),
+    )?;
     for _ in 0..warmup {
         data.next()?;
     }
@@ -188,6 +199,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let hooks = trainer::Hooks {
         nan_at: args.inject_nan_at.clone(),
         inf_grad_at: args.inject_inf_grad_at.clone(),
+        union_of_ranks: args.union_of_ranks,
     };
     let mut trainer = Trainer::new(&loaded, &args.out, args.resume, hooks)?;
     let stop = args.stop_at.unwrap_or(tc.steps).min(tc.steps);

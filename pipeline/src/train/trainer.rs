@@ -11,7 +11,9 @@ use model::tarflow::align::{AlignHead, AlignMode};
 use model::tarflow::{Model, Precision};
 use tch::{nn, Device, Tensor};
 
-use super::loader::{Loader, Position};
+use super::launch::Launch;
+use super::loader::{Batch, Loader, Position};
+use super::replicas::Replicas;
 use super::{checkpoint, optim, step};
 
 /// Test hooks: steps whose batch is made NaN, or whose gradient gets an infinite element.
@@ -19,6 +21,8 @@ use super::{checkpoint, optim, step};
 pub struct Hooks {
     pub nan_at: Vec<u64>,
     pub inf_grad_at: Vec<u64>,
+    /// One process reading what ranks 0..N of an N-rank job would, concatenated into each batch.
+    pub union_of_ranks: Option<usize>,
 }
 
 /// What one step produced, on the device until it is logged.
@@ -45,11 +49,16 @@ pub struct Trainer {
     /// (EMA, parameter) in one order: the two lists the multi-tensor lerp takes.
     ema_list: Vec<Tensor>,
     param_list: Vec<Tensor>,
-    data: Loader,
+    /// This rank's loader (several with the `union_of_ranks` hook), and where each stands.
+    data: Vec<Loader>,
+    cursors: Vec<Position>,
+    launch: Launch,
+    replicas: Option<Replicas>,
     pub state: checkpoint::State,
     out: PathBuf,
     ckpt_root: PathBuf,
-    metrics: std::fs::File,
+    /// Rank 0 writes the metrics, checkpoints and samples; the other ranks write nothing.
+    metrics: Option<std::fs::File>,
     model_toml: String,
     sample_vae: Option<model::vae::LoadedVae>,
     /// The last checkpoint saved while no non-finite streak was running: what a user resumes from
@@ -70,14 +79,18 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         let cfg = loaded.config.clone();
         let tc = &cfg.train;
-        let device = model::device::parse_device(&tc.device)?;
+        let launch = Launch::resolve(tc)?;
+        let root = launch.rank == 0;
+        let device = launch.device(&tc.device)?;
         if tc.threads > 0 {
             tch::set_num_threads(tc.threads as i32);
         }
         let cache_dir = super::prepare_cache(&cfg)?;
         let shards = super::cache_shards(&cache_dir, &cfg.data.shards)?;
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("creating run directory {}", out.display()))?;
+        if root {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("creating run directory {}", out.display()))?;
+        }
         let ckpt_root = out.join("checkpoints");
         let resume_from = if resume {
             Some(checkpoint::latest(&ckpt_root)?)
@@ -87,7 +100,15 @@ impl Trainer {
             }
             None
         };
-        loaded.write_next_to(out)?;
+        if root {
+            loaded.write_next_to(out)?;
+        }
+        let replicas = Replicas::join(
+            &launch,
+            &tc.backend,
+            device,
+            Duration::from_secs(tc.dist_timeout_s.max(1)),
+        )?;
 
         // Model, EMA copy and projector. Initialisation draws from the libtorch RNG once, here.
         tch::manual_seed(tc.seed as i64);
@@ -121,9 +142,11 @@ impl Trainer {
             position: Position::default(),
             nonfinite_total: 0,
             nonfinite_in_row: 0,
+            positions: vec![],
             seed: tc.seed,
         };
         let metrics_path = out.join("metrics.jsonl");
+        let mut positions = vec![];
         if let Some(dir) = &resume_from {
             state = super::restore(
                 dir,
@@ -142,8 +165,11 @@ impl Trainer {
                 );
             }
             tracing::info!("resuming from {} at step {}", dir.display(), state.step);
-            super::truncate_metrics(&metrics_path, state.step)?;
-        } else if metrics_path.exists() {
+            if root {
+                super::truncate_metrics(&metrics_path, state.step)?;
+            }
+            positions = state.positions.clone();
+        } else if root && metrics_path.exists() {
             std::fs::remove_file(&metrics_path)
                 .context("removing the metrics of an earlier run")?;
         }
@@ -154,7 +180,55 @@ impl Trainer {
                 .map(|(n, p)| (ev[&n].shallow_clone(), p))
                 .unzip()
         };
-        let data = Loader::start(super::loader_spec(&cfg, shards, device)?, state.position)?;
+        // Each rank continues where it was; after a change of world size the ranks' splits differ from
+        // the checkpoint's, so each starts the recorded epoch of its new split from its beginning.
+        let ranks: Vec<usize> = match hooks.union_of_ranks {
+            Some(n) => (0..n).collect(),
+            None => vec![launch.rank],
+        };
+        let world = hooks.union_of_ranks.unwrap_or(launch.world);
+        let mut data = Vec::with_capacity(ranks.len());
+        for &r in &ranks {
+            let start = match positions.get(r) {
+                Some(p) if positions.len() == world => *p,
+                _ if resume_from.is_some() && positions.len() != world => {
+                    if r == ranks[0] {
+                        tracing::warn!(
+                            "resuming {} ranks from a checkpoint of {}: each rank restarts epoch {} of its new shard split",
+                            world,
+                            positions.len().max(1),
+                            state.position.epoch
+                        );
+                    }
+                    Position {
+                        epoch: state.position.epoch,
+                        batch: 0,
+                    }
+                }
+                _ => state.position,
+            };
+            let split = stages::order::RankSplit { rank: r, world };
+            data.push(Loader::start(
+                super::loader_spec(&cfg, shards.clone(), device, split)?,
+                start,
+            )?);
+        }
+        if let Some(rep) = &replicas {
+            // DDP's rule: every replica starts from rank 0's weights, EMA, projector and optimizer
+            // state; and every parameter has a gradient tensor from the start, so the gradient buckets
+            // are the same on every rank even for a parameter a step does not reach.
+            let mut all: Vec<Tensor> = sorted_values(&vs);
+            all.extend(sorted_values(&ema_vs));
+            all.extend(sorted_values(&proj_vs));
+            for (_, p, m, v) in &adam.slots {
+                all.extend([p.shallow_clone(), m.shallow_clone(), v.shallow_clone()]);
+                if !p.grad().defined() {
+                    (p.sum(tch::Kind::Float) * 0.0).backward();
+                }
+            }
+            all.push(adam.t.shallow_clone());
+            rep.broadcast(&all)?;
+        }
         // Latent sample grids are decoded by the VAE that made the cache, when it can be loaded.
         let sample_vae = if tc.latent && tc.sample_every > 0 && !cfg.precompute.vae.is_empty() {
             match model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device) {
@@ -174,13 +248,18 @@ impl Trainer {
             .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
         let space = crate::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
         let model_toml = crate::space::sidecar_text(&cfg.model, Some(&space))?;
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let metrics = match root {
+            true => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)
+                    .with_context(|| format!("opening {}", metrics_path.display()))?,
+            ),
+            false => None,
+        };
         let skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
-        let window = (Instant::now(), data.waited);
+        let window = (Instant::now(), Duration::ZERO);
         Ok(Trainer {
             reported_skips: state.nonfinite_total,
             cfg,
@@ -195,7 +274,10 @@ impl Trainer {
             skips,
             ema_list,
             param_list,
+            cursors: vec![state.position; data.len()],
             data,
+            launch,
+            replicas,
             state,
             out: out.to_path_buf(),
             ckpt_root,
@@ -210,16 +292,42 @@ impl Trainer {
 
     /// Time spent waiting for the loader so far.
     pub fn data_wait(&self) -> Duration {
-        self.data.waited
+        self.data.iter().map(|d| d.waited).sum()
+    }
+
+    /// The next batch; with the `union_of_ranks` hook, every rank's batch concatenated.
+    fn next_batch(&mut self) -> anyhow::Result<Batch> {
+        if self.data.len() == 1 {
+            let batch = self.data[0].next()?;
+            self.cursors[0] = batch.next;
+            return Ok(batch);
+        }
+        let parts = self
+            .data
+            .iter_mut()
+            .map(Loader::next)
+            .collect::<anyhow::Result<Vec<Batch>>>()?;
+        self.cursors = parts.iter().map(|b| b.next).collect();
+        let cat =
+            |f: &dyn Fn(&Batch) -> Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(Batch {
+            x: cat(&|b| b.x.shallow_clone()),
+            y: cat(&|b| b.y.shallow_clone()),
+            features: parts[0]
+                .features
+                .is_some()
+                .then(|| cat(&|b| b.features.as_ref().unwrap().shallow_clone())),
+            next: parts[0].next,
+        })
     }
 
     /// One optimizer step: the next batch forward and backward in micro-batches, the gradient norm,
     /// clipping and a fused AdamW update that skips itself when anything is not finite, then the EMA.
     /// Reads nothing back to the host unless `timed`, when it synchronises around each phase.
     pub fn step(&mut self, timed: bool) -> anyhow::Result<Report> {
-        let tc = &self.cfg.train;
         let step_start = Instant::now();
-        let batch = self.data.next()?;
+        let batch = self.next_batch()?;
+        let tc = &self.cfg.train;
         let x = if self.hooks.nan_at.contains(&self.state.step) {
             batch.x.full_like(f64::NAN)
         } else {
@@ -241,6 +349,12 @@ impl Trainer {
             phases.as_mut(),
         )
         .with_context(|| format!("step {}", self.state.step))?;
+        if let Some(rep) = &self.replicas {
+            let grads: Vec<Tensor> = self.adam.slots.iter().map(|s| s.1.grad()).collect();
+            rep.average_grads(&grads).with_context(|| {
+                format!("step {}: averaging gradients over ranks", self.state.step)
+            })?;
+        }
         if self.hooks.inf_grad_at.contains(&self.state.step) {
             if let Some((_, p, _, _)) = self.adam.slots.first() {
                 let _ = p.grad().view([-1]).get(0).fill_(f64::INFINITY);
@@ -324,23 +438,42 @@ impl Trainer {
         let tc = &self.cfg.train;
         let (start, wait0) = self.window;
         let window = start.elapsed().as_secs_f64().max(1e-9);
-        let waited = (self.data.waited - wait0).as_secs_f64();
+        let mut wait_frac = (self.data_wait() - wait0).as_secs_f64() / window;
         // The inputs carry the Gaussian noise augmentation, so this is the NLL of the noised data in
         // nats/dim with the ½·ln 2π the objective leaves out, never bits/dim of the data (`pipeline
         // bpd` measures that on dequantised images).
         let half_log_2pi = 0.5 * (2.0 * std::f64::consts::PI).ln();
         let norm = r.grad_norm.double_value(&[]);
         let t = &r.totals;
-        let samples_per_s = (tc.batch as u64 * tc.metrics_every) as f64 / window;
+        // The values of the whole job: losses averaged over ranks, throughput summed (every rank
+        // takes a batch per step), the data wait of the rank that waited most.
+        let mut scalars: Vec<&Tensor> = vec![&t.loss, &t.nll, &t.prior, &t.logdet];
+        scalars.extend(t.align.as_ref());
+        scalars.extend(t.cosines.iter());
+        let values = match &self.replicas {
+            Some(rep) => {
+                wait_frac = rep.max(wait_frac)?;
+                rep.mean(&scalars)?
+            }
+            None => scalars.iter().map(|v| v.double_value(&[])).collect(),
+        };
+        let Some(metrics) = self.metrics.as_mut() else {
+            self.window = (Instant::now(), self.data_wait());
+            return Ok(());
+        };
+        let ranks = self.replicas.as_ref().map_or(1, Replicas::world);
+        let samples_per_s = (tc.batch as u64 * tc.metrics_every) as f64 / window * ranks as f64;
+        let align = t.align.as_ref().map(|_| values[4]);
+        let cos = &values[4 + usize::from(align.is_some())..];
         let line = serde_json::json!({
             "step": self.state.step,
             "epoch": self.state.position.epoch,
-            "loss": t.loss.double_value(&[]),
-            "nll_noised": t.nll.double_value(&[]) + half_log_2pi,
-            "prior": t.prior.double_value(&[]),
-            "logdet": t.logdet.double_value(&[]),
-            "align_loss": t.align.as_ref().map(|a| a.double_value(&[])),
-            "cos": t.cosines.iter().map(|c| c.double_value(&[])).collect::<Vec<_>>(),
+            "loss": values[0],
+            "nll_noised": values[1] + half_log_2pi,
+            "prior": values[2],
+            "logdet": values[3],
+            "align_loss": align,
+            "cos": cos,
             "lr": r.lr,
             "grad_norm": if norm.is_finite() { Some(norm) } else { None },
             "samples_per_s": samples_per_s,
@@ -349,17 +482,20 @@ impl Trainer {
             "forward_s": r.phases.as_ref().map(|p| p.forward_s),
             "backward_s": r.phases.as_ref().map(|p| p.backward_s),
             "optimizer_s": r.phases.as_ref().map(|p| p.optimizer_s),
-            "data_wait_frac": waited / window,
+            "data_wait_frac": wait_frac,
             "skipped_nonfinite": self.state.nonfinite_total,
         });
-        writeln!(self.metrics, "{line}").context("writing metrics.jsonl")?;
-        self.metrics.flush().context("writing metrics.jsonl")?;
-        self.window = (Instant::now(), self.data.waited);
+        writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+        metrics.flush().context("writing metrics.jsonl")?;
+        self.window = (Instant::now(), self.data_wait());
         Ok(())
     }
 
-    /// An EMA sample grid under `RUN_DIR/samples/`.
+    /// An EMA sample grid under `RUN_DIR/samples/` (rank 0; the EMA is the same on every rank).
     pub fn sample(&self) -> anyhow::Result<()> {
+        if self.launch.rank != 0 {
+            return Ok(());
+        }
         super::write_samples(
             &self.ema,
             self.sample_vae.as_ref(),
@@ -369,9 +505,30 @@ impl Trainer {
         )
     }
 
-    /// A complete checkpoint directory; it becomes the last good one unless a streak is running.
-    pub fn checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+    /// A complete checkpoint directory, written by rank 0 after every replica's weights are checked
+    /// against its own and every rank's loader position is collected; it becomes the last good one
+    /// unless a streak is running.
+    pub fn checkpoint(&mut self) -> anyhow::Result<()> {
         self.state.adam_t = self.adam.t.double_value(&[]) as u64;
+        self.state.positions = match &self.replicas {
+            Some(rep) => {
+                let mut weights = sorted_values(&self.vs);
+                weights.extend(sorted_values(&self.proj_vs));
+                rep.check_in_sync(&weights)?;
+                let p = self.cursors[0];
+                rep.gather(&[p.epoch as f64, p.batch as f64])?
+                    .iter()
+                    .map(|v| Position {
+                        epoch: v[0] as u64,
+                        batch: v[1] as u64,
+                    })
+                    .collect()
+            }
+            None => self.cursors.clone(),
+        };
+        if self.launch.rank != 0 {
+            return Ok(());
+        }
         let contents = checkpoint::Contents {
             model: self.flow.named_tensors(&self.vs),
             ema: self.ema.named_tensors(&self.ema_vs),
@@ -397,8 +554,13 @@ impl Trainer {
             self.last_good.as_deref(),
         )?;
         if self.state.nonfinite_in_row == 0 {
-            self.last_good = Some(saved.clone());
+            self.last_good = Some(saved);
         }
-        Ok(saved)
+        Ok(())
     }
+}
+
+/// A store's tensors in name order (the same order on every rank).
+fn sorted_values(vs: &nn::VarStore) -> Vec<Tensor> {
+    super::sorted(vs).into_iter().map(|(_, t)| t).collect()
 }

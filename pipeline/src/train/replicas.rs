@@ -1,0 +1,175 @@
+//! Data parallelism the way PyTorch's DDP does it, on the same engine (c10d through `torch_ext::dist`):
+//! every replica starts from rank 0's weights, gradients are averaged over ranks in buckets of about
+//! 25 MiB after each step's backward, and the few values the host needs (logged scalars, loader
+//! cursors, a checksum of the weights) are reduced on metric and checkpoint steps only. Host values
+//! travel as CPU tensors, which is what Gloo reduces (the only backend this build compiles).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tch::{Kind, Tensor};
+use torch_ext::dist::{Backend, Group};
+
+use super::launch::Launch;
+
+/// Gradient bytes per all-reduce, as DDP's default `bucket_cap_mb`.
+const BUCKET_BYTES: i64 = 25 << 20;
+
+pub struct Replicas {
+    group: Group,
+}
+
+impl Replicas {
+    /// Joins the job's process group; `None` for a single process.
+    pub fn join(
+        launch: &Launch,
+        backend: &str,
+        device: tch::Device,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<Replicas>> {
+        if launch.world == 1 {
+            return Ok(None);
+        }
+        let backend = match (backend, device.is_cuda()) {
+            ("gloo", _) | ("auto", false) => Backend::Gloo,
+            ("nccl", _) | ("auto", true) => Backend::Nccl,
+            (other, _) => {
+                bail!("train.backend = {other:?}: expected \"auto\", \"nccl\" or \"gloo\"")
+            }
+        };
+        if backend == Backend::Gloo && device.is_cuda() {
+            bail!("train.backend = \"gloo\" reduces CPU tensors; this rank trains on {device:?} (use \"nccl\")");
+        }
+        let group = Group::join(
+            backend,
+            &launch.master_addr,
+            launch.master_port,
+            launch.rank,
+            launch.world,
+            timeout,
+        )
+        .with_context(|| {
+            format!(
+                "rank {} of {}: joining the process group at {}:{}",
+                launch.rank, launch.world, launch.master_addr, launch.master_port
+            )
+        })?;
+        tracing::info!(
+            "rank {} of {}: {backend:?} process group at {}:{}",
+            launch.rank,
+            launch.world,
+            launch.master_addr,
+            launch.master_port
+        );
+        Ok(Some(Replicas { group }))
+    }
+
+    pub fn world(&self) -> usize {
+        self.group.world
+    }
+
+    /// Rank 0's values into every replica's tensors, in place.
+    pub fn broadcast(&self, tensors: &[Tensor]) -> anyhow::Result<()> {
+        tch::no_grad(|| {
+            for t in tensors {
+                self.group.broadcast(t, 0)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every gradient replaced by its mean over the ranks: flattened into buckets of about 25 MiB,
+    /// each summed in one all-reduce, divided by the world size and copied back.
+    pub fn average_grads(&self, grads: &[Tensor]) -> anyhow::Result<()> {
+        let scale = 1.0 / self.world() as f64;
+        tch::no_grad(|| {
+            let mut start = 0;
+            while start < grads.len() {
+                let (mut end, mut bytes) = (start, 0i64);
+                while end < grads.len() && (end == start || bytes < BUCKET_BYTES) {
+                    bytes +=
+                        grads[end].numel() as i64 * grads[end].kind().elt_size_in_bytes() as i64;
+                    end += 1;
+                }
+                let bucket = &grads[start..end];
+                let flat = Tensor::cat(
+                    &bucket.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(),
+                    0,
+                );
+                self.group.all_reduce_sum(&flat)?;
+                let flat = flat * scale;
+                let mut offset = 0;
+                for g in bucket {
+                    let n = g.numel() as i64;
+                    g.shallow_clone()
+                        .copy_(&flat.narrow(0, offset, n).view_as(g));
+                    offset += n;
+                }
+                start = end;
+            }
+            Ok(())
+        })
+    }
+
+    /// The mean over ranks of each value (device scalars, read back here).
+    pub fn mean(&self, values: &[&Tensor]) -> anyhow::Result<Vec<f64>> {
+        if values.is_empty() {
+            return Ok(vec![]);
+        }
+        let t = Tensor::stack(
+            &values
+                .iter()
+                .map(|v| v.to_kind(Kind::Double).reshape([]))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .to_device(tch::Device::Cpu);
+        self.group.all_reduce_sum(&t)?;
+        let sum = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu))?;
+        Ok(sum.iter().map(|v| v / self.world() as f64).collect())
+    }
+
+    pub fn max(&self, value: f64) -> anyhow::Result<f64> {
+        let t = Tensor::from_slice(&[value]);
+        self.group.all_reduce_max(&t)?;
+        Ok(t.double_value(&[0]))
+    }
+
+    /// Every rank's `values` (the same count on each), indexed by rank: each rank fills its row of a
+    /// zero matrix and the sum is the gather.
+    pub fn gather(&self, values: &[f64]) -> anyhow::Result<Vec<Vec<f64>>> {
+        let (w, k) = (self.world(), values.len());
+        let rows = Tensor::zeros([w as i64, k as i64], (Kind::Double, tch::Device::Cpu));
+        rows.get(self.group.rank as i64)
+            .copy_(&Tensor::from_slice(values));
+        self.group.all_reduce_sum(&rows)?;
+        let flat = Vec::<f64>::try_from(rows.to_device(tch::Device::Cpu).reshape([-1]))?;
+        Ok(flat.chunks(k.max(1)).map(<[f64]>::to_vec).collect())
+    }
+
+    /// Stops with an error naming the ranks whose weights differ from rank 0's: a checksum (sum and
+    /// sum of squares in f64) of every tensor, compared exactly — replicas are bitwise copies.
+    pub fn check_in_sync(&self, tensors: &[Tensor]) -> anyhow::Result<()> {
+        let (mut sum, mut squares) = (0.0, 0.0);
+        tch::no_grad(|| {
+            for t in tensors {
+                let d = t.to_kind(Kind::Double);
+                sum += d.sum(Kind::Double).double_value(&[]);
+                squares += d.square().sum(Kind::Double).double_value(&[]);
+            }
+        });
+        let all = self.gather(&[sum, squares])?;
+        let off: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
+        if !off.is_empty() {
+            bail!(
+                "replicas diverged: the weights of rank(s) {off:?} differ from rank 0's (checksums {all:?})"
+            );
+        }
+        tracing::info!(
+            "{} replicas in sync (weight checksum {:.6e})",
+            all.len(),
+            all[0][0]
+        );
+        Ok(())
+    }
+}
