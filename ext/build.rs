@@ -30,7 +30,31 @@ fn main() {
     } else {
         println!("cargo:warning=torch-ext: gloo headers not found (install libgloo-dev): multi-process training on CPU will be refused at run time");
     }
-    // The NCCL process group needs the CUDA headers; this build does not compile it yet.
+    // The NCCL process group: nccl.h and the CUDA headers from the venv's nvidia packages (next to
+    // torch/), with nvcc's crt/ and CCCL's nv/ (scripts/requirements-build.txt); libtorch_cuda, which
+    // torch-sys links when it exists, has the code.
+    // DEP_TCH_LIBTORCH_LIB is <site-packages>/torch/lib.
+    let site = lib.parent().and_then(|torch| torch.parent());
+    let cuda = site.map(|s| s.join("nvidia/cu13/include"));
+    let nccl = site.map(|s| s.join("nvidia/nccl/include"));
+    let has_cuda_lib = lib.join("libtorch_cuda.so").exists();
+    match (cuda, nccl) {
+        (Some(cuda), Some(nccl))
+            if has_cuda_lib
+                && nccl.join("nccl.h").exists()
+                && cuda.join("crt/host_config.h").exists()
+                && (cuda.join("nv/target").exists() || cuda.join("cccl/nv/target").exists()) =>
+        {
+            build
+                .define("USE_C10D_NCCL", None)
+                .include(&cuda)
+                .include(cuda.join("cccl"))
+                .include(&nccl);
+        }
+        _ => println!(
+            "cargo:warning=torch-ext: no NCCL process group in this build (needs libtorch_cuda, nccl.h and the CUDA headers of scripts/requirements-build.txt): multi-GPU training will be refused at run time"
+        ),
+    }
     build
         .cpp(true)
         .file("csrc/ext.cpp")

@@ -88,6 +88,9 @@ char* ext_foreach_mul_(Tensor* const* ts, size_t n, const Tensor* factor) {
 #ifdef USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 struct ExtGroup {
   c10::intrusive_ptr<c10d::Store> store;
@@ -128,9 +131,15 @@ char* ext_group_new(const char* backend, const char* host, int port, int rank, i
       throw std::runtime_error("this build has no Gloo (libgloo-dev was missing when torch-ext was built)");
 #endif
     } else if (which == "nccl") {
+#ifdef USE_C10D_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+#else
       throw std::runtime_error(
-          "this build has no NCCL process group: torch-ext was compiled without CUDA headers; use "
-          "train.backend = \"gloo\"");
+          "this build has no NCCL process group: torch-ext was compiled without the CUDA headers "
+          "(scripts/requirements-build.txt); use train.backend = \"gloo\" on CPUs");
+#endif
     } else {
       throw std::runtime_error("unknown backend " + which);
     }

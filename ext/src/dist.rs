@@ -183,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    fn nccl_without_cuda_headers_and_bad_ranks_are_errors() {
+    fn nccl_without_a_gpu_and_bad_ranks_are_errors() {
         let e = Group::join(Backend::Gloo, "127.0.0.1", 1, 2, 2, Duration::from_secs(1))
             .err()
             .unwrap();

@@ -1,8 +1,7 @@
 //! Data parallelism the way PyTorch's DDP does it, on the same engine (c10d through `torch_ext::dist`):
 //! every replica starts from rank 0's weights, gradients are averaged over ranks in buckets of about
 //! 25 MiB after each step's backward, and the few values the host needs (logged scalars, loader
-//! cursors, a checksum of the weights) are reduced on metric and checkpoint steps only. Host values
-//! travel as CPU tensors, which is what Gloo reduces (the only backend this build compiles).
+//! cursors, a checksum of the weights) are reduced on metric and checkpoint steps only.
 
 use std::time::Duration;
 
@@ -17,6 +16,9 @@ const BUCKET_BYTES: i64 = 25 << 20;
 
 pub struct Replicas {
     group: Group,
+    /// Where the few host values travel for a reduction: CPU tensors for Gloo, the rank's GPU for
+    /// NCCL (which reduces device memory only).
+    wire: tch::Device,
 }
 
 impl Replicas {
@@ -61,7 +63,11 @@ impl Replicas {
             launch.master_addr,
             launch.master_port
         );
-        Ok(Some(Replicas { group }))
+        let wire = match backend {
+            Backend::Gloo => tch::Device::Cpu,
+            Backend::Nccl => device,
+        };
+        Ok(Some(Replicas { group, wire }))
     }
 
     pub fn world(&self) -> usize {
@@ -123,14 +129,14 @@ impl Replicas {
                 .collect::<Vec<_>>(),
             0,
         )
-        .to_device(tch::Device::Cpu);
+        .to_device(self.wire);
         self.group.all_reduce_sum(&t)?;
         let sum = Vec::<f64>::try_from(t.to_device(tch::Device::Cpu))?;
         Ok(sum.iter().map(|v| v / self.world() as f64).collect())
     }
 
     pub fn max(&self, value: f64) -> anyhow::Result<f64> {
-        let t = Tensor::from_slice(&[value]);
+        let t = Tensor::from_slice(&[value]).to_device(self.wire);
         self.group.all_reduce_max(&t)?;
         Ok(t.double_value(&[0]))
     }
@@ -142,6 +148,7 @@ impl Replicas {
         let rows = Tensor::zeros([w as i64, k as i64], (Kind::Double, tch::Device::Cpu));
         rows.get(self.group.rank as i64)
             .copy_(&Tensor::from_slice(values));
+        let rows = rows.to_device(self.wire);
         self.group.all_reduce_sum(&rows)?;
         let flat = Vec::<f64>::try_from(rows.to_device(tch::Device::Cpu).reshape([-1]))?;
         Ok(flat.chunks(k.max(1)).map(<[f64]>::to_vec).collect())
