@@ -253,3 +253,29 @@ fn a_dead_rank_fails_the_job_instead_of_hanging_it() {
     std::io::Read::read_to_string(r0.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("error"), "{err}");
 }
+
+#[test]
+fn bench_allreduce_reports_the_backends_bandwidth() {
+    let port = free_port().to_string();
+    let o = run_ok(pipeline().args([
+        "bench",
+        "allreduce",
+        "--world",
+        "2",
+        "--mib",
+        "4",
+        "--repeats",
+        "3",
+        "--port",
+        &port,
+    ]));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(line["world"], 2);
+    assert_eq!(line["bytes"], 4.0 * (1 << 20) as f64);
+    assert!(line["algo_gb_per_s"].as_f64().unwrap() > 0.0, "{line}");
+    assert!(
+        line["gradient_allreduce_s"].as_f64().unwrap() > 0.0,
+        "{line}"
+    );
+}

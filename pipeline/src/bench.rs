@@ -1,6 +1,7 @@
 //! `pipeline bench ...`: speed measurements against a reference in the same run, reporting the ratio
 //! (results in BENCHMARKS.md). One module per benchmark.
 
+pub mod allreduce;
 pub mod decode;
 pub mod encoders;
 pub mod flow;
@@ -15,6 +16,8 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum BenchCommand {
+    /// All-reduce time and bandwidth of the data-parallel backend for gradient-sized buffers
+    Allreduce(allreduce::Args),
     /// Decode and ADM-crop throughput against Pillow on the same shards
     Decode(decode::Args),
     /// DINOv2-B at 224 px and the SD-VAE encoder at 256 px against transformers / diffusers
@@ -29,6 +32,7 @@ enum BenchCommand {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
+        BenchCommand::Allreduce(a) => allreduce::run(a),
         BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Encoders(a) => encoders::run(a),
         BenchCommand::Flow(a) => flow::run(a),
