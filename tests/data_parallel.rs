@@ -24,20 +24,14 @@ fn free_port() -> u16 {
 fn setup(root: &Path) -> (PathBuf, Vec<String>) {
     common::demo_data(&root.join("data"), 4, 8, 2, 0, &[]);
     common::tiny_encoders(&root.join("encoders"));
-    let sets = vec![
-        format!(
-            "data.shards={}/data/demo-{{000000..000001}}.tar",
-            root.display()
-        ),
-        format!("precompute.encoder={}/encoders/dinov2", root.display()),
-        format!("precompute.vae={}/encoders/vae", root.display()),
-        format!("train.cache={}/cache", root.display()),
+    let mut sets = common::demo_paths(root, "demo-{000000..000001}.tar");
+    sets.extend([
         "train.batch=4".into(),
         "train.metrics_every=1".into(),
         "train.sample_every=0".into(),
         "train.shuffle_buffer=0".into(),
         "train.dist_timeout_s=30".into(),
-    ];
+    ]);
     // One single-process precompute first, as the README says to do before a multi-rank run.
     let mut cmd = pipeline();
     cmd.args(["precompute", "--config"])

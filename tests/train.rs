@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{demo_data, pipeline, repo_root, run_ok, tiny_encoders};
+use common::{demo_data, demo_paths, pipeline, repo_root, run_ok, tiny_encoders};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
 
 const TOKENS: usize = 16;
@@ -555,21 +555,16 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
             .arg(&preset)
             .arg("--out")
             .arg(root.join(out));
-        for set in [
-            format!(
-                "data.shards={}/data/demo-{{000000..000001}}.tar",
-                root.display()
-            ),
-            format!("precompute.encoder={}/encoders/dinov2", root.display()),
-            format!("precompute.vae={}/encoders/vae", root.display()),
-            format!("train.cache={}/cache", root.display()),
+        let mut sets = demo_paths(root, "demo-{000000..000001}.tar");
+        sets.extend([
             "train.steps=2".into(),
             "train.batch=4".into(),
             "train.checkpoint_every=2".into(),
             "train.sample_every=2".into(),
             "train.sample_count=4".into(),
             "train.metrics_every=1".into(),
-        ] {
+        ]);
+        for set in sets {
             cmd.arg("--set").arg(set);
         }
         String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
@@ -705,12 +700,7 @@ fn both_token_matchings_train_a_patch_1_latent_flow() {
             .arg(&preset)
             .arg("--out")
             .arg(root.join(out));
-        let paths = [
-            format!("data.shards={}/data/demo-000000.tar", root.display()),
-            format!("precompute.encoder={}/encoders/dinov2", root.display()),
-            format!("precompute.vae={}/encoders/vae", root.display()),
-            format!("train.cache={}/cache", root.display()),
-        ];
+        let paths = demo_paths(root, "demo-000000.tar");
         let common = [
             "model.patch_size=1",
             "train.steps=3",

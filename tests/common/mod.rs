@@ -78,3 +78,14 @@ pub fn tiny_encoders(out: &Path) {
             .arg(out),
     );
 }
+
+/// The `--set` values that point `configs/demo.toml` at a test's own files under `root`: the demo shards
+/// `data/<shards>` (`demo_data`), the tiny encoders `encoders/` (`tiny_encoders`) and the cache `cache/`.
+pub fn demo_paths(root: &Path, shards: &str) -> Vec<String> {
+    vec![
+        format!("data.shards={}/data/{shards}", root.display()),
+        format!("precompute.encoder={}/encoders/dinov2", root.display()),
+        format!("precompute.vae={}/encoders/vae", root.display()),
+        format!("train.cache={}/cache", root.display()),
+    ]
+}
