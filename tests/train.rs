@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::{demo_data, demo_paths, pipeline, repo_root, run_ok, tiny_encoders};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
+use tch::Tensor;
 
 const TOKENS: usize = 16;
 const DIM: usize = 16;
@@ -817,4 +818,125 @@ fn dry_run_prints_what_the_latent_presets_cost() {
             "{preset}: {out}"
         );
     }
+}
+
+/// `train.features = "online"`: the trainer runs the frozen DINOv2 on each batch's cached crop (in the
+/// sample's view) instead of reading precomputed tokens. Its targets equal the cache's (f16) for the
+/// same crops and views, and a latent demo run trains the same way with either.
+#[test]
+fn online_features_equal_the_cached_ones_and_train_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    demo_data(&root.join("data"), 2, 8, 2, 0, &[]);
+    tiny_encoders(&root.join("encoders"));
+    let preset = repo_root().join("configs/demo.toml");
+    let train = |out: &str, extra: &[&str]| {
+        let mut cmd = pipeline();
+        cmd.args(["train", "--latent", "--config"])
+            .arg(&preset)
+            .arg("--out")
+            .arg(root.join(out));
+        let mut sets = demo_paths(root, "demo-{000000..000001}.tar");
+        sets.extend(
+            [
+                "train.steps=24",
+                "train.batch=8",
+                "train.checkpoint_every=0",
+                "train.sample_every=0",
+                "train.metrics_every=1",
+            ]
+            .map(String::from),
+        );
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        for set in sets {
+            cmd.arg("--set").arg(set);
+        }
+        run_ok(&mut cmd);
+        metrics(&root.join(out))
+    };
+    let cached = train("cached", &[]);
+    let online = train("online", &["train.features=\"online\""]);
+    // Two caches: the one with tokens, and crops + VAE moments only for the online run.
+    let dirs: Vec<PathBuf> = std::fs::read_dir(root.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 2);
+    let with_features = dirs
+        .iter()
+        .find(|d| {
+            let m = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+            !m.contains("\"encoder\": null") && !m.contains("\"encoder\":null")
+        })
+        .unwrap();
+
+    // The cached tokens of a shard's first chunk against the encoder run here on its crops and mirrors.
+    let shard = std::fs::read_dir(with_features)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "fbc"))
+        .unwrap();
+    let mut reader = stages::cache::ShardReader::open(&shard).unwrap();
+    let fields = reader.footer().fields.clone();
+    let field = |name: &str| fields.iter().find(|f| f.name == name).unwrap().clone();
+    let (fi, ff) = (field("image"), field("features"));
+    let n = reader.footer().chunks[0].rows as i64;
+    let images = Tensor::from_slice(
+        &reader
+            .read_frame(0, fields.iter().position(|f| f.name == "image").unwrap())
+            .unwrap(),
+    )
+    .view([n, fi.shape[0] as i64, fi.shape[1] as i64, 3])
+    .permute([0, 3, 1, 2])
+    .contiguous();
+    let raw = reader
+        .read_frame(0, fields.iter().position(|f| f.name == "features").unwrap())
+        .unwrap();
+    let halves: Vec<f32> = raw
+        .chunks_exact(2)
+        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+        .collect();
+    let cached_tokens = Tensor::from_slice(&halves).view([
+        n,
+        ff.shape[0] as i64,
+        ff.shape[1] as i64,
+        ff.shape[2] as i64,
+    ]);
+    let enc = model::dinov2::Dinov2::from_folder(&root.join("encoders/dinov2"), tch::Device::Cpu)
+        .unwrap();
+    for (view, crops) in [(0, images.shallow_clone()), (1, images.flip([3]))] {
+        let online = tch::no_grad(|| enc.model.patch_tokens(&crops, 224)).unwrap();
+        let cached = cached_tokens.select(1, view);
+        // f16 keeps 11 significant bits: half an ulp of the largest value bounds the rounding.
+        let bound = cached.abs().max().double_value(&[]) * 2f64.powi(-11) + 1e-4;
+        let diff = (&online - &cached).abs().max().double_value(&[]);
+        assert!(
+            diff <= bound,
+            "view {view}: online vs cached tokens differ by {diff} (bound {bound})"
+        );
+    }
+
+    // Same initial weights and batches: the first step's alignment cosines agree to the f16 rounding,
+    // and the runs move alike.
+    assert_eq!(cached.len(), 24);
+    assert_eq!(online.len(), 24);
+    let cos = |m: &[serde_json::Value], k: usize| m[k]["cos"][0].as_f64().unwrap();
+    assert!(
+        (cos(&cached, 0) - cos(&online, 0)).abs() < 1e-3,
+        "{} vs {}",
+        cached[0],
+        online[0]
+    );
+    let rise = |m: &[serde_json::Value]| {
+        (19..24).map(|k| cos(m, k)).sum::<f64>() / 5.0
+            - (0..5).map(|k| cos(m, k)).sum::<f64>() / 5.0
+    };
+    let (rc, ro) = (rise(&cached), rise(&online));
+    eprintln!("cosine rise over 24 steps: cached {rc:.4}, online {ro:.4}");
+    assert!(rc > 0.0 && ro > 0.0, "cached {rc}, online {ro}");
+    assert!(
+        (rc - ro).abs() < 0.25 * rc.abs().max(0.01),
+        "cached {rc}, online {ro}"
+    );
 }

@@ -12,6 +12,17 @@ pub enum Schedule {
     Constant,
 }
 
+/// Where the alignment targets come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Features {
+    /// DINOv2 tokens precomputed into the cache (`features` field).
+    Cache,
+    /// The frozen DINOv2 of `precompute.encoder` run by the trainer on each batch's cached crops (the
+    /// cache holds crops and VAE moments, no features: about 0.8 MB less per image).
+    Online,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -19,6 +30,8 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Samples per step (per rank).
     pub batch: usize,
+    /// Alignment targets from the cache or computed by the trainer (`"cache"` | `"online"`).
+    pub features: Features,
     /// Samples per forward/backward pass: the batch runs in ⌈batch / micro_batch⌉ passes whose
     /// gradients accumulate into the same update (0 = the whole batch at once).
     pub micro_batch: usize,
@@ -81,6 +94,7 @@ impl Default for TrainConfig {
             steps: 400_000,
             batch: 256,
             micro_batch: 0,
+            features: Features::Cache,
             lr: 1e-4,
             min_lr: 1e-6,
             warmup_steps: 5004,

@@ -34,8 +34,11 @@ pub struct LoaderSpec {
     pub latent_shift: f64,
     pub noise_sigma: f64,
     pub label_drop: f64,
-    /// Token count and width (T, D) of the alignment targets, when they are needed.
+    /// Token count and width (T, D) of the alignment targets, when they are read from the cache.
     pub features: Option<[usize; 2]>,
+    /// Hand out each sample's cached crop in its view (mirrored for view 1), for features computed
+    /// online.
+    pub view_images: bool,
     /// (C, H, W) of the flow input.
     pub input_shape: [usize; 3],
     pub device: Device,
@@ -66,6 +69,8 @@ pub struct Batch {
     pub y: Tensor,
     /// Alignment targets (B, T, D) float, when requested.
     pub features: Option<Tensor>,
+    /// The crops (B, 3, S, S) uint8 in each sample's view, when `view_images` is set.
+    pub images: Option<Tensor>,
     /// The position after this batch (what a checkpoint taken after it records).
     pub next: Position,
 }
@@ -73,7 +78,8 @@ pub struct Batch {
 /// One sample with the chosen view already cut out.
 struct Item {
     label: i64,
-    /// Image u8 H×W×3 (pixel mode) with the view's flip applied, or VAE mean and std (latent mode).
+    /// Image u8 H×W×3 with the view's flip applied (pixel mode, or online features), and VAE mean
+    /// and std (latent mode).
     pixels: Vec<u8>,
     mean: Vec<f32>,
     std: Vec<f32>,
@@ -143,7 +149,19 @@ fn check_fields(path: &Path, spec: &LoaderSpec) -> anyhow::Result<()> {
                 bail!("cache shard {}: field `{name}` has shape {:?}, the flow needs [V, {c}, {h}, {w}]", path.display(), f.shape);
             }
         }
-    } else {
+    }
+    if spec.latent && spec.view_images {
+        let f = need("image").map_err(|e| {
+            e.context("online features need cached crops: precompute with store_image = true")
+        })?;
+        if f.shape.len() != 3 || f.shape[2] != 3 {
+            bail!(
+                "cache shard {}: field `image` has shape {:?}, expected [S, S, 3]",
+                path.display(),
+                f.shape
+            );
+        }
+    } else if !spec.latent {
         let f = need("image").map_err(|e| {
             e.context("pixel training needs cached crops: precompute with store_image = true")
         })?;
@@ -243,7 +261,8 @@ fn read_shard(
         let mut wanted = vec![];
         if spec.latent {
             wanted.extend(["vae_mean", "vae_std"]);
-        } else {
+        }
+        if !spec.latent || spec.view_images {
             wanted.push("image");
         }
         if spec.features.is_some() {
@@ -519,10 +538,34 @@ fn build(
         }
         None => None,
     };
+    let images = if spec.view_images {
+        let side = (items[0].pixels.len() / 3) as f64;
+        let s = side.sqrt() as i64;
+        if items.iter().any(|it| it.pixels.len() as i64 != s * s * 3) {
+            bail!(
+                "cached crops of epoch {} batch {} are not square RGB",
+                here.epoch,
+                here.batch
+            );
+        }
+        let flat: Vec<u8> = items
+            .iter()
+            .flat_map(|it| it.pixels.iter().copied())
+            .collect();
+        Some(to_dev(
+            Tensor::from_slice(&flat)
+                .view([b as i64, s, s, 3])
+                .permute([0, 3, 1, 2])
+                .contiguous(),
+        ))
+    } else {
+        None
+    };
     Ok(Batch {
         x,
         y,
         features,
+        images,
         next,
     })
 }

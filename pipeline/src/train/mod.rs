@@ -146,12 +146,13 @@ fn loader_spec(
             m.noise_std
         },
         label_drop: tc.label_drop,
-        features: if cfg.align.mode == AlignMode::None {
+        features: if cfg.align.mode == AlignMode::None || tc.features == config::Features::Online {
             None
         } else {
             let tokens = cfg.align.target_tokens(m.num_tokens())?;
             Some([tokens as usize, cfg.align.encoder_dim as usize])
         },
+        view_images: cfg.align.mode != AlignMode::None && tc.features == config::Features::Online,
         input_shape: [
             m.in_channels as usize,
             m.img_size as usize,
@@ -335,7 +336,20 @@ fn truncate_metrics(path: &Path, step: u64) -> anyhow::Result<()> {
 /// explicitly) is used as it is. Otherwise, when the config says what to precompute and which shards,
 /// the cache is `<train.cache>/<fingerprint of the config's precompute settings>` — the directory
 /// `pipeline precompute` writes — and shards missing from it are precomputed first, reusing the rest.
+/// The config whose cache a run trains on: with online features the cache holds the crops (and VAE
+/// moments) but no encoder tokens, so its fingerprint is that of `precompute.encoder = ""` and
+/// `store_image = true`.
+fn cache_config(cfg: &crate::config::Config) -> crate::config::Config {
+    let mut c = cfg.clone();
+    if c.train.features == config::Features::Online {
+        c.precompute.encoder.clear();
+        c.precompute.store_image = true;
+    }
+    c
+}
+
 fn prepare_cache(cfg: &crate::config::Config) -> anyhow::Result<PathBuf> {
+    let cfg = &cache_config(cfg);
     let given = Path::new(&cfg.train.cache);
     let can_precompute = cfg.precompute.validate().is_ok() && !cfg.data.shards.trim().is_empty();
     if stages::cache::Manifest::path(given).exists() || !can_precompute {

@@ -61,6 +61,8 @@ pub struct Trainer {
     metrics: Option<std::fs::File>,
     model_toml: String,
     sample_vae: Option<model::vae::LoadedVae>,
+    /// The frozen encoder of `train.features = "online"`, run on each batch's crops.
+    online: Option<model::dinov2::LoadedDinov2>,
     /// The last checkpoint saved while no non-finite streak was running: what a user resumes from
     /// after a blow-up, so pruning never removes it.
     last_good: Option<PathBuf>,
@@ -244,6 +246,26 @@ impl Trainer {
         } else {
             None
         };
+        let online = match (tc.features, &head) {
+            (super::config::Features::Online, Some(_)) => {
+                let dir = cfg.precompute.encoder_dir().context(
+                    "train.features = \"online\" runs the encoder of precompute.encoder: set it",
+                )?;
+                // The precision `from_folder` picks for the device, as precompute's encode stage uses.
+                let enc = model::dinov2::Dinov2::from_folder(dir, device)
+                    .with_context(|| format!("loading the online encoder {}", dir.display()))?;
+                if enc.model.config.hidden_size != cfg.align.encoder_dim {
+                    bail!(
+                        "the online encoder {} gives {}-wide tokens, align.encoder_dim is {}",
+                        dir.display(),
+                        enc.model.config.hidden_size,
+                        cfg.align.encoder_dim
+                    );
+                }
+                Some(enc)
+            }
+            _ => None,
+        };
         let manifest = stages::cache::Manifest::load(&cache_dir)?
             .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
         let space = crate::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
@@ -284,6 +306,7 @@ impl Trainer {
             metrics,
             model_toml,
             sample_vae,
+            online,
             last_good: resume_from,
             window,
             hooks,
@@ -317,6 +340,10 @@ impl Trainer {
                 .features
                 .is_some()
                 .then(|| cat(&|b| b.features.as_ref().unwrap().shallow_clone())),
+            images: parts[0]
+                .images
+                .is_some()
+                .then(|| cat(&|b| b.images.as_ref().unwrap().shallow_clone())),
             next: parts[0].next,
         })
     }
@@ -333,6 +360,18 @@ impl Trainer {
         } else {
             batch.x.shallow_clone()
         };
+        // Online alignment targets: the frozen encoder on the batch's crops, as precompute would.
+        let features = match (&self.online, &batch.images) {
+            (Some(enc), Some(images)) => Some(
+                tch::no_grad(|| {
+                    enc.model
+                        .patch_tokens(images, self.cfg.precompute.encoder_input_size)
+                })
+                .with_context(|| format!("step {}: online features", self.state.step))?
+                .to_kind(tch::Kind::Float),
+            ),
+            _ => batch.features.as_ref().map(Tensor::shallow_clone),
+        };
         self.adam.zero_grad();
         let mut phases = timed.then(|| {
             step::sync(self.device);
@@ -343,7 +382,7 @@ impl Trainer {
             self.head.as_ref(),
             &x,
             &batch.y,
-            batch.features.as_ref(),
+            features.as_ref(),
             tc.micro_batch,
             self.cfg.align.lambda,
             phases.as_mut(),
