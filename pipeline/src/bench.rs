@@ -7,6 +7,7 @@ pub mod encoders;
 pub mod flow;
 pub mod precompute;
 pub mod train;
+pub mod writer;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,6 +29,8 @@ enum BenchCommand {
     Precompute(precompute::Args),
     /// Training steps/s and data-wait fraction against the cache loader alone
     Train(train::Args),
+    /// The cache writer alone on ImageNet-size fields: images/s and bytes per image for each zstd level
+    Writer(writer::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -38,5 +41,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Flow(a) => flow::run(a),
         BenchCommand::Precompute(a) => precompute::run(a),
         BenchCommand::Train(a) => train::run(a),
+        BenchCommand::Writer(a) => writer::run(a),
     }
 }

@@ -20,6 +20,8 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::temp_path;
@@ -236,12 +238,22 @@ impl ShardWriter {
         }
         let mut frames = Vec::with_capacity(self.fields.len());
         let mut frame_blake3 = Vec::with_capacity(self.fields.len());
-        for i in 0..self.pending.len() {
-            let raw = std::mem::take(&mut self.pending[i]);
-            let compressed =
-                compress_frame(&raw, self.level).map_err(|e| Error::io(&self.tmp, e))?;
+        // A chunk's frames are independent: compressed and hashed on the rayon pool, each large one
+        // split further by zstd's own workers, then written in field order.
+        let level = self.level;
+        let raws: Vec<Vec<u8>> = self.pending.iter_mut().map(std::mem::take).collect();
+        let done: Vec<std::io::Result<(Vec<u8>, String)>> = raws
+            .par_iter()
+            .map(|raw| {
+                let compressed = compress_frame(raw, level)?;
+                let hash = blake3::hash(&compressed).to_hex().to_string();
+                Ok((compressed, hash))
+            })
+            .collect();
+        for result in done {
+            let (compressed, hash) = result.map_err(|e| Error::io(&self.tmp, e))?;
             frames.push((self.offset, compressed.len() as u64));
-            frame_blake3.push(blake3::hash(&compressed).to_hex().to_string());
+            frame_blake3.push(hash);
             self.write_raw(&compressed)?;
         }
         self.chunks.push(ChunkIndex {
@@ -279,8 +291,15 @@ impl Drop for ShardWriter {
     }
 }
 
+/// Frames above this size are compressed by zstd's worker threads (jobs of about 1 MiB each).
+const MULTITHREAD_FRAME_BYTES: usize = 4 << 20;
+
 fn compress_frame(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     let mut encoder = zstd::stream::Encoder::new(Vec::with_capacity(raw.len() / 2 + 64), level)?;
+    if raw.len() >= MULTITHREAD_FRAME_BYTES {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        encoder.multithread(workers)?;
+    }
     encoder.include_checksum(true)?;
     encoder.include_contentsize(true)?;
     encoder.set_pledged_src_size(Some(raw.len() as u64))?;
