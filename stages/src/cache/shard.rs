@@ -297,8 +297,8 @@ const MULTITHREAD_FRAME_BYTES: usize = 4 << 20;
 fn compress_frame(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     let mut encoder = zstd::stream::Encoder::new(Vec::with_capacity(raw.len() / 2 + 64), level)?;
     if raw.len() >= MULTITHREAD_FRAME_BYTES {
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-        encoder.multithread(workers)?;
+        // As many workers as the writer's pool has threads; the output does not depend on the count.
+        encoder.multithread(rayon::current_num_threads().max(1) as u32)?;
     }
     encoder.include_checksum(true)?;
     encoder.include_contentsize(true)?;
@@ -512,6 +512,39 @@ mod tests {
             w.push(&format!("{i:06}"), &[&label, &latent]).unwrap();
         }
         w.finish(serde_json::json!({"source": "x.tar"})).unwrap()
+    }
+
+    /// Frames large enough for zstd's worker threads read back as written, and the file's bytes do not
+    /// depend on the machine's core count (zstd's multithreaded output depends on its job size only).
+    #[test]
+    fn large_frames_round_trip_through_zstds_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let fields = vec![FieldSpec::new("features", DType::U8, &[3 << 20])];
+        let rows: Vec<Vec<u8>> = (0..2u32)
+            .map(|r| {
+                (0..3u32 << 20)
+                    .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(r) >> 13) as u8)
+                    .collect()
+            })
+            .collect();
+        let write = |name: &str| {
+            let path = dir.path().join(name);
+            let mut w = ShardWriter::create(&path, fields.clone(), 2, 1).unwrap();
+            for (i, row) in rows.iter().enumerate() {
+                w.push(&i.to_string(), &[row]).unwrap();
+            }
+            w.finish(serde_json::json!({})).unwrap();
+            path
+        };
+        let a = write("a.fbc");
+        let mut r = ShardReader::open(&a).unwrap();
+        assert_eq!(r.read_field("features").unwrap(), rows.concat());
+        let b = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| write("b.fbc"));
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     }
 
     #[test]
