@@ -549,49 +549,78 @@ fn write_stage(
     rx: Receiver<EncodedBatch>,
     m: &StageMetrics,
 ) -> anyhow::Result<(usize, u64, u64)> {
-    let (mut shards, mut samples, mut bytes) = (0usize, 0u64, 0u64);
-    let mut current: Option<(usize, ShardWriter)> = None;
-    loop {
-        let wait = Instant::now();
-        let Ok(batch) = rx.recv() else { break };
-        m.add_wait_input(wait.elapsed());
-        let busy = Instant::now();
-        let job = &jobs[batch.job];
-        if current.as_ref().is_none_or(|(j, _)| *j != batch.job) {
-            let w = ShardWriter::create(&dir.join(&job.file), fields.clone(), chunk_rows, level)?;
-            current = Some((batch.job, w));
-        }
-        let (_, writer) = current.as_mut().expect("opened above");
-        for (row, key) in batch.keys.iter().enumerate() {
-            let values: Vec<&[u8]> = fields
-                .iter()
-                .zip(&batch.fields)
-                .map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()])
-                .collect();
-            writer.push(key, &values)?;
-            m.add_item(0);
-        }
-        if batch.last {
-            let (_, writer) = current.take().expect("open");
-            let meta = serde_json::json!({ "source": job.source, "settings_fingerprint": stages::cache::fingerprint(settings) });
-            let summary = writer
-                .finish(meta)
-                .with_context(|| format!("finishing cache shard for {}", job.path))?;
-            samples += summary.samples as u64;
-            bytes += summary.bytes;
-            shards += 1;
-            if record {
-                let _guard = lock(dir)?;
-                let entry = ManifestShard {
-                    file: job.file.clone(),
-                    source: job.source.clone(),
-                    summary,
-                };
-                Manifest::record(dir, settings, vec![entry])?;
-                tracing::info!("cache shard {} written ({})", job.file, job.path);
+    // A finished shard's footer, fsync, rename and manifest entry happen on a thread of their own, so
+    // that closing a ~0.7 GB shard never holds up the next shard's batches (and through them the
+    // encoder).
+    let (done_tx, done_rx) = sync_channel::<(usize, ShardWriter)>(1);
+    std::thread::scope(|scope| {
+        let finisher = scope.spawn(move || -> anyhow::Result<(usize, u64, u64)> {
+            let (mut shards, mut samples, mut bytes) = (0usize, 0u64, 0u64);
+            for (j, writer) in done_rx {
+                let job = &jobs[j];
+                let meta = serde_json::json!({ "source": job.source, "settings_fingerprint": stages::cache::fingerprint(settings) });
+                let summary = writer
+                    .finish(meta)
+                    .with_context(|| format!("finishing cache shard for {}", job.path))?;
+                samples += summary.samples as u64;
+                bytes += summary.bytes;
+                shards += 1;
+                if record {
+                    let _guard = lock(dir)?;
+                    let entry = ManifestShard {
+                        file: job.file.clone(),
+                        source: job.source.clone(),
+                        summary,
+                    };
+                    Manifest::record(dir, settings, vec![entry])?;
+                    tracing::info!("cache shard {} written ({})", job.file, job.path);
+                }
             }
-        }
-        m.add_busy(busy.elapsed());
-    }
-    Ok((shards, samples, bytes))
+            Ok((shards, samples, bytes))
+        });
+        let written = (|| -> anyhow::Result<()> {
+            let mut current: Option<(usize, ShardWriter)> = None;
+            loop {
+                let wait = Instant::now();
+                let Ok(batch) = rx.recv() else { break };
+                m.add_wait_input(wait.elapsed());
+                let busy = Instant::now();
+                let job = &jobs[batch.job];
+                if current.as_ref().is_none_or(|(j, _)| *j != batch.job) {
+                    let w = ShardWriter::create(
+                        &dir.join(&job.file),
+                        fields.clone(),
+                        chunk_rows,
+                        level,
+                    )?;
+                    current = Some((batch.job, w));
+                }
+                let (_, writer) = current.as_mut().expect("opened above");
+                for (row, key) in batch.keys.iter().enumerate() {
+                    let values: Vec<&[u8]> = fields
+                        .iter()
+                        .zip(&batch.fields)
+                        .map(|(f, b)| &b[row * f.row_bytes()..(row + 1) * f.row_bytes()])
+                        .collect();
+                    writer.push(key, &values)?;
+                    m.add_item(0);
+                }
+                if batch.last {
+                    let finished = current.take().expect("open");
+                    if done_tx.send(finished).is_err() {
+                        // The finisher stopped on an error; it is reported below.
+                        break;
+                    }
+                }
+                m.add_busy(busy.elapsed());
+            }
+            Ok(())
+        })();
+        drop(done_tx);
+        let finished = finisher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the shard finishing thread panicked"))?;
+        written?;
+        finished
+    })
 }
