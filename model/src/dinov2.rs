@@ -213,6 +213,27 @@ impl Config {
 /// to `size` × `size`. Normalising before resizing matters: bicubic overshoot happens in normalised
 /// units. 64-px training images go through the same path (64 → 224 upsampling). Always float32.
 pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
+    let (mean, std) = imagenet_constants(images.device());
+    prepare_with(images, size, &mean, &std)
+}
+
+/// ImageNet mean and std as (1, 3, 1, 1) float tensors on `device`.
+fn imagenet_constants(device: Device) -> (Tensor, Tensor) {
+    let make = |v: &[f64; 3]| {
+        Tensor::from_slice(v)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .view([1, 3, 1, 1])
+    };
+    (make(&IMAGENET_MEAN), make(&IMAGENET_STD))
+}
+
+fn prepare_with(
+    images: &Tensor,
+    size: i64,
+    mean: &Tensor,
+    std: &Tensor,
+) -> Result<Tensor, EncoderError> {
     frozen::check_image_batch("DINOv2 preprocessing", images, 3, 1)?;
     if images.kind() != Kind::Uint8 {
         return Err(EncoderError::Input {
@@ -220,15 +241,6 @@ pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError>
             message: format!("expected uint8 images, got {:?}", images.kind()),
         });
     }
-    let device = images.device();
-    let mean = Tensor::from_slice(&IMAGENET_MEAN)
-        .to_kind(Kind::Float)
-        .to_device(device)
-        .view([1, 3, 1, 1]);
-    let std = Tensor::from_slice(&IMAGENET_STD)
-        .to_kind(Kind::Float)
-        .to_device(device)
-        .view([1, 3, 1, 1]);
     let x = (images.to_kind(Kind::Float) / 255.0 - mean) / std;
     let (h, w) = (x.size()[2], x.size()[3]);
     if h == size && w == size {
@@ -246,6 +258,8 @@ pub struct Dinov2 {
     layers: Vec<Layer>,
     layernorm: LayerNorm,
     pub precision: Precision,
+    /// ImageNet mean and std on the device of the last batch.
+    constants: std::cell::RefCell<Option<(Device, Tensor, Tensor)>>,
 }
 
 impl Dinov2 {
@@ -263,6 +277,7 @@ impl Dinov2 {
             layers,
             layernorm,
             precision,
+            constants: Default::default(),
         }
     }
 
@@ -312,7 +327,17 @@ impl Dinov2 {
     /// uint8 images (B, 3, H, W) → patch tokens at `size` × `size` ([`INPUT_SIZE`] for REPA's 16×16):
     /// [`prepare_input`] then [`Self::forward`], the position table interpolated to the grid.
     pub fn patch_tokens(&self, images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
-        self.forward(&prepare_input(images, size)?)
+        // The normalisation constants stay on the images' device instead of being copied per batch.
+        let device = images.device();
+        let mut slot = self.constants.borrow_mut();
+        if slot.as_ref().is_none_or(|(d, _, _)| *d != device) {
+            let (mean, std) = imagenet_constants(device);
+            *slot = Some((device, mean, std));
+        }
+        let (_, mean, std) = slot.as_ref().expect("set above");
+        let x = prepare_with(images, size, mean, std)?;
+        drop(slot);
+        self.forward(&x)
     }
 }
 

@@ -112,24 +112,56 @@ pub fn parameter_count(vs: &nn::VarStore) -> i64 {
     vs.variables().values().map(|t| t.numel() as i64).sum()
 }
 
+/// The weights of a frozen layer in the compute dtype, made on first use and kept: casting a frozen
+/// network's weights on every call costs a copy of the whole network per batch in bf16.
+#[derive(Debug, Default)]
+struct Cast(std::cell::RefCell<Option<(Kind, Tensor, Option<Tensor>)>>);
+
+impl Cast {
+    fn get(&self, kind: Kind, weight: &Tensor, bias: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
+        if weight.kind() == kind {
+            return (weight.shallow_clone(), bias.map(Tensor::shallow_clone));
+        }
+        let mut slot = self.0.borrow_mut();
+        match slot.as_ref() {
+            Some((k, w, b)) if *k == kind => {
+                (w.shallow_clone(), b.as_ref().map(Tensor::shallow_clone))
+            }
+            _ => {
+                let (w, b) = tch::no_grad(|| (weight.to_kind(kind), bias.map(|b| b.to_kind(kind))));
+                *slot = Some((
+                    kind,
+                    w.shallow_clone(),
+                    b.as_ref().map(Tensor::shallow_clone),
+                ));
+                (w, b)
+            }
+        }
+    }
+}
+
 /// A linear layer whose weight and bias keep the checkpoint's names (`weight`, `bias`).
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    cast: Cast,
 }
 
 impl Linear {
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = p.var("weight", &[out_dim, in_dim], nn::Init::Const(0.));
         let bias = bias.then(|| p.var("bias", &[out_dim], nn::Init::Const(0.)));
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            cast: Cast::default(),
+        }
     }
 
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
         let kind = precision.compute_kind();
-        let weight = self.weight.to_kind(kind);
-        let bias = self.bias.as_ref().map(|b| b.to_kind(kind));
+        let (weight, bias) = self.cast.get(kind, &self.weight, self.bias.as_ref());
         x.to_kind(kind).linear(&weight, bias.as_ref())
     }
 }
@@ -141,6 +173,7 @@ pub struct Conv2d {
     pub bias: Tensor,
     stride: i64,
     padding: i64,
+    cast: Cast,
 }
 
 impl Conv2d {
@@ -163,14 +196,16 @@ impl Conv2d {
             bias,
             stride,
             padding,
+            cast: Cast::default(),
         }
     }
 
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
         let kind = precision.compute_kind();
+        let (weight, bias) = self.cast.get(kind, &self.weight, Some(&self.bias));
         x.to_kind(kind).conv2d(
-            &self.weight.to_kind(kind),
-            Some(self.bias.to_kind(kind)),
+            &weight,
+            bias.as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],

@@ -95,7 +95,14 @@ pub fn encode_batch(
     if p.store_image {
         out.push(flat.clone());
     }
-    let nchw = hwc.permute([0, 3, 1, 2]).to_device(enc.device);
+    // On CUDA the upload comes from pinned memory and does not block this thread.
+    let nchw = if enc.device.is_cuda() {
+        hwc.pin_memory(enc.device)
+            .to_device_(enc.device, Kind::Uint8, true, false)
+            .permute([0, 3, 1, 2])
+    } else {
+        hwc.permute([0, 3, 1, 2])
+    };
     // View 1 is the mirror of the crop: the same flip as stages::crop::hflip, done on the device.
     let views = if p.flip {
         Tensor::cat(&[&nchw, &nchw.flip([3])], 0)

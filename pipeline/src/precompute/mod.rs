@@ -293,6 +293,11 @@ pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
     if p.encode_threads > 0 {
         tch::set_num_threads(p.encode_threads as i32);
     }
+    if device.is_cuda() {
+        // Every batch has the same shapes: let cuDNN time its convolution algorithms once and keep
+        // the fastest (the VAE encoder is convolutions end to end).
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     let mut stores = Vec::new();
     let dinov2 = match p.encoder_dir() {
         Some(dir) => {
