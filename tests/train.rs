@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::{demo_data, demo_paths, pipeline, repo_root, run_ok, tiny_encoders};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
@@ -939,4 +940,113 @@ fn online_features_equal_the_cached_ones_and_train_the_same() {
         (rc - ro).abs() < 0.25 * rc.abs().max(0.01),
         "cached {rc}, online {ro}"
     );
+}
+
+/// Preemption: SIGTERM lets the step finish, writes a checkpoint of it and exits 128 + 15, which
+/// `--resume` continues; a second signal (here SIGUSR1 twice, during a slow checkpoint) ends the process
+/// at once with 128 + 10 and no half checkpoint.
+#[test]
+fn a_signal_finishes_the_step_checkpoints_and_exits_for_requeue() {
+    let (tmp, cfg, cache) = setup("train-signal");
+    let long = [
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "train.metrics_every=1",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "train.sample_every=0",
+    ];
+    let wait_for_steps = |child: &mut std::process::Child, out: &Path, n: usize| {
+        let start = std::time::Instant::now();
+        loop {
+            let lines = std::fs::read_to_string(out.join("metrics.jsonl"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            if lines >= n {
+                break;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "training stopped early"
+            );
+            assert!(start.elapsed().as_secs() < 120, "training never started");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let signal = |child: &std::process::Child, sig: &str| {
+        run_ok(Command::new("kill").args([sig, &child.id().to_string()]));
+    };
+    let finish = |child: std::process::Child| {
+        let start = std::time::Instant::now();
+        let o = child.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            start.elapsed(),
+        )
+    };
+
+    let out = tmp.path().join("run");
+    let mut child = train(&cfg, &cache, &out, &long)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&mut child, &out, 3);
+    signal(&child, "-TERM");
+    let (code, err, _) = finish(child);
+    assert_eq!(code, Some(128 + 15), "{err}");
+    let latest = std::fs::read_to_string(out.join("checkpoints/latest")).unwrap();
+    let step: usize = latest.trim().trim_start_matches("step-").parse().unwrap();
+    assert_eq!(
+        metrics(&out).len(),
+        step,
+        "every finished step is in the checkpoint"
+    );
+    assert!(
+        err.contains(&format!(
+            "stopped on SIGTERM: checkpoint of step {step} written"
+        )),
+        "{err}"
+    );
+    // The requeued job continues from it.
+    let more = (step + 3).to_string();
+    let steps = format!("train.steps={more}");
+    run_ok(&mut train(
+        &cfg,
+        &cache,
+        &out,
+        &[
+            "--set",
+            &steps,
+            "--set",
+            "train.metrics_every=1",
+            "--set",
+            "train.sample_every=0",
+            "--resume",
+        ],
+    ));
+    assert_eq!(metrics(&out).len(), step + 3);
+
+    let out = tmp.path().join("twice");
+    let mut args = long.to_vec();
+    args.extend(["--slow-checkpoint-ms", "20000"]);
+    let mut child = train(&cfg, &cache, &out, &args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&mut child, &out, 2);
+    signal(&child, "-USR1");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    signal(&child, "-USR1");
+    let (code, err, waited) = finish(child);
+    assert_eq!(code, Some(128 + 10), "{err}");
+    assert!(
+        waited.as_secs() < 10,
+        "the second signal did not stop the job at once"
+    );
+    assert!(!out.join("checkpoints/latest").exists());
 }

@@ -19,6 +19,7 @@ mod npz;
 mod precompute;
 mod progress;
 mod sample;
+mod signals;
 mod space;
 mod train;
 mod trained;
@@ -79,6 +80,10 @@ fn main() {
         Command::Bpd(args) => bpd::run(args),
     };
     if let Err(err) = result {
+        if let Some(stop) = err.downcast_ref::<signals::Interrupted>() {
+            eprintln!("stopped on {stop}");
+            std::process::exit(signals::exit_status(stop.signal));
+        }
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
         eprintln!("error: {err:#}");
         std::process::exit(1);

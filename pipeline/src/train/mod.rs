@@ -55,6 +55,9 @@ pub struct Args {
     /// Test hook: make one gradient element of these steps infinite while the loss stays finite
     #[arg(long, hide = true, value_delimiter = ',')]
     inject_inf_grad_at: Vec<u64>,
+    /// Test hook: sleep this long before writing each checkpoint
+    #[arg(long, hide = true, value_name = "MS")]
+    slow_checkpoint_ms: Option<u64>,
     /// Test hook: one process whose every batch is the concatenation of the batches ranks 0..N of an
     /// N-rank job would read (what a data-parallel run averages over)
     #[arg(long, hide = true, value_name = "N")]
@@ -201,7 +204,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         nan_at: args.inject_nan_at.clone(),
         inf_grad_at: args.inject_inf_grad_at.clone(),
         union_of_ranks: args.union_of_ranks,
+        slow_checkpoint: args
+            .slow_checkpoint_ms
+            .map(std::time::Duration::from_millis),
     };
+    // From here on SIGTERM, SIGINT and SIGUSR1 finish the step, checkpoint and exit 128 + signal.
+    crate::signals::install();
     let mut trainer = Trainer::new(&loaded, &args.out, args.resume, hooks)?;
     let stop = args.stop_at.unwrap_or(tc.steps).min(tc.steps);
     let progress = crate::progress::Progress::new("train", tc.steps);
@@ -224,6 +232,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             trainer.checkpoint()?;
         }
         progress.set(trainer.state.step);
+        if let Some(sig) = trainer.stop_requested()? {
+            if !checkpoint_step {
+                trainer.checkpoint()?;
+            }
+            progress.finish();
+            return Err(crate::signals::Interrupted {
+                signal: sig,
+                what: format!(
+                    "checkpoint of step {} written to {}; continue with --resume",
+                    trainer.state.step,
+                    args.out.join("checkpoints").display()
+                ),
+            }
+            .into());
+        }
     }
     progress.finish();
     eprintln!(

@@ -23,6 +23,8 @@ pub struct Hooks {
     pub inf_grad_at: Vec<u64>,
     /// One process reading what ranks 0..N of an N-rank job would, concatenated into each batch.
     pub union_of_ranks: Option<usize>,
+    /// A pause before each checkpoint is written.
+    pub slow_checkpoint: Option<Duration>,
 }
 
 /// What one step produced, on the device until it is logged.
@@ -544,6 +546,21 @@ impl Trainer {
         )
     }
 
+    /// Whether the job should stop now because a signal asked it to: every step for one process; with
+    /// several ranks every 10 steps, agreed over the group (a rank that got the signal stops all of
+    /// them at the same step, so the last checkpoint is collective).
+    pub fn stop_requested(&self) -> anyhow::Result<Option<i32>> {
+        let local = crate::signals::requested();
+        match &self.replicas {
+            None => Ok(local),
+            Some(rep) if self.state.step.is_multiple_of(10) => {
+                let any = rep.max(local.map_or(0.0, f64::from))?;
+                Ok((any > 0.0).then_some(any as i32))
+            }
+            Some(_) => Ok(None),
+        }
+    }
+
     /// A complete checkpoint directory, written by rank 0 after every replica's weights are checked
     /// against its own and every rank's loader position is collected; it becomes the last good one
     /// unless a streak is running.
@@ -567,6 +584,9 @@ impl Trainer {
         };
         if self.launch.rank != 0 {
             return Ok(());
+        }
+        if let Some(pause) = self.hooks.slow_checkpoint {
+            std::thread::sleep(pause);
         }
         let contents = checkpoint::Contents {
             model: self.flow.named_tensors(&self.vs),
