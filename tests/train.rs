@@ -1050,3 +1050,28 @@ fn a_signal_finishes_the_step_checkpoints_and_exits_for_requeue() {
     );
     assert!(!out.join("checkpoints/latest").exists());
 }
+
+/// A cached label the model has no class for is an error naming the cache shard, the row and its key,
+/// not an index panic inside libtorch.
+#[test]
+fn a_label_outside_the_models_classes_is_named() {
+    let (tmp, cfg, cache) = setup("train-labels");
+    let out = tmp.path().join("run");
+    let o = train(
+        &cfg,
+        &cache,
+        &out,
+        &["--set", "model.num_classes=5", "--set", "train.steps=3"],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cache shard")
+            && err.contains(".fbc, row")
+            && err.contains("(key 0000")
+            && err.contains("outside the model's 5 classes"),
+        "{err}"
+    );
+}

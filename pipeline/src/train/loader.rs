@@ -41,6 +41,9 @@ pub struct LoaderSpec {
     pub view_images: bool,
     /// (C, H, W) of the flow input.
     pub input_shape: [usize; 3],
+    /// Classes of the model: a cached label outside −1..num_classes is an error (0 = unconditional,
+    /// labels unused).
+    pub num_classes: i64,
     pub device: Device,
 }
 
@@ -141,7 +144,15 @@ fn check_fields(path: &Path, spec: &LoaderSpec) -> anyhow::Result<()> {
         field(name).with_context(|| format!("cache shard {}: no field `{name}`", path.display()))
     };
     let [c, h, w] = spec.input_shape;
-    need("label")?;
+    let label = need("label")?;
+    if label.dtype != DType::I64 || !label.shape.is_empty() {
+        bail!(
+            "cache shard {}: field `label` is {:?} of shape {:?}, expected one int64 per sample",
+            path.display(),
+            label.dtype,
+            label.shape
+        );
+    }
     if spec.latent {
         for name in ["vae_mean", "vae_std"] {
             let f = need(name)?;
@@ -275,9 +286,24 @@ fn read_shard(
             let i = idx(name).with_context(|| format!("{}: no field `{name}`", ctx()))?;
             cols.push((i, reader.read_frame(ci, i).with_context(ctx)?));
         }
+        let row0: usize = chunks[..ci].iter().map(|c| c.rows).sum();
         for row in 0..chunk.rows {
             let label =
                 i64::from_le_bytes(labels[row * 8..row * 8 + 8].try_into().expect("8 bytes"));
+            if spec.num_classes > 0 && !(-1..spec.num_classes).contains(&label) {
+                let key = reader
+                    .footer()
+                    .keys
+                    .get(row0 + row)
+                    .cloned()
+                    .unwrap_or_default();
+                bail!(
+                    "cache shard {}, row {} (key {key}): label {label} is outside the model's {} classes",
+                    path.display(),
+                    row0 + row,
+                    spec.num_classes
+                );
+            }
             let mut item = Item {
                 label,
                 pixels: vec![],

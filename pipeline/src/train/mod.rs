@@ -156,6 +156,7 @@ fn loader_spec(
             Some([tokens as usize, cfg.align.encoder_dim as usize])
         },
         view_images: cfg.align.mode != AlignMode::None && tc.features == config::Features::Online,
+        num_classes: m.num_classes,
         input_shape: [
             m.in_channels as usize,
             m.img_size as usize,
