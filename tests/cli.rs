@@ -92,3 +92,21 @@ fn set_overrides_a_preset() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("nope"));
 }
+
+/// A CUDA device that is not there is refused before any work, with the devices that are.
+#[test]
+fn an_absent_device_is_refused_with_the_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pipeline()
+        .args(["sample", "--device", "cuda:99", "--num", "1", "--checkpoint"])
+        .arg(dir.path().join("none.safetensors"))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cuda:99") && err.contains("cpu"),
+        "{err}"
+    );
+}
