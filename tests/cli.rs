@@ -98,7 +98,14 @@ fn set_overrides_a_preset() {
 fn an_absent_device_is_refused_with_the_list() {
     let dir = tempfile::tempdir().unwrap();
     let o = pipeline()
-        .args(["sample", "--device", "cuda:99", "--num", "1", "--checkpoint"])
+        .args([
+            "sample",
+            "--device",
+            "cuda:99",
+            "--num",
+            "1",
+            "--checkpoint",
+        ])
         .arg(dir.path().join("none.safetensors"))
         .arg("--out")
         .arg(dir.path().join("out"))

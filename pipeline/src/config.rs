@@ -120,6 +120,7 @@ impl Config {
         let (m, d, p, a) = (&self.model, &self.data, &self.precompute, &self.align);
         m.validate()?;
         p.validate()?;
+        self.train.validate()?;
         let img = m.img_size as usize;
         if self.train.latent {
             if m.in_channels != 4 || d.image_size != img * SD_VAE_DOWNSAMPLE {

@@ -131,6 +131,134 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Refuses values that cannot train, naming the key (`train.<key>`) and the allowed range.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let check = |ok: bool, key: &str, value: String, want: &str| -> anyhow::Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                anyhow::bail!("train.{key} = {value}: {want}")
+            }
+        };
+        let finite = |v: f64| v.is_finite();
+        check(
+            self.steps > 0,
+            "steps",
+            self.steps.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            self.batch > 0,
+            "batch",
+            self.batch.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            self.micro_batch <= self.batch,
+            "micro_batch",
+            self.micro_batch.to_string(),
+            "must be 0 (the whole batch) or at most train.batch",
+        )?;
+        check(
+            finite(self.lr) && self.lr > 0.0,
+            "lr",
+            self.lr.to_string(),
+            "must be a positive number",
+        )?;
+        check(
+            finite(self.min_lr) && (0.0..=self.lr).contains(&self.min_lr),
+            "min_lr",
+            self.min_lr.to_string(),
+            "must be in [0, train.lr]",
+        )?;
+        for (key, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            check(
+                (0.0..1.0).contains(&v),
+                key,
+                v.to_string(),
+                "must be in [0, 1)",
+            )?;
+        }
+        check(
+            finite(self.eps) && self.eps > 0.0,
+            "eps",
+            self.eps.to_string(),
+            "must be positive",
+        )?;
+        for (key, v) in [
+            ("weight_decay", self.weight_decay),
+            ("clip_grad", self.clip_grad),
+        ] {
+            check(finite(v) && v >= 0.0, key, v.to_string(), "must be ≥ 0")?;
+        }
+        check(
+            (0.0..=1.0).contains(&self.ema_decay),
+            "ema_decay",
+            self.ema_decay.to_string(),
+            "must be in [0, 1]",
+        )?;
+        check(
+            finite(self.noise_sigma),
+            "noise_sigma",
+            self.noise_sigma.to_string(),
+            "must be a number (negative = the model's noise_std)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.label_drop),
+            "label_drop",
+            self.label_drop.to_string(),
+            "must be in [0, 1]",
+        )?;
+        if let Some(s) = self.latent_scaling {
+            check(
+                finite(s) && s > 0.0,
+                "latent_scaling",
+                s.to_string(),
+                "must be positive",
+            )?;
+        }
+        if let Some(s) = self.latent_shift {
+            check(finite(s), "latent_shift", s.to_string(), "must be a number")?;
+        }
+        check(
+            self.prefetch > 0,
+            "prefetch",
+            self.prefetch.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            self.keep_last > 0,
+            "keep_last",
+            self.keep_last.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            self.sample_every == 0 || self.sample_count > 0,
+            "sample_count",
+            self.sample_count.to_string(),
+            "must be at least 1 when train.sample_every is set",
+        )?;
+        check(
+            self.max_nonfinite_in_row > 0,
+            "max_nonfinite_in_row",
+            self.max_nonfinite_in_row.to_string(),
+            "must be at least 1",
+        )?;
+        check(
+            ["auto", "nccl", "gloo"].contains(&self.backend.as_str()),
+            "backend",
+            format!("{:?}", self.backend),
+            "must be \"auto\", \"nccl\" or \"gloo\"",
+        )?;
+        check(
+            self.dist_timeout_s > 0,
+            "dist_timeout_s",
+            self.dist_timeout_s.to_string(),
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+
     /// The learning rate applied at 0-based step `step`.
     pub fn lr_at(&self, step: u64) -> f64 {
         match self.schedule {
@@ -152,6 +280,25 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_that_cannot_train_are_refused_by_key() {
+        TrainConfig::default().validate().unwrap();
+        let refused = |edit: &dyn Fn(&mut TrainConfig), key: &str| {
+            let mut c = TrainConfig::default();
+            edit(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("train.{key} = ")), "{key}: {e}");
+        };
+        refused(&|c| c.ema_decay = 1.5, "ema_decay");
+        refused(&|c| c.label_drop = -0.1, "label_drop");
+        refused(&|c| c.batch = 0, "batch");
+        refused(&|c| c.micro_batch = 512, "micro_batch");
+        refused(&|c| c.lr = f64::NAN, "lr");
+        refused(&|c| c.beta2 = 1.0, "beta2");
+        refused(&|c| c.min_lr = 1.0, "min_lr");
+        refused(&|c| c.backend = "mpi".into(), "backend");
+    }
 
     #[test]
     fn cosine_warms_up_then_decays_to_min() {

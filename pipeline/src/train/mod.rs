@@ -101,6 +101,7 @@ fn load_config_with(
     }
     .load()?;
     let c = &mut loaded.config;
+    c.train.validate()?;
     if resolve_latent
         && c.train.latent
         && (c.train.latent_scaling.is_none() || c.train.latent_shift.is_none())
