@@ -97,6 +97,7 @@ pub fn brace_expand(pattern: &str) -> Result<Vec<String>> {
     let body: String = chars[open + 1..close].iter().collect();
     let suffix: String = chars[close + 1..].iter().collect();
     let alternatives = match expand_range(&body) {
+        Some(items) if items.is_empty() => return Err(too_many(pattern)),
         Some(items) => items,
         None => {
             let parts = split_top_level_commas(&body);
@@ -112,12 +113,18 @@ pub fn brace_expand(pattern: &str) -> Result<Vec<String>> {
             let mut items = Vec::new();
             for part in parts {
                 items.extend(brace_expand(&part)?);
+                if items.len() > MAX_EXPANDED {
+                    return Err(too_many(pattern));
+                }
             }
             items
         }
     };
     let prefix = unescape(&prefix);
     let suffixes = brace_expand(&suffix)?;
+    if alternatives.len().saturating_mul(suffixes.len()) > MAX_EXPANDED {
+        return Err(too_many(pattern));
+    }
     let mut out = Vec::with_capacity(alternatives.len() * suffixes.len());
     for alt in &alternatives {
         for s in &suffixes {
@@ -198,7 +205,18 @@ fn split_top_level_commas(body: &str) -> Vec<String> {
     parts
 }
 
-/// `a..b[..step]` with integer or single-letter bounds; `None` when `body` is not a range.
+/// Most names one shard spec may expand to: ImageNet-scale specs are about a thousand shards, and
+/// `{0..99999999999}` must be an error, not an allocation without bound.
+pub const MAX_EXPANDED: usize = 1_000_000;
+
+fn too_many(pattern: &str) -> crate::Error {
+    crate::Error::Invalid(format!(
+        "shard spec `{pattern}` expands to more than {MAX_EXPANDED} names"
+    ))
+}
+
+/// `a..b[..step]` with integer or single-letter bounds; `None` when `body` is not a range (or it
+/// would expand to more than [`MAX_EXPANDED`] names, which the caller reports).
 fn expand_range(body: &str) -> Option<Vec<String>> {
     let fields: Vec<&str> = body.split("..").collect();
     if !(fields.len() == 2 || fields.len() == 3) {
@@ -215,6 +233,9 @@ fn expand_range(body: &str) -> Option<Vec<String>> {
     };
     if is_int(a) && is_int(b) {
         let (start, end): (i64, i64) = (a.parse().ok()?, b.parse().ok()?);
+        if (start.abs_diff(end) / step as u64) >= MAX_EXPANDED as u64 {
+            return Some(vec![]);
+        }
         // braceexpand pads to the longer bound's width when either bound is written with a leading
         // zero (`{1..010}`), and not at all otherwise (`{0..10}`).
         let padded = |s: &str| {
@@ -347,24 +368,43 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
         }
         None
     }
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
-            Some('?') => !n.is_empty() && go(&p[1..], &n[1..]),
-            Some('[') => match (
-                n.first(),
-                class_len_and_match(p, *n.first().unwrap_or(&'\0')),
-            ) {
-                (Some(_), Some((len, true))) => go(&p[len..], &n[1..]),
-                (Some(_), Some((_, false))) => false,
-                (_, None) => n.first() == Some(&'[') && go(&p[1..], &n[1..]),
-                (None, _) => false,
-            },
-            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+    // Greedy with one backtrack point (the last `*`): at most |p|·|n| steps, where trying every split
+    // of every `*` recursively is exponential on patterns like `*a*a*a*b`.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() {
+            let advanced = match p[pi] {
+                '*' => {
+                    star = Some((pi + 1, ni));
+                    pi += 1;
+                    continue;
+                }
+                '?' => Some(1),
+                '[' => match class_len_and_match(&p[pi..], n[ni]) {
+                    Some((len, true)) => Some(len),
+                    Some((_, false)) => None,
+                    None => (n[ni] == '[').then_some(1),
+                },
+                c => (c == n[ni]).then_some(1),
+            };
+            if let Some(len) = advanced {
+                pi += len;
+                ni += 1;
+                continue;
+            }
+        }
+        // Mismatch: let the last `*` swallow one more character, or fail without one.
+        match star {
+            Some((sp, sn)) => {
+                star = Some((sp, sn + 1));
+                pi = sp;
+                ni = sn + 1;
+            }
+            None => return false,
         }
     }
-    go(&p, &n)
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 #[cfg(test)]
@@ -373,6 +413,23 @@ mod tests {
 
     fn ex(s: &str) -> Vec<String> {
         brace_expand(s).unwrap()
+    }
+
+    #[test]
+    fn expansion_is_bounded_and_wildcards_do_not_backtrack_exponentially() {
+        for spec in ["/d/s-{0..99999999999}.tar", "/d/{0..999}-{0..9999}.tar"] {
+            let e = brace_expand(spec).unwrap_err().to_string();
+            assert!(e.contains("expands to more than"), "{spec}: {e}");
+        }
+        assert_eq!(brace_expand("{0..999999}").unwrap().len(), 1_000_000);
+        // Exponential for a recursive matcher; a handful of steps here.
+        let a60 = "a".repeat(60);
+        assert!(!wildcard_match("*a*a*a*a*a*a*a*a*a*a*a*a*a*a*b", &a60));
+        assert!(wildcard_match("*a*a*a*a*a*a*a*a*a*a*a*a*a*a*", &a60));
+        assert!(wildcard_match("s-*[0-9].t?r", "s-00012.tar"));
+        assert!(!wildcard_match("s-*[!0-9].tar", "s-00012.tar"));
+        assert!(wildcard_match("[a", "[a"));
+        assert!(wildcard_match("**", ""));
     }
 
     #[test]
