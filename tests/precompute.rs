@@ -196,6 +196,8 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
     assert_eq!(expected.len(), 4);
 
     // Killed with SIGKILL after 1 and then 3 finished shards (each time mid-way through the next one).
+    // The writer pauses after each batch, and the test fails if the job was not running when killed:
+    // a kill after the job ended would prove nothing.
     let killed = tmp.path().join("killed");
     for after in [1, 3] {
         let mut child = pipeline()
@@ -204,6 +206,7 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
             .arg(&config)
             .arg("--cache")
             .arg(&killed)
+            .args(["--slow-write-ms", "200"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -214,13 +217,23 @@ fn sigkill_rerun_verify_corruption_and_rank_split() {
                 start.elapsed() < Duration::from_secs(120),
                 "no shard appeared"
             );
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "precompute finished before {after} shards could be counted and the kill"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "precompute had already exited: the kill would prove nothing"
+        );
         child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "the job was not killed: {status:?}"
+        );
     }
     let out = precompute(&config, &killed, &[]);
     assert!(out.contains("reused"), "{out}");

@@ -48,7 +48,14 @@ pub struct Args {
     /// Number of ranks (default WORLD_SIZE, then SLURM_NTASKS, else 1)
     #[arg(long)]
     world_size: Option<usize>,
+    /// Test hook: the writer pauses this long after each batch, so a crash test can kill the job
+    /// while it is provably still running
+    #[arg(long, hide = true, value_name = "MS")]
+    slow_write_ms: Option<u64>,
 }
+
+/// Milliseconds the write stage pauses after each batch (the `--slow-write-ms` test hook).
+static WRITE_PAUSE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One source shard to compute.
 pub(crate) struct Job {
@@ -90,6 +97,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         loaded.config.data.shards = spec.clone();
     }
     loaded.announce();
+    if let Some(ms) = args.slow_write_ms {
+        WRITE_PAUSE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
     let split = RankSplit::resolve(args.rank, args.world_size)?;
     let config = &loaded.config;
     if args.dry_run {
@@ -618,6 +628,10 @@ fn write_stage(
                     }
                 }
                 m.add_busy(busy.elapsed());
+                let pause = WRITE_PAUSE_MS.load(std::sync::atomic::Ordering::Relaxed);
+                if pause > 0 {
+                    std::thread::sleep(Duration::from_millis(pause));
+                }
             }
             Ok(())
         })();
