@@ -83,13 +83,50 @@ fn ls_verify_and_gc() {
         "{stdout}"
     );
 
-    std::fs::write(dir.join(".demo-000009.fbc.tmp-4000000000"), b"partial").unwrap();
-    let out = run_ok(pipeline().args(["cache", "gc", "--cache"]).arg(tmp.path()));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("tmp-4000000000"));
-    run_ok(
+    // A temporary left for two hours is abandoned; one being written (fresh) is not, whatever its pid.
+    let stale = dir.join(".demo-000009.fbc.tmp-4000000000");
+    let fresh = dir.join(".demo-000010.fbc.tmp-4000000001");
+    std::fs::write(&stale, b"partial").unwrap();
+    std::fs::write(&fresh, b"partial").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
+    let gc = |extra: &[&str]| {
         pipeline()
-            .args(["cache", "gc", "--drop", &fp, "--cache"])
-            .arg(tmp.path()),
+            .args(["cache", "gc", "--cache"])
+            .arg(tmp.path())
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = gc(&["--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("would remove") && text.contains("tmp-4000000000"),
+        "{text}"
     );
+    assert!(stale.exists());
+    let out = gc(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("removed") && text.contains("tmp-4000000000"),
+        "{text}"
+    );
+    assert!(!stale.exists() && fresh.exists());
+    // A --keep or --drop naming no fingerprint is refused, with the ones there are.
+    let out = gc(&["--keep", "0123456789abcdef"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("no fingerprint 0123456789abcdef")
+            && err.contains(&fp),
+        "{err}"
+    );
+    assert!(dir.exists());
+    assert!(gc(&["--drop", &fp]).status.success());
     assert!(!dir.exists());
 }

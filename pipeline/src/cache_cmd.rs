@@ -39,6 +39,16 @@ struct GcArgs {
     /// Remove every fingerprint directory except these; repeatable
     #[arg(long = "keep", value_name = "FINGERPRINT")]
     keep: Vec<String>,
+    /// Print what would be removed and remove nothing (the default on a terminal without --yes)
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove without asking, also on a terminal
+    #[arg(long)]
+    yes: bool,
+    /// Minutes a temporary or unrecorded shard must have been left untouched before it counts as
+    /// abandoned (writers on any node keep theirs fresh)
+    #[arg(long, default_value_t = 60, value_name = "MINUTES")]
+    stale_after: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -111,28 +121,57 @@ fn verify_all(root: &Root) -> anyhow::Result<()> {
 }
 
 fn gc(args: &GcArgs) -> anyhow::Result<()> {
-    for dir in fingerprint_dirs(&args.root.cache)? {
-        let name = dir
-            .file_name()
+    use std::io::IsTerminal;
+    let dirs = fingerprint_dirs(&args.root.cache)?;
+    let name = |dir: &std::path::Path| {
+        dir.file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    };
+    let names: Vec<String> = dirs.iter().map(|d| name(d)).collect();
+    // A typo in --keep would otherwise delete every other fingerprint.
+    for asked in args.keep.iter().chain(&args.drop) {
+        if !names.contains(asked) {
+            anyhow::bail!(
+                "no fingerprint {asked} under {}: the fingerprints there are {}",
+                args.root.cache.display(),
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+    }
+    let dry = args.dry_run || (!args.yes && std::io::stdin().is_terminal());
+    let lease = std::time::Duration::from_secs(args.stale_after * 60);
+    let verb = if dry { "would remove" } else { "removed" };
+    for dir in dirs {
+        let fp = name(&dir);
         let unwanted =
-            args.drop.contains(&name) || (!args.keep.is_empty() && !args.keep.contains(&name));
+            args.drop.contains(&fp) || (!args.keep.is_empty() && !args.keep.contains(&fp));
+        // Under the directory's lock: no precompute is recording a shard meanwhile, and one that is
+        // waiting for the lock finds its directory gone or intact, never half removed.
+        let lock = stages::cache::CacheLock::acquire(
+            &dir,
+            std::time::Duration::from_secs(600),
+            &|owner| tracing::info!("{} is locked by {owner}; waiting", dir.display()),
+        )?;
         if unwanted {
-            // Under its lock, so a running precompute is not cut off mid-shard.
-            let lock = stages::cache::CacheLock::acquire(
-                &dir,
-                std::time::Duration::from_secs(600),
-                &|owner| tracing::info!("{} is locked by {owner}; waiting", dir.display()),
-            )?;
-            drop(lock);
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            println!("removed fingerprint {}", dir.display());
+            if !dry {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+            println!("{verb} fingerprint {}", dir.display());
             continue;
         }
-        for path in remove_partial(&dir)? {
-            println!("removed {}", path.display());
+        for path in remove_partial(&dir, lease, dry)? {
+            println!("{verb} {}", path.display());
         }
+        drop(lock);
+    }
+    if dry && !args.dry_run {
+        println!("dry run (on a terminal): pass --yes to remove");
     }
     Ok(())
 }

@@ -76,31 +76,50 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     Ok(report)
 }
 
-/// Removes temporaries of processes that are gone and cache shards the manifest does not record (a
-/// crash between rename and manifest update); returns what was removed.
-pub fn remove_partial(dir: &Path) -> Result<Vec<PathBuf>> {
+/// How long a temporary or unrecorded shard must have been left untouched before `gc` removes it. A
+/// writer appends to its temporary continuously and records a renamed shard within seconds, on any
+/// node of a shared filesystem, so an hour without a change means nobody is writing it; a local
+/// process id says nothing about writers on other nodes.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Temporaries (`.*.tmp-*`) and cache shards the manifest does not record (a crash between rename and
+/// manifest update) that have not been modified for `lease`; removed unless `dry_run`. Run under the
+/// directory's lock (see `cache gc`). Returns what was (or would be) removed.
+pub fn remove_partial(
+    dir: &Path,
+    lease: std::time::Duration,
+    dry_run: bool,
+) -> Result<Vec<PathBuf>> {
     let manifest = Manifest::load(dir)?;
     let recorded: std::collections::HashSet<String> = manifest
         .iter()
         .flat_map(|m| m.shards.values().map(|s| s.file.clone()))
         .collect();
+    let now = std::time::SystemTime::now();
     let mut removed = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let stale_temp = name
-            .rsplit_once(".tmp-")
-            .and_then(|(_, pid)| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-        let orphan = name.ends_with(".fbc") && !recorded.contains(&name);
-        if stale_temp || orphan {
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            removed.push(path);
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let temporary = name.starts_with('.') && name.contains(".tmp-");
+        let orphan = name.ends_with(".fbc") && !name.starts_with('.') && !recorded.contains(&name);
+        if !(temporary || orphan) {
+            continue;
         }
+        let modified = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(|e| Error::io(&path, e))?;
+        let idle = now.duration_since(modified).unwrap_or_default();
+        if idle < lease {
+            continue;
+        }
+        if !dry_run {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        removed.push(path);
     }
+    removed.sort();
     Ok(removed)
 }
 
@@ -156,15 +175,48 @@ mod tests {
     }
 
     #[test]
-    fn gc_removes_dead_temporaries_and_orphans_only() {
+    fn gc_removes_only_what_has_been_left_for_the_lease() {
         let dir = tempfile::tempdir().unwrap();
         make_cache(dir.path(), &["a"]);
-        std::fs::write(dir.path().join(".x.fbc.tmp-4000000000"), b"partial").unwrap();
-        let live = format!(".y.fbc.tmp-{}", std::process::id());
-        std::fs::write(dir.path().join(&live), b"in progress").unwrap();
-        std::fs::write(dir.path().join("orphan.fbc"), b"x").unwrap();
-        let removed = remove_partial(dir.path()).unwrap();
-        assert_eq!(removed.len(), 2, "{removed:?}");
-        assert!(dir.path().join(&live).exists() && dir.path().join("a.fbc").exists());
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let touch = |name: &str, when: Option<std::time::SystemTime>| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").unwrap();
+            if let Some(t) = when {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        };
+        // Another node's writer (a pid this machine does not have) still writing: kept.
+        touch(".x.fbc.tmp-4000000000", None);
+        touch(".y.fbc.tmp-4000000001", Some(old));
+        touch("orphan.fbc", Some(old));
+        touch("fresh.fbc", None);
+        let would = remove_partial(dir.path(), DEFAULT_LEASE, true).unwrap();
+        let names: Vec<String> = would
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [".y.fbc.tmp-4000000001", "orphan.fbc"]);
+        assert!(
+            would.iter().all(|p| p.exists()),
+            "a dry run removed something"
+        );
+        assert_eq!(
+            remove_partial(dir.path(), DEFAULT_LEASE, false).unwrap(),
+            would
+        );
+        for kept in [
+            ".x.fbc.tmp-4000000000",
+            "fresh.fbc",
+            "a.fbc",
+            "manifest.json",
+        ] {
+            assert!(dir.path().join(kept).exists(), "{kept}");
+        }
     }
 }
