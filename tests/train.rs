@@ -1075,3 +1075,45 @@ fn a_label_outside_the_models_classes_is_named() {
         "{err}"
     );
 }
+
+/// A libtorch exception inside a step (here a forced shape mismatch) stops the run with an error that
+/// names the step, after saving the last completed step; never a panic exit.
+#[test]
+fn a_libtorch_error_in_a_step_saves_the_last_completed_step() {
+    let (tmp, cfg, cache) = setup("train-torch-error");
+    let out = tmp.path().join("run");
+    let o = train(
+        &cfg,
+        &cache,
+        &out,
+        &[
+            "--set",
+            "train.steps=20",
+            "--set",
+            "train.metrics_every=1",
+            "--set",
+            "train.checkpoint_every=0",
+            "--set",
+            "train.sample_every=0",
+            "--inject-torch-error-at",
+            "5",
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error: ")
+            && err.contains("step 5: libtorch: ")
+            && err.contains("the checkpoint of step 5 (the last completed) was written"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoints/latest"))
+            .unwrap()
+            .trim(),
+        "step-00000005"
+    );
+    assert_eq!(metrics(&out).len(), 5);
+}

@@ -21,6 +21,7 @@ mod progress;
 mod sample;
 mod signals;
 mod space;
+mod torch_guard;
 mod train;
 mod trained;
 

@@ -55,6 +55,9 @@ pub struct Args {
     /// Test hook: make one gradient element of these steps infinite while the loss stays finite
     #[arg(long, hide = true, value_delimiter = ',')]
     inject_inf_grad_at: Vec<u64>,
+    /// Test hook: make libtorch raise an error inside these steps (a shape mismatch)
+    #[arg(long, hide = true, value_delimiter = ',')]
+    inject_torch_error_at: Vec<u64>,
     /// Test hook: sleep this long before writing each checkpoint
     #[arg(long, hide = true, value_name = "MS")]
     slow_checkpoint_ms: Option<u64>,
@@ -209,6 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         slow_checkpoint: args
             .slow_checkpoint_ms
             .map(std::time::Duration::from_millis),
+        torch_error_at: args.inject_torch_error_at.clone(),
     };
     // From here on SIGTERM, SIGINT and SIGUSR1 finish the step, checkpoint and exit 128 + signal.
     crate::signals::install();
@@ -219,7 +223,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let every = |n: u64| n > 0 && (trainer.state.step + 1).is_multiple_of(n);
         let (metric_step, sample_step) = (every(tc.metrics_every), every(tc.sample_every));
         let checkpoint_step = every(tc.checkpoint_every) || trainer.state.step + 1 == stop;
-        let report = trainer.step(metric_step)?;
+        let step = trainer.state.step;
+        let report = match crate::torch_guard::guard(&format!("step {step}"), || {
+            trainer.step(metric_step)
+        }) {
+            Ok(report) => report,
+            Err(e) => return Err(stop_after_failed_step(&mut trainer, e)),
+        };
         // The host learns about skipped steps here only: on metric and checkpoint steps.
         if metric_step || checkpoint_step {
             trainer.check_skips()?;
@@ -259,6 +269,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         trainer.data_wait().as_secs_f64()
     );
     Ok(())
+}
+
+/// A step that failed inside libtorch: the weights are still those of the last completed step (the
+/// optimizer had not run, or it is all-or-nothing), so they are saved before the job stops; CUDA out of
+/// memory says which setting to lower.
+fn stop_after_failed_step(trainer: &mut Trainer, err: anyhow::Error) -> anyhow::Error {
+    let hint = if crate::torch_guard::is_out_of_memory(&err) {
+        format!(
+            "; lower train.micro_batch (now {}; `pipeline train --dry-run` estimates what fits)",
+            trainer.micro_batch()
+        )
+    } else {
+        String::new()
+    };
+    if trainer.state.step == 0 {
+        return err.context(format!("no step completed, nothing saved{hint}"));
+    }
+    match crate::torch_guard::guard("saving after the failure", || trainer.checkpoint()) {
+        Ok(()) => err.context(format!(
+            "the checkpoint of step {} (the last completed) was written; continue with --resume{hint}",
+            trainer.state.step
+        )),
+        Err(save) => err.context(format!(
+            "and saving the last completed step failed too: {save:#}{hint}"
+        )),
+    }
 }
 
 fn trainable(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {

@@ -25,6 +25,8 @@ pub struct Hooks {
     pub union_of_ranks: Option<usize>,
     /// A pause before each checkpoint is written.
     pub slow_checkpoint: Option<Duration>,
+    /// Steps in which libtorch is made to raise an error.
+    pub torch_error_at: Vec<u64>,
 }
 
 /// What one step produced, on the device until it is logged.
@@ -315,6 +317,10 @@ impl Trainer {
         })
     }
 
+    pub fn micro_batch(&self) -> usize {
+        self.cfg.train.micro_batch
+    }
+
     /// Time spent waiting for the loader so far.
     pub fn data_wait(&self) -> Duration {
         self.data.iter().map(|d| d.waited).sum()
@@ -395,6 +401,9 @@ impl Trainer {
             rep.average_grads(&grads).with_context(|| {
                 format!("step {}: averaging gradients over ranks", self.state.step)
             })?;
+        }
+        if self.hooks.torch_error_at.contains(&self.state.step) {
+            let _ = x.matmul(&x.view([-1]).unsqueeze(0));
         }
         if self.hooks.inf_grad_at.contains(&self.state.step) {
             if let Some((_, p, _, _)) = self.adam.slots.first() {
