@@ -392,3 +392,64 @@ fn a_header_without_a_scan_is_counted_and_the_image_after_it_is_encoded() {
     let samples: usize = manifest.shards.values().map(|s| s.summary.samples).sum();
     assert_eq!(samples, 1, "{stdout}");
 }
+
+/// SIGTERM in precompute: finished shards stay recorded, the shard in progress is dropped (no file, no
+/// entry), the cache verifies, the exit status is 128 + 15, and a rerun completes it to the same bytes.
+#[test]
+fn a_signal_keeps_finished_shards_and_drops_the_one_in_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = setup(tmp.path(), 3);
+    let reference = tmp.path().join("reference");
+    precompute(&config, &reference, &[]);
+    let expected = shard_hashes(&fingerprint_dirs(&reference)[0]);
+    let cache = tmp.path().join("cache");
+    let mut child = precompute_command(&config, &cache)
+        .args(["--slow-write-ms", "200"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !cache.exists() || count_shards(&cache) < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no shard appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "precompute finished before the signal"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run_ok(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
+    assert!(
+        err.contains("stopped on SIGTERM") && err.contains("dropped"),
+        "{err}"
+    );
+    let dir = fingerprint_dirs(&cache)[0].clone();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp-")), "{names:?}");
+    // Verify finds nothing corrupt: only the requested shards not computed yet.
+    let v = pipeline()
+        .args(["cache", "verify", "--cache"])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&v.stdout);
+    let bad: Vec<&str> = report.lines().filter(|l| l.starts_with("BAD")).collect();
+    assert!(
+        !bad.is_empty() && bad.iter().all(|l| l.ends_with("has no cache shard")),
+        "{report}"
+    );
+    let done = shard_hashes(&dir);
+    assert!(!done.is_empty() && done.len() < expected.len(), "{done:?}");
+    precompute(&config, &cache, &[]);
+    run_ok(pipeline().args(["cache", "verify", "--cache"]).arg(&cache));
+    assert_eq!(shard_hashes(&dir), expected);
+}

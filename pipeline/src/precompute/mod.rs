@@ -100,6 +100,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(ms) = args.slow_write_ms {
         WRITE_PAUSE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
+    // SIGTERM, SIGINT and SIGUSR1 stop reading, let finished shards be recorded and drop the one in
+    // progress; the exit status is 128 + signal.
+    crate::signals::install();
     let split = RankSplit::resolve(args.rank, args.world_size)?;
     let config = &loaded.config;
     if args.dry_run {
@@ -228,6 +231,17 @@ pub fn precompute(
     );
     let mut out = run_graph(config, dir, settings, jobs, None)?;
     out.reused = reused;
+    if let Some(sig) = crate::signals::requested() {
+        return Err(crate::signals::Interrupted {
+            signal: sig,
+            what: format!(
+                "{} shards finished and recorded in {}, the one in progress dropped; run again to compute the rest",
+                out.computed,
+                dir.display()
+            ),
+        }
+        .into());
+    }
     Ok(out)
 }
 
@@ -540,8 +554,13 @@ fn decode_stage(
                 alive = flush(j, &mut pending, false);
             }
             stop = limit.is_some_and(|l| total >= l);
-            alive && !stop
+            alive && !stop && crate::signals::requested().is_none()
         });
+        // On a signal the shard in progress is left unfinished: it never gets its last batch, so the
+        // writer drops it (no file, no manifest entry) and the cache stays verifiable.
+        if crate::signals::requested().is_some() {
+            break;
+        }
         counters.add_shard();
         if !alive || !flush(j, &mut pending, true) || stop {
             break;
@@ -631,6 +650,12 @@ fn write_stage(
                 let pause = WRITE_PAUSE_MS.load(std::sync::atomic::Ordering::Relaxed);
                 if pause > 0 {
                     std::thread::sleep(Duration::from_millis(pause));
+                }
+                if crate::signals::requested().is_some() {
+                    // Stop here: shards already complete are being finished; the one in progress is
+                    // dropped with its writer (its temporary removed), and the stages upstream stop
+                    // when their next send finds no receiver.
+                    break;
                 }
             }
             Ok(())
