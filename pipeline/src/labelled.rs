@@ -37,10 +37,18 @@ pub fn for_each_batch(
 ) -> anyhow::Result<usize> {
     let batch = batch.max(1);
     let limit = limit.unwrap_or(usize::MAX);
+    // A libtorch exception on a batch is an error naming its first sample, not a panic.
+    let mut guarded = |b: Batch| {
+        let what = format!(
+            "{data}: the batch starting at sample {}",
+            b.ids.first().map_or("?", String::as_str)
+        );
+        crate::torch_guard::guard(&what, || f(b))
+    };
     if is_cache(data) {
-        from_cache(Path::new(data), trained, batch, limit, f)
+        from_cache(Path::new(data), trained, batch, limit, &mut guarded)
     } else {
-        from_shards(data, trained, batch, limit, f)
+        from_shards(data, trained, batch, limit, &mut guarded)
     }
 }
 

@@ -233,14 +233,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let y = labels
             .as_ref()
             .map(|l| Tensor::from_slice(&l[start..start + len]).to_device(trained.device));
-        let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
+        // A libtorch exception (CUDA out of memory at a large --batch) is an error naming the samples.
+        let what = format!("samples {start}..{}", start + len);
+        let (images, r) = crate::torch_guard::guard(&what, || {
+            let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
+            let x = if args.denoise {
+                tarflow::sample::denoise(model, &x, y.as_ref(), trained.noise_sigma(), 1.0)
+            } else {
+                x
+            };
+            Ok((trained.flow_to_images(&x)?, r))
+        })?;
         redrawn += r;
-        let x = if args.denoise {
-            tarflow::sample::denoise(model, &x, y.as_ref(), trained.noise_sigma(), 1.0)
-        } else {
-            x
-        };
-        let images = trained.flow_to_images(&x)?;
         let bytes = Vec::<u8>::try_from(images.flatten(0, -1))?;
         npz.write(&bytes)?;
         for (i, image) in bytes.chunks_exact(size * size * 3).enumerate() {
