@@ -544,6 +544,7 @@ fn decode_stage(
         let mut pending = Vec::with_capacity(batch_size);
         let mut alive = true;
         let mut stop = false;
+        let before = total;
         stages::wds_reader::read_shard(&job.path, counters, &mut |raw| {
             source_bytes.fetch_add(raw.n_bytes(), std::sync::atomic::Ordering::Relaxed);
             if let Some(sample) = stages::image_stream::select_sample(raw, data, counters) {
@@ -556,6 +557,13 @@ fn decode_stage(
             stop = limit.is_some_and(|l| total >= l);
             alive && !stop && crate::signals::requested().is_none()
         });
+        if total == before && alive && !stop {
+            // An empty source shard is more often a failed copy than an empty split: say so.
+            tracing::warn!(
+                "source shard {}: no samples (empty, or nothing in it could be read)",
+                job.path
+            );
+        }
         // On a signal the shard in progress is left unfinished: it never gets its last batch, so the
         // writer drops it (no file, no manifest entry) and the cache stays verifiable.
         if crate::signals::requested().is_some() {

@@ -1,0 +1,184 @@
+//! Hostile inputs thrown at precompute and at the cache reader: a truncated tar, a tar member whose
+//! header claims 10 GB, a zero-byte shard, a JPEG whose header claims 60 000 × 60 000, a 16-bit PNG,
+//! keys repeated across shards, and a cache shard cut at every frame boundary. Each ends in a counted
+//! reason or a clear error naming the file, never a panic, and what was finished is kept.
+
+mod common;
+
+use std::path::Path;
+
+use common::pipeline;
+
+/// A ustar archive of (name, bytes) members.
+fn tar_of(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A tar whose only member's header claims `size` bytes, followed by 1 KiB and the end.
+fn tar_claiming(name: &str, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend(std::iter::repeat_n(7u8, 1024));
+    out
+}
+
+fn jpeg(seed: u64) -> Vec<u8> {
+    stages::demo::encode_jpeg(&stages::demo::draw_sample(seed, 0, 1), 90, false).unwrap()
+}
+
+/// The JPEG with its frame header's height and width set to `h` × `w` (the SOF0 marker's fields).
+fn jpeg_claiming(h: u16, w: u16) -> Vec<u8> {
+    let mut bytes = jpeg(3);
+    let sof = bytes.windows(2).position(|p| p == [0xFF, 0xC0]).unwrap();
+    bytes[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+    bytes
+}
+
+fn png16() -> Vec<u8> {
+    let img = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 1500) as u16, (y * 2000) as u16, 30000])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn hostile_shards_are_counted_or_refused_and_finished_work_is_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let good = tar_of(&[
+        ("000000.jpg", jpeg(1)),
+        ("000000.cls", b"1".to_vec()),
+        ("000001.jpg", jpeg(2)),
+        ("000001.cls", b"2".to_vec()),
+    ]);
+    write(&data.join("a-good.tar"), &good);
+    write(&data.join("b-truncated.tar"), &good[..good.len() * 3 / 5]);
+    write(
+        &data.join("c-huge-member.tar"),
+        &tar_claiming("x.jpg", 10 << 30),
+    );
+    write(&data.join("d-empty.tar"), b"");
+    write(
+        &data.join("e-odd-images.tar"),
+        &tar_of(&[
+            ("big.jpg", jpeg_claiming(60000, 60000)),
+            ("big.cls", b"3".to_vec()),
+            ("deep.png", png16()),
+            ("deep.cls", b"4".to_vec()),
+            // The same key as in a-good.tar: keys are per shard, so both are kept.
+            ("000000.jpg", jpeg(5)),
+            ("000000.cls", b"5".to_vec()),
+            ("text.jpg", jpeg(6)),
+            ("text.cls", b"seven".to_vec()),
+        ]),
+    );
+    let config = tmp.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[data]\nshards = \"{}/{{a-good,b-truncated,c-huge-member,d-empty,e-odd-images}}.tar\"\nimage_size = 32\nmax_bad_fraction = 1.0\n\n[precompute]\nstore_image = true\nbatch_size = 2\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache");
+    let o = pipeline()
+        .args(["precompute", "--config"])
+        .arg(&config)
+        .arg("--cache")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    // Never a panic (exit 101): finished or refused with a message.
+    assert!(
+        matches!(o.status.code(), Some(0) | Some(1)),
+        "{:?}\n{out}\n{err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    for name in ["b-truncated.tar", "c-huge-member.tar", "d-empty.tar"] {
+        assert!(
+            err.contains(name) || out.contains(name),
+            "{name} is not named:\n{out}\n{err}"
+        );
+    }
+    // The good shard's cache is complete and verifies.
+    let dir = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("a fingerprint directory");
+    assert!(dir.join("a-good.fbc").exists(), "{out}\n{err}");
+    let reader = stages::cache::ShardReader::open(&dir.join("a-good.fbc")).unwrap();
+    assert_eq!(reader.n_samples(), 2);
+    eprintln!(
+        "precompute on hostile shards (exit {:?}):\n{out}\n{err}",
+        o.status.code()
+    );
+}
+
+#[test]
+fn a_cache_shard_cut_at_any_frame_boundary_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("s.fbc");
+    let fields = vec![
+        stages::cache::FieldSpec::new("label", stages::cache::DType::I64, &[]),
+        stages::cache::FieldSpec::new("image", stages::cache::DType::U8, &[8, 8, 3]),
+    ];
+    let mut w = stages::cache::ShardWriter::create(&path, fields, 3, 1).unwrap();
+    for i in 0..10i64 {
+        w.push(&i.to_string(), &[&i.to_le_bytes(), &vec![i as u8; 192]])
+            .unwrap();
+    }
+    w.finish(serde_json::json!({})).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let reader = stages::cache::ShardReader::open(&path).unwrap();
+    let mut cuts: Vec<u64> = reader
+        .footer()
+        .chunks
+        .iter()
+        .flat_map(|c| c.frames.iter().flat_map(|(o, l)| [*o, o + l]))
+        .collect();
+    cuts.extend([0, 1, bytes.len() as u64 - 1]);
+    cuts.sort();
+    cuts.dedup();
+    let cut_path = tmp.path().join("cut.fbc");
+    for cut in cuts {
+        write(&cut_path, &bytes[..cut as usize]);
+        let e = match stages::cache::ShardReader::open(&cut_path) {
+            Ok(_) => panic!("a shard cut at byte {cut} of {} opened", bytes.len()),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("cut.fbc"), "cut at {cut}: {e}");
+        let v = pipeline()
+            .args(["cache", "verify", "--cache"])
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        assert!(matches!(v.status.code(), Some(0) | Some(1)));
+    }
+}
