@@ -147,6 +147,19 @@ impl Config {
             }
         }
         if a.mode != model::tarflow::align::AlignMode::None {
+            if !(a.lambda.is_finite() && a.lambda >= 0.0) {
+                bail!("align.lambda = {}: must be a number ≥ 0", a.lambda);
+            }
+            if a.projector_hidden <= 0 || a.encoder_dim <= 0 {
+                bail!(
+                    "align.projector_hidden = {} and align.encoder_dim = {}: both must be at least 1",
+                    a.projector_hidden,
+                    a.encoder_dim
+                );
+            }
+            if a.locations.is_empty() {
+                bail!("align.locations is empty: give at least one [block, layer] (or align.mode = \"none\")");
+            }
             if p.encoder_dir().is_none() {
                 bail!("alignment needs encoder tokens: set precompute.encoder (or align.mode = \"none\")");
             }
@@ -277,6 +290,9 @@ mod tests {
         refused(&|c| c.precompute.store_image = false, "store_image");
         refused(&|c| c.precompute.encoder.clear(), "precompute.encoder");
         refused(&|c| c.align.locations = vec![[9, 1]], "(9, 1)");
+        refused(&|c| c.align.lambda = -1.0, "align.lambda");
+        refused(&|c| c.align.locations.clear(), "align.locations");
+        refused(&|c| c.train.ema_decay = 2.0, "train.ema_decay");
         // A latent flow without a VAE, and a patch-1 flow aligned without token matching.
         refused(
             &|c| {
