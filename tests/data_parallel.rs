@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pipeline, run_ok};
+use common::{metrics, pipeline, run_ok};
 use tch::Tensor;
 
 fn free_port() -> u16 {
@@ -72,14 +72,6 @@ fn finish(child: Child, what: &str) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{what} failed:\n{err}");
     err
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn weights(out: &Path, step: &str) -> Vec<(String, Tensor)> {

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{demo_data, demo_paths, pipeline, repo_root, run_ok, tiny_encoders};
+use common::{demo_data, demo_train, metrics, pipeline, repo_root, run_ok, tiny_encoders};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
 use tch::Tensor;
 
@@ -183,14 +183,6 @@ fn train(cfg: &Path, cache: &Path, out: &Path, extra: &[&str]) -> std::process::
         .arg(out)
         .args(extra);
     cmd
-}
-
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]
@@ -550,25 +542,17 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
     let root = tmp.path();
     demo_data(&root.join("data"), 2, 6, 2, 0, &[]);
     tiny_encoders(&root.join("encoders"));
-    let preset = repo_root().join("configs/demo.toml");
     let train = |out: &str| {
-        let mut cmd = pipeline();
-        cmd.args(["train", "--latent", "--config"])
-            .arg(&preset)
-            .arg("--out")
-            .arg(root.join(out));
-        let mut sets = demo_paths(root, "demo-{000000..000001}.tar");
-        sets.extend([
-            "train.steps=2".into(),
-            "train.batch=4".into(),
-            "train.checkpoint_every=2".into(),
-            "train.sample_every=2".into(),
-            "train.sample_count=4".into(),
-            "train.metrics_every=1".into(),
-        ]);
-        for set in sets {
-            cmd.arg("--set").arg(set);
-        }
+        let sets = [
+            "train.steps=2",
+            "train.batch=4",
+            "train.checkpoint_every=2",
+            "train.sample_every=2",
+            "train.sample_count=4",
+            "train.metrics_every=1",
+        ]
+        .map(String::from);
+        let mut cmd = demo_train(root, "demo-{000000..000001}.tar", &root.join(out), &sets);
         String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
     };
     let first = train("run1");
@@ -695,31 +679,24 @@ fn both_token_matchings_train_a_patch_1_latent_flow() {
     let root = tmp.path();
     demo_data(&root.join("data"), 2, 6, 1, 0, &[]);
     tiny_encoders(&root.join("encoders"));
-    let preset = repo_root().join("configs/demo.toml");
     let train = |out: &str, sets: &[&str]| {
-        let mut cmd = pipeline();
-        cmd.args(["train", "--latent", "--config"])
-            .arg(&preset)
-            .arg("--out")
-            .arg(root.join(out));
-        let paths = demo_paths(root, "demo-000000.tar");
-        let common = [
+        let mut all: Vec<String> = [
             "model.patch_size=1",
             "train.steps=3",
             "train.batch=4",
             "train.checkpoint_every=3",
             "train.sample_every=0",
             "train.metrics_every=1",
-        ];
-        for set in paths
-            .iter()
-            .map(String::as_str)
-            .chain(common)
-            .chain(sets.iter().copied())
-        {
-            cmd.arg("--set").arg(set);
-        }
-        run_ok(&mut cmd);
+        ]
+        .map(String::from)
+        .to_vec();
+        all.extend(sets.iter().map(|s| s.to_string()));
+        run_ok(&mut demo_train(
+            root,
+            "demo-000000.tar",
+            &root.join(out),
+            &all,
+        ));
         metrics(&root.join(out))
     };
     let pooled = train(
@@ -830,29 +807,23 @@ fn online_features_equal_the_cached_ones_and_train_the_same() {
     let root = tmp.path();
     demo_data(&root.join("data"), 2, 8, 2, 0, &[]);
     tiny_encoders(&root.join("encoders"));
-    let preset = repo_root().join("configs/demo.toml");
     let train = |out: &str, extra: &[&str]| {
-        let mut cmd = pipeline();
-        cmd.args(["train", "--latent", "--config"])
-            .arg(&preset)
-            .arg("--out")
-            .arg(root.join(out));
-        let mut sets = demo_paths(root, "demo-{000000..000001}.tar");
-        sets.extend(
-            [
-                "train.steps=24",
-                "train.batch=8",
-                "train.checkpoint_every=0",
-                "train.sample_every=0",
-                "train.metrics_every=1",
-            ]
-            .map(String::from),
-        );
+        let mut sets: Vec<String> = [
+            "train.steps=24",
+            "train.batch=8",
+            "train.checkpoint_every=0",
+            "train.sample_every=0",
+            "train.metrics_every=1",
+        ]
+        .map(String::from)
+        .to_vec();
         sets.extend(extra.iter().map(|s| s.to_string()));
-        for set in sets {
-            cmd.arg("--set").arg(set);
-        }
-        run_ok(&mut cmd);
+        run_ok(&mut demo_train(
+            root,
+            "demo-{000000..000001}.tar",
+            &root.join(out),
+            &sets,
+        ));
         metrics(&root.join(out))
     };
     let cached = train("cached", &[]);

@@ -89,3 +89,26 @@ pub fn demo_paths(root: &Path, shards: &str) -> Vec<String> {
         format!("train.cache={}/cache", root.display()),
     ]
 }
+
+/// `pipeline train --latent` on `configs/demo.toml` pointed at `root`'s demo files (`demo_paths`), with
+/// `sets` as further `--set` values, writing to `out`.
+pub fn demo_train(root: &Path, shards: &str, out: &Path, sets: &[String]) -> Command {
+    let mut cmd = pipeline();
+    cmd.args(["train", "--latent", "--config"])
+        .arg(repo_root().join("configs/demo.toml"))
+        .arg("--out")
+        .arg(out);
+    for set in demo_paths(root, shards).iter().chain(sets) {
+        cmd.arg("--set").arg(set);
+    }
+    cmd
+}
+
+/// The lines of `RUN_DIR/metrics.jsonl`.
+pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
