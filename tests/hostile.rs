@@ -1,5 +1,6 @@
 //! Hostile inputs thrown at precompute and at the cache reader: a truncated tar, a tar member whose
-//! header claims 10 GB, a zero-byte shard, a JPEG whose header claims 60 000 × 60 000, a 16-bit PNG,
+//! header claims 10 GB, a zero-byte shard, a JPEG whose header claims 60 000 × 60 000, a 16-bit PNG, a
+//! plain CMYK JPEG (the YCCK kind is in the demo's odd members),
 //! keys repeated across shards, and a cache shard cut at every frame boundary. Each ends in a counted
 //! reason or a clear error naming the file, never a panic, and what was finished is kept.
 
@@ -56,6 +57,21 @@ fn png16() -> Vec<u8> {
     out.into_inner()
 }
 
+/// A plain CMYK JPEG (Adobe, no YCCK transform) as Pillow writes one.
+fn cmyk_jpeg(dir: &Path) -> Vec<u8> {
+    let path = dir.join("cmyk.jpg");
+    let o = common::python()
+        .args([
+            "-c",
+            "import sys; from PIL import Image; Image.new('CMYK', (48, 40), (10, 120, 200, 30)).save(sys.argv[1], 'JPEG', quality=90)",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(path).unwrap()
+}
+
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).unwrap();
 }
@@ -90,6 +106,8 @@ fn hostile_shards_are_counted_or_refused_and_finished_work_is_kept() {
             ("000000.cls", b"5".to_vec()),
             ("text.jpg", jpeg(6)),
             ("text.cls", b"seven".to_vec()),
+            ("cmyk.jpg", cmyk_jpeg(tmp.path())),
+            ("cmyk.cls", b"6".to_vec()),
         ]),
     );
     let config = tmp.path().join("c.toml");
