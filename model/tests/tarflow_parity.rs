@@ -109,6 +109,12 @@ fn check(cfg: &Config, tag: &str) {
         "{tag}: guided sample differs by {}",
         diff(&guided, "sample")
     );
+    // The benchmark's reference (batched branches, preallocated caches) computes the same samples.
+    assert!(
+        diff(&guided, "sample_fast") < 1e-4,
+        "{tag}: the fast reference differs by {}",
+        diff(&guided, "sample_fast")
+    );
 }
 
 #[test]
