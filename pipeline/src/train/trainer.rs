@@ -462,8 +462,10 @@ impl Trainer {
             self.reported_skips = state.nonfinite_total;
         }
         if state.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row {
-            // `--resume` continues from what `latest` names: make that the last good checkpoint.
-            if let Some(name) = self.last_good.as_ref().and_then(|p| p.file_name()) {
+            // `--resume` continues from what `latest` names: make that the last good checkpoint
+            // (rank 0 writes it; every rank stops here, at the same step).
+            let name = self.last_good.as_ref().and_then(|p| p.file_name());
+            if let Some(name) = name.filter(|_| self.launch.rank == 0) {
                 stages::atomic::write_bytes_atomic(
                     &self.ckpt_root.join("latest"),
                     format!("{}\n", name.to_string_lossy()).as_bytes(),
