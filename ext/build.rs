@@ -31,7 +31,7 @@ fn main() {
         println!("cargo:warning=torch-ext: gloo headers not found (install libgloo-dev): multi-process training on CPU will be refused at run time");
     }
     // The NCCL process group: nccl.h and the CUDA headers from the venv's nvidia packages (next to
-    // torch/), with nvcc's crt/ and CCCL's nv/ (scripts/requirements-build.txt); libtorch_cuda, which
+    // torch/), with nvcc's crt/ and CCCL's nv/ (scripts/requirements-extra.txt); libtorch_cuda, which
     // torch-sys links when it exists, has the code.
     // DEP_TCH_LIBTORCH_LIB is <site-packages>/torch/lib.
     let site = lib.parent().and_then(|torch| torch.parent());
@@ -52,7 +52,7 @@ fn main() {
                 .include(&nccl);
         }
         _ => println!(
-            "cargo:warning=torch-ext: no NCCL process group in this build (needs libtorch_cuda, nccl.h and the CUDA headers of scripts/requirements-build.txt): multi-GPU training will be refused at run time"
+            "cargo:warning=torch-ext: no NCCL process group in this build (needs libtorch_cuda, nccl.h and the CUDA headers of scripts/requirements-extra.txt): multi-GPU training will be refused at run time"
         ),
     }
     build

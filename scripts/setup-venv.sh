@@ -21,14 +21,14 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
   touch "$venv/.complete"
 fi
-# Build-only header packages, added to the same environment (their own marker, so a change here does
-# not download torch again).
-build_req=scripts/requirements-build.txt
-build_key=$(sha256sum "$build_req" | cut -c1-16)
-if [ ! -f "$venv/.build-$build_key" ]; then
-  echo "setup-venv: adding build headers ($build_req)"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$build_req"
-  touch "$venv/.build-$build_key"
+# Build headers and test readers, added to the same environment (their own marker, so a change here
+# does not download torch again).
+extra_req=scripts/requirements-extra.txt
+extra_key=$(sha256sum "$extra_req" | cut -c1-16)
+if [ ! -f "$venv/.extra-$extra_key" ]; then
+  echo "setup-venv: adding $extra_req"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$extra_req"
+  touch "$venv/.extra-$extra_key"
 fi
 if [ "$(readlink .venv 2>/dev/null)" != "$venv" ]; then
   rm -rf .venv

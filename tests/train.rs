@@ -218,6 +218,32 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
     ] {
         assert!(m[19][k].is_number(), "metric {k} missing: {}", m[19]);
     }
+    // TensorBoard itself reads the same scalars from RUN_DIR/tb.
+    let tb = run_ok(
+        common::python()
+            .arg("-c")
+            .arg(
+                "import json, sys\n\
+                 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+                 ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+                 print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}))",
+            )
+            .arg(out.join("tb")),
+    );
+    let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
+    let losses = tb["train/loss"].as_array().unwrap();
+    assert_eq!(losses.len(), m.len());
+    for (point, line) in losses.iter().zip(&m) {
+        assert_eq!(point[0], line["step"]);
+        let (a, b) = (point[1].as_f64().unwrap(), line["loss"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    assert!(
+        tb["train/cos/0"]
+            .as_array()
+            .is_some_and(|v| v.len() == m.len()),
+        "{tb}"
+    );
     // The phases are timed on metric steps and fit inside the step.
     let phases: f64 = ["forward_s", "backward_s", "optimizer_s"]
         .iter()

@@ -138,7 +138,7 @@ char* ext_group_new(const char* backend, const char* host, int port, int rank, i
 #else
       throw std::runtime_error(
           "this build has no NCCL process group: torch-ext was compiled without the CUDA headers "
-          "(scripts/requirements-build.txt); use train.backend = \"gloo\" on CPUs");
+          "(scripts/requirements-extra.txt); use train.backend = \"gloo\" on CPUs");
 #endif
     } else {
       throw std::runtime_error("unknown backend " + which);

@@ -9,6 +9,7 @@ mod loader;
 pub(crate) mod optim;
 mod replicas;
 pub(crate) mod step;
+mod tensorboard;
 mod trainer;
 
 use std::path::{Path, PathBuf};

@@ -61,8 +61,10 @@ pub struct Trainer {
     pub state: checkpoint::State,
     out: PathBuf,
     ckpt_root: PathBuf,
-    /// Rank 0 writes the metrics, checkpoints and samples; the other ranks write nothing.
+    /// Rank 0 writes the metrics (JSON lines and TensorBoard scalars), checkpoints and samples; the
+    /// other ranks write nothing.
     metrics: Option<std::fs::File>,
+    tensorboard: Option<super::tensorboard::EventWriter>,
     model_toml: String,
     sample_vae: Option<model::vae::LoadedVae>,
     /// The frozen encoder of `train.features = "online"`, run on each batch's crops.
@@ -284,6 +286,10 @@ impl Trainer {
             ),
             false => None,
         };
+        let tensorboard = match root {
+            true => Some(super::tensorboard::EventWriter::create(&out.join("tb"))?),
+            false => None,
+        };
         let skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
         let window = (Instant::now(), Duration::ZERO);
         Ok(Trainer {
@@ -308,6 +314,7 @@ impl Trainer {
             out: out.to_path_buf(),
             ckpt_root,
             metrics,
+            tensorboard,
             model_toml,
             sample_vae,
             online,
@@ -539,6 +546,12 @@ impl Trainer {
         });
         writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
         metrics.flush().context("writing metrics.jsonl")?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.scalars(
+                self.state.step as i64,
+                &super::tensorboard::scalars_of(&line),
+            )?;
+        }
         self.window = (Instant::now(), self.data_wait());
         Ok(())
     }
