@@ -525,6 +525,21 @@ fn bpd_equals_the_value_by_hand_from_flow_encode() {
         other != got && (other - got).abs() < 0.1,
         "{other} vs {got}"
     );
+    // Off a terminal the progress is a log line every PIPELINE_PROGRESS_SECS (here every batch).
+    let o = run_ok(
+        pipeline()
+            .args(["bpd", "--device", "cpu", "--batch", "8", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&shards)
+            .env("RUST_LOG", "info")
+            .env("PIPELINE_PROGRESS_SECS", "0"),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bpd: 8 (") && err.contains("bpd: 20 done in"),
+        "{err}"
+    );
     // With the labels: another number, reported as class-conditional.
     let o = run_ok(
         pipeline()

@@ -71,40 +71,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Vec::<Tensor>::new(),
         Vec::<i64>::new(),
     );
-    labelled::for_each_batch(&args.data, &trained, args.batch, args.limit, &mut |batch| {
-        let x = if trained.latent {
-            batch.x
-        } else {
-            // The global CPU generator, seeded once, so the noise depends on the image order only.
-            let u = Tensor::rand(batch.x.size(), (Kind::Float, Device::Cpu))
-                .to_device(batch.x.device());
-            tarflow::dequantize(&batch.x, &u)
-        };
-        let labels: Vec<i64> = if conditional {
-            batch.labels.clone()
-        } else {
-            vec![-1; batch.labels.len()]
-        };
-        if let Some((id, label)) = batch.ids.iter().zip(&labels).find(|(_, &l)| l >= k) {
-            bail!(
-                "{}: sample {id} has label {label}, the model has {k} classes",
-                args.data
-            );
-        }
-        let y = Tensor::from_slice(&labels).to_device(x.device());
-        let out = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
-        let value = if trained.latent {
-            tarflow::nll_per_sample(&out)
-        } else {
-            tarflow::bits_per_dim(&out)
-        };
-        values.push(value.to_device(Device::Cpu));
-        if args.save_inputs.is_some() {
-            saved_x.push(x.to_device(Device::Cpu));
-            saved_y.extend(&labels);
-        }
-        Ok(())
-    })?;
+    labelled::for_each_batch(
+        "bpd",
+        &args.data,
+        &trained,
+        args.batch,
+        args.limit,
+        &mut |batch| {
+            let x = if trained.latent {
+                batch.x
+            } else {
+                // The global CPU generator, seeded once, so the noise depends on the image order only.
+                let u = Tensor::rand(batch.x.size(), (Kind::Float, Device::Cpu))
+                    .to_device(batch.x.device());
+                tarflow::dequantize(&batch.x, &u)
+            };
+            let labels: Vec<i64> = if conditional {
+                batch.labels.clone()
+            } else {
+                vec![-1; batch.labels.len()]
+            };
+            if let Some((id, label)) = batch.ids.iter().zip(&labels).find(|(_, &l)| l >= k) {
+                bail!(
+                    "{}: sample {id} has label {label}, the model has {k} classes",
+                    args.data
+                );
+            }
+            let y = Tensor::from_slice(&labels).to_device(x.device());
+            let out = tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]));
+            let value = if trained.latent {
+                tarflow::nll_per_sample(&out)
+            } else {
+                tarflow::bits_per_dim(&out)
+            };
+            values.push(value.to_device(Device::Cpu));
+            if args.save_inputs.is_some() {
+                saved_x.push(x.to_device(Device::Cpu));
+                saved_y.extend(&labels);
+            }
+            Ok(())
+        },
+    )?;
     if values.is_empty() {
         bail!("{}: no samples", args.data);
     }

@@ -61,8 +61,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     tally
         .csv
         .push_str("id,label,predicted,correct,top5,score_predicted\n");
-    let seen =
-        labelled::for_each_batch(&args.data, &trained, args.batch, args.limit, &mut |batch| {
+    let seen = labelled::for_each_batch(
+        "classify",
+        &args.data,
+        &trained,
+        args.batch,
+        args.limit,
+        &mut |batch| {
             if let Some((id, label)) = batch
                 .ids
                 .iter()
@@ -104,7 +109,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )?;
             }
             Ok(())
-        })?;
+        },
+    )?;
     if seen == 0 {
         bail!("{}: no samples", args.data);
     }

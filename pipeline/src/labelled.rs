@@ -29,6 +29,7 @@ pub fn is_cache(data: &str) -> bool {
 /// Calls `f` on consecutive batches of at most `batch` samples, at most `limit` samples in all; returns
 /// the number of samples seen.
 pub fn for_each_batch(
+    label: &str,
     data: &str,
     trained: &Trained,
     batch: usize,
@@ -36,20 +37,42 @@ pub fn for_each_batch(
     f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let batch = batch.max(1);
+    // Known up front for a cache (its manifest) or a --limit; a shard spec is counted as it goes.
+    let cached = is_cache(data)
+        .then(|| Manifest::load(Path::new(data)).ok().flatten())
+        .flatten()
+        .map(|m| {
+            m.shards
+                .values()
+                .map(|s| s.summary.samples as u64)
+                .sum::<u64>()
+        });
+    let total = match (limit, cached) {
+        (Some(l), Some(c)) => (l as u64).min(c),
+        (Some(l), None) => l as u64,
+        (None, Some(c)) => c,
+        (None, None) => 0,
+    };
     let limit = limit.unwrap_or(usize::MAX);
+    let progress = crate::progress::Progress::new(label, total);
     // A libtorch exception on a batch is an error naming its first sample, not a panic.
     let mut guarded = |b: Batch| {
         let what = format!(
             "{data}: the batch starting at sample {}",
             b.ids.first().map_or("?", String::as_str)
         );
-        crate::torch_guard::guard(&what, || f(b))
+        let n = b.ids.len() as u64;
+        crate::torch_guard::guard(&what, || f(b))?;
+        progress.add(n);
+        Ok(())
     };
-    if is_cache(data) {
+    let seen = if is_cache(data) {
         from_cache(Path::new(data), trained, batch, limit, &mut guarded)
     } else {
         from_shards(data, trained, batch, limit, &mut guarded)
-    }
+    }?;
+    progress.finish();
+    Ok(seen)
 }
 
 fn from_shards(

@@ -1,5 +1,5 @@
 //! Logging through `tracing`, filtered by `RUST_LOG` (default `info`), always to stderr so stdout stays
-//! clean for data a user may pipe.
+//! clean for data a user may pipe; each line is written with the progress bar cleared around it.
 
 use std::io::IsTerminal;
 
@@ -9,8 +9,21 @@ pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| AboveTheBar)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+/// stderr, written with the active progress bar suspended (one event is one write).
+struct AboveTheBar;
+
+impl std::io::Write for AboveTheBar {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::progress::suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
