@@ -7,7 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{demo_data, demo_train, metrics, pipeline, repo_root, run_ok, tiny_encoders};
+use common::{
+    demo_data, demo_run, demo_train, metrics, pipeline, repo_root, run_ok, tiny_encoders,
+};
 use stages::cache::{DType, FieldSpec, Manifest, ManifestShard, ShardWriter, SourceShard};
 use tch::Tensor;
 
@@ -705,25 +707,16 @@ fn both_token_matchings_train_a_patch_1_latent_flow() {
     let root = tmp.path();
     demo_data(&root.join("data"), 2, 6, 1, 0, &[]);
     tiny_encoders(&root.join("encoders"));
+    let base = [
+        "model.patch_size=1",
+        "train.steps=3",
+        "train.batch=4",
+        "train.checkpoint_every=3",
+        "train.sample_every=0",
+        "train.metrics_every=1",
+    ];
     let train = |out: &str, sets: &[&str]| {
-        let mut all: Vec<String> = [
-            "model.patch_size=1",
-            "train.steps=3",
-            "train.batch=4",
-            "train.checkpoint_every=3",
-            "train.sample_every=0",
-            "train.metrics_every=1",
-        ]
-        .map(String::from)
-        .to_vec();
-        all.extend(sets.iter().map(|s| s.to_string()));
-        run_ok(&mut demo_train(
-            root,
-            "demo-000000.tar",
-            &root.join(out),
-            &all,
-        ));
-        metrics(&root.join(out))
+        demo_run(root, "demo-000000.tar", out, &[&base[..], sets].concat())
     };
     let pooled = train(
         "pool",
@@ -833,24 +826,20 @@ fn online_features_equal_the_cached_ones_and_train_the_same() {
     let root = tmp.path();
     demo_data(&root.join("data"), 2, 8, 2, 0, &[]);
     tiny_encoders(&root.join("encoders"));
+    let base = [
+        "train.steps=24",
+        "train.batch=8",
+        "train.checkpoint_every=0",
+        "train.sample_every=0",
+        "train.metrics_every=1",
+    ];
     let train = |out: &str, extra: &[&str]| {
-        let mut sets: Vec<String> = [
-            "train.steps=24",
-            "train.batch=8",
-            "train.checkpoint_every=0",
-            "train.sample_every=0",
-            "train.metrics_every=1",
-        ]
-        .map(String::from)
-        .to_vec();
-        sets.extend(extra.iter().map(|s| s.to_string()));
-        run_ok(&mut demo_train(
+        demo_run(
             root,
             "demo-{000000..000001}.tar",
-            &root.join(out),
-            &sets,
-        ));
-        metrics(&root.join(out))
+            out,
+            &[&base[..], extra].concat(),
+        )
     };
     let cached = train("cached", &[]);
     let online = train("online", &["train.features=\"online\""]);

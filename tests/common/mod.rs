@@ -112,3 +112,10 @@ pub fn metrics(out: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// `demo_train` run to completion into `root/<out>`, returning its metrics lines.
+pub fn demo_run(root: &Path, shards: &str, out: &str, sets: &[&str]) -> Vec<serde_json::Value> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    run_ok(&mut demo_train(root, shards, &root.join(out), &sets));
+    metrics(&root.join(out))
+}
