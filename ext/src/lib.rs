@@ -116,7 +116,8 @@ pub fn fused_adamw(
     );
     let inf = found_inf.map_or(std::ptr::null(), Tensor::as_ptr);
     // SAFETY: five arrays of `n` live tensor handles (borrowed for the call) and an optional handle;
-    // the shim only reads them and catches every C++ exception.
+    // the shim only reads them, catches every C++ exception and keeps no state between calls, so a
+    // failed earlier call (mismatched lists, wrong dtypes) changes nothing for this one.
     let err = unsafe {
         ext_fused_adamw(
             p.as_ptr(),
@@ -136,7 +137,9 @@ pub fn fused_adamw(
     check(op, err)
 }
 
-/// `this[i] += weight · (end[i] − this[i])` for all i, `weight` a 0-d tensor on the same device.
+/// `this[i] += weight · (end[i] − this[i])` for all i, `weight` a 0-d tensor on the same device. As
+/// in libtorch, a call that fails part-way (tensors of other shapes) may have updated the tensors
+/// before the failing one.
 pub fn foreach_lerp_(this: &[Tensor], end: &[Tensor], weight: &Tensor) -> Result<(), ExtError> {
     let op = "_foreach_lerp_";
     same_len(op, &[this.len(), end.len()])?;
@@ -151,11 +154,14 @@ pub fn foreach_norm(ts: &[Tensor]) -> Result<Vec<Tensor>, ExtError> {
     let h = handles(ts);
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); ts.len()];
     // SAFETY: `out` has room for `n` handles, which the shim fills with tensors it allocated with
-    // `new` only when it succeeds; ownership passes to the `Tensor`s made below.
+    // `new` only when it succeeds; the shim keeps no state between calls, so an earlier failed call
+    // leaves nothing behind that this one could read.
     let err = unsafe { ext_foreach_norm(h.as_ptr(), h.len(), out.as_mut_ptr()) };
     check("_foreach_norm", err)?;
     Ok(out
         .into_iter()
+        // SAFETY: on success every slot holds a fresh, non-null handle that nothing else owns; each
+        // becomes exactly one `Tensor`, which frees it on drop.
         .map(|p| unsafe { Tensor::from_ptr(p) })
         .collect())
 }
@@ -264,6 +270,60 @@ mod tests {
         foreach_mul_(&a, &Tensor::full([], 3.0, (Kind::Float, Device::Cpu))).unwrap();
         for (x, e) in a.iter().zip(&expect) {
             assert!(close(x, e));
+        }
+    }
+
+    /// Good and bad calls in sequence (mismatched lists, shapes and dtypes, empty lists, NaNs): every
+    /// bad one is an error, and every good one after it still computes the right thing.
+    #[test]
+    fn mutated_calls_in_sequence_never_disturb_the_next() {
+        let f = |v: &[f32]| Tensor::from_slice(v);
+        let w = Tensor::full([], 0.5, (Kind::Float, Device::Cpu));
+        let h = AdamWStep {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 0.0,
+            eps: 1e-8,
+        };
+        for round in 0..20 {
+            // The bad calls get tensors of their own: a multi-tensor op that fails part-way may have
+            // updated the tensors before the one it failed on (libtorch's own behaviour).
+            let a = vec![f(&[0.0, 2.0]), f(&[4.0])];
+            let b = vec![f(&[2.0, 2.0]), f(&[0.0])];
+            match round % 5 {
+                0 => assert!(foreach_lerp_(&b, &a[..1], &w).is_err()),
+                1 => {
+                    let bad = vec![f(&[0.0, 2.0]), f(&[4.0])];
+                    assert!(foreach_lerp_(&bad, &[f(&[1.0]), f(&[1.0, 2.0])], &w).is_err());
+                }
+                2 => {
+                    let ints = vec![Tensor::from_slice(&[1i64, 2])];
+                    let step = vec![Tensor::zeros([], (Kind::Float, Device::Cpu))];
+                    let e = fused_adamw(&ints, &ints, &ints, &ints, &step, h, None);
+                    assert!(e.is_err(), "round {round}");
+                }
+                3 => assert!(foreach_norm(&[]).map(|v| v.is_empty()).unwrap_or(true)),
+                _ => {
+                    let nan = vec![f(&[f32::NAN])];
+                    let p = vec![f(&[1.0])];
+                    let (m, v) = (vec![f(&[0.0])], vec![f(&[0.0])]);
+                    let step = vec![Tensor::ones([], (Kind::Float, Device::Cpu))];
+                    let inf = Tensor::ones([], (Kind::Float, Device::Cpu));
+                    fused_adamw(&p, &nan, &m, &v, &step, h, Some(&inf)).unwrap();
+                    assert_eq!(p[0].double_value(&[0]), 1.0, "round {round}");
+                }
+            }
+            foreach_lerp_(&a, &b, &w).unwrap();
+            assert!(
+                close(&a[0], &f(&[1.0, 2.0])) && close(&a[1], &f(&[2.0])),
+                "round {round}"
+            );
+            let n = foreach_norm(&a).unwrap();
+            assert!(
+                close(&n[0], &f(&[5f32.sqrt()]).reshape([])),
+                "round {round}"
+            );
         }
     }
 

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicI32, Ordering};
 static FIRST: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // Only async-signal-safe work here: an atomic swap and _exit.
     if FIRST
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
+        // SAFETY: _exit is async-signal-safe and takes no lock; whatever the interrupted code was doing
+        // (a libtorch call, a half-written checkpoint temporary) is abandoned, which the atomic
+        // writes and `cache gc` are built for.
         unsafe { libc::_exit(128 + sig) };
     }
 }
