@@ -92,7 +92,6 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
     let loaded = tarflow::from_tensors(&tensors, &args.checkpoint, &cfg, Device::Cpu)?;
     let space = (args.in_channels == 3).then(|| Space {
         latent: false,
-        noise_sigma: sigma,
         image_size: args.image_size as usize,
         // ml-tarflow's training transform: Resize(size) + CenterCrop(size), then flips.
         crop: stages::crop::CropMode::ResizeCenterCrop,

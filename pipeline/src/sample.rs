@@ -203,7 +203,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         args.attn_temp,
         if args.denoise {
-            format!("on (σ {})", trained.noise_sigma())
+            format!("on (σ {})", model.cfg.noise_std)
         } else {
             "off".to_string()
         },
@@ -238,7 +238,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (images, r) = crate::torch_guard::guard(&what, || {
             let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
             let x = if args.denoise {
-                tarflow::sample::denoise(model, &x, y.as_ref(), trained.noise_sigma(), 1.0)
+                tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
             } else {
                 x
             };

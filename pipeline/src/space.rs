@@ -14,10 +14,9 @@ use stages::crop::{CropMode, ResizeImpl};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Space {
-    /// The flow models scaled VAE latents (else [-1, 1] pixels).
+    /// The flow models scaled VAE latents (else [-1, 1] pixels). The trained noise σ is not repeated
+    /// here: it is the model config's `noise_std` in the same sidecar.
     pub latent: bool,
-    /// σ of the Gaussian noise augmentation the flow was trained with: the denoising step's σ.
-    pub noise_sigma: f64,
     /// Pixel side of the training crops.
     pub image_size: usize,
     pub crop: CropMode,
@@ -67,7 +66,6 @@ impl Space {
         let latent = cfg.train.latent;
         Space {
             latent,
-            noise_sigma: cfg.model.noise_std,
             image_size: crop.image_size,
             crop: crop.mode,
             resize_impl: crop.resize_impl,
@@ -144,7 +142,6 @@ mod tests {
         let cfg = Config::preset("tiny-latent").unwrap();
         let space = Space {
             latent: true,
-            noise_sigma: 0.3,
             image_size: 16,
             crop: CropMode::ResizeCenterCrop,
             resize_impl: ResizeImpl::Pillow,

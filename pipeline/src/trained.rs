@@ -211,13 +211,6 @@ impl Trained {
         &self.flow.model
     }
 
-    /// σ of the one-step denoising: the noise the flow was trained with.
-    pub fn noise_sigma(&self) -> f64 {
-        self.space
-            .as_ref()
-            .map_or(self.model().cfg.noise_std, |s| s.noise_sigma)
-    }
-
     /// Side length of the images the model makes or reads, in pixels.
     pub fn pixel_size(&self) -> i64 {
         if let Some(space) = &self.space {
