@@ -174,3 +174,166 @@ char* ext_group_barrier(ExtGroup* g) {
 }
 
 }  // extern "C"
+
+// ---- Activation checkpointing: a custom autograd node whose forward and backward call back into Rust.
+// Forward runs the Rust function without recording a graph and keeps only its inputs; backward runs it
+// again with grad enabled on detached copies of those inputs and back-propagates the incoming gradients
+// through that fresh graph (a reentrant backward, as torch.utils.checkpoint's reentrant variant does),
+// which accumulates the parameters' .grad and yields the inputs' gradients.
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <stdexcept>
+#include <string>
+
+extern "C" {
+// The Rust side: computes outputs from `n` input handles (which it takes ownership of) and hands each
+// output to ext_ckpt_push; on failure it calls ext_ckpt_fail and returns non-zero.
+typedef int (*ext_ckpt_call)(void* ctx, Tensor* const* inputs, size_t n, void* out);
+// Frees the Rust closure; called exactly once, when the node (or a failed call) lets go of it.
+typedef void (*ext_ckpt_drop)(void* ctx);
+}
+
+namespace {
+
+struct CkptOut {
+  std::vector<Tensor> tensors;
+  std::string error;
+};
+
+struct CkptClosure : torch::CustomClassHolder {
+  void* ctx;
+  ext_ckpt_call call;
+  ext_ckpt_drop drop;
+  CkptClosure(void* c, ext_ckpt_call f, ext_ckpt_drop d) : ctx(c), call(f), drop(d) {}
+  ~CkptClosure() override { drop(ctx); }
+
+  std::vector<Tensor> run(const std::vector<Tensor>& inputs) const {
+    std::vector<Tensor*> handles;
+    handles.reserve(inputs.size());
+    for (const auto& t : inputs) handles.push_back(new Tensor(t));
+    CkptOut out;
+    if (call(ctx, handles.data(), handles.size(), &out) != 0) {
+      throw std::runtime_error("checkpointed function failed: " + out.error);
+    }
+    return std::move(out.tensors);
+  }
+};
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
+  // The inputs must arrive as a TensorList: autograd counts a std::vector argument as a non-tensor.
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
+                               c10::intrusive_ptr<CkptClosure> closure) {
+    std::vector<Tensor> in(inputs.begin(), inputs.end());
+    ctx->save_for_backward(in);
+    ctx->saved_data["closure"] = c10::IValue::make_capsule(closure);
+    // Outputs nobody differentiates (the log-det of a block whose loss term was not used, say) come
+    // back undefined instead of as zeros.
+    ctx->set_materialize_grads(false);
+    return closure->run(in);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto closure = c10::static_intrusive_pointer_cast<CkptClosure>(ctx->saved_data["closure"].toCapsule());
+    std::vector<Tensor> detached;
+    detached.reserve(saved.size());
+    for (const auto& s : saved) {
+      auto d = s.detach();
+      d.requires_grad_(s.requires_grad());
+      detached.push_back(d);
+    }
+    std::vector<Tensor> outs;
+    {
+      at::AutoGradMode enable(true);
+      outs = closure->run(detached);
+    }
+    if (outs.size() != grads.size()) {
+      throw std::runtime_error("checkpointed function gave " + std::to_string(outs.size()) +
+                               " outputs on recomputation, " + std::to_string(grads.size()) +
+                               " the first time");
+    }
+    variable_list roots, root_grads;
+    for (size_t i = 0; i < outs.size(); i++) {
+      if (grads[i].defined() && outs[i].requires_grad()) {
+        roots.push_back(outs[i]);
+        root_grads.push_back(grads[i]);
+      }
+    }
+    if (!roots.empty()) torch::autograd::backward(roots, root_grads);
+    variable_list result;
+    result.reserve(detached.size() + 1);
+    for (auto& d : detached) result.push_back(d.requires_grad() ? d.grad() : Tensor());
+    result.push_back(Tensor());  // the closure argument
+    return result;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Moves `t` (a handle the caller gives up) into the output list.
+void ext_ckpt_push(void* out, Tensor* t) {
+  static_cast<CkptOut*>(out)->tensors.push_back(std::move(*t));
+  delete t;
+}
+
+void ext_ckpt_fail(void* out, const char* msg, size_t len) {
+  static_cast<CkptOut*>(out)->error.assign(msg, len);
+}
+
+// Applies the checkpointed function to n inputs; its outputs are written as new handles to out[0..),
+// their number to *n_out (at most max_out). The closure is owned from here on: freed through `drop` when
+// the graph no longer needs it, or at once if this call fails.
+char* ext_checkpoint(Tensor* const* inputs, size_t n, void* ctx, ext_ckpt_call call,
+                     ext_ckpt_drop drop, Tensor** out, size_t max_out, size_t* n_out) {
+  c10::intrusive_ptr<CkptClosure> closure;
+  try {
+    closure = c10::make_intrusive<CkptClosure>(ctx, call, drop);
+  } catch (...) {
+    drop(ctx);
+    return error_copy("could not allocate the checkpoint closure");
+  }
+  return guard([&] {
+    std::vector<Tensor> in = list(inputs, n);
+    auto outs = CheckpointFn::apply(at::TensorList(in), closure);
+    if (outs.size() > max_out) {
+      throw std::runtime_error("checkpointed function returned " + std::to_string(outs.size()) +
+                               " outputs, room for " + std::to_string(max_out));
+    }
+    for (size_t i = 0; i < outs.size(); i++) out[i] = new Tensor(outs[i]);
+    *n_out = outs.size();
+  });
+}
+
+}  // extern "C"
+
+extern "C" {
+// Whether autograd records on this thread (tch binds only the setter).
+int ext_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
+}
+
+// ---- The device caching allocator's statistics (torch.cuda.memory_allocated / max_memory_allocated),
+// through c10's device-generic allocator interface, so no CUDA header is needed.
+#include <c10/core/CachingDeviceAllocator.h>
+
+extern "C" {
+// Bytes allocated on CUDA device `device` now and at the peak; with reset != 0 the peak first restarts
+// from the current value.
+char* ext_cuda_memory(int device, int reset, int64_t* current, int64_t* peak) {
+  return guard([&] {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    auto index = static_cast<c10::DeviceIndex>(device);
+    if (reset != 0) allocator->resetPeakStats(index);
+    auto stats = allocator->getDeviceStats(index);
+    const auto& all =
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    *current = all.current;
+    *peak = all.peak;
+  });
+}
+}

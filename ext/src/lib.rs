@@ -2,10 +2,13 @@
 //! kernel and the `_foreach_*` multi-tensor ops that the optimizer step, the EMA and gradient clipping
 //! are made of. Each call is one libtorch dispatch over a whole list of tensors instead of one or more
 //! kernels per parameter, and none reads a value back to the host; and (`dist`) c10d's process groups
-//! for data-parallel training. C++ exceptions come back as [`ExtError`] with the operation's name,
+//! for data-parallel training; (`checkpoint`) activation checkpointing through a custom autograd node;
+//! (`memory`) the CUDA caching allocator's statistics. C++ exceptions come back as [`ExtError`] with the operation's name,
 //! never as a panic.
 
+pub mod checkpoint;
 pub mod dist;
+pub mod memory;
 
 use std::ffi::{c_char, CStr};
 

@@ -1,0 +1,65 @@
+//! What the CUDA caching allocator has handed out: the numbers `torch.cuda.memory_allocated` and
+//! `torch.cuda.max_memory_allocated` report, for sizing micro-batches.
+
+use crate::{check, ExtError};
+
+extern "C" {
+    fn ext_cuda_memory(
+        device: i32,
+        reset: i32,
+        current: *mut i64,
+        peak: *mut i64,
+    ) -> *mut std::ffi::c_char;
+}
+
+/// Bytes allocated on a CUDA device, now and at the peak since the last reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaMemory {
+    pub current: i64,
+    pub peak: i64,
+}
+
+fn query(device: usize, reset: bool) -> Result<CudaMemory, ExtError> {
+    let op = "cuda memory statistics";
+    if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
+        return Err(ExtError {
+            op,
+            message: format!("no CUDA device {device}"),
+        });
+    }
+    let (mut current, mut peak) = (0i64, 0i64);
+    // SAFETY: two out-pointers to live locals, written only on success; the shim catches every C++
+    // exception and keeps no state of its own between calls.
+    let err = unsafe { ext_cuda_memory(device as i32, reset as i32, &mut current, &mut peak) };
+    check(op, err)?;
+    Ok(CudaMemory { current, peak })
+}
+
+/// Current and peak allocated bytes on CUDA device `device`.
+pub fn cuda_memory(device: usize) -> Result<CudaMemory, ExtError> {
+    query(device, false)
+}
+
+/// Restarts the peak from the current allocation (`torch.cuda.reset_peak_memory_stats`).
+pub fn reset_cuda_peak(device: usize) -> Result<CudaMemory, ExtError> {
+    query(device, true)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Without a GPU the query is an error naming the device, not a crash; with one, allocating a
+    /// tensor raises the peak by at least its size.
+    #[test]
+    fn reports_or_refuses() {
+        if !tch::Cuda::is_available() {
+            let err = super::cuda_memory(0).unwrap_err();
+            assert!(err.to_string().contains("no CUDA device 0"), "{err}");
+            return;
+        }
+        let before = super::reset_cuda_peak(0).unwrap();
+        let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let after = super::cuda_memory(0).unwrap();
+        assert!(after.peak >= before.current + (4 << 20));
+        drop(t);
+    }
+}
