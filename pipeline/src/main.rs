@@ -7,6 +7,7 @@ mod cache_cmd;
 mod classify;
 mod config;
 mod config_cmd;
+mod curves;
 mod demo_data;
 mod encoders;
 mod encoders_init;

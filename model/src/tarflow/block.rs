@@ -3,7 +3,7 @@
 use tch::{nn, Kind, Tensor};
 
 use super::config::Config;
-use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope};
+use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope, Share};
 
 /// Token order a block works in. Block i uses identity when i is even and flip when i is odd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +54,21 @@ pub struct MetaBlock {
     proj_out: Linear,
     rope: Option<Rope>,
     token_dim: i64,
+}
+
+impl Share for MetaBlock {
+    fn share(&self) -> Self {
+        Self {
+            permutation: self.permutation,
+            proj_in: self.proj_in.share(),
+            pos_embed: self.pos_embed.share(),
+            class_embed: self.class_embed.share(),
+            layers: self.layers.share(),
+            proj_out: self.proj_out.share(),
+            rope: self.rope.share(),
+            token_dim: self.token_dim,
+        }
+    }
 }
 
 impl MetaBlock {
@@ -197,6 +212,29 @@ impl MetaBlock {
         let z = (x_perm.to_kind(Kind::Float) - &pass.b) * (-&pass.a).exp();
         let logdet = -pass.a.mean_dim(&[1i64, 2][..], false, Kind::Float);
         (self.permutation.apply(&z.to_kind(x.kind())), logdet, pass)
+    }
+
+    /// [`MetaBlock::forward`] without a captured layer, its activations recomputed in backward instead
+    /// of kept (activation checkpointing): only the block's input and class embedding stay in memory.
+    /// Same values and gradients as `forward`, one more forward of the block in backward.
+    pub fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        class: Option<&Tensor>,
+        prec: Precision,
+    ) -> (Tensor, Tensor, BlockPass) {
+        let block = self.share();
+        let mut inputs = vec![x.shallow_clone()];
+        inputs.extend(class.map(Tensor::shallow_clone));
+        let outs = torch_ext::checkpoint::checkpoint(&inputs, move |i| {
+            let (z, logdet, pass) = block.forward(&i[0], i.get(1), &[], prec);
+            vec![z, logdet, pass.a, pass.b]
+        })
+        .unwrap_or_else(|e| panic!("checkpointed flow block: {e}"));
+        let [z, logdet, a, b]: [Tensor; 4] = outs
+            .try_into()
+            .unwrap_or_else(|o: Vec<Tensor>| panic!("checkpointed flow block gave {} outputs", o.len()));
+        (z, logdet, BlockPass { a, b, hidden: vec![] })
     }
 
     /// Parameters (a, b) for permuted token `pos + 1` from token `pos` (B, 1, D), appending to `cache`.

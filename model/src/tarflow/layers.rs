@@ -352,3 +352,102 @@ impl AttentionBlock {
         &x + self.mlp.forward(&x, prec).to_kind(x.kind())
     }
 }
+
+/// Another handle to the same parameters: shallow clones share storage and `.grad`. A checkpointed
+/// block is recomputed in backward, possibly on another thread, by a closure that must own its layers.
+pub(crate) trait Share {
+    fn share(&self) -> Self;
+}
+
+impl Share for Tensor {
+    fn share(&self) -> Self {
+        self.shallow_clone()
+    }
+}
+
+impl<T: Share> Share for Option<T> {
+    fn share(&self) -> Self {
+        self.as_ref().map(Share::share)
+    }
+}
+
+impl<T: Share> Share for Vec<T> {
+    fn share(&self) -> Self {
+        self.iter().map(Share::share).collect()
+    }
+}
+
+impl Share for Linear {
+    fn share(&self) -> Self {
+        Self {
+            weight: self.weight.share(),
+            bias: self.bias.share(),
+        }
+    }
+}
+
+impl Share for LayerNorm {
+    fn share(&self) -> Self {
+        Self {
+            weight: self.weight.share(),
+            bias: self.bias.share(),
+            dim: self.dim,
+        }
+    }
+}
+
+impl Share for Rope {
+    fn share(&self) -> Self {
+        Self {
+            cos: self.cos.share(),
+            sin: self.sin.share(),
+        }
+    }
+}
+
+impl Share for Attention {
+    fn share(&self) -> Self {
+        Self {
+            norm: self.norm.share(),
+            qkv: self.qkv.share(),
+            proj: self.proj.share(),
+            heads: self.heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+impl Share for Mlp {
+    fn share(&self) -> Self {
+        let body = match &self.body {
+            MlpBody::Gelu { fc1, fc2 } => MlpBody::Gelu {
+                fc1: fc1.share(),
+                fc2: fc2.share(),
+            },
+            MlpBody::Swiglu {
+                gate,
+                up,
+                down,
+                act,
+            } => MlpBody::Swiglu {
+                gate: gate.share(),
+                up: up.share(),
+                down: down.share(),
+                act: *act,
+            },
+        };
+        Self {
+            norm: self.norm.share(),
+            body,
+        }
+    }
+}
+
+impl Share for AttentionBlock {
+    fn share(&self) -> Self {
+        Self {
+            attention: self.attention.share(),
+            mlp: self.mlp.share(),
+        }
+    }
+}

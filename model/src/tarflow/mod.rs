@@ -65,6 +65,9 @@ pub struct Model {
     /// Prior variance (N, D); ones for the affine model (sampling multiplies by its square root).
     pub var: Tensor,
     pub precision: Precision,
+    /// Recompute each block's activations in backward instead of keeping them (`train.checkpoint_blocks`).
+    /// Blocks whose hidden states a pass captures run normally.
+    pub checkpoint_blocks: bool,
 }
 
 impl Model {
@@ -86,6 +89,7 @@ impl Model {
             blocks,
             var,
             precision: Precision::Fp32,
+            checkpoint_blocks: false,
         })
     }
 
@@ -139,7 +143,11 @@ impl Model {
                 .collect();
             let class = block.class_embedding(cond, batch);
             inputs.push(h.shallow_clone());
-            let (z, ld, pass) = block.forward(&h, class.as_ref(), &keep, self.precision);
+            let (z, ld, pass) = if self.checkpoint_blocks && keep.is_empty() {
+                block.forward_checkpointed(&h, class.as_ref(), self.precision)
+            } else {
+                block.forward(&h, class.as_ref(), &keep, self.precision)
+            };
             let mut kept: Vec<usize> = keep.clone();
             kept.sort_unstable();
             kept.dedup();

@@ -47,6 +47,10 @@ pub struct Args {
     /// bf16 compute with fp32 LayerNorm and exp (torch autocast on the reference side); CUDA only
     #[arg(long)]
     bf16: bool,
+    /// Activation checkpointing per block on the Rust side (`train.checkpoint_blocks`); the JSON then
+    /// shows what it costs in time and in peak memory against a run without it
+    #[arg(long)]
+    checkpoint_blocks: bool,
     /// Skip the PyTorch reference (Rust numbers only)
     #[arg(long)]
     no_reference: bool,
@@ -106,6 +110,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     if args.bf16 {
         model.precision = tarflow::Precision::Bf16;
     }
+    model.checkpoint_blocks = args.checkpoint_blocks;
     tch::no_grad(|| {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -145,8 +150,20 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         opt.step(&skips.ok, 1e-4, 0.9, 0.95, 1e-8, 1e-4)?;
         Ok(())
     };
+    let rss_before = current_rss_bytes();
+    let cuda_before = match device {
+        Device::Cuda(i) => Some(torch_ext::memory::reset_cuda_peak(i)?),
+        _ => None,
+    };
     step()?; // warm-up
     sync(device);
+    // What the first step added at its peak: activations, gradients and the AdamW moments.
+    let step_peak_mib = match (device, cuda_before) {
+        (Device::Cuda(i), Some(before)) => {
+            (torch_ext::memory::cuda_memory(i)?.peak - before.current) as f64 / MIB
+        }
+        _ => (peak_rss_bytes() - rss_before) as f64 / MIB,
+    };
     // The minimum is the estimate least disturbed by other load on a shared machine; the mean is kept.
     let mut times = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
@@ -179,8 +196,28 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     let sample_s = start.elapsed().as_secs_f64();
     let tokens = (args.sample_batch * cfg.num_tokens() * cfg.num_blocks) as f64;
     Ok(
-        serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }),
+        serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "step_peak_mib": step_peak_mib, "checkpoint_blocks": args.checkpoint_blocks, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }),
     )
+}
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Resident bytes now (/proc/self/statm; 0 where there is none).
+fn current_rss_bytes() -> i64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64
+}
+
+/// The process's peak resident bytes so far (getrusage's ru_maxrss, in KiB on Linux).
+fn peak_rss_bytes() -> i64 {
+    // SAFETY: getrusage fills the zeroed struct it is given and touches nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss * 1024
 }
 
 /// torch spells `auto` differently; everything else is the same string.

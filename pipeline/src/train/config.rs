@@ -35,6 +35,10 @@ pub struct TrainConfig {
     /// Samples per forward/backward pass: the batch runs in ⌈batch / micro_batch⌉ passes whose
     /// gradients accumulate into the same update (0 = the whole batch at once).
     pub micro_batch: usize,
+    /// Activation checkpointing per flow block: a block keeps only its input for backward and runs its
+    /// forward again there (about one more forward pass per step for a fraction of the memory), so a
+    /// larger micro-batch fits. Blocks whose hidden states F-REPA reads are never checkpointed.
+    pub checkpoint_blocks: bool,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
@@ -94,6 +98,7 @@ impl Default for TrainConfig {
             steps: 400_000,
             batch: 256,
             micro_batch: 0,
+            checkpoint_blocks: false,
             features: Features::Cache,
             lr: 1e-4,
             min_lr: 1e-6,

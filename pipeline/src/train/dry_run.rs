@@ -7,20 +7,62 @@ use model::tarflow::align::{AlignHead, AlignMode};
 use model::tarflow::Model;
 use tch::nn;
 
+/// Transformer layers whose activations one sample keeps for backward at once: the NLL pass's (with
+/// `train.checkpoint_blocks`, one block being recomputed plus the blocks F-REPA captures, which are not
+/// checkpointed) and the alignment passes' (never checkpointed).
+pub fn kept_layers(cfg: &crate::config::Config) -> f64 {
+    let m = &cfg.model;
+    let (blocks, per_block) = (m.num_blocks as usize, m.layers_per_block as usize);
+    let locations = cfg.align.locations0(m).unwrap_or_default();
+    let deepest = |t: usize| {
+        locations
+            .iter()
+            .filter(|(b, _)| *b == t)
+            .map(|(_, l)| l + 1)
+            .max()
+    };
+    let mut aligned: Vec<usize> = locations.iter().map(|(b, _)| *b).collect();
+    aligned.sort_unstable();
+    aligned.dedup();
+    let t_min = aligned.first().copied().unwrap_or(blocks);
+    let nll = if cfg.train.checkpoint_blocks {
+        let captured = if cfg.align.mode == AlignMode::Forward {
+            aligned.len()
+        } else {
+            0
+        };
+        (captured + 1).min(blocks) * per_block
+    } else {
+        blocks * per_block
+    };
+    let align = match cfg.align.mode {
+        AlignMode::None | AlignMode::Forward => 0,
+        AlignMode::Detach => aligned.iter().filter_map(|&t| deepest(t)).sum(),
+        AlignMode::Reverse | AlignMode::ReverseLiteral => (t_min..blocks)
+            .map(|t| {
+                if t == t_min {
+                    deepest(t).unwrap_or(per_block)
+                } else {
+                    per_block
+                }
+            })
+            .sum(),
+        AlignMode::ReverseUnrolled => (t_min..blocks)
+            .map(|t| per_block + deepest(t).unwrap_or(0))
+            .sum(),
+    };
+    (nll + align) as f64
+}
+
 /// Bytes of activations one sample keeps for backward, estimated the way Korthikanti et al. (2022)
 /// count a transformer layer in 16-bit, 34·d per token and layer, without their 5·heads·n attention
-/// term: `scaled_dot_product_attention` (flash / memory-efficient kernels) keeps no n×n probabilities.
-/// Times 1.3 for R-REPA's extra passes through the aligned blocks when alignment is on.
+/// term: `scaled_dot_product_attention` (flash / memory-efficient kernels) keeps no n×n probabilities;
+/// plus, per block, the fp32 tokens a block hands on (input, output, a, b).
 pub fn activation_bytes_per_sample(cfg: &crate::config::Config) -> f64 {
     let m = &cfg.model;
     let (n, d) = (m.num_tokens() as f64, m.channels as f64);
-    let layers = (m.num_blocks * m.layers_per_block) as f64;
-    let align = if cfg.align.mode == AlignMode::None {
-        1.0
-    } else {
-        1.3
-    };
-    n * 34.0 * d * layers * align
+    let handoff = 4.0 * 4.0 * n * m.token_dim() as f64 * m.num_blocks as f64;
+    n * 34.0 * d * kept_layers(cfg) + handoff
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -28,11 +70,12 @@ const GIB: f64 = (1u64 << 30) as f64;
 pub fn run(cfg: &crate::config::Config) -> anyhow::Result<()> {
     let device = model::device::parse_device(&cfg.train.device)?;
     let vs = nn::VarStore::new(device);
-    let flow = Model::new(vs.root(), &cfg.model)?;
+    let mut flow = Model::new(vs.root(), &cfg.model)?;
     let pvs = nn::VarStore::new(device);
-    if cfg.align.mode != AlignMode::None {
-        AlignHead::new(pvs.root(), &cfg.align, &flow)?;
-    }
+    let head = match cfg.align.mode {
+        AlignMode::None => None,
+        _ => Some(AlignHead::new(pvs.root(), &cfg.align, &flow)?),
+    };
     let count = |vs: &nn::VarStore| -> i64 {
         vs.trainable_variables()
             .iter()
@@ -74,8 +117,74 @@ pub fn run(cfg: &crate::config::Config) -> anyhow::Result<()> {
         let fit = ((gib * GIB - state_bytes) * 0.85 / act).floor().max(0.0) as usize;
         println!("  largest micro_batch that fits a {gpu}: about {fit}");
     }
-    println!(
-        "  (activation figures are estimates, not a measured peak: confirm with a short run, e.g. --stop-at 20)"
-    );
+    match device {
+        tch::Device::Cuda(index) => {
+            flow.precision = model::tarflow::Precision::Bf16;
+            flow.checkpoint_blocks = tc.checkpoint_blocks;
+            let peak = measured_peak(cfg, &vs, &pvs, &flow, head.as_ref(), index, micro)?;
+            println!(
+                "  measured on {device:?}: one micro-batch of {micro} (bf16, forward + backward with the optimizer state allocated) peaks at {:.2} GiB",
+                peak as f64 / GIB
+            );
+        }
+        _ => println!(
+            "  (activation figures are estimates, not a measured peak; on CUDA the dry run also measures one micro-batch step)"
+        ),
+    }
     Ok(())
+}
+
+/// Peak bytes the CUDA caching allocator hands out for one micro-batch's forward and backward on
+/// random data, with the AdamW moments and the EMA allocated as training would have them.
+fn measured_peak(
+    cfg: &crate::config::Config,
+    vs: &nn::VarStore,
+    pvs: &nn::VarStore,
+    flow: &Model,
+    head: Option<&AlignHead>,
+    index: usize,
+    micro: usize,
+) -> anyhow::Result<i64> {
+    let device = tch::Device::Cuda(index);
+    let params: Vec<tch::Tensor> = vs
+        .trainable_variables()
+        .into_iter()
+        .chain(pvs.trainable_variables())
+        .collect();
+    let _state: Vec<tch::Tensor> = params
+        .iter()
+        .flat_map(|p| [p.zeros_like(), p.zeros_like(), p.zeros_like()])
+        .collect();
+    let m = &cfg.model;
+    let b = micro as i64;
+    let x = tch::Tensor::randn(
+        [b, m.in_channels, m.img_size, m.img_size],
+        (tch::Kind::Float, device),
+    );
+    let y = tch::Tensor::randint(m.num_classes.max(1), [b], (tch::Kind::Int64, device));
+    let features = match head {
+        Some(_) => Some(tch::Tensor::randn(
+            [
+                b,
+                cfg.align.target_tokens(m.num_tokens())?,
+                cfg.align.encoder_dim,
+            ],
+            (tch::Kind::Float, device),
+        )),
+        None => None,
+    };
+    super::step::sync(device);
+    torch_ext::memory::reset_cuda_peak(index)?;
+    super::step::accumulate(
+        flow,
+        head,
+        &x,
+        &y,
+        features.as_ref(),
+        0,
+        cfg.align.lambda,
+        None,
+    )?;
+    super::step::sync(device);
+    Ok(torch_ext::memory::cuda_memory(index)?.peak)
 }

@@ -110,7 +110,7 @@ pub fn accumulate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::tarflow::align::AlignConfig;
+    use model::tarflow::align::{AlignConfig, AlignMode};
     use model::tarflow::Config;
     use tch::{nn, Device};
 
@@ -125,10 +125,19 @@ mod tests {
         v
     }
 
-    /// Batch 12 as one, as 4 × 3 and as 5 + 5 + 2 (an uneven last micro-batch): the same gradients of
-    /// flow and projector, with R-REPA on, and the same logged totals.
-    #[test]
-    fn micro_batches_give_the_whole_batch_gradient() {
+    struct Fixture {
+        vs: nn::VarStore,
+        pvs: nn::VarStore,
+        flow: Model,
+        head: AlignHead,
+        x: Tensor,
+        y: Tensor,
+        f: Tensor,
+    }
+
+    /// A two-block flow with non-zero output projections (so every layer gets a gradient) and an
+    /// alignment head (R-REPA) at `locations`.
+    fn fixture(locations: Vec<[usize; 2]>) -> Fixture {
         let cfg = Config {
             img_size: 8,
             patch_size: 2,
@@ -142,7 +151,6 @@ mod tests {
         tch::manual_seed(0);
         let vs = nn::VarStore::new(Device::Cpu);
         let flow = Model::new(vs.root(), &cfg).unwrap();
-        // Non-zero output projections, so that every layer gets a gradient.
         tch::no_grad(|| {
             for (name, mut v) in vs.variables() {
                 if name.ends_with("proj_out.weight") {
@@ -152,40 +160,65 @@ mod tests {
         });
         let pvs = nn::VarStore::new(Device::Cpu);
         let align = AlignConfig {
-            locations: vec![[1, 2], [2, 2]],
+            locations,
             projector_hidden: 32,
             encoder_dim: 8,
             ..Default::default()
         };
         let head = AlignHead::new(pvs.root(), &align, &flow).unwrap();
-        let x = Tensor::randn([12, 3, 8, 8], (Kind::Float, Device::Cpu));
-        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, -1, 0, 1, 2, 3, 4, -1]);
-        let f = Tensor::randn([12, 16, 8], (Kind::Float, Device::Cpu));
-        let run = |micro: usize| {
-            for store in [&vs, &pvs] {
-                for t in store.trainable_variables() {
-                    let mut g = t.grad();
-                    if g.defined() {
-                        let _ = g.zero_();
-                    }
+        Fixture {
+            x: Tensor::randn([12, 3, 8, 8], (Kind::Float, Device::Cpu)),
+            y: Tensor::from_slice(&[0i64, 1, 2, 3, 4, -1, 0, 1, 2, 3, 4, -1]),
+            f: Tensor::randn([12, 16, 8], (Kind::Float, Device::Cpu)),
+            vs,
+            pvs,
+            flow,
+            head,
+        }
+    }
+
+    /// Gradients of flow and projector (zeroed first) and the totals of one accumulated batch.
+    fn run(fx: &Fixture, micro: usize) -> (Totals, Vec<(String, Tensor)>) {
+        for store in [&fx.vs, &fx.pvs] {
+            for t in store.trainable_variables() {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
                 }
             }
-            let totals =
-                accumulate(&flow, Some(&head), &x, &y, Some(&f), micro, 0.5, None).unwrap();
-            let mut all = grads(&vs);
-            all.extend(grads(&pvs));
-            (totals, all)
-        };
-        let (whole, g0) = run(0);
+        }
+        let totals = accumulate(
+            &fx.flow,
+            Some(&fx.head),
+            &fx.x,
+            &fx.y,
+            Some(&fx.f),
+            micro,
+            0.5,
+            None,
+        )
+        .unwrap();
+        let mut all = grads(&fx.vs);
+        all.extend(grads(&fx.pvs));
+        (totals, all)
+    }
+
+    fn assert_same_grads(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) {
+        for ((name, a), (_, b)) in a.iter().zip(b) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{what}: parameter {name} differs by {diff}");
+        }
+    }
+
+    /// Batch 12 as one, as 4 × 3 and as 5 + 5 + 2 (an uneven last micro-batch): the same gradients of
+    /// flow and projector, with R-REPA on, and the same logged totals.
+    #[test]
+    fn micro_batches_give_the_whole_batch_gradient() {
+        let fx = fixture(vec![[1, 2], [2, 2]]);
+        let (whole, g0) = run(&fx, 0);
         for micro in [3, 5] {
-            let (parts, g) = run(micro);
-            for ((name, a), (_, b)) in g0.iter().zip(&g) {
-                let diff = (a - b).abs().max().double_value(&[]);
-                assert!(
-                    diff < 1e-5,
-                    "micro {micro}: parameter {name} differs by {diff}"
-                );
-            }
+            let (parts, g) = run(&fx, micro);
+            assert_same_grads(&g0, &g, &format!("micro {micro}"));
             for (a, b) in [
                 (&whole.loss, &parts.loss),
                 (&whole.nll, &parts.nll),
@@ -199,5 +232,27 @@ mod tests {
         assert!(g0
             .iter()
             .all(|(_, g)| g.abs().sum(Kind::Float).double_value(&[]) > 0.0));
+    }
+
+    /// Checkpointed blocks (activations recomputed in backward) give the plain graph's gradients and
+    /// loss, whole and in micro-batches, with R-REPA and with F-REPA (whose captured blocks run plain).
+    #[test]
+    fn checkpointed_blocks_give_the_same_gradient() {
+        // F-REPA at block 2 only: block 1 is checkpointed, block 2 (captured) is not.
+        for (mode, locations) in [
+            (AlignMode::Reverse, vec![[1, 2], [2, 2]]),
+            (AlignMode::Forward, vec![[2, 1]]),
+        ] {
+            let mut fx = fixture(locations);
+            fx.head.cfg.mode = mode;
+            let (plain, g0) = run(&fx, 0);
+            fx.flow.checkpoint_blocks = true;
+            for micro in [0, 5] {
+                let (ckpt, g) = run(&fx, micro);
+                assert_same_grads(&g0, &g, &format!("{mode:?}, checkpointed, micro {micro}"));
+                let diff = (&plain.loss - &ckpt.loss).abs().double_value(&[]);
+                assert!(diff < 1e-5, "{mode:?}: loss differs by {diff}");
+            }
+        }
     }
 }

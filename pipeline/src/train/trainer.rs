@@ -130,6 +130,7 @@ impl Trainer {
             Precision::Fp32
         };
         flow.precision = precision;
+        flow.checkpoint_blocks = tc.checkpoint_blocks;
         ema.precision = precision;
         let mut proj_vs = nn::VarStore::new(device);
         let head = match cfg.align.mode {
@@ -638,6 +639,13 @@ impl Trainer {
         )?;
         if self.state.nonfinite_in_row == 0 {
             self.last_good = Some(saved);
+        }
+        // The picture of the curves so far; a failure to draw it never fails the run.
+        let metrics = self.out.join("metrics.jsonl");
+        if metrics.exists() {
+            if let Err(e) = crate::curves::write(&metrics, &self.out.join("curves.png")) {
+                tracing::warn!("step {}: curves.png not drawn: {e:#}", self.state.step);
+            }
         }
         Ok(())
     }
