@@ -517,6 +517,7 @@ impl Trainer {
             }
             None => scalars.iter().map(|v| v.double_value(&[])).collect(),
         };
+        let cuda_peak_gib = self.cuda_peak_gib();
         let Some(metrics) = self.metrics.as_mut() else {
             self.window = (Instant::now(), self.data_wait());
             return Ok(());
@@ -544,6 +545,7 @@ impl Trainer {
             "optimizer_s": r.phases.as_ref().map(|p| p.optimizer_s),
             "data_wait_frac": wait_frac,
             "skipped_nonfinite": self.state.nonfinite_total,
+            "cuda_peak_gib": cuda_peak_gib,
         });
         writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
         metrics.flush().context("writing metrics.jsonl")?;
@@ -555,6 +557,17 @@ impl Trainer {
         }
         self.window = (Instant::now(), self.data_wait());
         Ok(())
+    }
+
+    /// The most memory the CUDA caching allocator handed out since the last metric line (GiB), its
+    /// peak then restarted; None on the CPU. A metric-step read, never a per-step one.
+    fn cuda_peak_gib(&self) -> Option<f64> {
+        let Device::Cuda(index) = self.device else {
+            return None;
+        };
+        let peak = torch_ext::memory::cuda_memory(index).ok()?.peak;
+        let _ = torch_ext::memory::reset_cuda_peak(index);
+        Some(peak as f64 / (1u64 << 30) as f64)
     }
 
     /// An EMA sample grid under `RUN_DIR/samples/` (rank 0; the EMA is the same on every rank).
