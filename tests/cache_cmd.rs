@@ -30,6 +30,7 @@ fn make_cache(root: &Path) -> std::path::PathBuf {
             name: format!("demo-{shard:06}.tar"),
             size: 1,
             content_hash: "h".into(),
+            remote: None,
         };
         entries.push(ManifestShard {
             file,

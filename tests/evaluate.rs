@@ -300,6 +300,7 @@ fn class_cache(dir: &Path, n: usize) -> PathBuf {
         name: "eval-000000.tar".into(),
         size: 0,
         content_hash: String::new(),
+        remote: None,
     };
     let entry = ManifestShard {
         file: "eval-000000.fbc".into(),

@@ -67,11 +67,23 @@ fn reuse_superset_and_fingerprints() {
         out.contains("computed 2 shards (4 samples, 8 encodings), reused 0"),
         "{out}"
     );
-    // A superset computes only the new shards.
-    let out = precompute(&config, &cache, &[]);
+    // A superset computes only the new shards. Off a terminal the progress is a log line every
+    // PIPELINE_PROGRESS_SECS (here every batch) and one when done.
+    let o = run_ok(
+        precompute_command(&config, &cache)
+            .env("RUST_LOG", "info")
+            .env("PIPELINE_PROGRESS_SECS", "0"),
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
         out.contains("computed 2 shards (4 samples, 8 encodings), reused 2"),
         "{out}"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("precompute (2 shards): images: 2 (")
+            && err.contains("precompute (2 shards): images: 4 done in"),
+        "{err}"
     );
     // Same numbers, other worker count and batch size: same fingerprint, nothing encoded.
     let out = precompute(

@@ -122,6 +122,7 @@ fn write_cache(root: &Path, shards: usize, per: usize) -> PathBuf {
             name: format!("demo-{s:06}.tar"),
             size: 1,
             content_hash: "h".into(),
+            remote: None,
         };
         entries.push(ManifestShard {
             file,

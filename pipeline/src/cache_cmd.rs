@@ -106,11 +106,16 @@ fn verify_all(root: &Root) -> anyhow::Result<()> {
         for (file, problem) in &report.problems {
             println!("BAD {}: {problem}", dir.join(file).display());
         }
+        // A cache shard from a URL or command can only be recomputed while that source still works.
+        for (source, origin) in &report.remote {
+            println!("remote source {source}: {origin}");
+        }
         println!(
-            "{}: {} shards checked, {} bad",
+            "{}: {} shards checked, {} bad, {} from remote sources",
             dir.display(),
             report.checked,
-            report.problems.len()
+            report.problems.len(),
+            report.remote.len()
         );
         bad += report.problems.len();
     }

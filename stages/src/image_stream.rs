@@ -24,7 +24,7 @@ use crate::label::{read_label, LabelError};
 use crate::metrics::{live_line, summary_table, StageMetrics};
 use crate::order::{epoch_shards, keyed_rng, RankSplit, ShuffleBuffer, PURPOSE_SAMPLES};
 use crate::shardspec::expand_shard_spec;
-use crate::wds_reader::{read_shard, RawSample};
+use crate::wds_reader::{read_shard_with, RawSample, ReadOptions};
 use crate::{Error, Result};
 
 /// A sample with its image member chosen and its label parsed, not yet decoded.
@@ -342,7 +342,11 @@ fn read_stage(
     'passes: loop {
         let mut emitted_this_pass = 0u64;
         for shard in shards {
-            let keep_going = read_shard(shard, counters, &mut |raw| {
+            let options = ReadOptions {
+                stats: Some(&metrics.source),
+                hash_remote: false,
+            };
+            let read = read_shard_with(shard, counters, options, &mut |raw| {
                 let Some(sample) = select_sample(raw, cfg, counters) else {
                     return true;
                 };
@@ -350,6 +354,7 @@ fn read_stage(
                 let bytes = sample.image.len() as u64;
                 metrics.send_blocking(&tx, sample, bytes)
             });
+            let keep_going = read.keep_going;
             if !keep_going {
                 break 'passes;
             }

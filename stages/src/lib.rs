@@ -18,6 +18,7 @@ pub mod jpeg;
 pub mod label;
 pub mod metrics;
 pub mod order;
+pub mod remote;
 pub mod resample;
 pub mod shardspec;
 pub mod wds_reader;

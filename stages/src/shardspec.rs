@@ -1,18 +1,26 @@
 //! Shard specs: what a user writes after `--shards` or in `data.shards`, expanded into an ordered list
-//! of shard paths, as webdataset's `expand_urls` does: `::` joins several sources, `${NAME}` takes the
+//! of shards, as webdataset's `expand_urls` does: `::` joins several sources, `${NAME}` takes the
 //! environment variable `WDS_NAME`, then braces expand with the semantics of the `braceexpand` package.
-//! Two additions webdataset lacks: shell-style globs (`*`, `?`, `[...]`, expanded in sorted order) and
-//! `@list.txt`, a file with one path (or pattern) per line.
+//! A shard is a local path or one of webdataset's URL forms, `pipe:CMD` and `http(s)://…`
+//! ([`crate::remote`]); braces expand in all of them alike.
+//! Two additions webdataset lacks, for local paths only: shell-style globs (`*`, `?`, `[...]`,
+//! expanded in sorted order) and `@list.txt`, a file with one path, URL or pattern per line. Globs are
+//! never applied to URLs (a presigned URL's `?` is no wildcard) or commands.
 
 use std::path::{Path, PathBuf};
 
+use crate::remote::Kind;
 use crate::{Error, Result};
 
-/// Expands a full spec into shard paths, in spec order. Globs must match at least one file and an
+/// Expands a full spec into shards, in spec order. Globs must match at least one file and an
 /// `@list` must be readable, so a typo fails here rather than as an empty epoch.
 pub fn expand_shard_spec(spec: &str) -> Result<Vec<String>> {
     let mut shards = Vec::new();
-    for part in spec.split("::").map(str::trim).filter(|p| !p.is_empty()) {
+    for part in split_sources(spec)
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         if let Some(list_path) = part.strip_prefix('@') {
             let text = std::fs::read_to_string(list_path).map_err(|e| Error::io(list_path, e))?;
             let base = Path::new(list_path).parent().unwrap_or(Path::new(""));
@@ -21,13 +29,7 @@ pub fn expand_shard_spec(spec: &str) -> Result<Vec<String>> {
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
             {
-                // Relative entries are relative to the list file, so a list can travel with its shards.
-                let entry = if Path::new(line).is_absolute() || base.as_os_str().is_empty() {
-                    line.to_string()
-                } else {
-                    base.join(line).to_string_lossy().into_owned()
-                };
-                shards.extend(expand_one(&entry)?);
+                shards.extend(expand_one(&list_entry(base, line))?);
             }
         } else {
             shards.extend(expand_one(part)?);
@@ -41,11 +43,87 @@ pub fn expand_shard_spec(spec: &str) -> Result<Vec<String>> {
     Ok(shards)
 }
 
+/// Relative paths in a list are relative to the list file, so a list can travel with its shards;
+/// URLs, commands and absolute paths stand as written.
+fn list_entry(base: &Path, line: &str) -> String {
+    if Kind::of(line).is_remote() || Path::new(line).is_absolute() || base.as_os_str().is_empty() {
+        line.to_string()
+    } else {
+        base.join(line).to_string_lossy().into_owned()
+    }
+}
+
+/// Splits on `::`, webdataset's source separator. A URL's `scheme://` has a single colon, so it never
+/// splits; the one place `::` belongs to a URL is an IPv6 host (`http://[::1]:8080/x.tar`), so inside
+/// the brackets of a URL it does not split either.
+fn split_sources(spec: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut depth) = (0, 0usize);
+    let bytes = spec.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let in_url = Kind::of(spec[start..].trim_start()) == Kind::Http;
+        match bytes[i] {
+            b'[' if in_url => depth += 1,
+            b']' if in_url => depth = depth.saturating_sub(1),
+            b':' if depth == 0 && bytes.get(i + 1) == Some(&b':') => {
+                parts.push(&spec[start..i]);
+                start = i + 2;
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(&spec[start..]);
+    parts
+}
+
+/// The name a shard goes by in caches, manifests and logs: a path's file name; a URL's last path
+/// segment, without query or fragment; for `pipe:`, the file name in the last word of the command
+/// that has one (`pipe:aws s3 cp s3://b/train-000001.tar -` → `train-000001.tar`). A spec with none
+/// of these is named by a hash of itself.
+pub fn shard_name(spec: &str) -> String {
+    let name = match Kind::of(spec) {
+        Kind::Local => Path::new(spec)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned()),
+        Kind::Http => url_file_name(spec),
+        Kind::Pipe => command_file_name(spec),
+    };
+    name.unwrap_or_else(|| format!("source-{}", &blake3::hash(spec.as_bytes()).to_hex()[..16]))
+}
+
+fn url_file_name(url: &str) -> Option<String> {
+    let after_scheme = &url[url.find("://")? + 3..];
+    let path = &after_scheme[after_scheme.find('/')?..];
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let last = path.rsplit('/').next()?;
+    (!last.is_empty()).then(|| last.to_string())
+}
+
+fn command_file_name(spec: &str) -> Option<String> {
+    spec.split_whitespace().rev().find_map(|word| {
+        let word = word.trim_matches(|c| matches!(c, '\'' | '"' | ';' | '|' | '&' | '(' | ')'));
+        if word.starts_with('-') {
+            return None;
+        }
+        let word = word.split(['?', '#']).next().unwrap_or(word);
+        let base = word.rsplit('/').next()?;
+        let dot = base.find('.')?;
+        (dot > 0 && dot + 1 < base.len()).then(|| base.to_string())
+    })
+}
+
 fn expand_one(pattern: &str) -> Result<Vec<String>> {
     let substituted = substitute_env(pattern)?;
     let mut out = Vec::new();
     for path in brace_expand(&substituted)? {
-        if has_glob(&path) {
+        let path = check_scheme(path)?;
+        if Kind::of(&path).is_remote() {
+            out.push(path);
+        } else if has_glob(&path) {
             let matches = glob_paths(&path)?;
             if matches.is_empty() {
                 return Err(Error::Invalid(format!(
@@ -58,6 +136,34 @@ fn expand_one(pattern: &str) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// `file://PATH` is the local PATH; `pipe:` needs a command; another `scheme://` is an error that
+/// says how to read it, rather than "no such file".
+fn check_scheme(name: String) -> Result<String> {
+    if let Some(path) = name.strip_prefix("file://") {
+        return Ok(path.to_string());
+    }
+    match Kind::of(&name) {
+        Kind::Pipe if name[crate::remote::PIPE_PREFIX.len()..].trim().is_empty() => Err(
+            Error::Invalid(format!("shard `{name}`: pipe: without a command")),
+        ),
+        Kind::Local => match name.split_once("://") {
+            Some((scheme, _))
+                if !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')) =>
+            {
+                Err(Error::Invalid(format!(
+                    "shard `{name}`: {scheme}:// is not read directly; use http(s):// or a pipe: \
+                     command, e.g. `pipe:aws s3 cp s3://bucket/shard.tar -`"
+                )))
+            }
+            _ => Ok(name),
+        },
+        _ => Ok(name),
+    }
 }
 
 /// `${NAME}` → the value of `WDS_NAME` (webdataset's convention), an error when unset.
@@ -509,6 +615,126 @@ mod tests {
             ]
         );
         assert!(expand_shard_spec("@/nonexistent/list.txt").is_err());
+    }
+
+    #[test]
+    fn urls_expand_braces_but_never_globs_or_splits() {
+        let shards =
+            expand_shard_spec("https://host:8443/in/imagenet-train-{000000..001281}.tar?x=1&y=*")
+                .unwrap();
+        assert_eq!(shards.len(), 1282);
+        assert_eq!(
+            shards[1281],
+            "https://host:8443/in/imagenet-train-001281.tar?x=1&y=*"
+        );
+        // `::` joins sources; `http://` has a single colon and the brackets of an IPv6 host keep
+        // theirs.
+        let shards = expand_shard_spec(
+            "http://[::1]:8080/a-{0..1}.tar :: https://h/b.tar::http://[fe80::2]/c.tar",
+        )
+        .unwrap();
+        assert_eq!(
+            shards,
+            [
+                "http://[::1]:8080/a-0.tar",
+                "http://[::1]:8080/a-1.tar",
+                "https://h/b.tar",
+                "http://[fe80::2]/c.tar"
+            ]
+        );
+        // A glob character in a URL is not a pattern: nothing is listed, nothing fails.
+        assert_eq!(
+            expand_shard_spec("http://h/s-[01].tar").unwrap(),
+            ["http://h/s-[01].tar"]
+        );
+    }
+
+    #[test]
+    fn pipe_commands_expand_braces_and_keep_their_words() {
+        let shards = expand_shard_spec(
+            "pipe:aws s3 cp s3://bucket/train-{000000..000002}.tar - :: /l/x.tar",
+        )
+        .unwrap();
+        assert_eq!(
+            shards,
+            [
+                "pipe:aws s3 cp s3://bucket/train-000000.tar -",
+                "pipe:aws s3 cp s3://bucket/train-000001.tar -",
+                "pipe:aws s3 cp s3://bucket/train-000002.tar -",
+                "/l/x.tar"
+            ]
+        );
+        // Shell wildcards and awk braces reach the shell untouched.
+        assert_eq!(
+            expand_shard_spec("pipe:cat /d/*.tar | awk '{print}'").unwrap(),
+            ["pipe:cat /d/*.tar | awk '{print}'"]
+        );
+        assert!(expand_shard_spec("pipe:  ").is_err());
+    }
+
+    #[test]
+    fn other_schemes_say_how_to_read_them_and_file_urls_are_paths() {
+        let e = expand_shard_spec("s3://bucket/a-{0..1}.tar")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s3://bucket/a-0.tar") && e.contains("pipe:aws s3 cp"),
+            "{e}"
+        );
+        assert_eq!(
+            expand_shard_spec("file:///d/a-{0..1}.tar").unwrap(),
+            ["/d/a-0.tar", "/d/a-1.tar"]
+        );
+    }
+
+    #[test]
+    fn lists_hold_urls_and_commands_as_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let list = tmp.path().join("list.txt");
+        std::fs::write(
+            &list,
+            "rel-{0..1}.tar\nhttps://h/u-{0..1}.tar\npipe:cat rel.tar\n",
+        )
+        .unwrap();
+        let root = tmp.path().display();
+        assert_eq!(
+            expand_shard_spec(&format!("@{}", list.display())).unwrap(),
+            [
+                format!("{root}/rel-0.tar"),
+                format!("{root}/rel-1.tar"),
+                "https://h/u-0.tar".into(),
+                "https://h/u-1.tar".into(),
+                "pipe:cat rel.tar".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn shard_names_come_from_the_file_a_spec_reads() {
+        for (spec, name) in [
+            (
+                "/data/imagenet-train-000001.tar",
+                "imagenet-train-000001.tar",
+            ),
+            (
+                "https://h:1/p/x-000001.tar?X-Amz-Signature=ab/cd",
+                "x-000001.tar",
+            ),
+            ("http://[::1]:80/d/x.tar.gz#frag", "x.tar.gz"),
+            (
+                "pipe:aws s3 cp s3://b/train-000002.tar -",
+                "train-000002.tar",
+            ),
+            ("pipe:cat /d/demo-000000.tar", "demo-000000.tar"),
+            ("pipe:curl -sL 'https://h/a/b.tar' 2>/dev/null", "b.tar"),
+            ("pipe:gsutil cat gs://b/y.tar | zstd -d", "y.tar"),
+        ] {
+            assert_eq!(shard_name(spec), name, "{spec}");
+        }
+        let odd = shard_name("pipe:generate-shard --seed 3");
+        assert!(odd.starts_with("source-") && odd.len() == 23, "{odd}");
+        assert_ne!(odd, shard_name("pipe:generate-shard --seed 4"));
+        assert!(shard_name("https://h/").starts_with("source-"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Streaming webdataset reading: shard bytes (plain, gzip or zstd, sniffed by magic) → tar members in
-//! order → samples grouped exactly as webdataset's `group_by_keys` does. Nothing is extracted to disk.
+//! Streaming webdataset reading: shard bytes (a local file, a `pipe:` command or a URL; plain, gzip or
+//! zstd, sniffed by magic) → tar members in order → samples grouped exactly as webdataset's
+//! `group_by_keys` does. Nothing is extracted to disk.
 //!
 //! Grouping rules (webdataset `tariterators.py`): the key is the directory plus the basename up to its
 //! first dot, the rest is the extension, lowercased; consecutive members with one key form a sample;
@@ -8,11 +9,12 @@
 //! reappears later in the same shard is counted as `split_key` rather than yielded as a second sample.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::Arc;
 
 use crate::bad_input::{BadKind, RunCounters};
+use crate::metrics::{ShardReadStat, SourceStats};
+use crate::remote::{self, Kind, SourceTally};
 
 /// One sample as read from a shard: its members by lowercased extension, in tar order.
 #[derive(Debug, Clone)]
@@ -121,19 +123,98 @@ impl Grouper {
     }
 }
 
-/// Opens a shard, transparently decompressing gzip and zstd by their magic bytes (not the name, so a
-/// `.tar` that is really gzipped still reads).
-pub fn open_shard(path: &str) -> std::io::Result<Box<dyn Read + Send>> {
-    let file = File::open(path)?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let head = reader.fill_buf()?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(reader))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(reader)?)
-    } else {
-        Box::new(reader)
-    })
+/// A shard's bytes, decompressed when gzip or zstd (sniffed by magic bytes, not the name, so a `.tar`
+/// that is really gzipped still reads). Kept as an enum rather than a boxed reader so that the source
+/// underneath can be had back ([`ShardStream::into_source`]) and read to its end.
+enum ShardStream {
+    Plain(BufReader<Source>),
+    Gzip(flate2::bufread::MultiGzDecoder<BufReader<Source>>),
+    Zstd(zstd::stream::read::Decoder<'static, BufReader<Source>>),
+}
+
+type Source = Box<dyn Read + Send>;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+impl ShardStream {
+    fn open(spec: &str, tally: Arc<SourceTally>) -> std::io::Result<Self> {
+        let source = remote::open_source(spec, tally)?;
+        if !Kind::of(spec).is_remote() {
+            // A local file's first read fills the buffer: sniff in place.
+            let mut reader = BufReader::with_capacity(1 << 20, source);
+            let head: Vec<u8> = reader
+                .fill_buf()?
+                .iter()
+                .take(ZSTD_MAGIC.len())
+                .copied()
+                .collect();
+            return Self::wrap(&head, reader);
+        }
+        // A network or pipe read may return a byte or two: collect the magic's length first.
+        let mut source = source;
+        let mut head = Vec::with_capacity(ZSTD_MAGIC.len());
+        (&mut source)
+            .take(ZSTD_MAGIC.len() as u64)
+            .read_to_end(&mut head)?;
+        let chained: Source = Box::new(std::io::Cursor::new(head.clone()).chain(source));
+        Self::wrap(&head, BufReader::with_capacity(1 << 20, chained))
+    }
+
+    fn wrap(head: &[u8], reader: BufReader<Source>) -> std::io::Result<Self> {
+        Ok(if head.starts_with(&GZIP_MAGIC) {
+            ShardStream::Gzip(flate2::bufread::MultiGzDecoder::new(reader))
+        } else if head.starts_with(&ZSTD_MAGIC) {
+            ShardStream::Zstd(zstd::stream::read::Decoder::with_buffer(reader)?)
+        } else {
+            ShardStream::Plain(reader)
+        })
+    }
+
+    /// The (compressed) source, positioned after whatever the decompressor consumed.
+    fn into_source(self) -> BufReader<Source> {
+        match self {
+            ShardStream::Plain(r) => r,
+            ShardStream::Gzip(r) => r.into_inner(),
+            ShardStream::Zstd(r) => r.finish(),
+        }
+    }
+}
+
+impl Read for ShardStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            ShardStream::Plain(r) => r.read(buf),
+            ShardStream::Gzip(r) => r.read(buf),
+            ShardStream::Zstd(r) => r.read(buf),
+        }
+    }
+}
+
+/// Opens a shard (a path, `pipe:` command or URL: [`crate::remote`]), transparently decompressing
+/// gzip and zstd.
+pub fn open_shard(spec: &str) -> std::io::Result<Box<dyn Read + Send>> {
+    Ok(Box::new(ShardStream::open(
+        spec,
+        Arc::new(SourceTally::new()),
+    )?))
+}
+
+/// How [`read_shard_with`] reads.
+#[derive(Default, Clone, Copy)]
+pub struct ReadOptions<'a> {
+    /// Where the shard's source bytes, read time and retries are recorded.
+    pub stats: Option<&'a SourceStats>,
+    /// Hash a remote source's bytes as they pass (blake3), for the cache's source identity.
+    pub hash_remote: bool,
+}
+
+/// What [`read_shard_with`] came to.
+pub struct ShardRead {
+    /// False when `emit` asked to stop.
+    pub keep_going: bool,
+    /// The source's bytes, time, retries, first error and (when hashing) content hash.
+    pub tally: Arc<SourceTally>,
 }
 
 /// Reads one shard to the end, handing each sample to `emit` (which returns false to stop early).
@@ -144,9 +225,44 @@ pub fn read_shard(
     counters: &RunCounters,
     emit: &mut dyn FnMut(RawSample) -> bool,
 ) -> bool {
-    let shard_name: Arc<str> = Arc::from(shard);
-    let reader = match open_shard(shard) {
-        Ok(r) => r,
+    read_shard_with(shard, counters, ReadOptions::default(), emit).keep_going
+}
+
+/// [`read_shard`], recording source statistics and hashing remote sources as `options` ask.
+pub fn read_shard_with(
+    shard: &str,
+    counters: &RunCounters,
+    options: ReadOptions,
+    emit: &mut dyn FnMut(RawSample) -> bool,
+) -> ShardRead {
+    let remote = Kind::of(shard).is_remote();
+    let tally = Arc::new(if remote && options.hash_remote {
+        SourceTally::hashing()
+    } else {
+        SourceTally::new()
+    });
+    let keep_going = read_source(shard, remote, counters, &tally, emit);
+    if let Some(stats) = options.stats {
+        stats.record(ShardReadStat {
+            shard: crate::shardspec::shard_name(shard),
+            remote,
+            bytes: tally.bytes(),
+            read_time: tally.read_time(),
+            retries: tally.retries(),
+        });
+    }
+    ShardRead { keep_going, tally }
+}
+
+fn read_source(
+    shard: &str,
+    remote: bool,
+    counters: &RunCounters,
+    tally: &Arc<SourceTally>,
+    emit: &mut dyn FnMut(RawSample) -> bool,
+) -> bool {
+    let stream = match ShardStream::open(shard, tally.clone()) {
+        Ok(s) => s,
         Err(e) => {
             counters.record(
                 BadKind::ShardUnreadable,
@@ -157,6 +273,59 @@ pub fn read_shard(
             return true;
         }
     };
+    let mut archive = tar::Archive::new(stream);
+    let failure = match read_members(&mut archive, shard, counters, emit) {
+        Members::Stopped => return false,
+        Members::Done(failure) => failure,
+    };
+    // A remote source is read to its end, also after a corrupt member: that is when a command's exit
+    // status is known, and the hash covers every byte (a tar's zero blocks and padding included).
+    let drained = if remote && tally.failure().is_none() {
+        drain(archive.into_inner())
+    } else {
+        None
+    };
+    let failure = failure.or(drained);
+    match failure {
+        Some(detail) => counters.record(BadKind::ShardCorrupt, shard, "-", &explain(detail, tally)),
+        None => counters.add_shard(),
+    }
+    true
+}
+
+/// Reads what is left of a source after the tar's end; the error, if any.
+fn drain(stream: ShardStream) -> Option<String> {
+    std::io::copy(&mut stream.into_source(), &mut std::io::sink())
+        .err()
+        .map(|e| format!("after the end of the tar: {e}"))
+}
+
+/// A shard failure in the source's own words when the source failed (the URL after its retries, the
+/// command's exit and stderr), else the tar's, with what the source said at its end.
+fn explain(detail: String, tally: &SourceTally) -> String {
+    match (tally.failure(), tally.note()) {
+        (Some(failure), _) if !detail.contains(&failure) => format!("{detail}: {failure}"),
+        (None, Some(note)) => format!("{detail} ({note})"),
+        _ => detail,
+    }
+}
+
+enum Members {
+    /// `emit` asked to stop.
+    Stopped,
+    /// The shard's end, or the failure that ended it early.
+    Done(Option<String>),
+}
+
+/// Groups the tar's members into samples and hands them on; members read in full before a failure
+/// still form a sample.
+fn read_members(
+    archive: &mut tar::Archive<ShardStream>,
+    shard: &str,
+    counters: &RunCounters,
+    emit: &mut dyn FnMut(RawSample) -> bool,
+) -> Members {
+    let shard_name: Arc<str> = Arc::from(shard);
     let mut grouper = Grouper::new();
     let mut handle = |grouped: Grouped| -> bool {
         match grouped {
@@ -171,70 +340,60 @@ pub fn read_shard(
             }
         }
     };
-    let mut archive = tar::Archive::new(reader);
     let entries = match archive.entries() {
         Ok(e) => e,
-        Err(e) => {
-            counters.record(
-                BadKind::ShardCorrupt,
-                shard,
-                "-",
-                &format!("not a tar stream: {e}"),
-            );
-            return true;
-        }
+        Err(e) => return Members::Done(Some(format!("not a tar stream: {e}"))),
     };
     let mut failure = None;
     for entry in entries {
-        let mut entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                failure = Some(format!("corrupt tar header: {e}"));
+        let (name, data) = match read_member(entry) {
+            Ok(Some(member)) => member,
+            Ok(None) => continue,
+            Err(detail) => {
+                failure = Some(detail);
                 break;
             }
         };
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let name = match entry.path() {
-            Ok(p) => p.to_string_lossy().into_owned(),
-            Err(e) => {
-                failure = Some(format!("unreadable member name: {e}"));
-                break;
-            }
-        };
-        let size = entry.size();
-        let mut data = Vec::with_capacity(size.min(1 << 28) as usize);
-        if let Err(e) = entry.read_to_end(&mut data) {
-            failure = Some(format!("member {name}: {e}"));
-            break;
-        }
-        // tar reads a member through `take(size)`, so a cut-off shard shows up as a short member.
-        if data.len() as u64 != size {
-            failure = Some(format!(
-                "member {name} truncated: {} of {size} bytes",
-                data.len()
-            ));
-            break;
-        }
         if let Some(grouped) = grouper.push(&name, data) {
             if !handle(grouped) {
-                return false;
+                return Members::Stopped;
             }
         }
     }
-    // Members read in full before a failure still form a sample: keep what was read.
     if let Some(grouped) = grouper.finish() {
         if !handle(grouped) {
-            return false;
+            return Members::Stopped;
         }
     }
-    if let Some(detail) = failure {
-        counters.record(BadKind::ShardCorrupt, shard, "-", &detail);
-    } else {
-        counters.add_shard();
+    Members::Done(failure)
+}
+
+/// One regular member's name and bytes; `None` for other entry types; the failure that ends the shard.
+fn read_member<R: Read>(
+    entry: std::io::Result<tar::Entry<'_, R>>,
+) -> Result<Option<(String, Vec<u8>)>, String> {
+    let mut entry = entry.map_err(|e| format!("corrupt tar header: {e}"))?;
+    if !entry.header().entry_type().is_file() {
+        return Ok(None);
     }
-    true
+    let name = entry
+        .path()
+        .map_err(|e| format!("unreadable member name: {e}"))?
+        .to_string_lossy()
+        .into_owned();
+    let size = entry.size();
+    let mut data = Vec::with_capacity(size.min(1 << 28) as usize);
+    entry
+        .read_to_end(&mut data)
+        .map_err(|e| format!("member {name}: {e}"))?;
+    // tar reads a member through `take(size)`, so a cut-off shard shows up as a short member.
+    if data.len() as u64 != size {
+        return Err(format!(
+            "member {name} truncated: {} of {size} bytes",
+            data.len()
+        ));
+    }
+    Ok(Some((name, data)))
 }
 
 #[cfg(test)]

@@ -119,6 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             name: "bench.tar".into(),
             size: 0,
             content_hash: String::new(),
+            remote: None,
         };
         let job = precompute::Job {
             path: first.clone(),

@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rayon::prelude::*;
 use stages::bad_input::RunCounters;
-use stages::cache::{CacheLock, Manifest, ManifestShard, ShardWriter, SourceShard};
+use stages::cache::{CacheLock, Manifest, ManifestShard, RemoteSource, ShardWriter, SourceShard};
 use stages::metrics::{summary_table, StageMetrics};
 use stages::order::RankSplit;
+use stages::remote::{Kind, RetrySettings};
+use stages::wds_reader::ReadOptions;
 
 pub use settings::{cache_dir, cache_settings, PrecomputeConfig};
 
@@ -48,6 +50,11 @@ pub struct Args {
     /// Number of ranks (default WORLD_SIZE, then SLURM_NTASKS, else 1)
     #[arg(long)]
     world_size: Option<usize>,
+    /// Stream every remote (`pipe:` or URL) source the cache already has and compare its blake3 with
+    /// the recorded one before reusing it; a changed source is recomputed. Without it a remote source
+    /// is trusted by its spec and, for HTTP, its ETag / Last-Modified / Content-Length
+    #[arg(long)]
+    recheck: bool,
     /// Test hook: the writer pauses this long after each batch, so a crash test can kill the job
     /// while it is provably still running
     #[arg(long, hide = true, value_name = "MS")]
@@ -70,6 +77,9 @@ struct DecodedBatch {
     labels: Vec<i64>,
     images: Vec<Vec<u8>>,
     last: bool,
+    /// On a remote source's last batch: its identity completed with the size and hash of the bytes
+    /// that were streamed.
+    source: Option<SourceShard>,
 }
 
 struct EncodedBatch {
@@ -77,6 +87,7 @@ struct EncodedBatch {
     keys: Vec<String>,
     fields: Vec<Vec<u8>>,
     last: bool,
+    source: Option<SourceShard>,
 }
 
 /// What a run did, also what `bench precompute` reports.
@@ -109,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return dry_run(config, args.dry_run_batches);
     }
     let (dir, settings) = cache_dir(config, args.cache.as_deref())?;
-    let out = precompute(config, &dir, &settings, split)?;
+    let out = precompute_with(config, &dir, &settings, split, args.recheck)?;
     println!(
         "precompute: rank {} of {}: computed {} shards ({} samples, {} encodings), reused {} shards; cache {}",
         split.rank,
@@ -124,14 +135,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn source_name(path: &str) -> String {
-    Path::new(path)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.to_string())
+    stages::shardspec::shard_name(path)
 }
 
-/// Name, size and blake3 of a source shard: a source that changed under the same name is recomputed.
+/// Name, size and blake3 of a local source shard: a source that changed under the same name is
+/// recomputed. A remote one is identified without reading it ([`identify_remote`]).
 fn identify(path: &str) -> anyhow::Result<SourceShard> {
+    if Kind::of(path).is_remote() {
+        return identify_remote(path);
+    }
     let mut hasher = blake3::Hasher::new();
     let file = std::fs::File::open(path).with_context(|| format!("opening source shard {path}"))?;
     let size = std::io::copy(
@@ -143,7 +155,46 @@ fn identify(path: &str) -> anyhow::Result<SourceShard> {
         name: source_name(path),
         size,
         content_hash: hasher.finalize().to_hex().to_string(),
+        remote: None,
     })
+}
+
+/// A URL by the validators of a HEAD request; a `pipe:` command by its text alone (same command,
+/// same bytes). Size and hash stay unknown until the source is streamed.
+fn identify_remote(spec: &str) -> anyhow::Result<SourceShard> {
+    let mut remote = RemoteSource {
+        spec: spec.to_string(),
+        ..Default::default()
+    };
+    if Kind::of(spec) == Kind::Http {
+        let settings = RetrySettings::from_env().map_err(anyhow::Error::msg)?;
+        let v = stages::remote::http::head(spec, &settings)
+            .with_context(|| format!("identifying source shard {spec} (HEAD)"))?;
+        if v.etag.is_none() && v.last_modified.is_none() {
+            tracing::warn!(
+                "{spec}: the server sends no ETag or Last-Modified; reuse assumes the same URL gives \
+                 the same bytes (--recheck hashes them)"
+            );
+        }
+        (remote.etag, remote.last_modified, remote.content_length) =
+            (v.etag, v.last_modified, v.content_length);
+    }
+    Ok(SourceShard {
+        name: source_name(spec),
+        size: remote.content_length.unwrap_or(0),
+        content_hash: String::new(),
+        remote: Some(remote),
+    })
+}
+
+/// `--recheck`: streams a remote source through blake3 so that [`SourceShard::reuses`] compares
+/// bytes, not just the spec and validators.
+fn recheck_source(mut probe: SourceShard, path: &str) -> anyhow::Result<SourceShard> {
+    let settings = RetrySettings::from_env().map_err(anyhow::Error::msg)?;
+    let (size, hash) = stages::remote::hash_source(path, &settings)
+        .with_context(|| format!("rechecking source shard {path}"))?;
+    (probe.size, probe.content_hash) = (size, hash);
+    Ok(probe)
 }
 
 fn cache_file(source: &str) -> String {
@@ -175,6 +226,17 @@ pub fn precompute(
     settings: &serde_json::Value,
     split: RankSplit,
 ) -> anyhow::Result<Outcome> {
+    precompute_with(config, dir, settings, split, false)
+}
+
+/// [`precompute`]; with `recheck`, remote sources the cache has are streamed and hashed before reuse.
+pub fn precompute_with(
+    config: &crate::config::Config,
+    dir: &Path,
+    settings: &serde_json::Value,
+    split: RankSplit,
+    recheck: bool,
+) -> anyhow::Result<Outcome> {
     config.precompute.validate()?;
     config.data.validate()?;
     let all = stages::shardspec::expand_shard_spec(&config.data.shards)?;
@@ -202,27 +264,7 @@ pub fn precompute(
         .filter(|(i, _)| i % split.world == split.rank)
         .map(|(_, p)| p)
         .collect();
-    let identities: Vec<anyhow::Result<SourceShard>> =
-        mine.par_iter().map(|p| identify(p)).collect();
-    let mut jobs = Vec::new();
-    let mut reused = 0;
-    for (path, source) in mine.iter().zip(identities) {
-        let source = source?;
-        let file = cache_file(&source.name);
-        let done = manifest.shards.get(&source.name).is_some_and(|e| {
-            e.source == source
-                && std::fs::metadata(dir.join(&e.file)).is_ok_and(|m| m.len() == e.summary.bytes)
-        });
-        if done {
-            reused += 1;
-        } else {
-            jobs.push(Job {
-                path: path.to_string(),
-                source,
-                file,
-            });
-        }
-    }
+    let (jobs, reused) = plan_jobs(&manifest, dir, &mine, recheck)?;
     tracing::info!(
         "{}: {} shards for this rank, {reused} reused, {} to compute",
         dir.display(),
@@ -245,6 +287,64 @@ pub fn precompute(
     Ok(out)
 }
 
+/// Splits this rank's shards into jobs to compute and a count of shards the cache already has.
+fn plan_jobs(
+    manifest: &Manifest,
+    dir: &Path,
+    mine: &[&String],
+    recheck: bool,
+) -> anyhow::Result<(Vec<Job>, usize)> {
+    let identities: Vec<anyhow::Result<SourceShard>> =
+        mine.par_iter().map(|p| identify(p)).collect();
+    let cached = |source: &SourceShard| {
+        manifest.shards.get(&source.name).is_some_and(|e| {
+            source.reuses(&e.source)
+                && std::fs::metadata(dir.join(&e.file)).is_ok_and(|m| m.len() == e.summary.bytes)
+        })
+    };
+    // Only sources that would be reused are rechecked: the others are streamed anyway.
+    let checked: Vec<anyhow::Result<(SourceShard, bool)>> = mine
+        .par_iter()
+        .zip(identities)
+        .map(|(path, probe)| {
+            let probe = probe?;
+            let done = cached(&probe);
+            if !(done && recheck && probe.remote.is_some()) {
+                return Ok((probe, done));
+            }
+            let hashed = recheck_source(probe, path)?;
+            let done = cached(&hashed);
+            if !done {
+                tracing::warn!("source shard {path} changed under the same spec: recomputing it");
+            }
+            Ok((hashed, done))
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    let mut reused = 0;
+    for (path, result) in mine.iter().zip(checked) {
+        let (source, done) = result?;
+        if done {
+            reused += 1;
+            continue;
+        }
+        jobs.push(Job {
+            path: path.to_string(),
+            file: cache_file(&source.name),
+            // What a remote job records is completed from the stream it reads.
+            source: SourceShard {
+                content_hash: if source.remote.is_some() {
+                    String::new()
+                } else {
+                    source.content_hash.clone()
+                },
+                ..source
+            },
+        });
+    }
+    Ok((jobs, reused))
+}
+
 /// Encodes `limit` batches into a scratch directory and projects the full run's size and time.
 fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()> {
     config.precompute.validate()?;
@@ -253,15 +353,13 @@ fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()>
     let first = all
         .first()
         .with_context(|| format!("no source shards in `{}`", config.data.shards))?;
-    let total_source: u64 = all
-        .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let total_source: u64 = all.iter().map(|p| source_size(p)).sum();
     let scratch = tempfile::tempdir()?;
     let source = SourceShard {
         name: source_name(first),
         size: 0,
         content_hash: String::new(),
+        remote: None,
     };
     let job = Job {
         path: first.clone(),
@@ -296,7 +394,27 @@ fn dry_run(config: &crate::config::Config, batches: usize) -> anyhow::Result<()>
         per_sample * projected_samples / 1e9,
         projected_samples / rate / 3600.0
     );
+    let unsized_sources = all.iter().filter(|p| Kind::of(p) == Kind::Pipe).count();
+    if unsized_sources > 0 {
+        println!(
+            "  ({unsized_sources} pipe: sources have no size before they are read: the projection leaves them out)"
+        );
+    }
     Ok(())
+}
+
+/// A source's size for a dry run's projection: a file's length, a URL's Content-Length (HEAD), 0 for
+/// what cannot say (a `pipe:` command) or cannot be reached.
+fn source_size(path: &str) -> u64 {
+    match Kind::of(path) {
+        Kind::Local => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        Kind::Http => RetrySettings::from_env()
+            .ok()
+            .and_then(|s| stages::remote::http::head(path, &s).ok())
+            .and_then(|v| v.content_length)
+            .unwrap_or(0),
+        Kind::Pipe => 0,
+    }
 }
 
 /// The decode/crop thread pool: `precompute.workers` threads, or `data.threads` when that is 0.
@@ -431,6 +549,11 @@ pub(crate) fn run_graph(
             })?
     };
 
+    // Images encoded (the sources' sample counts are not known before they are read).
+    let progress = crate::progress::Progress::new(
+        &format!("precompute ({} shards): images", jobs.len()),
+        limit.unwrap_or(0) as u64,
+    );
     // The encode stage runs here: the models stay on the thread that loaded them.
     let encode_result = (|| -> anyhow::Result<()> {
         loop {
@@ -455,6 +578,7 @@ pub(crate) fn run_graph(
                     keys: batch.keys,
                     fields: encoded,
                     last: batch.last,
+                    source: batch.source,
                 })
                 .is_ok();
             encode_m.add_blocked_output(blocked.elapsed());
@@ -464,9 +588,11 @@ pub(crate) fn run_graph(
             for _ in 0..n {
                 encode_m.add_item(0);
             }
+            progress.add(n);
         }
         Ok(())
     })();
+    progress.finish();
     drop(etx);
     drop(drx);
     let written = writer
@@ -503,7 +629,11 @@ fn decode_stage(
 ) -> anyhow::Result<()> {
     let mut total = 0usize;
     // Decodes and crops `pending` on the pool (order kept) and sends it; false when the encoder is gone.
-    let flush = |job: usize, pending: &mut Vec<stages::image_stream::Sample>, last: bool| -> bool {
+    let flush = |job: usize,
+                 pending: &mut Vec<stages::image_stream::Sample>,
+                 last: bool,
+                 source: Option<SourceShard>|
+     -> bool {
         let busy = Instant::now();
         let cropped: Vec<_> = pool.install(|| {
             pending
@@ -517,6 +647,7 @@ fn decode_stage(
             labels: Vec::new(),
             images: Vec::new(),
             last,
+            source,
         };
         for (sample, result) in cropped {
             match result {
@@ -545,14 +676,18 @@ fn decode_stage(
         let mut alive = true;
         let mut stop = false;
         let before = total;
-        stages::wds_reader::read_shard(&job.path, counters, &mut |raw| {
+        let options = ReadOptions {
+            stats: Some(&m.source),
+            hash_remote: true,
+        };
+        let read = stages::wds_reader::read_shard_with(&job.path, counters, options, &mut |raw| {
             source_bytes.fetch_add(raw.n_bytes(), std::sync::atomic::Ordering::Relaxed);
             if let Some(sample) = stages::image_stream::select_sample(raw, data, counters) {
                 pending.push(sample);
                 total += 1;
             }
             if pending.len() == batch_size {
-                alive = flush(j, &mut pending, false);
+                alive = flush(j, &mut pending, false, None);
             }
             stop = limit.is_some_and(|l| total >= l);
             alive && !stop && crate::signals::requested().is_none()
@@ -570,11 +705,53 @@ fn decode_stage(
             break;
         }
         counters.add_shard();
-        if !alive || !flush(j, &mut pending, true) || stop {
+        if !alive {
+            break;
+        }
+        // A dry run stops early on purpose and records nothing: its job keeps the probe's identity.
+        let source = match streamed_source(job, &read.tally) {
+            _ if stop => None,
+            Streamed::Local => None,
+            Streamed::Complete(source) => Some(source),
+            // Never sent its last batch, so the writer drops it: the next run reads it again
+            // instead of reusing what a broken connection or command left.
+            Streamed::Failed(why) => {
+                tracing::warn!(
+                    "source shard {}: {why}; its cache shard is not recorded, a rerun reads it again",
+                    job.path
+                );
+                pending.clear();
+                continue;
+            }
+        };
+        if !flush(j, &mut pending, true, source) || stop {
             break;
         }
     }
     Ok(())
+}
+
+enum Streamed {
+    Local,
+    /// A remote source read to its end: its identity with the size and hash of what was read.
+    Complete(SourceShard),
+    /// A remote source that failed or was not read to its end, and why.
+    Failed(String),
+}
+
+fn streamed_source(job: &Job, tally: &stages::remote::SourceTally) -> Streamed {
+    if job.source.remote.is_none() {
+        return Streamed::Local;
+    }
+    match (tally.failure(), tally.content_hash()) {
+        (Some(failure), _) => Streamed::Failed(failure),
+        (None, None) => Streamed::Failed("the stream was not read to its end".into()),
+        (None, Some(hash)) => Streamed::Complete(SourceShard {
+            size: tally.bytes(),
+            content_hash: hash,
+            ..job.source.clone()
+        }),
+    }
 }
 
 /// Compresses and writes each shard's rows; on a shard's last batch renames it into place and records
@@ -594,13 +771,13 @@ fn write_stage(
     // A finished shard's footer, fsync, rename and manifest entry happen on a thread of their own, so
     // that closing a ~0.7 GB shard never holds up the next shard's batches (and through them the
     // encoder).
-    let (done_tx, done_rx) = sync_channel::<(usize, ShardWriter)>(1);
+    let (done_tx, done_rx) = sync_channel::<(usize, ShardWriter, SourceShard)>(1);
     std::thread::scope(|scope| {
         let finisher = scope.spawn(move || -> anyhow::Result<(usize, u64, u64)> {
             let (mut shards, mut samples, mut bytes) = (0usize, 0u64, 0u64);
-            for (j, writer) in done_rx {
+            for (j, writer, source) in done_rx {
                 let job = &jobs[j];
-                let meta = serde_json::json!({ "source": job.source, "settings_fingerprint": stages::cache::fingerprint(settings) });
+                let meta = serde_json::json!({ "source": source, "settings_fingerprint": stages::cache::fingerprint(settings) });
                 let summary = writer
                     .finish(meta)
                     .with_context(|| format!("finishing cache shard for {}", job.path))?;
@@ -611,7 +788,7 @@ fn write_stage(
                     let _guard = lock(dir)?;
                     let entry = ManifestShard {
                         file: job.file.clone(),
-                        source: job.source.clone(),
+                        source,
                         summary,
                     };
                     Manifest::record(dir, settings, vec![entry])?;
@@ -648,8 +825,9 @@ fn write_stage(
                     m.add_item(0);
                 }
                 if batch.last {
-                    let finished = current.take().expect("open");
-                    if done_tx.send(finished).is_err() {
+                    let (j, writer) = current.take().expect("open");
+                    let source = batch.source.unwrap_or_else(|| job.source.clone());
+                    if done_tx.send((j, writer, source)).is_err() {
                         // The finisher stopped on an error; it is reported below.
                         break;
                     }

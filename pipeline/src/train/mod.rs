@@ -484,12 +484,8 @@ fn locate_cache(dir: &Path) -> anyhow::Result<PathBuf> {
 fn cache_shards(dir: &Path, spec: &str) -> anyhow::Result<Vec<PathBuf>> {
     let manifest = stages::cache::Manifest::load(dir)?
         .with_context(|| format!("{}: no manifest.json", dir.display()))?;
-    let base = |s: &str| {
-        Path::new(s)
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_else(|| s.to_string())
-    };
+    // The names precompute recorded sources under: a path's or URL's file name, a `pipe:` command's.
+    let base = stages::shardspec::shard_name;
     let by_base: std::collections::BTreeMap<String, &stages::cache::ManifestShard> =
         manifest.shards.iter().map(|(k, v)| (base(k), v)).collect();
     let wanted: Vec<String> = if spec.trim().is_empty() {

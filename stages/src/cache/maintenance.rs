@@ -29,6 +29,9 @@ pub struct VerifyReport {
     pub checked: usize,
     /// (file, what is wrong), one line per bad shard.
     pub problems: Vec<(String, String)>,
+    /// (source name, where it came from and what identified it) for each cache shard computed from a
+    /// remote source: those can only be recomputed while that URL or command still works.
+    pub remote: Vec<(String, String)>,
 }
 
 /// Recomputes every shard's checksum against the manifest and opens it; reports missing, resized,
@@ -39,6 +42,11 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
     for entry in manifest.shards.values() {
         report.checked += 1;
+        if let Some(remote) = &entry.source.remote {
+            report
+                .remote
+                .push((entry.source.name.clone(), remote.describe()));
+        }
         let path = dir.join(&entry.file);
         let problem = match std::fs::metadata(&path) {
             Err(_) => Some("missing".to_string()),
@@ -148,6 +156,7 @@ mod tests {
                 name: format!("{name}.tar"),
                 size: 1,
                 content_hash: "h".into(),
+                remote: None,
             };
             entries.push(ManifestShard {
                 file,
@@ -172,6 +181,30 @@ mod tests {
         let report = verify(dir.path()).unwrap();
         let files: Vec<_> = report.problems.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(files, ["b.fbc", "c.fbc"], "{:?}", report.problems);
+    }
+
+    #[test]
+    fn verify_says_which_sources_were_remote() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = make_cache(dir.path(), &["a", "b"]);
+        let mut manifest = Manifest::load(dir.path()).unwrap().unwrap();
+        let mut entry = manifest.shards["b.tar"].clone();
+        entry.source.remote = Some(crate::cache::RemoteSource {
+            spec: "pipe:cat /d/b.tar".into(),
+            ..Default::default()
+        });
+        manifest.shards.insert("b.tar".into(), entry.clone());
+        manifest.save(dir.path()).unwrap();
+        Manifest::record(dir.path(), &settings, vec![entry]).unwrap();
+        let report = verify(dir.path()).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(
+            report.remote,
+            [(
+                "b.tar".to_string(),
+                "pipe:cat /d/b.tar (same spec, same bytes)".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -18,8 +18,65 @@ pub const MANIFEST_NAME: &str = "manifest.json";
 pub struct SourceShard {
     pub name: String,
     pub size: u64,
-    /// blake3 of the source shard's bytes, hex.
+    /// blake3 of the source shard's bytes, hex. For a remote source, of the bytes streamed while its
+    /// cache shard was computed (empty in a probe that has not read the source).
     pub content_hash: String,
+    /// Where a remote source (`pipe:` or `http(s)://`) came from and what identified it; absent for
+    /// a local file, so manifests of local sources read and write as they always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteSource>,
+}
+
+/// A remote source's identity without downloading it: for HTTP the validators of a HEAD request,
+/// for `pipe:` the expanded command alone ("same command, same bytes"; `precompute --recheck`
+/// verifies by hashing the stream against [`SourceShard::content_hash`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteSource {
+    /// The expanded spec: the URL, or `pipe:` and the command.
+    pub spec: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_modified: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_length: Option<u64>,
+}
+
+impl RemoteSource {
+    /// `http://h/x.tar (ETag "abc", Last-Modified …, 1234 bytes)` or `pipe:cmd (same command, same
+    /// bytes)`: what `cache verify` prints.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(etag) = &self.etag {
+            parts.push(format!("ETag {etag}"));
+        }
+        if let Some(modified) = &self.last_modified {
+            parts.push(format!("Last-Modified {modified}"));
+        }
+        if let Some(length) = self.content_length {
+            parts.push(format!("{length} bytes"));
+        }
+        if parts.is_empty() {
+            parts.push("same spec, same bytes".to_string());
+        }
+        format!("{} ({})", self.spec, parts.join(", "))
+    }
+}
+
+impl SourceShard {
+    /// Whether a cache shard recorded for `recorded` stands for the source this probe identifies. A
+    /// local file: same name, size and hash. A remote source: same name and same [`RemoteSource`]
+    /// (spec and validators); when the probe carries a hash (`--recheck` streamed the source) the
+    /// hash and size must match the recorded ones too. Local and remote never stand for each other.
+    pub fn reuses(&self, recorded: &SourceShard) -> bool {
+        if self.name != recorded.name || self.remote != recorded.remote {
+            return false;
+        }
+        if self.remote.is_some() && self.content_hash.is_empty() {
+            return true;
+        }
+        self.size == recorded.size && self.content_hash == recorded.content_hash
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +192,7 @@ mod tests {
                 name: name.into(),
                 size: 1,
                 content_hash: "h".into(),
+                remote: None,
             },
             summary: ShardSummary {
                 samples: 3,
@@ -152,6 +210,70 @@ mod tests {
         assert_ne!(
             fingerprint(&a),
             fingerprint(&serde_json::json!({"crop": 64, "views": 2}))
+        );
+    }
+
+    #[test]
+    fn local_manifests_read_and_write_as_before() {
+        let old = r#"{"name": "a.tar", "size": 5, "content_hash": "h"}"#;
+        let source: SourceShard = serde_json::from_str(old).unwrap();
+        assert_eq!(source.remote, None);
+        let written = serde_json::to_value(&source).unwrap();
+        assert_eq!(
+            written,
+            serde_json::from_str::<serde_json::Value>(old).unwrap()
+        );
+    }
+
+    #[test]
+    fn remote_sources_reuse_by_spec_and_validators_and_rechecks_by_hash() {
+        let remote = |etag: &str| RemoteSource {
+            spec: "http://h/a.tar".into(),
+            etag: Some(etag.into()),
+            content_length: Some(10),
+            ..Default::default()
+        };
+        let recorded = SourceShard {
+            name: "a.tar".into(),
+            size: 10,
+            content_hash: "h1".into(),
+            remote: Some(remote("\"v1\"")),
+        };
+        let json = serde_json::to_string(&recorded).unwrap();
+        assert_eq!(
+            serde_json::from_str::<SourceShard>(&json).unwrap(),
+            recorded
+        );
+        let probe = SourceShard {
+            content_hash: String::new(),
+            ..recorded.clone()
+        };
+        assert!(probe.reuses(&recorded));
+        let changed = SourceShard {
+            remote: Some(remote("\"v2\"")),
+            ..probe.clone()
+        };
+        assert!(!changed.reuses(&recorded));
+        let rechecked = SourceShard {
+            content_hash: "h2".into(),
+            ..probe.clone()
+        };
+        assert!(!rechecked.reuses(&recorded));
+        assert!(SourceShard {
+            content_hash: "h1".into(),
+            ..probe.clone()
+        }
+        .reuses(&recorded));
+        // The same bytes read locally are another source.
+        let local = SourceShard {
+            remote: None,
+            ..recorded.clone()
+        };
+        assert!(!local.reuses(&recorded) && !recorded.reuses(&local));
+        assert!(local.reuses(&local.clone()));
+        assert_eq!(
+            recorded.remote.as_ref().unwrap().describe(),
+            "http://h/a.tar (ETag \"v1\", 10 bytes)"
         );
     }
 

@@ -7,5 +7,5 @@ pub mod manifest;
 pub mod shard;
 
 pub use lock::CacheLock;
-pub use manifest::{fingerprint, Manifest, ManifestShard, SourceShard};
+pub use manifest::{fingerprint, Manifest, ManifestShard, RemoteSource, SourceShard};
 pub use shard::{DType, FieldSpec, ShardReader, ShardSummary, ShardWriter};

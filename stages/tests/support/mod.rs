@@ -1,0 +1,3 @@
+//! Helpers shared by the stages integration tests.
+
+pub mod http_server;
