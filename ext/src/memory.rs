@@ -51,9 +51,21 @@ mod tests {
     /// tensor raises the peak by at least its size.
     #[test]
     fn reports_or_refuses() {
+        // Devices that do not exist, in sequence with (on a GPU) good queries: each is refused by
+        // itself and leaves the next call unaffected.
+        let count = tch::Cuda::device_count() as usize;
+        for bad in [count, count + 1, 64, usize::MAX / 2] {
+            let err = super::cuda_memory(bad).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("no CUDA device {bad}")),
+                "{err}"
+            );
+            assert!(super::reset_cuda_peak(bad).is_err());
+            if count > 0 {
+                assert!(super::cuda_memory(0).is_ok());
+            }
+        }
         if !tch::Cuda::is_available() {
-            let err = super::cuda_memory(0).unwrap_err();
-            assert!(err.to_string().contains("no CUDA device 0"), "{err}");
             return;
         }
         let before = super::reset_cuda_peak(0).unwrap();

@@ -230,7 +230,10 @@ fn render(series: &[Series]) -> anyhow::Result<Vec<u8>> {
         let top = k * PANEL_HEIGHT + TOP;
         let bottom = (k + 1) * PANEL_HEIGHT - BOTTOM;
         let (left, right) = (LEFT, WIDTH - RIGHT);
-        let (x0, x1) = (s.points[0].0, s.points[s.points.len() - 1].0.max(s.points[0].0 + 1.0));
+        let (x0, x1) = (
+            s.points[0].0,
+            s.points[s.points.len() - 1].0.max(s.points[0].0 + 1.0),
+        );
         let (y0, y1) = y_range(&s.points);
         let px = |x: f64| left as f64 + (x - x0) / (x1 - x0) * (right - left) as f64;
         let py = |y: f64| {
@@ -242,7 +245,12 @@ fn render(series: &[Series]) -> anyhow::Result<Vec<u8>> {
             let y = py(v).round() as usize;
             c.hline(left, right, y, grid);
             let l = label(v);
-            c.text(left.saturating_sub(text_width(&l) + 6), y.saturating_sub(5), &l, ink);
+            c.text(
+                left.saturating_sub(text_width(&l) + 6),
+                y.saturating_sub(5),
+                &l,
+                ink,
+            );
         }
         c.vline(left, top, bottom, axis);
         c.hline(left, right, bottom, axis);
@@ -294,16 +302,26 @@ mod tests {
         assert!(write(&metrics, &out).unwrap());
         let img = image::open(&out).unwrap().to_rgb8();
         assert_eq!(img.width() as usize, WIDTH);
-        assert_eq!(img.height() as usize, 2 * PANEL_HEIGHT, "loss and cos panels");
+        assert_eq!(
+            img.height() as usize,
+            2 * PANEL_HEIGHT,
+            "loss and cos panels"
+        );
         let color = PANELS[0].1;
         let rows_at = |x: u32| -> Vec<u32> {
             (0..PANEL_HEIGHT as u32)
                 .filter(|&y| img.get_pixel(x, y).0 == color)
                 .collect()
         };
-        let (early, late) = (rows_at(LEFT as u32 + 40), rows_at((WIDTH - RIGHT) as u32 - 40));
+        let (early, late) = (
+            rows_at(LEFT as u32 + 40),
+            rows_at((WIDTH - RIGHT) as u32 - 40),
+        );
         assert!(!early.is_empty() && !late.is_empty());
-        assert!(early[0] < late[0], "the loss curve falls: {early:?} vs {late:?}");
+        assert!(
+            early[0] < late[0],
+            "the loss curve falls: {early:?} vs {late:?}"
+        );
 
         std::fs::write(&metrics, "{\"step\":1,\"loss\":2.0}\n").unwrap();
         let none = dir.path().join("none.png");

@@ -231,10 +231,18 @@ impl MetaBlock {
             vec![z, logdet, pass.a, pass.b]
         })
         .unwrap_or_else(|e| panic!("checkpointed flow block: {e}"));
-        let [z, logdet, a, b]: [Tensor; 4] = outs
-            .try_into()
-            .unwrap_or_else(|o: Vec<Tensor>| panic!("checkpointed flow block gave {} outputs", o.len()));
-        (z, logdet, BlockPass { a, b, hidden: vec![] })
+        let [z, logdet, a, b]: [Tensor; 4] = outs.try_into().unwrap_or_else(|o: Vec<Tensor>| {
+            panic!("checkpointed flow block gave {} outputs", o.len())
+        });
+        (
+            z,
+            logdet,
+            BlockPass {
+                a,
+                b,
+                hidden: vec![],
+            },
+        )
     }
 
     /// Parameters (a, b) for permuted token `pos + 1` from token `pos` (B, 1, D), appending to `cache`.

@@ -12,6 +12,8 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance, Config};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::train::step::sync;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Model preset: in64, latent256, latent256-p1, tiny, tiny-latent
@@ -214,8 +216,10 @@ fn current_rss_bytes() -> i64 {
 
 /// The process's peak resident bytes so far (getrusage's ru_maxrss, in KiB on Linux).
 fn peak_rss_bytes() -> i64 {
-    // SAFETY: getrusage fills the zeroed struct it is given and touches nothing else.
+    // SAFETY: rusage is plain integers and timevals, for which all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only the struct it is given, which lives on this frame; it keeps no
+    // state between calls, so an earlier call leaves nothing this one depends on.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     usage.ru_maxrss * 1024
 }
@@ -231,12 +235,6 @@ fn reference_device(name: &str) -> String {
             }
         }
         other => other.to_string(),
-    }
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
     }
 }
 
