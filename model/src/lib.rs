@@ -4,7 +4,9 @@
 
 pub mod device;
 pub mod dinov2;
+pub mod feature_stats;
 pub mod frozen;
+pub mod inception;
 pub mod pth;
 pub mod tarflow;
 pub mod vae;

@@ -4,6 +4,7 @@
 pub mod allreduce;
 pub mod decode;
 pub mod encoders;
+pub mod fid;
 pub mod flow;
 pub mod precompute;
 pub mod train;
@@ -23,6 +24,8 @@ enum BenchCommand {
     Decode(decode::Args),
     /// DINOv2-B at 224 px and the SD-VAE encoder at 256 px against transformers / diffusers
     Encoders(encoders::Args),
+    /// The FID Inception (pool3 + logits) and the Fréchet distance against pytorch-fid
+    Fid(fid::Args),
     /// TARFlow training step and sampling speed against the PyTorch reference model
     Flow(flow::Args),
     /// Precompute stages standalone vs overlapped, encode wait fraction, cache readback vs raw zstd
@@ -38,6 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Allreduce(a) => allreduce::run(a),
         BenchCommand::Decode(a) => decode::run(a),
         BenchCommand::Encoders(a) => encoders::run(a),
+        BenchCommand::Fid(a) => fid::run(a),
         BenchCommand::Flow(a) => flow::run(a),
         BenchCommand::Precompute(a) => precompute::run(a),
         BenchCommand::Train(a) => train::run(a),

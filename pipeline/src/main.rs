@@ -11,12 +11,16 @@ mod curves;
 mod demo_data;
 mod encoders;
 mod encoders_init;
+mod fid;
+mod fid_stats;
 mod flow;
 mod flow_import;
 mod grid;
+mod image_set;
 mod labelled;
 mod logging;
 mod npz;
+mod npz_read;
 mod precompute;
 mod progress;
 mod sample;
@@ -63,6 +67,10 @@ enum Command {
     Classify(classify::Args),
     /// Bits per dimension (pixel models) or NLL per latent dimension, with a 95% confidence interval
     Bpd(bpd::Args),
+    /// FID and Inception Score of samples (PNG directory or .npz) against reference statistics
+    Fid(fid::Args),
+    /// Reference FID statistics (mu, sigma) of the training crops of shards
+    FidStats(fid_stats::Args),
 }
 
 fn main() {
@@ -80,6 +88,8 @@ fn main() {
         Command::Sample(args) => sample::run(args),
         Command::Classify(args) => classify::run(args),
         Command::Bpd(args) => bpd::run(args),
+        Command::Fid(args) => fid::run(args),
+        Command::FidStats(args) => fid_stats::run(args),
     };
     if let Err(err) = result {
         if let Some(stop) = err.downcast_ref::<signals::Interrupted>() {

@@ -13,6 +13,7 @@ use anyhow::Context;
 pub enum Dtype {
     U8,
     I64,
+    F64,
 }
 
 impl Dtype {
@@ -20,6 +21,7 @@ impl Dtype {
         match self {
             Dtype::U8 => "|u1",
             Dtype::I64 => "<i8",
+            Dtype::F64 => "<f8",
         }
     }
 }

@@ -1,0 +1,480 @@
+//! FID and Inception Score from Inception features, accumulated batch by batch so that 50 000 samples
+//! never sit in memory: FID needs only the feature sum and the sum of outer products (kept in float64 on
+//! the features' device, 32 MB for 2048-d features), the Inception Score only per-split sums of class
+//! probabilities.
+//!
+//! Definitions follow pytorch-fid 0.3.0 (`calculate_frechet_distance`, `np.cov` with N − 1) and
+//! Salimans et al.'s `inception_score.py` (10 equal consecutive splits, mean and population std of
+//! exp(E KL(p(y|x) ‖ p(y))) over the splits), which the ADM evaluation suite repeats.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::frozen::EncoderError;
+use crate::inception::{Features, Inception};
+
+/// Splits of the Inception Score, as Salimans et al. and the ADM suite (5 000 of 50 000 samples each).
+pub const IS_SPLITS: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+}
+
+/// Mean (D) and covariance (D, D) of a feature set: what FID compares. Float64 on the CPU.
+#[derive(Debug)]
+pub struct Statistics {
+    pub mu: Tensor,
+    pub sigma: Tensor,
+}
+
+impl Statistics {
+    /// Checks shapes and finiteness (a reference file may hold anything) and converts to float64 CPU.
+    pub fn new(mu: &Tensor, sigma: &Tensor) -> Result<Self, StatsError> {
+        let (m, s) = (mu.size(), sigma.size());
+        if m.len() != 1 || s.len() != 2 || s[0] != m[0] || s[1] != m[0] || m[0] == 0 {
+            return Err(StatsError::Invalid(format!(
+                "mu must have shape (D) and sigma (D, D), got {m:?} and {s:?}"
+            )));
+        }
+        let mu = mu.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?;
+        let sigma = sigma.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?;
+        for (name, t) in [("mu", &mu), ("sigma", &sigma)] {
+            if t.f_isfinite()?.f_all()?.f_int64_value(&[])? == 0 {
+                return Err(StatsError::Invalid(format!(
+                    "{name} has NaN or infinite values"
+                )));
+            }
+        }
+        Ok(Statistics { mu, sigma })
+    }
+
+    pub fn dim(&self) -> i64 {
+        self.mu.size()[0]
+    }
+
+    /// The Fréchet distance to `other` (see [`frechet_distance`]).
+    pub fn frechet_distance(&self, other: &Statistics) -> Result<f64, StatsError> {
+        frechet_distance(self, other)
+    }
+}
+
+/// ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½, in float64.
+///
+/// pytorch-fid takes scipy's `sqrtm` of the non-symmetric Σ₁Σ₂ and drops the imaginary part rounding
+/// leaves; with fewer samples than dimensions (a singular Σ) that needs an ε·I retry. Only the trace is
+/// needed, and it is a sum over eigenvalues: with S = Σ₁^½, S Σ₂ S is similar to Σ₁Σ₂ (Σ₁Σ₂ =
+/// S (S Σ₂ S) S⁻¹ when S is invertible, and by continuity otherwise), symmetric and positive
+/// semi-definite, so tr (Σ₁Σ₂)^½ = Σᵢ √λᵢ(S Σ₂ S) with real λᵢ ≥ 0. Two symmetric eigendecompositions do
+/// it; see [`psd_sqrt`] for the eigenvalues that are zero up to rounding.
+pub fn frechet_distance(a: &Statistics, b: &Statistics) -> Result<f64, StatsError> {
+    if a.dim() != b.dim() {
+        return Err(StatsError::Invalid(format!(
+            "the two statistics have different dimensions ({} and {})",
+            a.dim(),
+            b.dim()
+        )));
+    }
+    let diff = a.mu.f_sub(&b.mu)?;
+    let mean_term = diff.f_dot(&diff)?.f_double_value(&[])?;
+    let (values, vectors) = a.sigma.f_linalg_eigh("L")?;
+    // S = V diag(√λ) Vᵀ.
+    let root = vectors
+        .f_mul(&psd_sqrt(&values)?.f_unsqueeze(0)?)?
+        .f_matmul(&vectors.f_tr()?)?;
+    let inner = root.f_matmul(&b.sigma)?.f_matmul(&root)?;
+    let inner = inner.f_add(&inner.f_tr()?)?.f_mul_scalar(0.5)?;
+    let trace_root = psd_sqrt(&inner.f_linalg_eigvalsh("L")?)?
+        .f_sum(Kind::Double)?
+        .f_double_value(&[])?;
+    let trace = |s: &Tensor| -> Result<f64, StatsError> {
+        Ok(s.f_diagonal(0, 0, 1)?
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?)
+    };
+    Ok(mean_term + trace(&a.sigma)? + trace(&b.sigma)? - 2.0 * trace_root)
+}
+
+/// √λ of the eigenvalues of a symmetric PSD matrix, with those within rounding of zero (|λ| ≤ D·ε·λmax,
+/// the accuracy of a symmetric eigensolver) set to zero first. With fewer samples than dimensions most
+/// eigenvalues are zero, and the square root would turn their ±1e−16 rounding into ±1e−8 each: a
+/// distribution would sit ~1e−6 from itself. Dropping them misses at most √(D·ε·λmax) per true eigenvalue
+/// that small, the size of the rounding it removes.
+fn psd_sqrt(values: &Tensor) -> Result<Tensor, StatsError> {
+    let d = values.size()[0] as f64;
+    let largest = values.f_max()?.f_double_value(&[])?.max(0.0);
+    let keep = values.f_gt(largest * d * f64::EPSILON)?;
+    Ok(values.f_clamp_min(0.0)?.f_mul(&keep)?.f_sqrt()?)
+}
+
+/// Inception Score over `splits` splits: the mean and the (population) standard deviation.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct InceptionScore {
+    pub mean: f64,
+    pub std: f64,
+    pub splits: usize,
+}
+
+/// Streaming accumulator of FID statistics and, when set up with the number of images to come, the
+/// Inception Score. Feed it batches with [`FeatureStats::add_images`] (uint8 NHWC images through the
+/// network) or [`FeatureStats::add`] (features already computed), then read [`FeatureStats::statistics`]
+/// and [`FeatureStats::inception_score`].
+#[derive(Debug)]
+pub struct FeatureStats {
+    device: Device,
+    count: u64,
+    /// The first batch's mean: sums are taken of x − shift, so that the covariance is a difference of
+    /// numbers of the size of the spread, not of the (much larger) squared mean.
+    shift: Option<Tensor>,
+    sum: Option<Tensor>,
+    sum_outer: Option<Tensor>,
+    score: Option<SplitSums>,
+}
+
+/// Per-split sums for the Inception Score: Σ p(y|x) (splits, C) and Σ Σ_y p log p (splits).
+#[derive(Debug)]
+struct SplitSums {
+    /// Split k holds images bounds[k]..bounds[k + 1].
+    bounds: Vec<u64>,
+    probabilities: Option<Tensor>,
+    neg_entropy: Tensor,
+}
+
+impl FeatureStats {
+    /// FID statistics only; sums live on `device` (where the features are made).
+    pub fn new(device: Device) -> Self {
+        FeatureStats {
+            device,
+            count: 0,
+            shift: None,
+            sum: None,
+            sum_outer: None,
+            score: None,
+        }
+    }
+
+    /// FID statistics and the Inception Score of exactly `total` images. The standard splits are equal
+    /// consecutive runs of the whole set (`i·N/10 .. (i+1)·N/10`), so N must be known before the first
+    /// image; with fewer than 10 images each image is its own split.
+    pub fn with_inception_score(total: usize, device: Device) -> Self {
+        let splits = IS_SPLITS.min(total.max(1)) as u64;
+        let total = total as u64;
+        let bounds = (0..=splits).map(|k| k * total / splits).collect();
+        FeatureStats {
+            score: Some(SplitSums {
+                bounds,
+                probabilities: None,
+                neg_entropy: Tensor::zeros([splits as i64], (Kind::Double, device)),
+            }),
+            ..FeatureStats::new(device)
+        }
+    }
+
+    /// Images added so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// uint8 images (B, H, W, 3), any size, on any device → Inception features → accumulated.
+    pub fn add_images(&mut self, inception: &Inception, images: &Tensor) -> Result<(), StatsError> {
+        let features = inception.features(images)?;
+        self.add(&features)
+    }
+
+    /// Accumulates one batch of network outputs: `pool3` for FID, `logits_unbiased` for the score.
+    pub fn add(&mut self, features: &Features) -> Result<(), StatsError> {
+        self.add_raw(&features.pool3, Some(&features.logits_unbiased))
+    }
+
+    /// Accumulates feature vectors (B, D) and, when the Inception Score is kept, their class logits
+    /// (B, C) (softmax over all C; see [`crate::inception::Features::logits_unbiased`]).
+    pub fn add_raw(
+        &mut self,
+        features: &Tensor,
+        logits: Option<&Tensor>,
+    ) -> Result<(), StatsError> {
+        let size = features.size();
+        if size.len() != 2 || size[0] == 0 {
+            return Err(StatsError::Invalid(format!(
+                "features must have shape (B, D) with B > 0, got {size:?}"
+            )));
+        }
+        let (b, d) = (size[0], size[1]);
+        if let Some(sum) = &self.sum {
+            if sum.size()[0] != d {
+                return Err(StatsError::Invalid(format!(
+                    "features have {d} dimensions, earlier batches had {}",
+                    sum.size()[0]
+                )));
+            }
+        }
+        if let Some(score) = &mut self.score {
+            let logits = logits.ok_or_else(|| {
+                StatsError::Invalid("the Inception Score needs the logits of every batch".into())
+            })?;
+            score.add(logits, self.count, b as u64, self.device)?;
+        }
+        let x = features.f_to_device(self.device)?.f_to_kind(Kind::Double)?;
+        let shift = match &self.shift {
+            Some(s) => s.shallow_clone(),
+            None => {
+                let s = x.f_mean_dim(0, false, Kind::Double)?;
+                self.shift = Some(s.shallow_clone());
+                self.sum = Some(Tensor::zeros([d], (Kind::Double, self.device)));
+                self.sum_outer = Some(Tensor::zeros([d, d], (Kind::Double, self.device)));
+                s
+            }
+        };
+        let x = x.f_sub(&shift)?;
+        let (sum, sum_outer) = match (&mut self.sum, &mut self.sum_outer) {
+            (Some(s), Some(o)) => (s, o),
+            _ => unreachable!("allocated with the shift"),
+        };
+        let _ = sum.f_add_(&x.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+        let _ = sum_outer.f_addmm_(&x.f_tr()?, &x)?;
+        self.count += b as u64;
+        Ok(())
+    }
+
+    /// Mean and covariance (N − 1 normalisation, as `np.cov`) of everything added.
+    pub fn statistics(&self) -> Result<Statistics, StatsError> {
+        let (Some(shift), Some(sum), Some(sum_outer)) = (&self.shift, &self.sum, &self.sum_outer)
+        else {
+            return Err(StatsError::Invalid("no images were added".into()));
+        };
+        if self.count < 2 {
+            return Err(StatsError::Invalid(format!(
+                "a covariance needs at least 2 images, got {}",
+                self.count
+            )));
+        }
+        let n = self.count as f64;
+        let mean_offset = sum.f_div_scalar(n)?;
+        let mu = shift.f_add(&mean_offset)?;
+        // Σ (x−s)(x−s)ᵀ − n (m−s)(m−s)ᵀ = Σ (x−m)(x−m)ᵀ.
+        let outer = mean_offset.f_outer(sum)?;
+        let sigma = sum_outer.f_sub(&outer)?.f_div_scalar(n - 1.0)?;
+        Statistics::new(&mu, &sigma)
+    }
+
+    /// The Inception Score; fails unless set up with [`FeatureStats::with_inception_score`] and fed
+    /// exactly the announced number of images.
+    pub fn inception_score(&self) -> Result<InceptionScore, StatsError> {
+        let score = self.score.as_ref().ok_or_else(|| {
+            StatsError::Invalid("this accumulator was not set up for the Inception Score".into())
+        })?;
+        score.finish(self.count)
+    }
+}
+
+impl SplitSums {
+    fn total(&self) -> u64 {
+        *self.bounds.last().expect("at least one bound")
+    }
+
+    fn add(
+        &mut self,
+        logits: &Tensor,
+        start: u64,
+        b: u64,
+        device: Device,
+    ) -> Result<(), StatsError> {
+        let size = logits.size();
+        if size.len() != 2 || size[0] as u64 != b {
+            return Err(StatsError::Invalid(format!(
+                "logits must have shape ({b}, C) like the features, got {size:?}"
+            )));
+        }
+        if start + b > self.total() {
+            return Err(StatsError::Invalid(format!(
+                "the Inception Score was set up for {} images; this batch brings the count to {}",
+                self.total(),
+                start + b
+            )));
+        }
+        // Each image's split, so one index_add per batch handles batches that straddle a boundary.
+        let split_of: Vec<i64> = (start..start + b)
+            .map(|i| (self.bounds.partition_point(|&bound| bound <= i) - 1) as i64)
+            .collect();
+        let index = Tensor::from_slice(&split_of).f_to_device(device)?;
+        let log_p = logits
+            .f_to_device(device)?
+            .f_to_kind(Kind::Double)?
+            .f_log_softmax(1, Kind::Double)?;
+        let p = log_p.f_exp()?;
+        let neg_entropy = p.f_mul(&log_p)?.f_sum_dim_intlist(1, false, Kind::Double)?;
+        let splits = self.bounds.len() as i64 - 1;
+        let probabilities = match &mut self.probabilities {
+            Some(t) => t,
+            None => self
+                .probabilities
+                .insert(Tensor::zeros([splits, size[1]], (Kind::Double, device))),
+        };
+        if probabilities.size()[1] != size[1] {
+            return Err(StatsError::Invalid(format!(
+                "logits have {} classes, earlier batches had {}",
+                size[1],
+                probabilities.size()[1]
+            )));
+        }
+        let _ = probabilities.f_index_add_(0, &index, &p)?;
+        let _ = self.neg_entropy.f_index_add_(0, &index, &neg_entropy)?;
+        Ok(())
+    }
+
+    fn finish(&self, count: u64) -> Result<InceptionScore, StatsError> {
+        if count != self.total() || count == 0 {
+            return Err(StatsError::Invalid(format!(
+                "the Inception Score was set up for {} images, {count} were added",
+                self.total()
+            )));
+        }
+        let probabilities = self
+            .probabilities
+            .as_ref()
+            .expect("count > 0 means a batch was added")
+            .f_to_device(Device::Cpu)?;
+        let neg_entropy = Vec::<f64>::try_from(self.neg_entropy.f_to_device(Device::Cpu)?)?;
+        let mut scores = Vec::with_capacity(neg_entropy.len());
+        for (k, window) in self.bounds.windows(2).enumerate() {
+            let n = (window[1] - window[0]) as f64;
+            // E_x KL(p(y|x) ‖ p(y)) = E_x Σ p log p − Σ p̄ log p̄ over the split, p̄ its mean.
+            let marginal = probabilities.f_get(k as i64)?.f_div_scalar(n)?;
+            let marginal_term = marginal
+                .f_xlogy(&marginal)?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])?;
+            scores.push((neg_entropy[k] / n - marginal_term).exp());
+        }
+        let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+        let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / scores.len() as f64;
+        Ok(InceptionScore {
+            mean,
+            std: var.sqrt(),
+            splits: scores.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cov_reference(x: &Tensor) -> Tensor {
+        let n = x.size()[0] as f64;
+        let centred = x - x.mean_dim(0, true, Kind::Double);
+        centred.tr().matmul(&centred) / (n - 1.0)
+    }
+
+    #[test]
+    fn streaming_mean_and_covariance_match_the_direct_formulas() {
+        tch::manual_seed(0);
+        // A large common offset: the naive Σxxᵀ − n μμᵀ would lose digits to it.
+        let x = Tensor::randn([37, 5], (Kind::Double, Device::Cpu)) * 0.1 + 1000.0;
+        let mut stats = FeatureStats::new(Device::Cpu);
+        for chunk in x.split_with_sizes([10, 1, 26], 0) {
+            stats.add_raw(&chunk.to_kind(Kind::Float), None).unwrap();
+        }
+        assert_eq!(stats.count(), 37);
+        let s = stats.statistics().unwrap();
+        let x32 = x.to_kind(Kind::Float).to_kind(Kind::Double);
+        let mu_err = (&s.mu - x32.mean_dim(0, false, Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
+        let cov_err = (&s.sigma - cov_reference(&x32))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(mu_err < 1e-9 && cov_err < 1e-9, "{mu_err:e} {cov_err:e}");
+    }
+
+    #[test]
+    fn frechet_distance_of_known_gaussians() {
+        // Diagonal covariances: FID = ‖Δμ‖² + Σ (√a − √b)².
+        let a = Statistics::new(
+            &Tensor::from_slice(&[0.0, 1.0, 2.0]),
+            &Tensor::from_slice(&[1.0, 4.0, 9.0]).diag(0),
+        )
+        .unwrap();
+        let b = Statistics::new(
+            &Tensor::from_slice(&[1.0, 1.0, 0.0]),
+            &Tensor::from_slice(&[4.0, 4.0, 1.0]).diag(0),
+        )
+        .unwrap();
+        let expected = (1.0 + 0.0 + 4.0) + (1.0 + 0.0 + 4.0);
+        assert!((frechet_distance(&a, &b).unwrap() - expected).abs() < 1e-12);
+        // A distribution against itself, also with a singular covariance.
+        tch::manual_seed(1);
+        let x = Tensor::randn([4, 16], (Kind::Double, Device::Cpu));
+        let own = Statistics::new(&x.mean_dim(0, false, Kind::Double), &cov_reference(&x)).unwrap();
+        assert!(frechet_distance(&own, &own).unwrap().abs() < 1e-12);
+    }
+
+    #[test]
+    fn bad_statistics_are_rejected() {
+        let mu = Tensor::zeros([3], (Kind::Double, Device::Cpu));
+        let msg = Statistics::new(&mu, &Tensor::eye(4, (Kind::Double, Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("(D, D)"), "{msg}");
+        let nan = Tensor::from_slice(&[f64::NAN, 0.0, 0.0]);
+        let msg = Statistics::new(&nan, &Tensor::eye(3, (Kind::Double, Device::Cpu)))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("NaN"), "{msg}");
+        let stats = FeatureStats::new(Device::Cpu);
+        assert!(stats.statistics().is_err());
+    }
+
+    #[test]
+    fn inception_score_extremes_and_split_bookkeeping() {
+        // Confident and uniform over 4 classes in every split: IS = 4.
+        let classes = 4;
+        let n = 40;
+        let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
+        let logits = labels.one_hot(classes).to_kind(Kind::Float) * 100.0;
+        let features = Tensor::randn([n, 3], (Kind::Float, Device::Cpu));
+        let mut stats = FeatureStats::with_inception_score(n as usize, Device::Cpu);
+        // Batches of 7 straddle the split boundaries (every 4 images).
+        for start in (0..n).step_by(7) {
+            let len = 7.min(n - start);
+            stats
+                .add_raw(
+                    &features.narrow(0, start, len),
+                    Some(&logits.narrow(0, start, len)),
+                )
+                .unwrap();
+        }
+        let score = stats.inception_score().unwrap();
+        assert_eq!(score.splits, 10);
+        assert!(
+            (score.mean - 4.0).abs() < 1e-6 && score.std < 1e-6,
+            "{score:?}"
+        );
+
+        // Identical predictions everywhere: IS = 1.
+        let mut flat = FeatureStats::with_inception_score(3, Device::Cpu);
+        flat.add_raw(
+            &features.narrow(0, 0, 3),
+            Some(&Tensor::ones([3, 5], (Kind::Float, Device::Cpu))),
+        )
+        .unwrap();
+        let score = flat.inception_score().unwrap();
+        assert_eq!(score.splits, 3);
+        assert!((score.mean - 1.0).abs() < 1e-12);
+
+        // More images than announced, and fewer.
+        let err = flat
+            .add_raw(&features.narrow(0, 0, 1), Some(&logits.narrow(0, 0, 1)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("set up for 3 images"), "{err}");
+        let short = FeatureStats::with_inception_score(5, Device::Cpu);
+        assert!(short.inception_score().is_err());
+    }
+}

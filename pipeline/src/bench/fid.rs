@@ -1,0 +1,238 @@
+//! `pipeline bench fid`: images per second of the tch FID Inception (uint8 images → resize to 299 →
+//! pool3 and logits) against pytorch-fid's `InceptionV3` on the same image size, libtorch and thread
+//! count through bench/fid_reference.py, interleaved batch by batch in the same run; then one Fréchet
+//! distance at the feature width (two symmetric eigendecompositions) against pytorch-fid's
+//! `calculate_frechet_distance` (scipy `sqrtm`). Random weights: speed does not depend on them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use model::feature_stats::Statistics;
+use model::inception::Inception;
+use tch::{nn, Device, Kind, Tensor};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Images per batch
+    #[arg(long, default_value_t = 10)]
+    batch: i64,
+    /// Side of the (square, uint8) input images; both sides resize them to 299
+    #[arg(long, default_value_t = 256)]
+    size: i64,
+    /// Timed batches per side, interleaved (the median is reported)
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Untimed batches first
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Intra-op threads for both sides (default: libtorch's default, i.e. the number of cores)
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Width of the covariances for the Fréchet-distance timing (0 skips it)
+    #[arg(long, default_value_t = 2048)]
+    frechet_dim: i64,
+    /// Python holding torch and pytorch-fid
+    #[arg(long, default_value = ".venv/bin/python")]
+    python: PathBuf,
+    /// The reference script
+    #[arg(long, default_value = "bench/fid_reference.py")]
+    reference: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+struct Info {
+    torch: String,
+    pytorch_fid: String,
+    threads: i64,
+}
+
+#[derive(serde::Deserialize)]
+struct Answer {
+    seconds: Option<f64>,
+    value: Option<f64>,
+    error: Option<String>,
+}
+
+/// The reference script, kept running and asked for one measurement at a time.
+struct Reference {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    script: String,
+}
+
+impl Reference {
+    fn start(args: &Args, threads: i32) -> anyhow::Result<Self> {
+        let mut child = Command::new(&args.python)
+            .arg(&args.reference)
+            .args(["--threads", &threads.to_string()])
+            .args(["--batch", &args.batch.to_string()])
+            .args(["--size", &args.size.to_string()])
+            .args(["--frechet-dim", &args.frechet_dim.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} {}",
+                    args.python.display(),
+                    args.reference.display()
+                )
+            })?;
+        let stdin = child.stdin.take().context("reference stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("reference stdout")?);
+        Ok(Reference {
+            child,
+            stdin,
+            stdout,
+            script: args.reference.display().to_string(),
+        })
+    }
+
+    fn ask<T: serde::de::DeserializeOwned>(&mut self, command: &str) -> anyhow::Result<T> {
+        let script = &self.script;
+        writeln!(self.stdin, "{command}").with_context(|| format!("writing to {script}"))?;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .with_context(|| format!("reading from {script}"))?;
+        if line.is_empty() {
+            bail!("{script} exited before answering `{command}` (its stderr is above)");
+        }
+        serde_json::from_str(&line).with_context(|| {
+            format!(
+                "parsing the answer of {script} to `{command}`: `{}`",
+                line.trim_end()
+            )
+        })
+    }
+
+    fn measure(&mut self, command: &str) -> anyhow::Result<(f64, Option<f64>)> {
+        let answer: Answer = self.ask(command)?;
+        match (answer.seconds, answer.error) {
+            (Some(seconds), _) => Ok((seconds, answer.value)),
+            (None, error) => bail!("{}: {}", self.script, error.unwrap_or_default()),
+        }
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        // The script only waits on stdin between measurements; kill and reap it, also on failure.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// He-normal convolutions and identity batch norms: activations keep their scale through the 94
+/// layers, as with trained weights (vanishing activations would time denormal arithmetic instead).
+fn random_inception(device: Device) -> Inception {
+    let vs = nn::VarStore::new(device);
+    let model = Inception::new(vs.root());
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let fill = if name.ends_with("conv.weight") {
+                let fan_in = var.numel() as f64 / var.size()[0] as f64;
+                Tensor::randn_like(&var) * (2.0 / fan_in).sqrt()
+            } else if name.ends_with("bn.weight") || name.ends_with("running_var") {
+                Tensor::ones_like(&var)
+            } else if name == "fc.weight" {
+                Tensor::randn_like(&var) * 0.01
+            } else {
+                Tensor::zeros_like(&var)
+            };
+            var.copy_(&fill);
+        }
+    });
+    model
+}
+
+fn median(mut seconds: Vec<f64>) -> f64 {
+    seconds.sort_by(f64::total_cmp);
+    seconds[seconds.len() / 2]
+}
+
+/// A random covariance A·Aᵀ/D + 0.01·I and mean, float64.
+fn random_statistics(d: i64) -> anyhow::Result<Statistics> {
+    let a = Tensor::randn([d, d], (Kind::Double, Device::Cpu)) / (d as f64).sqrt();
+    let sigma = a.matmul(&a.tr()) + Tensor::eye(d, (Kind::Double, Device::Cpu)) * 0.01;
+    let mu = Tensor::randn([d], (Kind::Double, Device::Cpu));
+    Ok(Statistics::new(&mu, &sigma)?)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.iters == 0 || args.batch <= 0 || args.size < 75 || args.frechet_dim < 0 {
+        bail!(
+            "--iters and --batch must be positive, --size at least 75, --frechet-dim not negative"
+        );
+    }
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let threads = tch::get_num_threads();
+    // CPU on purpose: the anchor runs on CPU too, and a CPU-vs-CPU ratio is what any machine can check.
+    let device = Device::Cpu;
+    tch::manual_seed(0);
+    let mut reference = Reference::start(&args, threads)?;
+    let info: Info = reference.ask("info")?;
+
+    let inception = random_inception(device);
+    let images = Tensor::randint(
+        256,
+        [args.batch, args.size, args.size, 3],
+        (Kind::Uint8, device),
+    );
+    let ours = || -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let features = inception.features(&images)?;
+        // Reading a value waits for the whole forward, also were it asynchronous.
+        let _ = features.pool3.double_value(&[0, 0]);
+        Ok(start.elapsed().as_secs_f64())
+    };
+    for _ in 0..args.warmup {
+        ours()?;
+        reference.measure("forward")?;
+    }
+    let (mut tch_s, mut anchor_s) = (Vec::new(), Vec::new());
+    for _ in 0..args.iters {
+        tch_s.push(ours()?);
+        anchor_s.push(reference.measure("forward")?.0);
+    }
+    let (tch_s, anchor_s) = (median(tch_s), median(anchor_s));
+    let rate = |s: f64| args.batch as f64 / s;
+    println!(
+        "fid benchmark: CPU, {threads} threads (reference torch {}, pytorch-fid {}, {} threads), fp32, \
+         random weights, median of {} interleaved batches per side",
+        info.torch, info.pytorch_fid, info.threads, args.iters
+    );
+    println!(
+        "Inception pool3 + logits, {s}x{s} uint8 → 299, batch {}: tch {:.2} img/s ({:.3} s/batch), \
+         pytorch-fid {:.2} img/s ({:.3} s/batch), ratio {:.2}x",
+        args.batch,
+        rate(tch_s),
+        tch_s,
+        rate(anchor_s),
+        anchor_s,
+        anchor_s / tch_s,
+        s = args.size,
+    );
+
+    if args.frechet_dim > 0 {
+        let d = args.frechet_dim;
+        let (a, b) = (random_statistics(d)?, random_statistics(d)?);
+        let start = Instant::now();
+        let value = a.frechet_distance(&b)?;
+        let ours = start.elapsed().as_secs_f64();
+        let (anchor, anchor_value) = reference.measure("frechet")?;
+        println!(
+            "Fréchet distance, {d}-d covariances: eigh {ours:.2} s (FID {value:.1}), pytorch-fid \
+             (scipy sqrtm) {anchor:.2} s (FID {:.1}, other random matrices), ratio {:.1}x",
+            anchor_value.unwrap_or(f64::NAN),
+            anchor / ours
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! `pipeline fid`: FID and Inception Score of a sample set (a directory of PNGs or an ADM-style `.npz`)
+//! against reference statistics (`mu`, `sigma`: ADM's reference batches, pytorch-fid's `--save-stats`
+//! files, or `pipeline fid-stats`), with pytorch-fid's Inception network (`model::inception`).
+//!
+//! [`score`] is the library entry point for other jobs (training's periodic FID, freshly sampled
+//! batches): it takes uint8 (B, H, W, 3) batches from any iterator and keeps only running sums
+//! ([`FeatureStats`]), so the sample count is bounded by time, not memory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use model::feature_stats::{FeatureStats, Statistics};
+use model::inception::{Inception, LoadedInception};
+use tch::{Device, Tensor};
+
+use crate::image_set::ImageSet;
+use crate::npz::{Dtype, NpzWriter};
+use crate::npz_read::NpzReader;
+use crate::progress::Progress;
+
+/// The file name `tools/convert_inception.py` gives the converted pytorch-fid weights.
+pub const WEIGHTS_FILE: &str = "pt_inception-2015-12-05-6726825d.safetensors";
+
+/// The Inception flags `fid` and `fid-stats` share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct InceptionArgs {
+    /// Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth converted by
+    /// tools/convert_inception.py (default: its default output,
+    /// ~/.cache/flowback/pt_inception-2015-12-05-6726825d.safetensors)
+    #[arg(long, env = "FLOWBACK_INCEPTION_WEIGHTS", value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Images per Inception forward pass
+    #[arg(long, default_value_t = 50)]
+    pub batch: usize,
+    /// Device: auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl InceptionArgs {
+    pub fn weights_path(&self) -> PathBuf {
+        self.weights.clone().unwrap_or_else(default_weights)
+    }
+
+    /// Checks the flags and loads the network on the chosen device.
+    pub fn load(&self) -> anyhow::Result<LoadedInception> {
+        if self.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        let device = model::device::parse_device(&self.device)?;
+        let path = self.weights_path();
+        Ok(Inception::from_file(&path, device).with_context(|| {
+            format!(
+                "loading the Inception network (download {WEIGHTS_URL} once and run \
+                 `python tools/convert_inception.py` on it, or pass --weights)"
+            )
+        })?)
+    }
+}
+
+/// pytorch-fid's release of the TensorFlow FID Inception weights.
+pub const WEIGHTS_URL: &str = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth";
+
+/// `${XDG_CACHE_HOME:-~/.cache}/flowback/` + [`WEIGHTS_FILE`], beside the Python environment.
+pub fn default_weights() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    cache.join("flowback").join(WEIGHTS_FILE)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Samples: a directory of PNGs or an .npz whose `arr_0` is uint8 (N, H, W, 3)
+    #[arg(long, value_name = "PATH")]
+    samples: PathBuf,
+    /// Reference statistics: an .npz with `mu` (D) and `sigma` (D, D), e.g. ADM's
+    /// VIRTUAL_imagenet256_labeled.npz or the output of `pipeline fid-stats`
+    #[arg(long = "ref", value_name = "REF.npz")]
+    reference: PathBuf,
+    #[command(flatten)]
+    inception: InceptionArgs,
+    /// Also write the scores as JSON here
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+/// What [`score`] returns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Scores {
+    pub fid: f64,
+    pub inception_score: f64,
+    /// Standard deviation of the score over its splits.
+    pub inception_score_std: f64,
+    pub inception_score_splits: usize,
+    pub samples: usize,
+}
+
+/// Reads reference statistics from an `.npz` holding `mu` and `sigma` (float32 or float64); other
+/// arrays (ADM's `arr_0`, `mu_s`, `sigma_s`) are not read.
+pub fn read_reference(path: &Path) -> anyhow::Result<Statistics> {
+    let mut npz = NpzReader::open(path)?;
+    let mut array = |name: &str| -> anyhow::Result<Tensor> {
+        let (values, shape) = npz.read_f64(name).with_context(|| {
+            "reference statistics need `mu` and `sigma` (pipeline fid-stats, pytorch-fid --save-stats \
+             or the ADM reference batches write them)"
+        })?;
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        Ok(Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?)
+    };
+    let (mu, sigma) = (array("mu")?, array("sigma")?);
+    Statistics::new(&mu, &sigma)
+        .with_context(|| format!("{}: reference statistics", path.display()))
+}
+
+/// Writes `mu` (D) and `sigma` (D, D) as float64, the arrays ADM's reference batches and pytorch-fid's
+/// statistics files hold under these names.
+pub fn write_reference(path: &Path, stats: &Statistics) -> anyhow::Result<()> {
+    let d = stats.dim() as usize;
+    let mut npz = NpzWriter::create(path)?;
+    for (name, tensor, shape) in [
+        ("mu", &stats.mu, vec![d]),
+        ("sigma", &stats.sigma, vec![d, d]),
+    ] {
+        let values = Vec::<f64>::try_from(tensor.f_contiguous()?.f_view(-1)?)?;
+        npz.begin(name, Dtype::F64, &shape)?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        npz.write(&bytes)?;
+        npz.end()?;
+    }
+    npz.finish()
+}
+
+/// FID against `reference` and the Inception Score of exactly `total` images arriving as uint8
+/// (B, H, W, 3) batches on any device (any H, W; each is resized to 299 as pytorch-fid does). A libtorch
+/// failure on a batch is an error naming its images; `progress`, when given, advances per batch.
+pub fn score(
+    inception: &Inception,
+    reference: &Statistics,
+    total: usize,
+    batches: impl IntoIterator<Item = anyhow::Result<Tensor>>,
+    progress: Option<&Progress>,
+) -> anyhow::Result<Scores> {
+    let mut stats = FeatureStats::with_inception_score(total, inception.device());
+    let mut seen = 0;
+    for batch in batches {
+        let images = batch?;
+        let n = images.size().first().copied().unwrap_or(0).max(0) as usize;
+        let what = format!("Inception features of images {seen}..{}", seen + n);
+        crate::torch_guard::guard(&what, || {
+            stats.add_images(inception, &images).context(what.clone())
+        })?;
+        seen += n;
+        if let Some(p) = progress {
+            p.add(n as u64);
+        }
+    }
+    if seen != total {
+        bail!("expected {total} images, got {seen}");
+    }
+    let own = stats.statistics()?;
+    let fid = own
+        .frechet_distance(reference)
+        .context("Fréchet distance to the reference statistics")?;
+    let is = stats.inception_score()?;
+    Ok(Scores {
+        fid,
+        inception_score: is.mean,
+        inception_score_std: is.std,
+        inception_score_splits: is.splits,
+        samples: seen,
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    // Both inputs are checked before the network loads, so a wrong path fails in a second.
+    let reference = read_reference(&args.reference)?;
+    let set = ImageSet::open(&args.samples)?;
+    if set.len() < 2 {
+        bail!(
+            "{}: FID needs at least 2 images, found {}",
+            args.samples.display(),
+            set.len()
+        );
+    }
+    let loaded = args.inception.load()?;
+    let inception = &loaded.model;
+    let weights = args.inception.weights_path();
+    println!(
+        "fid: {} against {} (Inception {}, fp32 on {})",
+        set.describe(),
+        args.reference.display(),
+        weights.display(),
+        describe_device(inception.device()),
+    );
+    let progress = Progress::new("fid", set.len() as u64);
+    let scores = score(
+        inception,
+        &reference,
+        set.len(),
+        set.batches(args.inception.batch),
+        Some(&progress),
+    )
+    .with_context(|| format!("scoring {}", args.samples.display()))?;
+    progress.finish();
+    println!("FID: {:.4}", scores.fid);
+    println!(
+        "Inception Score: {:.4} ± {:.4} ({} splits of {} samples)",
+        scores.inception_score,
+        scores.inception_score_std,
+        scores.inception_score_splits,
+        scores.samples
+    );
+    if let Some(out) = &args.out {
+        let mut json = serde_json::to_value(&scores)?;
+        json["samples_path"] = args.samples.display().to_string().into();
+        json["reference"] = args.reference.display().to_string().into();
+        json["weights"] = weights.display().to_string().into();
+        let text = serde_json::to_string_pretty(&json)? + "\n";
+        stages::atomic::write_bytes_atomic(out, text.as_bytes())
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("scores: {}", out.display());
+    }
+    Ok(())
+}
+
+pub fn describe_device(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu, {} threads", tch::get_num_threads()),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}

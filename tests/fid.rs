@@ -1,0 +1,442 @@
+//! FID and Inception Score against pytorch-fid 0.3.0: a random-init FID Inception written by
+//! tests/python/make_inception_references.py, converted by tools/convert_inception.py and compared on
+//! the same images (pool3 and logits); the Fréchet distance against `calculate_frechet_distance`; the
+//! Inception Score against the standard formula; and `pipeline fid-stats` / `pipeline fid` end to end on
+//! demo shards, PNG directories and `.npz` files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use model::feature_stats::{FeatureStats, Statistics};
+use model::inception::Inception;
+use model::weights;
+use tch::{Device, Kind, Tensor};
+
+/// The reference script and the converter run once per test binary; every test reads their output.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("inception_references");
+        let _ = std::fs::remove_dir_all(&dir);
+        let script = common::repo_root().join("tests/python/make_inception_references.py");
+        common::run_ok(common::python().arg(script).arg(&dir));
+        let out = common::run_ok(
+            common::python()
+                .arg(common::repo_root().join("tools/convert_inception.py"))
+                .arg(dir.join("inception.pth"))
+                .arg("--out")
+                .arg(dir.join("inception.safetensors")),
+        );
+        // Random weights are not the published file, and the converter says so.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("not comparable"), "{stderr}");
+        dir
+    })
+}
+
+fn weights_file() -> PathBuf {
+    fixtures().join("inception.safetensors")
+}
+
+struct References(std::collections::HashMap<String, Tensor>);
+
+impl References {
+    fn load() -> Self {
+        References(weights::read_safetensors(&fixtures().join("references.safetensors")).unwrap())
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        self.0
+            .get(name)
+            .unwrap_or_else(|| panic!("reference `{name}` missing"))
+    }
+
+    fn scalar(&self, name: &str) -> f64 {
+        self.get(name).double_value(&[])
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+#[test]
+fn converted_weights_load_strictly() {
+    let loaded = Inception::from_file(&weights_file(), Device::Cpu).unwrap();
+    // Every tensor of pytorch-fid's state dict but the num_batches_tracked counters.
+    assert_eq!(loaded.parameters, 23_885_392);
+
+    let missing = fixtures().join("absent.safetensors");
+    let msg = Inception::from_file(&missing, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("absent.safetensors") && msg.contains("convert_inception.py"),
+        "{msg}"
+    );
+
+    // A file with one tensor renamed: both names in the error.
+    let mut tensors = weights::read_safetensors(&weights_file()).unwrap();
+    let t = tensors.remove("Mixed_6c.branch7x7_2.conv.weight").unwrap();
+    tensors.insert("Mixed_6c.branch7x7_2.weight".into(), t);
+    let renamed = fixtures().join("renamed.safetensors");
+    let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    weights::save_atomic(&named, &renamed).unwrap();
+    let msg = Inception::from_file(&renamed, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("missing tensors [Mixed_6c.branch7x7_2.conv.weight]")
+            && msg.contains("unused tensors [Mixed_6c.branch7x7_2.weight]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn converter_rejects_other_inception_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let pth = dir.path().join("imagenet.pth");
+    // torchvision's ImageNet Inception has a 1000-way classifier.
+    common::run_ok(common::python().arg("-c").arg(format!(
+        "import torch; torch.save({{'fc.weight': torch.zeros(1000, 2048)}}, {:?})",
+        pth.display().to_string()
+    )));
+    let out = common::python()
+        .arg(common::repo_root().join("tools/convert_inception.py"))
+        .arg(&pth)
+        .arg("--out")
+        .arg(dir.path().join("x.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("(1008, 2048)"), "{stderr}");
+    assert!(!dir.path().join("x.safetensors").exists());
+}
+
+#[test]
+fn features_and_logits_match_pytorch_fid() {
+    let refs = References::load();
+    let inception = Inception::from_file(&weights_file(), Device::Cpu)
+        .unwrap()
+        .model;
+    // The same port in float64: BN folding and kernel order change nothing but rounding.
+    let mut loaded_f64 = Inception::from_file(&weights_file(), Device::Cpu).unwrap();
+    loaded_f64.vs.double();
+    let inception_f64 = loaded_f64.model;
+    // 64 px (upsampled), 299 px (no resize) and a non-square 40×90 image.
+    for name in ["images_64", "images_299", "images_odd"] {
+        let images = refs.get(name);
+        let f64_ours = inception_f64.features(images).unwrap().pool3;
+        assert_eq!(f64_ours.kind(), Kind::Double);
+        let f64_ref = refs.get(&format!("{name}_pool3_f64"));
+        let port_diff = max_abs_diff(&f64_ours, f64_ref);
+        assert!(
+            port_diff <= 1e-9,
+            "{name} pool3 in float64: max|Δ| = {port_diff:e}"
+        );
+
+        // Float32: within 1e-4 of pytorch-fid's float32 output, unless pytorch-fid's own float32
+        // drift from float64 is larger on this random network (deep random layers amplify rounding
+        // to ~1e-4 even in the reference); then no further from it than twice that drift.
+        let own_drift = max_abs_diff(refs.get(&format!("{name}_pool3")), f64_ref);
+        let bound = 1e-4_f64.max(2.0 * own_drift);
+        let f = inception.features(images).unwrap();
+        for (what, ours) in [
+            ("pool3", &f.pool3),
+            ("logits", &f.logits),
+            ("logits_unbiased", &f.logits_unbiased),
+        ] {
+            let reference = refs.get(&format!("{name}_{what}"));
+            let diff = max_abs_diff(ours, reference);
+            let scale = reference.abs().max().double_value(&[]);
+            let bound = if what == "pool3" {
+                bound
+            } else {
+                bound * scale.max(1.0)
+            };
+            assert!(
+                diff <= bound,
+                "{name} {what}: max|Δ| = {diff:e} > {bound:e} (values up to {scale}, pytorch-fid's \
+                 own float32 drift {own_drift:e})"
+            );
+            // The features are O(1), so the agreement is not a comparison of near-zeros.
+            assert!(scale > 0.5, "{name} {what}: values up to {scale}");
+        }
+    }
+}
+
+#[test]
+fn frechet_distance_matches_pytorch_fid() {
+    let refs = References::load();
+    for case in ["full", "singular"] {
+        let key = |k: &str| format!("fd_{case}_{k}");
+        let mut own = Vec::new();
+        for set in ["a", "b"] {
+            let features = refs.get(&key(set));
+            let mut stats = FeatureStats::new(Device::Cpu);
+            // Uneven batches: the sums must not depend on how the set is cut.
+            let n = features.size()[0];
+            let mut start = 0;
+            for len in [1, 63, 64].iter().cycle() {
+                if start >= n {
+                    break;
+                }
+                let len = (*len).min(n - start);
+                stats
+                    .add_raw(&features.narrow(0, start, len), None)
+                    .unwrap();
+                start += len;
+            }
+            let s = stats.statistics().unwrap();
+            let mu_err = max_abs_diff(&s.mu, refs.get(&key(&format!("mu_{set}"))));
+            let sigma_err = max_abs_diff(&s.sigma, refs.get(&key(&format!("sigma_{set}"))));
+            assert!(
+                mu_err < 1e-10 && sigma_err < 1e-10,
+                "{case} {set}: mean error {mu_err:e}, covariance error {sigma_err:e} against numpy"
+            );
+            own.push(s);
+        }
+        let expected = refs.scalar(&key("value"));
+        let ours = own[0].frechet_distance(&own[1]).unwrap();
+        let relative = (ours - expected).abs() / expected.abs();
+        assert!(
+            relative < 1e-6,
+            "{case}: FID {ours} vs pytorch-fid {expected} (relative {relative:e})"
+        );
+        // From numpy's statistics directly.
+        let from_numpy = |s: &str| {
+            Statistics::new(
+                refs.get(&key(&format!("mu_{s}"))),
+                refs.get(&key(&format!("sigma_{s}"))),
+            )
+            .unwrap()
+        };
+        let direct = from_numpy("a").frechet_distance(&from_numpy("b")).unwrap();
+        assert!(
+            (direct - expected).abs() / expected.abs() < 1e-6,
+            "{case}: {direct} vs {expected}"
+        );
+        let zero = from_numpy("a").frechet_distance(&from_numpy("a")).unwrap();
+        assert!(zero.abs() < 1e-8 * expected, "{case}: FID to itself {zero}");
+    }
+}
+
+#[test]
+fn inception_score_matches_the_standard_formula() {
+    let refs = References::load();
+    let logits = refs.get("is_logits");
+    let n = logits.size()[0];
+    let mut stats = FeatureStats::with_inception_score(n as usize, Device::Cpu);
+    let features = Tensor::zeros([n, 4], (Kind::Float, Device::Cpu));
+    // Batches of 5 against splits of 2–3 images: batches straddle split boundaries.
+    for start in (0..n).step_by(5) {
+        let len = 5.min(n - start);
+        stats
+            .add_raw(
+                &features.narrow(0, start, len),
+                Some(&logits.narrow(0, start, len)),
+            )
+            .unwrap();
+    }
+    let score = stats.inception_score().unwrap();
+    assert_eq!(score.splits, 10);
+    let (mean, std) = (refs.scalar("is_mean"), refs.scalar("is_std"));
+    assert!(
+        (score.mean - mean).abs() < 1e-9 * mean && (score.std - std).abs() < 1e-9 * mean,
+        "IS {} ± {} vs {mean} ± {std}",
+        score.mean,
+        score.std
+    );
+    assert!(
+        score.mean > 1.5,
+        "the test logits are meant to be informative"
+    );
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn fid_cmd(samples: &Path, reference: &Path, out: &Path) -> std::process::Command {
+    fid_cmd_with(samples, reference, out, &weights_file())
+}
+
+fn fid_cmd_with(
+    samples: &Path,
+    reference: &Path,
+    out: &Path,
+    weights: &Path,
+) -> std::process::Command {
+    let mut cmd = common::pipeline();
+    cmd.arg("fid")
+        .arg("--samples")
+        .arg(samples)
+        .arg("--ref")
+        .arg(reference)
+        .arg("--weights")
+        .arg(weights)
+        .args(["--device", "cpu", "--batch", "5", "--out"])
+        .arg(out);
+    cmd
+}
+
+fn fid_stats_cmd(shards: &Path, out: &Path) -> std::process::Command {
+    let mut cmd = common::pipeline();
+    cmd.arg("fid-stats")
+        .arg("--shards")
+        .arg(shards)
+        .arg("--out")
+        .arg(out)
+        .arg("--weights")
+        .arg(weights_file())
+        .args(["--size", "64", "--device", "cpu", "--batch", "4"]);
+    cmd
+}
+
+fn fails_with(cmd: &mut std::process::Command, needles: &[&str]) {
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected a failure: {stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` not in: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn fid_stats_and_fid_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    common::demo_data(&root.join("data"), 3, 4, 1, 0, &[]);
+    common::demo_data(&root.join("other"), 3, 4, 1, 1, &[]);
+    let shard = root.join("data/demo-000000.tar");
+    let inputs = root.join("inputs");
+    common::run_ok(
+        common::python()
+            .arg(common::repo_root().join("tests/python/fid_cli_inputs.py"))
+            .arg(&inputs)
+            .arg(&shard)
+            .arg("64")
+            .arg(fixtures().join("inception.pth")),
+    );
+
+    // Reference statistics of the shard's crops, against pytorch-fid's of the same crops.
+    let reference = root.join("ref.npz");
+    let out = common::run_ok(&mut fid_stats_cmd(&shard, &reference));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("12 images"), "{stdout}");
+    let check = common::run_ok(common::python().arg("-c").arg(format!(
+        "import json, numpy as np\n\
+         a, b = np.load({:?}), np.load({:?})\n\
+         print(json.dumps({{'files': sorted(a.files), 'mu': [list(a['mu'].shape), str(a['mu'].dtype)],\n\
+           'sigma': [list(a['sigma'].shape), str(a['sigma'].dtype)],\n\
+           'mu_diff': float(np.abs(a['mu'] - b['mu']).max()),\n\
+           'sigma_diff': float(np.abs(a['sigma'] - b['sigma']).max()),\n\
+           'sigma_scale': float(np.abs(b['sigma']).max())}}))",
+        reference.display().to_string(),
+        inputs.join("pytorch_fid_stats.npz").display().to_string()
+    )));
+    let check: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(check["files"], serde_json::json!(["mu", "sigma"]));
+    assert_eq!(check["mu"], serde_json::json!([[2048], "float64"]));
+    assert_eq!(check["sigma"], serde_json::json!([[2048, 2048], "float64"]));
+    assert!(check["mu_diff"].as_f64().unwrap() < 1e-4, "{check}");
+    // σ holds products of features (entries up to ~1e2 here): float32 features agree to ~1e-5
+    // relative, so the bound scales with the largest entry.
+    let sigma_scale = check["sigma_scale"].as_f64().unwrap();
+    assert!(
+        check["sigma_diff"].as_f64().unwrap() < 1e-4 * sigma_scale.max(1.0) * 0.1,
+        "{check}"
+    );
+    assert!(check["sigma_scale"].as_f64().unwrap() > 1e-3, "{check}");
+
+    // The same crops as PNGs against our statistics, and as a compressed .npz against pytorch-fid's
+    // compressed statistics file: both ≈ 0, with the same Inception Score (same images, same order).
+    let png_json = root.join("png.json");
+    common::run_ok(&mut fid_cmd(&inputs.join("pngs"), &reference, &png_json));
+    let npz_json = root.join("npz.json");
+    common::run_ok(&mut fid_cmd(
+        &inputs.join("samples.npz"),
+        &inputs.join("pytorch_fid_stats.npz"),
+        &npz_json,
+    ));
+    let (png, npz) = (read_json(&png_json), read_json(&npz_json));
+    for scores in [&png, &npz] {
+        for key in ["fid", "inception_score", "inception_score_std"] {
+            assert!(scores[key].as_f64().unwrap().is_finite(), "{scores}");
+        }
+        assert_eq!(scores["samples"], 12);
+        assert_eq!(scores["inception_score_splits"], 10);
+        assert!(scores["fid"].as_f64().unwrap().abs() < 1e-3, "{scores}");
+        assert!(
+            scores["inception_score"].as_f64().unwrap() >= 1.0,
+            "{scores}"
+        );
+    }
+    let is = |s: &serde_json::Value| s["inception_score"].as_f64().unwrap();
+    assert!((is(&png) - is(&npz)).abs() < 1e-9, "{png} vs {npz}");
+
+    // Other images: a clearly positive distance.
+    let other_ref = root.join("other.npz");
+    common::run_ok(&mut fid_stats_cmd(
+        &root.join("other/demo-000000.tar"),
+        &other_ref,
+    ));
+    let other_json = root.join("other.json");
+    common::run_ok(&mut fid_cmd(&inputs.join("pngs"), &other_ref, &other_json));
+    let other = read_json(&other_json)["fid"].as_f64().unwrap();
+    let same = png["fid"].as_f64().unwrap().abs();
+    assert!(
+        other > 1e-2 && other > 1e3 * same,
+        "FID to other images {other}, to itself {same}"
+    );
+
+    // Bad inputs: each error names the file.
+    let bad_dir = root.join("bad_pngs");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    for entry in std::fs::read_dir(inputs.join("pngs")).unwrap().take(3) {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, bad_dir.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(bad_dir.join("zz-broken.png"), b"not a png").unwrap();
+    fails_with(
+        &mut fid_cmd(&bad_dir, &reference, &root.join("x.json")),
+        &["zz-broken.png", "not a readable PNG"],
+    );
+    // Samples in NCHW float: not what the ADM suite writes.
+    let wrong = root.join("wrong.npz");
+    common::run_ok(common::python().arg("-c").arg(format!(
+        "import numpy as np; np.savez({:?}, arr_0=np.zeros((4, 3, 8, 8), np.float32))",
+        wrong.display().to_string()
+    )));
+    fails_with(
+        &mut fid_cmd(&wrong, &reference, &root.join("x.json")),
+        &["wrong.npz", "`arr_0`", "(N, H, W, 3)"],
+    );
+    // A sample file passed as the reference.
+    fails_with(
+        &mut fid_cmd(
+            &inputs.join("pngs"),
+            &inputs.join("samples.npz"),
+            &root.join("x.json"),
+        ),
+        &["samples.npz", "no array `mu`", "arr_0"],
+    );
+    fails_with(
+        &mut fid_cmd_with(
+            &inputs.join("pngs"),
+            &reference,
+            &root.join("x.json"),
+            &root.join("nowhere.safetensors"),
+        ),
+        &["nowhere.safetensors", "convert_inception.py"],
+    );
+    assert!(!root.join("x.json").exists());
+}
