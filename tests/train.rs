@@ -292,6 +292,98 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
 }
 
 #[test]
+fn fid_every_logs_fid_and_inception_score_of_ema_samples() {
+    let (tmp, cfg, cache) = setup("train-fid");
+    let root = tmp.path();
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "inception", "--out"])
+            .arg(root.join("inception")),
+    );
+    let weights = root.join("inception/inception.safetensors");
+    let reference = root.join("ref.npz");
+    let code = "import sys, numpy as np; r = np.random.default_rng(0); a = r.standard_normal((2048, 64)) * 0.1; \
+                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
+    run_ok(common::python().args(["-c", code]).arg(&reference));
+    let out = root.join("run");
+    let fid_set = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--set",
+            "train.steps=20",
+            "--set",
+            "train.fid_every=10",
+            "--set",
+            "train.fid_samples=4",
+            "--set",
+            "train.fid_batch=3",
+        ];
+        args.extend_from_slice(extra);
+        train(&cfg, &cache, out, &args)
+    };
+    let fid_ref = format!("train.fid_ref={}", reference.display());
+    let fid_weights = format!("train.fid_weights={}", weights.display());
+    run_ok(&mut fid_set(
+        &out,
+        &["--set", &fid_ref, "--set", &fid_weights],
+    ));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("fid").is_some()).collect();
+    assert_eq!(evals.len(), 2, "{lines:?}");
+    for (e, step) in evals.iter().zip([10, 20]) {
+        assert_eq!(e["step"], step);
+        assert_eq!(e["fid_samples"], 4);
+        let (fid, is) = (
+            e["fid"].as_f64().unwrap(),
+            e["inception_score"].as_f64().unwrap(),
+        );
+        assert!(fid.is_finite() && fid > 0.0, "{e}");
+        assert!(is.is_finite() && is >= 1.0, "{e}");
+    }
+    // The training lines are all still there, and TensorBoard has the scores under eval/.
+    assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 2);
+    let tb = run_ok(
+        common::python()
+            .arg("-c")
+            .arg(
+                "import json, sys\n\
+                 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+                 ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+                 print(json.dumps([[e.step, e.value] for e in ea.Scalars('eval/fid')]))",
+            )
+            .arg(out.join("tb")),
+    );
+    let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
+    assert_eq!(tb.as_array().unwrap().len(), 2, "{tb}");
+    assert!(
+        (tb[1][1].as_f64().unwrap() - evals[1]["fid"].as_f64().unwrap()).abs()
+            < 1e-3 * evals[1]["fid"].as_f64().unwrap()
+    );
+
+    // A wrong path fails at the start, naming the key, not at the first evaluation.
+    let bad = format!(
+        "train.fid_weights={}",
+        root.join("missing.safetensors").display()
+    );
+    let failed = fid_set(&root.join("run-bad"), &["--set", &fid_ref, "--set", &bad])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(
+        stderr.contains("train.fid_weights") && stderr.contains("missing.safetensors"),
+        "{stderr}"
+    );
+    let failed = fid_set(&root.join("run-noref"), &[]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("fid_ref"), "{stderr}");
+}
+
+#[test]
 fn align_none_has_no_projector() {
     let (tmp, cfg, cache) = setup("train-none");
     let out = tmp.path().join("run");

@@ -210,6 +210,28 @@ impl Inception {
     }
 }
 
+/// Random weights for a network built on `vs`: He-normal convolutions and identity batch norms, so
+/// activations keep their scale through the 94 layers as with trained weights (vanishing ones would
+/// make features constant, and time denormal arithmetic in benchmarks). For benchmarks and the demo's
+/// stand-in FID network; such features are not comparable with anyone's FID.
+pub fn randomise(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let fill = if name.ends_with("conv.weight") {
+                let fan_in = var.numel() as f64 / var.size()[0] as f64;
+                Tensor::randn_like(&var) * (2.0 / fan_in).sqrt()
+            } else if name.ends_with("bn.weight") || name.ends_with("running_var") {
+                Tensor::ones_like(&var)
+            } else if name == "fc.weight" {
+                Tensor::randn_like(&var) * 0.01
+            } else {
+                Tensor::zeros_like(&var)
+            };
+            var.copy_(&fill);
+        }
+    });
+}
+
 /// A network read from a file, with its var store (which owns the weights) and parameter count.
 #[derive(Debug)]
 pub struct LoadedInception {

@@ -299,33 +299,46 @@ impl AutoencoderKl {
                 ),
             });
         }
-        Ok(tch::no_grad(|| {
-            let mut moments = self.encoder.forward(images, self.precision);
-            if let Some(conv) = &self.quant_conv {
-                moments = conv.forward(&moments, self.precision);
-            }
-            let moments = moments.to_kind(Kind::Float);
-            let halves = moments.chunk(2, 1);
-            (
-                halves[0].shallow_clone(),
-                halves[1].clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1),
-            )
-        }))
+        Ok(tch::no_grad(|| self.moments(images)))
+    }
+
+    fn moments(&self, images: &Tensor) -> (Tensor, Tensor) {
+        let mut moments = self.encoder.forward(images, self.precision);
+        if let Some(conv) = &self.quant_conv {
+            moments = conv.forward(&moments, self.precision);
+        }
+        let moments = moments.to_kind(Kind::Float);
+        let halves = moments.chunk(2, 1);
+        (
+            halves[0].shallow_clone(),
+            halves[1].clamp(LOGVAR_RANGE.0, LOGVAR_RANGE.1),
+        )
+    }
+
+    fn decoded(&self, latents: &Tensor) -> Tensor {
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(latents, self.precision),
+            None => latents.shallow_clone(),
+        };
+        self.decoder
+            .forward(&z, self.precision)
+            .to_kind(Kind::Float)
+    }
+
+    /// One autoencoding pass with gradients, for fitting a small VAE (`encoders init --fit-on`):
+    /// images in [−1, 1] → (reconstruction of a posterior sample z = mean + σ·`noise`, mean, logvar).
+    /// `noise` has the posterior's shape (B, latent, H/8, W/8).
+    pub fn autoencode(&self, images: &Tensor, noise: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (mean, logvar) = self.moments(images);
+        let z = &mean + (&logvar * 0.5).exp() * noise;
+        (self.decoded(&z), mean, logvar)
     }
 
     /// Posterior latents (unscaled, B, latent, h, w) → image (B, 3, 8h, 8w) float32, nominally in
     /// [−1, 1]. Not clamped, as diffusers' `decode` does not clamp either. Runs under no_grad.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, EncoderError> {
         frozen::check_image_batch("VAE decoder", latents, self.config.latent_channels, 1)?;
-        Ok(tch::no_grad(|| {
-            let z = match &self.post_quant_conv {
-                Some(conv) => conv.forward(latents, self.precision),
-                None => latents.shallow_clone(),
-            };
-            self.decoder
-                .forward(&z, self.precision)
-                .to_kind(Kind::Float)
-        }))
+        Ok(tch::no_grad(|| self.decoded(latents)))
     }
 
     /// Posterior latents → the space diffusion/flow models see: (z − shift) · scaling_factor.

@@ -14,12 +14,15 @@ pub struct Args {
     /// Output folder. `tiny` and `base` write OUT/dinov2 and OUT/vae; the single presets write OUT itself
     #[arg(long)]
     out: PathBuf,
-    /// tiny (both, CPU-sized), base (dinov2-base + sd-vae), tiny-dinov2, tiny-vae, dinov2-base, sd-vae
+    /// tiny (both, CPU-sized), base (dinov2-base + sd-vae), tiny-dinov2, tiny-vae, dinov2-base, sd-vae,
+    /// inception (a random-init FID Inception, OUT/inception.safetensors: a stand-in for the demo only)
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Seed of the random weights (same seed → same files, so the same cache fingerprint)
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    #[command(flatten)]
+    fit: crate::vae_fit::FitArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -30,8 +33,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "dinov2-base" => (Some((dinov2::Config::vit_base(), args.out.clone())), None),
         "tiny-vae" => (None, Some((tiny_vae(), args.out.clone()))),
         "sd-vae" => (None, Some((vae::Config::sd_vae(), args.out.clone()))),
-        other => anyhow::bail!("unknown preset `{other}`: expected tiny, base, tiny-dinov2, tiny-vae, dinov2-base or sd-vae"),
+        "inception" => {
+            anyhow::ensure!(args.fit.fit_on.is_none(), "--fit-on fits a VAE, and preset `inception` writes none");
+            return write_inception(&args.out, args.seed);
+        }
+        other => anyhow::bail!("unknown preset `{other}`: expected tiny, base, tiny-dinov2, tiny-vae, dinov2-base, sd-vae or inception"),
     };
+    if args.fit.fit_on.is_some() && vae.is_none() {
+        anyhow::bail!(
+            "--fit-on fits a VAE, and preset `{}` writes none",
+            args.preset
+        );
+    }
     tch::manual_seed(args.seed);
     if let Some((config, dir)) = enc {
         write_dinov2(&config, &dir).with_context(|| format!("writing {}", dir.display()))?;
@@ -44,6 +57,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             dir.display(),
             config.describe(AttentionNaming::Current)
         );
+        if let Some(shards) = &args.fit.fit_on {
+            let report = crate::vae_fit::fit(&dir, &args.fit, shards, args.seed)
+                .with_context(|| format!("fitting {} on {shards}", dir.display()))?;
+            println!(
+                "vae fit: {} crops of {shards} at {} px, {} steps: held-out PSNR {:.1} dB → {:.1} dB, \
+                 scaling_factor {:.4}",
+                report.images,
+                args.fit.fit_size,
+                args.fit.fit_steps,
+                report.psnr_before,
+                report.psnr_after,
+                report.scaling_factor
+            );
+        }
     }
     Ok(())
 }
@@ -176,5 +203,23 @@ fn write_vae(c: &vae::Config, dir: &Path) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&config)?,
     )?;
     model::weights::save_var_store(&vs, &dir.join(vae::WEIGHTS_FILE))?;
+    Ok(())
+}
+
+/// A random FID Inception with pytorch-fid's tensor names, so `pipeline fid --weights` reads it as it
+/// reads converted published weights. Its FID ranks sample sets but is not comparable with anyone's.
+fn write_inception(out: &Path, seed: i64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = model::inception::Inception::new(vs.root());
+    model::inception::randomise(&vs);
+    let path = out.join("inception.safetensors");
+    model::weights::save_var_store(&vs, &path)?;
+    println!(
+        "inception: {} (random-init FID Inception-v3: a stand-in; real FID needs the converted \
+         published weights, see tools/convert_inception.py)",
+        path.display()
+    );
     Ok(())
 }

@@ -66,50 +66,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let size = args.size as i64;
     let mut stats = FeatureStats::new(inception.device());
     let progress = Progress::new("fid-stats", args.limit.unwrap_or(0) as u64);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let summary = runtime.block_on(async {
-        let stream = stages::image_stream::open_image_stream(&cfg, Default::default(), 0)
-            .with_context(|| format!("reading {}", args.shards))?;
-        let mut pixels: Vec<u8> = Vec::new();
-        let (mut seen, mut first_key) = (0usize, String::new());
-        let mut flush = |pixels: &mut Vec<u8>, first_key: &str| -> anyhow::Result<()> {
-            let n = (pixels.len() / (args.size * args.size * 3)) as i64;
-            let what = format!("the batch starting at {first_key}");
-            crate::torch_guard::guard(&what, || {
-                let images = Tensor::f_from_slice(pixels)?.f_view([n, size, size, 3])?;
-                stats.add_images(inception, &images).context(what.clone())
-            })?;
-            pixels.clear();
-            progress.add(n as u64);
-            Ok(())
-        };
-        while seen < limit {
-            let Ok(sample) = stream.samples.recv().await else {
-                break;
-            };
-            if pixels.is_empty() {
-                first_key = format!("{}/{}", sample.shard, sample.key);
-            }
-            pixels.extend_from_slice(&sample.image.pixels);
-            seen += 1;
-            if pixels.len() == batch * args.size * args.size * 3 {
-                flush(&mut pixels, &first_key)?;
-            }
+    let mut pixels: Vec<u8> = Vec::new();
+    let mut first_key = String::new();
+    let mut flush = |pixels: &mut Vec<u8>, first_key: &str| -> anyhow::Result<()> {
+        let n = (pixels.len() / (args.size * args.size * 3)) as i64;
+        let what = format!("the batch starting at {first_key}");
+        crate::torch_guard::guard(&what, || {
+            let images = Tensor::f_from_slice(pixels)?.f_view([n, size, size, 3])?;
+            stats.add_images(inception, &images).context(what.clone())
+        })?;
+        pixels.clear();
+        progress.add(n as u64);
+        Ok(())
+    };
+    let read = crate::crops::for_each_crop(&cfg, limit, |id, crop| {
+        if pixels.is_empty() {
+            first_key = id.to_string();
         }
-        if !pixels.is_empty() {
+        pixels.extend_from_slice(crop);
+        if pixels.len() == batch * args.size * args.size * 3 {
             flush(&mut pixels, &first_key)?;
         }
-        let summary = stream
-            .finish()
-            .await
-            .with_context(|| format!("reading {}", args.shards))?;
-        anyhow::Ok((seen, summary))
+        Ok(())
     })?;
+    if !pixels.is_empty() {
+        flush(&mut pixels, &first_key)?;
+    }
     progress.finish();
-    let (seen, stream) = summary;
+    let (seen, bad) = (read.images, read.bad);
     if seen < 2 {
         bail!(
             "{}: {seen} usable images; statistics need at least 2",
@@ -120,7 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     write_reference(&args.out, &statistics)?;
     println!(
         "fid-stats: {seen} images ({} bad inputs skipped) → {} (mu [{d}], sigma [{d}, {d}], float64)",
-        stream.bad,
+        bad,
         args.out.display(),
         d = statistics.dim()
     );

@@ -7,6 +7,7 @@ mod cache_cmd;
 mod classify;
 mod config;
 mod config_cmd;
+mod crops;
 mod curves;
 mod demo_data;
 mod encoders;
@@ -29,6 +30,7 @@ mod space;
 mod torch_guard;
 mod train;
 mod trained;
+mod vae_fit;
 
 use clap::{Parser, Subcommand};
 

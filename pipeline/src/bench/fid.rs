@@ -127,26 +127,10 @@ impl Drop for Reference {
     }
 }
 
-/// He-normal convolutions and identity batch norms: activations keep their scale through the 94
-/// layers, as with trained weights (vanishing activations would time denormal arithmetic instead).
 fn random_inception(device: Device) -> Inception {
     let vs = nn::VarStore::new(device);
     let model = Inception::new(vs.root());
-    tch::no_grad(|| {
-        for (name, mut var) in vs.variables() {
-            let fill = if name.ends_with("conv.weight") {
-                let fan_in = var.numel() as f64 / var.size()[0] as f64;
-                Tensor::randn_like(&var) * (2.0 / fan_in).sqrt()
-            } else if name.ends_with("bn.weight") || name.ends_with("running_var") {
-                Tensor::ones_like(&var)
-            } else if name == "fc.weight" {
-                Tensor::randn_like(&var) * 0.01
-            } else {
-                Tensor::zeros_like(&var)
-            };
-            var.copy_(&fill);
-        }
-    });
+    model::inception::randomise(&vs);
     model
 }
 

@@ -79,6 +79,15 @@ pub struct TrainConfig {
     /// Sample grid from the EMA model every this many steps; 0 disables.
     pub sample_every: u64,
     pub sample_count: i64,
+    /// FID and Inception Score of `fid_samples` EMA samples every this many steps; 0 disables.
+    pub fid_every: u64,
+    pub fid_samples: i64,
+    /// Samples per sampling and Inception batch.
+    pub fid_batch: i64,
+    /// Reference statistics (`pipeline fid-stats` output or an ADM reference batch).
+    pub fid_ref: String,
+    /// Inception weights; empty: the converted published file where `pipeline fid` looks by default.
+    pub fid_weights: String,
     /// Non-finite losses in a row that abort the run.
     pub max_nonfinite_in_row: u64,
     pub rank: Option<usize>,
@@ -125,6 +134,11 @@ impl Default for TrainConfig {
             keep_last: 3,
             sample_every: 0,
             sample_count: 16,
+            fid_every: 0,
+            fid_samples: 5000,
+            fid_batch: 50,
+            fid_ref: String::new(),
+            fid_weights: String::new(),
             max_nonfinite_in_row: 20,
             rank: None,
             world: None,
@@ -243,6 +257,26 @@ impl TrainConfig {
             self.sample_count.to_string(),
             "must be at least 1 when train.sample_every is set",
         )?;
+        if self.fid_every > 0 {
+            check(
+                self.fid_samples >= 2,
+                "fid_samples",
+                self.fid_samples.to_string(),
+                "must be at least 2 when train.fid_every is set (a covariance needs two samples)",
+            )?;
+            check(
+                self.fid_batch > 0,
+                "fid_batch",
+                self.fid_batch.to_string(),
+                "must be at least 1",
+            )?;
+            check(
+                !self.fid_ref.is_empty(),
+                "fid_ref",
+                "\"\"".to_string(),
+                "must name reference statistics when train.fid_every is set (pipeline fid-stats writes them)",
+            )?;
+        }
         check(
             self.max_nonfinite_in_row > 0,
             "max_nonfinite_in_row",

@@ -4,6 +4,7 @@
 mod checkpoint;
 mod config;
 mod dry_run;
+mod fid_eval;
 mod launch;
 mod loader;
 pub(crate) mod optim;
@@ -222,7 +223,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let progress = crate::progress::Progress::new("train", tc.steps);
     while trainer.state.step < stop {
         let every = |n: u64| n > 0 && (trainer.state.step + 1).is_multiple_of(n);
-        let (metric_step, sample_step) = (every(tc.metrics_every), every(tc.sample_every));
+        let (metric_step, sample_step, fid_step) = (
+            every(tc.metrics_every),
+            every(tc.sample_every),
+            every(tc.fid_every),
+        );
         let checkpoint_step = every(tc.checkpoint_every) || trainer.state.step + 1 == stop;
         let step = trainer.state.step;
         let report = match crate::torch_guard::guard(&format!("step {step}"), || {
@@ -240,6 +245,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if sample_step {
             trainer.sample()?;
+        }
+        if fid_step {
+            trainer.fid()?;
         }
         if checkpoint_step {
             trainer.checkpoint()?;
@@ -548,23 +556,12 @@ fn write_samples(
         }
     };
     let name = format!("step-{step:08}");
-    let pixels = if tc.latent || ema.cfg.in_channels != 3 {
-        match vae {
-            Some(vae) => {
-                let scale = tc.latent_scaling.unwrap_or(vae.model.config.scaling_factor);
-                let shift = tc.latent_shift.unwrap_or(0.0);
-                vae.model.decode(&(x / scale + shift))?
-            }
-            None => {
-                model::weights::save_atomic(
-                    &[("latents".to_string(), x.to_device(Device::Cpu))],
-                    &dir.join(format!("{name}.safetensors")),
-                )?;
-                return Ok(());
-            }
-        }
-    } else {
-        x
+    let Some(pixels) = decode_samples(x.shallow_clone(), vae, tc, ema.cfg.in_channels)? else {
+        model::weights::save_atomic(
+            &[("latents".to_string(), x.to_device(Device::Cpu))],
+            &dir.join(format!("{name}.safetensors")),
+        )?;
+        return Ok(());
     };
     let images = crate::trained::to_uint8(&pixels);
     let size = images.size()[1] as usize;
@@ -575,6 +572,26 @@ fn write_samples(
     }
     stages::atomic::write_bytes_atomic(&dir.join(format!("{name}.png")), &grid.png()?)?;
     Ok(())
+}
+
+/// Flow samples → images in [−1, 1]: pixel models as they are, latent models through the VAE (the run's
+/// scaling and shift); None for a latent model without a VAE.
+fn decode_samples(
+    x: Tensor,
+    vae: Option<&model::vae::LoadedVae>,
+    tc: &TrainConfig,
+    in_channels: i64,
+) -> anyhow::Result<Option<Tensor>> {
+    let x = x.to_kind(Kind::Float);
+    if !tc.latent && in_channels == 3 {
+        return Ok(Some(x));
+    }
+    let Some(vae) = vae else {
+        return Ok(None);
+    };
+    let scale = tc.latent_scaling.unwrap_or(vae.model.config.scaling_factor);
+    let shift = tc.latent_shift.unwrap_or(0.0);
+    Ok(Some(vae.model.decode(&(x / scale + shift))?))
 }
 
 /// The config (scaling and shift factors) of the VAE that produced the cache (`[precompute] vae`).

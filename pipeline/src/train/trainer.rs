@@ -67,6 +67,8 @@ pub struct Trainer {
     tensorboard: Option<super::tensorboard::EventWriter>,
     model_toml: String,
     sample_vae: Option<model::vae::LoadedVae>,
+    /// `train.fid_every`'s network and reference statistics (rank 0).
+    fid: Option<super::fid_eval::FidEval>,
     /// The frozen encoder of `train.features = "online"`, run on each batch's crops.
     online: Option<model::dinov2::LoadedDinov2>,
     /// The last checkpoint saved while no non-finite streak was running: what a user resumes from
@@ -238,8 +240,28 @@ impl Trainer {
             all.push(adam.t.shallow_clone());
             rep.broadcast(&all)?;
         }
+        // FID needs pixels: a latent run's VAE must load, where a sample grid can stay latents.
+        let fid = if root && tc.fid_every > 0 {
+            if tc.latent && cfg.precompute.vae.is_empty() {
+                bail!(
+                    "train.fid_every on a latent run needs [precompute] vae to decode the samples"
+                );
+            }
+            if tc.latent {
+                model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device)
+                    .with_context(|| {
+                        format!("train.fid_every: loading the VAE {}", cfg.precompute.vae)
+                    })?;
+            }
+            Some(super::fid_eval::FidEval::load(tc, device)?)
+        } else {
+            None
+        };
         // Latent sample grids are decoded by the VAE that made the cache, when it can be loaded.
-        let sample_vae = if tc.latent && tc.sample_every > 0 && !cfg.precompute.vae.is_empty() {
+        let sample_vae = if tc.latent
+            && (tc.sample_every > 0 || tc.fid_every > 0)
+            && !cfg.precompute.vae.is_empty()
+        {
             match model::vae::AutoencoderKl::from_folder(Path::new(&cfg.precompute.vae), device) {
                 Ok(vae) => Some(vae),
                 Err(e) => {
@@ -318,6 +340,7 @@ impl Trainer {
             tensorboard,
             model_toml,
             sample_vae,
+            fid,
             online,
             last_good: resume_from,
             window,
@@ -582,6 +605,49 @@ impl Trainer {
             self.state.step,
             &self.cfg.train,
         )
+    }
+
+    /// FID and IS of EMA samples (`train.fid_every`), one line in metrics.jsonl and TensorBoard.
+    pub fn fid(&mut self) -> anyhow::Result<()> {
+        let Some(fid) = &self.fid else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let tc = &self.cfg.train;
+        let step = self.state.step;
+        let scores = fid
+            .evaluate(&self.ema, self.sample_vae.as_ref(), tc)
+            .with_context(|| format!("step {step}: FID of {} EMA samples", tc.fid_samples))?;
+        tracing::info!(
+            step,
+            fid = scores.fid,
+            inception_score = scores.inception_score,
+            samples = scores.samples,
+            seconds = started.elapsed().as_secs_f64(),
+            "fid"
+        );
+        let line = serde_json::json!({
+            "step": step,
+            "fid": scores.fid,
+            "inception_score": scores.inception_score,
+            "inception_score_std": scores.inception_score_std,
+            "fid_samples": scores.samples,
+            "fid_s": started.elapsed().as_secs_f64(),
+        });
+        if let Some(metrics) = self.metrics.as_mut() {
+            writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
+            metrics.flush().context("writing metrics.jsonl")?;
+        }
+        if let Some(tb) = self.tensorboard.as_mut() {
+            let scalars: Vec<(String, f64)> = super::tensorboard::scalars_of(&line)
+                .into_iter()
+                .map(|(k, v)| (k.replacen("train/", "eval/", 1), v))
+                .collect();
+            tb.scalars(step as i64, &scalars)?;
+        }
+        // Evaluation time is not training time: the next metric line's rates start after it.
+        self.window.0 += started.elapsed();
+        Ok(())
     }
 
     /// Whether the job should stop now because a signal asked it to: every step for one process; with
