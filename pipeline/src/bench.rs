@@ -7,6 +7,7 @@ pub mod encoders;
 pub mod fid;
 pub mod flow;
 pub mod precompute;
+pub mod reference;
 pub mod train;
 pub mod writer;
 

@@ -2,12 +2,12 @@
 //! with random weights at the published sizes, against transformers / diffusers running the same sizes
 //! through bench/encoders_reference.py on the same libtorch and thread count, in the same run.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+
+use super::reference::Reference;
 use model::dinov2::{self, Dinov2};
 use model::frozen::Precision;
 use model::vae::{self, AutoencoderKl};
@@ -60,87 +60,6 @@ struct Info {
     threads: i64,
 }
 
-#[derive(serde::Deserialize)]
-struct Answer {
-    seconds: Option<f64>,
-    error: Option<String>,
-}
-
-/// The reference script, kept running and asked for one batch at a time.
-struct Reference {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    script: PathBuf,
-}
-
-impl Reference {
-    fn start(args: &Args, threads: i32) -> anyhow::Result<Self> {
-        let mut child = Command::new(&args.python)
-            .arg(&args.reference)
-            .args(["--threads", &threads.to_string()])
-            .args([
-                "--dinov2-batch",
-                &args.dinov2_batch.to_string(),
-                "--vae-batch",
-                &args.vae_batch.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} {}",
-                    args.python.display(),
-                    args.reference.display()
-                )
-            })?;
-        let stdin = child.stdin.take().context("reference stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("reference stdout")?);
-        Ok(Reference {
-            child,
-            stdin,
-            stdout,
-            script: args.reference.clone(),
-        })
-    }
-
-    fn ask<T: serde::de::DeserializeOwned>(&mut self, command: &str) -> anyhow::Result<T> {
-        let script = self.script.display().to_string();
-        writeln!(self.stdin, "{command}").with_context(|| format!("writing to {script}"))?;
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .with_context(|| format!("reading from {script}"))?;
-        if line.is_empty() {
-            bail!("{script} exited before answering `{command}` (its stderr is above)");
-        }
-        serde_json::from_str(&line).with_context(|| {
-            format!(
-                "parsing the answer of {script} to `{command}`: `{}`",
-                line.trim_end()
-            )
-        })
-    }
-
-    fn time_batch(&mut self, model: &str) -> anyhow::Result<f64> {
-        let answer: Answer = self.ask(model)?;
-        match (answer.seconds, answer.error) {
-            (Some(seconds), _) => Ok(seconds),
-            (None, error) => bail!("{}: {}", self.script.display(), error.unwrap_or_default()),
-        }
-    }
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        // The script only ever waits on stdin between batches; killing it and reaping it leaves no
-        // process behind, also when the benchmark fails half-way.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.iters == 0 || args.dinov2_batch <= 0 || args.vae_batch <= 0 {
         bail!("--iters, --dinov2-batch and --vae-batch must be positive");
@@ -152,7 +71,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // CPU on purpose: the anchor runs on CPU too, and a CPU-vs-CPU ratio is what this machine can check.
     let device = Device::Cpu;
     tch::manual_seed(0);
-    let mut reference = Reference::start(&args, threads)?;
+    let mut reference = Reference::start(
+        &args.python,
+        &args.reference,
+        &[
+            "--threads".into(),
+            threads.to_string(),
+            "--dinov2-batch".into(),
+            args.dinov2_batch.to_string(),
+            "--vae-batch".into(),
+            args.vae_batch.to_string(),
+        ],
+    )?;
     let info: Info = reference.ask("info")?;
 
     let dinov2_model = dinov2_random(device);
@@ -207,14 +137,14 @@ fn interleaved(
 ) -> anyhow::Result<(Timing, Timing)> {
     for _ in 0..args.warmup {
         ours();
-        reference.time_batch(model)?;
+        reference.measure(model)?.0;
     }
     let (mut tch_seconds, mut anchor_seconds) = (Vec::new(), Vec::new());
     for _ in 0..args.iters {
         let start = Instant::now();
         ours();
         tch_seconds.push(start.elapsed().as_secs_f64());
-        anchor_seconds.push(reference.time_batch(model)?);
+        anchor_seconds.push(reference.measure(model)?.0);
     }
     Ok((
         Timing::from_median(tch_seconds, batch),

@@ -4,12 +4,12 @@
 //! distance at the feature width (two symmetric eigendecompositions) against pytorch-fid's
 //! `calculate_frechet_distance` (scipy `sqrtm`). Random weights: speed does not depend on them.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+
+use super::reference::Reference;
 use model::feature_stats::Statistics;
 use model::inception::Inception;
 use tch::{nn, Device, Kind, Tensor};
@@ -49,84 +49,6 @@ struct Info {
     threads: i64,
 }
 
-#[derive(serde::Deserialize)]
-struct Answer {
-    seconds: Option<f64>,
-    value: Option<f64>,
-    error: Option<String>,
-}
-
-/// The reference script, kept running and asked for one measurement at a time.
-struct Reference {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    script: String,
-}
-
-impl Reference {
-    fn start(args: &Args, threads: i32) -> anyhow::Result<Self> {
-        let mut child = Command::new(&args.python)
-            .arg(&args.reference)
-            .args(["--threads", &threads.to_string()])
-            .args(["--batch", &args.batch.to_string()])
-            .args(["--size", &args.size.to_string()])
-            .args(["--frechet-dim", &args.frechet_dim.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} {}",
-                    args.python.display(),
-                    args.reference.display()
-                )
-            })?;
-        let stdin = child.stdin.take().context("reference stdin")?;
-        let stdout = BufReader::new(child.stdout.take().context("reference stdout")?);
-        Ok(Reference {
-            child,
-            stdin,
-            stdout,
-            script: args.reference.display().to_string(),
-        })
-    }
-
-    fn ask<T: serde::de::DeserializeOwned>(&mut self, command: &str) -> anyhow::Result<T> {
-        let script = &self.script;
-        writeln!(self.stdin, "{command}").with_context(|| format!("writing to {script}"))?;
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .with_context(|| format!("reading from {script}"))?;
-        if line.is_empty() {
-            bail!("{script} exited before answering `{command}` (its stderr is above)");
-        }
-        serde_json::from_str(&line).with_context(|| {
-            format!(
-                "parsing the answer of {script} to `{command}`: `{}`",
-                line.trim_end()
-            )
-        })
-    }
-
-    fn measure(&mut self, command: &str) -> anyhow::Result<(f64, Option<f64>)> {
-        let answer: Answer = self.ask(command)?;
-        match (answer.seconds, answer.error) {
-            (Some(seconds), _) => Ok((seconds, answer.value)),
-            (None, error) => bail!("{}: {}", self.script, error.unwrap_or_default()),
-        }
-    }
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        // The script only waits on stdin between measurements; kill and reap it, also on failure.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn random_inception(device: Device) -> Inception {
     let vs = nn::VarStore::new(device);
     let model = Inception::new(vs.root());
@@ -160,7 +82,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // CPU on purpose: the anchor runs on CPU too, and a CPU-vs-CPU ratio is what any machine can check.
     let device = Device::Cpu;
     tch::manual_seed(0);
-    let mut reference = Reference::start(&args, threads)?;
+    let mut reference = Reference::start(
+        &args.python,
+        &args.reference,
+        &[
+            "--threads".into(),
+            threads.to_string(),
+            "--batch".into(),
+            args.batch.to_string(),
+            "--size".into(),
+            args.size.to_string(),
+            "--frechet-dim".into(),
+            args.frechet_dim.to_string(),
+        ],
+    )?;
     let info: Info = reference.ask("info")?;
 
     let inception = random_inception(device);
