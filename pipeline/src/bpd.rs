@@ -11,6 +11,7 @@ use model::tarflow::{self, Cond};
 use tch::{Device, Kind, Tensor};
 
 use crate::labelled;
+use crate::rank_parts::{RankArgs, Ranks};
 use crate::trained::TrainedArgs;
 
 #[derive(clap::Args)]
@@ -38,49 +39,74 @@ pub struct Args {
     /// values `value` to this safetensors file, so the number can be recomputed with `flow encode`
     #[arg(long, value_name = "FILE")]
     save_inputs: Option<PathBuf>,
+    #[command(flatten)]
+    ranks: RankArgs,
+}
+
+/// Advances the global CPU generator past `n` uniform floats, in chunks to bound the memory.
+fn skip_noise(mut n: i64) {
+    const CHUNK: i64 = 1 << 24;
+    while n > 0 {
+        let _ = Tensor::rand([n.min(CHUNK)], (Kind::Float, Device::Cpu));
+        n -= CHUNK;
+    }
 }
 
 /// z = 1.96: the two-sided 95 % normal quantile.
 const Z95: f64 = 1.959_963_984_540_054;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let trained = args.trained.load(true)?;
+    let ranks = Ranks::join(&args.ranks)?;
+    if args.save_inputs.is_some() && !ranks.single() {
+        bail!("--save-inputs writes one file from one process; run it without torchrun/srun");
+    }
+    let trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
     let model = trained.model();
     let k = model.cfg.num_classes;
     if args.conditional && k == 0 {
         bail!("--conditional: the model is unconditional (num_classes = 0)");
     }
     let conditional = args.conditional;
-    println!(
-        "scoring: {}, {}, seed {}",
-        if conditional {
-            "class-conditional (each image's label)"
-        } else {
-            "unconditional (default; --conditional uses the labels)"
-        },
-        if trained.latent {
-            "nats per latent dim of the scaled VAE posterior mean"
-        } else {
-            "bits/dim with uniform dequantisation"
-        },
-        args.seed
-    );
+    if ranks.leader() {
+        println!(
+            "scoring: {}, {}, seed {}",
+            if conditional {
+                "class-conditional (each image's label)"
+            } else {
+                "unconditional (default; --conditional uses the labels)"
+            },
+            if trained.latent {
+                "nats per latent dim of the scaled VAE posterior mean"
+            } else {
+                "bits/dim with uniform dequantisation"
+            },
+            args.seed
+        );
+    }
     tch::manual_seed(args.seed as i64);
+    // How many samples' noise the generator has given out: a rank whose slice starts at sample s draws
+    // (and drops) the noise of the s samples before it, so that every image gets the noise it gets in
+    // one process (the CPU generator gives one number per element, whatever the tensor's shape).
+    let mut drawn = 0;
     let (mut values, mut saved_x, mut saved_y) = (
         Vec::<Tensor>::new(),
         Vec::<Tensor>::new(),
         Vec::<i64>::new(),
     );
-    labelled::for_each_batch(
+    let scored = labelled::for_each_batch(
         "bpd",
         &args.data,
         &trained,
         args.batch,
         args.limit,
+        ranks.split(),
         &mut |batch| {
             let x = if trained.latent {
                 batch.x
             } else {
+                let per_sample: i64 = batch.x.size()[1..].iter().product();
+                skip_noise((batch.first - drawn) as i64 * per_sample);
+                drawn = batch.first + batch.labels.len();
                 // The global CPU generator, seeded once, so the noise depends on the image order only.
                 let u = Tensor::rand(batch.x.size(), (Kind::Float, Device::Cpu))
                     .to_device(batch.x.device());
@@ -111,11 +137,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         },
-    )?;
-    if values.is_empty() {
+    );
+    ranks.agree("scoring", scored)?;
+    let mine: Vec<f64> = if values.is_empty() {
+        vec![]
+    } else {
+        Vec::<f64>::try_from(Tensor::cat(&values, 0).to_kind(Kind::Double))?
+    };
+    // The per-image values themselves, not partial sums: rank 0 then computes the statistics over the
+    // same numbers in the same order as one process, and prints the same digits.
+    let all = ranks.gather_f64(&mine)?;
+    if !ranks.leader() {
+        return Ok(());
+    }
+    if all.is_empty() {
         bail!("{}: no samples", args.data);
     }
-    let values = Tensor::cat(&values, 0).to_kind(Kind::Double);
+    let values = Tensor::from_slice(&all);
     let n = values.size()[0];
     let mean = values.mean(Kind::Double).double_value(&[]);
     let sd = if n > 1 {

@@ -19,6 +19,7 @@ mod logging;
 mod npz;
 mod precompute;
 mod progress;
+mod rank_parts;
 mod sample;
 mod signals;
 mod space;
