@@ -2,7 +2,8 @@
 //! dimension with uniform dequantisation (spec §2.2: ((x_int + u) / 256)·2 − 1, u ~ U[0, 1) drawn on the
 //! CPU from `--seed`); latent models report the NLL in nats per latent dimension of the scaled VAE
 //! posterior mean (a latent has no quantisation to undo). Either way with a 95 % confidence interval
-//! over images (normal approximation: mean ± 1.96 · sd / √n).
+//! over images (normal approximation: mean ± 1.96 · sd / √n). Under torchrun/srun each rank scores a
+//! run of the batches and rank 0 computes the statistics over every rank's per-image values.
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! `pipeline classify`: FlowBack's training-free classifier (one forward and one backward pass per image,
 //! prediction = argmax ∂ log p(x | softmax(λ)ᵀE) / ∂λ at λ = 0) over labelled shards or a cache. Reports
 //! top-1 / top-5 accuracy and a confusion summary, and writes `predictions.csv`, `confusion.csv` and
-//! `summary.json` into `--out`.
+//! `summary.json` into `--out`. Under torchrun/srun each rank classifies a run of the batches and rank 0
+//! joins the rows and sums the counts (`rank_parts`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;

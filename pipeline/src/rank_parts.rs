@@ -312,7 +312,7 @@ mod tests {
                     for rank in 0..world {
                         let s = batch_slice(n, batch, RankSplit { rank, world });
                         assert_eq!(s.start, next, "n {n} batch {batch} world {world}");
-                        assert!(s.start % batch == 0 || s.start == n);
+                        assert!(s.start.is_multiple_of(batch) || s.start == n);
                         next = s.end;
                     }
                     assert_eq!(next, n);

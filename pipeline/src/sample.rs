@@ -2,6 +2,7 @@
 //! `--random-classes`) comes from a CPU generator keyed by (seed, i), so the images do not depend on
 //! the device or on how samples are batched. Writes one PNG per sample, a grid, and `samples.npz` in the
 //! ADM evaluation suite's format (`arr_0` uint8 N×H×W×3, `arr_1` int64 labels, −1 = unconditional).
+//! Under torchrun/srun each rank draws a run of the batches and rank 0 joins them (`rank_parts`).
 
 use std::path::PathBuf;
 
