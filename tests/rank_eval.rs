@@ -133,6 +133,35 @@ fn two_ranks_sample_what_one_process_samples() {
     );
     assert!(single.contains("redrawn for NaN/Inf: "), "{single}");
     assert_eq!(stdout(&outs[1]), "");
+
+    // One rank failing fails both, promptly (not at the timeout): rank 1's error is its own, rank 0's
+    // names rank 1.
+    let missing = dir.path().join("missing.safetensors");
+    let started = std::time::Instant::now();
+    let outs = launch(2, |r| {
+        let mut cmd = pipeline();
+        cmd.args(["sample", "--device", "cpu", "--num", "2", "--checkpoint"])
+            .arg(if r == 1 { &missing } else { &ckpt })
+            .arg("--out")
+            .arg(dir.path().join("failed"));
+        cmd
+    });
+    let errs: Vec<String> = outs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert!(outs.iter().all(|o| !o.status.success()), "{errs:?}");
+    assert!(
+        errs[0].contains("rank 0 of 2: loading the model failed on rank(s) [1]"),
+        "{}",
+        errs[0]
+    );
+    assert!(
+        errs[1].contains("rank 1 of 2: loading the model") && errs[1].contains("missing"),
+        "{}",
+        errs[1]
+    );
+    assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
 }
 
 /// A precompute-style cache of 16×16 images in two shards of 5 and 9 samples, labels i % 10.
@@ -228,19 +257,40 @@ fn two_ranks_classify_and_score_what_one_process_does() {
             "{tag}"
         );
 
-        let bpd = || {
+        let bpd = |inputs: &Path| {
             let mut cmd = pipeline();
             cmd.args(["bpd", "--device", "cpu", "--seed", "9", "--checkpoint"])
                 .arg(&ckpt)
-                .args(["--data", data, "--batch", batch, "--limit", "20"]);
+                .args(["--data", data, "--batch", batch, "--limit", "20"])
+                .arg("--save-inputs")
+                .arg(inputs);
             cmd
         };
-        let single = stdout(&run_ok(&mut bpd()));
-        let outs = ranks(2, |_| bpd());
-        // The same dequantisation noise per image and the same per-image values: the same digits.
-        assert_eq!(stdout(&outs[0]), single, "{tag}");
+        let (one, two) = (
+            root.join(format!("inputs-one-{tag}.safetensors")),
+            root.join(format!("inputs-two-{tag}.safetensors")),
+        );
+        let single = stdout(&run_ok(&mut bpd(&one)));
+        let outs = ranks(2, |_| bpd(&two));
+        // The same dequantisation noise per image and the same per-image values: the same digits, and
+        // the same saved inputs.
+        assert_eq!(
+            stdout(&outs[0]).replace(two.to_str().unwrap(), "FILE"),
+            single.replace(one.to_str().unwrap(), "FILE"),
+            "{tag}"
+        );
         assert_eq!(stdout(&outs[1]), "", "{tag}");
+        assert!(
+            std::fs::read(&one).unwrap() == std::fs::read(&two).unwrap(),
+            "{tag}: --save-inputs differs between 1 and 2 ranks"
+        );
     }
+    let left: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".part-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // Without a known length a stream cannot be split: every rank fails, naming itself and the flag.
     let outs = launch(2, |_| {
         let mut cmd = pipeline();

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use model::tarflow::{self, Cond};
 use tch::{Device, Kind, Tensor};
 
@@ -53,14 +53,41 @@ fn skip_noise(mut n: i64) {
     }
 }
 
+/// Rank 0: every rank's `x` and `y` parts of `path` in rank order, with every rank's `values`, written
+/// as the file one process writes; the parts are removed once it is in place.
+fn join_input_parts(ranks: &Ranks, path: &std::path::Path, values: &Tensor) -> anyhow::Result<()> {
+    let parts = ranks.part_paths(path);
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for part in &parts {
+        for (name, t) in
+            Tensor::read_safetensors(part).with_context(|| format!("reading {}", part.display()))?
+        {
+            match name.as_str() {
+                "x" => xs.push(t),
+                _ => ys.push(t),
+            }
+        }
+    }
+    if xs.is_empty() {
+        bail!(
+            "no rank scored any image: nothing to save in {}",
+            path.display()
+        );
+    }
+    let named = vec![
+        ("x".to_string(), Tensor::cat(&xs, 0)),
+        ("y".to_string(), Tensor::cat(&ys, 0)),
+        ("value".to_string(), values.to_kind(Kind::Float)),
+    ];
+    model::weights::save_atomic(&named, path)?;
+    crate::rank_parts::remove_parts(&parts)
+}
+
 /// z = 1.96: the two-sided 95 % normal quantile.
 const Z95: f64 = 1.959_963_984_540_054;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let ranks = Ranks::join(&args.ranks)?;
-    if args.save_inputs.is_some() && !ranks.single() {
-        bail!("--save-inputs writes one file from one process; run it without torchrun/srun");
-    }
     let trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
     let model = trained.model();
     let k = model.cfg.num_classes;
@@ -139,6 +166,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         },
     );
+    let scored = scored.and_then(|_| match &args.save_inputs {
+        Some(path) if !ranks.single() => {
+            let mut named = vec![("y".to_string(), Tensor::from_slice(&saved_y))];
+            // A rank with an empty slice has no inputs to stack; its part holds an empty `y` only.
+            if !saved_x.is_empty() {
+                named.push(("x".to_string(), Tensor::cat(&saved_x, 0)));
+            }
+            Ok(model::weights::save_atomic(&named, &ranks.part_path(path))?)
+        }
+        _ => Ok(()),
+    });
     ranks.agree("scoring", scored)?;
     let mine: Vec<f64> = if values.is_empty() {
         vec![]
@@ -148,13 +186,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The per-image values themselves, not partial sums: rank 0 then computes the statistics over the
     // same numbers in the same order as one process, and prints the same digits.
     let all = ranks.gather_f64(&mine)?;
+    let values = Tensor::from_slice(&all);
+    if let (Some(path), false) = (&args.save_inputs, ranks.single()) {
+        let joined = if ranks.leader() {
+            join_input_parts(&ranks, path, &values)
+        } else {
+            Ok(())
+        };
+        ranks.agree("joining the input parts", joined)?;
+    }
     if !ranks.leader() {
         return Ok(());
     }
     if all.is_empty() {
         bail!("{}: no samples", args.data);
     }
-    let values = Tensor::from_slice(&all);
     let n = values.size()[0];
     let mean = values.mean(Kind::Double).double_value(&[]);
     let sd = if n > 1 {
@@ -164,12 +210,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let half_width = Z95 * sd / (n as f64).sqrt();
     if let Some(path) = &args.save_inputs {
-        let named = vec![
-            ("x".to_string(), Tensor::cat(&saved_x, 0)),
-            ("y".to_string(), Tensor::from_slice(&saved_y)),
-            ("value".to_string(), values.to_kind(Kind::Float)),
-        ];
-        model::weights::save_atomic(&named, path)?;
+        if ranks.single() {
+            let named = vec![
+                ("x".to_string(), Tensor::cat(&saved_x, 0)),
+                ("y".to_string(), Tensor::from_slice(&saved_y)),
+                ("value".to_string(), values.to_kind(Kind::Float)),
+            ];
+            model::weights::save_atomic(&named, path)?;
+        }
         println!("inputs: {}", path.display());
     }
     let metric = if trained.latent {
