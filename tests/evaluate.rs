@@ -9,39 +9,6 @@ use common::*;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// `flow init --preset PRESET`, then every tensor perturbed so that the flow is not the identity
-/// (TARFlow starts with zero output projections), under a new name with its sidecar.
-fn perturbed_checkpoint(dir: &Path, preset: &str, scale: f64) -> PathBuf {
-    let init = dir.join(format!("{preset}-init.safetensors"));
-    run_ok(
-        pipeline()
-            .args([
-                "flow", "init", "--preset", preset, "--seed", "2", "--output",
-            ])
-            .arg(&init),
-    );
-    tch::manual_seed(7);
-    let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&init)
-        .unwrap()
-        .into_iter()
-        .map(|(n, t)| {
-            if t.is_floating_point() {
-                (n, &t + Tensor::randn_like(&t) * scale)
-            } else {
-                (n, t)
-            }
-        })
-        .collect();
-    let ckpt = dir.join(format!("{preset}.safetensors"));
-    Tensor::write_safetensors(&named, &ckpt).unwrap();
-    std::fs::copy(
-        init.with_extension("model.toml"),
-        ckpt.with_extension("model.toml"),
-    )
-    .unwrap();
-    ckpt
-}
-
 fn check_samples(dirs: &[&Path]) -> serde_json::Value {
     let out = run_ok(
         python()

@@ -1,7 +1,8 @@
 //! `pipeline classify`: FlowBack's training-free classifier (one forward and one backward pass per image,
 //! prediction = argmax ∂ log p(x | softmax(λ)ᵀE) / ∂λ at λ = 0) over labelled shards or a cache. Reports
 //! top-1 / top-5 accuracy and a confusion summary, and writes `predictions.csv`, `confusion.csv` and
-//! `summary.json` into `--out`.
+//! `summary.json` into `--out`. Under torchrun/srun each rank classifies a run of the batches and rank 0
+//! joins the rows and sums the counts (`rank_parts`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use anyhow::{bail, Context};
 use tch::{Device, Kind};
 
 use crate::labelled;
+use crate::rank_parts::{RankArgs, Ranks};
 use crate::trained::TrainedArgs;
 
 #[derive(clap::Args)]
@@ -33,6 +35,8 @@ pub struct Args {
     /// Output directory for predictions.csv, confusion.csv and summary.json
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    ranks: RankArgs,
 }
 
 /// The running tallies.
@@ -46,8 +50,11 @@ struct Tally {
     csv: String,
 }
 
+const CSV_HEAD: &str = "id,label,predicted,correct,top5,score_predicted\n";
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let trained = args.trained.load(true)?;
+    let ranks = Ranks::join(&args.ranks)?;
+    let trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
     let model = trained.model();
     let k = model.cfg.num_classes;
     if k == 0 {
@@ -58,15 +65,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         confusion: vec![vec![0; k as usize]; k as usize],
         ..Default::default()
     };
-    tally
-        .csv
-        .push_str("id,label,predicted,correct,top5,score_predicted\n");
-    let seen = labelled::for_each_batch(
+    let predictions = args.out.join("predictions.csv");
+    let classified = labelled::for_each_batch(
         "classify",
         &args.data,
         &trained,
         args.batch,
         args.limit,
+        ranks.split(),
         &mut |batch| {
             if let Some((id, label)) = batch
                 .ids
@@ -110,14 +116,49 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         },
-    )?;
-    if seen == 0 {
+    )
+    .and_then(|_| {
+        // Each rank's rows in global order; rank 0 puts the header in front when it joins them.
+        if !ranks.single() {
+            std::fs::create_dir_all(&args.out)
+                .with_context(|| format!("creating {}", args.out.display()))?;
+            stages::atomic::write_bytes_atomic(
+                &ranks.part_path(&predictions),
+                tally.csv.as_bytes(),
+            )?;
+        }
+        Ok(())
+    });
+    ranks.agree("classifying", classified)?;
+    // Every count is a sum over the ranks' images, so one reduction gives the single-process tally.
+    let mut counts = vec![tally.n as i64, tally.top1 as i64, tally.top5 as i64];
+    counts.extend(tally.confusion.iter().flatten().map(|&c| c as i64));
+    let counts = ranks.sum_i64(&counts)?;
+    (tally.n, tally.top1, tally.top5) =
+        (counts[0] as usize, counts[1] as usize, counts[2] as usize);
+    for (cell, &c) in tally.confusion.iter_mut().flatten().zip(&counts[3..]) {
+        *cell = c as u64;
+    }
+    if !ranks.single() {
+        let joined = if ranks.leader() {
+            ranks.concat_parts(&predictions, CSV_HEAD.as_bytes())
+        } else {
+            Ok(())
+        };
+        ranks.agree("joining the prediction parts", joined)?;
+        if !ranks.leader() {
+            return Ok(());
+        }
+    }
+    if tally.n == 0 {
         bail!("{}: no samples", args.data);
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let predictions = args.out.join("predictions.csv");
-    stages::atomic::write_bytes_atomic(&predictions, tally.csv.as_bytes())?;
+    if ranks.single() {
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        tally.csv.insert_str(0, CSV_HEAD);
+        stages::atomic::write_bytes_atomic(&predictions, tally.csv.as_bytes())?;
+    }
     let mut confusion_csv = String::from("label");
     for j in 0..k {
         write!(confusion_csv, ",{j}")?;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use stages::cache::{DType, Manifest, ShardReader};
+use stages::order::RankSplit;
 use tch::{Kind, Tensor};
 
 use crate::trained::Trained;
@@ -18,6 +19,8 @@ pub struct Batch {
     pub labels: Vec<i64>,
     /// `shard/key` per sample.
     pub ids: Vec<String>,
+    /// Index of the first sample in the whole data (all ranks' samples in reading order).
+    pub first: usize,
 }
 
 pub fn is_cache(data: &str) -> bool {
@@ -27,16 +30,23 @@ pub fn is_cache(data: &str) -> bool {
 }
 
 /// Calls `f` on consecutive batches of at most `batch` samples, at most `limit` samples in all; returns
-/// the number of samples seen.
+/// the number of samples seen. With several ranks, `split.rank` sees only its contiguous run of the
+/// batches one process would see (`rank_parts::slice` of the batch list), batched the same way.
 pub fn for_each_batch(
     label: &str,
     data: &str,
     trained: &Trained,
     batch: usize,
     limit: Option<usize>,
+    split: RankSplit,
     f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let batch = batch.max(1);
+    if split.world > 1 && limit.is_none() && !is_cache(data) {
+        // A stream's length is known only at its end, but each rank must know where its slice starts
+        // before it reads.
+        bail!("{data}: with several ranks a shard spec needs --limit (at least the number of images), or use a precompute cache, whose manifest counts its samples");
+    }
     // Known up front for a cache (its manifest) or a --limit; a shard spec is counted as it goes.
     let cached = is_cache(data)
         .then(|| Manifest::load(Path::new(data)).ok().flatten())
@@ -53,6 +63,13 @@ pub fn for_each_batch(
         (None, Some(c)) => c,
         (None, None) => 0,
     };
+    // This rank's share for the progress line (close, not exact, for a cache, whose batches restart at
+    // every shard).
+    let total = if split.world > 1 {
+        crate::rank_parts::batch_slice(total as usize, batch, split).len() as u64
+    } else {
+        total
+    };
     let limit = limit.unwrap_or(usize::MAX);
     let progress = crate::progress::Progress::new(label, total);
     // A libtorch exception on a batch is an error naming its first sample, not a panic.
@@ -67,9 +84,9 @@ pub fn for_each_batch(
         Ok(())
     };
     let seen = if is_cache(data) {
-        from_cache(Path::new(data), trained, batch, limit, &mut guarded)
+        from_cache(Path::new(data), trained, batch, limit, split, &mut guarded)
     } else {
-        from_shards(data, trained, batch, limit, &mut guarded)
+        from_shards(data, trained, batch, limit, split, &mut guarded)
     }?;
     progress.finish();
     Ok(seen)
@@ -80,8 +97,19 @@ fn from_shards(
     trained: &Trained,
     batch: usize,
     limit: usize,
+    split: RankSplit,
     f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
+    // Every rank reads the stream from its start (its order is the reading order) and decodes, but
+    // does not evaluate, the images before its slice.
+    let mine = if split.world > 1 {
+        crate::rank_parts::batch_slice(limit, batch, split)
+    } else {
+        0..limit
+    };
+    if mine.is_empty() {
+        return Ok(0);
+    }
     let cfg = trained.data_config(spec)?;
     let size = cfg.image_size;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,10 +120,11 @@ fn from_shards(
         let stream = stages::image_stream::open_image_stream(&cfg, Default::default(), 0)
             .with_context(|| format!("reading {spec}"))?;
         let (mut pixels, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-        let mut seen = 0;
+        let (mut index, mut seen) = (0, 0);
         let mut flush = |pixels: &mut Vec<u8>,
                          labels: &mut Vec<i64>,
-                         ids: &mut Vec<String>|
+                         ids: &mut Vec<String>,
+                         first: usize|
          -> anyhow::Result<()> {
             let n = labels.len() as i64;
             let images = Tensor::from_slice(pixels)
@@ -105,14 +134,19 @@ fn from_shards(
                 x: trained.images_to_flow(&images)?,
                 labels: std::mem::take(labels),
                 ids: std::mem::take(ids),
+                first,
             })?;
             pixels.clear();
             Ok(())
         };
-        while seen < limit {
+        while index < mine.end {
             let Ok(sample) = stream.samples.recv().await else {
                 break;
             };
+            index += 1;
+            if index <= mine.start {
+                continue;
+            }
             pixels.extend_from_slice(&sample.image.pixels);
             labels.push(sample.label.map_or(-1, i64::from));
             // Shard file name, as cache manifests record sources: ids agree whichever way the data came.
@@ -125,11 +159,12 @@ fn from_shards(
             ids.push(format!("{shard}/{}", sample.key));
             seen += 1;
             if labels.len() == batch {
-                flush(&mut pixels, &mut labels, &mut ids)?;
+                flush(&mut pixels, &mut labels, &mut ids, index - batch)?;
             }
         }
         if !labels.is_empty() {
-            flush(&mut pixels, &mut labels, &mut ids)?;
+            let first = index - labels.len();
+            flush(&mut pixels, &mut labels, &mut ids, first)?;
         }
         stream
             .finish()
@@ -155,15 +190,37 @@ fn from_cache(
     trained: &Trained,
     batch: usize,
     limit: usize,
+    split: RankSplit,
     f: &mut dyn FnMut(Batch) -> anyhow::Result<()>,
 ) -> anyhow::Result<usize> {
     let manifest =
         Manifest::load(dir)?.with_context(|| format!("{}: no manifest", dir.display()))?;
     let cfg = &trained.model().cfg;
-    let mut seen = 0;
+    // One process batches each shard from its start; a rank takes its slice of that batch list, so
+    // it first counts every shard's batches (the shard footers only).
+    let mut takes = Vec::new();
+    let mut counted = 0;
     for entry in manifest.shards.values() {
-        if seen >= limit {
+        if counted >= limit {
             break;
+        }
+        let path = dir.join(&entry.file);
+        let take = ShardReader::open(&path)?.n_samples().min(limit - counted);
+        takes.push(take);
+        counted += take;
+    }
+    let n_batches: usize = takes.iter().map(|t| t.div_ceil(batch)).sum();
+    let my_batches = crate::rank_parts::slice(n_batches, split);
+    let (mut seen, mut first_batch, mut first_sample) = (0, 0, 0);
+    for (entry, &take) in manifest.shards.values().zip(&takes) {
+        let shard_batches = first_batch..first_batch + take.div_ceil(batch);
+        let shard_first = first_sample;
+        first_batch = shard_batches.end;
+        first_sample += take;
+        let wanted =
+            shard_batches.start.max(my_batches.start)..shard_batches.end.min(my_batches.end);
+        if wanted.is_empty() {
+            continue;
         }
         let path = dir.join(&entry.file);
         let mut reader = ShardReader::open(&path)?;
@@ -211,9 +268,13 @@ fn from_cache(
             }
             values.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 127.5 - 1.0
         };
-        let take = n.min(limit - seen);
-        for start in (0..take).step_by(batch) {
-            let len = batch.min(take - start);
+        if n < take {
+            bail!("{}: {n} samples, {take} a moment ago", path.display());
+        }
+        let local = (wanted.start - shard_batches.start) * batch
+            ..((wanted.end - shard_batches.start) * batch).min(take);
+        for start in local.clone().step_by(batch) {
+            let len = batch.min(local.end - start);
             let source = entry.source.name.as_str();
             f(Batch {
                 x: x.narrow(0, start as i64, len as i64)
@@ -223,9 +284,10 @@ fn from_cache(
                     .iter()
                     .map(|k| format!("{source}/{k}"))
                     .collect(),
+                first: shard_first + start,
             })?;
         }
-        seen += take;
+        seen += local.len();
     }
     Ok(seen)
 }

@@ -24,6 +24,7 @@ mod npz;
 mod npz_read;
 mod precompute;
 mod progress;
+mod rank_parts;
 mod sample;
 mod signals;
 mod space;

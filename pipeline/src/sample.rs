@@ -2,6 +2,7 @@
 //! `--random-classes`) comes from a CPU generator keyed by (seed, i), so the images do not depend on
 //! the device or on how samples are batched. Writes one PNG per sample, a grid, and `samples.npz` in the
 //! ADM evaluation suite's format (`arr_0` uint8 N×H×W×3, `arr_1` int64 labels, −1 = unconditional).
+//! Under torchrun/srun each rank draws a run of the batches and rank 0 joins them (`rank_parts`).
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::grid::{encode_png, Grid};
 use crate::npz::{Dtype, NpzWriter};
+use crate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 use crate::trained::{Trained, TrainedArgs};
 
 #[derive(clap::Args)]
@@ -66,6 +68,8 @@ pub struct Args {
     /// Output directory: `images/000000.png`…, `grid.png`, `samples.npz`
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    ranks: RankArgs,
 }
 
 /// SplitMix64: decorrelates consecutive (seed, index) keys into independent generator seeds.
@@ -176,91 +180,27 @@ fn draw(
     unreachable!("the loop returns or fails on its last attempt")
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.num == 0 {
-        bail!("--num must be at least 1");
-    }
-    if args.attn_temp <= 0.0 {
-        bail!("--attn-temp must be positive, got {}", args.attn_temp);
-    }
-    let trained = args.trained.load(true)?;
-    let model = trained.model();
-    let labels = labels(&args, model.cfg.num_classes)?;
-    let g = Guidance {
-        weight: args.cfg,
-        annealed: args.annealed,
-        attn_temp: args.attn_temp,
-    };
-    let size = trained.pixel_size() as usize;
-    // Every evaluation default in one line first, so a sample set says how it was made.
-    println!(
-        "sampling: guidance w {} ({}), attn_temp {}, denoise {}, seed {}, {}",
-        args.cfg,
-        if args.annealed {
-            "annealed"
-        } else {
-            "constant"
-        },
-        args.attn_temp,
-        if args.denoise {
-            format!("on (σ {})", model.cfg.noise_std)
-        } else {
-            "off".to_string()
-        },
-        args.seed,
-        match (&labels, args.classes.is_empty()) {
-            (None, _) => "unconditional",
-            (Some(_), true) => "random classes",
-            (Some(_), false) => "given classes",
+/// Where a rank's images go: straight into `samples.npz` for a single process, else into this rank's
+/// part of it.
+enum Sink {
+    Npz(NpzWriter),
+    Part(PartWriter),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Sink::Npz(npz) => npz.write(bytes),
+            Sink::Part(part) => part.write(bytes),
         }
-    );
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let images_dir = args.out.join("images");
-    if !args.no_png {
-        std::fs::create_dir_all(&images_dir)
-            .with_context(|| format!("creating {}", images_dir.display()))?;
     }
-    let npz_path = args.out.join("samples.npz");
-    let mut npz = NpzWriter::create(&npz_path)?;
-    npz.begin("arr_0", Dtype::U8, &[args.num, size, size, 3])?;
-    let n_grid = args.num.min(args.grid_max.max(1));
-    let mut grid = Grid::new(n_grid, args.grid_cols, size);
-    let mut redrawn = 0;
-    let progress = crate::progress::Progress::new("sample", args.num as u64);
-    for start in (0..args.num).step_by(args.batch.max(1)) {
-        let len = args.batch.max(1).min(args.num - start);
-        let y = labels
-            .as_ref()
-            .map(|l| Tensor::from_slice(&l[start..start + len]).to_device(trained.device));
-        // A libtorch exception (CUDA out of memory at a large --batch) is an error naming the samples.
-        let what = format!("samples {start}..{}", start + len);
-        let (images, r) = crate::torch_guard::guard(&what, || {
-            let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
-            let x = if args.denoise {
-                tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
-            } else {
-                x
-            };
-            Ok((trained.flow_to_images(&x)?, r))
-        })?;
-        redrawn += r;
-        let bytes = Vec::<u8>::try_from(images.flatten(0, -1))?;
-        npz.write(&bytes)?;
-        for (i, image) in bytes.chunks_exact(size * size * 3).enumerate() {
-            let index = start + i;
-            if !args.no_png {
-                let path = images_dir.join(format!("{index:06}.png"));
-                stages::atomic::write_bytes_atomic(&path, &encode_png(image, size, size)?)?;
-            }
-            grid.put(index, image);
-        }
-        progress.set((start + len) as u64);
-    }
-    progress.finish();
+}
+
+/// Writes the labels array and closes the archive.
+fn finish_npz(mut npz: NpzWriter, labels: &Option<Vec<i64>>, num: usize) -> anyhow::Result<()> {
     npz.end()?;
-    npz.begin("arr_1", Dtype::I64, &[args.num])?;
-    let label_values = labels.clone().unwrap_or_else(|| vec![-1; args.num]);
+    npz.begin("arr_1", Dtype::I64, &[num])?;
+    let label_values = labels.clone().unwrap_or_else(|| vec![-1; num]);
     npz.write(
         &label_values
             .iter()
@@ -268,7 +208,128 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Vec<u8>>(),
     )?;
     npz.end()?;
-    npz.finish()?;
+    npz.finish()
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.num == 0 {
+        bail!("--num must be at least 1");
+    }
+    if args.attn_temp <= 0.0 {
+        bail!("--attn-temp must be positive, got {}", args.attn_temp);
+    }
+    let ranks = Ranks::join(&args.ranks)?;
+    let trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
+    let model = trained.model();
+    let labels = ranks.agree("choosing the classes", labels(&args, model.cfg.num_classes))?;
+    let g = Guidance {
+        weight: args.cfg,
+        annealed: args.annealed,
+        attn_temp: args.attn_temp,
+    };
+    let size = trained.pixel_size() as usize;
+    let image_bytes = size * size * 3;
+    // Every evaluation default in one line first, so a sample set says how it was made.
+    if ranks.leader() {
+        println!(
+            "sampling: guidance w {} ({}), attn_temp {}, denoise {}, seed {}, {}",
+            args.cfg,
+            if args.annealed {
+                "annealed"
+            } else {
+                "constant"
+            },
+            args.attn_temp,
+            if args.denoise {
+                format!("on (σ {})", model.cfg.noise_std)
+            } else {
+                "off".to_string()
+            },
+            args.seed,
+            match (&labels, args.classes.is_empty()) {
+                (None, _) => "unconditional",
+                (Some(_), true) => "random classes",
+                (Some(_), false) => "given classes",
+            }
+        );
+    }
+    let images_dir = args.out.join("images");
+    let npz_path = args.out.join("samples.npz");
+    let n_grid = args.num.min(args.grid_max.max(1));
+    let mut grid = Grid::new(n_grid, args.grid_cols, size);
+    let batch = args.batch.max(1);
+    let mine = rank_parts::batch_slice(args.num, batch, ranks.split());
+    let mut draw_mine = || -> anyhow::Result<i64> {
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        if !args.no_png {
+            std::fs::create_dir_all(&images_dir)
+                .with_context(|| format!("creating {}", images_dir.display()))?;
+        }
+        let mut sink = if ranks.single() {
+            let mut npz = NpzWriter::create(&npz_path)?;
+            npz.begin("arr_0", Dtype::U8, &[args.num, size, size, 3])?;
+            Sink::Npz(npz)
+        } else {
+            Sink::Part(PartWriter::create(ranks.part_path(&npz_path))?)
+        };
+        let mut redrawn = 0;
+        let progress = crate::progress::Progress::new("sample", mine.len() as u64);
+        for start in mine.clone().step_by(batch) {
+            let len = batch.min(mine.end - start);
+            let y = labels
+                .as_ref()
+                .map(|l| Tensor::from_slice(&l[start..start + len]).to_device(trained.device));
+            // A libtorch exception (CUDA out of memory at a large --batch) is an error naming the samples.
+            let what = format!("samples {start}..{}", start + len);
+            let (images, r) = crate::torch_guard::guard(&what, || {
+                let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
+                let x = if args.denoise {
+                    tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
+                } else {
+                    x
+                };
+                Ok((trained.flow_to_images(&x)?, r))
+            })?;
+            redrawn += r;
+            let bytes = Vec::<u8>::try_from(images.flatten(0, -1))?;
+            sink.write(&bytes)?;
+            for (i, image) in bytes.chunks_exact(image_bytes).enumerate() {
+                let index = start + i;
+                if !args.no_png {
+                    let path = images_dir.join(format!("{index:06}.png"));
+                    stages::atomic::write_bytes_atomic(&path, &encode_png(image, size, size)?)?;
+                }
+                grid.put(index, image);
+            }
+            progress.add(len as u64);
+        }
+        progress.finish();
+        match sink {
+            Sink::Npz(npz) => finish_npz(npz, &labels, args.num)?,
+            Sink::Part(part) => part.finish()?,
+        }
+        Ok(redrawn)
+    };
+    let redrawn = draw_mine();
+    let redrawn = ranks.agree(
+        &format!("sampling samples {}..{}", mine.start, mine.end),
+        redrawn,
+    )?;
+    let redrawn = ranks.sum_i64(&[redrawn])?[0];
+    if !ranks.single() {
+        // Rank 0 joins the parts (and draws the grid from them); the others wait for it, so that the
+        // job ends only when samples.npz is complete.
+        let joined = if ranks.leader() {
+            join_parts(&ranks, &npz_path, &labels, args.num, size, &mut grid)
+        } else {
+            Ok(())
+        };
+        ranks.agree("joining the sample parts", joined)?;
+        if !ranks.leader() {
+            return Ok(());
+        }
+    }
     let grid_path = args.out.join("grid.png");
     stages::atomic::write_bytes_atomic(&grid_path, &grid.png()?)?;
     println!(
@@ -276,6 +337,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.num,
         trained.checkpoint.display()
     );
+    if !ranks.single() {
+        println!("ranks: {}", ranks.world());
+    }
     println!(
         "npz: {} (arr_0 uint8 [{}, {size}, {size}, 3], arr_1 int64 labels)",
         npz_path.display(),
@@ -292,6 +356,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("redrawn for NaN/Inf: {redrawn}");
     Ok(())
+}
+
+/// Rank 0: the ranks' image parts in rank order as `arr_0` of `samples.npz`, then the labels; the
+/// grid's samples are taken from the parts on the way.
+fn join_parts(
+    ranks: &Ranks,
+    npz_path: &std::path::Path,
+    labels: &Option<Vec<i64>>,
+    num: usize,
+    size: usize,
+    grid: &mut Grid,
+) -> anyhow::Result<()> {
+    let image_bytes = size * size * 3;
+    let mut npz = NpzWriter::create(npz_path)?;
+    npz.begin("arr_0", Dtype::U8, &[num, size, size, 3])?;
+    let parts = ranks.part_paths(npz_path);
+    let mut index = 0;
+    for part in &parts {
+        // Whole images per chunk, so that each chunk's images can go to the grid.
+        rank_parts::for_each_chunk(part, image_bytes * 64, &mut |bytes| {
+            if bytes.len() % image_bytes != 0 {
+                bail!("{}: not a whole number of images", part.display());
+            }
+            npz.write(bytes)?;
+            for image in bytes.chunks_exact(image_bytes) {
+                grid.put(index, image);
+                index += 1;
+            }
+            Ok(())
+        })?;
+    }
+    if index != num {
+        bail!(
+            "the parts of {} hold {index} samples, expected {num}",
+            npz_path.display()
+        );
+    }
+    finish_npz(npz, labels, num)?;
+    rank_parts::remove_parts(&parts)
 }
 
 #[cfg(test)]

@@ -119,3 +119,36 @@ pub fn demo_run(root: &Path, shards: &str, out: &str, sets: &[&str]) -> Vec<serd
     run_ok(&mut demo_train(root, shards, &root.join(out), &sets));
     metrics(&root.join(out))
 }
+
+/// `flow init --preset PRESET`, then every tensor perturbed so that the flow is not the identity
+/// (TARFlow starts with zero output projections), under a new name with its sidecar.
+pub fn perturbed_checkpoint(dir: &Path, preset: &str, scale: f64) -> PathBuf {
+    let init = dir.join(format!("{preset}-init.safetensors"));
+    run_ok(
+        pipeline()
+            .args([
+                "flow", "init", "--preset", preset, "--seed", "2", "--output",
+            ])
+            .arg(&init),
+    );
+    tch::manual_seed(7);
+    let named: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(&init)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            if t.is_floating_point() {
+                (n, &t + tch::Tensor::randn_like(&t) * scale)
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    let ckpt = dir.join(format!("{preset}.safetensors"));
+    tch::Tensor::write_safetensors(&named, &ckpt).unwrap();
+    std::fs::copy(
+        init.with_extension("model.toml"),
+        ckpt.with_extension("model.toml"),
+    )
+    .unwrap();
+    ckpt
+}

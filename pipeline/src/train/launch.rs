@@ -1,7 +1,8 @@
 //! Where this process sits in a data-parallel job, read the way torchrun and SLURM say it: torchrun's
 //! RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, else srun's SLURM_PROCID / SLURM_NTASKS /
 //! SLURM_LOCALID with the rendezvous host from MASTER_ADDR or the first node of SLURM_JOB_NODELIST.
-//! `train.rank` / `train.world` override the environment (a single process stays rank 0 of 1).
+//! `train.rank` / `train.world` override the environment (a single process stays rank 0 of 1); the
+//! evaluation commands resolve the same way without overrides ([`Launch::from_env`]).
 
 use anyhow::{bail, Context};
 
@@ -54,6 +55,20 @@ impl Launch {
         tc: &super::TrainConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Launch> {
+        Self::resolve_overrides(tc.rank, tc.world, env)
+    }
+
+    /// Where torchrun or srun put this process, with no overrides (`sample`, `classify`, `bpd`).
+    pub fn from_env() -> anyhow::Result<Launch> {
+        Self::resolve_overrides(None, None, |name| std::env::var(name).ok())
+    }
+
+    /// `rank` / `world`, when given, win over the environment.
+    pub fn resolve_overrides(
+        rank: Option<usize>,
+        world: Option<usize>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Launch> {
         let num = |name: &str| -> anyhow::Result<Option<usize>> {
             env(name)
                 .map(|v| {
@@ -70,8 +85,8 @@ impl Launch {
             (None, Some((r, w))) => (Some(r), Some(w), num("SLURM_LOCALID")?),
             (None, None) => (None, None, None),
         };
-        let rank = tc.rank.or(env_rank).unwrap_or(0);
-        let world = tc.world.or(env_world).unwrap_or(1);
+        let rank = rank.or(env_rank).unwrap_or(0);
+        let world = world.or(env_world).unwrap_or(1);
         if world == 0 || rank >= world {
             bail!("rank {rank} of a world of {world}: the rank must be below the world size");
         }

@@ -22,6 +22,7 @@ use model::tarflow::{self, Model};
 use tch::{nn, Device, Kind, Tensor};
 
 pub use config::TrainConfig;
+pub use launch::Launch;
 use loader::{Loader, LoaderSpec, Position};
 use trainer::Trainer;
 
