@@ -1,4 +1,4 @@
-//! `sample`, `classify` and `bpd` as torchrun launches them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+//! `sample`, `classify`, `bpd` and `fid` as torchrun launches them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 //! MASTER_PORT), two ranks on the CPU over Gloo on 127.0.0.1: rank 0's joined outputs are the bytes one
 //! process writes at the same --batch, the slice boundaries falling inside a batch list that crosses
 //! shards (a stream) or restarts at each shard (a cache), and no part file is left behind.
@@ -307,4 +307,60 @@ fn two_ranks_classify_and_score_what_one_process_does() {
             "rank {r}: {err}"
         );
     }
+}
+
+#[test]
+fn two_ranks_score_fid_as_one_process_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "inception", "--out"])
+            .arg(root),
+    );
+    let weights = root.join("inception.safetensors");
+    // 7 images in batches of 2: 4 batches, rank 0 takes batches 0 and 2, rank 1 batches 1 and 3 (the
+    // short one); a random reference.
+    let (samples, reference) = (root.join("samples.npz"), root.join("ref.npz"));
+    let code = "import sys, numpy as np; r = np.random.default_rng(0); \
+                np.savez(sys.argv[1], arr_0=r.integers(0, 256, (7, 80, 80, 3), dtype=np.uint8)); \
+                a = r.standard_normal((2048, 32)) * 0.1; \
+                np.savez(sys.argv[2], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
+    run_ok(python().args(["-c", code]).arg(&samples).arg(&reference));
+    let fid = |out: &Path| {
+        let mut cmd = pipeline();
+        cmd.args(["fid", "--batch", "2", "--device", "cpu", "--samples"])
+            .arg(&samples)
+            .arg("--ref")
+            .arg(&reference)
+            .arg("--weights")
+            .arg(&weights)
+            .arg("--out")
+            .arg(out);
+        cmd
+    };
+    let one = root.join("one/fid.json");
+    std::fs::create_dir_all(one.parent().unwrap()).unwrap();
+    run_ok(&mut fid(&one));
+    let two = root.join("two/fid.json");
+    std::fs::create_dir_all(two.parent().unwrap()).unwrap();
+    let outs = ranks(2, |_| fid(&two));
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let (a, b) = (read(&one), read(&two));
+    for key in ["fid", "inception_score", "inception_score_std", "samples"] {
+        assert_eq!(a[key], b[key], "{key}: one process {a}, two ranks {b}");
+    }
+    assert!(
+        stdout(&outs[0]).contains("ranks: 2"),
+        "{}",
+        stdout(&outs[0])
+    );
+    assert!(stdout(&outs[1]).is_empty(), "{}", stdout(&outs[1]));
+    assert_eq!(
+        names(&tree(&root.join("two"))),
+        ["fid.json"],
+        "feature parts are removed after the join"
+    );
 }

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use model::feature_stats::{FeatureStats, Statistics};
 use model::inception::{Inception, LoadedInception};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::image_set::ImageSet;
 use crate::npz::{Dtype, NpzWriter};
 use crate::npz_read::NpzReader;
 use crate::progress::Progress;
+use crate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 
 /// The file name `tools/convert_inception.py` gives the converted pytorch-fid weights.
 pub const WEIGHTS_FILE: &str = "pt_inception-2015-12-05-6726825d.safetensors";
@@ -44,10 +45,14 @@ impl InceptionArgs {
 
     /// Checks the flags and loads the network on the chosen device.
     pub fn load(&self) -> anyhow::Result<LoadedInception> {
+        self.load_on(model::device::parse_device(&self.device)?)
+    }
+
+    /// [`Self::load`] on `device`.
+    pub fn load_on(&self, device: Device) -> anyhow::Result<LoadedInception> {
         if self.batch == 0 {
             bail!("--batch must be at least 1");
         }
-        let device = model::device::parse_device(&self.device)?;
         let path = self.weights_path();
         Ok(Inception::from_file(&path, device).with_context(|| {
             format!(
@@ -82,9 +87,12 @@ pub struct Args {
     reference: PathBuf,
     #[command(flatten)]
     inception: InceptionArgs,
-    /// Also write the scores as JSON here
+    /// Also write the scores as JSON here (required with several ranks: their features are joined
+    /// beside it, on a filesystem every rank sees)
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    ranks: RankArgs,
 }
 
 /// What [`score`] returns.
@@ -147,7 +155,7 @@ pub fn score(
     let mut seen = 0;
     for batch in batches {
         let images = batch?;
-        let n = images.size().first().copied().unwrap_or(0).max(0) as usize;
+        let n = batch_len(&images);
         let what = format!("Inception features of images {seen}..{}", seen + n);
         crate::torch_guard::guard(&what, || {
             stats.add_images(inception, &images).context(what.clone())
@@ -157,6 +165,19 @@ pub fn score(
             p.add(n as u64);
         }
     }
+    finish(&stats, reference, total, seen)
+}
+
+fn batch_len(images: &Tensor) -> usize {
+    images.size().first().copied().unwrap_or(0).max(0) as usize
+}
+
+fn finish(
+    stats: &FeatureStats,
+    reference: &Statistics,
+    total: usize,
+    seen: usize,
+) -> anyhow::Result<Scores> {
     if seen != total {
         bail!("expected {total} images, got {seen}");
     }
@@ -174,6 +195,107 @@ pub fn score(
     })
 }
 
+/// [`score`] over several ranks: batch k is rank (k mod W)'s; each rank writes the features of its
+/// batches to a part beside `base`, and rank 0 adds them in batch order to the statistics, exactly
+/// as one process would (same batches, same order), so the scores are the single-process ones. Rank 0
+/// returns the scores, the others None.
+fn score_ranks(
+    ranks: &Ranks,
+    inception: &Inception,
+    reference: &Statistics,
+    total: usize,
+    batches: impl IntoIterator<Item = anyhow::Result<Tensor>>,
+    progress: &Progress,
+    base: &Path,
+) -> anyhow::Result<Option<Scores>> {
+    let (rank, world) = (ranks.rank(), ranks.world());
+    let mine = (|| -> anyhow::Result<()> {
+        let mut part = PartWriter::create(ranks.part_path(base))?;
+        let mut seen = 0;
+        for (k, batch) in batches.into_iter().enumerate() {
+            let images = batch?;
+            let n = batch_len(&images);
+            if k % world == rank {
+                let what = format!("Inception features of images {seen}..{}", seen + n);
+                crate::torch_guard::guard(&what, || {
+                    let f = inception.features(&images).context(what.clone())?;
+                    part.write(&(n as u64).to_le_bytes())?;
+                    for t in [&f.pool3, &f.logits_unbiased] {
+                        let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+                        part.write(&Vec::<u8>::try_from(
+                            t.view_dtype(Kind::Uint8).flatten(0, -1),
+                        )?)?;
+                    }
+                    Ok(())
+                })?;
+                progress.add(n as u64);
+            }
+            seen += n;
+        }
+        part.finish()
+    })();
+    ranks.agree("computing Inception features", mine)?;
+    let joined = if ranks.leader() {
+        join_features(ranks, inception, reference, total, base).map(Some)
+    } else {
+        Ok(None)
+    };
+    ranks.agree("joining the feature parts", joined)
+}
+
+/// Rank 0: the parts' batches in global batch order into the statistics; the parts are removed.
+fn join_features(
+    ranks: &Ranks,
+    inception: &Inception,
+    reference: &Statistics,
+    total: usize,
+    base: &Path,
+) -> anyhow::Result<Scores> {
+    use std::io::Read;
+    let paths = ranks.part_paths(base);
+    let mut parts = paths
+        .iter()
+        .map(|p| {
+            std::fs::File::open(p)
+                .map(|f| std::io::BufReader::with_capacity(1 << 20, f))
+                .with_context(|| format!("opening {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut stats = FeatureStats::with_inception_score(total, inception.device());
+    let mut seen = 0;
+    for k in 0.. {
+        let (path, part) = (&paths[k % paths.len()], &mut parts[k % paths.len()]);
+        let mut count = [0u8; 8];
+        match part.read_exact(&mut count) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let n = u64::from_le_bytes(count) as i64;
+        let mut read = |width: i64| -> anyhow::Result<Tensor> {
+            let mut bytes = vec![0u8; (n * width * 4) as usize];
+            part.read_exact(&mut bytes)
+                .with_context(|| format!("reading {}: a batch is cut short", path.display()))?;
+            Ok(Tensor::f_from_slice(&bytes)?
+                .f_view_dtype(Kind::Float)?
+                .f_view([n, width])?
+                .f_to_device(inception.device())?)
+        };
+        let pool3 = read(FEATURES)?;
+        let logits = read(LOGITS)?;
+        stats.add_raw(&pool3, Some(&logits))?;
+        seen += n as usize;
+    }
+    let scores = finish(&stats, reference, total, seen)?;
+    drop(parts);
+    rank_parts::remove_parts(&paths)?;
+    Ok(scores)
+}
+
+/// pool3 width and classifier width of the FID Inception.
+const FEATURES: i64 = 2048;
+const LOGITS: i64 = 1008;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Both inputs are checked before the network loads, so a wrong path fails in a second.
     let reference = read_reference(&args.reference)?;
@@ -185,26 +307,60 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             set.len()
         );
     }
-    let loaded = args.inception.load()?;
+    let ranks = Ranks::join(&args.ranks)?;
+    if !ranks.single() && args.out.is_none() {
+        bail!(
+            "{}--out is required with several ranks (the features are joined beside it)",
+            ranks.tag()
+        );
+    }
+    let device = ranks.launch.device(&args.inception.device)?;
+    let loaded = ranks.agree(
+        "loading the Inception network",
+        args.inception.load_on(device),
+    )?;
     let inception = &loaded.model;
     let weights = args.inception.weights_path();
-    println!(
-        "fid: {} against {} (Inception {}, fp32 on {})",
-        set.describe(),
-        args.reference.display(),
-        weights.display(),
-        describe_device(inception.device()),
-    );
+    if ranks.leader() {
+        println!(
+            "fid: {} against {} (Inception {}, fp32 on {})",
+            set.describe(),
+            args.reference.display(),
+            weights.display(),
+            describe_device(inception.device()),
+        );
+    }
     let progress = Progress::new("fid", set.len() as u64);
-    let scores = score(
-        inception,
-        &reference,
-        set.len(),
-        set.batches(args.inception.batch),
-        Some(&progress),
-    )
+    let batches = set.batches(args.inception.batch);
+    let scores = if ranks.single() {
+        score(inception, &reference, set.len(), batches, Some(&progress))
+    } else {
+        let out = args.out.as_deref().unwrap_or(Path::new("fid.json"));
+        let base = out.with_file_name(format!(
+            "{}.features",
+            out.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        match score_ranks(
+            &ranks,
+            inception,
+            &reference,
+            set.len(),
+            batches,
+            &progress,
+            &base,
+        )? {
+            Some(scores) => Ok(scores),
+            None => {
+                progress.finish();
+                return Ok(());
+            }
+        }
+    }
     .with_context(|| format!("scoring {}", args.samples.display()))?;
     progress.finish();
+    if !ranks.single() {
+        println!("ranks: {}", ranks.world());
+    }
     println!("FID: {:.4}", scores.fid);
     println!(
         "Inception Score: {:.4} ± {:.4} ({} splits of {} samples)",
