@@ -329,9 +329,18 @@ fn fid_stats_and_fid_end_to_end() {
 
     // Reference statistics of the shard's crops, against pytorch-fid's of the same crops.
     let reference = root.join("ref.npz");
-    let out = common::run_ok(&mut fid_stats_cmd(&shard, &reference));
+    // Off a terminal, progress is a log line every PIPELINE_PROGRESS_SECS (here every batch).
+    let progress = |cmd: &mut std::process::Command| {
+        cmd.env("RUST_LOG", "info")
+            .env("PIPELINE_PROGRESS_SECS", "0");
+    };
+    let mut cmd = fid_stats_cmd(&shard, &reference);
+    progress(&mut cmd);
+    let out = common::run_ok(&mut cmd);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("12 images"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fid-stats: 12 done in"), "{stderr}");
     let check = common::run_ok(common::python().arg("-c").arg(format!(
         "import json, numpy as np\n\
          a, b = np.load({:?}), np.load({:?})\n\
@@ -360,7 +369,14 @@ fn fid_stats_and_fid_end_to_end() {
     // The same crops as PNGs against our statistics, and as a compressed .npz against pytorch-fid's
     // compressed statistics file: both ≈ 0, with the same Inception Score (same images, same order).
     let png_json = root.join("png.json");
-    common::run_ok(&mut fid_cmd(&inputs.join("pngs"), &reference, &png_json));
+    let mut cmd = fid_cmd(&inputs.join("pngs"), &reference, &png_json);
+    progress(&mut cmd);
+    let out = common::run_ok(&mut cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("fid: 5/12") && stderr.contains("fid: 12 done in"),
+        "{stderr}"
+    );
     let npz_json = root.join("npz.json");
     common::run_ok(&mut fid_cmd(
         &inputs.join("samples.npz"),
