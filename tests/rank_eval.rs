@@ -309,49 +309,62 @@ fn two_ranks_classify_and_score_what_one_process_does() {
     }
 }
 
-#[test]
-fn two_ranks_score_fid_as_one_process_does() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
+/// A random-init FID Inception and random reference statistics under `root`: (weights, reference).
+fn inception_and_reference(root: &Path) -> (PathBuf, PathBuf) {
     run_ok(
         pipeline()
             .args(["encoders", "init", "--preset", "inception", "--out"])
             .arg(root),
     );
-    let weights = root.join("inception.safetensors");
-    // 7 images in batches of 2: 4 batches, rank 0 takes batches 0 and 2, rank 1 batches 1 and 3 (the
-    // short one); a random reference.
-    let (samples, reference) = (root.join("samples.npz"), root.join("ref.npz"));
-    let code = "import sys, numpy as np; r = np.random.default_rng(0); \
-                np.savez(sys.argv[1], arr_0=r.integers(0, 256, (7, 80, 80, 3), dtype=np.uint8)); \
+    let reference = root.join("ref.npz");
+    let code = "import sys, numpy as np; r = np.random.default_rng(1); \
                 a = r.standard_normal((2048, 32)) * 0.1; \
-                np.savez(sys.argv[2], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
-    run_ok(python().args(["-c", code]).arg(&samples).arg(&reference));
-    let fid = |out: &Path| {
-        let mut cmd = pipeline();
-        cmd.args(["fid", "--batch", "2", "--device", "cpu", "--samples"])
-            .arg(&samples)
-            .arg("--ref")
-            .arg(&reference)
-            .arg("--weights")
-            .arg(&weights)
-            .arg("--out")
-            .arg(out);
-        cmd
-    };
+                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
+    run_ok(python().args(["-c", code]).arg(&reference));
+    (root.join("inception.safetensors"), reference)
+}
+
+fn fid_cmd(samples: &Path, reference: &Path, weights: &Path, out: &Path) -> Command {
+    let mut cmd = pipeline();
+    cmd.args(["fid", "--batch", "2", "--device", "cpu", "--samples"])
+        .arg(samples)
+        .arg("--ref")
+        .arg(reference)
+        .arg("--weights")
+        .arg(weights)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+fn assert_same_scores(a: &serde_json::Value, b: &serde_json::Value) {
+    for key in ["fid", "inception_score", "inception_score_std", "samples"] {
+        assert_eq!(a[key], b[key], "{key}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn two_ranks_score_fid_as_one_process_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (weights, reference) = inception_and_reference(root);
+    // 7 images in batches of 2: 4 batches, rank 0 takes batches 0 and 2, rank 1 batches 1 and 3 (the
+    // short one).
+    let samples = root.join("samples.npz");
+    let code = "import sys, numpy as np; r = np.random.default_rng(0); \
+                np.savez(sys.argv[1], arr_0=r.integers(0, 256, (7, 80, 80, 3), dtype=np.uint8))";
+    run_ok(python().args(["-c", code]).arg(&samples));
     let one = root.join("one/fid.json");
     std::fs::create_dir_all(one.parent().unwrap()).unwrap();
-    run_ok(&mut fid(&one));
+    run_ok(&mut fid_cmd(&samples, &reference, &weights, &one));
     let two = root.join("two/fid.json");
     std::fs::create_dir_all(two.parent().unwrap()).unwrap();
-    let outs = ranks(2, |_| fid(&two));
-    let read = |p: &Path| -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-    };
-    let (a, b) = (read(&one), read(&two));
-    for key in ["fid", "inception_score", "inception_score_std", "samples"] {
-        assert_eq!(a[key], b[key], "{key}: one process {a}, two ranks {b}");
-    }
+    let outs = ranks(2, |_| fid_cmd(&samples, &reference, &weights, &two));
+    assert_same_scores(&read_json(&one), &read_json(&two));
     assert!(
         stdout(&outs[0]).contains("ranks: 2"),
         "{}",
@@ -361,6 +374,53 @@ fn two_ranks_score_fid_as_one_process_does() {
     assert_eq!(
         names(&tree(&root.join("two"))),
         ["fid.json"],
+        "feature parts are removed after the join"
+    );
+}
+
+#[test]
+fn sample_with_fid_ref_scores_what_fid_scores_on_one_or_two_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (weights, reference) = inception_and_reference(root);
+    let ckpt = perturbed_checkpoint(root, "tiny", 0.02);
+    let sample = |out: &Path| {
+        let mut cmd = pipeline();
+        cmd.args(["sample", "--device", "cpu", "--no-png", "--checkpoint"])
+            .arg(&ckpt)
+            .args(["--num", "7", "--batch", "2", "--seed", "3", "--fid-ref"])
+            .arg(&reference)
+            .arg("--fid-weights")
+            .arg(&weights)
+            .arg("--out")
+            .arg(out);
+        cmd
+    };
+    let one = root.join("one");
+    let printed = stdout(&run_ok(&mut sample(&one)));
+    assert!(
+        printed.contains("FID: ") && printed.contains("Inception Score: "),
+        "{printed}"
+    );
+    // The same numbers as `pipeline fid` on the written samples at the same batch size.
+    let after = root.join("after.json");
+    run_ok(&mut fid_cmd(
+        &one.join("samples.npz"),
+        &reference,
+        &weights,
+        &after,
+    ));
+    assert_same_scores(&read_json(&one.join("fid.json")), &read_json(&after));
+    // Two ranks: rank 0 joins the features of both slices in order.
+    let two = root.join("two");
+    ranks(2, |_| sample(&two));
+    assert_same_scores(
+        &read_json(&one.join("fid.json")),
+        &read_json(&two.join("fid.json")),
+    );
+    assert_eq!(
+        names(&tree(&two)),
+        ["fid.json", "grid.png", "samples.npz"],
         "feature parts are removed after the join"
     );
 }

@@ -172,7 +172,7 @@ fn batch_len(images: &Tensor) -> usize {
     images.size().first().copied().unwrap_or(0).max(0) as usize
 }
 
-fn finish(
+pub fn finish(
     stats: &FeatureStats,
     reference: &Statistics,
     total: usize,
@@ -219,14 +219,7 @@ fn score_ranks(
                 let what = format!("Inception features of images {seen}..{}", seen + n);
                 crate::torch_guard::guard(&what, || {
                     let f = inception.features(&images).context(what.clone())?;
-                    part.write(&(n as u64).to_le_bytes())?;
-                    for t in [&f.pool3, &f.logits_unbiased] {
-                        let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-                        part.write(&Vec::<u8>::try_from(
-                            t.view_dtype(Kind::Uint8).flatten(0, -1),
-                        )?)?;
-                    }
-                    Ok(())
+                    write_features(&mut part, &f)
                 })?;
                 progress.add(n as u64);
             }
@@ -236,23 +229,53 @@ fn score_ranks(
     })();
     ranks.agree("computing Inception features", mine)?;
     let joined = if ranks.leader() {
-        join_features(ranks, inception, reference, total, base).map(Some)
+        join_features(
+            &ranks.part_paths(base),
+            PartOrder::RoundRobin,
+            inception.device(),
+            total,
+        )
+        .and_then(|(stats, seen)| finish(&stats, reference, total, seen))
+        .map(Some)
     } else {
         Ok(None)
     };
     ranks.agree("joining the feature parts", joined)
 }
 
-/// Rank 0: the parts' batches in global batch order into the statistics; the parts are removed.
-fn join_features(
-    ranks: &Ranks,
-    inception: &Inception,
-    reference: &Statistics,
+/// One batch's network outputs as a record of a features part: n (u64 LE), pool3 (n × 2048 f32 LE),
+/// logits_unbiased (n × 1008 f32 LE): what [`FeatureStats::add`] reads, bit for bit.
+pub fn write_features(part: &mut PartWriter, f: &model::inception::Features) -> anyhow::Result<()> {
+    let n = f.pool3.size()[0];
+    part.write(&(n as u64).to_le_bytes())?;
+    for t in [&f.pool3, &f.logits_unbiased] {
+        let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        part.write(&Vec::<u8>::try_from(
+            t.view_dtype(Kind::Uint8).flatten(0, -1),
+        )?)?;
+    }
+    Ok(())
+}
+
+/// How the batches of one job were dealt to the ranks' parts.
+#[derive(Clone, Copy)]
+pub enum PartOrder {
+    /// Batch k is in part k mod W (`fid`).
+    RoundRobin,
+    /// Each part holds one contiguous run of batches, in rank order (`sample --fid-ref`).
+    Sequential,
+}
+
+/// Rank 0: the parts' records in global batch order into fresh statistics on `device` (with the
+/// Inception Score's logits for `total` images); the parts are removed. Returns them and the image
+/// count.
+pub fn join_features(
+    paths: &[PathBuf],
+    order: PartOrder,
+    device: Device,
     total: usize,
-    base: &Path,
-) -> anyhow::Result<Scores> {
+) -> anyhow::Result<(FeatureStats, usize)> {
     use std::io::Read;
-    let paths = ranks.part_paths(base);
     let mut parts = paths
         .iter()
         .map(|p| {
@@ -261,14 +284,24 @@ fn join_features(
                 .with_context(|| format!("opening {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut stats = FeatureStats::with_inception_score(total, inception.device());
-    let mut seen = 0;
+    let mut stats = FeatureStats::with_inception_score(total, device);
+    let (mut seen, mut current) = (0, 0);
     for k in 0.. {
-        let (path, part) = (&paths[k % paths.len()], &mut parts[k % paths.len()]);
+        let i = match order {
+            PartOrder::RoundRobin => k % paths.len(),
+            PartOrder::Sequential => current,
+        };
+        let (path, part) = (&paths[i], &mut parts[i]);
         let mut count = [0u8; 8];
         match part.read_exact(&mut count) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => match order {
+                PartOrder::Sequential if current + 1 < paths.len() => {
+                    current += 1;
+                    continue;
+                }
+                _ => break,
+            },
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
         let n = u64::from_le_bytes(count) as i64;
@@ -279,17 +312,16 @@ fn join_features(
             Ok(Tensor::f_from_slice(&bytes)?
                 .f_view_dtype(Kind::Float)?
                 .f_view([n, width])?
-                .f_to_device(inception.device())?)
+                .f_to_device(device)?)
         };
         let pool3 = read(FEATURES)?;
         let logits = read(LOGITS)?;
         stats.add_raw(&pool3, Some(&logits))?;
         seen += n as usize;
     }
-    let scores = finish(&stats, reference, total, seen)?;
     drop(parts);
-    rank_parts::remove_parts(&paths)?;
-    Ok(scores)
+    rank_parts::remove_parts(paths)?;
+    Ok((stats, seen))
 }
 
 /// pool3 width and classifier width of the FID Inception.
@@ -361,6 +393,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !ranks.single() {
         println!("ranks: {}", ranks.world());
     }
+    if let Some(out) = &args.out {
+        report(&scores, out, &args.samples, &args.reference, &weights)?;
+    } else {
+        print_scores(&scores);
+    }
+    Ok(())
+}
+
+fn print_scores(scores: &Scores) {
     println!("FID: {:.4}", scores.fid);
     println!(
         "Inception Score: {:.4} ± {:.4} ({} splits of {} samples)",
@@ -369,16 +410,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         scores.inception_score_splits,
         scores.samples
     );
-    if let Some(out) = &args.out {
-        let mut json = serde_json::to_value(&scores)?;
-        json["samples_path"] = args.samples.display().to_string().into();
-        json["reference"] = args.reference.display().to_string().into();
-        json["weights"] = weights.display().to_string().into();
-        let text = serde_json::to_string_pretty(&json)? + "\n";
-        stages::atomic::write_bytes_atomic(out, text.as_bytes())
-            .with_context(|| format!("writing {}", out.display()))?;
-        println!("scores: {}", out.display());
-    }
+}
+
+/// Prints the scores and writes them with their inputs' paths as JSON to `out`, atomically.
+pub fn report(
+    scores: &Scores,
+    out: &Path,
+    samples: &Path,
+    reference: &Path,
+    weights: &Path,
+) -> anyhow::Result<()> {
+    print_scores(scores);
+    let mut json = serde_json::to_value(scores)?;
+    json["samples_path"] = samples.display().to_string().into();
+    json["reference"] = reference.display().to_string().into();
+    json["weights"] = weights.display().to_string().into();
+    let text = serde_json::to_string_pretty(&json)? + "\n";
+    stages::atomic::write_bytes_atomic(out, text.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("scores: {}", out.display());
     Ok(())
 }
 

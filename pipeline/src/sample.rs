@@ -4,7 +4,7 @@
 //! ADM evaluation suite's format (`arr_0` uint8 N×H×W×3, `arr_1` int64 labels, −1 = unconditional).
 //! Under torchrun/srun each rank draws a run of the batches and rank 0 joins them (`rank_parts`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance};
@@ -68,8 +68,84 @@ pub struct Args {
     /// Output directory: `images/000000.png`…, `grid.png`, `samples.npz`
     #[arg(long)]
     out: PathBuf,
+    /// Also score the samples as they are drawn: FID against these reference statistics (`pipeline
+    /// fid-stats` output or an ADM reference batch) and the Inception Score, into OUT/fid.json
+    #[arg(long, value_name = "REF.npz")]
+    fid_ref: Option<PathBuf>,
+    /// Inception weights for --fid-ref (default: where `pipeline fid` looks)
+    #[arg(long, value_name = "FILE", requires = "fid_ref")]
+    fid_weights: Option<PathBuf>,
     #[command(flatten)]
     ranks: RankArgs,
+}
+
+/// `--fid-ref`: the network and reference, and where this rank's features go.
+struct FidScoring {
+    inception: model::inception::LoadedInception,
+    reference: model::feature_stats::Statistics,
+    weights: PathBuf,
+    sink: FeatureSink,
+}
+
+/// One process accumulates the statistics itself; several ranks each write the features of their
+/// contiguous run of batches to a part that rank 0 joins in rank order (the same batches in the same
+/// order, so the same numbers).
+enum FeatureSink {
+    Stats(model::feature_stats::FeatureStats),
+    Part(Option<PartWriter>),
+}
+
+impl FidScoring {
+    fn load(args: &Args, ranks: &Ranks, device: Device) -> anyhow::Result<Option<FidScoring>> {
+        let Some(reference) = &args.fid_ref else {
+            return Ok(None);
+        };
+        let weights = args
+            .fid_weights
+            .clone()
+            .unwrap_or_else(crate::fid::default_weights);
+        let reference = crate::fid::read_reference(reference).context("--fid-ref")?;
+        let inception = model::inception::Inception::from_file(&weights, device)
+            .with_context(|| format!("--fid-weights: loading {}", weights.display()))?;
+        let sink = if ranks.single() {
+            FeatureSink::Stats(model::feature_stats::FeatureStats::with_inception_score(
+                args.num, device,
+            ))
+        } else {
+            FeatureSink::Part(None)
+        };
+        Ok(Some(FidScoring {
+            inception,
+            reference,
+            weights,
+            sink,
+        }))
+    }
+
+    fn add(
+        &mut self,
+        images: &Tensor,
+        part: impl FnOnce() -> anyhow::Result<PartWriter>,
+    ) -> anyhow::Result<()> {
+        let net = &self.inception.model;
+        match &mut self.sink {
+            FeatureSink::Stats(stats) => Ok(stats.add_images(net, images)?),
+            FeatureSink::Part(writer) => {
+                if writer.is_none() {
+                    *writer = Some(part()?);
+                }
+                let f = net.features(images)?;
+                crate::fid::write_features(writer.as_mut().expect("created above"), &f)
+            }
+        }
+    }
+
+    fn finish_part(&mut self) -> anyhow::Result<()> {
+        match &mut self.sink {
+            FeatureSink::Part(writer) => writer.take().map_or(Ok(()), PartWriter::finish),
+            FeatureSink::Stats(_) => Ok(()),
+        }
+    }
 }
 
 /// SplitMix64: decorrelates consecutive (seed, index) keys into independent generator seeds.
@@ -227,6 +303,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         annealed: args.annealed,
         attn_temp: args.attn_temp,
     };
+    let mut fid = ranks.agree(
+        "loading the FID network and reference",
+        FidScoring::load(&args, &ranks, trained.device),
+    )?;
     let size = trained.pixel_size() as usize;
     let image_bytes = size * size * 3;
     // Every evaluation default in one line first, so a sample set says how it was made.
@@ -255,6 +335,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let images_dir = args.out.join("images");
     let npz_path = args.out.join("samples.npz");
+    let fid_features = args.out.join("fid-features");
     let n_grid = args.num.min(args.grid_max.max(1));
     let mut grid = Grid::new(n_grid, args.grid_cols, size);
     let batch = args.batch.max(1);
@@ -292,6 +373,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Ok((trained.flow_to_images(&x)?, r))
             })?;
             redrawn += r;
+            if let Some(fid) = fid.as_mut() {
+                let what = format!("Inception features of samples {start}..{}", start + len);
+                crate::torch_guard::guard(&what, || {
+                    fid.add(&images, || {
+                        PartWriter::create(ranks.part_path(&fid_features))
+                    })
+                    .context(what.clone())
+                })?;
+            }
             let bytes = Vec::<u8>::try_from(images.flatten(0, -1))?;
             sink.write(&bytes)?;
             for (i, image) in bytes.chunks_exact(image_bytes).enumerate() {
@@ -308,6 +398,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         match sink {
             Sink::Npz(npz) => finish_npz(npz, &labels, args.num)?,
             Sink::Part(part) => part.finish()?,
+        }
+        if let Some(fid) = fid.as_mut() {
+            fid.finish_part()?;
         }
         Ok(redrawn)
     };
@@ -326,6 +419,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         };
         ranks.agree("joining the sample parts", joined)?;
+        if let Some(fid) = fid.as_mut().filter(|_| ranks.leader()) {
+            // A rank whose slice is empty wrote no part; an empty file stands for it.
+            let paths = ranks.part_paths(&fid_features);
+            for p in &paths {
+                if !p.exists() {
+                    PartWriter::create(p.clone())?.finish()?;
+                }
+            }
+            let (stats, _) = crate::fid::join_features(
+                &paths,
+                crate::fid::PartOrder::Sequential,
+                trained.device,
+                args.num,
+            )?;
+            fid.sink = FeatureSink::Stats(stats);
+        }
         if !ranks.leader() {
             return Ok(());
         }
@@ -355,6 +464,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("images: {}/000000.png …", images_dir.display());
     }
     println!("redrawn for NaN/Inf: {redrawn}");
+    if let Some(fid) = &fid {
+        let FeatureSink::Stats(stats) = &fid.sink else {
+            bail!("the FID features were not joined");
+        };
+        let scores = crate::fid::finish(stats, &fid.reference, args.num, stats.count() as usize)
+            .context("scoring the samples")?;
+        crate::fid::report(
+            &scores,
+            &args.out.join("fid.json"),
+            &npz_path,
+            args.fid_ref.as_deref().unwrap_or(Path::new("")),
+            &fid.weights,
+        )?;
+    }
     Ok(())
 }
 
