@@ -9,16 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{metrics, pipeline, run_ok};
+use common::{free_port, metrics, pipeline, run_ok};
 use tch::Tensor;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A tiny pixel flow with R-REPA over the demo data's precompute cache (tiny encoders).
 fn setup(root: &Path) -> (PathBuf, Vec<String>) {

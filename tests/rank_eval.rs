@@ -11,14 +11,6 @@ use std::process::{Command, Output, Stdio};
 
 use tch::{Device, Kind, Tensor};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs `make(rank)` as every rank of a `world`-rank job and returns the outputs in rank order.
 fn launch(world: usize, make: impl Fn(usize) -> Command) -> Vec<Output> {
     let port = free_port();
