@@ -21,9 +21,10 @@ pub struct Args {
     /// Images per VAE-encoder batch
     #[arg(long, default_value_t = 2)]
     vae_batch: i64,
-    /// Run our VAE encoder on channels-last activations (the reference stays NCHW)
+    /// Run our VAE encoder on NCHW activations instead of its default channels-last (the reference is
+    /// NCHW either way)
     #[arg(long)]
-    vae_channels_last: bool,
+    vae_nchw: bool,
     /// Timed batches per model and side, interleaved (the median is reported)
     #[arg(long, default_value_t = 3)]
     iters: usize,
@@ -100,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(dinov2_model);
 
     let mut vae_model = vae_random(device);
-    vae_model.channels_last = args.vae_channels_last;
+    vae_model.channels_last = !args.vae_nchw;
     let images = Tensor::rand([args.vae_batch, 3, 256, 256], (Kind::Float, device)) * 2.0 - 1.0;
     let (vae, vae_anchor) = interleaved(&args, &mut reference, "vae", args.vae_batch, || {
         let _ = vae_model
