@@ -337,3 +337,33 @@ char* ext_cuda_memory(int device, int reset, int64_t* current, int64_t* peak) {
   });
 }
 }
+
+// ---- CUDA events through c10's device-generic Event and guard interface (no CUDA header): record on
+// the device's current stream, wait on the host for that point only, so a stage can hand batch k's
+// results on while batch k+1 still runs.
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+extern "C" {
+// A new event recorded on CUDA device `device`'s current stream, in *out (free with ext_event_free).
+char* ext_event_record(int device, void** out) {
+  return guard([&] {
+    auto index = static_cast<c10::DeviceIndex>(device);
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    if (device < 0 || device >= impl->deviceCount()) {
+      throw std::runtime_error("no CUDA device " + std::to_string(device));
+    }
+    auto stream = impl->getStream(c10::Device(c10::DeviceType::CUDA, index));
+    auto event = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
+    event->record(stream);
+    *out = event.release();
+  });
+}
+
+// Blocks the host until the work before the event's record point has finished.
+char* ext_event_synchronize(void* event) {
+  return guard([&] { static_cast<c10::Event*>(event)->synchronize(); });
+}
+
+void ext_event_free(void* event) { delete static_cast<c10::Event*>(event); }
+}

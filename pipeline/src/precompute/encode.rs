@@ -58,13 +58,60 @@ pub fn field_specs(p: &PrecomputeConfig, image_size: usize, enc: &Encoders) -> V
     fields
 }
 
-/// Bytes of a tensor in its own dtype, row-major.
-fn tensor_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let n = t.numel();
-    let mut out = vec![0u8; n * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut out, n);
-    out
+/// One field of a launched batch: bytes made on the host, or a result on its way there.
+enum Field {
+    Bytes(Vec<u8>),
+    /// On CUDA a pinned host tensor filled by a non-blocking copy; on the CPU the result itself.
+    Host(Tensor),
+}
+
+/// A batch whose encoders have been launched. On CUDA its results are being copied to pinned host
+/// memory behind `event`, so the next batch can be launched before these are read back.
+pub struct Launched {
+    fields: Vec<Field>,
+    event: Option<torch_ext::event::CudaEvent>,
+}
+
+impl Launched {
+    /// A batch without samples: `n` empty fields.
+    pub fn empty(n: usize) -> Launched {
+        Launched {
+            fields: (0..n).map(|_| Field::Bytes(Vec::new())).collect(),
+            event: None,
+        }
+    }
+
+    /// Waits for this batch's copies only (not for batches launched since) and returns, per field,
+    /// the whole batch's bytes.
+    pub fn collect(self) -> anyhow::Result<Vec<Vec<u8>>> {
+        if let Some(event) = &self.event {
+            event.synchronize()?;
+        }
+        Ok(self
+            .fields
+            .into_iter()
+            .map(|f| match f {
+                Field::Bytes(b) => b,
+                Field::Host(t) => {
+                    let n = t.numel();
+                    let mut out = vec![0u8; n * t.kind().elt_size_in_bytes()];
+                    t.copy_data_u8(&mut out, n);
+                    out
+                }
+            })
+            .collect())
+    }
+}
+
+/// `t` on its way to the host, row-major in its own dtype: a non-blocking copy into pinned memory on
+/// CUDA (complete once the batch's event is), the tensor itself on the CPU.
+fn to_host(t: &Tensor) -> Field {
+    let t = t.contiguous();
+    Field::Host(if t.device().is_cuda() {
+        t.to_device_(Device::Cpu, t.kind(), true, false)
+    } else {
+        t
+    })
 }
 
 /// (B·V, …) in view-major order (all crops, then all flips) → (B, V, …).
@@ -83,17 +130,28 @@ pub fn encode_batch(
     labels: &[i64],
     size: usize,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
+    launch_batch(p, enc, images, labels, size)?.collect()
+}
+
+/// [`encode_batch`] without waiting for the results: on CUDA the work and the copies back are queued
+/// and an event marks their end.
+pub fn launch_batch(
+    p: &PrecomputeConfig,
+    enc: &Encoders,
+    images: &[&[u8]],
+    labels: &[i64],
+    size: usize,
+) -> anyhow::Result<Launched> {
     let b = images.len() as i64;
     let v = p.views() as i64;
     let s = size as i64;
     let flat: Vec<u8> = images.concat();
     let hwc = Tensor::from_slice(&flat).view([b, s, s, 3]);
-    let mut out = vec![labels
-        .iter()
-        .flat_map(|l| l.to_le_bytes())
-        .collect::<Vec<u8>>()];
+    let mut out = vec![Field::Bytes(
+        labels.iter().flat_map(|l| l.to_le_bytes()).collect(),
+    )];
     if p.store_image {
-        out.push(flat.clone());
+        out.push(Field::Bytes(flat.clone()));
     }
     // On CUDA the upload comes from pinned memory and does not block this thread.
     let nchw = if enc.device.is_cuda() {
@@ -116,14 +174,14 @@ pub fn encode_batch(
             LatentDType::F16 => Kind::Half,
             LatentDType::F32 => Kind::Float,
         };
-        out.push(tensor_bytes(&per_sample(mean, b, v).to_kind(kind)));
-        out.push(tensor_bytes(&per_sample(std, b, v).to_kind(kind)));
+        out.push(to_host(&per_sample(mean, b, v).to_kind(kind)));
+        out.push(to_host(&per_sample(std, b, v).to_kind(kind)));
     }
     if let Some(model) = &enc.dinov2 {
         let tokens = per_sample(model.patch_tokens(&views, p.encoder_input_size)?, b, v);
         match p.features_dtype {
-            FeatureDType::F16 => out.push(tensor_bytes(&tokens.to_kind(Kind::Half))),
-            FeatureDType::Bf16 => out.push(tensor_bytes(&tokens.to_kind(Kind::BFloat16))),
+            FeatureDType::F16 => out.push(to_host(&tokens.to_kind(Kind::Half))),
+            FeatureDType::Bf16 => out.push(to_host(&tokens.to_kind(Kind::BFloat16))),
             FeatureDType::I8 => {
                 // Per-token symmetric scale: the largest |value| of each token maps to 127.
                 let scale = (tokens.abs().amax([-1i64].as_slice(), true) / 127.0).clamp_min(1e-12);
@@ -131,10 +189,14 @@ pub fn encode_batch(
                     .round()
                     .clamp(-127.0, 127.0)
                     .to_kind(Kind::Int8);
-                out.push(tensor_bytes(&q));
-                out.push(tensor_bytes(&scale.squeeze_dim(-1).to_kind(Kind::Float)));
+                out.push(to_host(&q));
+                out.push(to_host(&scale.squeeze_dim(-1).to_kind(Kind::Float)));
             }
         }
     }
-    Ok(out)
+    let event = match enc.device {
+        Device::Cuda(index) => Some(torch_ext::event::CudaEvent::record(index)?),
+        _ => None,
+    };
+    Ok(Launched { fields: out, event })
 }

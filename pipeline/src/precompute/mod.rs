@@ -26,7 +26,7 @@ use stages::wds_reader::ReadOptions;
 pub use settings::{cache_dir, cache_settings, PrecomputeConfig};
 
 use crate::config::ConfigArgs;
-use encode::{encode_batch, field_specs, Encoders};
+use encode::{field_specs, launch_batch, Encoders};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -554,41 +554,74 @@ pub(crate) fn run_graph(
         &format!("precompute ({} shards): images", jobs.len()),
         limit.unwrap_or(0) as u64,
     );
-    // The encode stage runs here: the models stay on the thread that loaded them.
+    // The encode stage runs here: the models stay on the thread that loaded them. One batch stays in
+    // flight: batch k+1 is launched before batch k's results are waited for, so on CUDA the device
+    // has the next batch queued while the host reads the previous one back and hands it on.
     let encode_result = (|| -> anyhow::Result<()> {
+        let mut in_flight: Option<(encode::Launched, DecodedBatch)> = None;
+        // Hands a launched batch to the writer; false when the writer is gone.
+        let mut hand_on =
+            |launched: encode::Launched, batch: DecodedBatch| -> anyhow::Result<bool> {
+                let busy = Instant::now();
+                let encoded = launched
+                    .collect()
+                    .with_context(|| format!("encoding a batch of {}", jobs[batch.job].path))?;
+                encode_m.add_busy(busy.elapsed());
+                out.encodings += (batch.images.len() * p.views()) as u64;
+                let n = batch.keys.len() as u64;
+                let blocked = Instant::now();
+                let sent = etx
+                    .send(EncodedBatch {
+                        job: batch.job,
+                        keys: batch.keys,
+                        fields: encoded,
+                        last: batch.last,
+                        source: batch.source,
+                    })
+                    .is_ok();
+                encode_m.add_blocked_output(blocked.elapsed());
+                if sent {
+                    for _ in 0..n {
+                        encode_m.add_item(0);
+                    }
+                    progress.add(n);
+                }
+                Ok(sent)
+            };
         loop {
             let wait = Instant::now();
-            let Ok(batch) = drx.recv() else { break };
+            let Ok(mut batch) = drx.recv() else { break };
             encode_m.add_wait_input(wait.elapsed());
             let busy = Instant::now();
-            let encoded = if batch.images.is_empty() {
-                vec![Vec::new(); fields.len()]
+            let launched = if batch.images.is_empty() {
+                Ok(encode::Launched::empty(fields.len()))
             } else {
                 let refs: Vec<&[u8]> = batch.images.iter().map(Vec::as_slice).collect();
-                encode_batch(&p, &encoders, &refs, &batch.labels, data.image_size)
-                    .with_context(|| format!("encoding a batch of {}", jobs[batch.job].path))?
+                launch_batch(&p, &encoders, &refs, &batch.labels, data.image_size)
+                    .with_context(|| format!("encoding a batch of {}", jobs[batch.job].path))
+            };
+            let launched = match launched {
+                Ok(launched) => launched,
+                Err(e) => {
+                    // The batch before it is complete: it still reaches the writer, so a shard it
+                    // finishes is kept.
+                    if let Some((prev, prev_batch)) = in_flight.take() {
+                        hand_on(prev, prev_batch)?;
+                    }
+                    return Err(e);
+                }
             };
             encode_m.add_busy(busy.elapsed());
-            out.encodings += (batch.images.len() * p.views()) as u64;
-            let n = batch.keys.len() as u64;
-            let blocked = Instant::now();
-            let sent = etx
-                .send(EncodedBatch {
-                    job: batch.job,
-                    keys: batch.keys,
-                    fields: encoded,
-                    last: batch.last,
-                    source: batch.source,
-                })
-                .is_ok();
-            encode_m.add_blocked_output(blocked.elapsed());
-            if !sent {
-                break;
+            // The crops' bytes are in the launched batch now (or on the device).
+            batch.images.iter_mut().for_each(|i| *i = Vec::new());
+            if let Some((prev, prev_batch)) = in_flight.replace((launched, batch)) {
+                if !hand_on(prev, prev_batch)? {
+                    return Ok(());
+                }
             }
-            for _ in 0..n {
-                encode_m.add_item(0);
-            }
-            progress.add(n);
+        }
+        if let Some((last, batch)) = in_flight.take() {
+            hand_on(last, batch)?;
         }
         Ok(())
     })();
