@@ -54,12 +54,12 @@ impl InceptionArgs {
             bail!("--batch must be at least 1");
         }
         let path = self.weights_path();
-        Ok(Inception::from_file(&path, device).with_context(|| {
+        Inception::from_file(&path, device).with_context(|| {
             format!(
                 "loading the Inception network (download {WEIGHTS_URL} once and run \
                  `python tools/convert_inception.py` on it, or pass --weights)"
             )
-        })?)
+        })
     }
 }
 

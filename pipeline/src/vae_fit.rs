@@ -52,7 +52,7 @@ pub struct FitReport {
 /// Fits the VAE folder `dir` (written by `encoders init`) in place on CPU, atomically replacing its
 /// weights and config.
 pub fn fit(dir: &Path, args: &FitArgs, shards: &str, seed: i64) -> anyhow::Result<FitReport> {
-    if args.fit_size == 0 || args.fit_size % 8 != 0 {
+    if args.fit_size == 0 || !args.fit_size.is_multiple_of(8) {
         bail!(
             "--fit-size {} must be a positive multiple of 8",
             args.fit_size

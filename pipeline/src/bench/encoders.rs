@@ -142,7 +142,7 @@ fn interleaved(
 ) -> anyhow::Result<(Timing, Timing)> {
     for _ in 0..args.warmup {
         ours();
-        reference.measure(model)?.0;
+        reference.measure(model)?;
     }
     let (mut tch_seconds, mut anchor_seconds) = (Vec::new(), Vec::new());
     for _ in 0..args.iters {
