@@ -255,6 +255,20 @@ impl MetaBlock {
         q_scale: Option<&Tensor>,
         prec: Precision,
     ) -> (Tensor, Tensor) {
+        self.split(&self.step_output(token, pos, class, cache, q_scale, prec))
+    }
+
+    /// [`Self::step`] before the split: (B, 1, 2D) float, a then b along the last axis, so a sampler
+    /// can combine guided branches with one op for both.
+    pub fn step_output(
+        &self,
+        token: &Tensor,
+        pos: i64,
+        class: Option<&Tensor>,
+        cache: &mut Cache,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+    ) -> Tensor {
         let mut h = self.embed(token, pos, class, prec);
         let capacity = cache.capacity;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -267,6 +281,6 @@ impl MetaBlock {
                 prec,
             );
         }
-        self.split(&self.proj_out.forward(&h, prec))
+        self.proj_out.forward(&h, prec).to_kind(Kind::Float)
     }
 }

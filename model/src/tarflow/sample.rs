@@ -97,7 +97,7 @@ fn reverse_block(
         } else {
             tokens[i as usize].shallow_clone()
         };
-        let (mut a, mut b) = block.step(
+        let mut o = block.step_output(
             &token,
             i,
             class.as_ref(),
@@ -111,13 +111,19 @@ fn reverse_block(
             } else {
                 g.weight
             };
-            let (ac, au) = (a.narrow(0, 0, batch), a.narrow(0, batch, batch));
-            let (bc, bu) = (b.narrow(0, 0, batch), b.narrow(0, batch, batch));
-            a = &ac + (&ac - au) * w;
-            b = &bc + (&bc - bu) * w;
+            // cond + w·(cond − uncond) for a and b at once: lerp from cond towards uncond by −w.
+            o = o.narrow(0, 0, batch).lerp(&o.narrow(0, batch, batch), -w);
         }
+        let d = o.size()[2] / 2;
+        let (a, b) = (o.narrow(2, 0, d), o.narrow(2, d, d));
         let next = &tokens[i as usize + 1];
-        tokens[i as usize + 1] = (next.to_kind(Kind::Float) * a.exp() + b).to_kind(next.kind());
+        let updated = if next.kind() == Kind::Float {
+            b.addcmul(next, &a.exp())
+        } else {
+            b.addcmul(&next.to_kind(Kind::Float), &a.exp())
+                .to_kind(next.kind())
+        };
+        tokens[i as usize + 1] = updated;
     }
     block.permutation.apply(&Tensor::cat(&tokens, 1))
 }
