@@ -280,7 +280,12 @@ impl Trained {
 /// [−1, 1] float (B, 3, H, W) → uint8 (B, H, W, 3) on the CPU as REPA's sampler does:
 /// clamp(127.5·x + 128, 0, 255) truncated, i.e. 127.5·(x + 1) rounded half up.
 pub fn to_uint8(pixels: &Tensor) -> Tensor {
-    (pixels.to_device(Device::Cpu) * 127.5 + 128.0)
+    to_uint8_on_device(&pixels.to_device(Device::Cpu))
+}
+
+/// [`to_uint8`] where the pixels are (a GPU's samples stay there for the Inception network).
+pub fn to_uint8_on_device(pixels: &Tensor) -> Tensor {
+    (pixels * 127.5 + 128.0)
         .floor()
         .clamp(0.0, 255.0)
         .to_kind(Kind::Uint8)

@@ -61,7 +61,8 @@ impl FidEval {
             .with_context(|| format!("sampling FID images {start}..{}", start + n))?;
             let pixels = super::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
                 .context("FID of a latent model needs the VAE named in [precompute] vae")?;
-            Ok(crate::trained::to_uint8(&pixels))
+            // Quantised where they were made: the Inception network runs on the same device.
+            Ok(crate::trained::to_uint8_on_device(&pixels))
         });
         crate::fid::score(
             &self.inception.model,
