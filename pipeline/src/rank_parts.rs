@@ -47,27 +47,11 @@ impl Ranks {
         if args.dist_timeout_s == 0 {
             bail!("--dist-timeout-s must be positive");
         }
-        let group = Group::join(
+        let group = launch.join_group(
             Backend::Gloo,
-            &launch.master_addr,
-            launch.master_port,
-            launch.rank,
-            launch.world,
             Duration::from_secs(args.dist_timeout_s),
-        )
-        .with_context(|| {
-            format!(
-                "rank {} of {}: joining the process group at {}:{}",
-                launch.rank, launch.world, launch.master_addr, launch.master_port
-            )
-        })?;
-        tracing::info!(
-            "rank {} of {}: evaluating with a Gloo group at {}:{}",
-            launch.rank,
-            launch.world,
-            launch.master_addr,
-            launch.master_port
-        );
+            "evaluating",
+        )?;
         Ok(Ranks {
             launch,
             group: Some(group),

@@ -4,7 +4,10 @@
 //! `train.rank` / `train.world` override the environment (a single process stays rank 0 of 1); the
 //! evaluation commands resolve the same way without overrides ([`Launch::from_env`]).
 
+use std::time::Duration;
+
 use anyhow::{bail, Context};
+use torch_ext::dist::{Backend, Group};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -200,5 +203,39 @@ mod tests {
         assert_eq!(first_host("gpu[03-06,09],cpu1").as_deref(), Some("gpu03"));
         assert_eq!(first_host("n[7]").as_deref(), Some("n7"));
         assert_eq!(first_host("").as_deref(), None);
+    }
+}
+
+impl Launch {
+    /// Joins this job's process group (rendezvous at MASTER_ADDR:MASTER_PORT), logging it as `what`;
+    /// a failure names the rank and the address.
+    pub fn join_group(
+        &self,
+        backend: Backend,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<Group> {
+        let group = Group::join(
+            backend,
+            &self.master_addr,
+            self.master_port,
+            self.rank,
+            self.world,
+            timeout,
+        )
+        .with_context(|| {
+            format!(
+                "rank {} of {}: joining the process group at {}:{}",
+                self.rank, self.world, self.master_addr, self.master_port
+            )
+        })?;
+        tracing::info!(
+            "rank {} of {}: {what} ({backend:?} process group at {}:{})",
+            self.rank,
+            self.world,
+            self.master_addr,
+            self.master_port
+        );
+        Ok(group)
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tch::{Kind, Tensor};
 use torch_ext::dist::{Backend, Group};
 
@@ -42,27 +42,7 @@ impl Replicas {
         if backend == Backend::Gloo && device.is_cuda() {
             bail!("train.backend = \"gloo\" reduces CPU tensors; this rank trains on {device:?} (use \"nccl\")");
         }
-        let group = Group::join(
-            backend,
-            &launch.master_addr,
-            launch.master_port,
-            launch.rank,
-            launch.world,
-            timeout,
-        )
-        .with_context(|| {
-            format!(
-                "rank {} of {}: joining the process group at {}:{}",
-                launch.rank, launch.world, launch.master_addr, launch.master_port
-            )
-        })?;
-        tracing::info!(
-            "rank {} of {}: {backend:?} process group at {}:{}",
-            launch.rank,
-            launch.world,
-            launch.master_addr,
-            launch.master_port
-        );
+        let group = launch.join_group(backend, timeout, "training")?;
         let wire = match backend {
             Backend::Gloo => tch::Device::Cpu,
             Backend::Nccl => device,
