@@ -26,19 +26,8 @@ fn fixtures() -> &'static Path {
     })
 }
 
-/// Reference inputs and outputs; tensors are not `Sync`, so each test reads its own copy.
-struct References(HashMap<String, Tensor>);
-
-impl References {
-    fn load() -> Self {
-        References(weights::read_safetensors(&fixtures().join("references.safetensors")).unwrap())
-    }
-
-    fn get(&self, name: &str) -> &Tensor {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("reference `{name}` missing"))
-    }
+fn references() -> common::References {
+    common::References::load(&fixtures().join("references.safetensors"))
 }
 
 /// max |a − b| / max |b|: the error relative to the output's scale.
@@ -67,7 +56,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn preprocessing_matches_torch_for_256_and_64_px() {
-    let refs = References::load();
+    let refs = references();
     for size in ["256", "64"] {
         let prepared =
             dinov2::prepare_input(refs.get(&format!("images_{size}")), dinov2::INPUT_SIZE).unwrap();
@@ -85,7 +74,7 @@ fn preprocessing_matches_torch_for_256_and_64_px() {
 
 #[test]
 fn dinov2_at_224_from_the_518_px_table_matches_transformers() {
-    let refs = References::load();
+    let refs = references();
     let loaded = Dinov2::from_folder(&fixtures().join("dinov2"), Device::Cpu).unwrap();
     assert_eq!(loaded.model.config.position_grid(), 37);
     let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
@@ -107,7 +96,7 @@ fn dinov2_at_224_from_the_518_px_table_matches_transformers() {
 
 #[test]
 fn dinov2_with_registers_matches_transformers() {
-    let refs = References::load();
+    let refs = references();
     let loaded = Dinov2::from_folder(&fixtures().join("dinov2_reg"), Device::Cpu).unwrap();
     assert_eq!(loaded.model.config.registers(), 4);
     let tokens = loaded.model.forward(refs.get("prepared_256")).unwrap();
@@ -126,7 +115,7 @@ fn dinov2_with_registers_matches_transformers() {
 
 #[test]
 fn dinov2_swiglu_at_its_native_grid_matches_transformers() {
-    let refs = References::load();
+    let refs = references();
     let loaded = Dinov2::from_folder(&fixtures().join("dinov2_swiglu"), Device::Cpu).unwrap();
     let tokens = loaded.model.forward(refs.get("swiglu_pixels")).unwrap();
     assert_eq!(tokens.size(), [2, 16, 48]);
@@ -140,7 +129,7 @@ fn dinov2_swiglu_at_its_native_grid_matches_transformers() {
 
 #[test]
 fn vae_with_current_and_legacy_attention_names_matches_diffusers() {
-    let refs = References::load();
+    let refs = references();
     for (folder, naming) in [
         ("vae", AttentionNaming::Current),
         ("vae_legacy", AttentionNaming::Legacy),
@@ -170,7 +159,7 @@ fn vae_with_current_and_legacy_attention_names_matches_diffusers() {
 
 #[test]
 fn bf16_path_stays_close_to_fp32() {
-    let refs = References::load();
+    let refs = references();
     // The CUDA default, run on CPU: same code, bf16 matmuls and convolutions, fp32 norms.
     let mut loaded = Dinov2::from_folder(&fixtures().join("dinov2"), Device::Cpu).unwrap();
     loaded.model.precision = Precision::Bf16;

@@ -40,22 +40,8 @@ fn weights_file() -> PathBuf {
     fixtures().join("inception.safetensors")
 }
 
-struct References(std::collections::HashMap<String, Tensor>);
-
-impl References {
-    fn load() -> Self {
-        References(weights::read_safetensors(&fixtures().join("references.safetensors")).unwrap())
-    }
-
-    fn get(&self, name: &str) -> &Tensor {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("reference `{name}` missing"))
-    }
-
-    fn scalar(&self, name: &str) -> f64 {
-        self.get(name).double_value(&[])
-    }
+fn references() -> common::References {
+    common::References::load(&fixtures().join("references.safetensors"))
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -122,7 +108,7 @@ fn converter_rejects_other_inception_weights() {
 
 #[test]
 fn features_and_logits_match_pytorch_fid() {
-    let refs = References::load();
+    let refs = references();
     let inception = Inception::from_file(&weights_file(), Device::Cpu)
         .unwrap()
         .model;
@@ -174,7 +160,7 @@ fn features_and_logits_match_pytorch_fid() {
 
 #[test]
 fn frechet_distance_matches_pytorch_fid() {
-    let refs = References::load();
+    let refs = references();
     for case in ["full", "singular"] {
         let key = |k: &str| format!("fd_{case}_{k}");
         let mut own = Vec::new();
@@ -230,7 +216,7 @@ fn frechet_distance_matches_pytorch_fid() {
 
 #[test]
 fn inception_score_matches_the_standard_formula() {
-    let refs = References::load();
+    let refs = references();
     let logits = refs.get("is_logits");
     let n = logits.size()[0];
     let mut stats = FeatureStats::with_inception_score(n as usize, Device::Cpu);

@@ -161,3 +161,26 @@ pub fn perturbed_checkpoint(dir: &Path, preset: &str, scale: f64) -> PathBuf {
     .unwrap();
     ckpt
 }
+
+/// Reference tensors a Python script wrote as safetensors; tensors are not `Sync`, so each test reads
+/// its own copy.
+pub struct References(std::collections::HashMap<String, tch::Tensor>);
+
+impl References {
+    pub fn load(path: &Path) -> Self {
+        References(
+            model::weights::read_safetensors(path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> &tch::Tensor {
+        self.0
+            .get(name)
+            .unwrap_or_else(|| panic!("reference `{name}` missing"))
+    }
+
+    pub fn scalar(&self, name: &str) -> f64 {
+        self.get(name).double_value(&[])
+    }
+}
