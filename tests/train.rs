@@ -167,6 +167,23 @@ device = "cpu"
 threads = 1
 "#;
 
+/// Every scalar series of the event files in `dir`, as TensorBoard itself reads them:
+/// `{tag: [[step, value], …]}`.
+fn tensorboard_scalars(dir: &Path) -> serde_json::Value {
+    let out = run_ok(
+        common::python()
+            .arg("-c")
+            .arg(
+                "import json, sys\n\
+                 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+                 ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
+                 print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}))",
+            )
+            .arg(dir),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn setup(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::Builder::new().prefix(name).tempdir().unwrap();
     write_cache(&tmp.path().join("cache"), 2, 64);
@@ -222,18 +239,7 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
         assert!(m[19][k].is_number(), "metric {k} missing: {}", m[19]);
     }
     // TensorBoard itself reads the same scalars from RUN_DIR/tb.
-    let tb = run_ok(
-        common::python()
-            .arg("-c")
-            .arg(
-                "import json, sys\n\
-                 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
-                 ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
-                 print(json.dumps({t: [[e.step, e.value] for e in ea.Scalars(t)] for t in ea.Tags()['scalars']}))",
-            )
-            .arg(out.join("tb")),
-    );
-    let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
+    let tb = tensorboard_scalars(&out.join("tb"));
     let losses = tb["train/loss"].as_array().unwrap();
     assert_eq!(losses.len(), m.len());
     for (point, line) in losses.iter().zip(&m) {
@@ -345,18 +351,7 @@ fn fid_every_logs_fid_and_inception_score_of_ema_samples() {
     }
     // The training lines are all still there, and TensorBoard has the scores under eval/.
     assert_eq!(lines.iter().filter(|l| l.get("loss").is_some()).count(), 2);
-    let tb = run_ok(
-        common::python()
-            .arg("-c")
-            .arg(
-                "import json, sys\n\
-                 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
-                 ea = EventAccumulator(sys.argv[1]); ea.Reload()\n\
-                 print(json.dumps([[e.step, e.value] for e in ea.Scalars('eval/fid')]))",
-            )
-            .arg(out.join("tb")),
-    );
-    let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
+    let tb = tensorboard_scalars(&out.join("tb"))["eval/fid"].clone();
     assert_eq!(tb.as_array().unwrap().len(), 2, "{tb}");
     assert!(
         (tb[1][1].as_f64().unwrap() - evals[1]["fid"].as_f64().unwrap()).abs()
