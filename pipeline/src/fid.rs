@@ -362,7 +362,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             describe_device(inception.device()),
         );
     }
-    let progress = Progress::new("fid", set.len() as u64);
+    // With several ranks each scores about 1/W of the images (whole batches, round robin).
+    let batches_total = set.len().div_ceil(args.inception.batch.max(1));
+    let my_batches = (batches_total + ranks.world() - 1 - ranks.rank()) / ranks.world();
+    let progress = Progress::new(
+        "fid",
+        (my_batches * args.inception.batch).min(set.len()) as u64,
+    );
     let batches = set.batches(args.inception.batch);
     let scores = if ranks.single() {
         score(inception, &reference, set.len(), batches, Some(&progress))
