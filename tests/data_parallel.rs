@@ -183,6 +183,75 @@ fn two_ranks_equal_one_process_over_both_ranks_batches() {
     assert_eq!(metrics(&out0).len(), 6);
 }
 
+/// `train.fid_every` with two ranks: each samples and scores a share of the batches and the
+/// statistics are summed over the group; the scores equal one process's over both ranks' batches
+/// (whose weights agree to 1e-5), and only rank 0 writes them.
+#[test]
+fn two_ranks_share_the_fid_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (config, mut sets) = setup(root);
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "inception", "--out"])
+            .arg(root.join("inception")),
+    );
+    let reference = root.join("ref.npz");
+    let code = "import sys, numpy as np; r = np.random.default_rng(0); a = r.standard_normal((2048, 64)) * 0.1; \
+                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
+    run_ok(common::python().args(["-c", code]).arg(&reference));
+    sets.extend([
+        "train.fid_every=2".to_string(),
+        "train.fid_samples=5".to_string(),
+        "train.fid_batch=2".to_string(),
+        format!("train.fid_ref={}", reference.display()),
+        format!(
+            "train.fid_weights={}",
+            root.join("inception/inception.safetensors").display()
+        ),
+    ]);
+    let steps = [
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.lr=1e-6",
+        "--set",
+        "train.min_lr=1e-6",
+    ];
+    let (out0, out1) = (root.join("rank0"), root.join("rank1"));
+    let port = free_port();
+    let r0 = rank(train(&config, &sets, &steps, &out0), 0, port);
+    let r1 = rank(train(&config, &sets, &steps, &out1), 1, port);
+    finish(r0, "rank 0");
+    finish(r1, "rank 1");
+    assert!(!out1.exists(), "rank 1 wrote into {}", out1.display());
+    let union = root.join("union");
+    let mut union_args = steps.to_vec();
+    union_args.extend(["--union-of-ranks", "2"]);
+    run_ok(&mut train(&config, &sets, &union_args, &union));
+    let fids = |out: &Path| -> Vec<serde_json::Value> {
+        metrics(out)
+            .into_iter()
+            .filter(|l| l.get("fid").is_some())
+            .collect()
+    };
+    let (two, one) = (fids(&out0), fids(&union));
+    assert_eq!(two.len(), 2, "{two:?}");
+    assert_eq!(one.len(), 2, "{one:?}");
+    for (a, b) in two.iter().zip(&one) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["fid_samples"], 5);
+        for k in ["fid", "inception_score"] {
+            let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-3 * y.abs(),
+                "step {}: {k} {x} (2 ranks) vs {y} (one process)",
+                a["step"]
+            );
+        }
+    }
+}
+
 #[test]
 fn a_dead_rank_fails_the_job_instead_of_hanging_it() {
     let tmp = tempfile::tempdir().unwrap();

@@ -127,6 +127,8 @@ pub struct InceptionScore {
 pub struct FeatureStats {
     device: Device,
     count: u64,
+    /// Global index of this accumulator's first image (its place in the Inception Score's splits).
+    first: u64,
     /// The first batch's mean: sums are taken of x − shift, so that the covariance is a difference of
     /// numbers of the size of the spread, not of the (much larger) squared mean.
     shift: Option<Tensor>,
@@ -150,6 +152,7 @@ impl FeatureStats {
         FeatureStats {
             device,
             count: 0,
+            first: 0,
             shift: None,
             sum: None,
             sum_outer: None,
@@ -172,6 +175,79 @@ impl FeatureStats {
             }),
             ..FeatureStats::new(device)
         }
+    }
+
+    /// [`Self::with_inception_score`] for one share of the `total` images, the one starting at global
+    /// index `first`: what one rank accumulates before [`Self::reduce`].
+    pub fn share_of(total: usize, first: u64, device: Device) -> Self {
+        FeatureStats {
+            first,
+            ..FeatureStats::with_inception_score(total, device)
+        }
+    }
+
+    /// Combines the shares of every rank, in place on each: `sum_all` must replace a float64 tensor by
+    /// its sum over the ranks (an all-reduce). Features are `dim` wide and logits `classes` wide (a
+    /// share may be empty). Sums are re-centred on the global mean first, so the covariance keeps its
+    /// digits as one accumulator's does.
+    pub fn reduce(
+        &mut self,
+        dim: i64,
+        classes: i64,
+        sum_all: &mut dyn FnMut(&Tensor) -> Result<(), StatsError>,
+    ) -> Result<(), StatsError> {
+        let opts = (Kind::Double, self.device);
+        let zeros_like_dim = || Tensor::zeros([dim], opts);
+        let shift = self
+            .shift
+            .as_ref()
+            .map_or_else(zeros_like_dim, Tensor::shallow_clone);
+        let sum = self
+            .sum
+            .as_ref()
+            .map_or_else(zeros_like_dim, Tensor::shallow_clone);
+        let sum_outer = self
+            .sum_outer
+            .as_ref()
+            .map_or_else(|| Tensor::zeros([dim, dim], opts), Tensor::shallow_clone);
+        let n = self.count as f64;
+        // Phase 1: Σx and N over the ranks → the global mean.
+        let totals = Tensor::cat(
+            &[
+                sum.f_add(&shift.f_mul_scalar(n)?)?,
+                Tensor::from_slice(&[n]).f_to_device(self.device)?,
+            ],
+            0,
+        );
+        sum_all(&totals)?;
+        let total = totals.f_get(dim)?.f_double_value(&[])?;
+        let mean = totals.f_narrow(0, 0, dim)?.f_div_scalar(total.max(1.0))?;
+        // Phase 2: own sums about the global mean, d = shift − mean:
+        // Σ(x−m) = S + n·d,  Σ(x−m)(x−m)ᵀ = O + d Sᵀ + S dᵀ + n d dᵀ.
+        let d = shift.f_sub(&mean)?;
+        let centred = sum.f_add(&d.f_mul_scalar(n)?)?;
+        let outer = sum_outer
+            .f_add(&d.f_outer(&sum)?)?
+            .f_add(&sum.f_outer(&d)?)?
+            .f_add(&d.f_outer(&d)?.f_mul_scalar(n)?)?;
+        sum_all(&centred)?;
+        sum_all(&outer)?;
+        self.shift = Some(mean);
+        self.sum = Some(centred);
+        self.sum_outer = Some(outer);
+        self.count = total.round() as u64;
+        self.first = 0;
+        if let Some(score) = &mut self.score {
+            let splits = score.bounds.len() as i64 - 1;
+            let probabilities = score
+                .probabilities
+                .take()
+                .unwrap_or_else(|| Tensor::zeros([splits, classes], opts));
+            sum_all(&probabilities)?;
+            sum_all(&score.neg_entropy)?;
+            score.probabilities = Some(probabilities);
+        }
+        Ok(())
     }
 
     /// Images added so far.
@@ -216,7 +292,7 @@ impl FeatureStats {
             let logits = logits.ok_or_else(|| {
                 StatsError::Invalid("the Inception Score needs the logits of every batch".into())
             })?;
-            score.add(logits, self.count, b as u64, self.device)?;
+            score.add(logits, self.first + self.count, b as u64, self.device)?;
         }
         let x = features.f_to_device(self.device)?.f_to_kind(Kind::Double)?;
         let shift = match &self.shift {
@@ -368,6 +444,100 @@ mod tests {
         let n = x.size()[0] as f64;
         let centred = x - x.mean_dim(0, true, Kind::Double);
         centred.tr().matmul(&centred) / (n - 1.0)
+    }
+
+    /// An all-reduce among threads, for testing [`FeatureStats::reduce`] without a process group.
+    struct ThreadGroup {
+        barrier: std::sync::Barrier,
+        acc: std::sync::Mutex<Option<Tensor>>,
+    }
+
+    impl ThreadGroup {
+        fn sum_all(&self, t: &Tensor) {
+            {
+                let mut acc = self.acc.lock().unwrap();
+                match acc.as_mut() {
+                    None => *acc = Some(t.copy()),
+                    Some(sum) => {
+                        let _ = sum.f_add_(t).unwrap();
+                    }
+                }
+            }
+            self.barrier.wait();
+            t.shallow_clone()
+                .copy_(self.acc.lock().unwrap().as_ref().unwrap());
+            if self.barrier.wait().is_leader() {
+                *self.acc.lock().unwrap() = None;
+            }
+            self.barrier.wait();
+        }
+    }
+
+    /// Shares accumulated apart (each with its own shift, one of them empty) and reduced equal one
+    /// accumulator of everything, on every rank.
+    #[test]
+    fn shares_reduced_over_ranks_equal_one_accumulator() {
+        tch::manual_seed(3);
+        let n = 23;
+        let x = Tensor::randn([n, 6], (Kind::Double, Device::Cpu)) * 0.2 + 5.0;
+        let logits = Tensor::randn([n, 4], (Kind::Double, Device::Cpu)) * 2.0;
+        let mut whole = FeatureStats::with_inception_score(n as usize, Device::Cpu);
+        for start in (0..n).step_by(4) {
+            let len = 4.min(n - start);
+            whole
+                .add_raw(
+                    &x.narrow(0, start, len),
+                    Some(&logits.narrow(0, start, len)),
+                )
+                .unwrap();
+        }
+        let expected = whole.statistics().unwrap();
+        let expected_is = whole.inception_score().unwrap();
+        let ranges = [(0i64, 9i64), (9, 23), (23, 23)];
+        let group = std::sync::Arc::new(ThreadGroup {
+            barrier: std::sync::Barrier::new(ranges.len()),
+            acc: std::sync::Mutex::new(None),
+        });
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|&(a, b)| {
+                let (x, logits, group) = (x.copy(), logits.copy(), group.clone());
+                std::thread::spawn(move || {
+                    let mut s = FeatureStats::share_of(n as usize, a as u64, Device::Cpu);
+                    for start in (a..b).step_by(4) {
+                        let len = 4.min(b - start);
+                        s.add_raw(
+                            &x.narrow(0, start, len),
+                            Some(&logits.narrow(0, start, len)),
+                        )
+                        .unwrap();
+                    }
+                    s.reduce(6, 4, &mut |t| {
+                        group.sum_all(t);
+                        Ok(())
+                    })
+                    .unwrap();
+                    let st = s.statistics().unwrap();
+                    let is = s.inception_score().unwrap();
+                    (
+                        Vec::<f64>::try_from(st.mu.reshape([-1])).unwrap(),
+                        Vec::<f64>::try_from(st.sigma.reshape([-1])).unwrap(),
+                        is.mean,
+                        is.std,
+                    )
+                })
+            })
+            .collect();
+        let mu = Vec::<f64>::try_from(expected.mu.reshape([-1])).unwrap();
+        let sigma = Vec::<f64>::try_from(expected.sigma.reshape([-1])).unwrap();
+        for h in handles {
+            let (m, sg, is_mean, is_std) = h.join().unwrap();
+            for (a, b) in m.iter().zip(&mu).chain(sg.iter().zip(&sigma)) {
+                assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+            assert!((is_mean - expected_is.mean).abs() < 1e-12 * expected_is.mean);
+            assert!((is_std - expected_is.std).abs() < 1e-9);
+        }
     }
 
     #[test]

@@ -1,17 +1,24 @@
 //! FID and Inception Score of EMA samples during training (`train.fid_every`), with the network and
-//! statistics `pipeline fid` uses, logged with the other metrics. Rank 0 evaluates; the EMA is the same
-//! on every rank.
+//! statistics `pipeline fid` uses, logged with the other metrics. With several ranks each samples and
+//! scores a contiguous share of whole batches (the same noise and classes as one process would draw)
+//! and the statistics are summed over the group, so evaluation takes 1/W of the time and no rank idles.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use model::feature_stats::Statistics;
+use model::feature_stats::{FeatureStats, Statistics};
 use model::inception::{Inception, LoadedInception};
 use model::tarflow::{self, Model};
+use stages::order::RankSplit;
 use tch::{Device, Kind, Tensor};
 
+use super::replicas::Replicas;
 use super::TrainConfig;
 use crate::fid::Scores;
+
+/// pool3 and classifier widths of the FID Inception.
+const FEATURES: i64 = 2048;
+const LOGITS: i64 = 1008;
 
 pub struct FidEval {
     inception: LoadedInception,
@@ -38,18 +45,26 @@ impl FidEval {
     }
 
     /// `tc.fid_samples` samples of the unguided EMA model, classes cycled (balanced), each batch's
-    /// noise keyed by the seed and its first index so that evaluations at different steps compare the
-    /// same noise.
+    /// noise keyed by the seed and its first index, so that evaluations at different steps (and with
+    /// any number of ranks) compare the same noise. This rank draws its share of the batches; with
+    /// `replicas` the statistics are summed over the group. Rank 0 gets the scores, the others None.
     pub fn evaluate(
         &self,
         ema: &Model,
         vae: Option<&model::vae::LoadedVae>,
         tc: &TrainConfig,
-    ) -> anyhow::Result<Scores> {
-        let total = tc.fid_samples;
+        replicas: Option<(&Replicas, RankSplit)>,
+    ) -> anyhow::Result<Option<Scores>> {
+        let total = tc.fid_samples as usize;
+        let batch = tc.fid_batch as usize;
+        let split = replicas.map_or(RankSplit { rank: 0, world: 1 }, |(_, s)| s);
+        let mine = crate::rank_parts::batch_slice(total, batch, split);
+        let device = self.inception.model.device();
+        let mut stats = FeatureStats::share_of(total, mine.start as u64, device);
         let classes = ema.cfg.num_classes;
-        let batches = (0..total).step_by(tc.fid_batch as usize).map(|start| {
-            let n = tc.fid_batch.min(total - start);
+        for start in mine.clone().step_by(batch) {
+            let n = batch.min(mine.end - start) as i64;
+            let start = start as i64;
             let y = (classes > 0).then(|| {
                 Tensor::arange_start(start, start + n, (Kind::Int64, ema.device()))
                     .remainder(classes)
@@ -62,14 +77,26 @@ impl FidEval {
             let pixels = super::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
                 .context("FID of a latent model needs the VAE named in [precompute] vae")?;
             // Quantised where they were made: the Inception network runs on the same device.
-            Ok(crate::trained::to_uint8_on_device(&pixels))
-        });
-        crate::fid::score(
-            &self.inception.model,
-            &self.reference,
-            total as usize,
-            batches,
-            None,
-        )
+            let images = crate::trained::to_uint8_on_device(&pixels);
+            stats
+                .add_images(&self.inception.model, &images)
+                .with_context(|| {
+                    format!("Inception features of FID images {start}..{}", start + n)
+                })?;
+        }
+        if let Some((replicas, _)) = replicas {
+            stats
+                .reduce(FEATURES, LOGITS, &mut |t| {
+                    replicas
+                        .sum_f64_(t)
+                        .map_err(|e| model::feature_stats::StatsError::Invalid(format!("{e:#}")))
+                })
+                .context("summing the FID statistics over the ranks")?;
+        }
+        if split.rank != 0 {
+            return Ok(None);
+        }
+        let seen = stats.count() as usize;
+        crate::fid::finish(&stats, &self.reference, total, seen).map(Some)
     }
 }

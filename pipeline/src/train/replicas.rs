@@ -97,6 +97,24 @@ impl Replicas {
         })
     }
 
+    /// Replaces `t` (float64, any device) by its sum over the ranks, through the group's wire device.
+    pub fn sum_f64_(&self, t: &Tensor) -> anyhow::Result<()> {
+        tch::no_grad(|| {
+            let wire = t.to_device(self.wire).contiguous();
+            self.group.all_reduce_sum(&wire)?;
+            t.shallow_clone().copy_(&wire);
+            Ok(())
+        })
+    }
+
+    /// The rank and world of this group.
+    pub fn split(&self) -> stages::order::RankSplit {
+        stages::order::RankSplit {
+            rank: self.group.rank,
+            world: self.world(),
+        }
+    }
+
     /// The mean over ranks of each value (device scalars, read back here).
     pub fn mean(&self, values: &[&Tensor]) -> anyhow::Result<Vec<f64>> {
         if values.is_empty() {

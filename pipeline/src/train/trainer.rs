@@ -67,7 +67,7 @@ pub struct Trainer {
     tensorboard: Option<super::tensorboard::EventWriter>,
     model_toml: String,
     sample_vae: Option<model::vae::LoadedVae>,
-    /// `train.fid_every`'s network and reference statistics (rank 0).
+    /// `train.fid_every`'s network and reference statistics (every rank scores its share).
     fid: Option<super::fid_eval::FidEval>,
     /// The frozen encoder of `train.features = "online"`, run on each batch's crops.
     online: Option<model::dinov2::LoadedDinov2>,
@@ -241,7 +241,7 @@ impl Trainer {
             rep.broadcast(&all)?;
         }
         // FID needs pixels: a latent run's VAE must load, where a sample grid can stay latents.
-        let fid = if root && tc.fid_every > 0 {
+        let fid = if tc.fid_every > 0 {
             if tc.latent && cfg.precompute.vae.is_empty() {
                 bail!(
                     "train.fid_every on a latent run needs [precompute] vae to decode the samples"
@@ -615,9 +615,15 @@ impl Trainer {
         let started = Instant::now();
         let tc = &self.cfg.train;
         let step = self.state.step;
+        let replicas = self.replicas.as_ref().map(|r| (r, r.split()));
         let scores = fid
-            .evaluate(&self.ema, self.sample_vae.as_ref(), tc)
+            .evaluate(&self.ema, self.sample_vae.as_ref(), tc, replicas)
             .with_context(|| format!("step {step}: FID of {} EMA samples", tc.fid_samples))?;
+        let Some(scores) = scores else {
+            // Another rank reports; this one's evaluation time is not training time either.
+            self.window.0 += started.elapsed();
+            return Ok(());
+        };
         tracing::info!(
             step,
             fid = scores.fid,
