@@ -191,24 +191,13 @@ fn two_ranks_share_the_fid_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let (config, mut sets) = setup(root);
-    run_ok(
-        pipeline()
-            .args(["encoders", "init", "--preset", "inception", "--out"])
-            .arg(root.join("inception")),
-    );
-    let reference = root.join("ref.npz");
-    let code = "import sys, numpy as np; r = np.random.default_rng(0); a = r.standard_normal((2048, 64)) * 0.1; \
-                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
-    run_ok(common::python().args(["-c", code]).arg(&reference));
+    let (weights, reference) = common::inception_and_reference(&root.join("inception"));
     sets.extend([
         "train.fid_every=2".to_string(),
         "train.fid_samples=5".to_string(),
         "train.fid_batch=2".to_string(),
         format!("train.fid_ref={}", reference.display()),
-        format!(
-            "train.fid_weights={}",
-            root.join("inception/inception.safetensors").display()
-        ),
+        format!("train.fid_weights={}", weights.display()),
     ]);
     let steps = [
         "--set",

@@ -301,21 +301,6 @@ fn two_ranks_classify_and_score_what_one_process_does() {
     }
 }
 
-/// A random-init FID Inception and random reference statistics under `root`: (weights, reference).
-fn inception_and_reference(root: &Path) -> (PathBuf, PathBuf) {
-    run_ok(
-        pipeline()
-            .args(["encoders", "init", "--preset", "inception", "--out"])
-            .arg(root),
-    );
-    let reference = root.join("ref.npz");
-    let code = "import sys, numpy as np; r = np.random.default_rng(1); \
-                a = r.standard_normal((2048, 32)) * 0.1; \
-                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
-    run_ok(python().args(["-c", code]).arg(&reference));
-    (root.join("inception.safetensors"), reference)
-}
-
 fn fid_cmd(samples: &Path, reference: &Path, weights: &Path, out: &Path) -> Command {
     let mut cmd = pipeline();
     cmd.args(["fid", "--batch", "2", "--device", "cpu", "--samples"])

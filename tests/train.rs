@@ -301,16 +301,7 @@ fn nll_falls_and_alignment_cosine_rises_with_checkpoints_and_samples() {
 fn fid_every_logs_fid_and_inception_score_of_ema_samples() {
     let (tmp, cfg, cache) = setup("train-fid");
     let root = tmp.path();
-    run_ok(
-        pipeline()
-            .args(["encoders", "init", "--preset", "inception", "--out"])
-            .arg(root.join("inception")),
-    );
-    let weights = root.join("inception/inception.safetensors");
-    let reference = root.join("ref.npz");
-    let code = "import sys, numpy as np; r = np.random.default_rng(0); a = r.standard_normal((2048, 64)) * 0.1; \
-                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
-    run_ok(common::python().args(["-c", code]).arg(&reference));
+    let (weights, reference) = common::inception_and_reference(&root.join("inception"));
     let out = root.join("run");
     let fid_set = |out: &Path, extra: &[&str]| {
         let mut args = vec![

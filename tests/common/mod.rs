@@ -184,3 +184,18 @@ impl References {
         self.get(name).double_value(&[])
     }
 }
+
+/// A random-init FID Inception and random reference statistics under `root`: (weights, reference).
+pub fn inception_and_reference(root: &Path) -> (PathBuf, PathBuf) {
+    run_ok(
+        pipeline()
+            .args(["encoders", "init", "--preset", "inception", "--out"])
+            .arg(root),
+    );
+    let reference = root.join("ref.npz");
+    let code = "import sys, numpy as np; r = np.random.default_rng(1); \
+                a = r.standard_normal((2048, 32)) * 0.1; \
+                np.savez(sys.argv[1], mu=r.standard_normal(2048) * 0.1, sigma=a @ a.T)";
+    run_ok(python().args(["-c", code]).arg(&reference));
+    (root.join("inception.safetensors"), reference)
+}
