@@ -306,16 +306,15 @@ pub fn join_features(
         }
         let n = u64::from_le_bytes(count) as i64;
         let mut read = |width: i64| -> anyhow::Result<Tensor> {
-            let mut bytes = vec![0u8; (n * width * 4) as usize];
-            part.read_exact(&mut bytes)
+            let bytes = crate::npz_read::read_exactly(part, (n * width * 4) as usize)
                 .with_context(|| format!("reading {}: a batch is cut short", path.display()))?;
             Ok(Tensor::f_from_slice(&bytes)?
                 .f_view_dtype(Kind::Float)?
                 .f_view([n, width])?
                 .f_to_device(device)?)
         };
-        let pool3 = read(FEATURES)?;
-        let logits = read(LOGITS)?;
+        let pool3 = read(model::inception::FEATURES)?;
+        let logits = read(model::inception::CLASSES)?;
         stats.add_raw(&pool3, Some(&logits))?;
         seen += n as usize;
     }
@@ -323,10 +322,6 @@ pub fn join_features(
     rank_parts::remove_parts(paths)?;
     Ok((stats, seen))
 }
-
-/// pool3 width and classifier width of the FID Inception.
-const FEATURES: i64 = 2048;
-const LOGITS: i64 = 1008;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Both inputs are checked before the network loads, so a wrong path fails in a second.

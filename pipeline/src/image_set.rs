@@ -3,7 +3,6 @@
 //! whose `arr_0` is uint8 (N, H, W, 3) (what `pipeline sample` and the ADM suite write). Reading runs on
 //! its own thread, one batch ahead of the caller, so decoding overlaps the network.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -11,7 +10,7 @@ use anyhow::{bail, Context};
 use rayon::prelude::*;
 use tch::Tensor;
 
-use crate::npz_read::{Elem, NpzReader};
+use crate::npz_read::{check_member_crc, read_exactly, Elem, NpzReader};
 
 pub enum ImageSet {
     Pngs(Vec<PathBuf>),
@@ -149,13 +148,20 @@ impl Drop for Batches {
     }
 }
 
+/// The data stages' decoder: Pillow's `convert("RGB")` (what pytorch-fid applies), and the
+/// decompression-bomb limit checked from the header before any allocation.
 fn decode_png(path: &Path) -> anyhow::Result<(usize, usize, Vec<u8>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let image = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
-        .with_context(|| format!("{}: not a readable PNG", path.display()))?;
-    // PIL's convert("RGB"), what pytorch-fid applies: alpha dropped, gray replicated.
-    let rgb = image.to_rgb8();
-    Ok((rgb.width() as usize, rgb.height() as usize, rgb.into_raw()))
+    let max_pixels = stages::config::DataConfig::default().max_pixels;
+    let image = stages::decode::decode_rgb(&bytes, max_pixels).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a readable PNG ({:?}: {})",
+            path.display(),
+            e.kind,
+            e.detail
+        )
+    })?;
+    Ok((image.width, image.height, image.pixels))
 }
 
 fn png_batches(files: &[PathBuf], batch: usize, tx: &mpsc::SyncSender<RawBatch>) {
@@ -201,14 +207,18 @@ fn npz_batches(
     let per_image = h * w * 3;
     for start in (0..count).step_by(batch) {
         let n = batch.min(count - start);
-        let mut pixels = vec![0u8; n * per_image];
-        member.reader.read_exact(&mut pixels).with_context(|| {
+        let pixels = read_exactly(&mut member.reader, n * per_image).with_context(|| {
             format!(
                 "{}: `arr_0` ends before image {} of {count}",
                 path.display(),
                 start + n
             )
         })?;
+        if start + n == count {
+            // The last batch goes out only once the member's CRC-32 has been checked.
+            check_member_crc(&mut member.reader)
+                .with_context(|| format!("{}: `arr_0` is corrupt", path.display()))?;
+        }
         if tx
             .send(Ok((pixels, [n as i64, h as i64, w as i64, 3])))
             .is_err()
@@ -217,4 +227,107 @@ fn npz_batches(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::npz::{Dtype, NpzWriter};
+
+    /// Everything a reader does with a file: open it as a sample set and read every batch, and read
+    /// `mu` as reference statistics. Errors are fine; a panic or an abort is not.
+    fn read_all(path: &Path) -> anyhow::Result<usize> {
+        let mut seen = 0;
+        if let Ok(mut npz) = NpzReader::open(path) {
+            let _ = npz.read_f64("mu");
+        }
+        let set = ImageSet::open(path)?;
+        for batch in set.batches(2) {
+            seen += batch?.size()[0] as usize;
+        }
+        Ok(seen)
+    }
+
+    /// A good archive mutated in sequence (flipped bytes everywhere, truncations, shapes that claim
+    /// more than the file holds or overflow): each read is an answer or an error naming the file,
+    /// and the good file still reads in full after every one of them.
+    #[test]
+    fn mutated_npz_files_in_sequence_are_errors_not_crashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.npz");
+        let mut w = NpzWriter::create(&good).unwrap();
+        w.begin("arr_0", Dtype::U8, &[5, 4, 6, 3]).unwrap();
+        w.write(
+            &(0..5 * 4 * 6 * 3)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        w.end().unwrap();
+        w.begin("mu", Dtype::F64, &[3]).unwrap();
+        w.write(&[0u8; 24]).unwrap();
+        w.end().unwrap();
+        w.finish().unwrap();
+        let bytes = std::fs::read(&good).unwrap();
+        let shape_at = bytes
+            .windows(12)
+            .position(|w| w == b"(5, 4, 6, 3)")
+            .expect("arr_0's header");
+        let mut mutants: Vec<Vec<u8>> = vec![];
+        for i in (0..bytes.len()).step_by(3) {
+            let mut m = bytes.clone();
+            m[i] ^= 0x5A;
+            mutants.push(m);
+        }
+        for len in [0, 1, 30, bytes.len() / 2, bytes.len() - 1] {
+            mutants.push(bytes[..len].to_vec());
+        }
+        // Same-length shape edits, so the zip records stay consistent and only the header lies.
+        for shape in [
+            "(9, 9, 9, 3)",
+            "(5, 4, 7, 3)",
+            "(9999999, 3)",
+            "(9999999999)",
+        ] {
+            let mut m = bytes.clone();
+            let padded = format!("{shape:<12}");
+            m[shape_at..shape_at + 12].copy_from_slice(padded.as_bytes());
+            mutants.push(m);
+        }
+        let bad = dir.path().join("bad.npz");
+        let mut errors = 0;
+        for m in &mutants {
+            std::fs::write(&bad, m).unwrap();
+            match read_all(&bad) {
+                Ok(n) => assert!(n <= 5, "{n} images from a 5-image file"),
+                Err(e) => {
+                    errors += 1;
+                    assert!(format!("{e:#}").contains("bad.npz"), "{e:#}");
+                }
+            }
+            assert_eq!(read_all(&good).unwrap(), 5);
+        }
+        // Every flip inside arr_0's pixel data is caught by the archive's CRC-32.
+        let data_at = bytes
+            .windows(3)
+            .position(|w| w == [0u8, 7, 14])
+            .expect("arr_0's first pixels");
+        for i in (data_at..data_at + 5 * 4 * 6 * 3).step_by(11) {
+            let mut m = bytes.clone();
+            m[i] ^= 0x01;
+            std::fs::write(&bad, &m).unwrap();
+            let msg = format!(
+                "{:#}",
+                read_all(&bad).err().expect("a flipped pixel is an error")
+            );
+            assert!(msg.contains("bad.npz") && msg.contains("corrupt"), "{msg}");
+        }
+        assert!(errors > 0);
+        // A shape larger than the member is refused from the header, before any allocation.
+        let mut m = bytes.clone();
+        m[shape_at..shape_at + 12].copy_from_slice(b"(9, 9, 9, 3)");
+        std::fs::write(&bad, &m).unwrap();
+        let msg = format!("{:#}", ImageSet::open(&bad).err().unwrap());
+        assert!(msg.contains("`arr_0` claims shape [9, 9, 9, 3]"), "{msg}");
+    }
 }

@@ -52,9 +52,30 @@ pub struct NpyHeader {
 }
 
 impl NpyHeader {
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+    /// Elements the shape claims; None when the product overflows.
+    pub fn numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
+}
+
+/// Reads what is left of a member, so the zip reader compares the bytes with the archive's CRC-32: a
+/// flipped byte in the data is an error, not a different image or statistic.
+pub fn check_member_crc(r: &mut impl Read) -> std::io::Result<()> {
+    std::io::copy(r, &mut std::io::sink()).map(|_| ())
+}
+
+/// Exactly `len` bytes from `r`, the buffer growing only as bytes arrive: a header that claims more
+/// data than the file holds is an error, never an allocation of the claimed size.
+pub fn read_exactly(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(len.min(1 << 24));
+    r.take(len as u64).read_to_end(&mut out)?;
+    if out.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("{} of {len} bytes", out.len()),
+        ));
+    }
+    Ok(out)
 }
 
 /// Reads the magic, version and header dict of a `.npy` stream, leaving `r` at the first data byte.
@@ -175,6 +196,20 @@ impl NpzReader {
         if header.fortran_order {
             bail!("{path}: array `{name}` is in Fortran order; only C order is supported");
         }
+        // The shape must fit in the member: what a reader allocates from it is then bounded by the
+        // archive's own size record, not by a number in the header.
+        let claimed = header
+            .numel()
+            .and_then(|n| n.checked_mul(header.elem.map_or(1, Elem::bytes)));
+        match claimed {
+            Some(bytes) if bytes as u64 <= reader.size() => {}
+            _ => bail!(
+                "{path}: array `{name}` claims shape {:?} of `{}`, more than its {} bytes",
+                header.shape,
+                header.descr,
+                reader.size()
+            ),
+        }
         Ok(NpzMember { header, reader })
     }
 
@@ -189,11 +224,11 @@ impl NpzReader {
                 header.descr
             ),
         };
-        let n = header.numel();
-        let mut bytes = vec![0u8; n * elem.bytes()];
-        reader
-            .read_exact(&mut bytes)
+        let len = header.numel().unwrap_or(0) * elem.bytes(); // checked by `member`
+        let bytes = read_exactly(&mut reader, len)
             .with_context(|| format!("{path}: array `{name}` is truncated"))?;
+        check_member_crc(&mut reader)
+            .with_context(|| format!("{path}: array `{name}` is corrupt"))?;
         let values = match elem {
             Elem::F64 { big_endian } => bytes
                 .chunks_exact(8)
@@ -242,8 +277,14 @@ mod tests {
         assert_eq!((h.elem, h.shape), (Some(Elem::U8), vec![7]));
         let h =
             parse_header_dict("{'descr': '<i8', 'fortran_order': False, 'shape': (), }").unwrap();
-        assert_eq!((h.elem, h.numel()), (None, 1));
+        assert_eq!((h.elem, h.numel()), (None, Some(1)));
         assert!(parse_header_dict("{'descr': '<f4', 'shape': (1,)}").is_err());
+        // A shape whose size overflows is reported as such, not wrapped or panicked on.
+        let h = parse_header_dict(
+            "{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296, 4294967296, 2), }",
+        )
+        .unwrap();
+        assert_eq!(h.numel(), None);
         let mut bytes = std::io::Cursor::new(npy_header(&Dtype::U8, &[3, 4, 5, 3]));
         assert_eq!(read_npy_header(&mut bytes).unwrap().shape, vec![3, 4, 5, 3]);
     }

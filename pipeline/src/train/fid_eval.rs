@@ -16,10 +16,6 @@ use super::replicas::Replicas;
 use super::TrainConfig;
 use crate::fid::Scores;
 
-/// pool3 and classifier widths of the FID Inception.
-const FEATURES: i64 = 2048;
-const LOGITS: i64 = 1008;
-
 pub struct FidEval {
     inception: LoadedInception,
     reference: Statistics,
@@ -86,11 +82,15 @@ impl FidEval {
         }
         if let Some((replicas, _)) = replicas {
             stats
-                .reduce(FEATURES, LOGITS, &mut |t| {
-                    replicas
-                        .sum_f64_(t)
-                        .map_err(|e| model::feature_stats::StatsError::Invalid(format!("{e:#}")))
-                })
+                .reduce(
+                    model::inception::FEATURES,
+                    model::inception::CLASSES,
+                    &mut |t| {
+                        replicas.sum_f64_(t).map_err(|e| {
+                            model::feature_stats::StatsError::Invalid(format!("{e:#}"))
+                        })
+                    },
+                )
                 .context("summing the FID statistics over the ranks")?;
         }
         if split.rank != 0 {
