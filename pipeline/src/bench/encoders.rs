@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use super::reference::Reference;
+use super::reference::{cpu_threads, median, Reference};
 use model::dinov2::{self, Dinov2};
 use model::frozen::Precision;
 use model::vae::{self, AutoencoderKl};
@@ -48,9 +48,8 @@ struct Timing {
 }
 
 impl Timing {
-    fn from_median(mut seconds: Vec<f64>, batch: i64) -> Self {
-        seconds.sort_by(f64::total_cmp);
-        let median = seconds[seconds.len() / 2];
+    fn from_median(seconds: Vec<f64>, batch: i64) -> Self {
+        let median = median(seconds);
         Timing {
             seconds_per_batch: median,
             images_per_s: batch as f64 / median,
@@ -68,10 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.iters == 0 || args.dinov2_batch <= 0 || args.vae_batch <= 0 {
         bail!("--iters, --dinov2-batch and --vae-batch must be positive");
     }
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
-    }
-    let threads = tch::get_num_threads();
+    let threads = cpu_threads(args.threads);
     // CPU on purpose: the anchor runs on CPU too, and a CPU-vs-CPU ratio is what this machine can check.
     let device = Device::Cpu;
     tch::manual_seed(0);

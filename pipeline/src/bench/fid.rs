@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::bail;
 
-use super::reference::Reference;
+use super::reference::{cpu_threads, median, Reference};
 use model::feature_stats::Statistics;
 use model::inception::Inception;
 use tch::{nn, Device, Kind, Tensor};
@@ -56,11 +56,6 @@ fn random_inception(device: Device) -> Inception {
     model
 }
 
-fn median(mut seconds: Vec<f64>) -> f64 {
-    seconds.sort_by(f64::total_cmp);
-    seconds[seconds.len() / 2]
-}
-
 /// A random covariance A·Aᵀ/D + 0.01·I and mean, float64.
 fn random_statistics(d: i64) -> anyhow::Result<Statistics> {
     let a = Tensor::randn([d, d], (Kind::Double, Device::Cpu)) / (d as f64).sqrt();
@@ -75,10 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--iters and --batch must be positive, --size at least 75, --frechet-dim not negative"
         );
     }
-    if let Some(threads) = args.threads {
-        tch::set_num_threads(threads);
-    }
-    let threads = tch::get_num_threads();
+    let threads = cpu_threads(args.threads);
     // CPU on purpose: the anchor runs on CPU too, and a CPU-vs-CPU ratio is what any machine can check.
     let device = Device::Cpu;
     tch::manual_seed(0);

@@ -79,3 +79,17 @@ impl Drop for Reference {
         let _ = self.child.wait();
     }
 }
+
+/// The median of interleaved timings (the upper one of an even count).
+pub fn median(mut seconds: Vec<f64>) -> f64 {
+    seconds.sort_by(f64::total_cmp);
+    seconds[seconds.len() / 2]
+}
+
+/// Sets libtorch's intra-op threads when asked and returns the count both sides then run with.
+pub fn cpu_threads(requested: Option<i32>) -> i32 {
+    if let Some(threads) = requested {
+        tch::set_num_threads(threads);
+    }
+    tch::get_num_threads()
+}
