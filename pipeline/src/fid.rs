@@ -225,7 +225,7 @@ fn score_ranks(
             }
             seen += n;
         }
-        part.finish()
+        Ok(part.finish()?)
     })();
     ranks.agree("computing Inception features", mine)?;
     let joined = if ranks.leader() {

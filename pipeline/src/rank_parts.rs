@@ -8,7 +8,7 @@
 //! exchange a few counters, per-image values and success flags, and Gloo does that on any node.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -210,41 +210,7 @@ pub fn batch_slice(n: usize, batch: usize, split: RankSplit) -> Range<usize> {
 
 /// A part streamed to disk under a temporary name and renamed into place when complete (after an
 /// fsync), so rank 0 never joins a part that a crashed rank left half-written.
-pub struct PartWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    out: BufWriter<File>,
-}
-
-impl PartWriter {
-    pub fn create(path: PathBuf) -> anyhow::Result<PartWriter> {
-        let tmp = stages::atomic::temp_path(&path);
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(PartWriter {
-            path,
-            tmp,
-            out: BufWriter::with_capacity(1 << 20, file),
-        })
-    }
-
-    pub fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.out
-            .write_all(bytes)
-            .with_context(|| format!("writing {}", self.tmp.display()))
-    }
-
-    pub fn finish(self) -> anyhow::Result<()> {
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all().map(|()| f))
-            .with_context(|| format!("writing {}", self.tmp.display()))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("renaming {} into place", self.tmp.display()))
-    }
-}
+pub type PartWriter = stages::atomic::AtomicFile;
 
 /// Reads a part in chunks of `chunk` bytes (the last may be shorter), for joins that are not plain
 /// concatenations.

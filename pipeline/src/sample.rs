@@ -142,7 +142,7 @@ impl FidScoring {
 
     fn finish_part(&mut self) -> anyhow::Result<()> {
         match &mut self.sink {
-            FeatureSink::Part(writer) => writer.take().map_or(Ok(()), PartWriter::finish),
+            FeatureSink::Part(writer) => Ok(writer.take().map_or(Ok(()), PartWriter::finish)?),
             FeatureSink::Stats(_) => Ok(()),
         }
     }
@@ -267,7 +267,7 @@ impl Sink {
     fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         match self {
             Sink::Npz(npz) => npz.write(bytes),
-            Sink::Part(part) => part.write(bytes),
+            Sink::Part(part) => Ok(part.write(bytes)?),
         }
     }
 }
@@ -377,7 +377,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 let what = format!("Inception features of samples {start}..{}", start + len);
                 crate::torch_guard::guard(&what, || {
                     fid.add(&images, || {
-                        PartWriter::create(ranks.part_path(&fid_features))
+                        Ok(PartWriter::create(ranks.part_path(&fid_features))?)
                     })
                     .context(what.clone())
                 })?;
