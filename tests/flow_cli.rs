@@ -458,6 +458,18 @@ fn bench_flow_reports_both_sides() {
             report[side]["sample_tokens_per_s"].as_f64().unwrap() > 0.0,
             "{report}"
         );
+        // One warm-up pass, then the default three timed ones; the phases of separately timed steps.
+        assert_eq!(
+            report[side]["sample_s_runs"].as_array().unwrap().len(),
+            3,
+            "{report}"
+        );
+        for phase in ["forward_s", "backward_s", "optimizer_s"] {
+            assert!(
+                report[side]["phases"][phase].as_f64().unwrap() > 0.0,
+                "{report}"
+            );
+        }
     }
     assert!(report["step_time_ratio"].as_f64().unwrap() > 0.0);
     let out = pipeline()

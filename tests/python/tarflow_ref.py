@@ -3,7 +3,7 @@ code): the parity oracle of the Rust flow and the anchor of `pipeline bench flow
 
   tarflow_ref.py parity CONFIG.json WEIGHTS.safetensors INPUTS.safetensors OUT.safetensors
   tarflow_ref.py export CONFIG.json WEIGHTS.{safetensors,pth} INPUTS.safetensors OUT.safetensors
-  tarflow_ref.py bench CONFIG.json --batch B --steps S --sample-batch SB --guidance W --threads T
+  tarflow_ref.py bench CONFIG.json --batch B --steps S --sample-batch SB --sample-repeats R --guidance W --threads T
 
 The config is the Rust `model::tarflow::Config` as JSON. Guided sampling here runs the conditional and
 unconditional branches as two separate passes with separate caches, as the reference does.
@@ -321,13 +321,24 @@ def bench(args):
     k = max(cfg["num_classes"], 1)
     y = torch.randint(0, k, (args.batch,)).to(dev) if cfg["num_classes"] > 0 else None
 
-    def train_step():
+    def train_step(phases=None):
+        t0 = time.perf_counter()
         with autocast():
             z, _, logdet = model(x, y)
             loss = 0.5 * z.float().pow(2).mean() - logdet.mean()
+        if phases is not None:
+            sync()
+            t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if phases is not None:
+            sync()
+            t2 = time.perf_counter()
         opt.step()
+        if phases is not None:
+            sync()
+            for key, value in zip(("forward_s", "backward_s", "optimizer_s"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                phases[key] = min(phases.get(key, math.inf), value)
 
     train_step()  # warm-up
     times = []
@@ -336,18 +347,26 @@ def bench(args):
         train_step()
         sync()
         times.append(time.perf_counter() - t0)
+    # Phases from separate steps: timing them synchronises the device in between.
+    phases = {}
+    for _ in range(args.steps):
+        train_step(phases)
     n = (s // cfg["patch_size"]) ** 2
     d = cfg["in_channels"] * cfg["patch_size"] ** 2
     noise = torch.randn(args.sample_batch, n, d).to(dev)
     ys = y[: args.sample_batch] if y is not None else None
-    t0 = time.perf_counter()
-    with autocast():
-        model.reverse(noise, ys, args.guidance, True, 1.0, fast=True)
-    sync()
-    sample_s = time.perf_counter() - t0
+    runs = []
+    for i in range(args.sample_repeats + 1):
+        t0 = time.perf_counter()
+        with autocast():
+            model.reverse(noise, ys, args.guidance, True, 1.0, fast=True)
+        sync()
+        if i > 0:  # the first pass warms up
+            runs.append(time.perf_counter() - t0)
+    sample_s = min(runs)
     tokens = args.sample_batch * n * cfg["num_blocks"]
-    print(json.dumps({"step_s": min(times), "step_s_mean": sum(times) / len(times), "sample_s": sample_s,
-                      "sample_tokens_per_s": tokens / sample_s}))
+    print(json.dumps({"step_s": min(times), "step_s_mean": sum(times) / len(times), "phases": phases,
+                      "sample_s": sample_s, "sample_s_runs": runs, "sample_tokens_per_s": tokens / sample_s}))
 
 
 def main():
@@ -364,6 +383,7 @@ def main():
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=3)
     b.add_argument("--sample-batch", type=int, default=8)
+    b.add_argument("--sample-repeats", type=int, default=3)
     b.add_argument("--guidance", type=float, default=2.0)
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--device", default="cpu")

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance, Config};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::train::step::sync;
+use crate::train::step::{sync, Phases};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,6 +37,9 @@ pub struct Args {
     /// Samples drawn in the sampling measurement
     #[arg(long, default_value_t = 8)]
     sample_batch: i64,
+    /// Timed sampling passes (after one warm-up pass); the fastest is reported
+    #[arg(long, default_value_t = 3)]
+    sample_repeats: usize,
     /// Guidance weight while sampling (non-zero runs both branches)
     #[arg(long, default_value_t = 2.0)]
     guidance: f64,
@@ -76,8 +79,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.num_blocks = args.blocks.unwrap_or(cfg.num_blocks);
     cfg.layers_per_block = args.layers.unwrap_or(cfg.layers_per_block);
     cfg.validate()?;
-    if args.batch < 1 || args.sample_batch < 1 || args.steps < 1 {
-        bail!("--batch, --sample-batch and --steps must be at least 1");
+    if args.batch < 1 || args.sample_batch < 1 || args.steps < 1 || args.sample_repeats < 1 {
+        bail!("--batch, --sample-batch, --steps and --sample-repeats must be at least 1");
     }
     let device = model::device::parse_device(&args.device)?;
     if args.bf16 && !device.is_cuda() {
@@ -144,12 +147,27 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         || Tensor::full([args.batch], -1, (Kind::Int64, device)),
         Tensor::shallow_clone,
     );
-    let mut step = || -> anyhow::Result<()> {
+    let mut step = |phases: Option<&mut Phases>| -> anyhow::Result<()> {
+        let mut phases = phases;
         opt.zero_grad();
-        let totals = crate::train::step::accumulate(&model, None, &x, &labels, None, 0, 0.0, None)?;
+        let totals = crate::train::step::accumulate(
+            &model,
+            None,
+            &x,
+            &labels,
+            None,
+            0,
+            0.0,
+            phases.as_deref_mut(),
+        )?;
+        let start = Instant::now();
         let norm = opt.grad_norm()?;
         skips.record(&totals.loss, &norm);
         opt.step(&skips.ok, 1e-4, 0.9, 0.95, 1e-8, 1e-4)?;
+        if let Some(p) = phases {
+            sync(device);
+            p.optimizer_s += start.elapsed().as_secs_f64();
+        }
         Ok(())
     };
     let rss_before = current_rss_bytes();
@@ -157,7 +175,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         Device::Cuda(i) => Some(torch_ext::memory::reset_cuda_peak(i)?),
         _ => None,
     };
-    step()?; // warm-up
+    step(None)?; // warm-up
     sync(device);
     // What the first step added at its peak: activations, gradients and the AdamW moments.
     let step_peak_mib = match (device, cuda_before) {
@@ -170,12 +188,20 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     let mut times = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
         let start = Instant::now();
-        step()?;
+        step(None)?;
         sync(device);
         times.push(start.elapsed().as_secs_f64());
     }
-    let step_s = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let step_s = min(&times);
     let step_s_mean = times.iter().sum::<f64>() / times.len() as f64;
+    // Where a step's time goes, from separate steps: timing the phases synchronises the device between
+    // them, which the timed steps above never do.
+    let mut phases = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let mut p = Phases::default();
+        step(Some(&mut p))?;
+        phases.push(p);
+    }
 
     let noise = tarflow::sample::cpu_noise(&model, args.sample_batch, 0).to_device(device);
     let ys = y
@@ -192,14 +218,37 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         annealed: true,
         attn_temp: 1.0,
     };
-    let start = Instant::now();
-    let _ = model.reverse(&noise, ys.as_ref(), &g);
-    sync(device);
-    let sample_s = start.elapsed().as_secs_f64();
+    let mut sample_runs = Vec::with_capacity(args.sample_repeats);
+    for i in 0..=args.sample_repeats {
+        let start = Instant::now();
+        let _ = model.reverse(&noise, ys.as_ref(), &g);
+        sync(device);
+        // The first pass allocates the caches and warms the kernels; it is not counted.
+        if i > 0 {
+            sample_runs.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let sample_s = min(&sample_runs);
     let tokens = (args.sample_batch * cfg.num_tokens() * cfg.num_blocks) as f64;
-    Ok(
-        serde_json::json!({ "step_s": step_s, "step_s_mean": step_s_mean, "step_peak_mib": step_peak_mib, "checkpoint_blocks": args.checkpoint_blocks, "sample_s": sample_s, "sample_tokens_per_s": tokens / sample_s }),
-    )
+    Ok(serde_json::json!({
+        "step_s": step_s,
+        "step_s_mean": step_s_mean,
+        "phases": {
+            "forward_s": min(&phases.iter().map(|p| p.forward_s).collect::<Vec<_>>()),
+            "backward_s": min(&phases.iter().map(|p| p.backward_s).collect::<Vec<_>>()),
+            "optimizer_s": min(&phases.iter().map(|p| p.optimizer_s).collect::<Vec<_>>()),
+        },
+        "step_peak_mib": step_peak_mib,
+        "checkpoint_blocks": args.checkpoint_blocks,
+        "sample_s": sample_s,
+        "sample_s_runs": sample_runs,
+        "sample_tokens_per_s": tokens / sample_s,
+    }))
+}
+
+/// The fastest of several timings: the estimate least disturbed by other load on a shared machine.
+fn min(times: &[f64]) -> f64 {
+    times.iter().cloned().fold(f64::INFINITY, f64::min)
 }
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -251,6 +300,8 @@ fn reference(cfg: &Config, args: &Args) -> anyhow::Result<serde_json::Value> {
             &args.batch.to_string(),
             "--steps",
             &args.steps.to_string(),
+            "--sample-repeats",
+            &args.sample_repeats.to_string(),
         ])
         .args([
             "--sample-batch",
