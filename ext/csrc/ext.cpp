@@ -367,3 +367,59 @@ char* ext_event_synchronize(void* event) {
 
 void ext_event_free(void* event) { delete static_cast<c10::Event*>(event); }
 }
+
+// ---- oneDNN linear with a prepacked weight (the ops behind torch.compile's CPU weight freezing),
+// reached through the dispatcher's boxed calls since no public header declares them. A decode step
+// multiplies a handful of rows by every weight matrix; plain addmm repacks the whole weight on each
+// call, which costs as much as the product. Packed once per sampling pass, the weight is reused for
+// every token.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+namespace {
+
+std::optional<c10::OperatorHandle> onednn_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchema({name, ""});
+}
+
+}  // namespace
+
+extern "C" {
+// 1 when this libtorch has oneDNN and registers both packed-linear ops.
+int ext_packed_linear_available() {
+  return at::hasMKLDNN() && onednn_op("mkldnn::_reorder_linear_weight").has_value() &&
+                 onednn_op("mkldnn::_linear_pointwise").has_value()
+             ? 1
+             : 0;
+}
+
+// The (out, in) float weight `w` in oneDNN's blocked layout. Left to oneDNN, the layout is as fast
+// for a few rows as one tuned for their number, and faster at width 1024 (BENCHMARKS.md).
+char* ext_pack_linear_weight(const Tensor* w, Tensor** out) {
+  return guard([&] {
+    auto op = onednn_op("mkldnn::_reorder_linear_weight");
+    if (!op) throw std::runtime_error("mkldnn::_reorder_linear_weight is not registered");
+    torch::jit::Stack stack{c10::IValue(*w), c10::IValue()};
+    op->callBoxed(&stack);
+    *out = new Tensor(stack.at(0).toTensor());
+  });
+}
+
+// x·wᵀ + bias with a packed weight, followed by the activation `attr` ("none" or "gelu"; `algorithm`
+// "none" for the erf GELU, "tanh" for its approximation).
+char* ext_packed_linear(const Tensor* x, const Tensor* packed, const Tensor* bias, const char* attr,
+                        const char* algorithm, Tensor** out) {
+  return guard([&] {
+    auto op = onednn_op("mkldnn::_linear_pointwise");
+    if (!op) throw std::runtime_error("mkldnn::_linear_pointwise is not registered");
+    torch::jit::Stack stack{c10::IValue(*x),
+                            c10::IValue(*packed),
+                            bias != nullptr ? c10::IValue(*bias) : c10::IValue(),
+                            c10::IValue(std::string(attr)),
+                            c10::IValue(c10::List<std::optional<c10::Scalar>>()),
+                            c10::IValue(std::string(algorithm))};
+    op->callBoxed(&stack);
+    *out = new Tensor(stack.at(0).toTensor());
+  });
+}
+}

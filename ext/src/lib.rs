@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod dist;
 pub mod event;
 pub mod memory;
+pub mod packed_linear;
 
 use std::ffi::{c_char, CStr};
 

@@ -1,9 +1,11 @@
 //! One autoregressive affine flow block (reference `MetaBlock`, spec §1.3).
 
 use tch::{nn, Kind, Tensor};
+use torch_ext::packed_linear::Activation;
 
 use super::config::Config;
 use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope, Share};
+use super::packed::Packs;
 
 /// Token order a block works in. Block i uses identity when i is even and flip when i is odd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,9 +135,13 @@ impl MetaBlock {
         start: i64,
         class: Option<&Tensor>,
         prec: Precision,
+        packs: Option<&Packs>,
     ) -> Tensor {
         let t = x_perm.size()[1];
-        let mut h = self.proj_in.forward(x_perm, prec).to_kind(Kind::Float);
+        let mut h = self
+            .proj_in
+            .forward_packed(x_perm, prec, packs, Activation::None)
+            .to_kind(Kind::Float);
         if let Some(pos) = &self.pos_embed {
             h = h + self
                 .permutation
@@ -167,11 +173,11 @@ impl MetaBlock {
         upto: Option<usize>,
         prec: Precision,
     ) -> BlockPass {
-        let mut h = self.embed(x_perm, 0, class, prec);
+        let mut h = self.embed(x_perm, 0, class, prec, None);
         let mut hidden = Vec::with_capacity(keep.len());
         let run = upto.unwrap_or(self.layers.len()).min(self.layers.len());
         for (j, layer) in self.layers.iter().take(run).enumerate() {
-            h = layer.forward(&h, 0, self.rope.as_ref(), None, None, prec);
+            h = layer.forward(&h, 0, self.rope.as_ref(), None, None, prec, None);
             if keep.contains(&j) {
                 hidden.push(h.shallow_clone());
             }
@@ -269,7 +275,8 @@ impl MetaBlock {
         q_scale: Option<&Tensor>,
         prec: Precision,
     ) -> Tensor {
-        let mut h = self.embed(token, pos, class, prec);
+        let packs = cache.packs.as_ref();
+        let mut h = self.embed(token, pos, class, prec, packs);
         let capacity = cache.capacity;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(
@@ -279,8 +286,25 @@ impl MetaBlock {
                 Some((slot, capacity)),
                 q_scale,
                 prec,
+                packs,
             );
         }
-        self.proj_out.forward(&h, prec).to_kind(Kind::Float)
+        self.proj_out
+            .forward_packed(&h, prec, packs, Activation::None)
+            .to_kind(Kind::Float)
+    }
+
+    /// A KV cache for a reverse pass over `capacity` tokens, with the block's weights packed for the
+    /// decode steps when `pack` is set and packing applies (see [`Packs::new`]).
+    pub fn new_cache(&self, capacity: i64, prec: Precision, pack: bool) -> Cache {
+        let packs = pack
+            .then(|| {
+                let linears = std::iter::once(&self.proj_in)
+                    .chain(self.layers.iter().flat_map(AttentionBlock::linears))
+                    .chain(std::iter::once(&self.proj_out));
+                Packs::new(linears, prec)
+            })
+            .flatten();
+        Cache::new(self.layers.len(), capacity, packs)
     }
 }

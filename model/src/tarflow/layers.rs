@@ -3,7 +3,10 @@
 
 use tch::{nn, Kind, Tensor};
 
+use torch_ext::packed_linear::Activation;
+
 use super::config::{Config, GateActivation, MlpKind};
+use super::packed::Packs;
 
 /// Mixed precision the way torch autocast does it for this model: matmuls in bf16, LayerNorm and the
 /// exp of the log-scale in fp32. Only enabled on CUDA by callers.
@@ -151,13 +154,16 @@ pub struct Cache {
     pub layers: Vec<Option<LayerCache>>,
     /// Sequence length the buffers are allocated for.
     pub capacity: i64,
+    /// The block's weights packed for this pass's decode steps, where that applies.
+    pub packs: Option<Packs>,
 }
 
 impl Cache {
-    pub fn new(num_layers: usize, capacity: i64) -> Self {
+    pub fn new(num_layers: usize, capacity: i64, packs: Option<Packs>) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             capacity,
+            packs,
         }
     }
 }
@@ -194,12 +200,13 @@ impl Attention {
         cache: Option<(&mut Option<LayerCache>, i64)>,
         q_scale: Option<&Tensor>,
         prec: Precision,
+        packs: Option<&Packs>,
     ) -> Tensor {
         let (b, t, c) = x.size3().expect("(B, T, C)");
         // (B, T, 3C) -> 3 × (B, H, T, d): the layout is [q heads | k heads | v heads]
         let qkv = self
             .qkv
-            .forward(&self.norm.forward(x), prec)
+            .forward_packed(&self.norm.forward(x), prec, packs, Activation::None)
             .view([b, t, 3, self.heads, self.head_dim])
             .permute([2, 0, 3, 1, 4]);
         let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
@@ -253,8 +260,16 @@ impl Attention {
             }
         };
         // (B, H, T, d) -> (B, T, C)
-        self.proj
-            .forward(&out.transpose(1, 2).reshape([b, t, c]), prec)
+        self.proj.forward_packed(
+            &out.transpose(1, 2).reshape([b, t, c]),
+            prec,
+            packs,
+            Activation::None,
+        )
+    }
+
+    fn linears(&self) -> [&Linear; 2] {
+        [&self.qkv, &self.proj]
     }
 }
 
@@ -299,23 +314,39 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
+    fn forward(&self, x: &Tensor, prec: Precision, packs: Option<&Packs>) -> Tensor {
         let x = self.norm.forward(x);
         match &self.body {
-            MlpBody::Gelu { fc1, fc2 } => fc2.forward(&fc1.forward(&x, prec).gelu("none"), prec),
+            MlpBody::Gelu { fc1, fc2 } => fc2.forward_packed(
+                &fc1.forward_packed(&x, prec, packs, Activation::Gelu),
+                prec,
+                packs,
+                Activation::None,
+            ),
             MlpBody::Swiglu {
                 gate,
                 up,
                 down,
                 act,
             } => {
-                let g = gate.forward(&x, prec);
                 let g = match act {
-                    GateActivation::Silu => g.silu(),
-                    GateActivation::GeluTanh => g.gelu("tanh"),
+                    GateActivation::Silu => gate
+                        .forward_packed(&x, prec, packs, Activation::None)
+                        .silu(),
+                    GateActivation::GeluTanh => {
+                        gate.forward_packed(&x, prec, packs, Activation::GeluTanh)
+                    }
                 };
-                down.forward(&(g * up.forward(&x, prec)), prec)
+                let up = up.forward_packed(&x, prec, packs, Activation::None);
+                down.forward_packed(&(g * up), prec, packs, Activation::None)
             }
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match &self.body {
+            MlpBody::Gelu { fc1, fc2 } => vec![fc1, fc2],
+            MlpBody::Swiglu { gate, up, down, .. } => vec![gate, up, down],
         }
     }
 }
@@ -344,12 +375,21 @@ impl AttentionBlock {
         cache: Option<(&mut Option<LayerCache>, i64)>,
         q_scale: Option<&Tensor>,
         prec: Precision,
+        packs: Option<&Packs>,
     ) -> Tensor {
         let x = x + self
             .attention
-            .forward(x, start, rope, cache, q_scale, prec)
+            .forward(x, start, rope, cache, q_scale, prec, packs)
             .to_kind(x.kind());
-        &x + self.mlp.forward(&x, prec).to_kind(x.kind())
+        &x + self.mlp.forward(&x, prec, packs).to_kind(x.kind())
+    }
+
+    /// Every linear layer, for packing.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.attention
+            .linears()
+            .into_iter()
+            .chain(self.mlp.linears())
     }
 }
 

@@ -15,6 +15,7 @@ mod block;
 pub mod classify;
 mod config;
 mod layers;
+mod packed;
 pub mod sample;
 
 use std::collections::HashMap;
@@ -68,6 +69,9 @@ pub struct Model {
     /// Recompute each block's activations in backward instead of keeping them (`train.checkpoint_blocks`).
     /// Blocks whose hidden states a pass captures run normally.
     pub checkpoint_blocks: bool,
+    /// Pack each block's weights once per reverse pass for the CPU decode steps (oneDNN); off runs the
+    /// plain products (an A/B switch for tests and `bench flow --no-pack`).
+    pub pack_weights: bool,
 }
 
 impl Model {
@@ -90,6 +94,7 @@ impl Model {
             var,
             precision: Precision::Fp32,
             checkpoint_blocks: false,
+            pack_weights: true,
         })
     }
 

@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::block::{Cond, MetaBlock};
-use super::layers::Cache;
 use super::{nll, FlowError, Model};
 
 /// Guidance settings of a reverse pass.
@@ -90,7 +89,7 @@ fn reverse_block(
     };
     let x = block.permutation.apply(z);
     let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
-    let mut cache = Cache::new(block.num_layers(), n);
+    let mut cache = block.new_cache(n, model.precision, model.pack_weights);
     for i in 0..n - 1 {
         let token = if guided {
             Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0)

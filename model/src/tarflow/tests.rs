@@ -142,6 +142,50 @@ fn kv_cache_reverse_equals_full_recompute() {
     }
 }
 
+/// Sampling through weights packed once per pass (oneDNN) equals the plain products, guided and not,
+/// for the GELU MLP and both SwiGLU gates; and where this libtorch can pack, the cache really holds the
+/// packed layers (so the comparison is not plain against plain).
+#[test]
+fn packed_sampling_equals_plain_products() {
+    let _rng = rng();
+    let base = cfg(8, 2, 3, 2, 2, 5);
+    let mut tanh_gate = latent(base.clone(), true, true);
+    tanh_gate.swiglu_gate = GateActivation::GeluTanh;
+    for (name, c) in [
+        ("gelu", base.clone()),
+        ("swiglu+silu", latent(base.clone(), true, true)),
+        ("swiglu+gelu-tanh", tanh_gate),
+    ] {
+        let (_vs, mut model) = random_model(&c, 5);
+        let cache = model.blocks[0].new_cache(c.num_tokens(), model.precision, true);
+        assert_eq!(
+            cache.packs.is_some(),
+            torch_ext::packed_linear::available(),
+            "{name}"
+        );
+        let z = Tensor::randn(
+            [3, c.num_tokens(), c.token_dim()],
+            (Kind::Float, Device::Cpu),
+        );
+        let y = Tensor::from_slice(&[0i64, 4, -1]);
+        for g in [
+            Guidance::default(),
+            Guidance {
+                weight: 1.5,
+                annealed: true,
+                attn_temp: 0.7,
+            },
+        ] {
+            model.pack_weights = true;
+            let packed = model.reverse(&z, Some(&y), &g);
+            model.pack_weights = false;
+            let plain = model.reverse(&z, Some(&y), &g);
+            let err = max_diff(&packed, &plain);
+            assert!(err < 1e-5, "{name} {g:?}: packed sampling off by {err}");
+        }
+    }
+}
+
 #[test]
 fn batched_guidance_at_zero_weight_equals_unguided() {
     let _rng = rng();

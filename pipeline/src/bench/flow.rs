@@ -56,6 +56,9 @@ pub struct Args {
     /// shows what it costs in time and in peak memory against a run without it
     #[arg(long)]
     checkpoint_blocks: bool,
+    /// Sample with the plain products instead of weights packed once per pass (an A/B of the packing)
+    #[arg(long)]
+    no_pack: bool,
     /// Skip the PyTorch reference (Rust numbers only)
     #[arg(long)]
     no_reference: bool,
@@ -116,6 +119,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         model.precision = tarflow::Precision::Bf16;
     }
     model.checkpoint_blocks = args.checkpoint_blocks;
+    model.pack_weights = !args.no_pack;
     tch::no_grad(|| {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -240,6 +244,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         },
         "step_peak_mib": step_peak_mib,
         "checkpoint_blocks": args.checkpoint_blocks,
+        "pack_weights": model.pack_weights,
         "sample_s": sample_s,
         "sample_s_runs": sample_runs,
         "sample_tokens_per_s": tokens / sample_s,

@@ -1,0 +1,172 @@
+//! Linear layers with a weight packed once into oneDNN's blocked layout (CPU, float32): the product a
+//! KV-cache sampler repeats for every token with the same weights and a few rows. Plain `addmm`
+//! repacks the whole weight on each call, which at a few rows costs as much as the product itself.
+//! No autograd: for inference under `no_grad` only.
+
+use std::ffi::{c_char, CString};
+
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+use crate::{check, ExtError, Handle};
+
+extern "C" {
+    fn ext_packed_linear_available() -> i32;
+    fn ext_pack_linear_weight(w: Handle, out: *mut *mut C_tensor) -> *mut c_char;
+    fn ext_packed_linear(
+        x: Handle,
+        packed: Handle,
+        bias: Handle,
+        attr: *const c_char,
+        algorithm: *const c_char,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+/// What the packed product applies to its output, fused into the same kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// The exact (erf) GELU, `torch.nn.GELU()`.
+    Gelu,
+    /// GELU's tanh approximation, `GELU(approximate="tanh")`.
+    GeluTanh,
+}
+
+/// Whether this libtorch can pack weights (built with oneDNN and registering its linear ops).
+pub fn available() -> bool {
+    // SAFETY: reads the dispatcher's registry only.
+    unsafe { ext_packed_linear_available() == 1 }
+}
+
+/// A linear layer's weight (out, in), packed, with its bias.
+pub struct PackedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    out_features: i64,
+}
+
+impl PackedLinear {
+    /// Packs a float32 CPU weight (out, in).
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self, ExtError> {
+        let op = "pack linear weight";
+        let size = weight.size();
+        if size.len() != 2 || weight.kind() != Kind::Float || weight.device() != Device::Cpu {
+            return Err(ExtError {
+                op,
+                message: format!(
+                    "needs a 2-d float32 CPU weight, got {size:?} {:?} on {:?}",
+                    weight.kind(),
+                    weight.device()
+                ),
+            });
+        }
+        let weight = weight.contiguous();
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        // SAFETY: a live handle and an out-pointer to a local that the shim writes only on success.
+        check(op, unsafe {
+            ext_pack_linear_weight(weight.as_ptr(), &mut out)
+        })?;
+        Ok(Self {
+            // SAFETY: on success `out` is a fresh handle that nothing else owns.
+            weight: unsafe { Tensor::from_ptr(out) },
+            bias: bias.map(|b| b.detach().contiguous()),
+            out_features: size[0],
+        })
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.out_features
+    }
+
+    /// `act(x·wᵀ + b)` for float32 CPU `x` (…, in).
+    pub fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor, ExtError> {
+        let (attr, algorithm) = match act {
+            Activation::None => ("none", ""),
+            Activation::Gelu => ("gelu", "none"),
+            Activation::GeluTanh => ("gelu", "tanh"),
+        };
+        let (attr, algorithm) = (
+            CString::new(attr).expect("no NUL"),
+            CString::new(algorithm).expect("no NUL"),
+        );
+        let x = x.contiguous();
+        let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        // SAFETY: live handles (or null for no bias), NUL-terminated strings that outlive the call, and
+        // an out-pointer to a local written only on success.
+        check("packed linear", unsafe {
+            ext_packed_linear(
+                x.as_ptr(),
+                self.weight.as_ptr(),
+                bias,
+                attr.as_ptr(),
+                algorithm.as_ptr(),
+                &mut out,
+            )
+        })?;
+        // SAFETY: on success `out` is a fresh handle that nothing else owns.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+}
+
+impl std::fmt::Debug for PackedLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedLinear")
+            .field("out_features", &self.out_features)
+            .field("bias", &self.bias.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// The packed product equals `linear` (and its fused GELUs `gelu(linear)`) to float32 rounding at
+    /// any number of rows and leading dimensions; a second call gives the same bytes.
+    #[test]
+    fn packed_linear_is_linear() {
+        if !available() {
+            eprintln!("this libtorch has no oneDNN linear ops; nothing to compare");
+            return;
+        }
+        tch::manual_seed(0);
+        let opts = (Kind::Float, Device::Cpu);
+        let w = Tensor::randn([96, 64], opts) * 0.125;
+        let b = Tensor::randn([96], opts);
+        let packed = PackedLinear::new(&w, Some(&b)).unwrap();
+        assert_eq!(packed.out_features(), 96);
+        for shape in [&[8i64, 64][..], &[8, 1, 64], &[3, 64], &[2, 5, 64]] {
+            let x = Tensor::randn(shape, opts);
+            let plain = x.linear(&w, Some(&b));
+            let got = packed.forward(&x, Activation::None).unwrap();
+            assert_eq!(got.size(), plain.size());
+            assert!(max_diff(&got, &plain) < 1e-5, "{shape:?}");
+            assert!(got.equal(&packed.forward(&x, Activation::None).unwrap()));
+            let gelu = packed.forward(&x, Activation::Gelu).unwrap();
+            assert!(max_diff(&gelu, &plain.gelu("none")) < 1e-5);
+            let tanh = packed.forward(&x, Activation::GeluTanh).unwrap();
+            assert!(max_diff(&tanh, &plain.gelu("tanh")) < 1e-5);
+        }
+        let unbiased = PackedLinear::new(&w, None).unwrap();
+        let x = Tensor::randn([1, 64], opts);
+        assert!(
+            max_diff(
+                &unbiased.forward(&x, Activation::None).unwrap(),
+                &x.matmul(&w.tr())
+            ) < 1e-5
+        );
+        // Bad inputs are errors naming the operation, never a crash: a wrong width, a wrong dtype.
+        let err = packed.forward(&Tensor::randn([4, 63], opts), Activation::None);
+        assert!(err.is_err());
+        let err = PackedLinear::new(&w.to_kind(Kind::Double), None).unwrap_err();
+        assert!(err.to_string().contains("float32"), "{err}");
+        let err = PackedLinear::new(&b, None).unwrap_err();
+        assert!(err.to_string().contains("2-d"), "{err}");
+    }
+}

@@ -1,0 +1,68 @@
+//! A reverse pass's prepacked weights: every linear layer of a block packed once into oneDNN's layout
+//! (torch_ext::packed_linear), then reused by each of the block's N decode steps. On the CPU a decode
+//! step multiplies 2B rows by each weight, where a plain product spends as long repacking the weight as
+//! multiplying; packing for the pass removes that (BENCHMARKS.md, "Prepacked sampling weights").
+//! Valid for one pass only: the pack is a copy, and training moves the weights between passes.
+
+use std::collections::HashMap;
+
+use tch::{Device, Kind, Tensor};
+use torch_ext::packed_linear::{self, Activation, PackedLinear};
+
+use super::layers::{Linear, Precision};
+
+/// The packed layers of one block, found by their weight's storage.
+#[derive(Debug, Default)]
+pub struct Packs(HashMap<usize, PackedLinear>);
+
+impl Packs {
+    /// Packs `linears` where that is possible: float32 CPU weights, fp32 compute and a libtorch with
+    /// oneDNN's linear ops. `None` otherwise, and then every layer runs its plain product.
+    pub fn new<'a>(linears: impl IntoIterator<Item = &'a Linear>, prec: Precision) -> Option<Self> {
+        if prec != Precision::Fp32 || !packed_linear::available() {
+            return None;
+        }
+        let mut packs = HashMap::new();
+        for l in linears {
+            if l.weight.device() != Device::Cpu || l.weight.kind() != Kind::Float {
+                return None;
+            }
+            let packed = PackedLinear::new(&l.weight, Some(&l.bias)).ok()?;
+            packs.insert(key(l), packed);
+        }
+        Some(Self(packs))
+    }
+
+    fn get(&self, l: &Linear) -> Option<&PackedLinear> {
+        self.0.get(&key(l))
+    }
+}
+
+fn key(l: &Linear) -> usize {
+    l.weight.data_ptr() as usize
+}
+
+impl Linear {
+    /// `act(x·wᵀ + b)`: through the packed weight when `packs` holds this layer (the activation fused
+    /// into the product), the plain product otherwise.
+    pub fn forward_packed(
+        &self,
+        x: &Tensor,
+        prec: Precision,
+        packs: Option<&Packs>,
+        act: Activation,
+    ) -> Tensor {
+        if let Some(p) = packs.and_then(|p| p.get(self)) {
+            // A failure here is a shape error the plain product would raise too: tch panics on those.
+            return p
+                .forward(&x.to_kind(Kind::Float), act)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let y = self.forward(x, prec);
+        match act {
+            Activation::None => y,
+            Activation::Gelu => y.gelu("none"),
+            Activation::GeluTanh => y.gelu("tanh"),
+        }
+    }
+}
