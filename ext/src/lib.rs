@@ -10,7 +10,7 @@ pub mod checkpoint;
 pub mod dist;
 pub mod event;
 pub mod memory;
-pub mod packed_linear;
+pub mod onednn;
 
 use std::ffi::{c_char, CStr};
 

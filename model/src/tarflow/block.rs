@@ -1,7 +1,7 @@
 //! One autoregressive affine flow block (reference `MetaBlock`, spec §1.3).
 
 use tch::{nn, Kind, Tensor};
-use torch_ext::packed_linear::Activation;
+use torch_ext::onednn::Activation;
 
 use super::config::Config;
 use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope, Share};

@@ -3,7 +3,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use torch_ext::packed_linear::Activation;
+use torch_ext::onednn::{self, Activation};
 
 use super::config::{Config, GateActivation, MlpKind};
 use super::packed::Packs;
@@ -55,6 +55,16 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
+        // float32 on the CPU: oneDNN's kernels, backward included (torch_ext::onednn says why).
+        if prec == Precision::Fp32
+            && x.kind() == Kind::Float
+            && x.device() == tch::Device::Cpu
+            && onednn::enabled()
+        {
+            // A failure is a shape error the plain product would raise too: tch panics on those.
+            return onednn::linear(x, &self.weight, Some(&self.bias))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
         let k = prec.kind();
         x.to_kind(k)
             .linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))

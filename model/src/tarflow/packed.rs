@@ -1,5 +1,5 @@
 //! A reverse pass's prepacked weights: every linear layer of a block packed once into oneDNN's layout
-//! (torch_ext::packed_linear), then reused by each of the block's N decode steps. On the CPU a decode
+//! (torch_ext::onednn), then reused by each of the block's N decode steps. On the CPU a decode
 //! step multiplies 2B rows by each weight, where a plain product spends as long repacking the weight as
 //! multiplying; packing for the pass removes that (BENCHMARKS.md, "Prepacked sampling weights").
 //! Valid for one pass only: the pack is a copy, and training moves the weights between passes.
@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
-use torch_ext::packed_linear::{self, Activation, PackedLinear};
+use torch_ext::onednn::{self, Activation, PackedLinear};
 
 use super::layers::{Linear, Precision};
 
@@ -19,7 +19,7 @@ impl Packs {
     /// Packs `linears` where that is possible: float32 CPU weights, fp32 compute and a libtorch with
     /// oneDNN's linear ops. `None` otherwise, and then every layer runs its plain product.
     pub fn new<'a>(linears: impl IntoIterator<Item = &'a Linear>, prec: Precision) -> Option<Self> {
-        if prec != Precision::Fp32 || !packed_linear::available() {
+        if prec != Precision::Fp32 || !onednn::available() {
             return None;
         }
         let mut packs = HashMap::new();

@@ -160,7 +160,7 @@ fn packed_sampling_equals_plain_products() {
         let cache = model.blocks[0].new_cache(c.num_tokens(), model.precision, true);
         assert_eq!(
             cache.packs.is_some(),
-            torch_ext::packed_linear::available(),
+            torch_ext::onednn::available(),
             "{name}"
         );
         let z = Tensor::randn(

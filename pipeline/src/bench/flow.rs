@@ -59,6 +59,10 @@ pub struct Args {
     /// Sample with the plain products instead of weights packed once per pass (an A/B of the packing)
     #[arg(long)]
     no_pack: bool,
+    /// Run float32 CPU linear layers through libtorch's `linear` (MKL) instead of oneDNN, as the
+    /// reference does (an A/B of the routing)
+    #[arg(long)]
+    no_onednn: bool,
     /// Skip the PyTorch reference (Rust numbers only)
     #[arg(long)]
     no_reference: bool,
@@ -120,6 +124,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     }
     model.checkpoint_blocks = args.checkpoint_blocks;
     model.pack_weights = !args.no_pack;
+    torch_ext::onednn::set_enabled(!args.no_onednn);
     tch::no_grad(|| {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -245,6 +250,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         "step_peak_mib": step_peak_mib,
         "checkpoint_blocks": args.checkpoint_blocks,
         "pack_weights": model.pack_weights,
+        "onednn_linear": torch_ext::onednn::enabled(),
         "sample_s": sample_s,
         "sample_s_runs": sample_runs,
         "sample_tokens_per_s": tokens / sample_s,

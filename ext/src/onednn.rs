@@ -1,9 +1,15 @@
-//! Linear layers with a weight packed once into oneDNN's blocked layout (CPU, float32): the product a
-//! KV-cache sampler repeats for every token with the same weights and a few rows. Plain `addmm`
-//! repacks the whole weight on each call, which at a few rows costs as much as the product itself.
-//! No autograd: for inference under `no_grad` only.
+//! Linear layers through oneDNN on the CPU (float32), reached by the dispatcher since tch binds neither
+//! op. Two uses:
+//! - [`linear`], with autograd: forward, input and weight gradients all in oneDNN's JIT kernels.
+//!   PyTorch's fp32 `linear` always calls MKL's sgemm, which on AMD CPUs takes a generic path at a
+//!   third to a half of oneDNN's rate at a training step's shapes (BENCHMARKS.md).
+//! - [`PackedLinear`], no autograd: a weight packed once into oneDNN's blocked layout, for the product
+//!   a KV-cache sampler repeats for every token with the same weights and a few rows, where a plain
+//!   product spends as long repacking the weight as multiplying.
 
 use std::ffi::{c_char, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -21,6 +27,12 @@ extern "C" {
         algorithm: *const c_char,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn ext_onednn_linear(
+        x: Handle,
+        w: Handle,
+        bias: Handle,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// What the packed product applies to its output, fused into the same kernel.
@@ -33,10 +45,47 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// Whether this libtorch can pack weights (built with oneDNN and registering its linear ops).
+/// Whether this libtorch has oneDNN and registers its linear ops (looked up once).
 pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
     // SAFETY: reads the dispatcher's registry only.
-    unsafe { ext_packed_linear_available() == 1 }
+    *AVAILABLE.get_or_init(|| unsafe { ext_packed_linear_available() == 1 })
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the routing of float32 CPU linear layers through [`linear`] on (the default) or off, for the
+/// whole process: an A/B switch (`pipeline bench flow --no-onednn`), as `torch.backends` flags are.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether callers should route float32 CPU linear layers through [`linear`].
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed) && available()
+}
+
+/// `x·wᵀ + b` for float32 CPU tensors, x (…, in), w (out, in), recorded by autograd when grad mode
+/// is on: backward computes the input gradient, the weight gradient (and the bias's) in oneDNN too.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ExtError> {
+    // oneDNN does not check an empty input's width; PyTorch's linear does, and so do we.
+    let (xs, ws) = (x.size(), w.size());
+    let bs = bias.map(Tensor::size);
+    if ws.len() != 2 || xs.last() != ws.get(1) || bs.as_ref().is_some_and(|b| b[..] != ws[..1]) {
+        return Err(ExtError {
+            op: "onednn linear",
+            message: format!("input {xs:?}, weight {ws:?} and bias {bs:?} do not fit"),
+        });
+    }
+    let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live handles (or null for no bias) and an out-pointer to a local that the shim writes
+    // only on success; the shim catches every C++ exception.
+    check("onednn linear", unsafe {
+        ext_onednn_linear(x.as_ptr(), w.as_ptr(), bias, &mut out)
+    })?;
+    // SAFETY: on success `out` is a fresh handle that nothing else owns.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// A linear layer's weight (out, in), packed, with its bias.
@@ -122,6 +171,50 @@ impl std::fmt::Debug for PackedLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Forward and all three gradients equal `linear`'s (MKL) to float32 rounding, for 2-d and 3-d
+    /// inputs; an input that needs no gradient gets none; under no_grad nothing is recorded; bad
+    /// shapes in sequence are errors, each followed by a good call.
+    #[test]
+    fn onednn_linear_matches_linear_and_its_gradients() {
+        if !available() {
+            eprintln!("this libtorch has no oneDNN linear ops; nothing to compare");
+            return;
+        }
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        for shape in [&[33i64, 40][..], &[3, 17, 40]] {
+            let w = (Tensor::randn([24, 40], opts) * 0.2).set_requires_grad(true);
+            let b = Tensor::randn([24], opts).set_requires_grad(true);
+            let x = Tensor::randn(shape, opts).set_requires_grad(true);
+            let gy = Tensor::randn([&shape[..shape.len() - 1], &[24]].concat().as_slice(), opts);
+            let y = linear(&x, &w, Some(&b)).unwrap();
+            (&y * &gy).sum(Kind::Float).backward();
+            let got: Vec<Tensor> = [&x, &w, &b].iter().map(|t| t.grad().copy()).collect();
+            for t in [&x, &w, &b] {
+                let _ = t.grad().zero_();
+            }
+            let plain = x.linear(&w, Some(&b));
+            assert!(max_diff(&y, &plain) < 1e-5, "{shape:?} forward");
+            (&plain * &gy).sum(Kind::Float).backward();
+            for (name, (g, t)) in ["x", "w", "b"].iter().zip(got.iter().zip([&x, &w, &b])) {
+                let err = max_diff(g, &t.grad());
+                assert!(err < 1e-4, "{shape:?} d{name} off by {err}");
+            }
+        }
+        // Data that needs no gradient (a flow's input): only the parameters get one.
+        let w = Tensor::randn([8, 5], opts).set_requires_grad(true);
+        let x = Tensor::randn([4, 5], opts);
+        linear(&x, &w, None).unwrap().sum(Kind::Float).backward();
+        assert!(w.grad().defined() && !x.grad().defined());
+        let y = tch::no_grad(|| linear(&x, &w, None).unwrap());
+        assert!(!y.requires_grad());
+        for bad in [&[4i64, 6][..], &[0, 4], &[2, 3, 7]] {
+            let err = linear(&Tensor::randn(bad, opts), &w, None).unwrap_err();
+            assert!(err.to_string().contains("onednn linear"), "{err}");
+            assert!(max_diff(&linear(&x, &w, None).unwrap(), &x.matmul(&w.tr())) < 1e-5);
+        }
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
