@@ -4,7 +4,7 @@ use tch::{nn, Kind, Tensor};
 use torch_ext::onednn::Activation;
 
 use super::config::Config;
-use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope, Share};
+use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope, Share, Slot};
 use super::packed::Packs;
 
 /// Token order a block works in. Block i uses identity when i is even and flip when i is odd.
@@ -177,7 +177,7 @@ impl MetaBlock {
         let mut hidden = Vec::with_capacity(keep.len());
         let run = upto.unwrap_or(self.layers.len()).min(self.layers.len());
         for (j, layer) in self.layers.iter().take(run).enumerate() {
-            h = layer.forward(&h, 0, self.rope.as_ref(), None, None, prec, None);
+            h = layer.forward(&h, 0, self.rope.as_ref(), None, None, prec);
             if keep.contains(&j) {
                 hidden.push(h.shallow_clone());
             }
@@ -278,16 +278,13 @@ impl MetaBlock {
         let packs = cache.packs.as_ref();
         let mut h = self.embed(token, pos, class, prec, packs);
         let capacity = cache.capacity;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(
-                &h,
-                pos,
-                self.rope.as_ref(),
-                Some((slot, capacity)),
-                q_scale,
-                prec,
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let slot = Slot {
+                kv,
+                capacity,
                 packs,
-            );
+            };
+            h = layer.forward(&h, pos, self.rope.as_ref(), Some(slot), q_scale, prec);
         }
         self.proj_out
             .forward_packed(&h, prec, packs, Activation::None)

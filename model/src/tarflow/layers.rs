@@ -158,6 +158,14 @@ pub struct LayerCache {
     len: i64,
 }
 
+/// What a decode step hands one layer: its KV cache (preallocated for `capacity` tokens) and the
+/// block's packed weights, if any.
+pub struct Slot<'a> {
+    pub kv: &'a mut Option<LayerCache>,
+    pub capacity: i64,
+    pub packs: Option<&'a Packs>,
+}
+
 /// One KV cache per attention layer of a block; a fresh one per block and per reverse pass.
 #[derive(Debug, Default)]
 pub struct Cache {
@@ -207,11 +215,11 @@ impl Attention {
         x: &Tensor,
         start: i64,
         rope: Option<&Rope>,
-        cache: Option<(&mut Option<LayerCache>, i64)>,
+        cache: Option<Slot<'_>>,
         q_scale: Option<&Tensor>,
         prec: Precision,
-        packs: Option<&Packs>,
     ) -> Tensor {
+        let packs = cache.as_ref().and_then(|slot| slot.packs);
         let (b, t, c) = x.size3().expect("(B, T, C)");
         // (B, T, 3C) -> 3 × (B, H, T, d): the layout is [q heads | k heads | v heads]
         let qkv = self
@@ -232,9 +240,8 @@ impl Attention {
             None => Tensor::scaled_dot_product_attention::<Tensor>(
                 &q, &k, &v, None, 0.0, true, scale, false,
             ),
-            Some(slot) => {
-                let (slot, capacity) = slot;
-                let entry = slot.get_or_insert_with(|| LayerCache {
+            Some(Slot { kv, capacity, .. }) => {
+                let entry = kv.get_or_insert_with(|| LayerCache {
                     k: k.new_zeros(
                         [b, self.heads, capacity, self.head_dim],
                         (k.kind(), k.device()),
@@ -382,14 +389,14 @@ impl AttentionBlock {
         x: &Tensor,
         start: i64,
         rope: Option<&Rope>,
-        cache: Option<(&mut Option<LayerCache>, i64)>,
+        cache: Option<Slot<'_>>,
         q_scale: Option<&Tensor>,
         prec: Precision,
-        packs: Option<&Packs>,
     ) -> Tensor {
+        let packs = cache.as_ref().and_then(|slot| slot.packs);
         let x = x + self
             .attention
-            .forward(x, start, rope, cache, q_scale, prec, packs)
+            .forward(x, start, rope, cache, q_scale, prec)
             .to_kind(x.kind());
         &x + self.mlp.forward(&x, prec, packs).to_kind(x.kind())
     }
