@@ -65,6 +65,20 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed) && available()
 }
 
+/// Whether oneDNN beats MKL for a product of `rows` rows by a (fan_out, fan_in) weight, forward only
+/// or (`backward`) with the two gradient products too. Below these sizes a call's fixed cost (the
+/// dispatcher's boxed call, the transposed copies of backward) outweighs the faster kernel; measured
+/// on this project's CPU (BENCHMARKS.md, "oneDNN linear layers"): the forward wins from about 1 M
+/// multiply-adds, forward + backward from 64 rows and 4 M.
+pub fn pays_off(rows: i64, fan_in: i64, fan_out: i64, backward: bool) -> bool {
+    let macs = rows.saturating_mul(fan_in).saturating_mul(fan_out);
+    if backward {
+        rows >= 64 && macs >= 4 << 20
+    } else {
+        macs >= 1 << 20
+    }
+}
+
 /// `x·wᵀ + b` for float32 CPU tensors, x (…, in), w (out, in), recorded by autograd when grad mode
 /// is on: backward computes the input gradient, the weight gradient (and the bias's) in oneDNN too.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ExtError> {

@@ -291,15 +291,15 @@ impl MetaBlock {
             .to_kind(Kind::Float)
     }
 
-    /// A KV cache for a reverse pass over `capacity` tokens, with the block's weights packed for the
-    /// decode steps when `pack` is set and packing applies (see [`Packs::new`]).
-    pub fn new_cache(&self, capacity: i64, prec: Precision, pack: bool) -> Cache {
+    /// A KV cache for a reverse pass over `capacity` tokens, with the block's weights packed for decode
+    /// steps of `rows` rows when `pack` is set and packing applies (see [`Packs::new`]).
+    pub fn new_cache(&self, capacity: i64, rows: i64, prec: Precision, pack: bool) -> Cache {
         let packs = pack
             .then(|| {
                 let linears = std::iter::once(&self.proj_in)
                     .chain(self.layers.iter().flat_map(AttentionBlock::linears))
                     .chain(std::iter::once(&self.proj_out));
-                Packs::new(linears, prec)
+                Packs::new(linears, rows, prec)
             })
             .flatten();
         Cache::new(self.layers.len(), capacity, packs)

@@ -55,11 +55,13 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, prec: Precision) -> Tensor {
-        // float32 on the CPU: oneDNN's kernels, backward included (torch_ext::onednn says why).
+        // float32 on the CPU: oneDNN's kernels, backward included (torch_ext::onednn says why), for
+        // products large enough to gain from them.
         if prec == Precision::Fp32
             && x.kind() == Kind::Float
             && x.device() == tch::Device::Cpu
             && onednn::enabled()
+            && self.onednn_pays_off(x)
         {
             // A failure is a shape error the plain product would raise too: tch panics on those.
             return onednn::linear(x, &self.weight, Some(&self.bias))
@@ -68,6 +70,16 @@ impl Linear {
         let k = prec.kind();
         x.to_kind(k)
             .linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
+    }
+}
+
+impl Linear {
+    fn onednn_pays_off(&self, x: &Tensor) -> bool {
+        let (out, fan_in) = (self.weight.size()[0], self.weight.size()[1]);
+        let rows = x.numel() as i64 / fan_in.max(1);
+        let backward = torch_ext::checkpoint::grad_enabled()
+            && (self.weight.requires_grad() || x.requires_grad());
+        onednn::pays_off(rows, fan_in, out, backward)
     }
 }
 

@@ -16,9 +16,14 @@ use super::layers::{Linear, Precision};
 pub struct Packs(HashMap<usize, PackedLinear>);
 
 impl Packs {
-    /// Packs `linears` where that is possible: float32 CPU weights, fp32 compute and a libtorch with
-    /// oneDNN's linear ops. `None` otherwise, and then every layer runs its plain product.
-    pub fn new<'a>(linears: impl IntoIterator<Item = &'a Linear>, prec: Precision) -> Option<Self> {
+    /// Packs those of `linears` whose products with `rows` rows gain from it
+    /// ([`onednn::pays_off`]), where packing is possible: float32 CPU weights, fp32 compute and a
+    /// libtorch with oneDNN's linear ops. `None` when it is not; unpacked layers run the plain product.
+    pub fn new<'a>(
+        linears: impl IntoIterator<Item = &'a Linear>,
+        rows: i64,
+        prec: Precision,
+    ) -> Option<Self> {
         if prec != Precision::Fp32 || !onednn::available() {
             return None;
         }
@@ -27,10 +32,23 @@ impl Packs {
             if l.weight.device() != Device::Cpu || l.weight.kind() != Kind::Float {
                 return None;
             }
+            let (fan_out, fan_in) = (l.weight.size()[0], l.weight.size()[1]);
+            if !onednn::pays_off(rows, fan_in, fan_out, false) {
+                continue;
+            }
             let packed = PackedLinear::new(&l.weight, Some(&l.bias)).ok()?;
             packs.insert(key(l), packed);
         }
         Some(Self(packs))
+    }
+
+    /// How many layers are packed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     fn get(&self, l: &Linear) -> Option<&PackedLinear> {

@@ -89,7 +89,8 @@ fn reverse_block(
     };
     let x = block.permutation.apply(z);
     let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
-    let mut cache = block.new_cache(n, model.precision, model.pack_weights);
+    let rows = if guided { 2 * batch } else { batch };
+    let mut cache = block.new_cache(n, rows, model.precision, model.pack_weights);
     for i in 0..n - 1 {
         let token = if guided {
             Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0)
