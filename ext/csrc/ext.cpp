@@ -76,6 +76,23 @@ char* ext_foreach_norm(Tensor* const* ts, size_t n, Tensor** out) {
   });
 }
 
+// Drops the .grad of each tensor (PyTorch's zero_grad(set_to_none=True)): no kernel, and the next
+// backward hands its gradient buffer over instead of adding it into zeros.
+char* ext_clear_grads(Tensor* const* ts, size_t n) {
+  return guard([&] {
+    for (size_t i = 0; i < n; i++) ts[i]->mutable_grad() = Tensor();
+  });
+}
+
+// Gives each tensor without a .grad a zero one (shape, dtype and device of the tensor).
+char* ext_zero_missing_grads(Tensor* const* ts, size_t n) {
+  return guard([&] {
+    for (size_t i = 0; i < n; i++) {
+      if (!ts[i]->grad().defined()) ts[i]->mutable_grad() = at::zeros_like(*ts[i]);
+    }
+  });
+}
+
 // ts[i] *= factor, a 0-d tensor (no host read).
 char* ext_foreach_mul_(Tensor* const* ts, size_t n, const Tensor* factor) {
   return guard([&] { at::_foreach_mul_(list(ts, n), *factor); });

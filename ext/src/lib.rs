@@ -50,6 +50,8 @@ extern "C" {
     ) -> *mut c_char;
     fn ext_foreach_norm(ts: *const Handle, n: usize, out: *mut *mut C_tensor) -> *mut c_char;
     fn ext_foreach_mul_(ts: *const Handle, n: usize, factor: Handle) -> *mut c_char;
+    fn ext_clear_grads(ts: *const Handle, n: usize) -> *mut c_char;
+    fn ext_zero_missing_grads(ts: *const Handle, n: usize) -> *mut c_char;
 }
 
 /// Turns the shim's returned message (or null) into a Result, freeing the message.
@@ -171,6 +173,24 @@ pub fn foreach_norm(ts: &[Tensor]) -> Result<Vec<Tensor>, ExtError> {
         .collect())
 }
 
+/// Drops every tensor's `.grad` (`zero_grad(set_to_none=True)`): no kernel per parameter, and the
+/// next backward stores its gradient instead of adding it into zeros.
+pub fn clear_grads(ts: &[Tensor]) -> Result<(), ExtError> {
+    let h = handles(ts);
+    // SAFETY: `n` live handles, whose grad fields the shim resets during the call.
+    let err = unsafe { ext_clear_grads(h.as_ptr(), h.len()) };
+    check("clear grads", err)
+}
+
+/// Gives every tensor that has no `.grad` a zero one, so that a list of gradients has the same
+/// members on every rank of a data-parallel group whatever a step reached.
+pub fn zero_missing_grads(ts: &[Tensor]) -> Result<(), ExtError> {
+    let h = handles(ts);
+    // SAFETY: `n` live handles, whose grad fields the shim sets during the call.
+    let err = unsafe { ext_zero_missing_grads(h.as_ptr(), h.len()) };
+    check("zero missing grads", err)
+}
+
 /// `ts[i] *= factor` for all i, `factor` a 0-d tensor (never read on the host).
 pub fn foreach_mul_(ts: &[Tensor], factor: &Tensor) -> Result<(), ExtError> {
     let h = handles(ts);
@@ -186,6 +206,24 @@ mod tests {
 
     fn close(a: &Tensor, b: &Tensor) -> bool {
         (a - b).abs().max().double_value(&[]) < 1e-6
+    }
+
+    /// Cleared gradients are undefined and the next backward stores its own; a missing one becomes
+    /// zeros of the parameter's shape, and a present one is left alone.
+    #[test]
+    fn clear_grads_then_backward_stores_and_missing_ones_become_zeros() {
+        let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (&a * 3.0).sum(Kind::Float).backward();
+        (&b * 2.0).sum(Kind::Float).backward();
+        clear_grads(&[a.shallow_clone(), b.shallow_clone()]).unwrap();
+        assert!(!a.grad().defined() && !b.grad().defined());
+        (&a * 5.0).sum(Kind::Float).backward();
+        assert!(close(&a.grad(), &a.full_like(5.0)));
+        zero_missing_grads(&[a.shallow_clone(), b.shallow_clone()]).unwrap();
+        assert!(close(&a.grad(), &a.full_like(5.0)));
+        assert_eq!(b.grad().size(), vec![4]);
+        assert!(close(&b.grad(), &b.zeros_like()));
     }
 
     /// The fused kernel against AdamW written out (PyTorch's update order), two steps; then a step

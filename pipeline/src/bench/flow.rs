@@ -158,7 +158,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     );
     let mut step = |phases: Option<&mut Phases>| -> anyhow::Result<()> {
         let mut phases = phases;
-        opt.zero_grad();
+        opt.zero_grad()?;
         let totals = crate::train::step::accumulate(
             &model,
             None,

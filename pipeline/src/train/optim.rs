@@ -70,13 +70,12 @@ impl AdamW {
         self.t = Tensor::full([], t as f64, (Kind::Float, self.t.device()));
     }
 
-    pub fn zero_grad(&mut self) {
-        for (_, p, _, _) in &mut self.slots {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+    /// Drops the gradients (set to none, as PyTorch's default zero_grad): the next backward stores
+    /// its own, micro-batches after the first add to them, and a parameter no pass reaches has none
+    /// (skipped by the norm and the update, as in PyTorch).
+    pub fn zero_grad(&mut self) -> Result<(), torch_ext::ExtError> {
+        let params: Vec<Tensor> = self.slots.iter().map(|s| s.1.shallow_clone()).collect();
+        torch_ext::clear_grads(&params)
     }
 
     /// The slots whose parameter has a gradient, with that gradient.

@@ -226,16 +226,13 @@ impl Trainer {
         }
         if let Some(rep) = &replicas {
             // DDP's rule: every replica starts from rank 0's weights, EMA, projector and optimizer
-            // state; and every parameter has a gradient tensor from the start, so the gradient buckets
-            // are the same on every rank even for a parameter a step does not reach.
+            // state. (Each step gives a parameter it missed a zero gradient before averaging, so the
+            // buckets are the same on every rank.)
             let mut all: Vec<Tensor> = sorted_values(&vs);
             all.extend(sorted_values(&ema_vs));
             all.extend(sorted_values(&proj_vs));
             for (_, p, m, v) in &adam.slots {
                 all.extend([p.shallow_clone(), m.shallow_clone(), v.shallow_clone()]);
-                if !p.grad().defined() {
-                    (p.sum(tch::Kind::Float) * 0.0).backward();
-                }
             }
             all.push(adam.t.shallow_clone());
             rep.broadcast(&all)?;
@@ -411,7 +408,9 @@ impl Trainer {
             ),
             _ => batch.features.as_ref().map(Tensor::shallow_clone),
         };
-        self.adam.zero_grad();
+        self.adam
+            .zero_grad()
+            .with_context(|| format!("step {}: clearing gradients", self.state.step))?;
         let mut phases = timed.then(|| {
             step::sync(self.device);
             step::Phases::default()
@@ -428,7 +427,15 @@ impl Trainer {
         )
         .with_context(|| format!("step {}", self.state.step))?;
         if let Some(rep) = &self.replicas {
-            let grads: Vec<Tensor> = self.adam.slots.iter().map(|s| s.1.grad()).collect();
+            // The buckets need the same gradients on every rank, also for a parameter this step missed.
+            let params: Vec<Tensor> = self
+                .adam
+                .slots
+                .iter()
+                .map(|s| s.1.shallow_clone())
+                .collect();
+            torch_ext::zero_missing_grads(&params)?;
+            let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
             rep.average_grads(&grads).with_context(|| {
                 format!("step {}: averaging gradients over ranks", self.state.step)
             })?;
