@@ -191,12 +191,7 @@ mod tests {
     /// shapes in sequence are errors, each followed by a good call.
     #[test]
     fn onednn_linear_matches_linear_and_its_gradients() {
-        if !available() {
-            eprintln!("this libtorch has no oneDNN linear ops; nothing to compare");
-            return;
-        }
-        tch::manual_seed(1);
-        let opts = (Kind::Float, Device::Cpu);
+        let Some(opts) = seeded(1) else { return };
         for shape in [&[33i64, 40][..], &[3, 17, 40]] {
             let w = (Tensor::randn([24, 40], opts) * 0.2).set_requires_grad(true);
             let b = Tensor::randn([24], opts).set_requires_grad(true);
@@ -230,6 +225,16 @@ mod tests {
         }
     }
 
+    /// Float CPU options after seeding, or None (with a note) where this libtorch lacks the ops.
+    fn seeded(seed: i64) -> Option<(Kind, Device)> {
+        if !available() {
+            eprintln!("this libtorch has no oneDNN linear ops; nothing to compare");
+            return None;
+        }
+        tch::manual_seed(seed);
+        Some((Kind::Float, Device::Cpu))
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
     }
@@ -238,12 +243,7 @@ mod tests {
     /// any number of rows and leading dimensions; a second call gives the same bytes.
     #[test]
     fn packed_linear_is_linear() {
-        if !available() {
-            eprintln!("this libtorch has no oneDNN linear ops; nothing to compare");
-            return;
-        }
-        tch::manual_seed(0);
-        let opts = (Kind::Float, Device::Cpu);
+        let Some(opts) = seeded(0) else { return };
         let w = Tensor::randn([96, 64], opts) * 0.125;
         let b = Tensor::randn([96], opts);
         let packed = PackedLinear::new(&w, Some(&b)).unwrap();
