@@ -26,6 +26,13 @@ std::vector<Tensor> list(Tensor* const* ts, size_t n) {
   return v;
 }
 
+// Refuses a list with an undefined tensor before anything in it is changed.
+void all_defined(Tensor* const* ts, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    if (!ts[i]->defined()) throw std::runtime_error("an undefined tensor in the list");
+  }
+}
+
 template <typename F>
 char* guard(F&& f) {
   try {
@@ -80,6 +87,7 @@ char* ext_foreach_norm(Tensor* const* ts, size_t n, Tensor** out) {
 // backward hands its gradient buffer over instead of adding it into zeros.
 char* ext_clear_grads(Tensor* const* ts, size_t n) {
   return guard([&] {
+    all_defined(ts, n);
     for (size_t i = 0; i < n; i++) ts[i]->mutable_grad() = Tensor();
   });
 }
@@ -87,6 +95,7 @@ char* ext_clear_grads(Tensor* const* ts, size_t n) {
 // Gives each tensor without a .grad a zero one (shape, dtype and device of the tensor).
 char* ext_zero_missing_grads(Tensor* const* ts, size_t n) {
   return guard([&] {
+    all_defined(ts, n);
     for (size_t i = 0; i < n; i++) {
       if (!ts[i]->grad().defined()) ts[i]->mutable_grad() = at::zeros_like(*ts[i]);
     }

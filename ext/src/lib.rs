@@ -177,7 +177,8 @@ pub fn foreach_norm(ts: &[Tensor]) -> Result<Vec<Tensor>, ExtError> {
 /// next backward stores its gradient instead of adding it into zeros.
 pub fn clear_grads(ts: &[Tensor]) -> Result<(), ExtError> {
     let h = handles(ts);
-    // SAFETY: `n` live handles, whose grad fields the shim resets during the call.
+    // SAFETY: `n` handles that live through the call; the shim refuses undefined ones (before touching
+    // any grad field) and keeps nothing between calls.
     let err = unsafe { ext_clear_grads(h.as_ptr(), h.len()) };
     check("clear grads", err)
 }
@@ -186,7 +187,8 @@ pub fn clear_grads(ts: &[Tensor]) -> Result<(), ExtError> {
 /// members on every rank of a data-parallel group whatever a step reached.
 pub fn zero_missing_grads(ts: &[Tensor]) -> Result<(), ExtError> {
     let h = handles(ts);
-    // SAFETY: `n` live handles, whose grad fields the shim sets during the call.
+    // SAFETY: `n` handles that live through the call; the shim refuses a list with an undefined one
+    // before changing anything and keeps nothing between calls.
     let err = unsafe { ext_zero_missing_grads(h.as_ptr(), h.len()) };
     check("zero missing grads", err)
 }
@@ -224,6 +226,15 @@ mod tests {
         assert!(close(&a.grad(), &a.full_like(5.0)));
         assert_eq!(b.grad().size(), vec![4]);
         assert!(close(&b.grad(), &b.zeros_like()));
+        // An undefined tensor in the list is an error, and the calls after it work as before.
+        for _ in 0..2 {
+            assert!(clear_grads(&[a.shallow_clone(), Tensor::new()]).is_err());
+            assert!(a.grad().defined(), "a refused list changes nothing");
+            assert!(zero_missing_grads(&[Tensor::new()]).is_err());
+            clear_grads(&[b.shallow_clone()]).unwrap();
+            zero_missing_grads(&[b.shallow_clone()]).unwrap();
+            assert!(close(&b.grad(), &b.zeros_like()));
+        }
     }
 
     /// The fused kernel against AdamW written out (PyTorch's update order), two steps; then a step

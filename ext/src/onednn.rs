@@ -7,7 +7,7 @@
 //!   a KV-cache sampler repeats for every token with the same weights and a few rows, where a plain
 //!   product spends as long repacking the weight as multiplying.
 
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
@@ -48,7 +48,7 @@ pub enum Activation {
 /// Whether this libtorch has oneDNN and registers its linear ops (looked up once).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    // SAFETY: reads the dispatcher's registry only.
+    // SAFETY: takes nothing and reads the dispatcher's registry only; no earlier call changes that.
     *AVAILABLE.get_or_init(|| unsafe { ext_packed_linear_available() == 1 })
 }
 
@@ -82,23 +82,46 @@ pub fn pays_off(rows: i64, fan_in: i64, fan_out: i64, backward: bool) -> bool {
 /// `x·wᵀ + b` for float32 CPU tensors, x (…, in), w (out, in), recorded by autograd when grad mode
 /// is on: backward computes the input gradient, the weight gradient (and the bias's) in oneDNN too.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ExtError> {
+    let op = "onednn linear";
+    defined(op, &[x, w])?;
     // oneDNN does not check an empty input's width; PyTorch's linear does, and so do we.
     let (xs, ws) = (x.size(), w.size());
     let bs = bias.map(Tensor::size);
     if ws.len() != 2 || xs.last() != ws.get(1) || bs.as_ref().is_some_and(|b| b[..] != ws[..1]) {
         return Err(ExtError {
-            op: "onednn linear",
+            op,
             message: format!("input {xs:?}, weight {ws:?} and bias {bs:?} do not fit"),
         });
     }
     let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+    // SAFETY: defined handles that live through the call (or null for no bias).
+    new_tensor(op, |out| unsafe {
+        ext_onednn_linear(x.as_ptr(), w.as_ptr(), bias, out)
+    })
+}
+
+/// An error naming `op` when any of `ts` is an undefined tensor (tch's `Tensor::new()`), which the
+/// shim would otherwise dereference.
+fn defined(op: &'static str, ts: &[&Tensor]) -> Result<(), ExtError> {
+    if ts.iter().all(|t| t.defined()) {
+        return Ok(());
+    }
+    Err(ExtError {
+        op,
+        message: "an undefined tensor".into(),
+    })
+}
+
+/// Runs a shim call that writes one new tensor handle through its out-pointer on success.
+fn new_tensor(
+    op: &'static str,
+    call: impl FnOnce(*mut *mut C_tensor) -> *mut c_char,
+) -> Result<Tensor, ExtError> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: live handles (or null for no bias) and an out-pointer to a local that the shim writes
-    // only on success; the shim catches every C++ exception.
-    check("onednn linear", unsafe {
-        ext_onednn_linear(x.as_ptr(), w.as_ptr(), bias, &mut out)
-    })?;
-    // SAFETY: on success `out` is a fresh handle that nothing else owns.
+    // The shim writes `out` only when it succeeds, and keeps nothing from earlier calls.
+    check(op, call(&mut out))?;
+    // SAFETY: on success `out` is a fresh, non-null handle that nothing else owns; it becomes exactly
+    // one `Tensor`, which frees it on drop.
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
@@ -107,12 +130,14 @@ pub struct PackedLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     out_features: i64,
+    in_features: i64,
 }
 
 impl PackedLinear {
     /// Packs a float32 CPU weight (out, in).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self, ExtError> {
         let op = "pack linear weight";
+        defined(op, &[weight])?;
         let size = weight.size();
         if size.len() != 2 || weight.kind() != Kind::Float || weight.device() != Device::Cpu {
             return Err(ExtError {
@@ -124,17 +149,25 @@ impl PackedLinear {
                 ),
             });
         }
+        if let Some(b) = bias {
+            defined(op, &[b])?;
+            if b.size() != size[..1] {
+                return Err(ExtError {
+                    op,
+                    message: format!("bias {:?} for weight {size:?}", b.size()),
+                });
+            }
+        }
         let weight = weight.contiguous();
-        let mut out: *mut C_tensor = std::ptr::null_mut();
-        // SAFETY: a live handle and an out-pointer to a local that the shim writes only on success.
-        check(op, unsafe {
-            ext_pack_linear_weight(weight.as_ptr(), &mut out)
+        // SAFETY: a defined handle that lives through the call.
+        let packed = new_tensor(op, |out| unsafe {
+            ext_pack_linear_weight(weight.as_ptr(), out)
         })?;
         Ok(Self {
-            // SAFETY: on success `out` is a fresh handle that nothing else owns.
-            weight: unsafe { Tensor::from_ptr(out) },
+            weight: packed,
             bias: bias.map(|b| b.detach().contiguous()),
             out_features: size[0],
+            in_features: size[1],
         })
     }
 
@@ -144,32 +177,32 @@ impl PackedLinear {
 
     /// `act(x·wᵀ + b)` for float32 CPU `x` (…, in).
     pub fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor, ExtError> {
-        let (attr, algorithm) = match act {
-            Activation::None => ("none", ""),
-            Activation::Gelu => ("gelu", "none"),
-            Activation::GeluTanh => ("gelu", "tanh"),
+        let op = "packed linear";
+        defined(op, &[x])?;
+        if x.size().last() != Some(&self.in_features) {
+            return Err(ExtError {
+                op,
+                message: format!("input {:?} for {} features", x.size(), self.in_features),
+            });
+        }
+        let (attr, algorithm): (&CStr, &CStr) = match act {
+            Activation::None => (c"none", c""),
+            Activation::Gelu => (c"gelu", c"none"),
+            Activation::GeluTanh => (c"gelu", c"tanh"),
         };
-        let (attr, algorithm) = (
-            CString::new(attr).expect("no NUL"),
-            CString::new(algorithm).expect("no NUL"),
-        );
-        let x = x.contiguous();
         let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
-        let mut out: *mut C_tensor = std::ptr::null_mut();
-        // SAFETY: live handles (or null for no bias), NUL-terminated strings that outlive the call, and
-        // an out-pointer to a local written only on success.
-        check("packed linear", unsafe {
+        // SAFETY: defined handles that live through the call (or null for no bias) and static
+        // NUL-terminated strings.
+        new_tensor(op, |out| unsafe {
             ext_packed_linear(
                 x.as_ptr(),
                 self.weight.as_ptr(),
                 bias,
                 attr.as_ptr(),
                 algorithm.as_ptr(),
-                &mut out,
+                out,
             )
-        })?;
-        // SAFETY: on success `out` is a fresh handle that nothing else owns.
-        Ok(unsafe { Tensor::from_ptr(out) })
+        })
     }
 }
 
@@ -218,11 +251,16 @@ mod tests {
         assert!(w.grad().defined() && !x.grad().defined());
         let y = tch::no_grad(|| linear(&x, &w, None).unwrap());
         assert!(!y.requires_grad());
-        for bad in [&[4i64, 6][..], &[0, 4], &[2, 3, 7]] {
-            let err = linear(&Tensor::randn(bad, opts), &w, None).unwrap_err();
+        let bad_inputs = [&[4i64, 6][..], &[0, 4], &[2, 3, 7]]
+            .map(|shape| Tensor::randn(shape, opts))
+            .into_iter()
+            .chain([Tensor::new()]);
+        for bad in bad_inputs {
+            let err = linear(&bad, &w, None).unwrap_err();
             assert!(err.to_string().contains("onednn linear"), "{err}");
             assert!(max_diff(&linear(&x, &w, None).unwrap(), &x.matmul(&w.tr())) < 1e-5);
         }
+        assert!(linear(&x, &Tensor::new(), None).is_err());
     }
 
     /// Float CPU options after seeding, or None (with a note) where this libtorch lacks the ops.
@@ -268,9 +306,23 @@ mod tests {
                 &x.matmul(&w.tr())
             ) < 1e-5
         );
-        // Bad inputs are errors naming the operation, never a crash: a wrong width, a wrong dtype.
-        let err = packed.forward(&Tensor::randn([4, 63], opts), Activation::None);
-        assert!(err.is_err());
+        // Bad inputs in sequence are errors naming the operation, never a crash, and each leaves the
+        // packed layer as it was: a wrong width (also with no rows), a wrong dtype, an undefined tensor.
+        let good = Tensor::randn([8, 64], opts);
+        let expected = good.linear(&w, Some(&b));
+        for bad in [
+            Tensor::randn([4, 63], opts),
+            Tensor::randn([0, 65], opts),
+            Tensor::randn([4, 64], (Kind::Double, Device::Cpu)),
+            Tensor::new(),
+        ] {
+            let err = packed.forward(&bad, Activation::None).unwrap_err();
+            assert!(err.to_string().contains("packed linear"), "{err}");
+            let again = packed.forward(&good, Activation::None).unwrap();
+            assert!(max_diff(&again, &expected) < 1e-5);
+        }
+        assert!(PackedLinear::new(&Tensor::new(), None).is_err());
+        assert!(PackedLinear::new(&w, Some(&Tensor::randn([95], opts))).is_err());
         let err = PackedLinear::new(&w.to_kind(Kind::Double), None).unwrap_err();
         assert!(err.to_string().contains("float32"), "{err}");
         let err = PackedLinear::new(&b, None).unwrap_err();

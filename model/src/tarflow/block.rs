@@ -103,10 +103,6 @@ impl MetaBlock {
         }
     }
 
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
     /// The class table as (K, C), if the model is conditional.
     pub fn class_table(&self) -> Option<Tensor> {
         self.class_embed.as_ref().map(|e| e.squeeze_dim(1))
@@ -251,21 +247,9 @@ impl MetaBlock {
         )
     }
 
-    /// Parameters (a, b) for permuted token `pos + 1` from token `pos` (B, 1, D), appending to `cache`.
-    pub fn step(
-        &self,
-        token: &Tensor,
-        pos: i64,
-        class: Option<&Tensor>,
-        cache: &mut Cache,
-        q_scale: Option<&Tensor>,
-        prec: Precision,
-    ) -> (Tensor, Tensor) {
-        self.split(&self.step_output(token, pos, class, cache, q_scale, prec))
-    }
-
-    /// [`Self::step`] before the split: (B, 1, 2D) float, a then b along the last axis, so a sampler
-    /// can combine guided branches with one op for both.
+    /// The parameters for permuted token `pos + 1` from token `pos` (B, 1, D), appending to `cache`:
+    /// (B, 1, 2D) float, a then b along the last axis, so a sampler can combine guided branches with
+    /// one op for both.
     pub fn step_output(
         &self,
         token: &Tensor,

@@ -71,11 +71,10 @@ impl Linear {
         x.to_kind(k)
             .linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
     }
-}
 
-impl Linear {
     fn onednn_pays_off(&self, x: &Tensor) -> bool {
-        let (out, fan_in) = (self.weight.size()[0], self.weight.size()[1]);
+        let size = self.weight.size();
+        let (out, fan_in) = (size[0], size[1]);
         let rows = x.numel() as i64 / fan_in.max(1);
         let backward = torch_ext::checkpoint::grad_enabled()
             && (self.weight.requires_grad() || x.requires_grad());

@@ -1,7 +1,7 @@
 //! A reverse pass's prepacked weights: every linear layer of a block packed once into oneDNN's layout
 //! (torch_ext::onednn), then reused by each of the block's N decode steps. On the CPU a decode
 //! step multiplies 2B rows by each weight, where a plain product spends as long repacking the weight as
-//! multiplying; packing for the pass removes that (BENCHMARKS.md, "Prepacked sampling weights").
+//! multiplying; packing for the pass removes that (BENCHMARKS.md, "oneDNN linear layers and packed sampling weights").
 //! Valid for one pass only: the pack is a copy, and training moves the weights between passes.
 
 use std::collections::HashMap;
