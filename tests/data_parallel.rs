@@ -59,6 +59,22 @@ fn rank(mut cmd: Command, r: usize, port: u16) -> Child {
         .unwrap()
 }
 
+/// Trains as ranks 0 and 1 of one group (outputs `out0`, `out1`) and returns rank 0's log.
+fn train_two_ranks(
+    config: &Path,
+    sets: &[String],
+    extra: &[&str],
+    out0: &Path,
+    out1: &Path,
+) -> String {
+    let port = free_port();
+    let r0 = rank(train(config, sets, extra, out0), 0, port);
+    let r1 = rank(train(config, sets, extra, out1), 1, port);
+    let log0 = finish(r0, "rank 0");
+    finish(r1, "rank 1");
+    log0
+}
+
 fn finish(child: Child, what: &str) -> String {
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
@@ -106,11 +122,7 @@ fn two_ranks_equal_one_process_over_both_ranks_batches() {
         "train.checkpoint_every=2",
     ];
     let (out0, out1) = (root.join("rank0"), root.join("rank1"));
-    let port = free_port();
-    let r0 = rank(train(&config, &sets, &steps, &out0), 0, port);
-    let r1 = rank(train(&config, &sets, &steps, &out1), 1, port);
-    let log0 = finish(r0, "rank 0");
-    finish(r1, "rank 1");
+    let log0 = train_two_ranks(&config, &sets, &steps, &out0, &out1);
     assert!(log0.contains("2 replicas in sync"), "{log0}");
     // Only rank 0 writes: rank 1's --out was never created.
     assert!(out0
@@ -208,11 +220,7 @@ fn two_ranks_share_the_fid_evaluation() {
         "train.min_lr=1e-6",
     ];
     let (out0, out1) = (root.join("rank0"), root.join("rank1"));
-    let port = free_port();
-    let r0 = rank(train(&config, &sets, &steps, &out0), 0, port);
-    let r1 = rank(train(&config, &sets, &steps, &out1), 1, port);
-    finish(r0, "rank 0");
-    finish(r1, "rank 1");
+    train_two_ranks(&config, &sets, &steps, &out0, &out1);
     assert!(!out1.exists(), "rank 1 wrote into {}", out1.display());
     let union = root.join("union");
     let mut union_args = steps.to_vec();
