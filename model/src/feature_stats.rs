@@ -440,6 +440,22 @@ impl SplitSums {
 mod tests {
     use super::*;
 
+    /// Features and logits of n images added in batches of `batch` rows.
+    fn in_batches(features: &Tensor, logits: &Tensor, batch: i64) -> FeatureStats {
+        let n = features.size()[0];
+        let mut stats = FeatureStats::with_inception_score(n as usize, Device::Cpu);
+        for start in (0..n).step_by(batch as usize) {
+            let len = batch.min(n - start);
+            stats
+                .add_raw(
+                    &features.narrow(0, start, len),
+                    Some(&logits.narrow(0, start, len)),
+                )
+                .unwrap();
+        }
+        stats
+    }
+
     fn cov_reference(x: &Tensor) -> Tensor {
         let n = x.size()[0] as f64;
         let centred = x - x.mean_dim(0, true, Kind::Double);
@@ -481,16 +497,7 @@ mod tests {
         let n = 23;
         let x = Tensor::randn([n, 6], (Kind::Double, Device::Cpu)) * 0.2 + 5.0;
         let logits = Tensor::randn([n, 4], (Kind::Double, Device::Cpu)) * 2.0;
-        let mut whole = FeatureStats::with_inception_score(n as usize, Device::Cpu);
-        for start in (0..n).step_by(4) {
-            let len = 4.min(n - start);
-            whole
-                .add_raw(
-                    &x.narrow(0, start, len),
-                    Some(&logits.narrow(0, start, len)),
-                )
-                .unwrap();
-        }
+        let whole = in_batches(&x, &logits, 4);
         let expected = whole.statistics().unwrap();
         let expected_is = whole.inception_score().unwrap();
         let ranges = [(0i64, 9i64), (9, 23), (23, 23)];
@@ -609,17 +616,8 @@ mod tests {
         let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(classes);
         let logits = labels.one_hot(classes).to_kind(Kind::Float) * 100.0;
         let features = Tensor::randn([n, 3], (Kind::Float, Device::Cpu));
-        let mut stats = FeatureStats::with_inception_score(n as usize, Device::Cpu);
         // Batches of 7 straddle the split boundaries (every 4 images).
-        for start in (0..n).step_by(7) {
-            let len = 7.min(n - start);
-            stats
-                .add_raw(
-                    &features.narrow(0, start, len),
-                    Some(&logits.narrow(0, start, len)),
-                )
-                .unwrap();
-        }
+        let stats = in_batches(&features, &logits, 7);
         let score = stats.inception_score().unwrap();
         assert_eq!(score.splits, 10);
         assert!(
