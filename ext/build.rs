@@ -67,5 +67,12 @@ fn main() {
         .warnings(false)
         .compile("torch_ext");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    // The test binaries need libtorch_cuda loaded for CUDA to exist at all; see pipeline/build.rs for
+    // why the library is named inside the no-as-needed span.
+    if has_cuda_lib {
+        println!(
+            "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-L{},-ltorch_cuda,--pop-state",
+            lib.display()
+        );
+    }
 }

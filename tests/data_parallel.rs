@@ -323,3 +323,64 @@ fn bench_allreduce_reports_the_backends_bandwidth() {
         "{line}"
     );
 }
+
+/// A libtorch error in one rank's step (rank 1 only) stops both ranks at the same point of that step:
+/// no mismatched collectives, no hang until the group's timeout, and rank 0 writes the checkpoint of the
+/// last completed step, which both ranks' errors name.
+#[test]
+fn a_torch_error_on_one_rank_stops_both_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (config, sets) = setup(root);
+    let steps = [
+        "--set",
+        "train.steps=50",
+        "--set",
+        "train.checkpoint_every=0",
+        // Long enough that a hang would show: the ranks must not wait for it.
+        "--set",
+        "train.dist_timeout_s=120",
+    ];
+    let mut failing = steps.to_vec();
+    failing.extend(["--inject-torch-error-at", "3"]);
+    let port = free_port();
+    let (out0, out1) = (root.join("run"), root.join("run1"));
+    let start = Instant::now();
+    let r0 = rank(train(&config, &sets, &steps, &out0), 0, port);
+    let r1 = rank(train(&config, &sets, &failing, &out1), 1, port);
+    let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+    let (err0, err1) = (
+        String::from_utf8_lossy(&o0.stderr),
+        String::from_utf8_lossy(&o1.stderr),
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(100),
+        "the ranks took {:?} to stop",
+        start.elapsed()
+    );
+    assert_eq!(o0.status.code(), Some(1), "rank 0:\n{err0}");
+    assert_eq!(o1.status.code(), Some(1), "rank 1:\n{err1}");
+    assert!(
+        err1.contains("step 3: libtorch: ")
+            && err1.contains("the checkpoint of step 3 (the last completed) was written"),
+        "rank 1:\n{err1}"
+    );
+    assert!(
+        err0.contains("step 3 failed on rank(s) [1]")
+            && err0.contains("the checkpoint of step 3 (the last completed) was written"),
+        "rank 0:\n{err0}"
+    );
+    assert!(!err0.contains("panicked") && !err1.contains("panicked"));
+    assert_eq!(
+        std::fs::read_to_string(out0.join("checkpoints/latest"))
+            .unwrap()
+            .trim(),
+        "step-00000003"
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out0.join("checkpoints/step-00000003/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["positions"].as_array().unwrap().len(), 2, "{state}");
+    assert!(!out1.exists(), "rank 1 wrote into {}", out1.display());
+}

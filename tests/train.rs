@@ -905,12 +905,15 @@ fn online_features_equal_the_cached_ones_and_train_the_same() {
     let root = tmp.path();
     demo_data(&root.join("data"), 2, 8, 2, 0, &[]);
     tiny_encoders(&root.join("encoders"));
+    // The cache is compared with the encoder run here on the CPU in fp32: precompute must not take a
+    // GPU (bf16 there) on a machine that has one.
     let base = [
         "train.steps=24",
         "train.batch=8",
         "train.checkpoint_every=0",
         "train.sample_every=0",
         "train.metrics_every=1",
+        "precompute.device=\"cpu\"",
     ];
     let train = |out: &str, extra: &[&str]| {
         demo_run(

@@ -118,49 +118,84 @@ char* ext_foreach_mul_(Tensor* const* ts, size_t n, const Tensor* factor) {
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+
+// `backend` carries the data (gradients: CUDA tensors under NCCL); `control` is a Gloo group over the
+// same store that carries only the few host flags ranks agree on each step. Kept apart so a rank that
+// failed halfway through the data collectives of a step still meets the others at the next agreement,
+// and so agreeing costs no device synchronisation under NCCL.
 struct ExtGroup {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  c10::intrusive_ptr<c10d::Backend> control;
 };
+
+namespace {
+
+#ifdef USE_C10D_GLOO
+c10::intrusive_ptr<c10d::Backend> gloo_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                             const std::string& host, int rank, int world,
+                                             std::chrono::milliseconds timeout) {
+  auto opts = c10d::ProcessGroupGloo::Options::create();
+  opts->timeout = timeout;
+  const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+  if (ifname != nullptr && *ifname != '\0') {
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+  } else if (host.rfind("127.", 0) == 0 || host == "localhost") {
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  } else {
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  }
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+}
+#endif
+
+}  // namespace
 
 extern "C" {
 
-// Joins the group `rank` of `world` through a TCPStore served by rank 0 at host:port. `backend` is
-// "gloo" or "nccl"; collectives and the rendezvous give up after timeout_ms.
+// Joins the group `rank` of `world` through the TCPStore at host:port, served by rank 0 unless
+// `agent_store` (torchrun's agent already serves it there). `backend` is "gloo" or "nccl"; `device` is
+// the CUDA device an NCCL communicator is bound to (-1: none). Collectives and the rendezvous give up
+// after timeout_ms with an error.
 char* ext_group_new(const char* backend, const char* host, int port, int rank, int world,
-                    int64_t timeout_ms, ExtGroup** out) {
+                    int64_t timeout_ms, int agent_store, int device, ExtGroup** out) {
   return guard([&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions o;
     o.port = static_cast<uint16_t>(port);
-    o.isServer = rank == 0;
+    o.isServer = rank == 0 && agent_store == 0;
     o.numWorkers = world;
-    o.waitWorkers = true;
+    o.waitWorkers = agent_store == 0;
     o.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+    std::string where(host);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(where, o);
+    // torchrun's agent store is shared by restarts and other groups: our keys live under a prefix.
+    if (agent_store != 0) store = c10::make_intrusive<c10d::PrefixStore>("flowback", store);
     std::string which(backend);
     c10::intrusive_ptr<c10d::Backend> pg;
     if (which == "gloo") {
 #ifdef USE_C10D_GLOO
-      auto opts = c10d::ProcessGroupGloo::Options::create();
-      opts->timeout = timeout;
-      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-      if (ifname != nullptr && *ifname != '\0') {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-      } else if (std::string(host).rfind("127.", 0) == 0 || std::string(host) == "localhost") {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-      } else {
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      }
-      pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+      pg = gloo_group(c10::make_intrusive<c10d::PrefixStore>("data", store), where, rank, world,
+                      timeout);
 #else
       throw std::runtime_error("this build has no Gloo (libgloo-dev was missing when torch-ext was built)");
 #endif
     } else if (which == "nccl") {
 #ifdef USE_C10D_NCCL
+      // Blocking wait: a collective that times out (a dead or stuck peer) throws from wait(), which
+      // comes back to Rust as an error naming the rank, instead of the watchdog aborting the process.
+      // A value the user set wins.
+      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
-      pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+      auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+          c10::make_intrusive<c10d::PrefixStore>("data", store), rank, world, opts);
+      if (device >= 0) {
+        // Bound to the rank's own GPU: the communicator is made there, never on the current device.
+        nccl->setBoundDeviceId(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+      }
+      pg = nccl;
 #else
       throw std::runtime_error(
           "this build has no NCCL process group: torch-ext was compiled without the CUDA headers "
@@ -169,19 +204,36 @@ char* ext_group_new(const char* backend, const char* host, int port, int rank, i
     } else {
       throw std::runtime_error("unknown backend " + which);
     }
-    *out = new ExtGroup{store, pg};
+    c10::intrusive_ptr<c10d::Backend> control;
+#ifdef USE_C10D_GLOO
+    control = gloo_group(c10::make_intrusive<c10d::PrefixStore>("control", store), where, rank,
+                         world, timeout);
+#endif
+    *out = new ExtGroup{store, pg, control};
   });
 }
 
 void ext_group_free(ExtGroup* g) { delete g; }
 
-// In-place reduction over ranks of one tensor: op 0 = sum, 1 = max.
-char* ext_group_allreduce(ExtGroup* g, Tensor* t, int op) {
+namespace {
+c10d::Backend& channel(ExtGroup* g, int control) {
+  if (control == 0) return *g->backend;
+  if (!g->control) {
+    throw std::runtime_error(
+        "this build has no Gloo control channel (libgloo-dev was missing when torch-ext was built)");
+  }
+  return *g->control;
+}
+}  // namespace
+
+// In-place reduction over ranks of one tensor: op 0 = sum, 1 = max; on the data channel, or on the
+// control channel (CPU tensors) when control != 0.
+char* ext_group_allreduce(ExtGroup* g, Tensor* t, int op, int control) {
   return guard([&] {
     std::vector<Tensor> v{*t};
     c10d::AllreduceOptions o;
     o.reduceOp = op == 1 ? c10d::ReduceOp(c10d::ReduceOp::MAX) : c10d::ReduceOp(c10d::ReduceOp::SUM);
-    g->backend->allreduce(v, o)->wait();
+    channel(g, control).allreduce(v, o)->wait();
   });
 }
 
@@ -392,6 +444,25 @@ char* ext_event_synchronize(void* event) {
 }
 
 void ext_event_free(void* event) { delete static_cast<c10::Event*>(event); }
+
+// Makes CUDA device `device` this thread's current one, as torch.cuda.set_device does: kernels,
+// events and NCCL then start on the rank's own GPU, and nothing creates a context on GPU 0.
+char* ext_cuda_set_device(int device) {
+  return guard([&] {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    if (device < 0 || device >= impl->deviceCount()) {
+      throw std::runtime_error("no CUDA device " + std::to_string(device));
+    }
+    impl->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+  });
+}
+
+// cuDNN's algorithm choice made repeatable (torch.backends.cudnn.deterministic = True, benchmark =
+// False): the same inputs give the same bytes in every process and every run.
+void ext_cudnn_deterministic(int on) {
+  at::globalContext().setDeterministicCuDNN(on != 0);
+  if (on != 0) at::globalContext().setBenchmarkCuDNN(false);
+}
 }
 
 // ---- oneDNN linear with a prepacked weight (the ops behind torch.compile's CPU weight freezing),

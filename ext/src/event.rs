@@ -69,5 +69,8 @@ mod tests {
                 event.synchronize().unwrap();
             }
         }
+        if count == 0 {
+            crate::skip::gpu_branch("event::records_and_waits_or_refuses", "no CUDA device");
+        }
     }
 }

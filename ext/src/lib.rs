@@ -7,10 +7,12 @@
 //! never as a panic.
 
 pub mod checkpoint;
+pub mod cuda;
 pub mod dist;
 pub mod event;
 pub mod memory;
 pub mod onednn;
+pub mod skip;
 
 use std::ffi::{c_char, CStr};
 
@@ -239,13 +241,23 @@ mod tests {
 
     /// The fused kernel against AdamW written out (PyTorch's update order), two steps; then a step
     /// with found_inf = 1 changes nothing, even with a NaN gradient.
+    /// On the CPU and, when there is one, on the GPU (the fused CUDA kernel is a different kernel).
     #[test]
     fn fused_adamw_is_adamw_and_skips_on_found_inf() {
+        fused_adamw_on(Device::Cpu);
+        if tch::Cuda::is_available() {
+            fused_adamw_on(Device::Cuda(0));
+        } else {
+            crate::skip::gpu_branch("fused_adamw_is_adamw_and_skips_on_found_inf", "no CUDA device");
+        }
+    }
+
+    fn fused_adamw_on(device: Device) {
         tch::manual_seed(0);
         let shapes: [&[i64]; 3] = [&[5, 3], &[7], &[2, 2, 2]];
         let params: Vec<Tensor> = shapes
             .iter()
-            .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+            .map(|s| Tensor::randn(*s, (Kind::Float, device)))
             .collect();
         let reference: Vec<Tensor> = params.iter().map(Tensor::copy).collect();
         let m: Vec<Tensor> = params.iter().map(Tensor::zeros_like).collect();
@@ -254,7 +266,7 @@ mod tests {
             params.iter().map(Tensor::zeros_like).collect(),
             params.iter().map(Tensor::zeros_like).collect(),
         );
-        let step = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let step = Tensor::zeros([], (Kind::Float, device));
         let steps: Vec<Tensor> = params.iter().map(|_| step.shallow_clone()).collect();
         let h = AdamWStep {
             lr: 1e-2,
@@ -263,7 +275,7 @@ mod tests {
             weight_decay: 0.1,
             eps: 1e-8,
         };
-        let no_inf = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        let no_inf = Tensor::zeros([], (Kind::Float, device));
         for t in 1..=2 {
             let grads: Vec<Tensor> = params.iter().map(Tensor::randn_like).collect();
             let _ = step.shallow_clone().fill_(t as f64);
@@ -296,7 +308,7 @@ mod tests {
             .map(Tensor::copy)
             .collect();
         let nan: Vec<Tensor> = params.iter().map(|p| p.full_like(f64::NAN)).collect();
-        let inf = Tensor::ones([], (Kind::Float, Device::Cpu));
+        let inf = Tensor::ones([], (Kind::Float, device));
         fused_adamw(&params, &nan, &m, &v, &steps, h, Some(&inf)).unwrap();
         for (a, b) in params.iter().chain(&m).chain(&v).zip(&before) {
             assert!(a.equal(b), "changed on a found_inf step");

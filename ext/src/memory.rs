@@ -66,6 +66,7 @@ mod tests {
             }
         }
         if !tch::Cuda::is_available() {
+            crate::skip::gpu_branch("memory::reports_or_refuses", "no CUDA device");
             return;
         }
         let before = super::reset_cuda_peak(0).unwrap();

@@ -27,7 +27,7 @@ fn present(count: usize) -> String {
 }
 
 pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
-    let count = if name == "auto" || name == "cpu" {
+    let count = if name.trim() == "cpu" {
         0
     } else {
         tch::Cuda::device_count().max(0) as usize
@@ -38,7 +38,8 @@ pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
 /// `parse_device` against a given number of CUDA devices.
 pub fn parse_device_with(name: &str, cuda_devices: usize) -> Result<Device, DeviceError> {
     let index = match name.trim() {
-        "auto" => return Ok(Device::cuda_if_available()),
+        "auto" if cuda_devices > 0 => return Ok(Device::Cuda(0)),
+        "auto" => return Ok(Device::Cpu),
         "cpu" => return Ok(Device::Cpu),
         "cuda" => 0,
         other => other
@@ -69,6 +70,8 @@ mod tests {
             e.contains("cuda:7") && e.contains("1 CUDA device: cpu, cuda:0"),
             "{e}"
         );
+        assert_eq!(parse_device_with("auto", 0).unwrap(), Device::Cpu);
+        assert_eq!(parse_device_with("auto", 2).unwrap(), Device::Cuda(0));
         let e = parse_device_with("cuda", 0).unwrap_err().to_string();
         assert!(e.contains("no CUDA device"), "{e}");
     }

@@ -49,6 +49,7 @@ impl Ranks {
         }
         let group = launch.join_group(
             Backend::Gloo,
+            tch::Device::Cpu,
             Duration::from_secs(args.dist_timeout_s),
             "evaluating",
         )?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use tch::{Device, Kind, Tensor};
-use torch_ext::dist::{Backend, Group};
+use torch_ext::dist::Backend;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -83,16 +83,16 @@ fn launch(args: &Args) -> anyhow::Result<()> {
 }
 
 fn rank_main(args: &Args, rank: usize, world: usize) -> anyhow::Result<()> {
+    // Where torchrun or srun put this rank (the GPU it owns among those its process sees), with this
+    // command's own spawn as the fallback.
+    let launch = crate::train::Launch::resolve_overrides(Some(rank), Some(world), |name| {
+        std::env::var(name).ok().or_else(|| (name == "MASTER_PORT").then(|| args.port.to_string()))
+    })?;
     let (backend, device) = match args.backend.as_str() {
-        "nccl" => (Backend::Nccl, Device::Cuda(rank)),
+        "nccl" => (Backend::Nccl, launch.device("cuda")?),
         _ => (Backend::Gloo, Device::Cpu),
     };
-    let host = std::env::var("MASTER_ADDR").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("MASTER_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(args.port);
-    let group = Group::join(backend, &host, port, rank, world, Duration::from_secs(120))?;
+    let group = launch.join_group(backend, device, Duration::from_secs(120), "all-reduce benchmark")?;
     let n = ((args.mib * (1 << 20) as f64) / 4.0).max(1.0) as i64;
     let buf = Tensor::ones([n], (Kind::Float, device));
     let sync = || crate::train::step::sync(device);

@@ -431,14 +431,17 @@ pub(crate) fn decode_pool(config: &crate::config::Config) -> anyhow::Result<rayo
 }
 
 pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
-    let device = model::device::parse_device(&p.device)?;
+    // One rank per GPU: LOCAL_RANK (torchrun) or SLURM_LOCALID picks this process's device, as in
+    // training, and it becomes the current CUDA device.
+    let device = crate::train::Launch::from_env()?.device(&p.device)?;
     if p.encode_threads > 0 {
         tch::set_num_threads(p.encode_threads as i32);
     }
     if device.is_cuda() {
-        // Every batch has the same shapes: let cuDNN time its convolution algorithms once and keep
-        // the fastest (the VAE encoder is convolutions end to end).
-        tch::Cuda::cudnn_set_benchmark(true);
+        // Not cuDNN's benchmark mode: it picks convolution algorithms by timing them in each process,
+        // so two ranks (or a rerun) could encode the same crops into different bytes. Deterministic
+        // algorithms keep a cache shard a function of its source shard on a given GPU model.
+        torch_ext::cuda::cudnn_deterministic(true);
     }
     let mut stores = Vec::new();
     let dinov2 = match p.encoder_dir() {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use torch_ext::dist::{Backend, Group};
+use torch_ext::dist::{Backend, Group, Rendezvous};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -17,6 +17,11 @@ pub struct Launch {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// torchrun's agent serves the rendezvous store (`TORCHELASTIC_USE_AGENT_STORE=True`).
+    pub agent_store: bool,
+    /// The launcher restricted this process's GPUs (`CUDA_VISIBLE_DEVICES` set, as
+    /// `srun --gpus-per-task` does): the devices it sees are its own, numbered from 0.
+    pub gpus_bound: bool,
 }
 
 pub const DEFAULT_PORT: u16 = 29500;
@@ -104,31 +109,74 @@ impl Launch {
                 .with_context(|| format!("MASTER_PORT={p:?} is not a port"))?,
             None => DEFAULT_PORT,
         };
+        let agent_store = env("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1"));
+        let gpus_bound = env("CUDA_VISIBLE_DEVICES").is_some_and(|v| !v.trim().is_empty());
         Ok(Launch {
             rank,
             world,
             local_rank: local.unwrap_or(if world == 1 { 0 } else { rank }),
             master_addr,
             master_port,
+            agent_store,
+            gpus_bound,
         })
     }
 
-    /// The device this rank trains on: with several ranks, `auto` and `cuda` mean cuda:LOCAL_RANK.
+    /// The device this rank works on, made the current CUDA device when it is one. With several
+    /// ranks, `auto` and `cuda` mean the rank's own GPU: cuda:LOCAL_RANK when the process sees every
+    /// GPU of its node (torchrun, plain srun), or one of its own when the launcher bound GPUs per
+    /// process (`srun --gpus-per-task=1`: every rank sees one device, cuda:0).
     pub fn device(&self, configured: &str) -> anyhow::Result<tch::Device> {
+        let count = tch::Cuda::device_count().max(0) as usize;
+        let device = self.device_with(configured, count)?;
+        if let tch::Device::Cuda(index) = device {
+            torch_ext::cuda::set_device(index).with_context(|| {
+                format!("rank {} of {}: selecting cuda:{index}", self.rank, self.world)
+            })?;
+        }
+        Ok(device)
+    }
+
+    /// [`Launch::device`] against `cuda_devices` visible devices, with no side effect.
+    pub fn device_with(&self, configured: &str, cuda_devices: usize) -> anyhow::Result<tch::Device> {
         let spec = configured.trim();
-        if self.world > 1 && (spec == "cuda" || (spec == "auto" && tch::Cuda::is_available())) {
-            let n = tch::Cuda::device_count() as usize;
-            if self.local_rank >= n {
-                bail!(
-                    "rank {} (local rank {}) needs cuda:{}, but this node has {n} CUDA devices",
+        let n = cuda_devices;
+        let wants_gpu = spec == "cuda" || (spec == "auto" && n > 0);
+        if self.world > 1 && wants_gpu {
+            if self.local_rank < n {
+                return Ok(tch::Device::Cuda(self.local_rank));
+            }
+            if self.gpus_bound && n > 0 {
+                // Each process has its own GPUs: any of them is this rank's alone.
+                let index = self.local_rank % n;
+                tracing::info!(
+                    "rank {} (local rank {}) sees {n} CUDA device(s) of its own (CUDA_VISIBLE_DEVICES): cuda:{index}",
                     self.rank,
-                    self.local_rank,
                     self.local_rank
                 );
+                return Ok(tch::Device::Cuda(index));
             }
-            return Ok(tch::Device::Cuda(self.local_rank));
+            bail!(
+                "rank {} (local rank {}) needs cuda:{}, but this process sees {n} CUDA device(s); \
+                 start one rank per GPU (torchrun --nproc-per-node={n}), or bind one GPU per rank \
+                 (srun --gpus-per-task=1, which sets CUDA_VISIBLE_DEVICES)",
+                self.rank,
+                self.local_rank,
+                self.local_rank
+            );
         }
-        Ok(model::device::parse_device(spec)?)
+        if self.world > 1 && spec == "auto" && n == 0 {
+            tracing::warn!(
+                "rank {} of {}: no CUDA device visible (or libtorch was built without CUDA): training on the CPU over Gloo",
+                self.rank,
+                self.world
+            );
+        }
+        match model::device::parse_device_with(spec, n) {
+            Ok(d) => Ok(d),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -168,7 +216,9 @@ mod tests {
                 world: 8,
                 local_rank: 1,
                 master_addr: "node7".into(),
-                master_port: 29611
+                master_port: 29611,
+                agent_store: false,
+                gpus_bound: false,
             }
         );
         let slurm = resolve(
@@ -197,6 +247,66 @@ mod tests {
         assert!(e.to_string().contains("RANK"), "{e}");
     }
 
+    /// Device selection for the launchers a GPU user meets, with the visible device count injected.
+    #[test]
+    fn each_rank_gets_its_own_gpu_under_every_launcher() {
+        let tc = super::super::TrainConfig::default();
+        let at = |vars: &[(&str, &str)], spec: &str, n: usize| {
+            resolve(vars, &tc).unwrap().device_with(spec, n)
+        };
+        let cuda = |i| tch::Device::Cuda(i);
+        // torchrun on one node of 8 GPUs: every process sees all 8.
+        let torchrun = |r: &'static str| {
+            vec![("RANK", r), ("WORLD_SIZE", "8"), ("LOCAL_RANK", r), ("MASTER_ADDR", "n0")]
+        };
+        for r in 0..8 {
+            let name: &'static str = ["0", "1", "2", "3", "4", "5", "6", "7"][r];
+            assert_eq!(at(&torchrun(name), "auto", 8).unwrap(), cuda(r));
+            assert_eq!(at(&torchrun(name), "cuda", 8).unwrap(), cuda(r));
+        }
+        // torchrun on the second of two nodes: global rank 13 is local rank 5.
+        let second = [("RANK", "13"), ("WORLD_SIZE", "16"), ("LOCAL_RANK", "5")];
+        assert_eq!(at(&second, "auto", 8).unwrap(), cuda(5));
+        // srun without per-task binding: SLURM_LOCALID picks the GPU, on any node.
+        let srun = [("SLURM_PROCID", "11"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "3")];
+        assert_eq!(at(&srun, "auto", 8).unwrap(), cuda(3));
+        // srun --gpus-per-task=1: each task sees one device of its own.
+        let bound = [
+            ("SLURM_PROCID", "11"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "3"),
+            ("CUDA_VISIBLE_DEVICES", "3"),
+        ];
+        assert_eq!(at(&bound, "auto", 1).unwrap(), cuda(0));
+        assert_eq!(at(&bound, "cuda", 1).unwrap(), cuda(0));
+        // --gpus-per-task=2 with local rank 3: one of its own two.
+        assert_eq!(at(&bound, "auto", 2).unwrap(), cuda(1));
+        // Too few GPUs and no binding: refused, naming the rank and the remedy.
+        let e = at(&srun, "cuda", 2).unwrap_err().to_string();
+        assert!(e.contains("local rank 3") && e.contains("--gpus-per-task"), "{e}");
+        // No GPU: auto is the CPU, cuda is refused, cpu stays cpu.
+        assert_eq!(at(&srun, "auto", 0).unwrap(), tch::Device::Cpu);
+        assert!(at(&srun, "cuda", 0).is_err());
+        assert_eq!(at(&srun, "cpu", 8).unwrap(), tch::Device::Cpu);
+        // One process: auto is cuda:0, an explicit device is checked against those present.
+        assert_eq!(at(&[], "auto", 4).unwrap(), cuda(0));
+        assert_eq!(at(&[], "cuda:2", 4).unwrap(), cuda(2));
+        assert!(at(&[], "cuda:4", 4).is_err());
+    }
+
+    #[test]
+    fn torchrun_agent_store_is_honoured() {
+        let tc = super::super::TrainConfig::default();
+        let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")];
+        assert!(!resolve(&base, &tc).unwrap().agent_store);
+        let mut agent = base.to_vec();
+        agent.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        assert!(resolve(&agent, &tc).unwrap().agent_store);
+        agent.pop();
+        agent.push(("TORCHELASTIC_USE_AGENT_STORE", "False"));
+        assert!(!resolve(&agent, &tc).unwrap().agent_store);
+    }
+
     #[test]
     fn first_host_of_slurm_node_lists() {
         assert_eq!(first_host("a,b").as_deref(), Some("a"));
@@ -207,23 +317,29 @@ mod tests {
 }
 
 impl Launch {
-    /// Joins this job's process group (rendezvous at MASTER_ADDR:MASTER_PORT), logging it as `what`;
-    /// a failure names the rank and the address.
+    /// Joins this job's process group (rendezvous at MASTER_ADDR:MASTER_PORT, or torchrun's agent
+    /// store there), an NCCL communicator bound to `device`, logging it as `what`; a failure names the
+    /// rank and the address.
     pub fn join_group(
         &self,
         backend: Backend,
+        device: tch::Device,
         timeout: Duration,
         what: &str,
     ) -> anyhow::Result<Group> {
-        let group = Group::join(
-            backend,
-            &self.master_addr,
-            self.master_port,
-            self.rank,
-            self.world,
+        let rendezvous = Rendezvous {
+            host: &self.master_addr,
+            port: self.master_port,
+            rank: self.rank,
+            world: self.world,
             timeout,
-        )
-        .with_context(|| {
+            agent_store: self.agent_store,
+            device: match device {
+                tch::Device::Cuda(i) => Some(i),
+                _ => None,
+            },
+        };
+        let group = Group::join(backend, &rendezvous).with_context(|| {
             format!(
                 "rank {} of {}: joining the process group at {}:{}",
                 self.rank, self.world, self.master_addr, self.master_port

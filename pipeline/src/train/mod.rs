@@ -231,10 +231,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         let checkpoint_step = every(tc.checkpoint_every) || trainer.state.step + 1 == stop;
         let step = trainer.state.step;
-        let report = match crate::torch_guard::guard(&format!("step {step}"), || {
-            trainer.step(metric_step)
-        }) {
+        let what = format!("step {step}");
+        let prepared = crate::torch_guard::guard(&what, || trainer.prepare(metric_step));
+        // Every rank reaches this point once per step, whatever its local part did: the failure of
+        // one rank becomes every rank's stop, before any collective of the step.
+        let agreed = trainer.agree(prepared.is_err())?;
+        let prepared = match prepared {
+            Err(e) => return Err(stop_after_failed_step(&mut trainer, e)),
+            Ok(_) if !agreed.failed_ranks.is_empty() => {
+                let e = anyhow::anyhow!(
+                    "step {step} failed on rank(s) {:?} (their logs say why); every rank stops with them",
+                    agreed.failed_ranks
+                );
+                return Err(stop_after_failed_step(&mut trainer, e));
+            }
+            Ok(p) => p,
+        };
+        let report = match crate::torch_guard::guard(&what, || trainer.apply(prepared)) {
             Ok(report) => report,
+            // With several ranks a failure here leaves the others inside this step's collectives:
+            // they end at the group's timeout with an error naming the rank, and no checkpoint is
+            // written over the last one.
+            Err(e) if trainer.distributed() => {
+                return Err(e.context(format!(
+                    "step {step} failed while the ranks were exchanging gradients; the last checkpoint stays the one to resume from"
+                )))
+            }
             Err(e) => return Err(stop_after_failed_step(&mut trainer, e)),
         };
         // The host learns about skipped steps here only: on metric and checkpoint steps.
@@ -254,7 +276,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             trainer.checkpoint()?;
         }
         progress.set(trainer.state.step);
-        if let Some(sig) = trainer.stop_requested()? {
+        if let Some(sig) = trainer.stop_requested() {
             if !checkpoint_step {
                 trainer.checkpoint()?;
             }
@@ -281,9 +303,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A step that failed inside libtorch: the weights are still those of the last completed step (the
-/// optimizer had not run, or it is all-or-nothing), so they are saved before the job stops; CUDA out of
-/// memory says which setting to lower.
+/// A step that failed inside libtorch, on this rank or (agreed) on another: the weights are still those
+/// of the last completed step everywhere (no rank had averaged or applied anything), so every rank
+/// takes part in saving them before the job stops; CUDA out of memory says which setting to lower.
 fn stop_after_failed_step(trainer: &mut Trainer, err: anyhow::Error) -> anyhow::Error {
     let hint = if crate::torch_guard::is_out_of_memory(&err) {
         format!(
@@ -296,10 +318,13 @@ fn stop_after_failed_step(trainer: &mut Trainer, err: anyhow::Error) -> anyhow::
     if trainer.state.step == 0 {
         return err.context(format!("no step completed, nothing saved{hint}"));
     }
-    match crate::torch_guard::guard("saving after the failure", || trainer.checkpoint()) {
-        Ok(()) => err.context(format!(
+    match trainer.checkpoint_after_failure() {
+        Ok(true) => err.context(format!(
             "the checkpoint of step {} (the last completed) was written; continue with --resume{hint}",
             trainer.state.step
+        )),
+        Ok(false) => err.context(format!(
+            "saving the last completed step failed on another rank (its log says why){hint}"
         )),
         Err(save) => err.context(format!(
             "and saving the last completed step failed too: {save:#}{hint}"

@@ -42,7 +42,7 @@ impl Replicas {
         if backend == Backend::Gloo && device.is_cuda() {
             bail!("train.backend = \"gloo\" reduces CPU tensors; this rank trains on {device:?} (use \"nccl\")");
         }
-        let group = launch.join_group(backend, timeout, "training")?;
+        let group = launch.join_group(backend, device, timeout, "training")?;
         let wire = match backend {
             Backend::Gloo => tch::Device::Cpu,
             Backend::Nccl => device,
@@ -133,37 +133,60 @@ impl Replicas {
         Ok(sum.iter().map(|v| v / self.world() as f64).collect())
     }
 
+    /// The maximum of a host value over the ranks (control channel).
     pub fn max(&self, value: f64) -> anyhow::Result<f64> {
-        let t = Tensor::from_slice(&[value]).to_device(self.wire);
-        self.group.all_reduce_max(&t)?;
+        let t = Tensor::from_slice(&[value]);
+        self.group.control_max(&t)?;
         Ok(t.double_value(&[0]))
     }
 
+    /// Which ranks failed the local part of this step and whether any rank got a stop signal, agreed
+    /// by every rank from one all-reduce (max) of `world + 1` integers on the control channel.
+    pub fn agree(&self, failed: bool, signal: Option<i32>) -> anyhow::Result<Agreement> {
+        let w = self.world();
+        let mut flags = vec![0i64; w + 1];
+        flags[self.group.rank] = failed as i64;
+        flags[w] = signal.map_or(0, i64::from);
+        let t = Tensor::from_slice(&flags);
+        self.group.control_max(&t)?;
+        let flags = Vec::<i64>::try_from(&t)?;
+        Ok(Agreement {
+            failed_ranks: (0..w).filter(|&r| flags[r] != 0).collect(),
+            signal: (flags[w] > 0).then_some(flags[w] as i32),
+        })
+    }
+
     /// Every rank's `values` (the same count on each), indexed by rank: each rank fills its row of a
-    /// zero matrix and the sum is the gather.
+    /// zero matrix and the sum over the control channel is the gather (host values only).
     pub fn gather(&self, values: &[f64]) -> anyhow::Result<Vec<Vec<f64>>> {
         let (w, k) = (self.world(), values.len());
-        let rows = Tensor::zeros([w as i64, k as i64], (Kind::Double, tch::Device::Cpu));
-        rows.get(self.group.rank as i64)
-            .copy_(&Tensor::from_slice(values));
-        let rows = rows.to_device(self.wire);
-        self.group.all_reduce_sum(&rows)?;
-        let flat = Vec::<f64>::try_from(rows.to_device(tch::Device::Cpu).reshape([-1]))?;
+        let mut rows = vec![0.0f64; w * k];
+        rows[self.group.rank * k..(self.group.rank + 1) * k].copy_from_slice(values);
+        let t = Tensor::from_slice(&rows);
+        self.group.control_sum(&t)?;
+        let flat = Vec::<f64>::try_from(&t)?;
         Ok(flat.chunks(k.max(1)).map(<[f64]>::to_vec).collect())
     }
 
     /// Stops with an error naming the ranks whose weights differ from rank 0's: a checksum (sum and
-    /// sum of squares in f64) of every tensor, compared exactly — replicas are bitwise copies.
+    /// sum of squares in f64) over all tensors, compared exactly — replicas are bitwise copies. The
+    /// checksum is reduced on the device and read back once.
     pub fn check_in_sync(&self, tensors: &[Tensor]) -> anyhow::Result<()> {
-        let (mut sum, mut squares) = (0.0, 0.0);
-        tch::no_grad(|| {
-            for t in tensors {
-                let d = t.to_kind(Kind::Double);
-                sum += d.sum(Kind::Double).double_value(&[]);
-                squares += d.square().sum(Kind::Double).double_value(&[]);
+        let checksum = tch::no_grad(|| -> anyhow::Result<Vec<f64>> {
+            let parts: Vec<Tensor> = tensors
+                .iter()
+                .map(|t| {
+                    let d = t.to_kind(Kind::Double);
+                    Tensor::stack(&[d.sum(Kind::Double), d.square().sum(Kind::Double)], 0)
+                })
+                .collect();
+            if parts.is_empty() {
+                return Ok(vec![0.0, 0.0]);
             }
-        });
-        let all = self.gather(&[sum, squares])?;
+            let total = Tensor::stack(&parts, 0).sum_dim_intlist(0, false, Kind::Double);
+            Ok(Vec::<f64>::try_from(total.to_device(tch::Device::Cpu))?)
+        })?;
+        let all = self.gather(&checksum)?;
         let off: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
         if !off.is_empty() {
             bail!(
@@ -177,4 +200,13 @@ impl Replicas {
         );
         Ok(())
     }
+}
+
+/// What every rank learns at a step's agreement point.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Agreement {
+    /// The ranks whose local part of the step failed.
+    pub failed_ranks: Vec<usize>,
+    /// A stop signal some rank received.
+    pub signal: Option<i32>,
 }

@@ -39,6 +39,16 @@ pub struct Report {
     phases: Option<step::Phases>,
 }
 
+/// A step's local part, done: gradients in `.grad`, nothing averaged or applied yet.
+pub struct Prepared {
+    totals: step::Totals,
+    phases: Option<step::Phases>,
+    next: Position,
+    started: Instant,
+}
+
+pub use super::replicas::Agreement;
+
 pub struct Trainer {
     cfg: crate::config::Config,
     device: Device,
@@ -77,6 +87,8 @@ pub struct Trainer {
     reported_skips: u64,
     window: (Instant, Duration),
     hooks: Hooks,
+    /// The stop signal the last agreement carried (any rank's).
+    agreed_signal: Option<i32>,
 }
 
 impl Trainer {
@@ -342,6 +354,7 @@ impl Trainer {
             last_good: resume_from,
             window,
             hooks,
+            agreed_signal: None,
         })
     }
 
@@ -384,10 +397,11 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step: the next batch forward and backward in micro-batches, the gradient norm,
-    /// clipping and a fused AdamW update that skips itself when anything is not finite, then the EMA.
+    /// The part of a step each rank does alone: the next batch forward and backward in micro-batches.
+    /// No collective runs here, so a rank that fails in it (CUDA out of memory, a libtorch error)
+    /// still meets the others at [`Trainer::agree`], before any gradient is averaged.
     /// Reads nothing back to the host unless `timed`, when it synchronises around each phase.
-    pub fn step(&mut self, timed: bool) -> anyhow::Result<Report> {
+    pub fn prepare(&mut self, timed: bool) -> anyhow::Result<Prepared> {
         let step_start = Instant::now();
         let batch = self.next_batch()?;
         let tc = &self.cfg.train;
@@ -426,6 +440,47 @@ impl Trainer {
             phases.as_mut(),
         )
         .with_context(|| format!("step {}", self.state.step))?;
+        if self.hooks.torch_error_at.contains(&self.state.step) {
+            let _ = x.matmul(&x.view([-1]).unsqueeze(0));
+        }
+        Ok(Prepared {
+            totals,
+            phases,
+            next: batch.next,
+            started: step_start,
+        })
+    }
+
+    /// Where the ranks meet once per step, after each one's [`Trainer::prepare`]: every rank learns
+    /// which ranks failed it and whether a signal asked any of them to stop, from one all-reduce of a
+    /// few integers on the control channel (host memory, no device synchronisation). One process
+    /// agrees with itself.
+    pub fn agree(&mut self, failed: bool) -> anyhow::Result<Agreement> {
+        let signal = crate::signals::requested();
+        let agreement = match &self.replicas {
+            None => Agreement {
+                failed_ranks: if failed { vec![self.launch.rank] } else { vec![] },
+                signal,
+            },
+            Some(rep) => rep
+                .agree(failed, signal)
+                .with_context(|| format!("step {}: agreeing with the other ranks", self.state.step))?,
+        };
+        self.agreed_signal = agreement.signal;
+        Ok(agreement)
+    }
+
+    /// The rest of the step, once every rank has prepared it: gradients averaged over ranks, the
+    /// gradient norm, clipping and a fused AdamW update that skips itself when anything is not
+    /// finite, then the EMA.
+    pub fn apply(&mut self, prepared: Prepared) -> anyhow::Result<Report> {
+        let Prepared {
+            totals,
+            mut phases,
+            next,
+            started: step_start,
+        } = prepared;
+        let tc = &self.cfg.train;
         if let Some(rep) = &self.replicas {
             // The buckets need the same gradients on every rank, also for a parameter this step missed.
             let params: Vec<Tensor> = self
@@ -439,9 +494,6 @@ impl Trainer {
             rep.average_grads(&grads).with_context(|| {
                 format!("step {}: averaging gradients over ranks", self.state.step)
             })?;
-        }
-        if self.hooks.torch_error_at.contains(&self.state.step) {
-            let _ = x.matmul(&x.view([-1]).unsqueeze(0));
         }
         if self.hooks.inf_grad_at.contains(&self.state.step) {
             if let Some((_, p, _, _)) = self.adam.slots.first() {
@@ -474,7 +526,7 @@ impl Trainer {
             p.optimizer_s = optimizer_start.elapsed().as_secs_f64();
         }
         self.state.step += 1;
-        self.state.position = batch.next;
+        self.state.position = next;
         Ok(Report {
             totals,
             grad_norm,
@@ -482,6 +534,11 @@ impl Trainer {
             step_s: step_start.elapsed().as_secs_f64(),
             phases,
         })
+    }
+
+    /// Whether this process is one rank of several.
+    pub fn distributed(&self) -> bool {
+        self.replicas.is_some()
     }
 
     /// Reads the skip counters back, warns about new skips and stops a run whose streak is too long,
@@ -663,18 +720,13 @@ impl Trainer {
         Ok(())
     }
 
-    /// Whether the job should stop now because a signal asked it to: every step for one process; with
-    /// several ranks every 10 steps, agreed over the group (a rank that got the signal stops all of
-    /// them at the same step, so the last checkpoint is collective).
-    pub fn stop_requested(&self) -> anyhow::Result<Option<i32>> {
-        let local = crate::signals::requested();
-        match &self.replicas {
-            None => Ok(local),
-            Some(rep) if self.state.step.is_multiple_of(10) => {
-                let any = rep.max(local.map_or(0.0, f64::from))?;
-                Ok((any > 0.0).then_some(any as i32))
-            }
-            Some(_) => Ok(None),
+    /// Whether the job should stop now because a signal asked it to: with several ranks, the signal
+    /// any rank got, as this step's agreement carried it, so every rank stops after the same step and
+    /// the last checkpoint is collective.
+    pub fn stop_requested(&self) -> Option<i32> {
+        match self.replicas {
+            None => crate::signals::requested(),
+            Some(_) => self.agreed_signal,
         }
     }
 
@@ -682,23 +734,62 @@ impl Trainer {
     /// against its own and every rank's loader position is collected; it becomes the last good one
     /// unless a streak is running.
     pub fn checkpoint(&mut self) -> anyhow::Result<()> {
-        self.state.adam_t = self.adam.t.double_value(&[]) as u64;
+        self.write_checkpoint(true)
+    }
+
+    /// The checkpoint of the last completed step after a step failed on some rank: every rank calls
+    /// it at the same point (after the agreement), the loader positions travel on the control channel
+    /// only and the replicas are not compared (a rank whose device failed may not run a kernel), so it
+    /// needs nothing of a failed rank but its host. Returns whether rank 0 wrote it, as every rank
+    /// learns from one more agreement.
+    pub fn checkpoint_after_failure(&mut self) -> anyhow::Result<bool> {
+        let written = crate::torch_guard::guard("saving after the failure", || {
+            self.write_checkpoint(false)
+        });
+        let failed_here = match &written {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::error!("rank {}: {e:#}", self.launch.rank);
+                true
+            }
+        };
+        match &self.replicas {
+            None => written.map(|()| true),
+            Some(rep) => {
+                let agreed = rep.agree(failed_here, None)?;
+                match written {
+                    Err(e) => Err(e),
+                    Ok(()) if agreed.failed_ranks.is_empty() => Ok(true),
+                    Ok(()) => Ok(false),
+                }
+            }
+        }
+    }
+
+    fn write_checkpoint(&mut self, compare_replicas: bool) -> anyhow::Result<()> {
+        // Host values first (the loader cursors), so a rank whose device fails below has already
+        // taken part in the gather the others wait in.
         self.state.positions = match &self.replicas {
             Some(rep) => {
-                let mut weights = sorted_values(&self.vs);
-                weights.extend(sorted_values(&self.proj_vs));
-                rep.check_in_sync(&weights)?;
                 let p = self.cursors[0];
-                rep.gather(&[p.epoch as f64, p.batch as f64])?
+                let positions = rep
+                    .gather(&[p.epoch as f64, p.batch as f64])?
                     .iter()
                     .map(|v| Position {
                         epoch: v[0] as u64,
                         batch: v[1] as u64,
                     })
-                    .collect()
+                    .collect();
+                if compare_replicas {
+                    let mut weights = sorted_values(&self.vs);
+                    weights.extend(sorted_values(&self.proj_vs));
+                    rep.check_in_sync(&weights)?;
+                }
+                positions
             }
             None => self.cursors.clone(),
         };
+        self.state.adam_t = self.adam.t.f_double_value(&[])? as u64;
         if self.launch.rank != 0 {
             return Ok(());
         }
