@@ -243,9 +243,18 @@ pub struct AutoencoderKl {
     decoder: Decoder,
     pub precision: Precision,
     /// Run the convolutions on channels-last (NHWC-strided) activations: the input is restrided once
-    /// and every layer keeps the layout (convolutions, group norms, SiLU, upsampling and the mid-block
-    /// attention's token view all accept it). Same numbers up to summation order.
+    /// and every layer keeps the layout on the CPU (convolutions, group norms, SiLU, upsampling and the
+    /// mid-block attention's token view all accept it). Same numbers up to summation order. See
+    /// [`channels_last_default`].
     pub channels_last: bool,
+}
+
+/// The layout [`AutoencoderKl::new`] picks: channels-last on the CPU, 1.27× the NCHW rate of the
+/// SD-VAE encoder on this CPU (BENCHMARKS, issue 18). NCHW on CUDA: ATen's CUDA group norm takes
+/// contiguous (NCHW) input only, so every norm would copy its channels-last input to NCHW and hand NCHW
+/// on, an extra copy of each feature map for a layout the next convolution no longer sees.
+pub fn channels_last_default(device: Device) -> bool {
+    !device.is_cuda()
 }
 
 /// The same (B, C, H, W) tensor with channels-last strides.
@@ -268,9 +277,7 @@ impl AutoencoderKl {
                 .then(|| Conv2d::new(&p / "post_quant_conv", latent, latent, 1, 1, 0)),
             decoder: Decoder::new(&p / "decoder", config, naming),
             precision: Precision::for_device(p.device()),
-            // 1.27× the NCHW rate of the SD-VAE encoder on this CPU (BENCHMARKS, issue 18); cuDNN's
-            // NHWC kernels are the fast ones for bf16 on tensor cores.
-            channels_last: true,
+            channels_last: channels_last_default(p.device()),
         }
     }
 
@@ -320,7 +327,7 @@ impl AutoencoderKl {
         } else {
             images.shallow_clone()
         };
-        let mut moments = self.encoder.forward(&images, self.precision);
+        let mut moments = self.encoder.forward(images, self.precision);
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments, self.precision);
         }
@@ -342,9 +349,7 @@ impl AutoencoderKl {
             Some(conv) => conv.forward(&latents, self.precision),
             None => latents,
         };
-        self.decoder
-            .forward(&z, self.precision)
-            .to_kind(Kind::Float)
+        self.decoder.forward(z, self.precision).to_kind(Kind::Float)
     }
 
     /// One autoencoding pass with gradients, for fitting a small VAE (`encoders init --fit-on`):
@@ -444,14 +449,18 @@ impl Encoder {
         }
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        let mut h = self.conv_in.forward(x, precision);
+    /// Takes the input by value, as every block below does: a block's input is dropped as soon as
+    /// the block no longer needs it, so at most three feature maps of a level are alive at once.
+    fn forward(&self, x: Tensor, precision: Precision) -> Tensor {
+        let mut h = self.conv_in.forward(&x, precision);
+        drop(x);
         for block in &self.down_blocks {
-            h = block.forward(&h, precision);
+            h = block.forward(h, precision);
         }
-        let h = self.mid_block.forward(&h, precision);
-        self.conv_out
-            .forward(&silu_(self.conv_norm_out.forward(&h)), precision)
+        let h = self.mid_block.forward(h, precision);
+        let n = silu_(self.conv_norm_out.forward(&h, precision));
+        drop(h);
+        self.conv_out.forward(&n, precision)
     }
 }
 
@@ -502,14 +511,16 @@ impl Decoder {
         }
     }
 
-    fn forward(&self, z: &Tensor, precision: Precision) -> Tensor {
-        let h = self.conv_in.forward(z, precision);
-        let mut h = self.mid_block.forward(&h, precision);
+    fn forward(&self, z: Tensor, precision: Precision) -> Tensor {
+        let h = self.conv_in.forward(&z, precision);
+        drop(z);
+        let mut h = self.mid_block.forward(h, precision);
         for block in &self.up_blocks {
-            h = block.forward(&h, precision);
+            h = block.forward(h, precision);
         }
-        self.conv_out
-            .forward(&silu_(self.conv_norm_out.forward(&h)), precision)
+        let n = silu_(self.conv_norm_out.forward(&h, precision));
+        drop(h);
+        self.conv_out.forward(&n, precision)
     }
 }
 
@@ -536,16 +547,33 @@ impl ResnetBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        let h = self.conv1.forward(&silu_(self.norm1.forward(x)), precision);
-        let h = self
-            .conv2
-            .forward(&silu_(self.norm2.forward(&h)), precision);
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x, precision),
-            None => x.shallow_clone(),
+    /// Each intermediate is dropped once the next one exists: with the input, at most three maps of
+    /// the block's size are alive (input, normalised, convolved).
+    fn forward(&self, x: Tensor, precision: Precision) -> Tensor {
+        let h = {
+            let n = silu_(self.norm1.forward(&x, precision));
+            self.conv1.forward(&n, precision)
         };
-        shortcut + h
+        let mut h = {
+            let n = silu_(self.norm2.forward(&h, precision));
+            drop(h);
+            self.conv2.forward(&n, precision)
+        };
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => {
+                let s = conv.forward(&x, precision);
+                drop(x);
+                s
+            }
+            None => x,
+        };
+        // In place on the fresh convolution output (its backward does not need it): no fourth map.
+        if h.kind() == shortcut.kind() {
+            let _ = h.g_add_(&shortcut);
+            h
+        } else {
+            shortcut + h
+        }
     }
 }
 
@@ -584,10 +612,10 @@ impl DownBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        let mut h = x.shallow_clone();
+    fn forward(&self, x: Tensor, precision: Precision) -> Tensor {
+        let mut h = x;
         for resnet in &self.resnets {
-            h = resnet.forward(&h, precision);
+            h = resnet.forward(h, precision);
         }
         match &self.downsample {
             Some(conv) => conv.forward(&h.constant_pad_nd([0, 1, 0, 1]), precision),
@@ -627,10 +655,10 @@ impl UpBlock {
         UpBlock { resnets, upsample }
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        let mut h = x.shallow_clone();
+    fn forward(&self, x: Tensor, precision: Precision) -> Tensor {
+        let mut h = x;
         for resnet in &self.resnets {
-            h = resnet.forward(&h, precision);
+            h = resnet.forward(h, precision);
         }
         match &self.upsample {
             Some(conv) => {
@@ -669,12 +697,12 @@ impl MidBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
+    fn forward(&self, x: Tensor, precision: Precision) -> Tensor {
         let mut h = self.first.forward(x, precision);
         if let Some(attention) = &self.attention {
             h = attention.forward(&h, precision);
         }
-        self.second.forward(&h, precision)
+        self.second.forward(h, precision)
     }
 }
 
@@ -710,7 +738,7 @@ impl SpatialAttention {
         // (b, c, h, w) -> (b, 1, h·w, c)
         let tokens = self
             .group_norm
-            .forward(x)
+            .forward(x, precision)
             .view([b, c, h * w])
             .transpose(1, 2)
             .unsqueeze(1);
@@ -783,6 +811,61 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("AttnDownEncoderBlock2D"));
+    }
+
+    /// CUDA's group norm takes NCHW only, so the VAE is NCHW there and channels-last on the CPU.
+    #[test]
+    fn layout_is_nchw_on_cuda_only() {
+        assert!(channels_last_default(Device::Cpu));
+        assert!(!channels_last_default(Device::Cuda(0)));
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = AutoencoderKl::new(vs.root(), &Config::sd_vae(), AttentionNaming::Current);
+        assert!(model.channels_last);
+    }
+
+    /// In bf16 a group norm neither upcasts nor returns fp32 (at 256 px an fp32 map of the first level
+    /// is 8 GiB), and it stays within bf16 rounding of the fp32 norm; the ResNet block built on it
+    /// returns bf16 too, equal with either layout.
+    #[test]
+    fn bf16_group_norm_stays_bf16_and_close_to_fp32() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let norm = GroupNorm::new(vs.root() / "norm", 4, 16, NORM_EPS);
+        tch::no_grad(|| {
+            norm.weight
+                .shallow_clone()
+                .copy_(&(Tensor::randn([16], (Kind::Float, Device::Cpu)) + 1.0));
+            norm.bias
+                .shallow_clone()
+                .copy_(&Tensor::randn([16], (Kind::Float, Device::Cpu)));
+        });
+        let x = Tensor::randn([2, 16, 8, 8], (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
+        let fp32 = norm.forward(&x, Precision::F32);
+        assert_eq!(fp32.kind(), Kind::Float);
+        let bf16 = norm.forward(&x.to_kind(Kind::BFloat16), Precision::Bf16);
+        assert_eq!(bf16.kind(), Kind::BFloat16);
+        let err = (bf16.to_kind(Kind::Float) - &fp32)
+            .abs()
+            .max()
+            .double_value(&[]);
+        let scale = fp32.abs().max().double_value(&[]);
+        assert!(
+            err / scale < 2e-2,
+            "bf16 group norm off by {err} of {scale}"
+        );
+
+        let block = ResnetBlock::new(vs.root() / "block", 16, 32, 4);
+        let nchw = block.forward(x.to_kind(Kind::BFloat16), Precision::Bf16);
+        assert_eq!(nchw.kind(), Kind::BFloat16);
+        let nhwc = block.forward(
+            to_channels_last(&x).to_kind(Kind::BFloat16),
+            Precision::Bf16,
+        );
+        let diff = (nchw.to_kind(Kind::Float) - nhwc.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-2, "layouts differ by {diff}");
     }
 
     #[test]

@@ -21,10 +21,12 @@ pub struct Args {
     /// Images per VAE-encoder batch
     #[arg(long, default_value_t = 2)]
     vae_batch: i64,
-    /// Run our VAE encoder on NCHW activations instead of its default channels-last (the reference is
-    /// NCHW either way)
-    #[arg(long)]
+    /// Run our VAE encoder on NCHW activations (the default on CUDA; the reference is NCHW either way)
+    #[arg(long, conflicts_with = "vae_channels_last")]
     vae_nchw: bool,
+    /// Run our VAE encoder on channels-last activations (the default on the CPU)
+    #[arg(long)]
+    vae_channels_last: bool,
     /// Timed batches per model and side, interleaved (the median is reported)
     #[arg(long, default_value_t = 3)]
     iters: usize,
@@ -97,7 +99,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     drop(dinov2_model);
 
     let mut vae_model = vae_random(device);
-    vae_model.channels_last = !args.vae_nchw;
+    if args.vae_nchw || args.vae_channels_last {
+        vae_model.channels_last = args.vae_channels_last;
+    }
     let images = Tensor::rand([args.vae_batch, 3, 256, 256], (Kind::Float, device)) * 2.0 - 1.0;
     let (vae, vae_anchor) = interleaved(&args, &mut reference, "vae", args.vae_batch, || {
         let _ = vae_model
