@@ -76,9 +76,41 @@ enum Command {
     FidStats(fid_stats::Args),
 }
 
+/// libtorch reads this once, when its global context is first made (after `main` starts: nothing
+/// touches it before the first tensor operation). Set, fp32 matrix products on CUDA run on TF32 tensor
+/// cores (`torch.set_float32_matmul_precision("high")`); convolutions already do by default.
+const TF32_MATMUL_ENV: &str = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE";
+
+/// Whether a subcommand turns TF32 products on: those that run a flow or Inception in fp32 (`sample`,
+/// `classify`, `bpd`, `fid`, and `train`, whose FID and sample grids sample in fp32), so that the two
+/// FIDs of one checkpoint come from the same arithmetic. The benchmarks compare against PyTorch's
+/// defaults and keep them. No effect on the CPU.
+fn wants_tf32(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Sample(_)
+            | Command::Classify(_)
+            | Command::Bpd(_)
+            | Command::Fid(_)
+            | Command::Train(_)
+    )
+}
+
+/// Turns TF32 products on unless the variable is already set (`TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0`
+/// keeps exact fp32 products).
+fn enable_tf32_matmul() {
+    if std::env::var_os(TF32_MATMUL_ENV).is_none() {
+        // Before any thread or tensor exists: nothing else reads the environment concurrently.
+        std::env::set_var(TF32_MATMUL_ENV, "1");
+    }
+}
+
 fn main() {
     logging::init();
     let cli = Cli::parse();
+    if wants_tf32(&cli.command) {
+        enable_tf32_matmul();
+    }
     let result = match cli.command {
         Command::DemoData(args) => demo_data::run(args),
         Command::Config(args) => config_cmd::run(args),

@@ -231,6 +231,14 @@ impl AlignHead {
         })
     }
 
+    /// The projectors' weights in `prec`, cast once for as long as the scope lives ([`super::CastScope`]).
+    pub fn cast_weights(&self, prec: super::Precision) -> super::CastScope {
+        super::CastScope::new(
+            self.projectors.iter().flat_map(|p| [&p.l0, &p.l2, &p.l4]),
+            prec,
+        )
+    }
+
     /// Locations the NLL forward pass must capture (only F-REPA reads them from that pass).
     pub fn forward_capture(&self) -> Vec<(usize, usize)> {
         if self.cfg.mode == AlignMode::Forward {

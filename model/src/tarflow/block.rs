@@ -275,16 +275,18 @@ impl MetaBlock {
             .to_kind(Kind::Float)
     }
 
+    /// Every linear layer of the block.
+    pub(crate) fn linears(&self) -> impl Iterator<Item = &Linear> {
+        std::iter::once(&self.proj_in)
+            .chain(self.layers.iter().flat_map(AttentionBlock::linears))
+            .chain(std::iter::once(&self.proj_out))
+    }
+
     /// A KV cache for a reverse pass over `capacity` tokens, with the block's weights packed for decode
     /// steps of `rows` rows when `pack` is set and packing applies (see [`Packs::new`]).
     pub fn new_cache(&self, capacity: i64, rows: i64, prec: Precision, pack: bool) -> Cache {
         let packs = pack
-            .then(|| {
-                let linears = std::iter::once(&self.proj_in)
-                    .chain(self.layers.iter().flat_map(AttentionBlock::linears))
-                    .chain(std::iter::once(&self.proj_out));
-                Packs::new(linears, rows, prec)
-            })
+            .then(|| Packs::new(self.linears(), rows, prec))
             .flatten();
         Cache::new(self.layers.len(), capacity, packs)
     }

@@ -1,6 +1,8 @@
 //! The transformer inside a flow block: pre-LN causal attention layers (spec §1.4), optional 2-D axial
 //! RoPE and SwiGLU (spec §1.6), and the per-layer KV cache used by sampling.
 
+use std::sync::{Arc, Mutex};
+
 use tch::{nn, Kind, Tensor};
 
 use torch_ext::onednn::{self, Activation};
@@ -26,11 +28,16 @@ impl Precision {
     }
 }
 
+/// Weight and bias in a compute precision, held while a [`CastScope`] lives.
+type CastSlot = Arc<Mutex<Option<(Kind, Tensor, Tensor)>>>;
+
 /// Linear layer whose parameters stay fp32 while the product runs in the compute precision.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Tensor,
+    /// Shared with the layer's [`Share`] copies, so a checkpointed block's recomputation finds it.
+    cast: CastSlot,
 }
 
 impl Linear {
@@ -51,6 +58,19 @@ impl Linear {
         Self {
             weight: l.ws,
             bias: l.bs.expect("linear has a bias"),
+            cast: CastSlot::default(),
+        }
+    }
+
+    /// Weight and bias in `kind`: the scope's copy when one holds it, else a fresh cast.
+    fn weights_in(&self, kind: Kind) -> (Tensor, Tensor) {
+        if self.weight.kind() == kind {
+            return (self.weight.shallow_clone(), self.bias.shallow_clone());
+        }
+        let slot = self.cast.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some((k, w, b)) if *k == kind => (w.shallow_clone(), b.shallow_clone()),
+            _ => (self.weight.to_kind(kind), self.bias.to_kind(kind)),
         }
     }
 
@@ -68,8 +88,8 @@ impl Linear {
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         let k = prec.kind();
-        x.to_kind(k)
-            .linear(&self.weight.to_kind(k), Some(self.bias.to_kind(k)))
+        let (weight, bias) = self.weights_in(k);
+        x.to_kind(k).linear(&weight, Some(bias))
     }
 
     fn onednn_pays_off(&self, x: &Tensor) -> bool {
@@ -450,6 +470,52 @@ impl Share for Linear {
         Self {
             weight: self.weight.share(),
             bias: self.bias.share(),
+            cast: Arc::clone(&self.cast),
+        }
+    }
+}
+
+/// Linear layers' weights cast to a compute precision once, used by every call until the scope is
+/// dropped. Without it each call casts afresh: every micro-batch, every alignment pass and every
+/// sampling step made its own bf16 copy of the weights, and in training each copy was kept for
+/// backward. Made under grad mode the copies carry the graph back to the fp32 weights (the cast's
+/// backward keeps no tensors, so several backward passes may go through it). The weights must not
+/// change while a scope holds them (the optimizer steps after the scope is dropped).
+#[must_use = "the casts are dropped with the scope"]
+pub struct CastScope {
+    slots: Vec<CastSlot>,
+}
+
+impl CastScope {
+    /// Casts the given layers' weights to `prec` (nothing for fp32).
+    pub fn new<'a>(linears: impl IntoIterator<Item = &'a Linear>, prec: Precision) -> Self {
+        let kind = prec.kind();
+        let mut slots = vec![];
+        for l in linears {
+            if l.weight.kind() == kind {
+                continue;
+            }
+            let cast = (kind, l.weight.to_kind(kind), l.bias.to_kind(kind));
+            *l.cast.lock().unwrap_or_else(|e| e.into_inner()) = Some(cast);
+            slots.push(Arc::clone(&l.cast));
+        }
+        CastScope { slots }
+    }
+
+    /// Layers whose weights the scope holds in another precision.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+impl Drop for CastScope {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 }

@@ -25,7 +25,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use block::{BlockPass, Cond, MetaBlock, Permutation};
 pub use config::{Config, GateActivation, MlpKind, PRESETS};
-pub use layers::{Cache, Precision};
+pub use layers::{Cache, CastScope, Precision};
 
 use crate::weights::{self, WeightsError};
 
@@ -96,6 +96,17 @@ impl Model {
             checkpoint_blocks: false,
             pack_weights: true,
         })
+    }
+
+    /// Every linear layer's weights in the model's compute precision, cast once and used until the
+    /// scope is dropped ([`CastScope`]); an empty scope in fp32.
+    pub fn cast_weights(&self) -> CastScope {
+        self.cast_weights_in(self.precision)
+    }
+
+    /// [`Model::cast_weights`] for precision `prec` instead of the model's.
+    pub fn cast_weights_in(&self, prec: Precision) -> CastScope {
+        CastScope::new(self.blocks.iter().flat_map(MetaBlock::linears), prec)
     }
 
     pub fn device(&self) -> Device {

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::block::{Cond, MetaBlock};
-use super::{nll, FlowError, Model};
+use super::{nll, FlowError, Model, Precision};
 
 /// Guidance settings of a reverse pass.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,10 +43,24 @@ pub fn reverse_with(
     g: &Guidance,
     batched: bool,
 ) -> Tensor {
+    reverse_in(model, model.precision, z, y, g, batched)
+}
+
+/// [`reverse_with`] in precision `prec` instead of the model's.
+fn reverse_in(
+    model: &Model,
+    prec: Precision,
+    z: &Tensor,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    batched: bool,
+) -> Tensor {
     tch::no_grad(|| {
+        // Every decode step runs every layer: cast the weights once, not per step.
+        let _cast = model.cast_weights_in(prec);
         let mut x = z.to_kind(Kind::Float) * model.var.sqrt();
         for block in model.blocks.iter().rev() {
-            x = reverse_block(model, block, &x, y, g, batched);
+            x = reverse_block(model, prec, block, &x, y, g, batched);
         }
         model.unpatchify(&x)
     })
@@ -56,6 +70,7 @@ pub fn reverse_with(
 /// one batch of 2B rows (cond first), so each step is a single pass.
 fn reverse_block(
     model: &Model,
+    prec: Precision,
     block: &MetaBlock,
     z: &Tensor,
     y: Option<&Tensor>,
@@ -90,7 +105,7 @@ fn reverse_block(
     let x = block.permutation.apply(z);
     let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
     let rows = if guided { 2 * batch } else { batch };
-    let mut cache = block.new_cache(n, rows, model.precision, model.pack_weights);
+    let mut cache = block.new_cache(n, rows, prec, model.pack_weights);
     for i in 0..n - 1 {
         let token = if guided {
             Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0)
@@ -103,7 +118,7 @@ fn reverse_block(
             class.as_ref(),
             &mut cache,
             q_scale.as_ref(),
-            model.precision,
+            prec,
         );
         if guided {
             let w = if g.annealed {
@@ -184,9 +199,25 @@ pub fn sample(
     seed: u64,
     max_redraws: usize,
 ) -> Result<Samples, FlowError> {
+    sample_in(model, model.precision, batch, y, g, seed, max_redraws)
+}
+
+/// [`sample`] in precision `prec` instead of the model's: the EMA of a bf16 training run sampled in
+/// fp32, as `pipeline sample` samples a checkpoint.
+pub fn sample_in(
+    model: &Model,
+    prec: Precision,
+    batch: i64,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    seed: u64,
+    max_redraws: usize,
+) -> Result<Samples, FlowError> {
     let device = model.device();
     let z = cpu_noise(model, batch, seed);
-    let mut x = reverse(model, &z.to_device(device), y, g);
+    let reverse =
+        |z: &Tensor, y: Option<&Tensor>| reverse_in(model, prec, z, y, g, g.weight != 0.0);
+    let mut x = reverse(&z.to_device(device), y);
     let mut redrawn = 0;
     for attempt in 0..=max_redraws {
         let bad = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
@@ -208,7 +239,7 @@ pub fn sample(
         )
         .to_device(device);
         let y_bad = y.map(|y| y.index_select(0, &idx));
-        let redo = reverse(model, &fresh, y_bad.as_ref(), g);
+        let redo = reverse(&fresh, y_bad.as_ref());
         x = x.index_copy(0, &idx, &redo);
     }
     unreachable!("the loop returns on its last attempt")

@@ -719,3 +719,104 @@ fn a_patch_1_flow_aligns_with_a_coarser_encoder_grid_by_pooling() {
     };
     assert!(err(shifted).contains("pairing"));
 }
+
+/// A cast scope holds one bf16 copy of the weights for every call: changing the fp32 weights inside
+/// the scope changes no output (the copy is used), after it the output follows them. Gradients through
+/// the shared copy, over two backward passes (two micro-batches) and with checkpointed blocks (whose
+/// recomputation in backward uses the copy too), equal those of casting on every call.
+#[test]
+fn cast_scope_casts_once_and_keeps_gradients() {
+    let _g = rng();
+    let c = latent(cfg(8, 2, 4, 2, 2, 3), true, true);
+    let (vs, mut model) = random_model(&c, 11);
+    model.precision = Precision::Bf16;
+    let x = images(&c, 4, 12);
+    let y = Tensor::from_slice(&[0i64, 1, 2, -1]);
+    let grads = |model: &Model, scoped: bool| -> Vec<Tensor> {
+        for (_, v) in sorted(&vs) {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let scope = scoped.then(|| model.cast_weights());
+        if let Some(s) = &scope {
+            // Per block: proj_in, 2 layers × (qkv, proj, gate, up, down), proj_out.
+            assert_eq!(s.len(), 2 * (1 + 2 * (2 + 3) + 1));
+        }
+        for k in 0..2 {
+            let (xi, yi) = (x.narrow(0, 2 * k, 2), y.narrow(0, 2 * k, 2));
+            let out = model.forward(&xi, &Cond::Labels(&yi), &[]);
+            nll(&out).loss.backward();
+        }
+        drop(scope);
+        sorted(&vs)
+            .iter()
+            .map(|(_, v)| {
+                let g = v.grad();
+                if g.defined() {
+                    g.copy()
+                } else {
+                    g
+                }
+            })
+            .collect()
+    };
+    for checkpointed in [false, true] {
+        model.checkpoint_blocks = checkpointed;
+        let (every_call, once) = (grads(&model, false), grads(&model, true));
+        for (a, b) in every_call.iter().zip(&once) {
+            assert_eq!(a.defined(), b.defined());
+            if a.defined() {
+                let d = max_diff(a, b);
+                assert!(
+                    d <= 1e-6,
+                    "checkpointed {checkpointed}: gradients differ by {d}"
+                );
+            }
+        }
+        assert!(once
+            .iter()
+            .any(|g| g.defined() && g.abs().max().double_value(&[]) > 0.0));
+    }
+
+    let z = |model: &Model| tch::no_grad(|| model.forward(&x, &Cond::Labels(&y), &[]).z);
+    let before = z(&model);
+    let scope = model.cast_weights();
+    let (_, w) = sorted(&vs)
+        .into_iter()
+        .find(|(n, _)| n.ends_with("proj_in.weight"))
+        .unwrap();
+    tch::no_grad(|| {
+        let _ = w.shallow_clone().g_add_scalar_(0.5);
+    });
+    assert_eq!(
+        max_diff(&z(&model), &before),
+        0.0,
+        "the scope's copy was not used"
+    );
+    drop(scope);
+    assert!(
+        max_diff(&z(&model), &before) > 1e-3,
+        "a dropped scope still held its copy"
+    );
+}
+
+/// `sample_in` with fp32 on a model that computes in bf16 gives that model's fp32 samples: what the
+/// in-training FID of a bf16 run samples, as `pipeline sample` does.
+#[test]
+fn sample_in_overrides_the_model_precision() {
+    let _g = rng();
+    let c = latent(cfg(8, 2, 4, 2, 1, 3), true, false);
+    let (_vs, mut model) = random_model(&c, 21);
+    let y = Tensor::from_slice(&[0i64, 2]);
+    let g = Guidance::default();
+    let fp32 = sample::sample(&model, 2, Some(&y), &g, 5, 0).unwrap().x;
+    model.precision = Precision::Bf16;
+    let bf16 = sample::sample(&model, 2, Some(&y), &g, 5, 0).unwrap().x;
+    let over = sample::sample_in(&model, Precision::Fp32, 2, Some(&y), &g, 5, 0)
+        .unwrap()
+        .x;
+    assert_eq!(max_diff(&over, &fp32), 0.0);
+    assert!(max_diff(&bf16, &fp32) > 0.0);
+}

@@ -88,6 +88,9 @@ pub struct TrainConfig {
     pub fid_ref: String,
     /// Inception weights; empty: the converted published file where `pipeline fid` looks by default.
     pub fid_weights: String,
+    /// Sample the FID images in bf16, the training precision on CUDA. Off, they are sampled in fp32 as
+    /// `pipeline sample` samples a checkpoint, so both FIDs of one checkpoint agree.
+    pub fid_bf16: bool,
     /// Non-finite losses in a row that abort the run.
     pub max_nonfinite_in_row: u64,
     pub rank: Option<usize>,
@@ -139,6 +142,7 @@ impl Default for TrainConfig {
             fid_batch: 50,
             fid_ref: String::new(),
             fid_weights: String::new(),
+            fid_bf16: false,
             max_nonfinite_in_row: 20,
             rank: None,
             world: None,

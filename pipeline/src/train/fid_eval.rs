@@ -40,7 +40,7 @@ impl FidEval {
         })
     }
 
-    /// `tc.fid_samples` samples of the unguided EMA model, classes cycled (balanced), each batch's
+    /// `tc.fid_samples` samples of the unguided EMA model (in fp32 unless `train.fid_bf16`), classes cycled (balanced), each batch's
     /// noise keyed by the seed and its first index, so that evaluations at different steps (and with
     /// any number of ranks) compare the same noise. This rank draws its share of the batches; with
     /// `replicas` the statistics are summed over the group. Rank 0 gets the scores, the others None.
@@ -58,6 +58,7 @@ impl FidEval {
         let device = self.inception.model.device();
         let mut stats = FeatureStats::share_of(total, mine.start as u64, device);
         let classes = ema.cfg.num_classes;
+        let precision = fid_precision(tc);
         for start in mine.clone().step_by(batch) {
             let n = batch.min(mine.end - start) as i64;
             let start = start as i64;
@@ -67,7 +68,15 @@ impl FidEval {
             });
             let seed = tc.seed.wrapping_add(start as u64);
             let samples = tch::no_grad(|| {
-                tarflow::sample::sample(ema, n, y.as_ref(), &Default::default(), seed, 10)
+                tarflow::sample::sample_in(
+                    ema,
+                    precision,
+                    n,
+                    y.as_ref(),
+                    &Default::default(),
+                    seed,
+                    10,
+                )
             })
             .with_context(|| format!("sampling FID images {start}..{}", start + n))?;
             let pixels = super::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
@@ -98,5 +107,29 @@ impl FidEval {
         }
         let seen = stats.count() as usize;
         crate::fid::finish(&stats, &self.reference, total, seen).map(Some)
+    }
+}
+
+/// The precision FID images are sampled in: fp32, the precision of `pipeline sample` (TF32 products on
+/// CUDA in both), whatever the EMA model trains in, unless `train.fid_bf16` asks for bf16.
+pub fn fid_precision(tc: &TrainConfig) -> tarflow::Precision {
+    if tc.fid_bf16 {
+        tarflow::Precision::Bf16
+    } else {
+        tarflow::Precision::Fp32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default is `pipeline sample`'s precision, not the bf16 the EMA model trains in on CUDA.
+    #[test]
+    fn fid_samples_in_fp32_unless_asked() {
+        let mut tc = TrainConfig::default();
+        assert_eq!(fid_precision(&tc), tarflow::Precision::Fp32);
+        tc.fid_bf16 = true;
+        assert_eq!(fid_precision(&tc), tarflow::Precision::Bf16);
     }
 }

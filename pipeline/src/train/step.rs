@@ -54,6 +54,12 @@ pub fn accumulate(
     let b = x.size()[0];
     let micro = if micro == 0 { b } else { (micro as i64).min(b) };
     let capture = head.map(|h| h.forward_capture()).unwrap_or_default();
+    // One compute-precision copy of the weights for the whole step, whatever the number of
+    // micro-batches and alignment passes; made here, under grad mode, so it leads back to the weights.
+    let _casts = (
+        flow.cast_weights(),
+        head.map(|h| h.cast_weights(flow.precision)),
+    );
     let mut totals: Option<Totals> = None;
     for start in (0..b).step_by(micro as usize) {
         let len = micro.min(b - start);
