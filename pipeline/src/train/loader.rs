@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::Rng;
 use stages::cache::{DType, ShardReader};
 use stages::order::{epoch_shards, keyed_rng, RankSplit, ShuffleBuffer, PURPOSE_SAMPLES};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 const PURPOSE_VIEWS: u64 = 10;
 /// Per-batch generators use purposes above this, so they never collide with the order streams.
@@ -86,7 +86,12 @@ struct Item {
     pixels: Vec<u8>,
     mean: Vec<f32>,
     std: Vec<f32>,
-    features: Vec<f32>,
+    /// The view's alignment targets as the cache stores them (f16 by default): widened to f32 on the
+    /// device, so the host copies and uploads half the bytes.
+    features: Vec<u8>,
+    features_dtype: Option<DType>,
+    /// Per-token scales of int8 targets (`features_scale`), empty otherwise.
+    features_scale: Vec<f32>,
 }
 
 pub struct Loader {
@@ -310,6 +315,8 @@ fn read_shard(
                 mean: vec![],
                 std: vec![],
                 features: vec![],
+                features_dtype: None,
+                features_scale: vec![],
             };
             // View count comes from the per-view fields; the image's view 1 is its mirror.
             let n_views = cols
@@ -319,7 +326,6 @@ fn read_shard(
                 .unwrap_or(2)
                 .max(1);
             let view = stages::order::below(views, n_views);
-            let mut scale: Option<Vec<f32>> = None;
             for (i, bytes) in &cols {
                 let f = &fields[*i];
                 let rb = f.row_bytes();
@@ -350,28 +356,19 @@ fn read_shard(
                         )?
                     }
                     "features" => {
-                        item.features = to_f32(
-                            &row_bytes[view * per_view..(view + 1) * per_view],
-                            f.dtype,
-                            path,
-                            "features",
-                        )?
+                        host_kind(f.dtype, path, "features")?;
+                        item.features = row_bytes[view * per_view..(view + 1) * per_view].to_vec();
+                        item.features_dtype = Some(f.dtype);
                     }
                     "features_scale" => {
-                        scale = Some(to_f32(
+                        item.features_scale = to_f32(
                             &row_bytes[view * per_view..(view + 1) * per_view],
                             f.dtype,
                             path,
                             "features_scale",
-                        )?)
+                        )?
                     }
                     _ => {}
-                }
-            }
-            if let Some(scale) = scale {
-                let d = item.features.len() / scale.len().max(1);
-                for (k, v) in item.features.iter_mut().enumerate() {
-                    *v *= scale[k / d];
                 }
             }
             if !emit(item) {
@@ -391,6 +388,21 @@ fn mirror(hwc: &[u8], h: usize, w: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The tensor kind holding a float field's bytes as stored (bf16 is the upper half of an f32, which is
+/// what libtorch's bfloat16 is).
+fn host_kind(dtype: DType, path: &Path, field: &str) -> anyhow::Result<Kind> {
+    Ok(match dtype {
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::Bf16 => Kind::BFloat16,
+        DType::I8 => Kind::Int8,
+        other => bail!(
+            "cache shard {}: field `{field}` has dtype {other:?}, expected a float type",
+            path.display()
+        ),
+    })
 }
 
 fn to_f32(bytes: &[u8], dtype: DType, path: &Path, field: &str) -> anyhow::Result<Vec<f32>> {
@@ -413,6 +425,79 @@ fn to_f32(bytes: &[u8], dtype: DType, path: &Path, field: &str) -> anyhow::Resul
             path.display()
         ),
     })
+}
+
+/// Rows of equal length, one after the other, in a new host tensor of `size` and `kind`: the only
+/// host copy a batch field gets before the pinned staging copy.
+fn packed(rows: &[&[u8]], size: &[i64], kind: Kind) -> anyhow::Result<Tensor> {
+    let row = rows.first().map_or(0, |r| r.len());
+    let total: i64 = size.iter().product();
+    if rows.iter().any(|r| r.len() != row)
+        || (row * rows.len()) as i64 != total * kind.elt_size_in_bytes() as i64
+    {
+        bail!("rows of unequal or wrong size for {size:?} {kind:?}");
+    }
+    let t = Tensor::f_empty(size, (kind, Device::Cpu))?;
+    let dst = t.data_ptr().cast::<u8>();
+    for (k, r) in rows.iter().enumerate() {
+        // SAFETY: `t` is a fresh contiguous CPU tensor of exactly rows × row bytes (checked above),
+        // owned here and not yet shared; the rows are distinct Rust slices, not libtorch memory.
+        unsafe { std::ptr::copy_nonoverlapping(r.as_ptr(), dst.add(k * row), row) };
+    }
+    Ok(t)
+}
+
+/// A host tensor on the loader's device. On CUDA one copy into pinned memory, then a non-blocking
+/// upload: this thread queues the copy and goes on assembling the next batch. tch cannot pick a
+/// stream, so the copy runs on the device's default stream, between the training step's kernels,
+/// not beside them; overlapping it with them needs a side stream (torch-ext does not offer one).
+fn upload(t: Tensor, device: Device) -> anyhow::Result<Tensor> {
+    if !device.is_cuda() {
+        return Ok(t);
+    }
+    let pinned = t.f_pin_memory(device)?;
+    Ok(pinned.f_to_device_(device, pinned.kind(), true, false)?)
+}
+
+/// The batch's alignment targets (B, T, D) float32 on `device`: packed and uploaded in the cache's
+/// dtype, widened (and int8 ones scaled per token) there.
+fn features_on_device(
+    items: &[Item],
+    t: usize,
+    d: usize,
+    device: Device,
+) -> anyhow::Result<Tensor> {
+    let dtype = items.first().and_then(|it| it.features_dtype);
+    let Some(dtype) = dtype else {
+        bail!("no features in the batch");
+    };
+    let kind = host_kind(dtype, Path::new("(batch)"), "features")?;
+    if items
+        .iter()
+        .any(|it| it.features_dtype != Some(dtype) || it.features.len() != t * d * dtype.size())
+    {
+        bail!("not {t}×{d} {dtype:?} values per sample");
+    }
+    let b = items.len() as i64;
+    let rows: Vec<&[u8]> = items.iter().map(|it| it.features.as_slice()).collect();
+    let host = packed(&rows, &[b, t as i64, d as i64], kind)?;
+    let mut features = upload(host, device)?.f_to_kind(Kind::Float)?;
+    let scaled = items
+        .iter()
+        .filter(|it| !it.features_scale.is_empty())
+        .count();
+    if scaled > 0 {
+        if scaled != items.len() || items.iter().any(|it| it.features_scale.len() != t) {
+            bail!("int8 features without one scale per token");
+        }
+        let scale: Vec<f32> = items
+            .iter()
+            .flat_map(|it| it.features_scale.iter().copied())
+            .collect();
+        let scale = upload(Tensor::from_slice(&scale).view([b, t as i64, 1]), device)?;
+        features = features.f_mul(&scale)?;
+    }
+    Ok(features)
 }
 
 /// Standard normal draws (Box–Muller on 53-bit uniforms), so the stream is fixed by the generator alone.
@@ -534,34 +619,19 @@ fn build(
             }
         })
         .collect();
-    let to_dev = |t: Tensor| -> Tensor {
-        if spec.device.is_cuda() {
-            // Pinned host memory lets the copy overlap the running step.
-            t.pin_memory(spec.device)
-                .to_device_(spec.device, t.kind(), true, false)
-        } else {
-            t
-        }
-    };
-    let x = to_dev(Tensor::from_slice(&x).view([b as i64, c as i64, h as i64, w as i64]));
-    let y = to_dev(Tensor::from_slice(&y));
+    let what = || format!("epoch {} batch {}", here.epoch, here.batch);
+    let x = upload(
+        Tensor::from_slice(&x).view([b as i64, c as i64, h as i64, w as i64]),
+        spec.device,
+    )
+    .with_context(|| format!("flow input of {}", what()))?;
+    let y = upload(Tensor::from_slice(&y), spec.device)
+        .with_context(|| format!("labels of {}", what()))?;
     let features = match spec.features {
-        Some([t, d]) => {
-            if items.iter().any(|it| it.features.len() != t * d) {
-                bail!(
-                    "cache features of epoch {} batch {} are not {t}×{d} per sample",
-                    here.epoch,
-                    here.batch
-                );
-            }
-            let flat: Vec<f32> = items
-                .iter()
-                .flat_map(|it| it.features.iter().copied())
-                .collect();
-            Some(to_dev(
-                Tensor::from_slice(&flat).view([b as i64, t as i64, d as i64]),
-            ))
-        }
+        Some([t, d]) => Some(
+            features_on_device(&items, t, d, spec.device)
+                .with_context(|| format!("cache features of {}", what()))?,
+        ),
         None => None,
     };
     let images = if spec.view_images {
@@ -574,16 +644,13 @@ fn build(
                 here.batch
             );
         }
-        let flat: Vec<u8> = items
-            .iter()
-            .flat_map(|it| it.pixels.iter().copied())
-            .collect();
-        Some(to_dev(
-            Tensor::from_slice(&flat)
-                .view([b as i64, s, s, 3])
-                .permute([0, 3, 1, 2])
-                .contiguous(),
-        ))
+        let rows: Vec<&[u8]> = items.iter().map(|it| it.pixels.as_slice()).collect();
+        let hwc = packed(&rows, &[b as i64, s, s, 3], Kind::Uint8)?;
+        // Uploaded as stored, made (B, 3, S, S) on the device: no host-side transpose copy.
+        let images = upload(hwc, spec.device)
+            .and_then(|t| Ok(t.f_permute([0, 3, 1, 2])?.f_contiguous()?))
+            .with_context(|| format!("cached crops of {}", what()))?;
+        Some(images)
     } else {
         None
     };
@@ -594,4 +661,75 @@ fn build(
         images,
         next,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(features: Vec<u8>, dtype: DType, scale: Vec<f32>) -> Item {
+        Item {
+            label: 0,
+            pixels: vec![],
+            mean: vec![],
+            std: vec![],
+            features,
+            features_dtype: Some(dtype),
+            features_scale: scale,
+        }
+    }
+
+    /// f16 targets stay f16 until they reach the device (half the bytes packed, pinned and uploaded)
+    /// and come out as the f32 values the cache holds; int8 ones are scaled per token there, with the
+    /// same f32 products as widening on the host.
+    #[test]
+    fn features_keep_the_cache_dtype_until_the_device() {
+        let (t, d) = (2usize, 3usize);
+        let values: Vec<Vec<f32>> = vec![
+            vec![0.5, -1.25, 3.0, 1e-3, 65504.0, -0.0],
+            vec![2.0, 0.1, -7.5, 0.333, 1.0, 4.0],
+        ];
+        let f16 = |v: &[f32]| -> Vec<u8> {
+            v.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        };
+        let items: Vec<Item> = values
+            .iter()
+            .map(|v| item(f16(v), DType::F16, vec![]))
+            .collect();
+        let rows: Vec<&[u8]> = items.iter().map(|it| it.features.as_slice()).collect();
+        let host = packed(&rows, &[2, t as i64, d as i64], Kind::Half).unwrap();
+        assert_eq!(host.kind(), Kind::Half, "widened on the host");
+        let got = features_on_device(&items, t, d, Device::Cpu).unwrap();
+        assert_eq!(got.kind(), Kind::Float);
+        assert_eq!(got.size(), [2, t as i64, d as i64]);
+        let want: Vec<f32> = values
+            .iter()
+            .flatten()
+            .map(|x| half::f16::from_f32(*x).to_f32())
+            .collect();
+        let got: Vec<f32> = Vec::try_from(got.flatten(0, -1)).unwrap();
+        assert_eq!(got, want);
+
+        let q: Vec<i8> = vec![-128, -1, 0, 1, 64, 127];
+        let scale = vec![0.013f32, 7.1];
+        let bytes: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+        let items = vec![item(bytes, DType::I8, scale.clone())];
+        let got = features_on_device(&items, t, d, Device::Cpu).unwrap();
+        let want: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| v as f32 * scale[k / d])
+            .collect();
+        let got: Vec<f32> = Vec::try_from(got.flatten(0, -1)).unwrap();
+        assert_eq!(got, want);
+
+        // A sample of another shape or dtype is an error, not a panic.
+        let bad = vec![
+            item(f16(&values[0]), DType::F16, vec![]),
+            item(vec![0; 4], DType::F16, vec![]),
+        ];
+        assert!(features_on_device(&bad, t, d, Device::Cpu).is_err());
+    }
 }
