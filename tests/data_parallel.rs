@@ -370,7 +370,10 @@ fn a_torch_error_on_one_rank_stops_both_with_a_checkpoint() {
             && err0.contains("the checkpoint of step 3 (the last completed) was written"),
         "rank 0:\n{err0}"
     );
-    assert!(!err0.contains("panicked") && !err1.contains("panicked"));
+    assert!(
+        !err0.contains("panicked") && !err1.contains("panicked"),
+        "rank 0:\n{err0}\nrank 1:\n{err1}"
+    );
     assert_eq!(
         std::fs::read_to_string(out0.join("checkpoints/latest"))
             .unwrap()

@@ -86,13 +86,20 @@ fn rank_main(args: &Args, rank: usize, world: usize) -> anyhow::Result<()> {
     // Where torchrun or srun put this rank (the GPU it owns among those its process sees), with this
     // command's own spawn as the fallback.
     let launch = crate::train::Launch::resolve_overrides(Some(rank), Some(world), |name| {
-        std::env::var(name).ok().or_else(|| (name == "MASTER_PORT").then(|| args.port.to_string()))
+        std::env::var(name)
+            .ok()
+            .or_else(|| (name == "MASTER_PORT").then(|| args.port.to_string()))
     })?;
     let (backend, device) = match args.backend.as_str() {
         "nccl" => (Backend::Nccl, launch.device("cuda")?),
         _ => (Backend::Gloo, Device::Cpu),
     };
-    let group = launch.join_group(backend, device, Duration::from_secs(120), "all-reduce benchmark")?;
+    let group = launch.join_group(
+        backend,
+        device,
+        Duration::from_secs(120),
+        "all-reduce benchmark",
+    )?;
     let n = ((args.mib * (1 << 20) as f64) / 4.0).max(1.0) as i64;
     let buf = Tensor::ones([n], (Kind::Float, device));
     let sync = || crate::train::step::sync(device);

@@ -132,14 +132,21 @@ impl Launch {
         let device = self.device_with(configured, count)?;
         if let tch::Device::Cuda(index) = device {
             torch_ext::cuda::set_device(index).with_context(|| {
-                format!("rank {} of {}: selecting cuda:{index}", self.rank, self.world)
+                format!(
+                    "rank {} of {}: selecting cuda:{index}",
+                    self.rank, self.world
+                )
             })?;
         }
         Ok(device)
     }
 
     /// [`Launch::device`] against `cuda_devices` visible devices, with no side effect.
-    pub fn device_with(&self, configured: &str, cuda_devices: usize) -> anyhow::Result<tch::Device> {
+    pub fn device_with(
+        &self,
+        configured: &str,
+        cuda_devices: usize,
+    ) -> anyhow::Result<tch::Device> {
         let spec = configured.trim();
         let n = cuda_devices;
         let wants_gpu = spec == "cuda" || (spec == "auto" && n > 0);
@@ -257,7 +264,12 @@ mod tests {
         let cuda = |i| tch::Device::Cuda(i);
         // torchrun on one node of 8 GPUs: every process sees all 8.
         let torchrun = |r: &'static str| {
-            vec![("RANK", r), ("WORLD_SIZE", "8"), ("LOCAL_RANK", r), ("MASTER_ADDR", "n0")]
+            vec![
+                ("RANK", r),
+                ("WORLD_SIZE", "8"),
+                ("LOCAL_RANK", r),
+                ("MASTER_ADDR", "n0"),
+            ]
         };
         for r in 0..8 {
             let name: &'static str = ["0", "1", "2", "3", "4", "5", "6", "7"][r];
@@ -268,7 +280,11 @@ mod tests {
         let second = [("RANK", "13"), ("WORLD_SIZE", "16"), ("LOCAL_RANK", "5")];
         assert_eq!(at(&second, "auto", 8).unwrap(), cuda(5));
         // srun without per-task binding: SLURM_LOCALID picks the GPU, on any node.
-        let srun = [("SLURM_PROCID", "11"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "3")];
+        let srun = [
+            ("SLURM_PROCID", "11"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_LOCALID", "3"),
+        ];
         assert_eq!(at(&srun, "auto", 8).unwrap(), cuda(3));
         // srun --gpus-per-task=1: each task sees one device of its own.
         let bound = [
@@ -283,7 +299,10 @@ mod tests {
         assert_eq!(at(&bound, "auto", 2).unwrap(), cuda(1));
         // Too few GPUs and no binding: refused, naming the rank and the remedy.
         let e = at(&srun, "cuda", 2).unwrap_err().to_string();
-        assert!(e.contains("local rank 3") && e.contains("--gpus-per-task"), "{e}");
+        assert!(
+            e.contains("local rank 3") && e.contains("--gpus-per-task"),
+            "{e}"
+        );
         // No GPU: auto is the CPU, cuda is refused, cpu stays cpu.
         assert_eq!(at(&srun, "auto", 0).unwrap(), tch::Device::Cpu);
         assert!(at(&srun, "cuda", 0).is_err());

@@ -441,7 +441,9 @@ impl Trainer {
         )
         .with_context(|| format!("step {}", self.state.step))?;
         if self.hooks.torch_error_at.contains(&self.state.step) {
-            let _ = x.matmul(&x.view([-1]).unsqueeze(0));
+            let _ = x
+                .f_matmul(&x.view([-1]).unsqueeze(0))
+                .with_context(|| format!("step {}: libtorch", self.state.step))?;
         }
         Ok(Prepared {
             totals,
@@ -459,12 +461,16 @@ impl Trainer {
         let signal = crate::signals::requested();
         let agreement = match &self.replicas {
             None => Agreement {
-                failed_ranks: if failed { vec![self.launch.rank] } else { vec![] },
+                failed_ranks: if failed {
+                    vec![self.launch.rank]
+                } else {
+                    vec![]
+                },
                 signal,
             },
-            Some(rep) => rep
-                .agree(failed, signal)
-                .with_context(|| format!("step {}: agreeing with the other ranks", self.state.step))?,
+            Some(rep) => rep.agree(failed, signal).with_context(|| {
+                format!("step {}: agreeing with the other ranks", self.state.step)
+            })?,
         };
         self.agreed_signal = agreement.signal;
         Ok(agreement)
@@ -743,9 +749,8 @@ impl Trainer {
     /// needs nothing of a failed rank but its host. Returns whether rank 0 wrote it, as every rank
     /// learns from one more agreement.
     pub fn checkpoint_after_failure(&mut self) -> anyhow::Result<bool> {
-        let written = crate::torch_guard::guard("saving after the failure", || {
-            self.write_checkpoint(false)
-        });
+        let written =
+            crate::torch_guard::guard("saving after the failure", || self.write_checkpoint(false));
         let failed_here = match &written {
             Ok(()) => false,
             Err(e) => {
