@@ -25,8 +25,14 @@ venv:
 build: setup
 	$(CARGO) build --release -p pipeline
 
+# Tests whose GPU branch could not run say so on stderr and in target/gpu-skips.txt; the count closes
+# the log, so a CPU-only CI run never passes for a GPU run.
 test: setup
-	$(CARGO) test --workspace
+	@mkdir -p target && rm -f target/gpu-skips.txt
+	FLOWBACK_SKIP_LOG=$(CURDIR)/target/gpu-skips.txt $(CARGO) test --workspace
+	@if [ -s target/gpu-skips.txt ]; then \
+	  echo "make test: $$(wc -l < target/gpu-skips.txt) GPU branches skipped:"; sort target/gpu-skips.txt; \
+	else echo "make test: no GPU branch skipped"; fi
 
 demo: build
 	@scripts/demo.sh target/release/pipeline $(DEMO_DIR)

@@ -387,3 +387,46 @@ fn a_torch_error_on_one_rank_stops_both_with_a_checkpoint() {
     assert_eq!(state["positions"].as_array().unwrap().len(), 2, "{state}");
     assert!(!out1.exists(), "rank 1 wrote into {}", out1.display());
 }
+
+/// torchrun itself (the venv's) launches two CPU ranks: its agent already serves the rendezvous store
+/// on MASTER_PORT and says so (`TORCHELASTIC_USE_AGENT_STORE=True`), so rank 0 joins that store instead
+/// of binding the port a second time, and nothing in the log reports a failed bind.
+#[test]
+fn torchrun_launches_ranks_on_its_agent_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (config, sets) = setup(root);
+    let out = root.join("run");
+    let torchrun = common::repo_root().join(".venv/bin/torchrun");
+    let port = free_port();
+    let mut cmd = Command::new(&torchrun);
+    cmd.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2"])
+        .args(["--master-addr", "127.0.0.1", "--master-port"])
+        .arg(port.to_string())
+        .arg(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["train", "--latent", "--config"])
+        .arg(&config);
+    for s in &sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.args(["--set", "train.steps=2", "--set", "train.checkpoint_every=2"])
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_LOG", "info")
+        .env("OMP_NUM_THREADS", "1");
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", torchrun.display()));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("2 replicas in sync"), "{log}");
+    assert!(
+        !log.contains("failed to bind") && !log.contains("Address already in use"),
+        "{log}"
+    );
+    assert!(out.join("checkpoints/step-00000002/model.safetensors").exists());
+}
