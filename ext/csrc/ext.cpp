@@ -402,16 +402,18 @@ int ext_grad_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }
 extern "C" {
 // Bytes allocated on CUDA device `device` now and at the peak; with reset != 0 the peak first restarts
 // from the current value.
-char* ext_cuda_memory(int device, int reset, int64_t* current, int64_t* peak) {
+char* ext_cuda_memory(int device, int reset, int64_t* current, int64_t* peak, int64_t* reserved,
+                      int64_t* peak_reserved) {
   return guard([&] {
     auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
     auto index = static_cast<c10::DeviceIndex>(device);
     if (reset != 0) allocator->resetPeakStats(index);
     auto stats = allocator->getDeviceStats(index);
-    const auto& all =
-        stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
-    *current = all.current;
-    *peak = all.peak;
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *current = stats.allocated_bytes[all].current;
+    *peak = stats.allocated_bytes[all].peak;
+    *reserved = stats.reserved_bytes[all].current;
+    *peak_reserved = stats.reserved_bytes[all].peak;
   });
 }
 }

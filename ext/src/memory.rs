@@ -1,5 +1,7 @@
-//! What the CUDA caching allocator has handed out: the numbers `torch.cuda.memory_allocated` and
-//! `torch.cuda.max_memory_allocated` report, for sizing micro-batches.
+//! What the CUDA caching allocator has handed out and what it holds from the driver: the numbers
+//! `torch.cuda.memory_allocated`, `max_memory_allocated`, `memory_reserved` and `max_memory_reserved`
+//! report, for sizing micro-batches (a process runs out of memory when its reserved bytes, fragmentation
+//! included, do not fit).
 
 use crate::{check, ExtError};
 
@@ -9,14 +11,19 @@ extern "C" {
         reset: i32,
         current: *mut i64,
         peak: *mut i64,
+        reserved: *mut i64,
+        peak_reserved: *mut i64,
     ) -> *mut std::ffi::c_char;
 }
 
-/// Bytes allocated on a CUDA device, now and at the peak since the last reset.
+/// Bytes allocated on a CUDA device, now and at the peak since the last reset, and bytes the
+/// caching allocator reserved from the driver (allocated plus cached blocks), likewise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaMemory {
     pub current: i64,
     pub peak: i64,
+    pub reserved: i64,
+    pub peak_reserved: i64,
 }
 
 fn query(device: usize, reset: bool) -> Result<CudaMemory, ExtError> {
@@ -27,12 +34,26 @@ fn query(device: usize, reset: bool) -> Result<CudaMemory, ExtError> {
             message: format!("no CUDA device {device}"),
         });
     }
-    let (mut current, mut peak) = (0i64, 0i64);
-    // SAFETY: two out-pointers to live locals, written only on success; the shim catches every C++
+    let (mut current, mut peak, mut reserved, mut peak_reserved) = (0i64, 0i64, 0i64, 0i64);
+    // SAFETY: four out-pointers to live locals, written only on success; the shim catches every C++
     // exception and keeps no state of its own between calls.
-    let err = unsafe { ext_cuda_memory(device as i32, reset as i32, &mut current, &mut peak) };
+    let err = unsafe {
+        ext_cuda_memory(
+            device as i32,
+            reset as i32,
+            &mut current,
+            &mut peak,
+            &mut reserved,
+            &mut peak_reserved,
+        )
+    };
     check(op, err)?;
-    Ok(CudaMemory { current, peak })
+    Ok(CudaMemory {
+        current,
+        peak,
+        reserved,
+        peak_reserved,
+    })
 }
 
 /// Current and peak allocated bytes on CUDA device `device`.
@@ -73,6 +94,7 @@ mod tests {
         let t = tch::Tensor::zeros([1 << 20], (tch::Kind::Float, tch::Device::Cuda(0)));
         let after = super::cuda_memory(0).unwrap();
         assert!(after.peak >= before.current + (4 << 20));
+        assert!(after.reserved >= after.current && after.peak_reserved >= after.peak);
         drop(t);
     }
 }
