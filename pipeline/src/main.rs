@@ -136,3 +136,30 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The commands that run a flow or Inception in fp32 turn TF32 products on; the ones that time
+    /// against PyTorch's defaults or encode in bf16 do not.
+    #[test]
+    fn tf32_for_the_fp32_inference_commands_only() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command).unwrap();
+        for args in [
+            &["pipeline", "sample", "--num", "1", "--out", "x", "--run", "x"][..],
+            &["pipeline", "classify", "--data", "x", "--out", "x", "--run", "x"],
+            &["pipeline", "bpd", "--data", "x", "--run", "x"],
+            &["pipeline", "fid", "--samples", "x", "--ref", "x"],
+            &["pipeline", "train"],
+        ] {
+            assert!(wants_tf32(&parse(args)), "{args:?}");
+        }
+        for args in [
+            &["pipeline", "precompute"][..],
+            &["pipeline", "bench", "flow"],
+        ] {
+            assert!(!wants_tf32(&parse(args)), "{args:?}");
+        }
+    }
+}
