@@ -147,8 +147,12 @@ mod tests {
     fn tf32_for_the_fp32_inference_commands_only() {
         let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.command).unwrap();
         for args in [
-            &["pipeline", "sample", "--num", "1", "--out", "x", "--run", "x"][..],
-            &["pipeline", "classify", "--data", "x", "--out", "x", "--run", "x"],
+            &[
+                "pipeline", "sample", "--num", "1", "--out", "x", "--run", "x",
+            ][..],
+            &[
+                "pipeline", "classify", "--data", "x", "--out", "x", "--run", "x",
+            ],
             &["pipeline", "bpd", "--data", "x", "--run", "x"],
             &["pipeline", "fid", "--samples", "x", "--ref", "x"],
             &["pipeline", "train"],
