@@ -21,7 +21,7 @@
 #   EXT_TESTS, MODEL_TESTS
 #                       the torch-ext / model unit-test binaries (default PACK/torch-ext-tests and
 #                       PACK/model-tests; --cpu: those, else the newest in the build's deps folder)
-#   TORCH_PYTHON        Python with torch 2.11 (default /opt/torch/.venv/bin/python, else python3; --cpu:
+#   TORCH_PYTHON        Python with torch 2.11 (default /opt/torch/.venv/bin/python3, else python3; --cpu:
 #                       .venv/bin/python); its torch/lib goes on LD_LIBRARY_PATH in GPU mode
 #   GPU_CHECK_BUDGET_S  the whole run's limit in seconds (default 470: the run stays inside 8 minutes
 #                       even when checks hang; each check also has its own limit)
@@ -153,7 +153,7 @@ if [[ $MODE == gpu ]]; then
     EXT_TESTS=${EXT_TESTS:-$PACK/torch-ext-tests}
     MODEL_TESTS=${MODEL_TESTS:-$PACK/model-tests}
     if [[ -z ${TORCH_PYTHON:-} ]]; then
-        TORCH_PYTHON=/opt/torch/.venv/bin/python
+        TORCH_PYTHON=/opt/torch/.venv/bin/python3
         [[ -x $TORCH_PYTHON ]] || TORCH_PYTHON=$(command -v python3)
     fi
     DEV=cuda:0
@@ -188,7 +188,9 @@ if [[ $MODE == gpu ]]; then
     EVAL_N=32 THREADS=8
     BASE_CONFIG=$ROOT/configs/imagenet256-latent.toml BASE_BATCHES=6
     FLOW_SMALL=(--preset in64 --channels 256 --blocks 4 --layers 2 --batch 64 --sample-batch 16 --steps 10 --sample-repeats 2 --bf16)
-    FLOW_LARGE=(--preset latent256 --batch 64 --sample-batch 16 --steps 5 --sample-repeats 1 --bf16)
+    # The paper's latent model (1.08e9 parameters) at batch 16: compute-bound, and small enough that the
+    # Rust side's cached allocations plus the reference process's fit one 80 GB card together.
+    FLOW_LARGE=(--preset latent256 --batch 16 --sample-batch 16 --steps 5 --sample-repeats 1 --bf16)
 else
     PER_CLASS=4 BASE_PER_CLASS=4
     STEPS=12 STOP_AT=6 INF_AT=3 BATCH=16 MICRO=8
@@ -598,7 +600,7 @@ check_encode_base() {
     pl encoders init "${BAD[@]}" --preset base --out "$WORK/base" || return 1
     ls -l "$WORK/base"
     if [[ $MODE == gpu ]]; then
-        config=$BASE_CONFIG encoder=$WORK/base/dinov2-base vae=$WORK/base/sd-vae batch=128
+        config=$BASE_CONFIG encoder=$WORK/base/dinov2 vae=$WORK/base/vae batch=128
     fi
     pl_with_peak precompute --dry-run --dry-run-batches "$BASE_BATCHES" --config "$config" \
         --set "data.shards=$WORK/base-data/base-000000.tar" --set "precompute.encoder=$encoder" \
@@ -715,19 +717,26 @@ check_bpd() {
     is_finite "$mean"
 }
 
-# The latent preset's dry run: parameters, estimates and, on CUDA, one micro-batch measured.
+# The latent preset's dry run: parameters, estimates and, on CUDA, one micro-batch measured. The preset's
+# micro-batch is sized for an H200 (141 GB); on a smaller card the measurement takes half of it.
 check_dry_run_latent() {
+    local micro=() total
+    if [[ $MODE == gpu ]]; then
+        total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null | head -1)
+        ((${total:-0} < 100000)) && micro=(--set train.micro_batch=64)
+    fi
     pl train "${BAD[@]}" --dry-run --latent --config "$ROOT/configs/imagenet256-latent.toml" \
-        --set "train.device=$DEV" | tee "$WORK/$CHECK.out"
+        --set "train.device=$DEV" "${micro[@]}" | tee "$WORK/$CHECK.out"
     [[ ${PIPESTATUS[0]} == 0 ]] || return 1
     local measured params
     params=$(sed -n 's/.*flow: *\([0-9][0-9]*\).*/\1/p' "$WORK/$CHECK.out" | head -1)
-    measured=$(grep -i -m1 'measured' "$WORK/$CHECK.out" | sed 's/^ *//')
+    measured=$(grep -i -m1 'peaks at' "$WORK/$CHECK.out" || grep -i -m1 'measured' "$WORK/$CHECK.out")
+    measured=${measured#"${measured%%[! ]*}"}
     if [[ $MODE == cpu ]]; then
         figure "flow ${params:-?} parameters; no measurement on the CPU (estimates only)"
         return 0
     fi
-    figure "flow ${params:-?} parameters; ${measured:-no measured peak printed}"
+    figure "flow ${params:-?} parameters; ${measured:-no measured peak printed}${micro[*]:+ (${micro[1]}: the card has ${total} MiB)}"
     grep -q -i 'peaks at' <<<"$measured"
 }
 
