@@ -57,6 +57,52 @@ impl Statistics {
         self.mu.size()[0]
     }
 
+    /// Refuses a `sigma` that no feature set has as its covariance: not symmetric, or with an
+    /// eigenvalue below zero by more than rounding. The Fréchet distance assumes both, and a file
+    /// that breaks them gives a number, even a negative one, that means nothing.
+    ///
+    /// The tolerance is 1e−6·‖Σ‖_F. Storing Σ in float32 moves each eigenvalue by at most its rounding
+    /// error's norm, 2⁻²⁴·‖Σ‖_F, and a float64 covariance of fewer samples than dimensions has
+    /// eigenvalues of −D·ε·λmax at worst; both sit well inside it. The test is a Cholesky
+    /// factorisation of Σ + 2·tol·I, which succeeds for every λmin ≥ −tol; an eigendecomposition is
+    /// run only to name λmin when it fails.
+    pub fn check_covariance(&self) -> Result<(), StatsError> {
+        let sigma = &self.sigma;
+        let scale = sigma.f_abs()?.f_max()?.f_double_value(&[])?;
+        let asymmetry = sigma
+            .f_sub(&sigma.f_tr()?)?
+            .f_abs()?
+            .f_max()?
+            .f_double_value(&[])?;
+        if asymmetry > 1e-6 * scale {
+            return Err(StatsError::Invalid(format!(
+                "sigma is not symmetric: entries differ from their transposes by up to {asymmetry:.3e} \
+                 (largest entry {scale:.3e}); it is not a covariance"
+            )));
+        }
+        let norm = sigma
+            .f_square()?
+            .f_sum(Kind::Double)?
+            .f_double_value(&[])?
+            .sqrt();
+        if norm == 0.0 {
+            return Ok(()); // one image repeated: a covariance, and nothing for a tolerance to scale
+        }
+        let tol = 1e-6 * norm;
+        let d = self.dim();
+        let shifted = sigma
+            .f_add(&Tensor::f_eye(d, (Kind::Double, Device::Cpu))?.f_mul_scalar(2.0 * tol)?)?;
+        let (_, info) = shifted.f_linalg_cholesky_ex(false, false)?;
+        if info.f_int64_value(&[])? != 0 {
+            let lowest = sigma.f_linalg_eigvalsh("L")?.f_min()?.f_double_value(&[])?;
+            return Err(StatsError::Invalid(format!(
+                "sigma is not positive semi-definite: its smallest eigenvalue is {lowest:.6e}, below \
+                 -{tol:.3e} (1e-6 of its Frobenius norm {norm:.6e}); it is not a covariance"
+            )));
+        }
+        Ok(())
+    }
+
     /// The Fréchet distance to `other` (see [`frechet_distance`]).
     pub fn frechet_distance(&self, other: &Statistics) -> Result<f64, StatsError> {
         frechet_distance(self, other)
@@ -606,6 +652,36 @@ mod tests {
         assert!(msg.contains("NaN"), "{msg}");
         let stats = FeatureStats::new(Device::Cpu);
         assert!(stats.statistics().is_err());
+    }
+
+    #[test]
+    fn only_covariances_pass_the_covariance_check() {
+        let cpu = (Kind::Double, Device::Cpu);
+        let check = |sigma: &Tensor| {
+            let mu = Tensor::zeros([sigma.size()[0]], cpu);
+            Statistics::new(&mu, sigma).unwrap().check_covariance()
+        };
+        // Covariances of fewer samples than dimensions (singular), also rounded through float32.
+        tch::manual_seed(3);
+        let x = Tensor::randn([5, 64], cpu);
+        let sigma = cov_reference(&x);
+        check(&sigma).unwrap();
+        check(&sigma.to_kind(Kind::Float).to_kind(Kind::Double)).unwrap();
+        check(&Tensor::zeros([4, 4], cpu)).unwrap();
+        // An eigenvalue of −1e−3 of the largest is not rounding.
+        let bent = Tensor::from_slice(&[1.0, 1.0, -1e-3]).diag(0);
+        let msg = check(&bent).unwrap_err().to_string();
+        assert!(
+            msg.contains("not positive semi-definite") && msg.contains("-1.0"),
+            "{msg}"
+        );
+        let msg = check(&(sigma.shallow_clone() * -1.0))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not positive semi-definite"), "{msg}");
+        let skew = Tensor::from_slice(&[2.0, 0.5, 0.0, 2.0]).view([2, 2]);
+        let msg = check(&skew).unwrap_err().to_string();
+        assert!(msg.contains("not symmetric"), "{msg}");
     }
 
     #[test]

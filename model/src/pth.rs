@@ -52,8 +52,14 @@ type Res<T> = Result<T, String>;
 /// Containers nest at most this deep (a state_dict needs 3–4): dropping or printing a deeper value
 /// would recurse off the stack.
 const MAX_DEPTH: usize = 32;
-/// Values a pickle may copy out of its memo in all: a few GET opcodes must not build gigabytes.
-const CLONE_BUDGET: usize = 1 << 24;
+/// Values a pickle may make in all, one per opcode plus every value copied into or out of its memo:
+/// a state_dict needs a few dozen per tensor, and neither a few GET opcodes nor a long run of APPENDs
+/// may build gigabytes of values (each is ~72 bytes, so this bounds them to ~150 MB).
+const VALUE_BUDGET: usize = 1 << 21;
+/// `data.pkl` larger than this is refused unread: a state_dict of 100 000 tensors pickles to ~10 MB.
+const MAX_PICKLE_BYTES: u64 = 64 << 20;
+/// What the reader may allocate beyond four times the file's size (see [`read_state_dict`]).
+const BUDGET_SLACK: u64 = 64 << 20;
 
 fn children(v: &Value) -> Box<dyn Iterator<Item = &Value> + '_> {
     match v {
@@ -123,7 +129,8 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
-    cloned: usize,
+    /// Values made so far, against [`VALUE_BUDGET`].
+    made: usize,
 }
 
 impl<'a> Machine<'a> {
@@ -191,8 +198,8 @@ impl<'a> Machine<'a> {
             .memo
             .get(&key)
             .ok_or_else(|| format!("memo {key} used before it is set"))?;
-        self.cloned += nodes(v);
-        if self.cloned > CLONE_BUDGET {
+        self.made += nodes(v);
+        if self.made > VALUE_BUDGET {
             return Err(
                 "the pickle copies more values out of its memo than a state_dict does".into(),
             );
@@ -212,8 +219,8 @@ impl<'a> Machine<'a> {
 
     fn memo_put(&mut self, key: u32) -> Res<()> {
         let v = self.stack.last().ok_or("pickle stack underflow")?;
-        self.cloned += nodes(v);
-        if self.cloned > CLONE_BUDGET {
+        self.made += nodes(v);
+        if self.made > VALUE_BUDGET {
             return Err(
                 "the pickle copies more values into its memo than a state_dict does".into(),
             );
@@ -288,6 +295,12 @@ impl<'a> Machine<'a> {
     fn run(mut self) -> Res<Value> {
         loop {
             let op = self.u8()?;
+            self.made += 1;
+            if self.made > VALUE_BUDGET {
+                return Err(format!(
+                    "more than {VALUE_BUDGET} opcodes and values: larger than any state_dict's pickle"
+                ));
+            }
             match op {
                 0x80 => {
                     self.u8()?; // PROTO
@@ -462,12 +475,33 @@ impl<'a> Machine<'a> {
 
 /// Reads every tensor of a `torch.save`d state_dict (nested dicts flattened with `.`), on the CPU,
 /// contiguous, in the dtypes the file stores.
+///
+/// Every size in the file is checked before anything of that size is allocated: with checked
+/// arithmetic, against the bytes its zip entry holds, and against one budget for everything the reader
+/// allocates (the pickle, each storage, each tensor cut from one) of four times the file's size plus
+/// 64 MiB. A file can describe the data it holds and a few copies of it, never gigabytes from a few
+/// bytes (a stride-0 view, a deflated storage, a storage that claims more elements than it has).
 pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, PthError> {
     let fail = |message: String| PthError {
         path: path.display().to_string(),
         message,
     };
     let file = std::fs::File::open(path).map_err(|e| fail(format!("opening: {e}")))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| fail(format!("reading its size: {e}")))?
+        .len();
+    let mut budget = file_len.saturating_mul(4).saturating_add(BUDGET_SLACK);
+    let mut spend = |what: &str, bytes: u64| -> Result<(), PthError> {
+        budget = budget.checked_sub(bytes).ok_or_else(|| {
+            fail(format!(
+                "{what} needs {bytes} bytes, beyond what a file of {file_len} bytes can describe \
+                 (four times its size plus {} MiB, in all)",
+                BUDGET_SLACK >> 20
+            ))
+        })?;
+        Ok(())
+    };
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         fail(format!(
             "not a torch.save zip archive ({e}); files from torch < 1.6 or torch.jit.save are not read"
@@ -479,23 +513,40 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, PthError> {
         .map(str::to_string)
         .ok_or_else(|| fail("no <dir>/data.pkl entry: not a torch.save archive".into()))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-    let mut read_entry = |name: &str, limit: u64| -> Result<Vec<u8>, PthError> {
-        let mut entry = zip
-            .by_name(name)
-            .map_err(|e| fail(format!("entry {name}: {e}")))?;
-        if entry.size() > limit {
-            return Err(fail(format!(
-                "entry {name} holds {} bytes, more than the {limit} expected",
-                entry.size()
-            )));
-        }
-        let mut buf = Vec::with_capacity(entry.size() as usize);
-        entry
-            .read_to_end(&mut buf)
-            .map_err(|e| fail(format!("reading entry {name}: {e}")))?;
-        Ok(buf)
+    // Exactly `len` bytes of an entry. The entry's size record is a claim like any other: the buffer
+    // grows only as bytes arrive, and inflation stops at `len`.
+    let read_entry =
+        |zip: &mut zip::ZipArchive<_>, name: &str, len: u64| -> Result<Vec<u8>, PthError> {
+            let entry = zip
+                .by_name(name)
+                .map_err(|e| fail(format!("entry {name}: {e}")))?;
+            if entry.size() != len {
+                return Err(fail(format!(
+                    "entry {name} holds {} bytes, {len} expected",
+                    entry.size()
+                )));
+            }
+            let mut buf = Vec::with_capacity(len.min(1 << 24) as usize);
+            entry
+                .take(len)
+                .read_to_end(&mut buf)
+                .map_err(|e| fail(format!("reading entry {name}: {e}")))?;
+            if buf.len() as u64 != len {
+                return Err(fail(format!(
+                    "entry {name} ends after {} of its {len} bytes",
+                    buf.len()
+                )));
+            }
+            Ok(buf)
+        };
+    let entry_size = |zip: &mut zip::ZipArchive<_>, name: &str| -> Result<u64, PthError> {
+        zip.by_name(name)
+            .map(|e| e.size())
+            .map_err(|e| fail(format!("entry {name}: {e}")))
     };
-    if let Ok(order) = read_entry(&format!("{prefix}byteorder"), 16) {
+    let order_name = format!("{prefix}byteorder");
+    if let Ok(len) = entry_size(&mut zip, &order_name) {
+        let order = read_entry(&mut zip, &order_name, len.min(16))?;
         if order != b"little" {
             return Err(fail(format!(
                 "byte order {:?}: only little-endian files are read",
@@ -503,13 +554,21 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, PthError> {
             )));
         }
     }
-    let pickle = read_entry(&pkl_name, 1 << 30)?;
+    let pickle_len = entry_size(&mut zip, &pkl_name)?;
+    if pickle_len > MAX_PICKLE_BYTES {
+        return Err(fail(format!(
+            "{pkl_name} holds {pickle_len} bytes; a state_dict's pickle is at most {} MiB",
+            MAX_PICKLE_BYTES >> 20
+        )));
+    }
+    spend(&pkl_name, pickle_len)?;
+    let pickle = read_entry(&mut zip, &pkl_name, pickle_len)?;
     let root = Machine {
         data: &pickle,
         pos: 0,
         stack: vec![],
         memo: HashMap::new(),
-        cloned: 0,
+        made: 0,
     }
     .run()
     .map_err(|e| fail(format!("{pkl_name}: {e}")))?;
@@ -555,6 +614,12 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, PthError> {
             )));
         }
         let elt = kind.elt_size_in_bytes() as u64;
+        // Overlapping strides (stride 0) make a view larger than its storage, and the contiguous copy
+        // is what is allocated: its size is checked like any other.
+        let view_bytes = size
+            .iter()
+            .try_fold(elt, |acc, &n| acc.checked_mul(n as u64))
+            .ok_or_else(|| fail(format!("`{name}`: size {size:?} overflows")))?;
         let base = match storages.get(&key) {
             Some(t) if t.kind() == kind && t.numel() as i64 == numel => t.shallow_clone(),
             Some(_) => {
@@ -563,20 +628,30 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>, PthError> {
                 )))
             }
             None => {
-                let bytes = numel as u64 * elt;
-                let data = read_entry(&format!("{prefix}data/{key}"), bytes)?;
-                if (data.len() as u64) < bytes {
+                let entry = format!("{prefix}data/{key}");
+                let bytes = (numel as u64).checked_mul(elt).ok_or_else(|| {
+                    fail(format!(
+                        "storage {key} of `{name}`: {numel} elements of {kind:?} overflow"
+                    ))
+                })?;
+                let held = entry_size(&mut zip, &entry)?;
+                if held != bytes {
                     return Err(fail(format!(
-                        "storage {key} of `{name}` has {} bytes, {numel} elements of {kind:?} need {bytes}",
-                        data.len()
+                        "storage {key} of `{name}` has {held} bytes, {numel} elements of {kind:?} need {bytes}"
                     )));
                 }
-                let t = Tensor::f_from_data_size(&data[..bytes as usize], &[numel], kind)
+                spend(&format!("storage {key} of `{name}`"), bytes)?;
+                let data = read_entry(&mut zip, &entry, bytes)?;
+                let t = Tensor::f_from_data_size(&data, &[numel], kind)
                     .map_err(|e| fail(format!("storage {key}: {e}")))?;
                 storages.insert(key.clone(), t.shallow_clone());
                 t
             }
         };
+        spend(
+            &format!("`{name}` (size {size:?}, stride {stride:?})"),
+            view_bytes,
+        )?;
         let t = if empty {
             Tensor::f_zeros(&size, (kind, tch::Device::Cpu))
         } else {

@@ -118,7 +118,9 @@ impl Config {
     /// Latent sizes assume the SD VAE's ×8 downsampling.
     pub fn check_runnable(&self) -> anyhow::Result<()> {
         let (m, d, p, a) = (&self.model, &self.data, &self.precompute, &self.align);
+        // The checks each job makes on its sections, so that `config --check` refuses what the job would.
         m.validate()?;
+        d.validate()?;
         p.validate()?;
         self.train.validate()?;
         let img = m.img_size as usize;

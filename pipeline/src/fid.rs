@@ -107,20 +107,34 @@ pub struct Scores {
 }
 
 /// Reads reference statistics from an `.npz` holding `mu` and `sigma` (float32 or float64); other
-/// arrays (ADM's `arr_0`, `mu_s`, `sigma_s`) are not read.
+/// arrays (ADM's `arr_0`, `mu_s`, `sigma_s`) are not read. Both headers are checked against each other
+/// and against the Inception features' width before either array is inflated, and `sigma` must be a
+/// covariance (symmetric, positive semi-definite up to rounding): anything else gives an FID that
+/// means nothing, even a negative one.
 pub fn read_reference(path: &Path) -> anyhow::Result<Statistics> {
+    let file = path.display();
+    let need = "reference statistics need `mu` and `sigma` (pipeline fid-stats, pytorch-fid \
+                --save-stats or the ADM reference batches write them)";
     let mut npz = NpzReader::open(path)?;
+    let mu_shape = npz.member("mu").context(need)?.header.shape;
+    let sigma_shape = npz.member("sigma").context(need)?.header.shape;
+    let d = model::inception::FEATURES as usize;
+    if mu_shape != [d] || sigma_shape != [d, d] {
+        bail!(
+            "{file}: reference statistics have `mu` of shape {mu_shape:?} and `sigma` of shape \
+             {sigma_shape:?}; FID's Inception features need ({d},) and ({d}, {d})"
+        );
+    }
     let mut array = |name: &str| -> anyhow::Result<Tensor> {
-        let (values, shape) = npz.read_f64(name).with_context(|| {
-            "reference statistics need `mu` and `sigma` (pipeline fid-stats, pytorch-fid --save-stats \
-             or the ADM reference batches write them)"
-        })?;
+        let (values, shape) = npz.read_f64(name)?;
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         Ok(Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?)
     };
     let (mu, sigma) = (array("mu")?, array("sigma")?);
-    Statistics::new(&mu, &sigma)
-        .with_context(|| format!("{}: reference statistics", path.display()))
+    let stats = Statistics::new(&mu, &sigma)
+        .and_then(|s| s.check_covariance().map(|()| s))
+        .with_context(|| format!("{file}: reference statistics"))?;
+    Ok(stats)
 }
 
 /// Writes `mu` (D) and `sigma` (D, D) as float64, the arrays ADM's reference batches and pytorch-fid's

@@ -49,6 +49,8 @@ pub struct NpyHeader {
     pub elem: Option<Elem>,
     pub fortran_order: bool,
     pub shape: Vec<usize>,
+    /// Bytes before the first data byte (magic, version, length and dict); 0 when parsed from text.
+    pub data_offset: usize,
 }
 
 impl NpyHeader {
@@ -59,9 +61,19 @@ impl NpyHeader {
 }
 
 /// Reads what is left of a member, so the zip reader compares the bytes with the archive's CRC-32: a
-/// flipped byte in the data is an error, not a different image or statistic.
+/// flipped byte in the data is an error, not a different image or statistic. Called at the end of
+/// the data its header describes; a deflate stream can inflate past the size the archive records,
+/// and is cut off after a bound instead of being drained for as long as it goes on.
 pub fn check_member_crc(r: &mut impl Read) -> std::io::Result<()> {
-    std::io::copy(r, &mut std::io::sink()).map(|_| ())
+    const SLACK: u64 = 1 << 16;
+    let extra = std::io::copy(&mut r.take(SLACK), &mut std::io::sink())?;
+    if extra == SLACK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the member's data goes on past the end its header and the archive record",
+        ));
+    }
+    Ok(())
 }
 
 /// Exactly `len` bytes from `r`, the buffer growing only as bytes arrive: a header that claims more
@@ -85,16 +97,16 @@ pub fn read_npy_header(r: &mut impl Read) -> anyhow::Result<NpyHeader> {
     if &magic[..6] != b"\x93NUMPY" {
         bail!("not a .npy array (bad magic)");
     }
-    let len = match magic[6] {
+    let (len, prefix) = match magic[6] {
         1 => {
             let mut b = [0u8; 2];
             r.read_exact(&mut b)?;
-            u16::from_le_bytes(b) as usize
+            (u16::from_le_bytes(b) as usize, 10)
         }
         2 | 3 => {
             let mut b = [0u8; 4];
             r.read_exact(&mut b)?;
-            u32::from_le_bytes(b) as usize
+            (u32::from_le_bytes(b) as usize, 12)
         }
         v => bail!(".npy format version {v} is not supported"),
     };
@@ -103,7 +115,9 @@ pub fn read_npy_header(r: &mut impl Read) -> anyhow::Result<NpyHeader> {
     }
     let mut text = vec![0u8; len];
     r.read_exact(&mut text).context("reading the .npy header")?;
-    parse_header_dict(&String::from_utf8_lossy(&text))
+    let mut header = parse_header_dict(&String::from_utf8_lossy(&text))?;
+    header.data_offset = prefix + len;
+    Ok(header)
 }
 
 /// The value text after `'key':` in numpy's header dict literal.
@@ -144,6 +158,7 @@ fn parse_header_dict(dict: &str) -> anyhow::Result<NpyHeader> {
         descr,
         fortran_order,
         shape,
+        data_offset: 0,
     })
 }
 
@@ -196,24 +211,36 @@ impl NpzReader {
         if header.fortran_order {
             bail!("{path}: array `{name}` is in Fortran order; only C order is supported");
         }
-        // The shape must fit in the member: what a reader allocates from it is then bounded by the
-        // archive's own size record, not by a number in the header.
-        let claimed = header
-            .numel()
-            .and_then(|n| n.checked_mul(header.elem.map_or(1, Elem::bytes)));
-        match claimed {
-            Some(bytes) if bytes as u64 <= reader.size() => {}
-            _ => bail!(
-                "{path}: array `{name}` claims shape {:?} of `{}`, more than its {} bytes",
-                header.shape,
-                header.descr,
-                reader.size()
-            ),
+        // The shape must account for the member exactly, as numpy writes it: what a reader allocates
+        // or inflates is then bounded by the archive's size record, never by a number in the header
+        // alone, and no trailing bytes (a deflate stream may inflate to any length) are read to
+        // reach the CRC. Dtypes we do not read have no element size; their callers refuse them.
+        if let Some(elem) = header.elem {
+            let total = header
+                .numel()
+                .and_then(|n| n.checked_mul(elem.bytes()))
+                .and_then(|n| n.checked_add(header.data_offset));
+            match total {
+                Some(bytes) if bytes as u64 == reader.size() => {}
+                Some(bytes) if (bytes as u64) < reader.size() => bail!(
+                    "{path}: array `{name}` of shape {:?} ends after {bytes} bytes, but its member holds {}",
+                    header.shape,
+                    reader.size()
+                ),
+                _ => bail!(
+                    "{path}: array `{name}` claims shape {:?} of `{}`, more than its {} bytes",
+                    header.shape,
+                    header.descr,
+                    reader.size()
+                ),
+            }
         }
         Ok(NpzMember { header, reader })
     }
 
-    /// Reads a whole float array (float32 or float64) as f64, with its shape.
+    /// Reads a whole float array (float32 or float64) as f64, with its shape. Arrays read whole are
+    /// statistics, not data sets: one larger than [`MAX_WHOLE_ARRAY_BYTES`] as f64 is refused from
+    /// its header, before a byte of it is inflated.
     pub fn read_f64(&mut self, name: &str) -> anyhow::Result<(Vec<f64>, Vec<usize>)> {
         let path = self.path.display().to_string();
         let NpzMember { header, mut reader } = self.member(name)?;
@@ -224,39 +251,56 @@ impl NpzReader {
                 header.descr
             ),
         };
-        let len = header.numel().unwrap_or(0) * elem.bytes(); // checked by `member`
-        let bytes = read_exactly(&mut reader, len)
-            .with_context(|| format!("{path}: array `{name}` is truncated"))?;
-        check_member_crc(&mut reader)
-            .with_context(|| format!("{path}: array `{name}` is corrupt"))?;
-        let values = match elem {
-            Elem::F64 { big_endian } => bytes
-                .chunks_exact(8)
-                .map(|c| {
+        let numel = header.numel().unwrap_or(usize::MAX); // checked by `member`
+        if numel > MAX_WHOLE_ARRAY_BYTES / 8 {
+            bail!(
+                "{path}: array `{name}` has shape {:?}: more than the {} MiB an array read whole may take",
+                header.shape,
+                MAX_WHOLE_ARRAY_BYTES >> 20
+            );
+        }
+        let width = elem.bytes();
+        // Decoded chunk by chunk: the only buffer the size of the array is the result, and it grows
+        // as values arrive, so a member cut short never costs what its header promised.
+        let mut values: Vec<f64> = Vec::with_capacity(numel.min(1 << 20));
+        let mut chunk = vec![0u8; (1 << 16) * width];
+        while values.len() < numel {
+            let n = (numel - values.len()).min(1 << 16) * width;
+            reader.read_exact(&mut chunk[..n]).with_context(|| {
+                format!(
+                    "{path}: array `{name}` is truncated ({} of {numel} values)",
+                    values.len()
+                )
+            })?;
+            let bytes = &chunk[..n];
+            match elem {
+                Elem::F64 { big_endian } => values.extend(bytes.chunks_exact(8).map(|c| {
                     let c: [u8; 8] = c.try_into().expect("8 bytes");
                     if big_endian {
                         f64::from_be_bytes(c)
                     } else {
                         f64::from_le_bytes(c)
                     }
-                })
-                .collect(),
-            Elem::F32 { big_endian } => bytes
-                .chunks_exact(4)
-                .map(|c| {
+                })),
+                Elem::F32 { big_endian } => values.extend(bytes.chunks_exact(4).map(|c| {
                     let c: [u8; 4] = c.try_into().expect("4 bytes");
                     f64::from(if big_endian {
                         f32::from_be_bytes(c)
                     } else {
                         f32::from_le_bytes(c)
                     })
-                })
-                .collect(),
-            Elem::U8 => unreachable!("matched above"),
-        };
+                })),
+                Elem::U8 => unreachable!("matched above"),
+            }
+        }
+        check_member_crc(&mut reader)
+            .with_context(|| format!("{path}: array `{name}` is corrupt"))?;
         Ok((values, header.shape))
     }
 }
+
+/// The largest array [`NpzReader::read_f64`] reads whole (as f64): a 8192 × 8192 covariance.
+pub const MAX_WHOLE_ARRAY_BYTES: usize = 1 << 29;
 
 #[cfg(test)]
 mod tests {

@@ -86,6 +86,27 @@ impl Space {
         }
     }
 
+    /// Refuses numbers that would turn every sample into NaN or a crop into an absurd allocation.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=1 << 16).contains(&self.image_size) {
+            bail!(
+                "space.image_size = {}: must be in 1..=65536",
+                self.image_size
+            );
+        }
+        if let Some(s) = self.latent_scaling {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("space.latent_scaling = {s}: must be a positive number");
+            }
+        }
+        if let Some(s) = self.latent_shift {
+            if !s.is_finite() {
+                bail!("space.latent_shift = {s}: must be a number");
+            }
+        }
+        Ok(())
+    }
+
     /// `[data]` with this space's crop, for reading evaluation images the way training read them.
     pub fn apply_crop(&self, data: &mut DataConfig) {
         data.crop = self.crop;
@@ -113,10 +134,14 @@ pub fn read_sidecar(path: &Path) -> anyhow::Result<(Config, Option<Space>)> {
     let mut table: toml::Table =
         toml::from_str(&text).with_context(|| format!("model config {}", path.display()))?;
     let space = match table.remove("space") {
-        Some(v) => Some(
-            Space::deserialize(v)
-                .map_err(|e| anyhow::anyhow!("[space] of {}: {e}", path.display()))?,
-        ),
+        Some(v) => {
+            let space = Space::deserialize(v)
+                .map_err(|e| anyhow::anyhow!("[space] of {}: {e}", path.display()))?;
+            space
+                .validate()
+                .map_err(|e| anyhow::anyhow!("[space] of {}: {e}", path.display()))?;
+            Some(space)
+        }
         None => None,
     };
     let value = match table.remove("model") {
@@ -128,6 +153,9 @@ pub fn read_sidecar(path: &Path) -> anyhow::Result<(Config, Option<Space>)> {
         None => toml::Value::Table(table),
     };
     let cfg = Config::deserialize(value)
+        .map_err(|e| anyhow::anyhow!("model config {}: {e}", path.display()))?;
+    // Checked here, before any weights are read or a tensor is allocated for the config.
+    cfg.validate()
         .map_err(|e| anyhow::anyhow!("model config {}: {e}", path.display()))?;
     Ok((cfg, space))
 }
@@ -154,7 +182,7 @@ mod tests {
         };
         let path = dir.path().join("m.model.toml");
         std::fs::write(&path, sidecar_text(&cfg, Some(&space)).unwrap()).unwrap();
-        assert_eq!(read_sidecar(&path).unwrap(), (cfg.clone(), Some(space)));
+        assert_eq!(read_sidecar(&path).unwrap(), (cfg.clone(), Some(space.clone())));
         std::fs::write(&path, sidecar_text(&cfg, None).unwrap()).unwrap();
         assert_eq!(read_sidecar(&path).unwrap(), (cfg.clone(), None));
         // A misspelt key in [space] is named, not ignored.
@@ -162,5 +190,26 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let err = read_sidecar(&path).unwrap_err().to_string();
         assert!(err.contains("[space]") && err.contains("latnet"), "{err}");
+        // Numbers that cannot be right are refused with the key and the file, before any weights.
+        for (bad, key) in [
+            ("noise_std = nan", "model.noise_std = NaN"),
+            ("channels = 0", "model.channels = 0"),
+            ("num_blocks = 1000000", "model.num_blocks = 1000000"),
+        ] {
+            let text = sidecar_text(&cfg, None).unwrap();
+            let field = bad.split(' ').next().unwrap();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{field} =")))
+                .unwrap();
+            std::fs::write(&path, text.replace(line, bad)).unwrap();
+            let err = read_sidecar(&path).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("m.model.toml"), "{err}");
+        }
+        let mut nan_scale = space.clone();
+        nan_scale.latent_scaling = Some(f64::NAN);
+        std::fs::write(&path, sidecar_text(&cfg, Some(&nan_scale)).unwrap()).unwrap();
+        let err = read_sidecar(&path).unwrap_err().to_string();
+        assert!(err.contains("space.latent_scaling = NaN"), "{err}");
     }
 }

@@ -147,15 +147,31 @@ impl Config {
         (self.mlp_ratio * self.channels as f64).round() as i64
     }
 
+    /// Refuses values the model cannot be built or run with, naming the key (`model.<key>`), before
+    /// anything is allocated: every width in a range, and the parameter count, computed with checked
+    /// arithmetic, at most [`MAX_PARAMETERS`]. A sidecar or config file is untrusted input: a width of
+    /// 10⁹ must be an error here, not an allocation (or an abort) in libtorch.
     pub fn validate(&self) -> Result<(), super::FlowError> {
         let bad = |m: String| Err(super::FlowError::Config(m));
-        if self.img_size <= 0 || self.patch_size <= 0 || self.img_size % self.patch_size != 0 {
+        let range = |key: &str, v: i64, lo: i64, hi: i64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                bad(format!("model.{key} = {v}: must be in {lo}..={hi}"))
+            }
+        };
+        range("img_size", self.img_size, 1, 1 << 14)?;
+        range("patch_size", self.patch_size, 1, self.img_size)?;
+        if self.img_size % self.patch_size != 0 {
             return bad(format!(
                 "img_size {} is not a positive multiple of patch_size {}",
                 self.img_size, self.patch_size
             ));
         }
-        if self.head_dim <= 0 || self.channels % self.head_dim != 0 {
+        range("in_channels", self.in_channels, 1, 1 << 12)?;
+        range("channels", self.channels, 1, 1 << 16)?;
+        range("head_dim", self.head_dim, 1, self.channels)?;
+        if self.channels % self.head_dim != 0 {
             return bad(format!(
                 "channels {} is not a multiple of head_dim {}",
                 self.channels, self.head_dim
@@ -167,22 +183,225 @@ impl Config {
                 self.head_dim
             ));
         }
-        if self.in_channels <= 0
-            || self.num_blocks <= 0
-            || self.layers_per_block <= 0
-            || self.num_classes < 0
-        {
-            return bad(
-                "in_channels, num_blocks and layers_per_block must be positive, num_classes ≥ 0"
-                    .into(),
-            );
-        }
-        if self.mlp_ratio <= 0.0 {
+        range("num_blocks", self.num_blocks, 1, 1 << 10)?;
+        range("layers_per_block", self.layers_per_block, 1, 1 << 10)?;
+        range("num_classes", self.num_classes, 0, 1 << 24)?;
+        // Attention over N tokens holds N × N scores per head.
+        let tokens = self.num_tokens();
+        if tokens > MAX_TOKENS {
             return bad(format!(
-                "mlp_ratio must be positive, got {}",
+                "model.img_size = {} with model.patch_size = {} makes {tokens} tokens, more than {MAX_TOKENS}",
+                self.img_size, self.patch_size
+            ));
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) {
+            return bad(format!(
+                "model.mlp_ratio = {}: must be a number in (0, 64]",
                 self.mlp_ratio
             ));
         }
-        Ok(())
+        if self.mlp_hidden() < 1 {
+            return bad(format!(
+                "model.mlp_ratio = {} with model.channels = {} gives an MLP of width 0",
+                self.mlp_ratio, self.channels
+            ));
+        }
+        if self.rope && !(self.rope_base.is_finite() && self.rope_base > 1.0) {
+            return bad(format!(
+                "model.rope_base = {}: must be a number above 1",
+                self.rope_base
+            ));
+        }
+        // NaN would pass every comparison: samples denoised with it are NaN (all black) and a
+        // negative σ is no noise level at all.
+        if !(self.noise_std.is_finite() && self.noise_std >= 0.0) {
+            return bad(format!(
+                "model.noise_std = {}: must be a finite σ ≥ 0",
+                self.noise_std
+            ));
+        }
+        match self.parameter_count() {
+            Some(n) if n <= MAX_PARAMETERS => Ok(()),
+            n => bad(format!(
+                "model.channels = {}, num_blocks = {}, layers_per_block = {} (img_size {}, patch_size {}, \
+                 {} classes, mlp_ratio {}) make {} parameters, more than {MAX_PARAMETERS}",
+                self.channels,
+                self.num_blocks,
+                self.layers_per_block,
+                self.img_size,
+                self.patch_size,
+                self.num_classes,
+                self.mlp_ratio,
+                n.map_or("overflowing i64".to_string(), |n| n.to_string())
+            )),
+        }
+    }
+
+    /// The number of parameters (and the `var` buffer) [`super::Model::new`] allocates, or None when it
+    /// overflows i64. Call after the per-field checks of [`Self::validate`] (a positive width each).
+    pub fn parameter_count(&self) -> Option<i64> {
+        let (c, d, n, k) = (
+            self.channels,
+            self.token_dim(),
+            self.num_tokens(),
+            self.num_classes,
+        );
+        let h = self.mlp_hidden();
+        let linear = |i: i64, o: i64| i.checked_mul(o)?.checked_add(o);
+        let norm = c.checked_mul(2)?;
+        let attention = norm
+            .checked_add(linear(c, c.checked_mul(3)?)?)?
+            .checked_add(linear(c, c)?)?;
+        let mlp = match self.mlp {
+            MlpKind::Gelu => linear(c, h)?.checked_add(linear(h, c)?)?,
+            MlpKind::Swiglu => linear(c, h)?.checked_mul(2)?.checked_add(linear(h, c)?)?,
+        };
+        let layer = attention.checked_add(norm)?.checked_add(mlp)?;
+        let mut block = linear(d, c)?
+            .checked_add(linear(c, d.checked_mul(2)?)?)?
+            .checked_add(layer.checked_mul(self.layers_per_block)?)?
+            .checked_add(k.checked_mul(c)?)?;
+        if self.pos_embed {
+            block = block.checked_add(n.checked_mul(c)?)?;
+        }
+        block
+            .checked_mul(self.num_blocks)?
+            .checked_add(n.checked_mul(d)?)
+    }
+}
+
+/// The most parameters a flow config may describe: 20 · 10⁹ (80 GB of fp32 weights), far above the
+/// paper's models (~0.5 · 10⁹) and below what a sidecar could make the process try to allocate.
+pub const MAX_PARAMETERS: i64 = 20_000_000_000;
+/// The most tokens per image (a 256 × 256 grid).
+pub const MAX_TOKENS: i64 = 1 << 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parameter_count_is_what_the_model_allocates() {
+        for name in PRESETS {
+            let cfg = Config::preset(name).unwrap();
+            cfg.validate().unwrap();
+            if cfg.channels > 64 {
+                continue;
+            }
+            for mlp in [MlpKind::Gelu, MlpKind::Swiglu] {
+                let cfg = Config { mlp, ..cfg.clone() };
+                let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                let _model = super::super::Model::new(vs.root(), &cfg).unwrap();
+                let allocated: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+                assert_eq!(cfg.parameter_count(), Some(allocated), "{name} {mlp:?}");
+            }
+        }
+        // The paper's ImageNet 64 model: 8 blocks × 8 layers of width 1024, ~0.8 · 10⁹.
+        let big = Config::preset("in64").unwrap();
+        assert!((700_000_000..900_000_000).contains(&big.parameter_count().unwrap()));
+    }
+
+    #[test]
+    fn absurd_or_meaningless_values_are_refused_with_the_key() {
+        let base = Config::preset("tiny").unwrap();
+        let refused = |cfg: Config, key: &str| {
+            let msg = cfg.validate().unwrap_err().to_string();
+            assert!(msg.contains(key), "{key}: {msg}");
+        };
+        refused(
+            Config {
+                channels: 0,
+                ..base.clone()
+            },
+            "model.channels = 0",
+        );
+        refused(
+            Config {
+                mlp_ratio: f64::NAN,
+                ..base.clone()
+            },
+            "model.mlp_ratio = NaN",
+        );
+        refused(
+            Config {
+                mlp_ratio: 1e-9,
+                ..base.clone()
+            },
+            "model.mlp_ratio",
+        );
+        refused(
+            Config {
+                noise_std: f64::NAN,
+                ..base.clone()
+            },
+            "model.noise_std = NaN",
+        );
+        refused(
+            Config {
+                noise_std: -1.0,
+                ..base.clone()
+            },
+            "model.noise_std = -1",
+        );
+        refused(
+            Config {
+                noise_std: f64::INFINITY,
+                ..base.clone()
+            },
+            "model.noise_std = inf",
+        );
+        refused(
+            Config {
+                num_blocks: 1_000_000,
+                ..base.clone()
+            },
+            "model.num_blocks = 1000000",
+        );
+        refused(
+            Config {
+                layers_per_block: 1_000_000_000,
+                ..base.clone()
+            },
+            "model.layers_per_block",
+        );
+        refused(
+            Config {
+                channels: 1_000_000_000,
+                ..base.clone()
+            },
+            "model.channels = 1000000000",
+        );
+        // Each width in range, the product not.
+        refused(
+            Config {
+                channels: 1 << 16,
+                num_blocks: 1 << 10,
+                ..base.clone()
+            },
+            "parameters, more than 20000000000",
+        );
+        refused(
+            Config {
+                img_size: 4096,
+                patch_size: 1,
+                ..base.clone()
+            },
+            "tokens",
+        );
+        refused(
+            Config {
+                rope: true,
+                rope_base: f64::NAN,
+                head_dim: 32,
+                ..base.clone()
+            },
+            "model.rope_base",
+        );
+        Config {
+            noise_std: 0.0,
+            ..base
+        }
+        .validate()
+        .unwrap();
     }
 }
