@@ -379,11 +379,15 @@ check_libraries() {
     }
     ldd "${BAD[@]}" "$PIPELINE" || return 1
     local missing torch cuda_needed=no
-    missing=$(ldd "$PIPELINE" | awk '/not found/ {print $1}' | tr '\n' ' ')
+    # A library not found, or one too old for a symbol version (`version GLIBCXX_… not found`).
+    missing=$(ldd "$PIPELINE" 2>&1 | grep 'not found' | sed 's/^[[:space:]]*//' | tr '\n' ';')
     if [[ -n $missing ]]; then
-        figure "unresolved libraries: $missing(LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})"
+        figure "unresolved: $missing LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
         return 1
     fi
+    # What the build machine's toolchain asks of this machine's C and C++ runtimes.
+    objdump -T "$PIPELINE" 2>/dev/null | grep -oE 'GLIBC_[0-9.]+|GLIBCXX_[0-9.]+' | sort -uV |
+        awk -F_ '{ newest[$1] = $0 } END { for (k in newest) print "needs " newest[k] }'
     if command -v readelf >/dev/null; then
         readelf -d "$PIPELINE" | grep -E 'NEEDED|RPATH|RUNPATH'
         readelf -d "$PIPELINE" | grep -q 'NEEDED.*libtorch_cuda\.so' && cuda_needed=yes
