@@ -31,10 +31,12 @@ pub enum BadKind {
     ShardCorrupt,
     /// A shard path that cannot be opened.
     ShardUnreadable,
+    /// A tar member larger than `data.max_member_bytes`: skipped without being buffered.
+    MemberTooLarge,
 }
 
 impl BadKind {
-    pub const ALL: [BadKind; 12] = [
+    pub const ALL: [BadKind; 13] = [
         BadKind::EmptyImage,
         BadKind::TruncatedImage,
         BadKind::GarbageImage,
@@ -47,6 +49,7 @@ impl BadKind {
         BadKind::SplitKey,
         BadKind::ShardCorrupt,
         BadKind::ShardUnreadable,
+        BadKind::MemberTooLarge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +66,7 @@ impl BadKind {
             BadKind::SplitKey => "split_key",
             BadKind::ShardCorrupt => "shard_corrupt",
             BadKind::ShardUnreadable => "shard_unreadable",
+            BadKind::MemberTooLarge => "member_too_large",
         }
     }
 

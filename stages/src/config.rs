@@ -38,6 +38,12 @@ pub struct DataConfig {
     pub samples_per_rank: u64,
     /// Decompression-bomb limit: images with more pixels are rejected from their header.
     pub max_pixels: u64,
+    /// Tar members larger than this (bytes, as their header says) are counted as
+    /// `member_too_large` and skipped without being buffered.
+    pub max_member_bytes: u64,
+    /// Seconds one shard may take to read, on top of the per-read timeouts (a source that trickles
+    /// bytes forever ends here); 0 = no limit.
+    pub shard_timeout_s: f64,
     /// Abort when bad samples / all samples exceeds this.
     pub max_bad_fraction: f64,
     /// Decode/crop threads; 0 = one per core.
@@ -71,6 +77,8 @@ impl Default for DataConfig {
             shuffle_initial: 100,
             samples_per_rank: 0,
             max_pixels: 64_000_000,
+            max_member_bytes: crate::wds_reader::DEFAULT_MAX_MEMBER_BYTES,
+            shard_timeout_s: 3600.0,
             max_bad_fraction: 0.01,
             threads: 0,
             queue_depth: 64,
@@ -79,6 +87,16 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// How the data stages read a shard under these settings.
+    pub fn read_limits(&self) -> crate::wds_reader::ReadLimits {
+        crate::wds_reader::ReadLimits {
+            max_member_bytes: self.max_member_bytes,
+            shard_timeout: (self.shard_timeout_s > 0.0)
+                .then(|| std::time::Duration::try_from_secs_f64(self.shard_timeout_s).ok())
+                .flatten(),
+        }
+    }
+
     pub fn resolved_threads(&self) -> usize {
         if self.threads > 0 {
             self.threads
@@ -96,6 +114,15 @@ impl DataConfig {
         }
         if self.image_keys.is_empty() {
             return fail("data.image_keys must name at least one extension".into());
+        }
+        if self.max_member_bytes == 0 {
+            return fail("data.max_member_bytes must be positive".into());
+        }
+        if !(self.shard_timeout_s.is_finite() && self.shard_timeout_s >= 0.0) {
+            return fail(format!(
+                "data.shard_timeout_s {} is not a number of seconds >= 0",
+                self.shard_timeout_s
+            ));
         }
         if !(0.0..=1.0).contains(&self.max_bad_fraction) {
             return fail(format!(

@@ -345,6 +345,7 @@ fn read_stage(
             let options = ReadOptions {
                 stats: Some(&metrics.source),
                 hash_remote: false,
+                limits: cfg.read_limits(),
             };
             let read = read_shard_with(shard, counters, options, &mut |raw| {
                 let Some(sample) = select_sample(raw, cfg, counters) else {

@@ -64,6 +64,8 @@ pub struct SourceTally {
     read_ns: AtomicU64,
     retries: AtomicU64,
     end: Mutex<End>,
+    /// When the whole read must be over (`data.shard_timeout_s`), and the limit it came from.
+    deadline: Option<(Instant, Duration)>,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +87,18 @@ impl SourceTally {
             hashing: true,
             ..Self::default()
         }
+    }
+
+    /// The same tally with an overall time limit from now: a read after it fails, and a `pipe:`
+    /// command still running then is killed.
+    pub fn with_deadline(mut self, limit: Option<Duration>) -> Self {
+        self.deadline = limit.and_then(|l| Instant::now().checked_add(l).map(|at| (at, l)));
+        self
+    }
+
+    /// When reading must be over, and the limit it came from.
+    pub fn deadline(&self) -> Option<(Instant, Duration)> {
+        self.deadline
     }
 
     /// Bytes the source delivered (before any decompression).
@@ -126,6 +140,12 @@ impl SourceTally {
         self.lock().note = Some(note);
     }
 
+    /// Records a failure of the source found outside its reads (a deadline's kill); the first one
+    /// stays.
+    pub fn set_failure(&self, failure: String) {
+        self.lock().failure.get_or_insert(failure);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, End> {
         // The guarded values are plain strings, valid whatever a panicking holder was doing.
         self.end.lock().unwrap_or_else(|p| p.into_inner())
@@ -153,7 +173,18 @@ impl<R: Read> Counted<R> {
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let start = Instant::now();
-        let result = self.inner.read(buf);
+        // A source that delivers a byte at a time never trips a per-read timeout; the shard's overall
+        // limit ends it.
+        let result = match self.tally.deadline {
+            Some((at, limit)) if start >= at => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the shard took longer than data.shard_timeout_s = {} s to read",
+                    limit.as_secs_f64()
+                ),
+            )),
+            _ => self.inner.read(buf),
+        };
         let ns = start.elapsed().as_nanos().min(u64::MAX as u128) as u64;
         self.tally.read_ns.fetch_add(ns, Ordering::Relaxed);
         match &result {
@@ -213,11 +244,21 @@ pub fn open_source_with(
 }
 
 /// Streams a whole source through blake3 without keeping it: (bytes, hex hash). `pipeline precompute
-/// --recheck` uses it to verify that a `pipe:` command or URL still gives the bytes it gave.
-pub fn hash_source(spec: &str, settings: &RetrySettings) -> io::Result<(u64, String)> {
+/// --recheck` uses it to verify that a `pipe:` command or URL still gives the bytes it gave, so the
+/// size it gave (`expected`) bounds the read: past it the answer is "changed" already, and a source
+/// that never ends is dropped there instead of read forever.
+pub fn hash_source(
+    spec: &str,
+    settings: &RetrySettings,
+    expected: u64,
+) -> io::Result<(u64, String)> {
     let tally = Arc::new(SourceTally::hashing());
-    let mut reader = open_source_with(spec, settings, tally.clone())?;
-    let bytes = io::copy(&mut reader, &mut io::sink())?;
+    let reader = open_source_with(spec, settings, tally.clone())?;
+    let bytes = io::copy(&mut reader.take(expected.saturating_add(1)), &mut io::sink())?;
+    if bytes > expected {
+        // Dropping the reader stops a `pipe:` command.
+        return Ok((bytes, "longer than recorded".to_string()));
+    }
     let hash = tally
         .content_hash()
         .ok_or_else(|| io::Error::other(format!("{spec}: the stream ended without its end")))?;

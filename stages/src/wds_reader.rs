@@ -200,6 +200,28 @@ pub fn open_shard(spec: &str) -> std::io::Result<Box<dyn Read + Send>> {
     )?))
 }
 
+/// `data.max_member_bytes`'s default: far above any image of a real dataset (ImageNet's largest JPEG
+/// is ~15 MB), far below what a lying header can claim.
+pub const DEFAULT_MAX_MEMBER_BYTES: u64 = 256 << 20;
+
+/// Bytes read after a remote tar's end-of-archive blocks before the source is dropped: a tar is padded
+/// to its 10 KiB record, and whatever follows beyond this is not part of the shard.
+pub const MAX_TRAILING_BYTES: u64 = 1 << 20;
+
+/// The bounds on what one shard may cost (`data.max_member_bytes`, `data.shard_timeout_s`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReadLimits {
+    pub max_member_bytes: u64,
+    /// The whole shard's read, on top of the per-read timeouts.
+    pub shard_timeout: Option<std::time::Duration>,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        crate::config::DataConfig::default().read_limits()
+    }
+}
+
 /// How [`read_shard_with`] reads.
 #[derive(Default, Clone, Copy)]
 pub struct ReadOptions<'a> {
@@ -207,6 +229,7 @@ pub struct ReadOptions<'a> {
     pub stats: Option<&'a SourceStats>,
     /// Hash a remote source's bytes as they pass (blake3), for the cache's source identity.
     pub hash_remote: bool,
+    pub limits: ReadLimits,
 }
 
 /// What [`read_shard_with`] came to.
@@ -236,12 +259,15 @@ pub fn read_shard_with(
     emit: &mut dyn FnMut(RawSample) -> bool,
 ) -> ShardRead {
     let remote = Kind::of(shard).is_remote();
-    let tally = Arc::new(if remote && options.hash_remote {
-        SourceTally::hashing()
-    } else {
-        SourceTally::new()
-    });
-    let keep_going = read_source(shard, remote, counters, &tally, emit);
+    let tally = Arc::new(
+        if remote && options.hash_remote {
+            SourceTally::hashing()
+        } else {
+            SourceTally::new()
+        }
+        .with_deadline(options.limits.shard_timeout),
+    );
+    let keep_going = read_source(shard, remote, counters, &tally, &options.limits, emit);
     if let Some(stats) = options.stats {
         stats.record(ShardReadStat {
             shard: crate::shardspec::shard_name(shard),
@@ -259,6 +285,7 @@ fn read_source(
     remote: bool,
     counters: &RunCounters,
     tally: &Arc<SourceTally>,
+    limits: &ReadLimits,
     emit: &mut dyn FnMut(RawSample) -> bool,
 ) -> bool {
     let stream = match ShardStream::open(shard, tally.clone()) {
@@ -273,15 +300,25 @@ fn read_source(
             return true;
         }
     };
-    let mut archive = tar::Archive::new(stream);
-    let failure = match read_members(&mut archive, shard, counters, emit) {
+    let mut archive = tar::Archive::new(EndWatch::new(stream));
+    let failure = match read_members(&mut archive, shard, counters, limits, emit) {
         Members::Stopped => return false,
         Members::Done(failure) => failure,
     };
-    // A remote source is read to its end, also after a corrupt member: that is when a command's exit
-    // status is known, and the hash covers every byte (a tar's zero blocks and padding included).
+    let stream = archive.into_inner();
+    // tar-rs ends its entries at a zero block and at EOF alike; only the first is a whole archive. A
+    // source cut at a member boundary (a `pipe:` command that exits 0 after a short read) must never
+    // pass for a complete shard.
+    let failure = failure.or_else(|| {
+        stream.eof.then(|| {
+            "the tar ended without its end-of-archive block: the source stopped early".to_string()
+        })
+    });
+    // A remote source is read past the tar's end, also after a corrupt member: that is when a
+    // command's exit status is known, and the hash covers every byte (a tar's zero blocks and padding
+    // included). Only so far, though: junk or an endless stream after the archive is not the shard.
     let drained = if remote && tally.failure().is_none() {
-        drain(archive.into_inner())
+        drain(stream.inner)
     } else {
         None
     };
@@ -293,11 +330,40 @@ fn read_source(
     true
 }
 
-/// Reads what is left of a source after the tar's end; the error, if any.
+/// The decompressed shard, noting whether a read ever came back empty (the source's end).
+struct EndWatch {
+    inner: ShardStream,
+    eof: bool,
+}
+
+impl EndWatch {
+    fn new(inner: ShardStream) -> Self {
+        EndWatch { inner, eof: false }
+    }
+}
+
+impl Read for EndWatch {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+/// Reads what is left of a source after the tar's end, up to [`MAX_TRAILING_BYTES`]; the error, if
+/// any. Dropping the source afterwards stops a `pipe:` command and closes a connection.
 fn drain(stream: ShardStream) -> Option<String> {
-    std::io::copy(&mut stream.into_source(), &mut std::io::sink())
-        .err()
-        .map(|e| format!("after the end of the tar: {e}"))
+    let mut rest = stream.into_source().take(MAX_TRAILING_BYTES + 1);
+    match std::io::copy(&mut rest, &mut std::io::sink()) {
+        Err(e) => Some(format!("after the end of the tar: {e}")),
+        Ok(n) if n > MAX_TRAILING_BYTES => Some(format!(
+            "more than {MAX_TRAILING_BYTES} bytes follow the end of the tar: the source is not one \
+             archive (read no further)"
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// A shard failure in the source's own words when the source failed (the URL after its retries, the
@@ -320,9 +386,10 @@ enum Members {
 /// Groups the tar's members into samples and hands them on; members read in full before a failure
 /// still form a sample.
 fn read_members(
-    archive: &mut tar::Archive<ShardStream>,
+    archive: &mut tar::Archive<EndWatch>,
     shard: &str,
     counters: &RunCounters,
+    limits: &ReadLimits,
     emit: &mut dyn FnMut(RawSample) -> bool,
 ) -> Members {
     let shard_name: Arc<str> = Arc::from(shard);
@@ -346,9 +413,24 @@ fn read_members(
     };
     let mut failure = None;
     for entry in entries {
-        let (name, data) = match read_member(entry) {
-            Ok(Some(member)) => member,
-            Ok(None) => continue,
+        let (name, data) = match read_member(entry, limits.max_member_bytes) {
+            Ok(Member::Read(name, data)) => (name, data),
+            Ok(Member::Other) => continue,
+            Ok(Member::TooLarge(name, size)) => {
+                // The sample this member belongs to loses it (and so may lack its image or label);
+                // tar-rs reads past the member's bytes without keeping them.
+                let key = split_key_ext(&name).map_or(name.as_str(), |(k, _)| k);
+                counters.record(
+                    BadKind::MemberTooLarge,
+                    shard,
+                    key,
+                    &format!(
+                        "member {name} claims {size} bytes, above data.max_member_bytes = {}",
+                        limits.max_member_bytes
+                    ),
+                );
+                continue;
+            }
             Err(detail) => {
                 failure = Some(detail);
                 break;
@@ -368,13 +450,23 @@ fn read_members(
     Members::Done(failure)
 }
 
-/// One regular member's name and bytes; `None` for other entry types; the failure that ends the shard.
+enum Member {
+    Read(String, Vec<u8>),
+    /// Not a regular file.
+    Other,
+    /// Its header claims more than the cap: (name, claimed size).
+    TooLarge(String, u64),
+}
+
+/// One regular member's name and bytes; the failure that ends the shard. The bytes are read as they
+/// arrive: the header's size is a cap on the read, never an allocation.
 fn read_member<R: Read>(
     entry: std::io::Result<tar::Entry<'_, R>>,
-) -> Result<Option<(String, Vec<u8>)>, String> {
+    max_bytes: u64,
+) -> Result<Member, String> {
     let mut entry = entry.map_err(|e| format!("corrupt tar header: {e}"))?;
     if !entry.header().entry_type().is_file() {
-        return Ok(None);
+        return Ok(Member::Other);
     }
     let name = entry
         .path()
@@ -382,7 +474,10 @@ fn read_member<R: Read>(
         .to_string_lossy()
         .into_owned();
     let size = entry.size();
-    let mut data = Vec::with_capacity(size.min(1 << 28) as usize);
+    if size > max_bytes {
+        return Ok(Member::TooLarge(name, size));
+    }
+    let mut data = Vec::with_capacity(size.min(1 << 20) as usize);
     entry
         .read_to_end(&mut data)
         .map_err(|e| format!("member {name}: {e}"))?;
@@ -393,7 +488,7 @@ fn read_member<R: Read>(
             data.len()
         ));
     }
-    Ok(Some((name, data)))
+    Ok(Member::Read(name, data))
 }
 
 #[cfg(test)]

@@ -130,6 +130,7 @@ fn samples_over_http_equal_local_ones_with_stats_and_a_hash() {
         let options = ReadOptions {
             stats: Some(&stats),
             hash_remote: true,
+            ..ReadOptions::default()
         };
         let read = read_shard_with(&server.url(name), &counters, options, &mut |raw| {
             got.push((raw.key, raw.members));
@@ -256,10 +257,16 @@ fn head_gives_validators_and_hash_source_hashes_the_stream() {
         local.len() as u64,
         blake3::hash(&local).to_hex().to_string(),
     );
-    assert_eq!(remote::hash_source(&url, &fast_retries()).unwrap(), want);
+    let n = want.0;
+    assert_eq!(remote::hash_source(&url, &fast_retries(), n).unwrap(), want);
+    // A stream longer than the size it had is a change, known without reading it all.
+    assert_eq!(
+        remote::hash_source("pipe:yes", &fast_retries(), n).unwrap(),
+        (n + 1, "longer than recorded".to_string())
+    );
     let cat = format!("pipe:cat '{path}'");
-    assert_eq!(remote::hash_source(&cat, &fast_retries()).unwrap(), want);
-    assert!(remote::hash_source("pipe:cat /nonexistent/x.tar", &fast_retries()).is_err());
+    assert_eq!(remote::hash_source(&cat, &fast_retries(), n).unwrap(), want);
+    assert!(remote::hash_source("pipe:cat /nonexistent/x.tar", &fast_retries(), n).is_err());
 }
 
 #[test]

@@ -189,9 +189,13 @@ fn identify_remote(spec: &str) -> anyhow::Result<SourceShard> {
 
 /// `--recheck`: streams a remote source through blake3 so that [`SourceShard::reuses`] compares
 /// bytes, not just the spec and validators.
-fn recheck_source(mut probe: SourceShard, path: &str) -> anyhow::Result<SourceShard> {
+fn recheck_source(
+    mut probe: SourceShard,
+    path: &str,
+    recorded_size: u64,
+) -> anyhow::Result<SourceShard> {
     let settings = RetrySettings::from_env().map_err(anyhow::Error::msg)?;
-    let (size, hash) = stages::remote::hash_source(path, &settings)
+    let (size, hash) = stages::remote::hash_source(path, &settings, recorded_size)
         .with_context(|| format!("rechecking source shard {path}"))?;
     (probe.size, probe.content_hash) = (size, hash);
     Ok(probe)
@@ -312,7 +316,15 @@ fn plan_jobs(
             if !(done && recheck && probe.remote.is_some()) {
                 return Ok((probe, done));
             }
-            let hashed = recheck_source(probe, path)?;
+            // The recorded size bounds the stream: a source longer than that changed, and one that
+            // never ends (`pipe:yes`) must not be hashed forever.
+            let recorded = manifest
+                .shards
+                .get(&probe.name)
+                .map(|e| e.source.size)
+                .filter(|&n| n > 0)
+                .unwrap_or(u64::MAX);
+            let hashed = recheck_source(probe, path, recorded)?;
             let done = cached(&hashed);
             if !done {
                 tracing::warn!("source shard {path} changed under the same spec: recomputing it");
@@ -715,6 +727,7 @@ fn decode_stage(
         let options = ReadOptions {
             stats: Some(&m.source),
             hash_remote: true,
+            limits: data.read_limits(),
         };
         let read = stages::wds_reader::read_shard_with(&job.path, counters, options, &mut |raw| {
             source_bytes.fetch_add(raw.n_bytes(), std::sync::atomic::Ordering::Relaxed);

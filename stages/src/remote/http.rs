@@ -179,8 +179,10 @@ pub struct HttpReader {
     delivered: u64,
     /// The shard's full length, when the server said.
     expected: Option<u64>,
-    /// The first response's strong ETag, sent as `If-Range` when resuming.
+    /// The first response's strong ETag, else its Last-Modified: sent as `If-Range` when resuming.
     version: Option<String>,
+    /// The first response's validators, which every 206 must repeat where it states them.
+    first: Validators,
     /// Failures since bytes last arrived: the retry budget restarts whenever the body makes progress.
     failures: u32,
 }
@@ -197,6 +199,7 @@ impl HttpReader {
             delivered: 0,
             expected: None,
             version: None,
+            first: Validators::default(),
             failures: 0,
         };
         reader.connect()?;
@@ -243,13 +246,50 @@ impl HttpReader {
     fn accept_whole(&mut self, response: &Response<Body>) {
         let headers = response.headers();
         self.expected = content_length(headers);
-        // A weak ETag cannot be used in If-Range (RFC 9110 §13.1.5).
-        self.version = header(headers, "etag").filter(|e| !e.starts_with("W/"));
+        self.first = Validators {
+            etag: header(headers, "etag"),
+            last_modified: header(headers, "last-modified"),
+            content_length: self.expected,
+        };
+        // A weak ETag cannot be used in If-Range (RFC 9110 §13.1.5); a date can, and without it a
+        // server holding only Last-Modified would splice a replaced file into the old one's start.
+        self.version = self
+            .first
+            .etag
+            .clone()
+            .filter(|e| !e.starts_with("W/"))
+            .or_else(|| self.first.last_modified.clone());
     }
 
     fn accept_part(&mut self, response: &Response<Body>) -> Result<(), Failed> {
-        match content_range(response.headers()) {
+        // A server (or a cache in front of it) that ignores If-Range could still send a part of another
+        // version: where the part states a validator, it must be the first response's.
+        let headers = response.headers();
+        for (name, first) in [
+            ("etag", &self.first.etag),
+            ("last-modified", &self.first.last_modified),
+        ] {
+            if let (Some(now), Some(before)) = (header(headers, name), first) {
+                if &now != before {
+                    return Err(Failed::Fatal(format!(
+                        "the shard changed while it was read: the resume at byte {} came with \
+                         {name} {now:?}, the first response had {before:?}; {} bytes of the old \
+                         version were already handed on",
+                        self.delivered, self.delivered
+                    )));
+                }
+            }
+        }
+        match content_range(headers) {
             Some((start, total)) if start == self.delivered => {
+                if let (Some(total), Some(first)) = (total, self.first.content_length) {
+                    if total != first {
+                        return Err(Failed::Fatal(format!(
+                            "the shard changed while it was read: {first} bytes at first, {total} \
+                             in the resume's Content-Range"
+                        )));
+                    }
+                }
                 self.expected = total.or(self.expected);
                 Ok(())
             }

@@ -3,10 +3,12 @@
 //! [`STDERR_TAIL`] bytes of its stderr, which is where `aws`, `gsutil` or `curl` say what went wrong.
 
 use std::io::{self, Read};
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::SourceTally;
 
@@ -16,9 +18,16 @@ pub const STDERR_TAIL: usize = 2048;
 /// How long an exited command's stderr may take to close.
 const STDERR_WAIT: Duration = Duration::from_secs(5);
 
+/// The command, shared with the deadline's watcher.
+struct Shared {
+    child: Mutex<Child>,
+    /// Reaped or killed by the reader: the watcher leaves it alone.
+    done: AtomicBool,
+}
+
 pub struct PipeReader {
     command: String,
-    child: Child,
+    shared: Arc<Shared>,
     stdout: Option<ChildStdout>,
     stderr: Option<StderrTail>,
     tally: Arc<SourceTally>,
@@ -27,9 +36,12 @@ pub struct PipeReader {
 
 impl PipeReader {
     pub fn spawn(command: &str, tally: Arc<SourceTally>) -> io::Result<PipeReader> {
+        // A process group of its own: `sh -c` forks the command's processes, and stopping the
+        // shard must stop all of them (killing `sh` alone leaves its children holding the pipe).
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(command)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -37,9 +49,16 @@ impl PipeReader {
             .map_err(|e| io::Error::other(format!("pipe:{command}: cannot start sh: {e}")))?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take().map(collect_tail);
+        let shared = Arc::new(Shared {
+            child: Mutex::new(child),
+            done: AtomicBool::new(false),
+        });
+        if let Some((at, limit)) = tally.deadline() {
+            watch(shared.clone(), at, limit, tally.clone());
+        }
         Ok(PipeReader {
             command: command.to_string(),
-            child,
+            shared,
             stdout,
             stderr,
             tally,
@@ -52,8 +71,7 @@ impl PipeReader {
         self.finished = true;
         self.stdout = None;
         let status = self
-            .child
-            .wait()
+            .wait_exit()
             .map_err(|e| io::Error::other(format!("pipe:{}: waiting for it: {e}", self.command)))?;
         let tail = self.stderr_tail();
         if status.success() {
@@ -69,6 +87,25 @@ impl PipeReader {
             self.command,
             describe_tail(&tail)
         )))
+    }
+
+    /// Waits for the command to exit without holding the child's lock across the wait, so the
+    /// deadline's watcher can still kill a command that closed its stdout but kept running.
+    fn wait_exit(&self) -> io::Result<ExitStatus> {
+        loop {
+            {
+                let mut child = self
+                    .shared
+                    .child
+                    .lock()
+                    .map_err(|_| io::Error::other("child lock poisoned"))?;
+                if let Some(status) = child.try_wait()? {
+                    self.shared.done.store(true, Ordering::SeqCst);
+                    return Ok(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn stderr_tail(&mut self) -> String {
@@ -91,6 +128,44 @@ impl PipeReader {
             text
         }
     }
+}
+
+/// Kills the command at the shard's deadline: a command that hangs without writing blocks our read,
+/// which no check between reads can end. Reaping and killing share the child's lock, so the kill can
+/// never reach a process that was already waited for.
+fn watch(shared: Arc<Shared>, at: Instant, limit: Duration, tally: Arc<SourceTally>) {
+    std::thread::spawn(move || {
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        if shared.done.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut child) = shared.child.lock() else {
+            return;
+        };
+        // Reaping happens under this lock and sets `done` first: checked again here, `sh` is unreaped.
+        if shared.done.load(Ordering::SeqCst) {
+            return;
+        }
+        // Still being read: `sh` may have exited while a process it started holds the pipe open, so
+        // the group goes whether or not `sh` is still there.
+        tally.set_failure(format!(
+            "killed: the shard took longer than data.shard_timeout_s = {} s to read",
+            limit.as_secs_f64()
+        ));
+        kill_group(&mut child);
+    });
+}
+
+/// SIGKILL to the command's process group (its id is `sh`'s pid), then to `sh` itself.
+fn kill_group(child: &mut Child) {
+    if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals a process group; the group is ours (made at
+        // spawn) and its id cannot be reused while `sh`, its leader, is unreaped or any member lives.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
 }
 
 /// The last bytes of a command's stderr, collected on a thread of its own: a command that fills the
@@ -164,7 +239,10 @@ impl Drop for PipeReader {
             return;
         }
         self.stdout = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.shared.done.store(true, Ordering::SeqCst);
+        if let Ok(mut child) = self.shared.child.lock() {
+            kill_group(&mut child);
+            let _ = child.wait();
+        }
     }
 }
