@@ -67,11 +67,27 @@ char* ext_fused_adamw(Tensor* const* params, Tensor* const* grads, Tensor* const
   });
 }
 
-// self[i] += weight · (end[i] − self[i]) with one 0-d weight tensor for all i.
+// self[i] += weight · (end[i] − self[i]) with one 0-d weight tensor for all i. Not _foreach_lerp_ with
+// a list of n 0-d weights: that overload takes the slow path, one kernel per tensor. Three multi-tensor
+// kernels instead (difference, scale by the 0-d tensor, add), over chunks of the lists so that the
+// difference's temporary stays below kChunk elements however large the model.
 char* ext_foreach_lerp_(Tensor* const* self, Tensor* const* end, size_t n, const Tensor* weight) {
   return guard([&] {
-    std::vector<Tensor> w(n, *weight);
-    at::_foreach_lerp_(list(self, n), list(end, n), w);
+    constexpr int64_t kChunk = int64_t{1} << 26;
+    size_t start = 0;
+    while (start < n) {
+      size_t stop = start;
+      int64_t elements = 0;
+      while (stop < n && (stop == start || elements + self[stop]->numel() <= kChunk)) {
+        elements += self[stop]->numel();
+        stop++;
+      }
+      std::vector<Tensor> s = list(self + start, stop - start);
+      std::vector<Tensor> d = at::_foreach_sub(list(end + start, stop - start), s);
+      at::_foreach_mul_(d, *weight);
+      at::_foreach_add_(s, d);
+      start = stop;
+    }
   });
 }
 

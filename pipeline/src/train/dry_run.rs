@@ -168,8 +168,6 @@ struct Measured {
     left_out: Vec<String>,
 }
 
-/// Gradient bytes per all-reduce bucket, as `replicas::Replicas::average_grads` cuts them.
-const BUCKET_BYTES: i64 = 25 << 20;
 
 /// Peak bytes of one training step on random data with everything a run keeps on the device
 /// resident: AdamW moments and the EMA, the loader's prefetched batches, the online encoder (run on
@@ -316,7 +314,7 @@ fn measured_step(
         let mut start = 0;
         while start < grads.len() {
             let (mut end, mut bytes) = (start, 0i64);
-            while end < grads.len() && (end == start || bytes < BUCKET_BYTES) {
+            while end < grads.len() && (end == start || bytes < super::replicas::BUCKET_BYTES) {
                 bytes += grads[end].numel() as i64 * grads[end].kind().elt_size_in_bytes() as i64;
                 end += 1;
             }

@@ -12,7 +12,7 @@ use torch_ext::dist::{Backend, Group};
 use super::launch::Launch;
 
 /// Gradient bytes per all-reduce, as DDP's default `bucket_cap_mb`.
-const BUCKET_BYTES: i64 = 25 << 20;
+pub(super) const BUCKET_BYTES: i64 = 25 << 20;
 
 pub struct Replicas {
     group: Group,
