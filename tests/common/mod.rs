@@ -199,3 +199,89 @@ pub fn inception_and_reference(root: &Path) -> (PathBuf, PathBuf) {
     run_ok(python().args(["-c", code]).arg(&reference));
     (root.join("inception.safetensors"), reference)
 }
+
+/// The options of a clap `--help` text, each long flag with its description (the text after the flag
+/// and its value name, on the same line or on the indented lines below it, `[default: …]` and
+/// `[possible values: …]` removed). Panics on an option line it cannot read, so a format change is
+/// seen rather than passed.
+pub fn help_flags(help: &str) -> Vec<(String, String)> {
+    let mut flags: Vec<(String, String)> = Vec::new();
+    let mut in_options = false;
+    for line in help.lines() {
+        if line.ends_with(':') && !line.starts_with(' ') {
+            in_options = line.trim_end_matches(':').ends_with("Options");
+            continue;
+        }
+        if !in_options || line.trim().is_empty() {
+            continue;
+        }
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('-') {
+            // `-h, --help  Print help` or `--out <OUT>  Output directory …` or `--bf16` (text below).
+            let long = trimmed
+                .split([' ', ','])
+                .find(|w| w.starts_with("--"))
+                .unwrap_or_else(|| panic!("no long flag in help line {line:?}"));
+            let rest = trimmed[trimmed.find(long).unwrap() + long.len()..].trim_start();
+            // Skip the value names (`<OUT>`, `[<N>...]`) that follow the flag.
+            let mut text = rest;
+            while text.starts_with('<') || text.starts_with("[<") {
+                let end = text.find('>').unwrap() + 1;
+                text = text[end..].trim_start_matches([']', '.']).trim_start();
+            }
+            flags.push((long.to_string(), text.to_string()));
+        } else if let Some((_, text)) = flags.last_mut() {
+            text.push(' ');
+            text.push_str(trimmed);
+        }
+    }
+    for (_, text) in &mut flags {
+        for bracket in ["[default:", "[possible values:", "[aliases:"] {
+            while let Some(start) = text.find(bracket) {
+                let end = text[start..].find(']').map_or(text.len(), |e| start + e + 1);
+                text.replace_range(start..end, "");
+            }
+        }
+        *text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    }
+    flags
+}
+
+/// Asserts that `help` lists every one of `expected` and that every flag it lists has a description of
+/// its own: non-empty, and not merely the flag's name or its value name restated.
+pub fn assert_flags_documented(what: &str, help: &str, expected: &[&str]) {
+    let flags = help_flags(help);
+    for flag in expected {
+        assert!(
+            flags.iter().any(|(f, _)| f == flag),
+            "{what}: {flag} missing:\n{help}"
+        );
+    }
+    let words = |s: &str| -> String {
+        s.trim_start_matches('-')
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    ' '
+                }
+            })
+            .collect::<String>()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for (flag, text) in &flags {
+        let described = words(text);
+        assert!(
+            !described.is_empty() && described != words(flag),
+            "{what}: {flag} has no description of its own ({text:?}):\n{help}"
+        );
+        // At least two words: a one-word label ("Seed", "Output") says no more than the name does.
+        assert!(
+            described.split(' ').count() >= 2,
+            "{what}: {flag} is described only by {text:?}:\n{help}"
+        );
+    }
+}
