@@ -31,8 +31,8 @@ test: setup
 	@mkdir -p target && rm -f target/gpu-skips.txt
 	FLOWBACK_SKIP_LOG=$(CURDIR)/target/gpu-skips.txt $(CARGO) test --workspace
 	@if [ -s target/gpu-skips.txt ]; then \
-	  echo "make test: $$(wc -l < target/gpu-skips.txt) GPU branches skipped:"; sort target/gpu-skips.txt; \
-	else echo "make test: no GPU branch skipped"; fi
+	  echo "make test: $$(wc -l < target/gpu-skips.txt) test branches skipped (GPU or a missing libtorch feature):"; sort target/gpu-skips.txt; \
+	else echo "make test: no test branch skipped"; fi
 
 demo: build
 	@scripts/demo.sh target/release/pipeline $(DEMO_DIR)
