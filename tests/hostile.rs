@@ -152,10 +152,22 @@ fn hostile_shards_are_counted_or_refused_and_finished_work_is_kept() {
     );
     // Each named with its shard, key and kind.
     for (shard, key, kind) in [
-        ("b-truncated.tar", "key -: member 000000.jpg truncated", "shard_corrupt"),
-        ("c-huge-member.tar", "key x: member x.jpg claims 10737418240 bytes", "member_too_large"),
+        (
+            "b-truncated.tar",
+            "key -: member 000000.jpg truncated",
+            "shard_corrupt",
+        ),
+        (
+            "c-huge-member.tar",
+            "key x: member x.jpg claims 10737418240 bytes",
+            "member_too_large",
+        ),
         ("d-empty.tar", "key -: ", "shard_corrupt"),
-        ("e-odd-images.tar", "key big: 60000x60000", "decompression_bomb"),
+        (
+            "e-odd-images.tar",
+            "key big: 60000x60000",
+            "decompression_bomb",
+        ),
         ("e-odd-images.tar", "key text: cls \"seven\"", "bad_label"),
     ] {
         assert!(
@@ -200,11 +212,13 @@ fn hostile_shards_are_counted_or_refused_and_finished_work_is_kept() {
         let i = keys.iter().position(|k| k == key).unwrap();
         &images[i * 3072..(i + 1) * 3072]
     };
-    let mean = |px: &[u8], c: usize| {
-        px.iter().skip(c).step_by(3).map(|&v| v as f64).sum::<f64>() / 1024.0
-    };
+    let mean =
+        |px: &[u8], c: usize| px.iter().skip(c).step_by(3).map(|&v| v as f64).sum::<f64>() / 1024.0;
     let deep_blue = mean(row("deep"), 2);
-    assert!((deep_blue - 116.7).abs() < 1.5, "16-bit PNG blue {deep_blue}");
+    assert!(
+        (deep_blue - 116.7).abs() < 1.5,
+        "16-bit PNG blue {deep_blue}"
+    );
     let pillow = common::python()
         .args([
             "-c",
@@ -298,7 +312,10 @@ fn a_cache_shard_cut_at_any_frame_boundary_is_refused_by_name() {
             bad.len() == 1 && bad[0].contains(&path.display().to_string()),
             "cut at {cut}: {stdout}"
         );
-        assert!(stdout.contains("1 shards checked, 1 bad"), "cut at {cut}: {stdout}");
+        assert!(
+            stdout.contains("1 shards checked, 1 bad"),
+            "cut at {cut}: {stdout}"
+        );
     }
     write(&path, &bytes);
     assert_eq!(verify().0, Some(0), "restored");

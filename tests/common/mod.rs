@@ -238,7 +238,9 @@ pub fn help_flags(help: &str) -> Vec<(String, String)> {
     for (_, text) in &mut flags {
         for bracket in ["[default:", "[possible values:", "[aliases:"] {
             while let Some(start) = text.find(bracket) {
-                let end = text[start..].find(']').map_or(text.len(), |e| start + e + 1);
+                let end = text[start..]
+                    .find(']')
+                    .map_or(text.len(), |e| start + e + 1);
                 text.replace_range(start..end, "");
             }
         }

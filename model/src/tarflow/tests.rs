@@ -171,8 +171,9 @@ fn packed_sampling_equals_plain_products() {
         // Without oneDNN both passes below are plain products and the comparison proves nothing, so
         // where PyTorch always has it (x86-64 Linux) its absence fails here; elsewhere the skip is
         // reported uncaptured. With it, the cache must really hold packed layers.
-        if torch_ext::onednn::available_for_test("tarflow::tests::packed_sampling_equals_plain_products")
-        {
+        if torch_ext::onednn::available_for_test(
+            "tarflow::tests::packed_sampling_equals_plain_products",
+        ) {
             assert!(
                 packed > 0 && packed < linears,
                 "{name}: {packed} of {linears} packed"
@@ -587,7 +588,10 @@ fn bits_per_dim_adds_the_quantisation_jacobian() {
     out.z = Tensor::cat(&[z0.narrow(0, 0, 2), z0.narrow(0, 0, 1) + 2.0], 0);
     out.logdet = Tensor::from_slice(&[0.225_791_352_644_727_38f32, 0.0, 0.0]);
     let bpd = Vec::<f64>::try_from(bits_per_dim(&out).to_kind(Kind::Double)).unwrap();
-    for (got, want) in bpd.iter().zip([8.0, 8.325_748_064_736_16, 11.211_138_146_514_086]) {
+    for (got, want) in bpd
+        .iter()
+        .zip([8.0, 8.325_748_064_736_16, 11.211_138_146_514_086])
+    {
         assert!(
             (got - want).abs() < 1e-5,
             "bits/dim {got}, by hand {want} (all: {bpd:?})"
