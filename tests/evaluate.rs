@@ -622,3 +622,64 @@ fn latent_bpd_and_classify_from_shards_match_the_cache() {
     assert_eq!(rows_shards.len(), 20);
     assert_eq!(rows_shards, rows_cache);
 }
+
+/// Outputs never replace inputs: `sample --out` may not be the checkpoint or a directory holding other
+/// files; the same command may rerun into its own directory (its old images go, so a smaller run leaves
+/// none of a larger one's behind); another command needs `--overwrite`; `flow encode --output` may not
+/// be its `--input`, also through a symlink. Refusals leave every file as it was.
+#[test]
+fn outputs_never_replace_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ckpt = perturbed_checkpoint(root, "tiny", 0.02);
+    let weights = std::fs::read(&ckpt).unwrap();
+    let try_sample = |out: &Path, extra: &[&str]| {
+        pipeline()
+            .args(["sample", "--device", "cpu", "--num", "2", "--no-png", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = |o: std::process::Output, says: &str| {
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+    };
+    refused(try_sample(&ckpt, &[]), "is the input --checkpoint");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), weights);
+    // The directory the checkpoint lives in holds files `sample` did not write.
+    refused(try_sample(root, &["--overwrite"]), "holds files no earlier run");
+    let out = root.join("samples");
+    sample(&ckpt, &out, &["--num", "4", "--seed", "1"]);
+    sample(&ckpt, &out, &["--num", "4", "--seed", "1"]);
+    refused(try_sample(&out, &["--seed", "2"]), "--overwrite");
+    assert!(out.join("images/000003.png").exists(), "a refusal removes nothing");
+    let o = try_sample(&out, &["--seed", "2", "--overwrite"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.join("images").exists(), "the earlier run's images were removed");
+    assert!(out.join("samples.npz").exists());
+
+    // flow encode: --output is --input, by name and through a link.
+    let x = Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let input = root.join("x.safetensors");
+    Tensor::write_safetensors(&[("x", &x)], &input).unwrap();
+    let link = root.join("x-link.safetensors");
+    std::os::unix::fs::symlink(&input, &link).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    for output in [&input, &link] {
+        let o = pipeline()
+            .args(["flow", "encode", "--device", "cpu", "--checkpoint"])
+            .arg(&ckpt)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(output)
+            .output()
+            .unwrap();
+        refused(o, "is the input --input");
+    }
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+}

@@ -740,7 +740,7 @@ fn train_precomputes_a_missing_cache_then_reuses_it() {
             .arg(root.join("other")),
     );
     let other = root.join("other/vae");
-    let o = sample(&["--vae", other.to_str().unwrap()]);
+    let o = sample(&["--vae", other.to_str().unwrap(), "--overwrite"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && stderr.contains("fingerprint") && stderr.contains("other/vae"),

@@ -349,6 +349,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let ranks = Ranks::join(&args.ranks)?;
+    if let Some(out) = &args.out {
+        crate::outputs::refuse_input_as_output(
+            "--out",
+            out,
+            &[("--ref", &args.reference), ("--samples", &args.samples)],
+        )?;
+    }
     if !ranks.single() && args.out.is_none() {
         bail!(
             "{}--out is required with several ranks (the features are joined beside it)",

@@ -213,7 +213,21 @@ fn labels(
     Ok(Some(y))
 }
 
+/// An output of `flow` is never its checkpoint, config or input (nor their sidecar).
+fn refuse_inputs(output: &Path, model: &ModelArgs, input: Option<&Path>) -> anyhow::Result<()> {
+    let side = sidecar(&model.checkpoint);
+    let mut inputs: Vec<(&str, &Path)> = vec![("--checkpoint", &model.checkpoint), ("the sidecar", &side)];
+    if let Some(c) = &model.config {
+        inputs.push(("--config", c));
+    }
+    if let Some(i) = input {
+        inputs.push(("--input", i));
+    }
+    crate::outputs::refuse_input_as_output("--output", output, &inputs)
+}
+
 fn encode(args: EncodeArgs) -> anyhow::Result<()> {
+    refuse_inputs(&args.output, &args.model, Some(&args.input))?;
     let loaded = load_model(&args.model)?;
     let model = &loaded.model;
     let device = model.device();
@@ -263,6 +277,7 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<()> {
+    refuse_inputs(&args.output, &args.model, args.input.as_deref())?;
     let loaded = load_model(&args.model)?;
     let model = &loaded.model;
     let device = model.device();

@@ -22,6 +22,7 @@ mod labelled;
 mod logging;
 mod npz;
 mod npz_read;
+mod outputs;
 mod precompute;
 mod progress;
 mod rank_parts;

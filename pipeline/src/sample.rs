@@ -65,9 +65,14 @@ pub struct Args {
     /// Skip the per-sample PNG files (the npz and the grid are still written)
     #[arg(long)]
     no_png: bool,
-    /// Output directory: `images/000000.png`…, `grid.png`, `samples.npz`
+    /// Output directory: `images/000000.png`…, `grid.png`, `samples.npz`. It must be new, empty, or
+    /// hold an earlier run of this same command (whose files are replaced)
     #[arg(long)]
     out: PathBuf,
+    /// Replace the outputs of a different earlier `sample` run in --out (its files only; anything
+    /// else there is still refused)
+    #[arg(long)]
+    overwrite: bool,
     /// Also score the samples as they are drawn: FID against these reference statistics (`pipeline
     /// fid-stats` output or an ADM reference batch) and the Inception Score, into OUT/fid.json
     #[arg(long, value_name = "REF.npz")]
@@ -287,6 +292,30 @@ fn finish_npz(mut npz: NpzWriter, labels: &Option<Vec<i64>>, num: usize) -> anyh
     npz.finish()
 }
 
+/// What `sample` writes directly inside --out.
+const OUTPUTS: [&str; 5] = ["images", "grid.png", "samples.npz", "fid.json", "fid-features"];
+
+/// --out is never an input, and holds nothing but this command's earlier outputs.
+fn prepare_out(args: &Args) -> anyhow::Result<()> {
+    let mut inputs: Vec<(&str, &Path)> = vec![];
+    if let Some(run) = &args.trained.run {
+        inputs.push(("--run", run));
+    }
+    if let Some(c) = &args.trained.checkpoint {
+        inputs.push(("--checkpoint", c));
+    }
+    if let Some(r) = &args.fid_ref {
+        inputs.push(("--fid-ref", r));
+    }
+    crate::outputs::refuse_input_as_output("--out", &args.out, &inputs)?;
+    // The command as given identifies the run (--overwrite itself aside).
+    let command: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--overwrite")
+        .collect();
+    crate::outputs::prepare_dir("--out", &args.out, &command, &OUTPUTS, args.overwrite)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.num == 0 {
         bail!("--num must be at least 1");
@@ -295,6 +324,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--attn-temp must be positive, got {}", args.attn_temp);
     }
     let ranks = Ranks::join(&args.ranks)?;
+    // The leader readies --out before any rank writes into it; the others wait for its verdict.
+    let prepared = if ranks.leader() {
+        prepare_out(&args)
+    } else {
+        Ok(())
+    };
+    ranks.agree("preparing --out", prepared)?;
     let trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
     let model = trained.model();
     let labels = ranks.agree("choosing the classes", labels(&args, model.cfg.num_classes))?;
