@@ -143,7 +143,8 @@ impl RunCounters {
     /// An error with the whole summary when the bad fraction exceeds `max`.
     pub fn check_bad_fraction(&self, max: f64) -> crate::Result<()> {
         let fraction = self.bad_fraction();
-        if fraction > max {
+        // Written so that a NaN limit (or fraction) trips the guard instead of silently passing it.
+        if !(fraction <= max) {
             return Err(crate::Error::Invalid(format!(
                 "bad-input fraction {fraction:.4} exceeds the limit {max} ({}); see the warnings above for shard and key of each",
                 self.summary_line()
@@ -197,5 +198,7 @@ mod tests {
             err.contains("garbage_image 1") && err.contains("shard_unreadable 1"),
             "{err}"
         );
+        assert!(c.check_bad_fraction(f64::NAN).is_err(), "a NaN limit is no limit");
+        assert!(RunCounters::new().check_bad_fraction(0.0).is_ok());
     }
 }
