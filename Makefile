@@ -31,7 +31,7 @@ test: setup
 	@mkdir -p target && rm -f target/gpu-skips.txt
 	FLOWBACK_SKIP_LOG=$(CURDIR)/target/gpu-skips.txt $(CARGO) test --workspace
 	@if [ -s target/gpu-skips.txt ]; then \
-	  echo "make test: $$(wc -l < target/gpu-skips.txt) test branches skipped (GPU or a missing libtorch feature):"; sort target/gpu-skips.txt; \
+	  echo "make test: $$(sort -u target/gpu-skips.txt | wc -l) test branches skipped (GPU or a missing libtorch feature; gpu-check --cpu reruns some):"; sort -u target/gpu-skips.txt; \
 	else echo "make test: no test branch skipped"; fi
 
 demo: build
