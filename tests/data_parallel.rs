@@ -348,7 +348,10 @@ fn a_torch_error_on_one_rank_stops_both_with_a_checkpoint() {
     let start = Instant::now();
     let r0 = rank(train(&config, &sets, &steps, &out0), 0, port);
     let r1 = rank(train(&config, &sets, &failing, &out1), 1, port);
-    let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+    let (o0, o1) = (
+        r0.wait_with_output().unwrap(),
+        r1.wait_with_output().unwrap(),
+    );
     let (err0, err1) = (
         String::from_utf8_lossy(&o0.stderr),
         String::from_utf8_lossy(&o1.stderr),
@@ -409,11 +412,16 @@ fn torchrun_launches_ranks_on_its_agent_store() {
     for s in &sets {
         cmd.arg("--set").arg(s);
     }
-    cmd.args(["--set", "train.steps=2", "--set", "train.checkpoint_every=2"])
-        .arg("--out")
-        .arg(&out)
-        .env("RUST_LOG", "info")
-        .env("OMP_NUM_THREADS", "1");
+    cmd.args([
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.checkpoint_every=2",
+    ])
+    .arg("--out")
+    .arg(&out)
+    .env("RUST_LOG", "info")
+    .env("OMP_NUM_THREADS", "1");
     let o = cmd
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", torchrun.display()));
@@ -428,5 +436,7 @@ fn torchrun_launches_ranks_on_its_agent_store() {
         !log.contains("failed to bind") && !log.contains("Address already in use"),
         "{log}"
     );
-    assert!(out.join("checkpoints/step-00000002/model.safetensors").exists());
+    assert!(out
+        .join("checkpoints/step-00000002/model.safetensors")
+        .exists());
 }

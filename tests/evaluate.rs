@@ -635,7 +635,15 @@ fn outputs_never_replace_inputs() {
     let weights = std::fs::read(&ckpt).unwrap();
     let try_sample = |out: &Path, extra: &[&str]| {
         pipeline()
-            .args(["sample", "--device", "cpu", "--num", "2", "--no-png", "--checkpoint"])
+            .args([
+                "sample",
+                "--device",
+                "cpu",
+                "--num",
+                "2",
+                "--no-png",
+                "--checkpoint",
+            ])
             .arg(&ckpt)
             .arg("--out")
             .arg(out)
@@ -651,15 +659,24 @@ fn outputs_never_replace_inputs() {
     refused(try_sample(&ckpt, &[]), "is the input --checkpoint");
     assert_eq!(std::fs::read(&ckpt).unwrap(), weights);
     // The directory the checkpoint lives in holds files `sample` did not write.
-    refused(try_sample(root, &["--overwrite"]), "holds files no earlier run");
+    refused(
+        try_sample(root, &["--overwrite"]),
+        "holds files no earlier run",
+    );
     let out = root.join("samples");
     sample(&ckpt, &out, &["--num", "4", "--seed", "1"]);
     sample(&ckpt, &out, &["--num", "4", "--seed", "1"]);
     refused(try_sample(&out, &["--seed", "2"]), "--overwrite");
-    assert!(out.join("images/000003.png").exists(), "a refusal removes nothing");
+    assert!(
+        out.join("images/000003.png").exists(),
+        "a refusal removes nothing"
+    );
     let o = try_sample(&out, &["--seed", "2", "--overwrite"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!out.join("images").exists(), "the earlier run's images were removed");
+    assert!(
+        !out.join("images").exists(),
+        "the earlier run's images were removed"
+    );
     assert!(out.join("samples.npz").exists());
 
     // flow encode: --output is --input, by name and through a link.

@@ -2,7 +2,6 @@
 //! by accident of what else the binary references: libtorch registers its CUDA backend only when that
 //! library is loaded, and without it `auto` would quietly train on the CPU.
 
-
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -41,7 +40,12 @@ fn the_binary_needs_libtorch_cuda_when_libtorch_has_it() {
     let libtorch = rpath
         .iter()
         .find(|d| d.join("libtorch_cpu.so").exists())
-        .unwrap_or_else(|| panic!("no rpath entry of {} holds libtorch: {rpath:?}", exe.display()));
+        .unwrap_or_else(|| {
+            panic!(
+                "no rpath entry of {} holds libtorch: {rpath:?}",
+                exe.display()
+            )
+        });
     assert!(needed.iter().any(|n| n == "libtorch_cpu.so"), "{needed:?}");
     if libtorch.join("libtorch_cuda.so").exists() {
         assert!(

@@ -132,7 +132,13 @@ impl Group {
         Ok(Group { raw, rank, world })
     }
 
-    fn all_reduce(&self, what: &'static str, t: &Tensor, op: c_int, control: bool) -> Result<(), ExtError> {
+    fn all_reduce(
+        &self,
+        what: &'static str,
+        t: &Tensor,
+        op: c_int,
+        control: bool,
+    ) -> Result<(), ExtError> {
         // SAFETY: a live group and a live tensor handle for the call.
         check(what, unsafe {
             ext_group_allreduce(self.raw, t.as_ptr(), op, control as c_int)
@@ -259,9 +265,15 @@ mod tests {
                 })
             })
             .collect();
-        let errors: Vec<_> = ranks.into_iter().filter_map(|r| r.join().unwrap()).collect();
+        let errors: Vec<_> = ranks
+            .into_iter()
+            .filter_map(|r| r.join().unwrap())
+            .collect();
         let e = errors[0].to_string();
-        assert!(e.contains("rank 0 of 2") && e.contains("control all_reduce"), "{e}");
+        assert!(
+            e.contains("rank 0 of 2") && e.contains("control all_reduce"),
+            "{e}"
+        );
     }
 
     /// NCCL on a world of one: with a GPU, a bound communicator sums a CUDA tensor; without one, the
@@ -283,7 +295,10 @@ mod tests {
             g.all_reduce_sum(&t).unwrap();
             let flags = Tensor::from_slice(&[3i64]);
             g.control_max(&flags).unwrap();
-            assert_eq!(Vec::<f32>::try_from(t.to_device(Device::Cpu)).unwrap(), [2.5; 4]);
+            assert_eq!(
+                Vec::<f32>::try_from(t.to_device(Device::Cpu)).unwrap(),
+                [2.5; 4]
+            );
             assert_eq!(flags.int64_value(&[0]), 3);
         } else {
             let e = Group::join(Backend::Nccl, &r).err().unwrap();

@@ -248,7 +248,10 @@ mod tests {
         if tch::Cuda::is_available() {
             fused_adamw_on(Device::Cuda(0));
         } else {
-            crate::skip::gpu_branch("fused_adamw_is_adamw_and_skips_on_found_inf", "no CUDA device");
+            crate::skip::gpu_branch(
+                "fused_adamw_is_adamw_and_skips_on_found_inf",
+                "no CUDA device",
+            );
         }
     }
 

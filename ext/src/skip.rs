@@ -20,7 +20,11 @@ fn report(line: String) {
     let _ = std::io::stderr().write_all(line.as_bytes());
     if let Some(path) = std::env::var_os("FLOWBACK_SKIP_LOG") {
         // Appends of one short line are atomic on local filesystems, so parallel tests do not tear.
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = f.write_all(line.as_bytes());
         }
     }

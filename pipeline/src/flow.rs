@@ -216,7 +216,8 @@ fn labels(
 /// An output of `flow` is never its checkpoint, config or input (nor their sidecar).
 fn refuse_inputs(output: &Path, model: &ModelArgs, input: Option<&Path>) -> anyhow::Result<()> {
     let side = sidecar(&model.checkpoint);
-    let mut inputs: Vec<(&str, &Path)> = vec![("--checkpoint", &model.checkpoint), ("the sidecar", &side)];
+    let mut inputs: Vec<(&str, &Path)> =
+        vec![("--checkpoint", &model.checkpoint), ("the sidecar", &side)];
     if let Some(c) = &model.config {
         inputs.push(("--config", c));
     }

@@ -9,7 +9,11 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 /// Fails when `out` is the same file or directory as one of `inputs` (those that exist), naming both.
-pub fn refuse_input_as_output(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+pub fn refuse_input_as_output(
+    flag: &str,
+    out: &Path,
+    inputs: &[(&str, &Path)],
+) -> anyhow::Result<()> {
     let Ok(o) = std::fs::metadata(out) else {
         return Ok(());
     };

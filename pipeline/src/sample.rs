@@ -293,7 +293,13 @@ fn finish_npz(mut npz: NpzWriter, labels: &Option<Vec<i64>>, num: usize) -> anyh
 }
 
 /// What `sample` writes directly inside --out.
-const OUTPUTS: [&str; 5] = ["images", "grid.png", "samples.npz", "fid.json", "fid-features"];
+const OUTPUTS: [&str; 5] = [
+    "images",
+    "grid.png",
+    "samples.npz",
+    "fid.json",
+    "fid-features",
+];
 
 /// --out is never an input, and holds nothing but this command's earlier outputs.
 fn prepare_out(args: &Args) -> anyhow::Result<()> {

@@ -182,7 +182,10 @@ mod tests {
         };
         let path = dir.path().join("m.model.toml");
         std::fs::write(&path, sidecar_text(&cfg, Some(&space)).unwrap()).unwrap();
-        assert_eq!(read_sidecar(&path).unwrap(), (cfg.clone(), Some(space.clone())));
+        assert_eq!(
+            read_sidecar(&path).unwrap(),
+            (cfg.clone(), Some(space.clone()))
+        );
         std::fs::write(&path, sidecar_text(&cfg, None).unwrap()).unwrap();
         assert_eq!(read_sidecar(&path).unwrap(), (cfg.clone(), None));
         // A misspelt key in [space] is named, not ignored.

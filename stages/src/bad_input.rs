@@ -198,7 +198,10 @@ mod tests {
             err.contains("garbage_image 1") && err.contains("shard_unreadable 1"),
             "{err}"
         );
-        assert!(c.check_bad_fraction(f64::NAN).is_err(), "a NaN limit is no limit");
+        assert!(
+            c.check_bad_fraction(f64::NAN).is_err(),
+            "a NaN limit is no limit"
+        );
         assert!(RunCounters::new().check_bad_fraction(0.0).is_ok());
     }
 }

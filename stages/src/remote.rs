@@ -254,7 +254,10 @@ pub fn hash_source(
 ) -> io::Result<(u64, String)> {
     let tally = Arc::new(SourceTally::hashing());
     let reader = open_source_with(spec, settings, tally.clone())?;
-    let bytes = io::copy(&mut reader.take(expected.saturating_add(1)), &mut io::sink())?;
+    let bytes = io::copy(
+        &mut reader.take(expected.saturating_add(1)),
+        &mut io::sink(),
+    )?;
     if bytes > expected {
         // Dropping the reader stops a `pipe:` command.
         return Ok((bytes, "longer than recorded".to_string()));

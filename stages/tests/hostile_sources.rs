@@ -31,7 +31,12 @@ fn shard_bytes(n: u64) -> Vec<u8> {
 fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 struct Outcome {
@@ -151,27 +156,35 @@ fn hostile_sources_end_within_their_budgets() {
         ("pipe:yes".to_string(), 0),
         (format!("pipe:cat {} && yes", good_path.display()), 6),
         (
-            format!("pipe:cat {} && head -c 50000000 /dev/zero | tr '\\0' x", good_path.display()),
+            format!(
+                "pipe:cat {} && head -c 50000000 /dev/zero | tr '\\0' x",
+                good_path.display()
+            ),
             6,
         ),
     ] {
         let o = read(&spec, ReadLimits::default());
         assert_eq!(o.keys.len(), emitted, "{spec}");
         assert_eq!(o.counters.bad(BadKind::ShardCorrupt), 1, "{spec}");
-        assert_eq!(o.counters.snapshot().shards_read, 0, "{spec}: never a complete shard");
+        assert_eq!(
+            o.counters.snapshot().shards_read,
+            0,
+            "{spec}: never a complete shard"
+        );
         assert!(o.took < budget, "{spec}: {:?}", o.took);
         check_good_still_reads(&spec);
     }
 
     // 3. A command that stops at a member boundary and exits 0: what it gave is read, the shard is
     // not complete.
-    let boundary = 512 + good[124..135].iter().fold(0usize, |acc, c| {
-        if (b'0'..=b'7').contains(c) {
-            acc * 8 + (c - b'0') as usize
-        } else {
-            acc
-        }
-    });
+    let boundary = 512
+        + good[124..135].iter().fold(0usize, |acc, c| {
+            if (b'0'..=b'7').contains(c) {
+                acc * 8 + (c - b'0') as usize
+            } else {
+                acc
+            }
+        });
     let boundary = boundary.div_ceil(512) * 512;
     let short = format!("pipe:head -c {boundary} {}", good_path.display());
     let o = read(&short, ReadLimits::default());
@@ -231,7 +244,10 @@ fn hostile_sources_end_within_their_budgets() {
     // replaced after the first body broke off, and the server ignores If-Range. The resume is
     // refused; the request carried If-Range with the date.
     let requests = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (old, new) = (good.clone(), shard_bytes(6).iter().map(|b| b ^ 1).collect::<Vec<_>>());
+    let (old, new) = (
+        good.clone(),
+        shard_bytes(6).iter().map(|b| b ^ 1).collect::<Vec<_>>(),
+    );
     let log = requests.clone();
     let splice = serve(move |head, s| {
         let mut log = log.lock().unwrap();
@@ -249,7 +265,11 @@ fn hostile_sources_end_within_their_budgets() {
         }
         let start: usize = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("range: bytes=")
+                    .map(str::to_string)
+            })
             .and_then(|r| r.trim().trim_end_matches('-').parse().ok())
             .unwrap_or(0);
         let h = format!(
@@ -262,7 +282,11 @@ fn hostile_sources_end_within_their_budgets() {
         let _ = s.write_all(&new[start..]);
     });
     let o = read(&splice, ReadLimits::default());
-    assert_eq!(o.counters.snapshot().shards_read, 0, "a spliced shard must not count as read");
+    assert_eq!(
+        o.counters.snapshot().shards_read,
+        0,
+        "a spliced shard must not count as read"
+    );
     assert_eq!(o.counters.total_bad(), 1);
     let failure = o.failure.unwrap_or_default();
     assert!(failure.contains("changed while it was read"), "{failure}");

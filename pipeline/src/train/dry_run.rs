@@ -168,7 +168,6 @@ struct Measured {
     left_out: Vec<String>,
 }
 
-
 /// Peak bytes of one training step on random data with everything a run keeps on the device
 /// resident: AdamW moments and the EMA, the loader's prefetched batches, the online encoder (run on
 /// the crops as the trainer runs it), the VAE that decodes samples, Inception, and with several ranks
