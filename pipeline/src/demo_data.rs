@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use stages::demo::{write_demo_dataset, DemoConfig};
 
-use crate::progress::Progress;
+use crate::runtime::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct Args {

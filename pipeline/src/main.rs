@@ -1,38 +1,22 @@
 //! `pipeline`: the command line of the FlowBack training system. Each subcommand lives in its own
 //! module with a clap `Args` struct and a `run` function; this file only dispatches.
 
-mod bench;
-mod bpd;
-mod cache_cmd;
-mod classify;
+// Layers (ARCHITECTURE.md): each module imports only from the groups above it in this list.
+// Foundation: no command.
 mod config;
+mod formats;
+mod runtime;
+// Jobs: one module per command, with its `Args` and `run`.
+mod cache_cmd;
 mod config_cmd;
-mod crops;
-mod curves;
 mod demo_data;
 mod encoders;
-mod encoders_init;
-mod fid;
-mod fid_stats;
+mod evaluate;
 mod flow;
-mod flow_import;
-mod grid;
-mod image_set;
-mod labelled;
-mod logging;
-mod npz;
-mod npz_read;
-mod outputs;
 mod precompute;
-mod progress;
-mod rank_parts;
-mod sample;
-mod signals;
-mod space;
-mod torch_guard;
 mod train;
-mod trained;
-mod vae_fit;
+// Top: measurements that drive the jobs.
+mod bench;
 
 use clap::{Parser, Subcommand};
 
@@ -66,15 +50,15 @@ enum Command {
     /// Speed measurements against a reference run in the same invocation
     Bench(bench::Args),
     /// Images from a trained flow: PNGs, a grid and samples.npz for the ADM evaluation suite
-    Sample(sample::Args),
+    Sample(evaluate::sample::Args),
     /// Training-free classification of labelled shards or a cache: top-1/top-5, confusion, per-sample CSV
-    Classify(classify::Args),
+    Classify(evaluate::classify::Args),
     /// Bits per dimension (pixel models) or NLL per latent dimension, with a 95% confidence interval
-    Bpd(bpd::Args),
+    Bpd(evaluate::bpd::Args),
     /// FID and Inception Score of samples (PNG directory or .npz) against reference statistics
-    Fid(fid::Args),
+    Fid(evaluate::fid::Args),
     /// Reference FID statistics (mu, sigma) of the training crops of shards
-    FidStats(fid_stats::Args),
+    FidStats(evaluate::fid_stats::Args),
 }
 
 /// libtorch reads this once, when its global context is first made (after `main` starts: nothing
@@ -107,7 +91,7 @@ fn enable_tf32_matmul() {
 }
 
 fn main() {
-    logging::init();
+    runtime::logging::init();
     let cli = Cli::parse();
     if wants_tf32(&cli.command) {
         enable_tf32_matmul();
@@ -121,16 +105,16 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Precompute(args) => precompute::run(args),
         Command::Train(args) => train::run(args),
-        Command::Sample(args) => sample::run(args),
-        Command::Classify(args) => classify::run(args),
-        Command::Bpd(args) => bpd::run(args),
-        Command::Fid(args) => fid::run(args),
-        Command::FidStats(args) => fid_stats::run(args),
+        Command::Sample(args) => evaluate::sample::run(args),
+        Command::Classify(args) => evaluate::classify::run(args),
+        Command::Bpd(args) => evaluate::bpd::run(args),
+        Command::Fid(args) => evaluate::fid::run(args),
+        Command::FidStats(args) => evaluate::fid_stats::run(args),
     };
     if let Err(err) = result {
-        if let Some(stop) = err.downcast_ref::<signals::Interrupted>() {
+        if let Some(stop) = err.downcast_ref::<runtime::signals::Interrupted>() {
             eprintln!("stopped on {stop}");
-            std::process::exit(signals::exit_status(stop.signal));
+            std::process::exit(runtime::signals::exit_status(stop.signal));
         }
         // `{:#}` prints the whole context chain on one line: which file, which shard, which key.
         eprintln!("error: {err:#}");

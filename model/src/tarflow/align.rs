@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
 
 use super::block::Cond;
-use super::layers::Linear;
+use super::linear::Linear;
 use super::{FlowError, ForwardOutput, Model};
 
 /// Which graph the aligned hidden states hang on (spec §4.6).

@@ -4,7 +4,8 @@ use tch::{nn, Kind, Tensor};
 use torch_ext::onednn::Activation;
 
 use super::config::Config;
-use super::layers::{AttentionBlock, Cache, Linear, Precision, Rope, Share, Slot};
+use super::layers::{AttentionBlock, Cache, Rope, Share, Slot};
+use super::linear::{Linear, Precision};
 use super::packed::Packs;
 
 /// Token order a block works in. Block i uses identity when i is even and flip when i is odd.

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::error::FlowError;
+
 /// Feed-forward variant of every attention layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,8 +153,8 @@ impl Config {
     /// anything is allocated: every width in a range, and the parameter count, computed with checked
     /// arithmetic, at most [`MAX_PARAMETERS`]. A sidecar or config file is untrusted input: a width of
     /// 10⁹ must be an error here, not an allocation (or an abort) in libtorch.
-    pub fn validate(&self) -> Result<(), super::FlowError> {
-        let bad = |m: String| Err(super::FlowError::Config(m));
+    pub fn validate(&self) -> Result<(), FlowError> {
+        let bad = |m: String| Err(FlowError::Config(m));
         let range = |key: &str, v: i64, lo: i64, hi: i64| {
             if (lo..=hi).contains(&v) {
                 Ok(())

@@ -14,7 +14,9 @@ pub mod align;
 mod block;
 pub mod classify;
 mod config;
+mod error;
 mod layers;
+mod linear;
 mod packed;
 pub mod sample;
 
@@ -25,23 +27,11 @@ use tch::{nn, Device, Kind, Tensor};
 
 pub use block::{BlockPass, Cond, MetaBlock, Permutation};
 pub use config::{Config, GateActivation, MlpKind, PRESETS};
-pub use layers::{Cache, CastScope, Precision};
+pub use error::FlowError;
+pub use layers::{Cache, CastScope};
+pub use linear::Precision;
 
-use crate::weights::{self, WeightsError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum FlowError {
-    #[error("invalid flow config: {0}")]
-    Config(String),
-    #[error("{0}")]
-    Weights(#[from] WeightsError),
-    #[error("{path}: {message}")]
-    Checkpoint { path: String, message: String },
-    #[error("{0}")]
-    Input(String),
-    #[error("sampling produced non-finite values in {bad} samples after {attempts} redraws")]
-    NonFinite { bad: i64, attempts: usize },
-}
+use crate::weights;
 
 /// Everything a forward pass yields.
 #[derive(Debug)]
@@ -185,10 +175,6 @@ impl Model {
         }
     }
 
-    /// Reverse (noise → data) of token-space z (B, N, D) to images, with a KV cache per block.
-    pub fn reverse(&self, z: &Tensor, y: Option<&Tensor>, opts: &sample::Guidance) -> Tensor {
-        sample::reverse(self, z, y, opts)
-    }
 
     /// The project's own checkpoint: the model's tensors plus the reference's `attn_mask` buffers.
     pub fn named_tensors(&self, vs: &nn::VarStore) -> Vec<(String, Tensor)> {

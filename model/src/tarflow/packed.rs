@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 use torch_ext::onednn::{self, Activation, PackedLinear};
 
-use super::layers::{Linear, Precision};
+use super::linear::{Linear, Precision};
 
 /// The packed layers of one block, found by their weight's storage.
 #[derive(Debug, Default)]

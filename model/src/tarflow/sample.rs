@@ -29,6 +29,13 @@ impl Default for Guidance {
     }
 }
 
+impl Model {
+    /// Reverse (noise → data) of token-space z (B, N, D) to images, with a KV cache per block.
+    pub fn reverse(&self, z: &Tensor, y: Option<&Tensor>, opts: &Guidance) -> Tensor {
+        reverse(self, z, y, opts)
+    }
+}
+
 /// Inverts every block, last to first: z (B, N, D) → images (B, C, H, W).
 pub fn reverse(model: &Model, z: &Tensor, y: Option<&Tensor>, g: &Guidance) -> Tensor {
     reverse_with(model, z, y, g, g.weight != 0.0)

@@ -85,7 +85,7 @@ fn launch(args: &Args) -> anyhow::Result<()> {
 fn rank_main(args: &Args, rank: usize, world: usize) -> anyhow::Result<()> {
     // Where torchrun or srun put this rank (the GPU it owns among those its process sees), with this
     // command's own spawn as the fallback.
-    let launch = crate::train::Launch::resolve_overrides(Some(rank), Some(world), |name| {
+    let launch = crate::runtime::launch::Launch::resolve_overrides(Some(rank), Some(world), |name| {
         std::env::var(name)
             .ok()
             .or_else(|| (name == "MASTER_PORT").then(|| args.port.to_string()))

@@ -6,7 +6,7 @@ use model::vae::{self, AutoencoderKl};
 use stages::cache::{DType, FieldSpec};
 use tch::{Device, Kind, Tensor};
 
-use super::settings::{FeatureDType, LatentDType, PrecomputeConfig};
+use crate::config::{FeatureDType, LatentDType, PrecomputeConfig};
 
 pub struct Encoders {
     pub dinov2: Option<Dinov2>,

@@ -23,9 +23,9 @@ use stages::order::RankSplit;
 use stages::remote::{Kind, RetrySettings};
 use stages::wds_reader::ReadOptions;
 
-pub use settings::{cache_dir, cache_settings, PrecomputeConfig};
+pub use settings::{cache_dir, cache_settings};
 
-use crate::config::ConfigArgs;
+use crate::config::{ConfigArgs, PrecomputeConfig};
 use encode::{field_specs, launch_batch, Encoders};
 
 #[derive(clap::Args)]
@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // SIGTERM, SIGINT and SIGUSR1 stop reading, let finished shards be recorded and drop the one in
     // progress; the exit status is 128 + signal.
-    crate::signals::install();
+    crate::runtime::signals::install();
     let split = RankSplit::resolve(args.rank, args.world_size)?;
     let config = &loaded.config;
     if args.dry_run {
@@ -277,8 +277,8 @@ pub fn precompute_with(
     );
     let mut out = run_graph(config, dir, settings, jobs, None)?;
     out.reused = reused;
-    if let Some(sig) = crate::signals::requested() {
-        return Err(crate::signals::Interrupted {
+    if let Some(sig) = crate::runtime::signals::requested() {
+        return Err(crate::runtime::signals::Interrupted {
             signal: sig,
             what: format!(
                 "{} shards finished and recorded in {}, the one in progress dropped; run again to compute the rest",
@@ -445,7 +445,7 @@ pub(crate) fn decode_pool(config: &crate::config::Config) -> anyhow::Result<rayo
 pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
     // One rank per GPU: LOCAL_RANK (torchrun) or SLURM_LOCALID picks this process's device, as in
     // training, and it becomes the current CUDA device.
-    let device = crate::train::Launch::from_env()?.device(&p.device)?;
+    let device = crate::runtime::launch::Launch::from_env()?.device(&p.device)?;
     if p.encode_threads > 0 {
         tch::set_num_threads(p.encode_threads as i32);
     }
@@ -565,7 +565,7 @@ pub(crate) fn run_graph(
     };
 
     // Images encoded (the sources' sample counts are not known before they are read).
-    let progress = crate::progress::Progress::new(
+    let progress = crate::runtime::progress::Progress::new(
         &format!("precompute ({} shards): images", jobs.len()),
         limit.unwrap_or(0) as u64,
     );
@@ -739,7 +739,7 @@ fn decode_stage(
                 alive = flush(j, &mut pending, false, None);
             }
             stop = limit.is_some_and(|l| total >= l);
-            alive && !stop && crate::signals::requested().is_none()
+            alive && !stop && crate::runtime::signals::requested().is_none()
         });
         if total == before && alive && !stop {
             // An empty source shard is more often a failed copy than an empty split: say so.
@@ -750,7 +750,7 @@ fn decode_stage(
         }
         // On a signal the shard in progress is left unfinished: it never gets its last batch, so the
         // writer drops it (no file, no manifest entry) and the cache stays verifiable.
-        if crate::signals::requested().is_some() {
+        if crate::runtime::signals::requested().is_some() {
             break;
         }
         counters.add_shard();
@@ -886,7 +886,7 @@ fn write_stage(
                 if pause > 0 {
                     std::thread::sleep(Duration::from_millis(pause));
                 }
-                if crate::signals::requested().is_some() {
+                if crate::runtime::signals::requested().is_some() {
                     // Stop here: shards already complete are being finished; the one in progress is
                     // dropped with its writer (its temporary removed), and the stages upstream stop
                     // when their next send finds no receiver.

@@ -130,9 +130,9 @@ pub fn run(cfg: &crate::config::Config) -> anyhow::Result<()> {
         tch::Device::Cuda(_) => {
             flow.precision = model::tarflow::Precision::Bf16;
             flow.checkpoint_blocks = tc.checkpoint_blocks;
-            let world = super::launch::Launch::resolve(tc).map_or(1, |l| l.world);
+            let world = crate::runtime::launch::Launch::resolve(tc).map_or(1, |l| l.world);
             let step = || measured_step(cfg, &vs, &pvs, &flow, head.as_ref(), device, world);
-            let m = crate::torch_guard::guard("the dry run's measured step", step)
+            let m = crate::runtime::torch_guard::guard("the dry run's measured step", step)
                 .with_context(|| {
                     format!(
                         "measuring one step of batch {} in micro-batches of {micro} on {device:?}{}",
@@ -201,7 +201,7 @@ fn measured_step(
     counted.push("AdamW moments and the fp32 EMA".into());
 
     let online = match (tc.features, head) {
-        (super::config::Features::Online, Some(_)) => match cfg.precompute.encoder_dir() {
+        (crate::config::Features::Online, Some(_)) => match cfg.precompute.encoder_dir() {
             Some(dir) => match model::dinov2::Dinov2::from_folder(dir, device) {
                 Ok(enc) => {
                     counted.push(format!("the online encoder {}", dir.display()));
@@ -231,7 +231,7 @@ fn measured_step(
         )?;
         let y = Tensor::f_randint(m.num_classes.max(1), [b], (Kind::Int64, device))?;
         let features = match (head, online.is_some(), tc.features) {
-            (Some(_), false, super::config::Features::Cache) => Some(Tensor::f_randn(
+            (Some(_), false, crate::config::Features::Cache) => Some(Tensor::f_randn(
                 [b, tokens, cfg.align.encoder_dim],
                 (Kind::Float, device),
             )?),
@@ -265,7 +265,7 @@ fn measured_step(
     }
     if fid {
         let weights = if tc.fid_weights.is_empty() {
-            crate::fid::default_weights()
+            crate::evaluate::fid::default_weights()
         } else {
             PathBuf::from(&tc.fid_weights)
         };

@@ -13,8 +13,8 @@ use stages::order::RankSplit;
 use tch::{Device, Kind, Tensor};
 
 use super::replicas::Replicas;
-use super::TrainConfig;
-use crate::fid::Scores;
+use crate::config::TrainConfig;
+use crate::evaluate::fid::Scores;
 
 pub struct FidEval {
     inception: LoadedInception,
@@ -26,12 +26,12 @@ impl FidEval {
     /// wrong path fails at the start of the run rather than at the first evaluation.
     pub fn load(tc: &TrainConfig, device: Device) -> anyhow::Result<FidEval> {
         let weights = if tc.fid_weights.is_empty() {
-            crate::fid::default_weights()
+            crate::evaluate::fid::default_weights()
         } else {
             PathBuf::from(&tc.fid_weights)
         };
         let reference =
-            crate::fid::read_reference(Path::new(&tc.fid_ref)).context("train.fid_ref")?;
+            crate::evaluate::fid::read_reference(Path::new(&tc.fid_ref)).context("train.fid_ref")?;
         let inception = Inception::from_file(&weights, device)
             .with_context(|| format!("train.fid_weights: loading {}", weights.display()))?;
         Ok(FidEval {
@@ -54,7 +54,7 @@ impl FidEval {
         let total = tc.fid_samples as usize;
         let batch = tc.fid_batch as usize;
         let split = replicas.map_or(RankSplit { rank: 0, world: 1 }, |(_, s)| s);
-        let mine = crate::rank_parts::batch_slice(total, batch, split);
+        let mine = crate::evaluate::rank_parts::batch_slice(total, batch, split);
         let device = self.inception.model.device();
         let mut stats = FeatureStats::share_of(total, mine.start as u64, device);
         let classes = ema.cfg.num_classes;
@@ -79,10 +79,10 @@ impl FidEval {
                 )
             })
             .with_context(|| format!("sampling FID images {start}..{}", start + n))?;
-            let pixels = super::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
+            let pixels = super::samples::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
                 .context("FID of a latent model needs the VAE named in [precompute] vae")?;
             // Quantised where they were made: the Inception network runs on the same device.
-            let images = crate::trained::to_uint8_on_device(&pixels);
+            let images = crate::evaluate::trained::to_uint8_on_device(&pixels);
             stats
                 .add_images(&self.inception.model, &images)
                 .with_context(|| {
@@ -106,7 +106,7 @@ impl FidEval {
             return Ok(None);
         }
         let seen = stats.count() as usize;
-        crate::fid::finish(&stats, &self.reference, total, seen).map(Some)
+        crate::evaluate::fid::finish(&stats, &self.reference, total, seen).map(Some)
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::bail;
 use tch::{Kind, Tensor};
 use torch_ext::dist::{Backend, Group};
 
-use super::launch::Launch;
+use crate::runtime::launch::Launch;
 
 /// Gradient bytes per all-reduce, as DDP's default `bucket_cap_mb`.
 pub(super) const BUCKET_BYTES: i64 = 25 << 20;

@@ -11,7 +11,7 @@ use model::tarflow::align::{AlignHead, AlignMode};
 use model::tarflow::{Model, Precision};
 use tch::{nn, Device, Tensor};
 
-use super::launch::Launch;
+use crate::runtime::launch::Launch;
 use super::loader::{Batch, Loader, Position};
 use super::replicas::Replicas;
 use super::{checkpoint, optim, step};
@@ -74,7 +74,7 @@ pub struct Trainer {
     /// Rank 0 writes the metrics (JSON lines and TensorBoard scalars), checkpoints and samples; the
     /// other ranks write nothing.
     metrics: Option<std::fs::File>,
-    tensorboard: Option<super::tensorboard::EventWriter>,
+    tensorboard: Option<crate::formats::tensorboard::EventWriter>,
     model_toml: String,
     sample_vae: Option<model::vae::LoadedVae>,
     /// `train.fid_every`'s network and reference statistics (every rank scores its share).
@@ -107,8 +107,8 @@ impl Trainer {
         if tc.threads > 0 {
             tch::set_num_threads(tc.threads as i32);
         }
-        let cache_dir = super::prepare_cache(&cfg)?;
-        let shards = super::cache_shards(&cache_dir, &cfg.data.shards)?;
+        let cache_dir = super::data::prepare_cache(&cfg)?;
+        let shards = super::data::cache_shards(&cache_dir, &cfg.data.shards)?;
         if root {
             std::fs::create_dir_all(out)
                 .with_context(|| format!("creating run directory {}", out.display()))?;
@@ -154,9 +154,9 @@ impl Trainer {
         tch::no_grad(|| ema_vs.copy(&vs)).context("initialising the EMA")?;
         ema_vs.freeze();
 
-        let mut params: Vec<(String, Tensor)> = super::trainable(&vs, "model.");
+        let mut params: Vec<(String, Tensor)> = super::resume::trainable(&vs, "model.");
         if head.is_some() {
-            params.extend(super::trainable(&proj_vs, "projector."));
+            params.extend(super::resume::trainable(&proj_vs, "projector."));
         }
         let mut adam = optim::AdamW::new(params);
         let mut state = checkpoint::State {
@@ -171,7 +171,7 @@ impl Trainer {
         let metrics_path = out.join("metrics.jsonl");
         let mut positions = vec![];
         if let Some(dir) = &resume_from {
-            state = super::restore(
+            state = super::resume::restore(
                 dir,
                 &mut vs,
                 &mut ema_vs,
@@ -189,7 +189,7 @@ impl Trainer {
             }
             tracing::info!("resuming from {} at step {}", dir.display(), state.step);
             if root {
-                super::truncate_metrics(&metrics_path, state.step)?;
+                super::resume::truncate_metrics(&metrics_path, state.step)?;
             }
             positions = state.positions.clone();
         } else if root && metrics_path.exists() {
@@ -232,7 +232,7 @@ impl Trainer {
             };
             let split = stages::order::RankSplit { rank: r, world };
             data.push(Loader::start(
-                super::loader_spec(&cfg, shards.clone(), device, split)?,
+                super::data::loader_spec(&cfg, shards.clone(), device, split)?,
                 start,
             )?);
         }
@@ -285,7 +285,7 @@ impl Trainer {
             None
         };
         let online = match (tc.features, &head) {
-            (super::config::Features::Online, Some(_)) => {
+            (crate::config::Features::Online, Some(_)) => {
                 let dir = cfg.precompute.encoder_dir().context(
                     "train.features = \"online\" runs the encoder of precompute.encoder: set it",
                 )?;
@@ -306,8 +306,8 @@ impl Trainer {
         };
         let manifest = stages::cache::Manifest::load(&cache_dir)?
             .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
-        let space = crate::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
-        let model_toml = crate::space::sidecar_text(&cfg.model, Some(&space))?;
+        let space = crate::formats::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
+        let model_toml = crate::formats::space::sidecar_text(&cfg.model, Some(&space))?;
         let metrics = match root {
             true => Some(
                 std::fs::OpenOptions::new()
@@ -319,7 +319,7 @@ impl Trainer {
             false => None,
         };
         let tensorboard = match root {
-            true => Some(super::tensorboard::EventWriter::create(&out.join("tb"))?),
+            true => Some(crate::formats::tensorboard::EventWriter::create(&out.join("tb"))?),
             false => None,
         };
         let skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
@@ -458,7 +458,7 @@ impl Trainer {
     /// few integers on the control channel (host memory, no device synchronisation). One process
     /// agrees with itself.
     pub fn agree(&mut self, failed: bool) -> anyhow::Result<Agreement> {
-        let signal = crate::signals::requested();
+        let signal = crate::runtime::signals::requested();
         let agreement = match &self.replicas {
             None => Agreement {
                 failed_ranks: if failed {
@@ -645,7 +645,7 @@ impl Trainer {
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.scalars(
                 self.state.step as i64,
-                &super::tensorboard::scalars_of(&line),
+                &crate::formats::tensorboard::scalars_of(&line),
             )?;
         }
         self.window = (Instant::now(), self.data_wait());
@@ -668,7 +668,7 @@ impl Trainer {
         if self.launch.rank != 0 {
             return Ok(());
         }
-        super::write_samples(
+        super::samples::write_samples(
             &self.ema,
             self.sample_vae.as_ref(),
             &self.out.join("samples"),
@@ -715,7 +715,7 @@ impl Trainer {
             metrics.flush().context("writing metrics.jsonl")?;
         }
         if let Some(tb) = self.tensorboard.as_mut() {
-            let scalars: Vec<(String, f64)> = super::tensorboard::scalars_of(&line)
+            let scalars: Vec<(String, f64)> = crate::formats::tensorboard::scalars_of(&line)
                 .into_iter()
                 .map(|(k, v)| (k.replacen("train/", "eval/", 1), v))
                 .collect();
@@ -731,7 +731,7 @@ impl Trainer {
     /// the last checkpoint is collective.
     pub fn stop_requested(&self) -> Option<i32> {
         match self.replicas {
-            None => crate::signals::requested(),
+            None => crate::runtime::signals::requested(),
             Some(_) => self.agreed_signal,
         }
     }
@@ -750,7 +750,7 @@ impl Trainer {
     /// learns from one more agreement.
     pub fn checkpoint_after_failure(&mut self) -> anyhow::Result<bool> {
         let written =
-            crate::torch_guard::guard("saving after the failure", || self.write_checkpoint(false));
+            crate::runtime::torch_guard::guard("saving after the failure", || self.write_checkpoint(false));
         let failed_here = match &written {
             Ok(()) => false,
             Err(e) => {
@@ -804,7 +804,7 @@ impl Trainer {
         let contents = checkpoint::Contents {
             model: self.flow.named_tensors(&self.vs),
             ema: self.ema.named_tensors(&self.ema_vs),
-            projector: self.head.as_ref().map(|_| super::sorted(&self.proj_vs)),
+            projector: self.head.as_ref().map(|_| super::resume::sorted(&self.proj_vs)),
             moments: self
                 .adam
                 .slots
@@ -831,7 +831,7 @@ impl Trainer {
         // The picture of the curves so far; a failure to draw it never fails the run.
         let metrics = self.out.join("metrics.jsonl");
         if metrics.exists() {
-            if let Err(e) = crate::curves::write(&metrics, &self.out.join("curves.png")) {
+            if let Err(e) = crate::formats::curves::write(&metrics, &self.out.join("curves.png")) {
                 tracing::warn!("step {}: curves.png not drawn: {e:#}", self.state.step);
             }
         }
@@ -841,5 +841,5 @@ impl Trainer {
 
 /// A store's tensors in name order (the same order on every rank).
 fn sorted_values(vs: &nn::VarStore) -> Vec<Tensor> {
-    super::sorted(vs).into_iter().map(|(_, t)| t).collect()
+    super::resume::sorted(vs).into_iter().map(|(_, t)| t).collect()
 }

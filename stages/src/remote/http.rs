@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use ureq::http::{HeaderMap, Response};
 use ureq::{Agent, Body, BodyReader};
 
-use super::{RetrySettings, SourceTally};
+use super::retry::RetrySettings;
+use super::tally::SourceTally;
 
 /// What a HEAD request says about a remote shard's version.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::SourceTally;
+use super::tally::SourceTally;
 
 /// How much of a command's stderr an error quotes.
 pub const STDERR_TAIL: usize = 2048;

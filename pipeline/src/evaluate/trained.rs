@@ -43,7 +43,7 @@ pub struct Trained {
     pub vae: Option<LoadedVae>,
     pub latent: bool,
     /// The data space the checkpoint's sidecar records (absent in checkpoints from `flow init/import`).
-    pub space: Option<crate::space::Space>,
+    pub space: Option<crate::formats::space::Space>,
     pub checkpoint: PathBuf,
     /// The run's effective config (raw TOML: sections of other jobs are read by key, not by type).
     pub run_config: Option<toml::Table>,
@@ -86,7 +86,7 @@ fn run_checkpoint(run: &Path, step: Option<&str>, weights: &str) -> anyhow::Resu
 impl TrainedArgs {
     /// Loads the flow and, for a latent model, the VAE if `need_vae` (sampling and encoding images), on
     /// `--device`; for one rank of several, `auto` and `cuda` mean cuda:LOCAL_RANK.
-    pub fn load(&self, need_vae: bool, launch: &crate::train::Launch) -> anyhow::Result<Trained> {
+    pub fn load(&self, need_vae: bool, launch: &crate::runtime::launch::Launch) -> anyhow::Result<Trained> {
         let device = launch.device(&self.device)?;
         let (checkpoint, run_config) = match (&self.run, &self.checkpoint) {
             (Some(run), _) => {
@@ -103,7 +103,7 @@ impl TrainedArgs {
             (None, Some(ckpt)) => (ckpt.clone(), None),
             (None, None) => bail!("give --run RUN_DIR or --checkpoint FILE"),
         };
-        let side = crate::flow::sidecar(&checkpoint);
+        let side = crate::formats::space::sidecar(&checkpoint);
         if !side.exists() {
             bail!(
                 "{}: no model config sidecar {}",
@@ -111,7 +111,7 @@ impl TrainedArgs {
                 side.display()
             );
         }
-        let (cfg, space) = crate::space::read_sidecar(&side)?;
+        let (cfg, space) = crate::formats::space::read_sidecar(&side)?;
         let flow = tarflow::load(&checkpoint, &cfg, device)?;
         let run_value = |section: &str, key: &str| {
             run_config

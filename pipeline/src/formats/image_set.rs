@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use rayon::prelude::*;
 use tch::Tensor;
 
-use crate::npz_read::{check_member_crc, read_exactly, Elem, NpzReader};
+use crate::formats::npz_read::{check_member_crc, read_exactly, Elem, NpzReader};
 
 pub enum ImageSet {
     Pngs(Vec<PathBuf>),
@@ -232,7 +232,7 @@ fn npz_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::npz::{Dtype, NpzWriter};
+    use crate::formats::npz::{Dtype, NpzWriter};
 
     /// Everything a reader does with a file: open it as a sample set and read every batch, and read
     /// `mu` as reference statistics. Errors are fine; a panic or an abort is not.

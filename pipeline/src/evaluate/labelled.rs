@@ -9,7 +9,7 @@ use stages::cache::{DType, Manifest, ShardReader};
 use stages::order::RankSplit;
 use tch::{Kind, Tensor};
 
-use crate::trained::Trained;
+use crate::evaluate::trained::Trained;
 
 /// One batch in the flow's input space.
 pub struct Batch {
@@ -66,12 +66,12 @@ pub fn for_each_batch(
     // This rank's share for the progress line (close, not exact, for a cache, whose batches restart at
     // every shard).
     let total = if split.world > 1 {
-        crate::rank_parts::batch_slice(total as usize, batch, split).len() as u64
+        crate::evaluate::rank_parts::batch_slice(total as usize, batch, split).len() as u64
     } else {
         total
     };
     let limit = limit.unwrap_or(usize::MAX);
-    let progress = crate::progress::Progress::new(label, total);
+    let progress = crate::runtime::progress::Progress::new(label, total);
     // A libtorch exception on a batch is an error naming its first sample, not a panic.
     let mut guarded = |b: Batch| {
         let what = format!(
@@ -79,7 +79,7 @@ pub fn for_each_batch(
             b.ids.first().map_or("?", String::as_str)
         );
         let n = b.ids.len() as u64;
-        crate::torch_guard::guard(&what, || f(b))?;
+        crate::runtime::torch_guard::guard(&what, || f(b))?;
         progress.add(n);
         Ok(())
     };
@@ -103,7 +103,7 @@ fn from_shards(
     // Every rank reads the stream from its start (its order is the reading order) and decodes, but
     // does not evaluate, the images before its slice.
     let mine = if split.world > 1 {
-        crate::rank_parts::batch_slice(limit, batch, split)
+        crate::evaluate::rank_parts::batch_slice(limit, batch, split)
     } else {
         0..limit
     };
@@ -210,7 +210,7 @@ fn from_cache(
         counted += take;
     }
     let n_batches: usize = takes.iter().map(|t| t.div_ceil(batch)).sum();
-    let my_batches = crate::rank_parts::slice(n_batches, split);
+    let my_batches = crate::evaluate::rank_parts::slice(n_batches, split);
     let (mut seen, mut first_batch, mut first_sample) = (0, 0, 0);
     for (entry, &take) in manifest.shards.values().zip(&takes) {
         let shard_batches = first_batch..first_batch + take.div_ceil(batch);

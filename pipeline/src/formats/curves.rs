@@ -273,7 +273,7 @@ fn render(series: &[Series]) -> anyhow::Result<Vec<u8>> {
             prev = Some(p);
         }
     }
-    crate::grid::encode_png(&c.pixels, c.width, c.height)
+    crate::formats::grid::encode_png(&c.pixels, c.width, c.height)
 }
 
 #[cfg(test)]

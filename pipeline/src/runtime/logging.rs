@@ -20,7 +20,7 @@ struct AboveTheBar;
 
 impl std::io::Write for AboveTheBar {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        crate::progress::suspend(|| std::io::stderr().write(buf))
+        crate::runtime::progress::suspend(|| std::io::stderr().write(buf))
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

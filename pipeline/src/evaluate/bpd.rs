@@ -11,9 +11,9 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, Cond};
 use tch::{Device, Kind, Tensor};
 
-use crate::labelled;
-use crate::rank_parts::{RankArgs, Ranks};
-use crate::trained::TrainedArgs;
+use crate::evaluate::labelled;
+use crate::evaluate::rank_parts::{RankArgs, Ranks};
+use crate::evaluate::trained::TrainedArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -80,7 +80,7 @@ fn join_input_parts(ranks: &Ranks, path: &std::path::Path, values: &Tensor) -> a
         ("value".to_string(), values.to_kind(Kind::Float)),
     ];
     model::weights::save_atomic(&named, path)?;
-    crate::rank_parts::remove_parts(&parts)
+    crate::evaluate::rank_parts::remove_parts(&parts)
 }
 
 /// z = 1.96: the two-sided 95 % normal quantile.

@@ -305,7 +305,7 @@ pub const MAX_WHOLE_ARRAY_BYTES: usize = 1 << 29;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::npz::{npy_header, Dtype, NpzWriter};
+    use crate::formats::npz::{npy_header, Dtype, NpzWriter};
 
     #[test]
     fn parses_the_headers_numpy_writes() {

@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: i64,
     #[command(flatten)]
-    fit: crate::vae_fit::FitArgs,
+    fit: crate::encoders::vae_fit::FitArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -58,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             config.describe(AttentionNaming::Current)
         );
         if let Some(shards) = &args.fit.fit_on {
-            let report = crate::vae_fit::fit(&dir, &args.fit, shards, args.seed)
+            let report = crate::encoders::vae_fit::fit(&dir, &args.fit, shards, args.seed)
                 .with_context(|| format!("fitting {} on {shards}", dir.display()))?;
             println!(
                 "vae fit: {} crops of {shards} at {} px, {} steps: held-out PSNR {:.1} dB → {:.1} dB, \

@@ -127,6 +127,11 @@ pub fn sidecar_text(model: &Config, space: Option<&Space>) -> anyhow::Result<Str
     Ok(text)
 }
 
+/// The sidecar config next to a project checkpoint.
+pub fn sidecar(checkpoint: &Path) -> std::path::PathBuf {
+    checkpoint.with_extension("model.toml")
+}
+
 /// Reads a sidecar (or any model config TOML: bare keys or a `[model]` section) and its `[space]`.
 pub fn read_sidecar(path: &Path) -> anyhow::Result<(Config, Option<Space>)> {
     let text = std::fs::read_to_string(path)

@@ -2,6 +2,8 @@
 //! log-dets, per-block outputs and NLL; `decode` inverts noise (given, or drawn from a seed) with
 //! guidance and optional score denoising. Tensors travel as safetensors.
 
+pub mod import;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +26,7 @@ enum FlowCommand {
     /// Noise → images: reads `z` (B,N,D) and optional `y`, or draws `--samples` from `--seed`; writes `x`
     Decode(DecodeArgs),
     /// A checkpoint of another code base (ml-tarflow's `.pth`) → safetensors + `.model.toml` sidecar
-    Import(crate::flow_import::ImportArgs),
+    Import(crate::flow::import::ImportArgs),
 }
 
 /// Where the model's configuration comes from.
@@ -122,13 +124,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FlowCommand::Init(a) => init(a),
         FlowCommand::Encode(a) => encode(a),
         FlowCommand::Decode(a) => decode(a),
-        FlowCommand::Import(a) => crate::flow_import::import(a),
+        FlowCommand::Import(a) => import::import(a),
     }
-}
-
-/// The sidecar config next to a project checkpoint.
-pub fn sidecar(checkpoint: &Path) -> PathBuf {
-    checkpoint.with_extension("model.toml")
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
@@ -143,14 +140,14 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let model = tarflow::Model::new(vs.root(), &cfg)?;
     model::weights::save_atomic(&model.named_tensors(&vs), &args.output)?;
-    let side = sidecar(&args.output);
-    stages::atomic::write_bytes_atomic(&side, crate::space::sidecar_text(&cfg, None)?.as_bytes())?;
+    let side = crate::formats::space::sidecar(&args.output);
+    stages::atomic::write_bytes_atomic(&side, crate::formats::space::sidecar_text(&cfg, None)?.as_bytes())?;
     eprintln!("wrote {} and {}", args.output.display(), side.display());
     Ok(())
 }
 
 pub fn read_config(path: &Path) -> anyhow::Result<Config> {
-    Ok(crate::space::read_sidecar(path)?.0)
+    Ok(crate::formats::space::read_sidecar(path)?.0)
 }
 
 fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {
@@ -166,7 +163,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {
         )
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.checkpoint.display()))?,
         (None, None) => {
-            let side = sidecar(&args.checkpoint);
+            let side = crate::formats::space::sidecar(&args.checkpoint);
             if !side.exists() {
                 bail!(
                     "{}: no config given and no sidecar {}; pass --config FILE or --image-size/--patch-size/--in-channels",
@@ -215,7 +212,7 @@ fn labels(
 
 /// An output of `flow` is never its checkpoint, config or input (nor their sidecar).
 fn refuse_inputs(output: &Path, model: &ModelArgs, input: Option<&Path>) -> anyhow::Result<()> {
-    let side = sidecar(&model.checkpoint);
+    let side = crate::formats::space::sidecar(&model.checkpoint);
     let mut inputs: Vec<(&str, &Path)> =
         vec![("--checkpoint", &model.checkpoint), ("the sidecar", &side)];
     if let Some(c) = &model.config {
@@ -224,7 +221,7 @@ fn refuse_inputs(output: &Path, model: &ModelArgs, input: Option<&Path>) -> anyh
     if let Some(i) = input {
         inputs.push(("--input", i));
     }
-    crate::outputs::refuse_input_as_output("--output", output, &inputs)
+    crate::formats::outputs::refuse_input_as_output("--output", output, &inputs)
 }
 
 fn encode(args: EncodeArgs) -> anyhow::Result<()> {

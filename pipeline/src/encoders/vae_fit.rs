@@ -12,7 +12,7 @@ use stages::config::DataConfig;
 use tch::nn::OptimizerConfig;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::progress::Progress;
+use crate::runtime::progress::Progress;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FitArgs {
@@ -81,7 +81,7 @@ pub fn fit(dir: &Path, args: &FitArgs, shards: &str, seed: i64) -> anyhow::Resul
     let batch = (args.fit_batch as i64).min(train.size()[0]);
     for step in 0..args.fit_steps {
         let what = format!("VAE fit step {step}");
-        let loss = crate::torch_guard::guard(&what, || {
+        let loss = crate::runtime::torch_guard::guard(&what, || {
             let idx = Tensor::f_randint(train.size()[0], [batch], (Kind::Int64, Device::Cpu))?;
             let x = train.f_index_select(0, &idx)?;
             let (recon, mean, logvar) = autoencode(net, &x)?;
@@ -132,7 +132,7 @@ fn read_crops(shards: &str, args: &FitArgs) -> anyhow::Result<Tensor> {
     cfg.validate()
         .with_context(|| format!("--fit-on {shards} / --fit-size {}", args.fit_size))?;
     let mut pixels = Vec::new();
-    let read = crate::crops::for_each_crop(&cfg, args.fit_images, |_, crop| {
+    let read = crate::formats::crops::for_each_crop(&cfg, args.fit_images, |_, crop| {
         pixels.extend_from_slice(crop);
         Ok(())
     })?;

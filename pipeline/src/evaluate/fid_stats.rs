@@ -10,8 +10,8 @@ use model::feature_stats::FeatureStats;
 use stages::config::DataConfig;
 use tch::Tensor;
 
-use crate::fid::{describe_device, write_reference, InceptionArgs};
-use crate::progress::Progress;
+use crate::evaluate::fid::{describe_device, write_reference, InceptionArgs};
+use crate::runtime::progress::Progress;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut flush = |pixels: &mut Vec<u8>, first_key: &str| -> anyhow::Result<()> {
         let n = (pixels.len() / (args.size * args.size * 3)) as i64;
         let what = format!("the batch starting at {first_key}");
-        crate::torch_guard::guard(&what, || {
+        crate::runtime::torch_guard::guard(&what, || {
             let images = Tensor::f_from_slice(pixels)?.f_view([n, size, size, 3])?;
             stats.add_images(inception, &images).context(what.clone())
         })?;
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         progress.add(n as u64);
         Ok(())
     };
-    let read = crate::crops::for_each_crop(&cfg, limit, |id, crop| {
+    let read = crate::formats::crops::for_each_crop(&cfg, limit, |id, crop| {
         if pixels.is_empty() {
             first_key = id.to_string();
         }

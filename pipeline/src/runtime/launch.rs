@@ -55,12 +55,12 @@ pub fn first_host(nodelist: &str) -> Option<String> {
 }
 
 impl Launch {
-    pub fn resolve(tc: &super::TrainConfig) -> anyhow::Result<Launch> {
+    pub fn resolve(tc: &crate::config::TrainConfig) -> anyhow::Result<Launch> {
         Self::resolve_with(tc, |name| std::env::var(name).ok())
     }
 
     pub fn resolve_with(
-        tc: &super::TrainConfig,
+        tc: &crate::config::TrainConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<Launch> {
         Self::resolve_overrides(tc.rank, tc.world, env)
@@ -192,7 +192,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn resolve(vars: &[(&str, &str)], tc: &super::super::TrainConfig) -> anyhow::Result<Launch> {
+    fn resolve(vars: &[(&str, &str)], tc: &crate::config::TrainConfig) -> anyhow::Result<Launch> {
         let map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn torchrun_slurm_and_single_process() {
-        let tc = super::super::TrainConfig::default();
+        let tc = crate::config::TrainConfig::default();
         let single = resolve(&[], &tc).unwrap();
         assert_eq!((single.rank, single.world, single.local_rank), (0, 1, 0));
         let torchrun = resolve(
@@ -257,7 +257,7 @@ mod tests {
     /// Device selection for the launchers a GPU user meets, with the visible device count injected.
     #[test]
     fn each_rank_gets_its_own_gpu_under_every_launcher() {
-        let tc = super::super::TrainConfig::default();
+        let tc = crate::config::TrainConfig::default();
         let at = |vars: &[(&str, &str)], spec: &str, n: usize| {
             resolve(vars, &tc).unwrap().device_with(spec, n)
         };
@@ -315,7 +315,7 @@ mod tests {
 
     #[test]
     fn torchrun_agent_store_is_honoured() {
-        let tc = super::super::TrainConfig::default();
+        let tc = crate::config::TrainConfig::default();
         let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")];
         assert!(!resolve(&base, &tc).unwrap().agent_store);
         let mut agent = base.to_vec();

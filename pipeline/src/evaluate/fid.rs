@@ -13,11 +13,11 @@ use model::feature_stats::{FeatureStats, Statistics};
 use model::inception::{Inception, LoadedInception};
 use tch::{Device, Kind, Tensor};
 
-use crate::image_set::ImageSet;
-use crate::npz::{Dtype, NpzWriter};
-use crate::npz_read::NpzReader;
-use crate::progress::Progress;
-use crate::rank_parts::{self, PartWriter, RankArgs, Ranks};
+use crate::formats::image_set::ImageSet;
+use crate::formats::npz::{Dtype, NpzWriter};
+use crate::formats::npz_read::NpzReader;
+use crate::runtime::progress::Progress;
+use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 
 /// The file name `tools/convert_inception.py` gives the converted pytorch-fid weights.
 pub const WEIGHTS_FILE: &str = "pt_inception-2015-12-05-6726825d.safetensors";
@@ -171,7 +171,7 @@ pub fn score(
         let images = batch?;
         let n = batch_len(&images);
         let what = format!("Inception features of images {seen}..{}", seen + n);
-        crate::torch_guard::guard(&what, || {
+        crate::runtime::torch_guard::guard(&what, || {
             stats.add_images(inception, &images).context(what.clone())
         })?;
         seen += n;
@@ -231,7 +231,7 @@ fn score_ranks(
             let n = batch_len(&images);
             if k % world == rank {
                 let what = format!("Inception features of images {seen}..{}", seen + n);
-                crate::torch_guard::guard(&what, || {
+                crate::runtime::torch_guard::guard(&what, || {
                     let f = inception.features(&images).context(what.clone())?;
                     write_features(&mut part, &f)
                 })?;
@@ -320,7 +320,7 @@ pub fn join_features(
         }
         let n = u64::from_le_bytes(count) as i64;
         let mut read = |width: i64| -> anyhow::Result<Tensor> {
-            let bytes = crate::npz_read::read_exactly(part, (n * width * 4) as usize)
+            let bytes = crate::formats::npz_read::read_exactly(part, (n * width * 4) as usize)
                 .with_context(|| format!("reading {}: a batch is cut short", path.display()))?;
             Ok(Tensor::f_from_slice(&bytes)?
                 .f_view_dtype(Kind::Float)?
@@ -350,7 +350,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let ranks = Ranks::join(&args.ranks)?;
     if let Some(out) = &args.out {
-        crate::outputs::refuse_input_as_output(
+        crate::formats::outputs::refuse_input_as_output(
             "--out",
             out,
             &[("--ref", &args.reference), ("--samples", &args.samples)],

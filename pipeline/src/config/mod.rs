@@ -2,26 +2,32 @@
 //! overrides. Unknown keys are errors that name the key and the file, because a misspelt key that is
 //! silently ignored costs a training run.
 
+mod precompute;
+mod train;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
+pub use precompute::{FeatureDType, LatentDType, PrecomputeConfig};
+pub use train::{Features, TrainConfig};
+
 /// The preset used when no `--config` is given: tiny settings for demo data on a CPU.
-pub const DEMO_PRESET: &str = include_str!("../../configs/demo.toml");
+pub const DEMO_PRESET: &str = include_str!("../../../configs/demo.toml");
 
 /// Sections nest as the crates do: `[data]` belongs to `stages`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub data: stages::config::DataConfig,
-    pub precompute: crate::precompute::PrecomputeConfig,
+    pub precompute: PrecomputeConfig,
     /// The flow (`model::tarflow::Config`); `pipeline train` builds it.
     pub model: model::tarflow::Config,
     /// Representation alignment (`mode = "none"` trains the plain NLL without a projector).
     pub align: model::tarflow::align::AlignConfig,
     /// The training loop.
-    pub train: crate::train::TrainConfig,
+    pub train: TrainConfig,
 }
 
 /// The configuration flags every job subcommand takes.

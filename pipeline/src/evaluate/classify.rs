@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use tch::{Device, Kind};
 
-use crate::labelled;
-use crate::rank_parts::{RankArgs, Ranks};
-use crate::trained::TrainedArgs;
+use crate::evaluate::labelled;
+use crate::evaluate::rank_parts::{RankArgs, Ranks};
+use crate::evaluate::trained::TrainedArgs;
 
 #[derive(clap::Args)]
 pub struct Args {

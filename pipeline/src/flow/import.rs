@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use model::tarflow;
 use tch::{Device, Tensor};
 
-use crate::space::Space;
+use crate::formats::space::Space;
 
 #[derive(clap::Args)]
 pub struct ImportArgs {
@@ -107,10 +107,10 @@ pub fn import(args: ImportArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let weights = args.out.join("model.safetensors");
     model::weights::save_atomic(&loaded.model.named_tensors(&loaded.vs), &weights)?;
-    let side = crate::flow::sidecar(&weights);
+    let side = crate::formats::space::sidecar(&weights);
     stages::atomic::write_bytes_atomic(
         &side,
-        crate::space::sidecar_text(&cfg, space.as_ref())?.as_bytes(),
+        crate::formats::space::sidecar_text(&cfg, space.as_ref())?.as_bytes(),
     )?;
     println!(
         "imported {} ({} tensors): {} blocks × {} layers, width {}, patch {patch}, {} classes, σ {sigma}",

@@ -18,7 +18,7 @@ use stages::order::RankSplit;
 use tch::{Device, Kind, Tensor};
 use torch_ext::dist::{Backend, Group};
 
-use crate::train::Launch;
+use crate::runtime::launch::Launch;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RankArgs {

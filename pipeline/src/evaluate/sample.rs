@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance};
 use tch::{Device, Kind, Tensor};
 
-use crate::grid::{encode_png, Grid};
-use crate::npz::{Dtype, NpzWriter};
-use crate::rank_parts::{self, PartWriter, RankArgs, Ranks};
-use crate::trained::{Trained, TrainedArgs};
+use crate::formats::grid::{encode_png, Grid};
+use crate::formats::npz::{Dtype, NpzWriter};
+use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
+use crate::evaluate::trained::{Trained, TrainedArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -108,8 +108,8 @@ impl FidScoring {
         let weights = args
             .fid_weights
             .clone()
-            .unwrap_or_else(crate::fid::default_weights);
-        let reference = crate::fid::read_reference(reference).context("--fid-ref")?;
+            .unwrap_or_else(crate::evaluate::fid::default_weights);
+        let reference = crate::evaluate::fid::read_reference(reference).context("--fid-ref")?;
         let inception = model::inception::Inception::from_file(&weights, device)
             .with_context(|| format!("--fid-weights: loading {}", weights.display()))?;
         let sink = if ranks.single() {
@@ -140,7 +140,7 @@ impl FidScoring {
                     *writer = Some(part()?);
                 }
                 let f = net.features(images)?;
-                crate::fid::write_features(writer.as_mut().expect("created above"), &f)
+                crate::evaluate::fid::write_features(writer.as_mut().expect("created above"), &f)
             }
         }
     }
@@ -313,13 +313,13 @@ fn prepare_out(args: &Args) -> anyhow::Result<()> {
     if let Some(r) = &args.fid_ref {
         inputs.push(("--fid-ref", r));
     }
-    crate::outputs::refuse_input_as_output("--out", &args.out, &inputs)?;
+    crate::formats::outputs::refuse_input_as_output("--out", &args.out, &inputs)?;
     // The command as given identifies the run (--overwrite itself aside).
     let command: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--overwrite")
         .collect();
-    crate::outputs::prepare_dir("--out", &args.out, &command, &OUTPUTS, args.overwrite)
+    crate::formats::outputs::prepare_dir("--out", &args.out, &command, &OUTPUTS, args.overwrite)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -397,7 +397,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Sink::Part(PartWriter::create(ranks.part_path(&npz_path))?)
         };
         let mut redrawn = 0;
-        let progress = crate::progress::Progress::new("sample", mine.len() as u64);
+        let progress = crate::runtime::progress::Progress::new("sample", mine.len() as u64);
         for start in mine.clone().step_by(batch) {
             let len = batch.min(mine.end - start);
             let y = labels
@@ -405,7 +405,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map(|l| Tensor::from_slice(&l[start..start + len]).to_device(trained.device));
             // A libtorch exception (CUDA out of memory at a large --batch) is an error naming the samples.
             let what = format!("samples {start}..{}", start + len);
-            let (images, r) = crate::torch_guard::guard(&what, || {
+            let (images, r) = crate::runtime::torch_guard::guard(&what, || {
                 let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
                 let x = if args.denoise {
                     tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
@@ -417,7 +417,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             redrawn += r;
             if let Some(fid) = fid.as_mut() {
                 let what = format!("Inception features of samples {start}..{}", start + len);
-                crate::torch_guard::guard(&what, || {
+                crate::runtime::torch_guard::guard(&what, || {
                     fid.add(&images, || {
                         Ok(PartWriter::create(ranks.part_path(&fid_features))?)
                     })
@@ -469,9 +469,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     PartWriter::create(p.clone())?.finish()?;
                 }
             }
-            let (stats, _) = crate::fid::join_features(
+            let (stats, _) = crate::evaluate::fid::join_features(
                 &paths,
-                crate::fid::PartOrder::Sequential,
+                crate::evaluate::fid::PartOrder::Sequential,
                 trained.device,
                 args.num,
             )?;
@@ -510,9 +510,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let FeatureSink::Stats(stats) = &fid.sink else {
             bail!("the FID features were not joined");
         };
-        let scores = crate::fid::finish(stats, &fid.reference, args.num, stats.count() as usize)
+        let scores = crate::evaluate::fid::finish(stats, &fid.reference, args.num, stats.count() as usize)
             .context("scoring the samples")?;
-        crate::fid::report(
+        crate::evaluate::fid::report(
             &scores,
             &args.out.join("fid.json"),
             &npz_path,

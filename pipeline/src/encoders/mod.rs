@@ -2,6 +2,9 @@
 //! what was found (architecture, parameter count, fingerprint) and runs one forward on a generated
 //! image, so a download can be verified before a long precompute is started on it.
 
+pub mod init;
+pub mod vae_fit;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,7 +24,7 @@ enum Command {
     /// Load the encoder and/or VAE folders, print architecture, parameters and fingerprint, run one forward
     Check(CheckArgs),
     /// Write random-init DINOv2 / AutoencoderKL folders (Hugging Face layout) for demos, tests, benchmarks
-    Init(crate::encoders_init::Args),
+    Init(crate::encoders::init::Args),
 }
 
 #[derive(clap::Args)]
@@ -43,7 +46,7 @@ struct CheckArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Check(args) => check(args),
-        Command::Init(args) => crate::encoders_init::run(args),
+        Command::Init(args) => crate::encoders::init::run(args),
     }
 }
 

@@ -1,0 +1,8 @@
+//! The runtime of a job, whatever the command: ranks and devices (`launch`), clean stops on signals,
+//! libtorch exceptions as errors, progress bars and logging.
+
+pub mod launch;
+pub mod logging;
+pub mod progress;
+pub mod signals;
+pub mod torch_guard;
