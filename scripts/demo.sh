@@ -16,7 +16,7 @@ dir=$2
     --out "$dir/classify-bayes"
 # FID and IS of the samples against the held-out crops' statistics. The demo has no published Inception
 # weights (nothing is downloaded), so a random-init FID Inception stands in: its numbers rank the demo's
-# runs but are not comparable with anyone's (README: `pipeline fid`).
+# runs but are not comparable with anyone's (docs/evaluation.md: `pipeline fid`).
 mkdir -p "$dir/fid"
 "$bin" encoders init --preset inception --out "$dir/encoders"
 "$bin" fid-stats --shards "$dir/heldout/heldout-000000.tar" --size 64 --weights "$dir/encoders/inception.safetensors" \

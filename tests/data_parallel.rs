@@ -24,7 +24,7 @@ fn setup(root: &Path) -> (PathBuf, Vec<String>) {
         "train.shuffle_buffer=0".into(),
         "train.dist_timeout_s=30".into(),
     ]);
-    // One single-process precompute first, as the README says to do before a multi-rank run.
+    // One single-process precompute first, as docs/training.md says to do before a multi-rank run.
     let mut cmd = pipeline();
     cmd.args(["precompute", "--config"])
         .arg(common::repo_root().join("configs/demo.toml"));
