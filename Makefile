@@ -12,7 +12,7 @@ unexport LIBTORCH
 CARGO ?= cargo
 DEMO_DIR ?= demo
 
-.PHONY: setup system venv build test demo clean-demo
+.PHONY: setup system venv build lint test demo clean-demo
 
 setup: system venv
 
@@ -25,9 +25,14 @@ venv:
 build: setup
 	$(CARGO) build --release -p pipeline
 
+# Formatting and clippy's lints, as errors: main stays clean, so a new warning is the change that made it.
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
 # Tests whose GPU branch could not run say so on stderr and in target/gpu-skips.txt; the count closes
 # the log, so a CPU-only CI run never passes for a GPU run.
-test: setup
+test: lint
 	@mkdir -p target && rm -f target/gpu-skips.txt
 	FLOWBACK_SKIP_LOG=$(CURDIR)/target/gpu-skips.txt $(CARGO) test --workspace
 	@if [ -s target/gpu-skips.txt ]; then \

@@ -7,7 +7,7 @@ use common::*;
 #[test]
 fn bench_decode_reports_rust_and_pillow_rates() {
     let tmp = tempfile::tempdir().unwrap();
-    demo_data(&tmp.path(), 2, 6, 2, 0, &["--odd"]);
+    demo_data(tmp.path(), 2, 6, 2, 0, &["--odd"]);
     let spec = format!("{}/demo-{{000000..000001}}.tar", tmp.path().display());
     let out = run_ok(pipeline().current_dir(repo_root()).args([
         "bench",

@@ -6,7 +6,7 @@ use common::*;
 use std::path::Path;
 
 fn write_demo(dir: &Path, seed: u64, extra: &[&str]) {
-    demo_data(&dir, 3, 6, 2, seed, extra);
+    demo_data(dir, 3, 6, 2, seed, extra);
 }
 
 fn shard_bytes(dir: &Path) -> Vec<Vec<u8>> {

@@ -608,7 +608,7 @@ fn latent_bpd_and_classify_from_shards_match_the_cache() {
         let mut rows: Vec<String> = csv
             .lines()
             .skip(1)
-            .map(|l| l.rsplitn(2, ',').nth(1).unwrap().to_string())
+            .map(|l| l.rsplit_once(',').unwrap().0.to_string())
             .collect();
         rows.sort();
         (report["mean"].as_f64().unwrap(), rows)

@@ -255,7 +255,7 @@ fn a_cache_shard_cut_at_any_frame_boundary_is_refused_by_name() {
     ];
     let mut w = stages::cache::ShardWriter::create(&path, fields, 3, 1).unwrap();
     for i in 0..10i64 {
-        w.push(&i.to_string(), &[&i.to_le_bytes(), &vec![i as u8; 192]])
+        w.push(&i.to_string(), &[&i.to_le_bytes(), &[i as u8; 192]])
             .unwrap();
     }
     let summary = w.finish(serde_json::json!({})).unwrap();

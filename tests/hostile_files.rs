@@ -113,6 +113,8 @@ fn vm_kb(pid: i32, field: &str) -> Option<u64> {
 /// exec) is polled every few milliseconds, and the child killed past [`KILL_KB`] so that a regression
 /// fails the test instead of the machine. wait4's ru_maxrss is not used: Linux carries the spawning
 /// test process's peak into it across the exec.
+// The child is reaped by waitpid below, which std cannot see.
+#[allow(clippy::zombie_processes)]
 fn run_capped(what: &str, cmd: &mut Command, logs: &Path) -> Ran {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let n = RUNS.fetch_add(1, Ordering::Relaxed);

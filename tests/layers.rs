@@ -99,7 +99,9 @@ fn code_only(text: &str) -> String {
             }
             let close = format!("\"{}", "#".repeat(hashes));
             let start = i + 2 + hashes;
-            i = text[start..].find(&close).map_or(b.len(), |e| start + e + close.len());
+            i = text[start..]
+                .find(&close)
+                .map_or(b.len(), |e| start + e + close.len());
             out.push_str("\"\"");
         } else if b[i] == b'"' {
             i += 1;
@@ -240,7 +242,10 @@ fn parse(root: &Path, path: &Path) -> File {
 fn use_names(tree: &str) -> Vec<String> {
     let mut paths = vec![];
     expand_use(&tree.replace(" as ", "::"), &[], &mut paths);
-    paths.into_iter().map(|p| p.last().unwrap().clone()).collect()
+    paths
+        .into_iter()
+        .map(|p| p.last().unwrap().clone())
+        .collect()
 }
 
 /// A path as written in `file`, made absolute (from the crate root); None for other crates.
@@ -274,7 +279,11 @@ fn graph(name: &str) -> BTreeMap<String, BTreeSet<String>> {
     let files: Vec<(String, File)> = paths
         .iter()
         .map(|p| {
-            let rel = p.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             (rel, parse(&root, p))
         })
         .collect();

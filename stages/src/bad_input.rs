@@ -144,7 +144,7 @@ impl RunCounters {
     pub fn check_bad_fraction(&self, max: f64) -> crate::Result<()> {
         let fraction = self.bad_fraction();
         // Written so that a NaN limit (or fraction) trips the guard instead of silently passing it.
-        if !(fraction <= max) {
+        if fraction.is_nan() || max.is_nan() || fraction > max {
             return Err(crate::Error::Invalid(format!(
                 "bad-input fraction {fraction:.4} exceeds the limit {max} ({}); see the warnings above for shard and key of each",
                 self.summary_line()

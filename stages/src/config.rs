@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crop::{CropMode, ResizeImpl};
 use crate::label::LabelSource;
+use crate::limits::{ReadLimits, DEFAULT_MAX_MEMBER_BYTES, DEFAULT_SHARD_TIMEOUT_S};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -77,8 +78,8 @@ impl Default for DataConfig {
             shuffle_initial: 100,
             samples_per_rank: 0,
             max_pixels: 64_000_000,
-            max_member_bytes: crate::wds_reader::DEFAULT_MAX_MEMBER_BYTES,
-            shard_timeout_s: 3600.0,
+            max_member_bytes: DEFAULT_MAX_MEMBER_BYTES,
+            shard_timeout_s: DEFAULT_SHARD_TIMEOUT_S,
             max_bad_fraction: 0.01,
             threads: 0,
             queue_depth: 64,
@@ -88,13 +89,8 @@ impl Default for DataConfig {
 
 impl DataConfig {
     /// How the data stages read a shard under these settings.
-    pub fn read_limits(&self) -> crate::wds_reader::ReadLimits {
-        crate::wds_reader::ReadLimits {
-            max_member_bytes: self.max_member_bytes,
-            shard_timeout: (self.shard_timeout_s > 0.0)
-                .then(|| std::time::Duration::try_from_secs_f64(self.shard_timeout_s).ok())
-                .flatten(),
-        }
+    pub fn read_limits(&self) -> ReadLimits {
+        ReadLimits::from_settings(self.max_member_bytes, self.shard_timeout_s)
     }
 
     pub fn resolved_threads(&self) -> usize {
@@ -134,5 +130,19 @@ impl DataConfig {
             return fail("data.queue_depth must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_read_limits_are_those_of_the_default_data_section() {
+        assert_eq!(DataConfig::default().read_limits(), ReadLimits::default());
+        assert_eq!(
+            ReadLimits::default().shard_timeout,
+            Some(std::time::Duration::from_secs(3600))
+        );
     }
 }

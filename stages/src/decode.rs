@@ -331,6 +331,7 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
 mod tests {
     use super::*;
     use crate::demo::{draw_sample, encode_jpeg};
+    use crate::rng::SplitMix64;
 
     #[test]
     fn sniffs_by_content_not_name() {
@@ -380,14 +381,11 @@ mod tests {
         subsamp: turbojpeg::Subsamp,
         progressive: bool,
     ) -> Vec<u8> {
-        let mut state = (width * 31 + height) as u64;
+        let mut rng = SplitMix64::new((width * 31 + height) as u64);
         let pixels = (0..width * height * 3)
             .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
                 if (i / 3 / width) % 40 < 20 {
-                    (state >> 56) as u8
+                    rng.next_u64() as u8
                 } else {
                     (i / 3 % width) as u8
                 }

@@ -7,7 +7,8 @@
 //! a PNG named `.jpg`, plus broken members that must be reported and skipped.
 //!
 //! Every sample is drawn from its own random stream keyed by (seed, sample index), so the output is
-//! byte-identical for a seed whatever the number of threads.
+//! byte-identical for a seed whatever the number of threads; the streams are [`crate::rng`]'s
+//! SplitMix64, so it stays so whatever the dependencies' versions.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::write_atomic;
+use crate::rng::SplitMix64;
 use crate::wds_writer::TarShardWriter;
 use crate::{Error, Result};
 
@@ -181,11 +183,7 @@ pub fn write_demo_dataset(
     // The write order mixes classes, as ImageNet converters shuffle before writing: a shard holding one
     // class would make the shuffle buffer's job impossible.
     let mut order: Vec<usize> = (0..n_regular + odd.len()).collect();
-    let mut rng = SplitMix64::new(config.seed ^ 0x5EED_0F_DA7A);
-    for i in (1..order.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        order.swap(i, j);
-    }
+    SplitMix64::new(config.seed ^ 0x005E_ED0F_DA7A).shuffle(&mut order);
 
     let done = std::sync::atomic::AtomicUsize::new(0);
     let encoded: Vec<Encoded> = order
@@ -283,7 +281,7 @@ fn encode_odd(config: &DemoConfig, member: &OddMember, stream: u64) -> Result<En
         }
         OddKind::Garbage => {
             let mut rng = SplitMix64::new(mix(config.seed, stream, 11));
-            (0..2048).map(|_| rng.next() as u8).collect()
+            (0..2048).map(|_| rng.next_u64() as u8).collect()
         }
     };
     let members = match member.kind {
@@ -432,7 +430,7 @@ fn encode_png(image: &RgbImage) -> Result<Vec<u8>, image::ImageError> {
 pub fn draw_sample(seed: u64, index: u64, label: usize) -> RgbImage {
     let mut rng = SplitMix64::new(mix(seed, index, 1));
     let short = 96 + rng.below(512 - 96 + 1) as usize;
-    let aspect = 1.0 + rng.unit() * 0.7;
+    let aspect = 1.0 + rng.next_f64() * 0.7;
     let long = ((short as f64) * aspect).round() as usize;
     let (width, height) = if rng.below(2) == 0 {
         (long, short)
@@ -446,23 +444,31 @@ pub fn draw_sample(seed: u64, index: u64, label: usize) -> RgbImage {
     // The class look must not depend on the dataset seed: held-out shards (another seed) share classes.
     let hue = (label as f64 * 0.618_033_988_75).fract();
     let fg = hsv_to_rgb(
-        (hue + (rng.unit() - 0.5) * 0.06).rem_euclid(1.0),
-        0.65 + 0.3 * rng.unit(),
-        0.6 + 0.4 * rng.unit(),
+        (hue + (rng.next_f64() - 0.5) * 0.06).rem_euclid(1.0),
+        0.65 + 0.3 * rng.next_f64(),
+        0.6 + 0.4 * rng.next_f64(),
     );
     let fg2 = fg.map(|c| c * 0.45);
-    let bg_a = hsv_to_rgb(rng.unit(), 0.25 * rng.unit(), 0.3 + 0.6 * rng.unit());
-    let bg_b = hsv_to_rgb(rng.unit(), 0.25 * rng.unit(), 0.3 + 0.6 * rng.unit());
-    let bg_angle = rng.unit() * std::f64::consts::TAU;
+    let bg_a = hsv_to_rgb(
+        rng.next_f64(),
+        0.25 * rng.next_f64(),
+        0.3 + 0.6 * rng.next_f64(),
+    );
+    let bg_b = hsv_to_rgb(
+        rng.next_f64(),
+        0.25 * rng.next_f64(),
+        0.3 + 0.6 * rng.next_f64(),
+    );
+    let bg_angle = rng.next_f64() * std::f64::consts::TAU;
     let (bg_dx, bg_dy) = (bg_angle.cos(), bg_angle.sin());
 
     let min_side = width.min(height) as f64;
-    let radius = min_side * (0.2 + 0.25 * rng.unit());
-    let cx = radius + rng.unit() * (width as f64 - 2.0 * radius).max(0.0);
-    let cy = radius + rng.unit() * (height as f64 - 2.0 * radius).max(0.0);
-    let rot = rng.unit() * std::f64::consts::TAU;
+    let radius = min_side * (0.2 + 0.25 * rng.next_f64());
+    let cx = radius + rng.next_f64() * (width as f64 - 2.0 * radius).max(0.0);
+    let cy = radius + rng.next_f64() * (height as f64 - 2.0 * radius).max(0.0);
+    let rot = rng.next_f64() * std::f64::consts::TAU;
     let (rot_c, rot_s) = (rot.cos(), rot.sin());
-    let stripe_freq = 3.0 + 3.0 * rng.unit();
+    let stripe_freq = 3.0 + 3.0 * rng.next_f64();
     let noise_amp = 4 + rng.below(12) as i32;
     let mut noise = SplitMix64::new(mix(seed, index, 2));
 
@@ -538,7 +544,7 @@ impl Shape {
         match self {
             Shape::Disk => r2 <= 1.0,
             Shape::Square => u.abs().max(v.abs()) <= 0.8,
-            Shape::Triangle => v <= 0.7 && v >= -0.9 && u.abs() <= (v + 0.9) * 0.6,
+            Shape::Triangle => (-0.9..=0.7).contains(&v) && u.abs() <= (v + 0.9) * 0.6,
             Shape::Ring => (0.36..=1.0).contains(&r2),
             Shape::Cross => (u.abs() < 0.3 && v.abs() < 1.0) || (v.abs() < 0.3 && u.abs() < 1.0),
             Shape::Diamond => u.abs() + v.abs() <= 1.0,
@@ -566,39 +572,7 @@ fn hsv_to_rgb(h: f64, s: f64, v: f64) -> [f64; 3] {
 /// Seeds for independent streams: (dataset seed, sample, purpose) → one well-mixed u64.
 fn mix(seed: u64, index: u64, purpose: u64) -> u64 {
     let mut s = SplitMix64::new(seed ^ index.rotate_left(21) ^ purpose.rotate_left(42));
-    s.next() ^ s.next()
-}
-
-/// SplitMix64: tiny, fast and fixed forever, so demo data never changes under a dependency bump.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, n) by rejection, without modulo bias.
-    fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - (u64::MAX % n);
-        loop {
-            let x = self.next();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
+    s.next_u64() ^ s.next_u64()
 }
 
 #[cfg(test)]

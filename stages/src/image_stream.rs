@@ -109,7 +109,7 @@ thread_local! {
 }
 
 /// Decodes and crops one image. The exact path decodes only the source rectangle the crop reads (see
-/// [`decode_rgb_window`]); the fast resampler works on whole images.
+/// [`decode_rgb_window`](crate::decode::decode_rgb_window)); the fast resampler works on whole images.
 pub fn decode_and_crop(
     bytes: &[u8],
     cfg: &DataConfig,

@@ -7,8 +7,9 @@
 //! same inputs, same order, whatever the thread count.
 
 use rand_chacha::ChaCha8Rng;
-use rand_core::{Rng, SeedableRng};
+use rand_core::SeedableRng;
 
+use crate::rng::{self, splitmix64};
 use crate::{Error, Result};
 
 /// This process's place among the data-parallel processes.
@@ -63,8 +64,8 @@ impl RankSplit {
     }
 }
 
-/// A generator for one purpose. The key is hashed into the 32-byte ChaCha seed by hand (SplitMix64),
-/// so orders depend only on this code and the pinned rand_chacha.
+/// A generator for one purpose. The key is hashed into the 32-byte ChaCha seed by hand (SplitMix64,
+/// [`splitmix64`]), so orders depend only on this code and the pinned rand_chacha.
 pub fn keyed_rng(seed: u64, epoch: u64, rank: u64, purpose: u64) -> ChaCha8Rng {
     let mut state = seed ^ 0x243F_6A88_85A3_08D3;
     let mut bytes = [0u8; 32];
@@ -72,29 +73,15 @@ pub fn keyed_rng(seed: u64, epoch: u64, rank: u64, purpose: u64) -> ChaCha8Rng {
         .into_iter()
         .enumerate()
     {
-        state = splitmix(state ^ word.rotate_left(17 * i as u32 + 7));
+        state = splitmix64(state ^ word.rotate_left(17 * i as u32 + 7));
         bytes[i * 8..i * 8 + 8].copy_from_slice(&state.to_le_bytes());
     }
     ChaCha8Rng::from_seed(bytes)
 }
 
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Uniform in [0, n) without modulo bias.
 pub fn below(rng: &mut ChaCha8Rng, n: usize) -> usize {
-    let n = n as u64;
-    let zone = u64::MAX - (u64::MAX % n);
-    loop {
-        let x = rng.next_u64();
-        if x < zone {
-            return (x % n) as usize;
-        }
-    }
+    rng::below(rng, n as u64) as usize
 }
 
 pub const PURPOSE_SHARDS: u64 = 1;
@@ -111,10 +98,7 @@ pub fn epoch_shards(
 ) -> Vec<String> {
     let mut order: Vec<&String> = shards.iter().collect();
     if shuffle {
-        let mut rng = keyed_rng(seed, epoch, 0, PURPOSE_SHARDS);
-        for i in (1..order.len()).rev() {
-            order.swap(i, below(&mut rng, i + 1));
-        }
+        rng::shuffle(&mut keyed_rng(seed, epoch, 0, PURPOSE_SHARDS), &mut order);
     }
     order
         .into_iter()

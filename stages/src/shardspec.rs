@@ -210,11 +210,7 @@ pub fn brace_expand(pattern: &str) -> Result<Vec<String>> {
             if parts.len() < 2 {
                 // `{x}` without a comma or range stays literal, as in braceexpand and bash.
                 let literal = format!("{}{{{}}}", prefix, body);
-                return Ok(brace_expand(&format!(
-                    "{}{}",
-                    escape_braces(&literal),
-                    suffix
-                ))?);
+                return brace_expand(&format!("{}{}", escape_braces(&literal), suffix));
             }
             let mut items = Vec::new();
             for part in parts {
@@ -302,11 +298,8 @@ fn split_top_level_commas(body: &str) -> Vec<String> {
             }
             _ => {}
         }
-        if c == '\\' {
-            parts.last_mut().expect("non-empty").push(c);
-        } else {
-            parts.last_mut().expect("non-empty").push(c);
-        }
+        // A backslash stays with what it escapes: each part is brace-expanded again, which unescapes.
+        parts.last_mut().expect("non-empty").push(c);
     }
     parts
 }

@@ -13,6 +13,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::sync::Arc;
 
 use crate::bad_input::{BadKind, RunCounters};
+// Re-exported: readers name the limits here, where they are enforced.
+pub use crate::limits::{ReadLimits, DEFAULT_MAX_MEMBER_BYTES};
 use crate::metrics::{ShardReadStat, SourceStats};
 use crate::remote::{self, Kind, SourceTally};
 
@@ -200,27 +202,9 @@ pub fn open_shard(spec: &str) -> std::io::Result<Box<dyn Read + Send>> {
     )?))
 }
 
-/// `data.max_member_bytes`'s default: far above any image of a real dataset (ImageNet's largest JPEG
-/// is ~15 MB), far below what a lying header can claim.
-pub const DEFAULT_MAX_MEMBER_BYTES: u64 = 256 << 20;
-
 /// Bytes read after a remote tar's end-of-archive blocks before the source is dropped: a tar is padded
 /// to its 10 KiB record, and whatever follows beyond this is not part of the shard.
 pub const MAX_TRAILING_BYTES: u64 = 1 << 20;
-
-/// The bounds on what one shard may cost (`data.max_member_bytes`, `data.shard_timeout_s`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ReadLimits {
-    pub max_member_bytes: u64,
-    /// The whole shard's read, on top of the per-read timeouts.
-    pub shard_timeout: Option<std::time::Duration>,
-}
-
-impl Default for ReadLimits {
-    fn default() -> Self {
-        crate::config::DataConfig::default().read_limits()
-    }
-}
 
 /// How [`read_shard_with`] reads.
 #[derive(Default, Clone, Copy)]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use stages::bad_input::{BadKind, RunCounters};
 use stages::demo::{draw_sample, encode_jpeg};
+use stages::rng::SplitMix64;
 use stages::wds_reader::{read_shard_with, ReadLimits, ReadOptions};
 use stages::wds_writer::TarShardWriter;
 
@@ -202,14 +203,11 @@ fn hostile_sources_end_within_their_budgets() {
     // 5. HTTP: an endless random body, and a valid shard trickled a byte at a time.
     let endless = serve(|_, s| {
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
-        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut rng = SplitMix64::new(5);
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            for b in buf.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
+            for word in buf.chunks_exact_mut(8) {
+                word.copy_from_slice(&rng.next_u64().to_le_bytes());
             }
             if s.write_all(&buf).is_err() {
                 return;

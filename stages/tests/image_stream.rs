@@ -50,7 +50,10 @@ fn small_jpeg(index: u64) -> Vec<u8> {
     encode_jpeg(&draw_sample(1, index, 0), 85, false).unwrap()
 }
 
-fn tar_bytes(samples: &[(&str, Vec<(&str, Vec<u8>)>)]) -> Vec<u8> {
+/// A sample to write: its key and its (extension, bytes) members.
+type Sample<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>);
+
+fn tar_bytes(samples: &[Sample]) -> Vec<u8> {
     let mut w = TarShardWriter::new(Vec::new());
     for (key, members) in samples {
         let m: Vec<(&str, &[u8])> = members.iter().map(|(e, d)| (*e, d.as_slice())).collect();

@@ -175,7 +175,6 @@ impl Model {
         }
     }
 
-
     /// The project's own checkpoint: the model's tensors plus the reference's `attn_mask` buffers.
     pub fn named_tensors(&self, vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();

@@ -586,7 +586,7 @@ fn bits_per_dim_adds_the_quantisation_jacobian() {
     let mut out = tch::no_grad(|| model.forward(&xq, &Cond::Null, &[]));
     let z0 = out.z.zeros_like();
     out.z = Tensor::cat(&[z0.narrow(0, 0, 2), z0.narrow(0, 0, 1) + 2.0], 0);
-    out.logdet = Tensor::from_slice(&[0.225_791_352_644_727_38f32, 0.0, 0.0]);
+    out.logdet = Tensor::from_slice(&[0.225_791_35_f32, 0.0, 0.0]);
     let bpd = Vec::<f64>::try_from(bits_per_dim(&out).to_kind(Kind::Double)).unwrap();
     for (got, want) in bpd
         .iter()

@@ -85,11 +85,12 @@ fn launch(args: &Args) -> anyhow::Result<()> {
 fn rank_main(args: &Args, rank: usize, world: usize) -> anyhow::Result<()> {
     // Where torchrun or srun put this rank (the GPU it owns among those its process sees), with this
     // command's own spawn as the fallback.
-    let launch = crate::runtime::launch::Launch::resolve_overrides(Some(rank), Some(world), |name| {
-        std::env::var(name)
-            .ok()
-            .or_else(|| (name == "MASTER_PORT").then(|| args.port.to_string()))
-    })?;
+    let launch =
+        crate::runtime::launch::Launch::resolve_overrides(Some(rank), Some(world), |name| {
+            std::env::var(name)
+                .ok()
+                .or_else(|| (name == "MASTER_PORT").then(|| args.port.to_string()))
+        })?;
     let (backend, device) = match args.backend.as_str() {
         "nccl" => (Backend::Nccl, launch.device("cuda")?),
         _ => (Backend::Gloo, Device::Cpu),

@@ -27,23 +27,6 @@ pub struct Args {
     threads: usize,
 }
 
-/// SplitMix64 → uniform [0, 1) and approximately normal values (sum of 4 uniforms).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f32 {
-        ((self.next() + self.next() + self.next() + self.next() - 2.0) * 1.732) as f32
-    }
-}
-
 fn f16_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
     values
         .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
@@ -70,19 +53,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     // Every sample distinct (a repeated one would let zstd find it again within the window), generated
     // before the clock starts.
-    let mut rng = Rng(7);
+    let mut rng = stages::rng::SplitMix64::new(7);
     let samples: Vec<Vec<Vec<u8>>> = (0..args.rows)
         .map(|k| {
             let image: Vec<u8> = (0..256 * 256 * 3)
                 .map(|i| {
                     let (y, x, c) = (i / 768, (i / 3) % 256, i % 3);
                     let smooth = (x + 2 * y + 40 * c + 13 * k) % 256;
-                    (smooth as f64 * 0.8 + rng.next() * 20.0) as u8
+                    (smooth as f64 * 0.8 + rng.next_f64() * 20.0) as u8
                 })
                 .collect();
-            let mean = f16_bytes((0..2 * 4 * 32 * 32).map(|_| rng.normal()));
-            let std = f16_bytes((0..2 * 4 * 32 * 32).map(|_| 0.05 + 0.02 * rng.next() as f32));
-            let tokens: Vec<f32> = (0..2 * 256 * 768).map(|_| 2.0 * rng.normal()).collect();
+            let mean = f16_bytes((0..2 * 4 * 32 * 32).map(|_| rng.approx_normal() as f32));
+            let std = f16_bytes((0..2 * 4 * 32 * 32).map(|_| 0.05 + 0.02 * rng.next_f64() as f32));
+            let tokens: Vec<f32> = (0..2 * 256 * 768)
+                .map(|_| 2.0 * rng.approx_normal() as f32)
+                .collect();
             let mut row = vec![(k as i64).to_le_bytes().to_vec(), image, mean, std];
             if i8 {
                 let mut q = Vec::with_capacity(tokens.len());
@@ -111,8 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let start = Instant::now();
         pool.install(|| -> anyhow::Result<()> {
             let mut w = ShardWriter::create(&path, fields.clone(), args.chunk_rows, level)?;
-            for i in 0..args.rows {
-                let row = &samples[i];
+            for (i, row) in samples.iter().enumerate().take(args.rows) {
                 let values: Vec<&[u8]> = row.iter().map(Vec::as_slice).collect();
                 w.push(&format!("{i:08}"), &values)?;
             }

@@ -25,8 +25,11 @@ pub struct Args {
     fit: crate::encoders::vae_fit::FitArgs,
 }
 
+/// A network a preset writes, and the folder it goes to.
+type Folder<C> = Option<(C, PathBuf)>;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (enc, vae): (Option<(dinov2::Config, PathBuf)>, Option<(vae::Config, PathBuf)>) = match args.preset.as_str() {
+    let (enc, vae): (Folder<dinov2::Config>, Folder<vae::Config>) = match args.preset.as_str() {
         "tiny" => (Some((tiny_dinov2(), args.out.join("dinov2"))), Some((tiny_vae(), args.out.join("vae")))),
         "base" => (Some((dinov2::Config::vit_base(), args.out.join("dinov2"))), Some((vae::Config::sd_vae(), args.out.join("vae")))),
         "tiny-dinov2" => (Some((tiny_dinov2(), args.out.clone())), None),

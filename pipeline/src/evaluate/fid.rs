@@ -13,11 +13,11 @@ use model::feature_stats::{FeatureStats, Statistics};
 use model::inception::{Inception, LoadedInception};
 use tch::{Device, Kind, Tensor};
 
+use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 use crate::formats::image_set::ImageSet;
 use crate::formats::npz::{Dtype, NpzWriter};
 use crate::formats::npz_read::NpzReader;
 use crate::runtime::progress::Progress;
-use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 
 /// The file name `tools/convert_inception.py` gives the converted pytorch-fid weights.
 pub const WEIGHTS_FILE: &str = "pt_inception-2015-12-05-6726825d.safetensors";

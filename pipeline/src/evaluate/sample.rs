@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance};
 use tch::{Device, Kind, Tensor};
 
-use crate::formats::grid::{encode_png, Grid};
-use crate::formats::npz::{Dtype, NpzWriter};
 use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 use crate::evaluate::trained::{Trained, TrainedArgs};
+use crate::formats::grid::{encode_png, Grid};
+use crate::formats::npz::{Dtype, NpzWriter};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -153,16 +153,10 @@ impl FidScoring {
     }
 }
 
-/// SplitMix64: decorrelates consecutive (seed, index) keys into independent generator seeds.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-/// The generator seed of sample `index`'s noise at redraw `attempt`, and of its random class.
+/// The generator seed of sample `index`'s noise at redraw `attempt`, and of its random class:
+/// SplitMix64's mixing decorrelates consecutive (seed, index) keys into independent seeds.
 fn sample_key(seed: u64, index: u64, purpose: u64) -> i64 {
+    use stages::rng::splitmix64 as mix;
     (mix(mix(mix(seed) ^ index) ^ purpose) >> 1) as i64
 }
 const PURPOSE_CLASS: u64 = u64::MAX;
@@ -510,8 +504,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let FeatureSink::Stats(stats) = &fid.sink else {
             bail!("the FID features were not joined");
         };
-        let scores = crate::evaluate::fid::finish(stats, &fid.reference, args.num, stats.count() as usize)
-            .context("scoring the samples")?;
+        let scores =
+            crate::evaluate::fid::finish(stats, &fid.reference, args.num, stats.count() as usize)
+                .context("scoring the samples")?;
         crate::evaluate::fid::report(
             &scores,
             &args.out.join("fid.json"),

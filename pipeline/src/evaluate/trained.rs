@@ -86,7 +86,11 @@ fn run_checkpoint(run: &Path, step: Option<&str>, weights: &str) -> anyhow::Resu
 impl TrainedArgs {
     /// Loads the flow and, for a latent model, the VAE if `need_vae` (sampling and encoding images), on
     /// `--device`; for one rank of several, `auto` and `cuda` mean cuda:LOCAL_RANK.
-    pub fn load(&self, need_vae: bool, launch: &crate::runtime::launch::Launch) -> anyhow::Result<Trained> {
+    pub fn load(
+        &self,
+        need_vae: bool,
+        launch: &crate::runtime::launch::Launch,
+    ) -> anyhow::Result<Trained> {
         let device = launch.device(&self.device)?;
         let (checkpoint, run_config) = match (&self.run, &self.checkpoint) {
             (Some(run), _) => {

@@ -141,7 +141,10 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
     let model = tarflow::Model::new(vs.root(), &cfg)?;
     model::weights::save_atomic(&model.named_tensors(&vs), &args.output)?;
     let side = crate::formats::space::sidecar(&args.output);
-    stages::atomic::write_bytes_atomic(&side, crate::formats::space::sidecar_text(&cfg, None)?.as_bytes())?;
+    stages::atomic::write_bytes_atomic(
+        &side,
+        crate::formats::space::sidecar_text(&cfg, None)?.as_bytes(),
+    )?;
     eprintln!("wrote {} and {}", args.output.display(), side.display());
     Ok(())
 }

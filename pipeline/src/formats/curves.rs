@@ -331,7 +331,7 @@ mod tests {
 
     #[test]
     fn labels_are_short() {
-        assert_eq!(label(3.14159), "3.14");
+        assert_eq!(label(1.23456), "1.23");
         assert_eq!(label(-0.04567), "-0.0457");
         assert_eq!(label(12345.0), "12345");
         assert_eq!(label(400000.0), "4.0e5");

@@ -318,7 +318,7 @@ mod tests {
             std::fs::write(&bad, &m).unwrap();
             let msg = format!(
                 "{:#}",
-                read_all(&bad).err().expect("a flipped pixel is an error")
+                read_all(&bad).expect_err("a flipped pixel is an error")
             );
             assert!(msg.contains("bad.npz") && msg.contains("corrupt"), "{msg}");
         }

@@ -515,7 +515,7 @@ pub(crate) fn run_graph(
     let started = Instant::now();
     let fields = field_specs(&p, data.image_size, &encoders);
     let counters = Arc::new(RunCounters::new());
-    let pool = decode_pool(&config)?;
+    let pool = decode_pool(config)?;
     let (dtx, drx) = sync_channel::<DecodedBatch>(p.queue_batches);
     let (etx, erx) = sync_channel::<EncodedBatch>(p.queue_batches);
     let jobs = Arc::new(jobs);

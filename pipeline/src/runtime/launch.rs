@@ -187,6 +187,46 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// Joins this job's process group (rendezvous at MASTER_ADDR:MASTER_PORT, or torchrun's agent
+    /// store there), an NCCL communicator bound to `device`, logging it as `what`; a failure names the
+    /// rank and the address.
+    pub fn join_group(
+        &self,
+        backend: Backend,
+        device: tch::Device,
+        timeout: Duration,
+        what: &str,
+    ) -> anyhow::Result<Group> {
+        let rendezvous = Rendezvous {
+            host: &self.master_addr,
+            port: self.master_port,
+            rank: self.rank,
+            world: self.world,
+            timeout,
+            agent_store: self.agent_store,
+            device: match device {
+                tch::Device::Cuda(i) => Some(i),
+                _ => None,
+            },
+        };
+        let group = Group::join(backend, &rendezvous).with_context(|| {
+            format!(
+                "rank {} of {}: joining the process group at {}:{}",
+                self.rank, self.world, self.master_addr, self.master_port
+            )
+        })?;
+        tracing::info!(
+            "rank {} of {}: {what} ({backend:?} process group at {}:{})",
+            self.rank,
+            self.world,
+            self.master_addr,
+            self.master_port
+        );
+        Ok(group)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,45 +372,5 @@ mod tests {
         assert_eq!(first_host("gpu[03-06,09],cpu1").as_deref(), Some("gpu03"));
         assert_eq!(first_host("n[7]").as_deref(), Some("n7"));
         assert_eq!(first_host("").as_deref(), None);
-    }
-}
-
-impl Launch {
-    /// Joins this job's process group (rendezvous at MASTER_ADDR:MASTER_PORT, or torchrun's agent
-    /// store there), an NCCL communicator bound to `device`, logging it as `what`; a failure names the
-    /// rank and the address.
-    pub fn join_group(
-        &self,
-        backend: Backend,
-        device: tch::Device,
-        timeout: Duration,
-        what: &str,
-    ) -> anyhow::Result<Group> {
-        let rendezvous = Rendezvous {
-            host: &self.master_addr,
-            port: self.master_port,
-            rank: self.rank,
-            world: self.world,
-            timeout,
-            agent_store: self.agent_store,
-            device: match device {
-                tch::Device::Cuda(i) => Some(i),
-                _ => None,
-            },
-        };
-        let group = Group::join(backend, &rendezvous).with_context(|| {
-            format!(
-                "rank {} of {}: joining the process group at {}:{}",
-                self.rank, self.world, self.master_addr, self.master_port
-            )
-        })?;
-        tracing::info!(
-            "rank {} of {}: {what} ({backend:?} process group at {}:{})",
-            self.rank,
-            self.world,
-            self.master_addr,
-            self.master_port
-        );
-        Ok(group)
     }
 }

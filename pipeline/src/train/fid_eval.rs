@@ -30,8 +30,8 @@ impl FidEval {
         } else {
             PathBuf::from(&tc.fid_weights)
         };
-        let reference =
-            crate::evaluate::fid::read_reference(Path::new(&tc.fid_ref)).context("train.fid_ref")?;
+        let reference = crate::evaluate::fid::read_reference(Path::new(&tc.fid_ref))
+            .context("train.fid_ref")?;
         let inception = Inception::from_file(&weights, device)
             .with_context(|| format!("train.fid_weights: loading {}", weights.display()))?;
         Ok(FidEval {
@@ -79,8 +79,9 @@ impl FidEval {
                 )
             })
             .with_context(|| format!("sampling FID images {start}..{}", start + n))?;
-            let pixels = super::samples::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
-                .context("FID of a latent model needs the VAE named in [precompute] vae")?;
+            let pixels =
+                super::samples::decode_samples(samples.x, vae, tc, ema.cfg.in_channels)?
+                    .context("FID of a latent model needs the VAE named in [precompute] vae")?;
             // Quantised where they were made: the Inception network runs on the same device.
             let images = crate::evaluate::trained::to_uint8_on_device(&pixels);
             stats

@@ -67,7 +67,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.dry_run {
-        let loaded = effective::load_config_with(&args.config, args.latent, &args.shards, &args.cache, false)?;
+        let loaded = effective::load_config_with(
+            &args.config,
+            args.latent,
+            &args.shards,
+            &args.cache,
+            false,
+        )?;
         return dry_run::run(&loaded.config);
     }
     let loaded = load_config(&args.config, args.latent, &args.shards, &args.cache)?;

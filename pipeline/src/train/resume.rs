@@ -8,7 +8,6 @@ use tch::{nn, Tensor};
 
 use super::{checkpoint, optim};
 
-
 pub(super) fn trainable(vs: &nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs
         .variables()

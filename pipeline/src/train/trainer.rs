@@ -11,10 +11,10 @@ use model::tarflow::align::{AlignHead, AlignMode};
 use model::tarflow::{Model, Precision};
 use tch::{nn, Device, Tensor};
 
-use crate::runtime::launch::Launch;
 use super::loader::{Batch, Loader, Position};
 use super::replicas::Replicas;
 use super::{checkpoint, optim, step};
+use crate::runtime::launch::Launch;
 
 /// Test hooks: steps whose batch is made NaN, or whose gradient gets an infinite element.
 #[derive(Default)]
@@ -306,7 +306,8 @@ impl Trainer {
         };
         let manifest = stages::cache::Manifest::load(&cache_dir)?
             .with_context(|| format!("{}: no manifest", cache_dir.display()))?;
-        let space = crate::formats::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
+        let space =
+            crate::formats::space::Space::of_run(&cfg, &manifest.fingerprint, &manifest.settings);
         let model_toml = crate::formats::space::sidecar_text(&cfg.model, Some(&space))?;
         let metrics = match root {
             true => Some(
@@ -319,7 +320,9 @@ impl Trainer {
             false => None,
         };
         let tensorboard = match root {
-            true => Some(crate::formats::tensorboard::EventWriter::create(&out.join("tb"))?),
+            true => Some(crate::formats::tensorboard::EventWriter::create(
+                &out.join("tb"),
+            )?),
             false => None,
         };
         let skips = optim::Skips::new(device, state.nonfinite_total, state.nonfinite_in_row);
@@ -749,8 +752,9 @@ impl Trainer {
     /// needs nothing of a failed rank but its host. Returns whether rank 0 wrote it, as every rank
     /// learns from one more agreement.
     pub fn checkpoint_after_failure(&mut self) -> anyhow::Result<bool> {
-        let written =
-            crate::runtime::torch_guard::guard("saving after the failure", || self.write_checkpoint(false));
+        let written = crate::runtime::torch_guard::guard("saving after the failure", || {
+            self.write_checkpoint(false)
+        });
         let failed_here = match &written {
             Ok(()) => false,
             Err(e) => {
@@ -804,7 +808,10 @@ impl Trainer {
         let contents = checkpoint::Contents {
             model: self.flow.named_tensors(&self.vs),
             ema: self.ema.named_tensors(&self.ema_vs),
-            projector: self.head.as_ref().map(|_| super::resume::sorted(&self.proj_vs)),
+            projector: self
+                .head
+                .as_ref()
+                .map(|_| super::resume::sorted(&self.proj_vs)),
             moments: self
                 .adam
                 .slots
@@ -841,5 +848,8 @@ impl Trainer {
 
 /// A store's tensors in name order (the same order on every rank).
 fn sorted_values(vs: &nn::VarStore) -> Vec<Tensor> {
-    super::resume::sorted(vs).into_iter().map(|(_, t)| t).collect()
+    super::resume::sorted(vs)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect()
 }

@@ -90,7 +90,7 @@ fn parse<T>(
         None => Ok(None),
         Some(v) if v.trim().is_empty() => Ok(None),
         Some(v) => convert(v.trim()).map(Some).ok_or_else(|| {
-            format!("{name}={v}: not a valid value (see the README's retry settings)")
+            format!("{name}={v}: not a valid value (see docs/data.md, Remote shards)")
         }),
     }
 }
