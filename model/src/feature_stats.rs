@@ -11,6 +11,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::frozen::EncoderError;
 use crate::inception::{Features, Inception};
+/// Precision, recall and KID live in [`crate::manifold`]; here too so that the whole table is one import.
+pub use crate::manifold::{kid, precision_recall};
 
 /// Splits of the Inception Score, as Salimans et al. and the ADM suite (5 000 of 50 000 samples each).
 pub const IS_SPLITS: usize = 10;
@@ -165,22 +167,157 @@ pub struct InceptionScore {
     pub splits: usize,
 }
 
-/// Streaming accumulator of FID statistics and, when set up with the number of images to come, the
-/// Inception Score. Feed it batches with [`FeatureStats::add_images`] (uint8 NHWC images through the
-/// network) or [`FeatureStats::add`] (features already computed), then read [`FeatureStats::statistics`]
-/// and [`FeatureStats::inception_score`].
+/// Streaming accumulator of FID and sFID statistics and, when set up with the number of images to
+/// come, the Inception Score. Feed it batches with [`FeatureStats::add_images`] (uint8 NHWC images
+/// through the network) or [`FeatureStats::add`] (features already computed), then read
+/// [`FeatureStats::statistics`], [`FeatureStats::spatial_statistics`] and
+/// [`FeatureStats::inception_score`].
 #[derive(Debug)]
 pub struct FeatureStats {
     device: Device,
-    count: u64,
     /// Global index of this accumulator's first image (its place in the Inception Score's splits).
     first: u64,
+    pool3: Moments,
+    /// Only batches that came with their spatial features count here ([`FeatureStats::add_raw`]
+    /// brings none).
+    spatial: Moments,
+    score: Option<SplitSums>,
+}
+
+/// Streaming mean and covariance of feature vectors.
+#[derive(Debug, Default)]
+struct Moments {
+    count: u64,
     /// The first batch's mean: sums are taken of x − shift, so that the covariance is a difference of
     /// numbers of the size of the spread, not of the (much larger) squared mean.
     shift: Option<Tensor>,
     sum: Option<Tensor>,
     sum_outer: Option<Tensor>,
-    score: Option<SplitSums>,
+}
+
+impl Moments {
+    fn dim(&self) -> Option<i64> {
+        self.sum.as_ref().map(|s| s.size()[0])
+    }
+
+    /// Refuses a batch before anything is accumulated from it, so that a refused batch leaves every
+    /// sum of the accumulator as it was.
+    fn check(&self, features: &Tensor, what: &str) -> Result<(), StatsError> {
+        let size = features.size();
+        if size.len() != 2 || size[0] == 0 {
+            return Err(StatsError::Invalid(format!(
+                "{what} must have shape (B, D) with B > 0, got {size:?}"
+            )));
+        }
+        if let Some(d) = self.dim() {
+            if d != size[1] {
+                return Err(StatsError::Invalid(format!(
+                    "{what} have {} dimensions, earlier batches had {d}",
+                    size[1]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, features: &Tensor, device: Device) -> Result<(), StatsError> {
+        let (b, d) = (features.size()[0], features.size()[1]);
+        let x = features.f_to_device(device)?.f_to_kind(Kind::Double)?;
+        let shift = match &self.shift {
+            Some(s) => s.shallow_clone(),
+            None => {
+                let s = x.f_mean_dim(0, false, Kind::Double)?;
+                self.shift = Some(s.shallow_clone());
+                self.sum = Some(Tensor::zeros([d], (Kind::Double, device)));
+                self.sum_outer = Some(Tensor::zeros([d, d], (Kind::Double, device)));
+                s
+            }
+        };
+        let x = x.f_sub(&shift)?;
+        let (sum, sum_outer) = match (&mut self.sum, &mut self.sum_outer) {
+            (Some(s), Some(o)) => (s, o),
+            _ => unreachable!("allocated with the shift"),
+        };
+        let _ = sum.f_add_(&x.f_sum_dim_intlist(0, false, Kind::Double)?)?;
+        let _ = sum_outer.f_addmm_(&x.f_tr()?, &x)?;
+        self.count += b as u64;
+        Ok(())
+    }
+
+    /// See [`FeatureStats::reduce`]. With `skip_if_empty`, sets that no rank has any vector of end
+    /// after the first all-reduce (every rank sees the same total, so all of them skip together).
+    fn reduce(
+        &mut self,
+        dim: i64,
+        device: Device,
+        skip_if_empty: bool,
+        sum_all: &mut dyn FnMut(&Tensor) -> Result<(), StatsError>,
+    ) -> Result<(), StatsError> {
+        let opts = (Kind::Double, device);
+        let zeros_like_dim = || Tensor::zeros([dim], opts);
+        let shift = self
+            .shift
+            .as_ref()
+            .map_or_else(zeros_like_dim, Tensor::shallow_clone);
+        let sum = self
+            .sum
+            .as_ref()
+            .map_or_else(zeros_like_dim, Tensor::shallow_clone);
+        let n = self.count as f64;
+        // Phase 1: Σx and N over the ranks → the global mean.
+        let totals = Tensor::cat(
+            &[
+                sum.f_add(&shift.f_mul_scalar(n)?)?,
+                Tensor::from_slice(&[n]).f_to_device(device)?,
+            ],
+            0,
+        );
+        sum_all(&totals)?;
+        let total = totals.f_get(dim)?.f_double_value(&[])?;
+        if skip_if_empty && total == 0.0 {
+            return Ok(());
+        }
+        let sum_outer = self
+            .sum_outer
+            .as_ref()
+            .map_or_else(|| Tensor::zeros([dim, dim], opts), Tensor::shallow_clone);
+        let mean = totals.f_narrow(0, 0, dim)?.f_div_scalar(total.max(1.0))?;
+        // Phase 2: own sums about the global mean, d = shift − mean:
+        // Σ(x−m) = S + n·d,  Σ(x−m)(x−m)ᵀ = O + d Sᵀ + S dᵀ + n d dᵀ.
+        let d = shift.f_sub(&mean)?;
+        let centred = sum.f_add(&d.f_mul_scalar(n)?)?;
+        let outer = sum_outer
+            .f_add(&d.f_outer(&sum)?)?
+            .f_add(&sum.f_outer(&d)?)?
+            .f_add(&d.f_outer(&d)?.f_mul_scalar(n)?)?;
+        sum_all(&centred)?;
+        sum_all(&outer)?;
+        self.shift = Some(mean);
+        self.sum = Some(centred);
+        self.sum_outer = Some(outer);
+        self.count = total.round() as u64;
+        Ok(())
+    }
+
+    fn statistics(&self, what: &str) -> Result<Statistics, StatsError> {
+        let (Some(shift), Some(sum), Some(sum_outer)) = (&self.shift, &self.sum, &self.sum_outer)
+        else {
+            return Err(StatsError::Invalid(format!("no {what} were added")));
+        };
+        if self.count < 2 {
+            return Err(StatsError::Invalid(format!(
+                "a covariance needs at least 2 images, got {}",
+                self.count
+            )));
+        }
+        let n = self.count as f64;
+        let mean_offset = sum.f_div_scalar(n)?;
+        let mu = shift.f_add(&mean_offset)?;
+        // Σ (x−s)(x−s)ᵀ − n (m−s)(m−s)ᵀ = Σ (x−m)(x−m)ᵀ.
+        let outer = mean_offset.f_outer(sum)?;
+        let sigma = sum_outer.f_sub(&outer)?.f_div_scalar(n - 1.0)?;
+        Statistics::new(&mu, &sigma)
+    }
 }
 
 /// Per-split sums for the Inception Score: Σ p(y|x) (splits, C) and Σ Σ_y p log p (splits).
@@ -197,11 +334,9 @@ impl FeatureStats {
     pub fn new(device: Device) -> Self {
         FeatureStats {
             device,
-            count: 0,
             first: 0,
-            shift: None,
-            sum: None,
-            sum_outer: None,
+            pool3: Moments::default(),
+            spatial: Moments::default(),
             score: None,
         }
     }
@@ -236,59 +371,30 @@ impl FeatureStats {
     /// its sum over the ranks (an all-reduce). Features are `dim` wide and logits `classes` wide (a
     /// share may be empty). Sums are re-centred on the global mean first, so the covariance keeps its
     /// digits as one accumulator's does.
+    ///
+    /// The spatial features are reduced too: every rank makes the same all-reduce calls, so a rank
+    /// with none takes their width to be [`crate::inception::SPATIAL_FEATURES`] (299-px input), and
+    /// when no rank has any, their sums stay empty after one small all-reduce.
     pub fn reduce(
         &mut self,
         dim: i64,
         classes: i64,
         sum_all: &mut dyn FnMut(&Tensor) -> Result<(), StatsError>,
     ) -> Result<(), StatsError> {
-        let opts = (Kind::Double, self.device);
-        let zeros_like_dim = || Tensor::zeros([dim], opts);
-        let shift = self
-            .shift
-            .as_ref()
-            .map_or_else(zeros_like_dim, Tensor::shallow_clone);
-        let sum = self
-            .sum
-            .as_ref()
-            .map_or_else(zeros_like_dim, Tensor::shallow_clone);
-        let sum_outer = self
-            .sum_outer
-            .as_ref()
-            .map_or_else(|| Tensor::zeros([dim, dim], opts), Tensor::shallow_clone);
-        let n = self.count as f64;
-        // Phase 1: Σx and N over the ranks → the global mean.
-        let totals = Tensor::cat(
-            &[
-                sum.f_add(&shift.f_mul_scalar(n)?)?,
-                Tensor::from_slice(&[n]).f_to_device(self.device)?,
-            ],
-            0,
-        );
-        sum_all(&totals)?;
-        let total = totals.f_get(dim)?.f_double_value(&[])?;
-        let mean = totals.f_narrow(0, 0, dim)?.f_div_scalar(total.max(1.0))?;
-        // Phase 2: own sums about the global mean, d = shift − mean:
-        // Σ(x−m) = S + n·d,  Σ(x−m)(x−m)ᵀ = O + d Sᵀ + S dᵀ + n d dᵀ.
-        let d = shift.f_sub(&mean)?;
-        let centred = sum.f_add(&d.f_mul_scalar(n)?)?;
-        let outer = sum_outer
-            .f_add(&d.f_outer(&sum)?)?
-            .f_add(&sum.f_outer(&d)?)?
-            .f_add(&d.f_outer(&d)?.f_mul_scalar(n)?)?;
-        sum_all(&centred)?;
-        sum_all(&outer)?;
-        self.shift = Some(mean);
-        self.sum = Some(centred);
-        self.sum_outer = Some(outer);
-        self.count = total.round() as u64;
+        self.pool3.reduce(dim, self.device, false, sum_all)?;
+        let spatial_dim = self
+            .spatial
+            .dim()
+            .unwrap_or(crate::inception::SPATIAL_FEATURES);
+        self.spatial
+            .reduce(spatial_dim, self.device, true, sum_all)?;
         self.first = 0;
         if let Some(score) = &mut self.score {
             let splits = score.bounds.len() as i64 - 1;
             let probabilities = score
                 .probabilities
                 .take()
-                .unwrap_or_else(|| Tensor::zeros([splits, classes], opts));
+                .unwrap_or_else(|| Tensor::zeros([splits, classes], (Kind::Double, self.device)));
             sum_all(&probabilities)?;
             sum_all(&score.neg_entropy)?;
             score.probabilities = Some(probabilities);
@@ -298,7 +404,7 @@ impl FeatureStats {
 
     /// Images added so far.
     pub fn count(&self) -> u64 {
-        self.count
+        self.pool3.count
     }
 
     /// uint8 images (B, H, W, 3), any size, on any device → Inception features → accumulated.
@@ -307,80 +413,56 @@ impl FeatureStats {
         self.add(&features)
     }
 
-    /// Accumulates one batch of network outputs: `pool3` for FID, `logits_unbiased` for the score.
+    /// Accumulates one batch of network outputs: `pool3` for FID, `spatial` for sFID,
+    /// `logits_unbiased` for the score.
     pub fn add(&mut self, features: &Features) -> Result<(), StatsError> {
-        self.add_raw(&features.pool3, Some(&features.logits_unbiased))
+        self.spatial.check(&features.spatial, "spatial features")?;
+        if features.spatial.size()[0] != features.pool3.size()[0] {
+            return Err(StatsError::Invalid(format!(
+                "spatial features have {} rows, pool3 features {}",
+                features.spatial.size()[0],
+                features.pool3.size()[0]
+            )));
+        }
+        self.add_raw(&features.pool3, Some(&features.logits_unbiased))?;
+        self.spatial.add(&features.spatial, self.device)
     }
 
     /// Accumulates feature vectors (B, D) and, when the Inception Score is kept, their class logits
-    /// (B, C) (softmax over all C; see [`crate::inception::Features::logits_unbiased`]).
+    /// (B, C) (softmax over all C; see [`crate::inception::Features::logits_unbiased`]). No spatial
+    /// features: add those with [`Self::add_spatial_raw`].
     pub fn add_raw(
         &mut self,
         features: &Tensor,
         logits: Option<&Tensor>,
     ) -> Result<(), StatsError> {
-        let size = features.size();
-        if size.len() != 2 || size[0] == 0 {
-            return Err(StatsError::Invalid(format!(
-                "features must have shape (B, D) with B > 0, got {size:?}"
-            )));
-        }
-        let (b, d) = (size[0], size[1]);
-        if let Some(sum) = &self.sum {
-            if sum.size()[0] != d {
-                return Err(StatsError::Invalid(format!(
-                    "features have {d} dimensions, earlier batches had {}",
-                    sum.size()[0]
-                )));
-            }
-        }
+        self.pool3.check(features, "features")?;
+        let b = features.size()[0];
         if let Some(score) = &mut self.score {
             let logits = logits.ok_or_else(|| {
                 StatsError::Invalid("the Inception Score needs the logits of every batch".into())
             })?;
-            score.add(logits, self.first + self.count, b as u64, self.device)?;
+            score.add(logits, self.first + self.pool3.count, b as u64, self.device)?;
         }
-        let x = features.f_to_device(self.device)?.f_to_kind(Kind::Double)?;
-        let shift = match &self.shift {
-            Some(s) => s.shallow_clone(),
-            None => {
-                let s = x.f_mean_dim(0, false, Kind::Double)?;
-                self.shift = Some(s.shallow_clone());
-                self.sum = Some(Tensor::zeros([d], (Kind::Double, self.device)));
-                self.sum_outer = Some(Tensor::zeros([d, d], (Kind::Double, self.device)));
-                s
-            }
-        };
-        let x = x.f_sub(&shift)?;
-        let (sum, sum_outer) = match (&mut self.sum, &mut self.sum_outer) {
-            (Some(s), Some(o)) => (s, o),
-            _ => unreachable!("allocated with the shift"),
-        };
-        let _ = sum.f_add_(&x.f_sum_dim_intlist(0, false, Kind::Double)?)?;
-        let _ = sum_outer.f_addmm_(&x.f_tr()?, &x)?;
-        self.count += b as u64;
-        Ok(())
+        self.pool3.add(features, self.device)
+    }
+
+    /// Accumulates spatial features (B, D) for [`Self::spatial_statistics`] alone: for callers that
+    /// read features from elsewhere than [`Self::add`] (a cache), next to [`Self::add_raw`].
+    pub fn add_spatial_raw(&mut self, spatial: &Tensor) -> Result<(), StatsError> {
+        self.spatial.check(spatial, "spatial features")?;
+        self.spatial.add(spatial, self.device)
     }
 
     /// Mean and covariance (N − 1 normalisation, as `np.cov`) of everything added.
     pub fn statistics(&self) -> Result<Statistics, StatsError> {
-        let (Some(shift), Some(sum), Some(sum_outer)) = (&self.shift, &self.sum, &self.sum_outer)
-        else {
-            return Err(StatsError::Invalid("no images were added".into()));
-        };
-        if self.count < 2 {
-            return Err(StatsError::Invalid(format!(
-                "a covariance needs at least 2 images, got {}",
-                self.count
-            )));
-        }
-        let n = self.count as f64;
-        let mean_offset = sum.f_div_scalar(n)?;
-        let mu = shift.f_add(&mean_offset)?;
-        // Σ (x−s)(x−s)ᵀ − n (m−s)(m−s)ᵀ = Σ (x−m)(x−m)ᵀ.
-        let outer = mean_offset.f_outer(sum)?;
-        let sigma = sum_outer.f_sub(&outer)?.f_div_scalar(n - 1.0)?;
-        Statistics::new(&mu, &sigma)
+        self.pool3.statistics("images")
+    }
+
+    /// Mean and covariance of the spatial features added, what sFID compares (the ADM evaluator's
+    /// `compute_statistics` of its spatial activations: `np.mean`, `np.cov(rowvar=False)`).
+    pub fn spatial_statistics(&self) -> Result<Statistics, StatsError> {
+        self.spatial.statistics("spatial features")
     }
 
     /// The Inception Score; fails unless set up with [`FeatureStats::with_inception_score`] and fed
@@ -389,7 +471,7 @@ impl FeatureStats {
         let score = self.score.as_ref().ok_or_else(|| {
             StatsError::Invalid("this accumulator was not set up for the Inception Score".into())
         })?;
-        score.finish(self.count)
+        score.finish(self.pool3.count)
     }
 }
 
@@ -543,8 +625,13 @@ mod tests {
         let n = 23;
         let x = Tensor::randn([n, 6], (Kind::Double, Device::Cpu)) * 0.2 + 5.0;
         let logits = Tensor::randn([n, 4], (Kind::Double, Device::Cpu)) * 2.0;
-        let whole = in_batches(&x, &logits, 4);
+        // Spatial features as wide as the network's, since the empty share assumes that width.
+        let spatial_dim = crate::inception::SPATIAL_FEATURES;
+        let sx = Tensor::randn([n, spatial_dim], (Kind::Double, Device::Cpu)) * 0.3 + 2.0;
+        let mut whole = in_batches(&x, &logits, 4);
+        whole.add_spatial_raw(&sx).unwrap();
         let expected = whole.statistics().unwrap();
+        let expected_spatial = whole.spatial_statistics().unwrap();
         let expected_is = whole.inception_score().unwrap();
         let ranges = [(0i64, 9i64), (9, 23), (23, 23)];
         let group = std::sync::Arc::new(ThreadGroup {
@@ -554,7 +641,7 @@ mod tests {
         let handles: Vec<_> = ranges
             .iter()
             .map(|&(a, b)| {
-                let (x, logits, group) = (x.copy(), logits.copy(), group.clone());
+                let (x, sx, logits, group) = (x.copy(), sx.copy(), logits.copy(), group.clone());
                 std::thread::spawn(move || {
                     let mut s = FeatureStats::share_of(n as usize, a as u64, Device::Cpu);
                     for start in (a..b).step_by(4) {
@@ -564,6 +651,7 @@ mod tests {
                             Some(&logits.narrow(0, start, len)),
                         )
                         .unwrap();
+                        s.add_spatial_raw(&sx.narrow(0, start, len)).unwrap();
                     }
                     s.reduce(6, 4, &mut |t| {
                         group.sum_all(t);
@@ -577,6 +665,7 @@ mod tests {
                         Vec::<f64>::try_from(st.sigma.reshape([-1])).unwrap(),
                         is.mean,
                         is.std,
+                        s.spatial_statistics().unwrap(),
                     )
                 })
             })
@@ -584,13 +673,43 @@ mod tests {
         let mu = Vec::<f64>::try_from(expected.mu.reshape([-1])).unwrap();
         let sigma = Vec::<f64>::try_from(expected.sigma.reshape([-1])).unwrap();
         for h in handles {
-            let (m, sg, is_mean, is_std) = h.join().unwrap();
+            let (m, sg, is_mean, is_std, spatial) = h.join().unwrap();
             for (a, b) in m.iter().zip(&mu).chain(sg.iter().zip(&sigma)) {
                 assert!((a - b).abs() < 1e-12, "{a} vs {b}");
             }
             assert!((is_mean - expected_is.mean).abs() < 1e-12 * expected_is.mean);
             assert!((is_std - expected_is.std).abs() < 1e-9);
+            for (ours, theirs) in [
+                (&spatial.mu, &expected_spatial.mu),
+                (&spatial.sigma, &expected_spatial.sigma),
+            ] {
+                let diff = (ours - theirs).abs().max().double_value(&[]);
+                assert!(diff < 1e-12, "spatial statistics differ by {diff:e}");
+            }
         }
+    }
+
+    /// Without spatial features anywhere, the reduction leaves them empty, and says so when asked.
+    #[test]
+    fn reduce_without_spatial_features_keeps_them_empty() {
+        let x = Tensor::randn([5, 3], (Kind::Double, Device::Cpu));
+        let mut s = FeatureStats::new(Device::Cpu);
+        s.add_raw(&x, None).unwrap();
+        s.reduce(3, 2, &mut |_| Ok(())).unwrap();
+        assert_eq!(s.count(), 5);
+        s.statistics().unwrap();
+        let msg = s.spatial_statistics().unwrap_err().to_string();
+        assert!(msg.contains("no spatial features"), "{msg}");
+        // Spatial rows must match the pool3 rows of the same batch.
+        let mut net = FeatureStats::new(Device::Cpu);
+        let features = Features {
+            pool3: x.shallow_clone(),
+            logits: Tensor::zeros([5, 2], (Kind::Float, Device::Cpu)),
+            logits_unbiased: Tensor::zeros([5, 2], (Kind::Float, Device::Cpu)),
+            spatial: Tensor::zeros([4, 7], (Kind::Float, Device::Cpu)),
+        };
+        assert!(net.add(&features).is_err());
+        assert_eq!(net.count(), 0);
     }
 
     #[test]

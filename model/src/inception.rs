@@ -1,7 +1,8 @@
 //! Inception-v3 as the FID literature uses it (Szegedy et al. 2016, "Rethinking the Inception
 //! Architecture"; FID: Heusel et al. 2017; Inception Score: Salimans et al. 2016): the TensorFlow
 //! `inception-2015-12-05` graph as ported by pytorch-fid, frozen, giving the 2048-d `pool3` features FID
-//! is computed on and the 1008-way classifier logits the Inception Score is computed on.
+//! is computed on, the 1008-way classifier logits the Inception Score is computed on, and the 2023-d
+//! `mixed_6/conv` features sFID is computed on (see [`Features::spatial`]).
 //!
 //! Reference: pytorch-fid 0.3.0 `inception.py` (`fid_inception_v3`, `FIDInceptionA/C/E_1/E_2`) on top of
 //! torchvision 0.26 `models/inception.py` (`Inception3`, `BasicConv2d`, `InceptionA`–`E`). The FID
@@ -28,6 +29,11 @@ use crate::frozen::{self, EncoderError};
 pub const INPUT_SIZE: i64 = 299;
 /// Width of the `pool3` features.
 pub const FEATURES: i64 = 2048;
+/// Width of the sFID `spatial` features at 299 × 299 input: 7 channels × 17 × 17.
+pub const SPATIAL_FEATURES: i64 = 7 * 17 * 17;
+/// Channels of `mixed_6/conv` that the ADM evaluator keeps (`spatial[..., :7]`), so that the spatial
+/// features are about as wide as `pool3`.
+const SPATIAL_CHANNELS: i64 = 7;
 /// Classes of the TensorFlow graph's classifier: ImageNet's 1000 plus 8 unused (background and
 /// padding classes of the original label map).
 pub const CLASSES: i64 = 1008;
@@ -45,6 +51,24 @@ pub struct Features {
     /// Salimans et al.'s code, the ADM evaluation suite and torch-fidelity all take the graph's
     /// `softmax/logits/MatMul` operand, i.e. the product before the bias is added.
     pub logits_unbiased: Tensor,
+    /// (B, 2023) float32 at 299 × 299 input (7·h·w for other sizes): the sFID features (Nash et al.
+    /// 2021) as the ADM evaluator (openai/guided-diffusion `evaluations/evaluator.py`) takes them, the
+    /// graph tensor `mixed_6/conv:0` cut to `spatial[..., :7]` and reshaped to (B, −1).
+    ///
+    /// Which module that is: the TF graph names its mixed blocks mixed, mixed_1 … mixed_10, in the
+    /// order torchvision calls Mixed_5b–5d, 6a–6e, 7a–7c, so mixed_6 is Mixed_6d (mixed_3 is the 6a
+    /// reduction, whose ops `mixed_3/conv`, `mixed_3/tower/…`, `mixed_3/pool` are the B block's); the
+    /// weight converters map `mixed_6/conv/{conv2d_params,batchnorm}` to `Mixed_6d.branch1x1.{conv,bn}`,
+    /// and NVIDIA's TorchScript port of the graph, which clean-fid's sFID hooks, has
+    /// `layers.mixed_6.conv` as the conv+BN+ReLU unit. `mixed_6/conv:0` is that unit's output (its ops
+    /// are `mixed_6/conv/Conv2D` and `mixed_6/conv/batchnorm`, the ReLU carries the unit's name): the
+    /// 1×1 branch of Mixed_6d after its ReLU, 192 channels at 17 × 17.
+    ///
+    /// TF tensors are NHWC, so `[..., :7]` then the reshape flattens (h, w, c); this one does too.
+    /// The Fréchet distance would not notice another order (it is invariant under a common permutation
+    /// of coordinates), but statistics compared with ADM's published `mu_s`/`sigma_s` must use this one.
+    /// clean-fid's (c, h, w) flattening of the TorchScript port gives the same sFID, other statistics.
+    pub spatial: Tensor,
 }
 
 /// uint8 images (B, H, W, 3), rows top to bottom, → network input (B, 3, 299, 299) float32 in [−1, 1],
@@ -168,7 +192,7 @@ impl Inception {
     }
 
     /// Prepared input (B, 3, H, W) float32 in [−1, 1] (see [`prepare_input`]; pytorch-fid always feeds
-    /// 299 × 299) → `pool3` features and logits. Runs under no_grad.
+    /// 299 × 299) → `pool3` features, logits and spatial features. Runs under no_grad.
     pub fn forward(&self, x: &Tensor) -> Result<Features, EncoderError> {
         // The stem shrinks 75 px to the 1 × 1 map the last blocks still accept; less fails inside a pool.
         frozen::check_image_batch("Inception", x, 3, 75)?;
@@ -184,9 +208,20 @@ impl Inception {
                 x = block.forward(&x);
             }
             x = self.mixed_6a.forward(&x);
-            for block in &self.mixed_6 {
-                x = block.forward(&x);
+            let mut spatial = None;
+            for (i, block) in self.mixed_6.iter().enumerate() {
+                let (y, branch1x1) = block.forward_with_1x1(&x);
+                if i == MIXED_6D {
+                    spatial = Some(branch1x1);
+                }
+                x = y;
             }
+            let spatial = spatial.expect("Mixed_6d is one of the C blocks");
+            let b = spatial.size()[0];
+            let spatial = spatial
+                .narrow(1, 0, SPATIAL_CHANNELS)
+                .permute([0, 2, 3, 1])
+                .reshape([b, -1]);
             x = self.mixed_7a.forward(&x);
             for block in &self.mixed_7 {
                 x = block.forward(&x);
@@ -198,6 +233,7 @@ impl Inception {
                 pool3,
                 logits,
                 logits_unbiased,
+                spatial,
             }
         }))
     }
@@ -239,6 +275,9 @@ pub struct LoadedInception {
     pub vs: nn::VarStore,
     pub parameters: i64,
 }
+
+/// Index of Mixed_6d (the TF graph's `mixed_6`) among the C blocks 6b–6e.
+const MIXED_6D: usize = 2;
 
 fn max_pool_3x3_stride_2(x: &Tensor) -> Tensor {
     x.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false)
@@ -429,16 +468,19 @@ impl BlockC {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        Tensor::cat(
+    /// The block's output and its 1×1 branch (Mixed_6d's is the sFID tensor).
+    fn forward_with_1x1(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let branch1x1 = self.branch1x1.forward(x);
+        let out = Tensor::cat(
             &[
-                self.branch1x1.forward(x),
+                branch1x1.shallow_clone(),
                 chain(&self.branch7x7, x),
                 chain(&self.branch7x7dbl, x),
                 self.branch_pool.forward(&avg_pool_3x3_same(x)),
             ],
             1,
-        )
+        );
+        (out, branch1x1)
     }
 }
 
@@ -592,6 +634,7 @@ mod tests {
         let f = net.forward(&prepared).unwrap();
         assert_eq!(f.pool3.size(), [2, 2048]);
         assert_eq!(f.logits.size(), [2, 1008]);
+        assert_eq!(f.spatial.size(), [2, SPATIAL_FEATURES]);
         let nchw = Tensor::zeros([1, 3, 64, 64], (Kind::Uint8, Device::Cpu));
         let msg = prepare_input(&nchw).unwrap_err().to_string();
         assert!(msg.contains("(B, H, W, 3)"), "{msg}");
