@@ -332,3 +332,59 @@ fn encoders_check_prints_architecture_parameters_fingerprint_and_forward() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nope/config.json"), "{stderr}");
 }
+
+/// `encoders init --preset tiny-clip` writes what transformers reads as a `CLIPVisionModel` with no
+/// missing or unexpected tensor, and the port gives its `last_hidden_state[:, 1:]` on the same input,
+/// at the native 224 px and at 112 px (interpolated position table).
+#[test]
+fn tiny_clip_folder_loads_in_transformers_and_matches_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("clip");
+    common::run_ok(
+        common::pipeline()
+            .args([
+                "encoders",
+                "init",
+                "--preset",
+                "tiny-clip",
+                "--seed",
+                "7",
+                "--out",
+            ])
+            .arg(&dir),
+    );
+    let refs = tmp.path().join("refs.safetensors");
+    let code = r#"
+import sys, torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionModel
+model, info = CLIPVisionModel.from_pretrained(sys.argv[1], output_loading_info=True)
+bad = {k: v for k, v in info.items() if v}
+assert not bad, bad
+model.eval()
+g = torch.Generator().manual_seed(0)
+out = {}
+for size in (224, 112):
+    x = torch.randn(2, 3, size, size, generator=g)
+    with torch.no_grad():
+        y = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+    out[f"pixels_{size}"] = x.contiguous()
+    out[f"tokens_{size}"] = y.contiguous()
+save_file(out, sys.argv[2])
+"#;
+    common::run_ok(common::python().args(["-c", code]).arg(&dir).arg(&refs));
+    let refs = common::References::load(&refs);
+    let loaded = model::clip::Clip::from_folder(&dir, Device::Cpu).unwrap();
+    for size in [224, 112] {
+        let tokens = loaded
+            .model
+            .forward(refs.get(&format!("pixels_{size}")))
+            .unwrap();
+        assert_close(
+            &format!("tiny-clip at {size} px"),
+            &tokens,
+            refs.get(&format!("tokens_{size}")),
+            1e-4,
+        );
+    }
+}

@@ -465,3 +465,141 @@ fn a_signal_keeps_finished_shards_and_drops_the_one_in_progress() {
     run_ok(pipeline().args(["cache", "verify", "--cache"]).arg(&cache));
     assert_eq!(shard_hashes(&dir), expected);
 }
+
+/// `precompute.encoder` may name a CLIP folder (`encoders init --preset tiny-clip`): `encoders check`
+/// names the family, the cache's `features` field has CLIP's grid and width at the input size asked
+/// for, its values are the encoder's own patch tokens of the stored crop (CLIP preprocessing), and
+/// its fingerprint directory is not the DINOv2 one.
+#[test]
+fn a_clip_encoder_fills_the_features_field() {
+    use model::vision::VisionEncoder;
+    use tch::{Device, Kind, Tensor};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let config = setup(tmp.path(), 1);
+    let clip = tmp.path().join("clip");
+    let init = |out: &Path| {
+        run_ok(
+            pipeline()
+                .args(["encoders", "init", "--preset", "tiny-clip", "--seed", "3"])
+                .arg("--out")
+                .arg(out),
+        )
+    };
+    let o = init(&clip);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("CLIP ViT-custom/56, 2 layers"), "{stdout}");
+    // The published CLIPVisionModel layout, and the same files for the same seed.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(clip.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "clip_vision_model");
+    let again = tmp.path().join("clip-again");
+    init(&again);
+    for file in ["config.json", "model.safetensors"] {
+        assert_eq!(
+            std::fs::read(clip.join(file)).unwrap(),
+            std::fs::read(again.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let names = model::weights::read_safetensors(&clip.join("model.safetensors")).unwrap();
+    for name in [
+        "embeddings.class_embedding",
+        "embeddings.patch_embedding.weight",
+        "embeddings.position_embedding.weight",
+        "pre_layrnorm.weight",
+        "encoder.layers.1.self_attn.q_proj.bias",
+        "encoder.layers.1.mlp.fc2.weight",
+        "post_layernorm.bias",
+    ] {
+        assert!(names.contains_key(name), "{name} missing");
+    }
+
+    let o = run_ok(
+        pipeline()
+            .args(["encoders", "check", "--device", "cpu", "--image-size", "64"])
+            .arg("--encoder")
+            .arg(&clip),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let fingerprint = model::clip::fingerprint(&clip).unwrap();
+    for line in [
+        "family: clip".to_string(),
+        "tokens: width 32, grid 4x4 (16 tokens) at 224 px".to_string(),
+        format!("fingerprint: {fingerprint}"),
+        "patch tokens [1, 16, 32]".to_string(),
+    ] {
+        assert!(stdout.contains(&line), "missing `{line}` in:\n{stdout}");
+    }
+    let o = run_ok(
+        pipeline()
+            .args(["encoders", "check", "--device", "cpu", "--image-size", "64"])
+            .args(["--encoder-input-size", "112", "--encoder"])
+            .arg(tmp.path().join("enc/dinov2")),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("family: dinov2") && stdout.contains("grid 2x2 (4 tokens) at 112 px"),
+        "{stdout}"
+    );
+
+    // One shard with DINOv2, then with CLIP at 224 px and at 112 px: three fingerprint directories.
+    let cache = tmp.path().join("cache");
+    let first = format!("{}/data/demo-000000.tar", tmp.path().display());
+    let use_clip = format!("precompute.encoder={:?}", clip.display().to_string());
+    precompute(&config, &cache, &["--shards", &first]);
+    precompute(&config, &cache, &["--shards", &first, "--set", &use_clip]);
+    let small = [
+        "--shards",
+        &first,
+        "--set",
+        &use_clip,
+        "--set",
+        "precompute.encoder_input_size=112",
+    ];
+    precompute(&config, &cache, &small);
+    let dirs = fingerprint_dirs(&cache);
+    assert_eq!(dirs.len(), 3, "{dirs:?}");
+    let mut kinds = Vec::new();
+    for dir in &dirs {
+        let m = stages::cache::Manifest::load(dir).unwrap().unwrap();
+        let encoder = &m.settings["encoder"];
+        kinds.push(encoder["kind"].as_str().unwrap().to_string());
+        let mut reader = stages::cache::ShardReader::open(&dir.join("demo-000000.fbc")).unwrap();
+        let features = reader
+            .footer()
+            .fields
+            .iter()
+            .find(|f| f.name == "features")
+            .unwrap()
+            .shape
+            .clone();
+        if encoder["kind"] != "clip" {
+            assert_eq!(features, [2, 16, 32]);
+            continue;
+        }
+        assert_eq!(encoder["fingerprint"], fingerprint.as_str());
+        let size = encoder["input_size"].as_i64().unwrap();
+        let grid = (size / 56) as usize;
+        assert_eq!(features, [2, grid * grid, 32], "at {size} px");
+        // View 0 of each sample is CLIP's tokens of the stored crop, to f16 rounding.
+        let n = reader.n_samples() as i64;
+        let images = Tensor::from_slice(&reader.read_field("image").unwrap())
+            .view([n, 32, 32, 3])
+            .permute([0, 3, 1, 2]);
+        let bytes = reader.read_field("features").unwrap();
+        let cached = Tensor::from_data_size(&bytes, &[n, 2, (grid * grid) as i64, 32], Kind::Half)
+            .to_kind(Kind::Float)
+            .select(1, 0);
+        let encoder = VisionEncoder::from_folder(&clip, Device::Cpu).unwrap();
+        let expected = encoder.patch_tokens(&images, size).unwrap();
+        let err = (&cached - &expected).abs().max().double_value(&[]);
+        let scale = expected.abs().max().double_value(&[]);
+        assert!(
+            err <= 2e-3 * scale,
+            "at {size} px: max|Δ| {err} vs scale {scale}"
+        );
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["clip", "clip", "dinov2"]);
+}

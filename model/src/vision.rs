@@ -43,16 +43,15 @@ impl Family {
         let path = dir.join(dinov2::CONFIG_FILE);
         let found: ModelType = frozen::read_json_config(&path)?;
         match found.model_type.as_deref() {
-            Some("dinov2" | "dinov2_with_registers") => Ok(Family::Dinov2),
+            // Before other families were read, a folder without `model_type` loaded as DINOv2; it still
+            // does, so that configs written by hand keep working.
+            Some("dinov2" | "dinov2_with_registers") | None => Ok(Family::Dinov2),
             Some("clip" | "clip_vision_model") => Ok(Family::Clip),
             other => Err(EncoderError::Config {
                 path,
                 message: format!(
-                    "{} in {} is not a supported vision encoder (supported model_type: {SUPPORTED})",
-                    match other {
-                        Some(t) => format!("model_type `{t}`"),
-                        None => "no model_type".to_string(),
-                    },
+                    "model_type `{}` in {} is not a supported vision encoder (supported model_type: {SUPPORTED})",
+                    other.unwrap_or_default(),
                     dir.display()
                 ),
             }),

@@ -174,19 +174,15 @@ impl Config {
             let tokens = a.target_tokens(m.num_tokens())?;
             a.locations0(m)?;
             // What the encoder gives at precompute.encoder_input_size must be what the flow aligns to
-            // (checked when the encoder folder can be read: its config has the patch size).
-            let patch = p
-                .encoder_dir()
-                .and_then(|d| {
-                    model::dinov2::Config::from_file(&d.join(model::dinov2::CONFIG_FILE)).ok()
-                })
-                .map(|c| c.patch_size);
-            if let Some(patch) = patch {
+            // (checked when the encoder folder can be read: its config has the family, patch size and
+            // width).
+            if let Some(enc) = p.encoder_dir().and_then(EncoderShape::read) {
+                let (patch, label) = (enc.patch_size, enc.label());
                 let grid = p.encoder_input_size / patch;
                 if grid * patch != p.encoder_input_size || grid * grid != tokens {
                     let side = (tokens as f64).sqrt().round() as i64;
                     bail!(
-                    "the flow aligns to {tokens} encoder tokens, but DINOv2/{patch} at precompute.encoder_input_size = {} gives {}: {}",
+                    "the flow aligns to {tokens} encoder tokens, but {label} at precompute.encoder_input_size = {} gives {}: {}",
                     p.encoder_input_size,
                     grid * grid,
                     if a.token_match == model::tarflow::align::TokenMatch::EncoderResize {
@@ -199,9 +195,59 @@ impl Config {
                     }
                 );
                 }
+                if enc.hidden_size != a.encoder_dim {
+                    bail!(
+                        "align.encoder_dim = {}, but {label} gives {}-wide tokens: set align.encoder_dim = {}",
+                        a.encoder_dim,
+                        enc.hidden_size,
+                        enc.hidden_size
+                    );
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// What `check_runnable` needs of the `precompute.encoder` folder: its family, patch size and token
+/// width, from `config.json` alone (no weights are read).
+struct EncoderShape {
+    family: model::vision::Family,
+    patch_size: i64,
+    hidden_size: i64,
+}
+
+impl EncoderShape {
+    /// None when the folder cannot be read or is no supported family: the config may name a path on
+    /// another machine, and precompute reports an unreadable folder itself.
+    fn read(dir: &Path) -> Option<Self> {
+        use model::vision::Family;
+        let family = Family::of_folder(dir).ok()?;
+        let (patch_size, hidden_size) = match family {
+            Family::Dinov2 => {
+                let c =
+                    model::dinov2::Config::from_file(&dir.join(model::dinov2::CONFIG_FILE)).ok()?;
+                (c.patch_size, c.hidden_size)
+            }
+            Family::Clip => {
+                let c = model::clip::Config::from_file(&dir.join(model::clip::CONFIG_FILE)).ok()?;
+                (c.patch_size, c.hidden_size)
+            }
+        };
+        Some(EncoderShape {
+            family,
+            patch_size,
+            hidden_size,
+        })
+    }
+
+    /// "DINOv2/14", "CLIP/16".
+    fn label(&self) -> String {
+        let name = match self.family {
+            model::vision::Family::Dinov2 => "DINOv2",
+            model::vision::Family::Clip => "CLIP",
+        };
+        format!("{name}/{}", self.patch_size)
     }
 }
 
@@ -355,6 +401,47 @@ mod tests {
             with(&["precompute.encoder_input_size=448"]).unwrap_err()
         );
         assert!(e.contains("align.encoder_tokens = 1024"), "{e}");
+    }
+
+    /// A CLIP folder is read for its own patch size and width: ViT-L/14 at 224 px gives the 16×16
+    /// grid of a patch-2 latent flow but 1024-wide tokens; ViT-B/16 (a full `CLIPConfig`) gives 14×14 at 224 px
+    /// and 16×16 at 256.
+    #[test]
+    fn a_clip_encoder_is_checked_with_its_own_grid_and_width() {
+        let preset =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/imagenet256-latent.toml");
+        let text = std::fs::read_to_string(&preset).unwrap();
+        let check = |config_json: &str, sets: &[&str]| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("config.json"), config_json).unwrap();
+            let mut all = vec![format!(
+                "precompute.encoder={:?}",
+                dir.path().display().to_string()
+            )];
+            all.extend(sets.iter().map(|s| s.to_string()));
+            load_str(&text, "latent", &all)
+                .unwrap()
+                .config
+                .check_runnable()
+                .map_err(|e| format!("{e:#}"))
+        };
+        let large = r#"{"model_type": "clip_vision_model", "hidden_size": 1024,
+            "num_attention_heads": 16, "patch_size": 14, "image_size": 224}"#;
+        let e = check(large, &[]).unwrap_err();
+        assert!(
+            e.contains("CLIP/14") && e.contains("set align.encoder_dim = 1024"),
+            "{e}"
+        );
+        check(large, &["align.encoder_dim=1024"]).unwrap();
+        let base = r#"{"model_type": "clip", "vision_config": {"model_type": "clip_vision_model",
+            "hidden_size": 768, "patch_size": 16, "image_size": 224}}"#;
+        let e = check(base, &[]).unwrap_err();
+        assert!(
+            e.contains("CLIP/16") && e.contains("align.encoder_tokens = 196"),
+            "{e}"
+        );
+        // At 256 px CLIP/16 gives the flow's 16×16 grid.
+        check(base, &["precompute.encoder_input_size=256"]).unwrap();
     }
 
     /// Each preset's flow and alignment built and run once on the shapes its cache holds, with the

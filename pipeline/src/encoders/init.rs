@@ -1,10 +1,11 @@
-//! `pipeline encoders init`: random-init DINOv2 and AutoencoderKL folders in the Hugging Face layout
-//! (`config.json` + safetensors, the names `from_folder` reads), so the demo, the tests and the
+//! `pipeline encoders init`: random-init DINOv2, CLIP and AutoencoderKL folders in the Hugging Face
+//! layout (`config.json` + safetensors, the names `from_folder` reads), so the demo, the tests and the
 //! benchmarks run without downloads: tiny networks for CPU, the published sizes for benchmarks.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use model::clip::{self, Clip};
 use model::dinov2::{self, Dinov2};
 use model::vae::{self, AttentionNaming, AutoencoderKl};
 use tch::{nn, Device, Kind, Tensor};
@@ -14,8 +15,9 @@ pub struct Args {
     /// Output folder. `tiny` and `base` write OUT/dinov2 and OUT/vae; the single presets write OUT itself
     #[arg(long)]
     out: PathBuf,
-    /// tiny (both, CPU-sized), base (dinov2-base + sd-vae), tiny-dinov2, tiny-vae, dinov2-base, sd-vae,
-    /// inception (a random-init FID Inception, OUT/inception.safetensors: a stand-in for the demo only)
+    /// tiny (both, CPU-sized), base (dinov2-base + sd-vae), tiny-dinov2, tiny-clip (a CLIP vision
+    /// tower), tiny-vae, dinov2-base, sd-vae, inception (a random-init FID Inception,
+    /// OUT/inception.safetensors: a stand-in for the demo only)
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Seed of the random weights (same seed → same files, so the same cache fingerprint)
@@ -28,19 +30,43 @@ pub struct Args {
 /// A network a preset writes, and the folder it goes to.
 type Folder<C> = Option<(C, PathBuf)>;
 
+/// The vision encoder a preset writes: either family `model::vision::VisionEncoder` reads.
+enum Encoder {
+    Dinov2(dinov2::Config),
+    Clip(clip::Config),
+}
+
+impl Encoder {
+    fn describe(&self) -> String {
+        match self {
+            Encoder::Dinov2(c) => c.describe(),
+            Encoder::Clip(c) => c.describe(),
+        }
+    }
+
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        match self {
+            Encoder::Dinov2(c) => write_dinov2(c, dir),
+            Encoder::Clip(c) => write_clip(c, dir),
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (enc, vae): (Folder<dinov2::Config>, Folder<vae::Config>) = match args.preset.as_str() {
-        "tiny" => (Some((tiny_dinov2(), args.out.join("dinov2"))), Some((tiny_vae(), args.out.join("vae")))),
-        "base" => (Some((dinov2::Config::vit_base(), args.out.join("dinov2"))), Some((vae::Config::sd_vae(), args.out.join("vae")))),
-        "tiny-dinov2" => (Some((tiny_dinov2(), args.out.clone())), None),
-        "dinov2-base" => (Some((dinov2::Config::vit_base(), args.out.clone())), None),
+    let dino = |c: dinov2::Config, dir: PathBuf| Some((Encoder::Dinov2(c), dir));
+    let (enc, vae): (Folder<Encoder>, Folder<vae::Config>) = match args.preset.as_str() {
+        "tiny" => (dino(tiny_dinov2(), args.out.join("dinov2")), Some((tiny_vae(), args.out.join("vae")))),
+        "base" => (dino(dinov2::Config::vit_base(), args.out.join("dinov2")), Some((vae::Config::sd_vae(), args.out.join("vae")))),
+        "tiny-dinov2" => (dino(tiny_dinov2(), args.out.clone()), None),
+        "tiny-clip" => (Some((Encoder::Clip(tiny_clip()), args.out.clone())), None),
+        "dinov2-base" => (dino(dinov2::Config::vit_base(), args.out.clone()), None),
         "tiny-vae" => (None, Some((tiny_vae(), args.out.clone()))),
         "sd-vae" => (None, Some((vae::Config::sd_vae(), args.out.clone()))),
         "inception" => {
             anyhow::ensure!(args.fit.fit_on.is_none(), "--fit-on fits a VAE, and preset `inception` writes none");
             return write_inception(&args.out, args.seed);
         }
-        other => anyhow::bail!("unknown preset `{other}`: expected tiny, base, tiny-dinov2, tiny-vae, dinov2-base, sd-vae or inception"),
+        other => anyhow::bail!("unknown preset `{other}`: expected tiny, base, tiny-dinov2, tiny-clip, tiny-vae, dinov2-base, sd-vae or inception"),
     };
     if args.fit.fit_on.is_some() && vae.is_none() {
         anyhow::bail!(
@@ -50,7 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     tch::manual_seed(args.seed);
     if let Some((config, dir)) = enc {
-        write_dinov2(&config, &dir).with_context(|| format!("writing {}", dir.display()))?;
+        config
+            .write(&dir)
+            .with_context(|| format!("writing {}", dir.display()))?;
         println!("encoder: {} ({})", dir.display(), config.describe());
     }
     if let Some((config, dir)) = vae {
@@ -88,6 +116,20 @@ fn tiny_dinov2() -> dinov2::Config {
         image_size: 224,
         patch_size: 56,
         ..dinov2::Config::vit_base()
+    }
+}
+
+/// The CLIP counterpart of [`tiny_dinov2`]: width 32, 2 layers, MLP 128 and patch 56 at 224 px, so
+/// 4×4 = 16 tokens at the default `precompute.encoder_input_size`.
+fn tiny_clip() -> clip::Config {
+    clip::Config {
+        hidden_size: 32,
+        intermediate_size: 128,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        image_size: 224,
+        patch_size: 56,
+        ..clip::Config::vit_base_patch16()
     }
 }
 
@@ -178,6 +220,39 @@ fn write_dinov2(c: &dinov2::Config, dir: &Path) -> anyhow::Result<()> {
         &serde_json::to_vec_pretty(&config)?,
     )?;
     model::weights::save_var_store(&vs, &dir.join(dinov2::WEIGHTS_FILE))?;
+    Ok(())
+}
+
+/// A `CLIPVisionModel` folder as transformers 5 `save_pretrained` writes it: `config.json` of
+/// `model_type` "clip_vision_model" and `model.safetensors` with its names (`embeddings.*`,
+/// `pre_layrnorm.*`, `encoder.layers.N.*`, `post_layernorm.*`, no `vision_model.` prefix).
+fn write_clip(c: &clip::Config, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = Clip::new(vs.root(), c);
+    randomise(&vs);
+    let config = serde_json::json!({
+        "architectures": ["CLIPVisionModel"],
+        "model_type": "clip_vision_model",
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_channels": c.num_channels,
+        "image_size": c.image_size,
+        "patch_size": c.patch_size,
+        "hidden_act": c.hidden_act,
+        "layer_norm_eps": c.layer_norm_eps,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "projection_dim": 512,
+    });
+    stages::atomic::write_bytes_atomic(
+        &dir.join(clip::CONFIG_FILE),
+        &serde_json::to_vec_pretty(&config)?,
+    )?;
+    model::weights::save_var_store(&vs, &dir.join(clip::WEIGHTS_FILE))?;
     Ok(())
 }
 

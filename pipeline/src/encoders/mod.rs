@@ -1,6 +1,7 @@
-//! `pipeline encoders check`: loads the frozen DINOv2 and SD-VAE folders the configs point at, prints
-//! what was found (architecture, parameter count, fingerprint) and runs one forward on a generated
-//! image, so a download can be verified before a long precompute is started on it.
+//! `pipeline encoders check`: loads the frozen vision encoder (DINOv2 or CLIP) and SD-VAE folders the
+//! configs point at, prints what was found (family, architecture, token width and grid, parameter
+//! count, fingerprint) and runs one forward on a generated image, so a download can be verified before
+//! a long precompute is started on it.
 
 pub mod init;
 pub mod vae_fit;
@@ -9,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use model::dinov2::{self, Dinov2};
 use model::vae::{self, AutoencoderKl};
+use model::vision::VisionEncoder;
 use tch::{Device, Kind, Tensor};
 
 #[derive(clap::Args)]
@@ -23,22 +24,28 @@ pub struct Args {
 enum Command {
     /// Load the encoder and/or VAE folders, print architecture, parameters and fingerprint, run one forward
     Check(CheckArgs),
-    /// Write random-init DINOv2 / AutoencoderKL folders (Hugging Face layout) for demos, tests, benchmarks
+    /// Write random-init DINOv2 / CLIP / AutoencoderKL folders (Hugging Face layout) for demos, tests, benchmarks
     Init(crate::encoders::init::Args),
 }
 
 #[derive(clap::Args)]
 struct CheckArgs {
-    /// DINOv2 folder from Hugging Face (`config.json` + `model.safetensors`), e.g. facebook/dinov2-base
+    /// Vision encoder folder from Hugging Face (`config.json` + `model.safetensors`): DINOv2 (e.g.
+    /// facebook/dinov2-base) or CLIP (e.g. openai/clip-vit-base-patch16), told apart by `model_type`
     #[arg(long)]
     encoder: Option<PathBuf>,
+    /// Side the encoder sees, in pixels (precompute.encoder_input_size); default 224 for DINOv2, the
+    /// config's image_size for CLIP
+    #[arg(long)]
+    encoder_input_size: Option<i64>,
     /// AutoencoderKL folder (`config.json` + `diffusion_pytorch_model.safetensors`), e.g. stabilityai/sd-vae-ft-ema
     #[arg(long)]
     vae: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Side of the generated test image in pixels (DINOv2 resizes it to 224; the VAE takes it as is)
+    /// Side of the generated test image in pixels (the encoder resizes it to its input size; the VAE
+    /// takes it as is)
     #[arg(long, default_value_t = 256)]
     image_size: i64,
 }
@@ -60,7 +67,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let device = model::device::parse_device(&args.device)?;
     let image = generated_image(args.image_size, device);
     if let Some(dir) = &args.encoder {
-        check_encoder(dir, device, &image)
+        check_encoder(dir, device, &image, args.encoder_input_size)
             .with_context(|| format!("checking encoder {}", dir.display()))?;
     }
     if let Some(dir) = &args.vae {
@@ -70,25 +77,42 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_encoder(dir: &Path, device: Device, image: &Tensor) -> anyhow::Result<()> {
-    let loaded = Dinov2::from_folder(dir, device)?;
+fn check_encoder(
+    dir: &Path,
+    device: Device,
+    image: &Tensor,
+    input_size: Option<i64>,
+) -> anyhow::Result<()> {
+    let encoder = VisionEncoder::from_folder(dir, device)?;
+    let size = input_size.unwrap_or_else(|| encoder.default_input_size());
+    if size < encoder.patch_size() {
+        bail!(
+            "--encoder-input-size {size} is smaller than the patch size {}",
+            encoder.patch_size()
+        );
+    }
+    let grid = encoder.grid(size);
     println!("encoder: {}", dir.display());
-    println!("  architecture: {}", loaded.model.config.describe());
-    println!("  parameters: {}", loaded.parameters);
-    println!("  fingerprint: {}", loaded.fingerprint()?);
+    println!("  family: {}", encoder.family().name());
+    println!("  architecture: {}", encoder.describe());
+    println!(
+        "  tokens: width {}, grid {grid}x{grid} ({} tokens) at {size} px",
+        encoder.hidden_size(),
+        grid * grid
+    );
+    println!("  parameters: {}", encoder.parameters());
+    println!("  fingerprint: {}", encoder.fingerprint()?);
     println!(
         "  device: {device:?}, precision {}",
-        loaded.model.precision.name()
+        encoder.precision().name()
     );
     let start = Instant::now();
-    let tokens = loaded
-        .model
-        .patch_tokens(image, model::dinov2::INPUT_SIZE)?;
+    let tokens = encoder.patch_tokens(image, size)?;
     let seconds = start.elapsed().as_secs_f64();
     println!(
         "  forward: generated {0}x{0} image -> {1}x{1} input -> patch tokens {2:?} ({3}) in {seconds:.3} s",
         image.size()[2],
-        dinov2::INPUT_SIZE,
+        size,
         tokens.size(),
         summary(&tokens)?,
     );

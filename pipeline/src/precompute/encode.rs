@@ -1,15 +1,17 @@
 //! The encode stage: a batch of uint8 crops → the cached fields of each sample, as raw little-endian
 //! bytes in the dtypes of docs/cache-format.md. Runs on the thread that owns the libtorch models.
 
-use model::dinov2::Dinov2;
 use model::vae::{self, AutoencoderKl};
+use model::vision::VisionEncoder;
 use stages::cache::{DType, FieldSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{FeatureDType, LatentDType, PrecomputeConfig};
 
 pub struct Encoders {
-    pub dinov2: Option<Dinov2>,
+    /// The REPA target encoder (`precompute.encoder`), any family [`VisionEncoder`] reads; it owns its
+    /// weights.
+    pub encoder: Option<VisionEncoder>,
     pub vae: Option<AutoencoderKl>,
     pub device: Device,
     // The var stores own the weights the models point at.
@@ -42,9 +44,9 @@ pub fn field_specs(p: &PrecomputeConfig, image_size: usize, enc: &Encoders) -> V
         fields.push(FieldSpec::new("vae_mean", dt, &shape));
         fields.push(FieldSpec::new("vae_std", dt, &shape));
     }
-    if let Some(d) = &enc.dinov2 {
-        let grid = (p.encoder_input_size / d.config.patch_size) as usize;
-        let shape = [v, grid * grid, d.config.hidden_size as usize];
+    if let Some(e) = &enc.encoder {
+        let grid = e.grid(p.encoder_input_size) as usize;
+        let shape = [v, grid * grid, e.hidden_size() as usize];
         let dt = match p.features_dtype {
             FeatureDType::F16 => DType::F16,
             FeatureDType::Bf16 => DType::Bf16,
@@ -177,7 +179,7 @@ pub fn launch_batch(
         out.push(to_host(&per_sample(mean, b, v).to_kind(kind)));
         out.push(to_host(&per_sample(std, b, v).to_kind(kind)));
     }
-    if let Some(model) = &enc.dinov2 {
+    if let Some(model) = &enc.encoder {
         let tokens = per_sample(model.patch_tokens(&views, p.encoder_input_size)?, b, v);
         match p.features_dtype {
             FeatureDType::F16 => out.push(to_host(&tokens.to_kind(Kind::Half))),

@@ -1,5 +1,6 @@
-//! `pipeline precompute`: source shards → crops and flips → frozen DINOv2 tokens and VAE posterior
-//! moments → one zstd cache shard per source shard, reused by every later run (docs/cache-format.md).
+//! `pipeline precompute`: source shards → crops and flips → frozen vision encoder tokens (DINOv2 or
+//! CLIP) and VAE posterior moments → one zstd cache shard per source shard, reused by every later run
+//! (docs/cache-format.md).
 //!
 //! Three stages on their own threads with bounded queues, so they overlap: read + decode/crop (a rayon
 //! pool) → encode (libtorch, the thread that owns the models) → compress + write (`ShardWriter`). Batches
@@ -456,13 +457,12 @@ pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
         torch_ext::cuda::cudnn_deterministic(true);
     }
     let mut stores = Vec::new();
-    let dinov2 = match p.encoder_dir() {
-        Some(dir) => {
-            let l = model::dinov2::Dinov2::from_folder(dir, device)
-                .with_context(|| format!("loading encoder {}", dir.display()))?;
-            stores.push(l.vs);
-            Some(l.model)
-        }
+    // DINOv2 or CLIP, as the folder's config.json says; the encoder keeps its own var store.
+    let encoder = match p.encoder_dir() {
+        Some(dir) => Some(
+            model::vision::VisionEncoder::from_folder(dir, device)
+                .with_context(|| format!("loading encoder {}", dir.display()))?,
+        ),
         None => None,
     };
     let vae = match p.vae_dir() {
@@ -475,7 +475,7 @@ pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
         None => None,
     };
     Ok(Encoders {
-        dinov2,
+        encoder,
         vae,
         device,
         _stores: stores,

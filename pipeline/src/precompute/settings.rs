@@ -1,12 +1,14 @@
 //! The cache settings a `[precompute]` section implies: the JSON whose fingerprint names a
 //! cache directory. Everything that changes a cached number is in it (crop, views, stored fields,
-//! encoder and VAE fingerprints, dtypes, format version); nothing that only changes speed is (workers,
-//! batch size, device, chunk rows, zstd level), so `pipeline train` finds the cache from the same config
-//! whatever machine wrote it.
+//! encoder family, encoder and VAE fingerprints, dtypes, format version); nothing that only changes
+//! speed is (workers, batch size, device, chunk rows, zstd level), so `pipeline train` finds the cache
+//! from the same config whatever machine wrote it.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+
+use model::vision::Family;
 
 use crate::config::Config;
 
@@ -18,10 +20,21 @@ pub fn cache_settings(config: &Config) -> anyhow::Result<serde_json::Value> {
     let d = &config.data;
     let encoder = match p.encoder_dir() {
         Some(dir) => {
-            let fp = model::dinov2::fingerprint(dir)
+            let fingerprint = || -> Result<_, model::frozen::EncoderError> {
+                let family = Family::of_folder(dir)?;
+                let fp = match family {
+                    Family::Dinov2 => model::dinov2::fingerprint(dir)?,
+                    Family::Clip => model::clip::fingerprint(dir)?,
+                };
+                Ok((family, fp))
+            };
+            let (family, fp) = fingerprint()
                 .with_context(|| format!("fingerprinting encoder {}", dir.display()))?;
+            // "kind" is the family ("dinov2", "clip"): a DINOv2 folder gives the JSON it always has, so
+            // its caches keep their fingerprint; "preprocess": "repa" is REPA's input preparation for
+            // that family (`model::vision::VisionEncoder::prepare_input`).
             serde_json::json!({
-                "kind": "dinov2",
+                "kind": family.name(),
                 "fingerprint": fp,
                 "input_size": p.encoder_input_size,
                 "preprocess": "repa",
@@ -106,5 +119,56 @@ mod tests {
         assert_ne!(base, fp(&["precompute.flip=false"]));
         assert_ne!(base, fp(&["data.crop=\"resize_center_crop\""]));
         assert_ne!(base, fp(&["data.resize_impl=\"fast\""]));
+    }
+
+    /// A folder with `config.json` of `model_type` and fixed stand-in weights: the settings hash the
+    /// files, they do not load them.
+    fn encoder_folder(model_type: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(r#"{{"model_type": "{model_type}"}}"#);
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), b"stand-in weights").unwrap();
+        dir
+    }
+
+    fn encoder_section(dir: &Path) -> serde_json::Value {
+        let set = format!("precompute.encoder={:?}", dir.display().to_string());
+        with(&[&set])["encoder"].clone()
+    }
+
+    /// The encoder section a DINOv2 folder gave before CLIP was accepted, key for key: caches made
+    /// then keep their fingerprint directory.
+    #[test]
+    fn dinov2_encoder_settings_are_unchanged() {
+        let dir = encoder_folder("dinov2");
+        assert_eq!(
+            encoder_section(dir.path()),
+            serde_json::json!({
+                "kind": "dinov2",
+                "fingerprint": "2635eae3f0b2e2dd36eb329e08436bf0e2ca9d6cab7b80c7a50c5ca2b59fd0ee",
+                "input_size": 224,
+                "preprocess": "repa",
+                "dtype": "f16",
+            })
+        );
+    }
+
+    /// A CLIP folder names its family, so its cache never shares a directory with a DINOv2 one.
+    #[test]
+    fn clip_encoder_settings_name_the_family() {
+        let dir = encoder_folder("clip_vision_model");
+        let clip = encoder_section(dir.path());
+        assert_eq!(clip["kind"], "clip");
+        assert_eq!(clip["input_size"], 224);
+        let dino = encoder_folder("dinov2");
+        assert_ne!(clip, encoder_section(dino.path()));
+        let other = encoder_folder("siglip");
+        let set = format!(
+            "precompute.encoder={:?}",
+            other.path().display().to_string()
+        );
+        let loaded = crate::config::load_str("[precompute]\n", "t.toml", &[set]).unwrap();
+        let err = format!("{:#}", cache_settings(&loaded.config).unwrap_err());
+        assert!(err.contains("model_type `siglip`"), "{err}");
     }
 }
