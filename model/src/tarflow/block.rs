@@ -276,6 +276,26 @@ impl MetaBlock {
             .to_kind(Kind::Float)
     }
 
+    /// The parameters of every token of a permuted prefix (B, T, D) from one parallel causal pass:
+    /// (B, T, 2D) float, a then b as [`MetaBlock::step_output`] gives them, shifted one token as
+    /// [`MetaBlock::pass`] shifts them (token 0 gets zeros). What a Jacobi solver iterates: the same
+    /// numbers the sequential decode computes token by token, with `q_scale` for a guided branch.
+    pub fn parallel_output(
+        &self,
+        x_perm: &Tensor,
+        class: Option<&Tensor>,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+    ) -> Tensor {
+        let mut h = self.embed(x_perm, 0, class, prec, None);
+        for layer in &self.layers {
+            h = layer.forward(&h, 0, self.rope.as_ref(), None, q_scale, prec);
+        }
+        let o = self.proj_out.forward(&h, prec).to_kind(Kind::Float);
+        let t = o.size()[1];
+        Tensor::cat(&[o.narrow(1, 0, 1).zeros_like(), o.narrow(1, 0, t - 1)], 1)
+    }
+
     /// Every linear layer of the block.
     pub(crate) fn linears(&self) -> impl Iterator<Item = &Linear> {
         std::iter::once(&self.proj_in)

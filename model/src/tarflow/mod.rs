@@ -15,6 +15,8 @@ mod block;
 pub mod classify;
 mod config;
 mod error;
+mod guidance;
+mod jacobi;
 mod layers;
 mod linear;
 mod packed;

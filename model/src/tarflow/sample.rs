@@ -1,33 +1,13 @@
 //! Sampling (spec §3): the KV-cache reverse pass with TARFlow-style classifier-free guidance, noise
 //! drawn on the CPU, NaN redraws, and one-step score denoising.
 
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::block::{Cond, MetaBlock};
+use super::guidance::Branches;
+pub use super::guidance::Guidance;
+pub use super::jacobi::Solver;
 use super::{nll, FlowError, Model, Precision};
-
-/// Guidance settings of a reverse pass.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Guidance {
-    /// w in a ← a_c + w·(a_c − a_u) (same for b). 0 turns guidance off (one branch only).
-    pub weight: f64,
-    /// Ramp the weight along the sequence: g_i = w·(i+1)/(N−1) at step i (`evaluate_fid.py`).
-    pub annealed: bool,
-    /// Attention temperature of the unconditional branch (logit scale 64^−0.5 / temp).
-    pub attn_temp: f64,
-}
-
-impl Default for Guidance {
-    fn default() -> Self {
-        Self {
-            weight: 0.0,
-            annealed: false,
-            attn_temp: 1.0,
-        }
-    }
-}
 
 impl Model {
     /// Reverse (noise → data) of token-space z (B, N, D) to images, with a KV cache per block.
@@ -73,6 +53,30 @@ fn reverse_in(
     })
 }
 
+/// [`reverse_in`] with `solver`: images and the dependent network passes of each block, in the order
+/// the blocks ran (N − 1 each for the sequential solver).
+pub fn reverse_solved(
+    model: &Model,
+    prec: Precision,
+    z: &Tensor,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    solver: Solver,
+) -> (Tensor, Vec<i64>) {
+    match solver {
+        Solver::Sequential => {
+            let steps = model.cfg.num_tokens() - 1;
+            let x = reverse_in(model, prec, z, y, g, g.weight != 0.0);
+            (x, vec![steps; model.blocks.len()])
+        }
+        Solver::Jacobi {
+            chunk,
+            tol,
+            max_iters,
+        } => super::jacobi::reverse_jacobi(model, prec, z, y, g, (chunk, tol, max_iters)),
+    }
+}
+
 /// One block's inverse with a KV cache. With guidance the conditional and unconditional branches are
 /// one batch of 2B rows (cond first), so each step is a single pass.
 fn reverse_block(
@@ -85,30 +89,7 @@ fn reverse_block(
     guided: bool,
 ) -> Tensor {
     let (batch, n, _) = z.size3().expect("(B, N, D)");
-    let cond = match y {
-        Some(y) => Cond::Labels(y),
-        None => Cond::Null,
-    };
-    let class = block.class_embedding(&cond, batch);
-    let (class, q_scale) = if guided {
-        let uncond = block.class_embedding(&Cond::Null, batch);
-        let class = class.map(|c| Tensor::cat(&[&c, &uncond.expect("same table")], 0));
-        // An unconditional model still gets a second branch: it differs by the attention temperature.
-        let scale = Tensor::cat(
-            &[
-                Tensor::ones([batch, 1, 1, 1], (Kind::Float, z.device())),
-                Tensor::full(
-                    [batch, 1, 1, 1],
-                    1.0 / g.attn_temp,
-                    (Kind::Float, z.device()),
-                ),
-            ],
-            0,
-        );
-        (class, Some(scale))
-    } else {
-        (class, None)
-    };
+    let Branches { class, q_scale } = Branches::new(block, y, g, batch, guided, z.device());
     let x = block.permutation.apply(z);
     let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
     let rows = if guided { 2 * batch } else { batch };
@@ -128,11 +109,7 @@ fn reverse_block(
             prec,
         );
         if guided {
-            let w = if g.annealed {
-                g.weight * (i + 1) as f64 / (n - 1) as f64
-            } else {
-                g.weight
-            };
+            let w = g.weight_at(i + 1, n);
             // cond + w·(cond − uncond) for a and b at once: lerp from cond towards uncond by −w.
             o = o.narrow(0, 0, batch).lerp(&o.narrow(0, batch, batch), -w);
         }
@@ -194,6 +171,8 @@ pub struct Samples {
     pub x: Tensor,
     /// Number of samples whose output held NaN/Inf and were drawn again.
     pub redrawn: i64,
+    /// Dependent network passes of each block in the first draw (the sequential depth is their sum).
+    pub passes: Vec<i64>,
 }
 
 /// Draws noise from `seed` and inverts it; samples that come out non-finite get fresh noise (from the
@@ -220,17 +199,40 @@ pub fn sample_in(
     seed: u64,
     max_redraws: usize,
 ) -> Result<Samples, FlowError> {
+    sample_solved(
+        model,
+        prec,
+        batch,
+        y,
+        g,
+        seed,
+        max_redraws,
+        Solver::Sequential,
+    )
+}
+
+/// [`sample_in`] with the reverse pass solved by `solver`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_solved(
+    model: &Model,
+    prec: Precision,
+    batch: i64,
+    y: Option<&Tensor>,
+    g: &Guidance,
+    seed: u64,
+    max_redraws: usize,
+    solver: Solver,
+) -> Result<Samples, FlowError> {
     let device = model.device();
     let z = cpu_noise(model, batch, seed);
-    let reverse =
-        |z: &Tensor, y: Option<&Tensor>| reverse_in(model, prec, z, y, g, g.weight != 0.0);
-    let mut x = reverse(&z.to_device(device), y);
+    let reverse = |z: &Tensor, y: Option<&Tensor>| reverse_solved(model, prec, z, y, g, solver).0;
+    let (mut x, passes) = reverse_solved(model, prec, &z.to_device(device), y, g, solver);
     let mut redrawn = 0;
     for attempt in 0..=max_redraws {
         let bad = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
         let n_bad = bad.sum(Kind::Int64).int64_value(&[]);
         if n_bad == 0 {
-            return Ok(Samples { x, redrawn });
+            return Ok(Samples { x, redrawn, passes });
         }
         if attempt == max_redraws {
             return Err(FlowError::NonFinite {

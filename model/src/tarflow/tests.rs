@@ -848,3 +848,88 @@ fn sample_in_overrides_the_model_precision() {
     assert_eq!(max_diff(&over, &fp32), 0.0);
     assert!(max_diff(&bf16, &fp32) > 0.0);
 }
+
+/// Exact Jacobi (whole sequence or segments) gives the sequential sampler's images for the same
+/// noise, with and without guidance (annealed, with an attention temperature), in at most N − 1
+/// passes per block.
+#[test]
+fn exact_jacobi_equals_the_sequential_sampler() {
+    let _rng = rng();
+    let base = cfg(8, 2, 2, 3, 2, 5);
+    for (name, c) in [
+        ("pos+gelu", base.clone()),
+        ("rope+swiglu", latent(base.clone(), true, true)),
+    ] {
+        let (_vs, model) = random_model(&c, 11);
+        let n = c.num_tokens();
+        let z = Tensor::randn([4, n, c.token_dim()], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 4, -1, 2]);
+        for g in [
+            Guidance::default(),
+            Guidance {
+                weight: 1.5,
+                annealed: true,
+                attn_temp: 0.7,
+            },
+        ] {
+            let prec = model.precision;
+            let (seq, seq_passes) =
+                sample::reverse_solved(&model, prec, &z, Some(&y), &g, sample::Solver::Sequential);
+            assert_eq!(seq_passes, vec![n - 1; 3]);
+            for solver in [
+                sample::Solver::exact(),
+                sample::Solver::Jacobi {
+                    chunk: 5,
+                    tol: 0.0,
+                    max_iters: 0,
+                },
+            ] {
+                let (x, passes) = sample::reverse_solved(&model, prec, &z, Some(&y), &g, solver);
+                let err = max_diff(&x, &seq);
+                assert!(err < 1e-5, "{name} {g:?} {solver:?}: off by {err}");
+                assert!(
+                    passes.iter().all(|&p| (1..n).contains(&p)),
+                    "{name} {solver:?}: passes {passes:?}"
+                );
+            }
+        }
+    }
+}
+
+/// With a tolerance the iteration stops early, close to the exact answer; a cap of one iteration is
+/// honoured and leaves the later tokens unsolved.
+#[test]
+fn jacobi_with_a_tolerance_stops_early_and_a_cap_is_honoured() {
+    let _rng = rng();
+    let c = latent(cfg(8, 2, 2, 2, 2, 0), true, false);
+    let (_vs, model) = random_model(&c, 12);
+    let n = c.num_tokens();
+    let z = Tensor::randn([3, n, c.token_dim()], (Kind::Float, Device::Cpu));
+    let g = Guidance::default();
+    let prec = model.precision;
+    let (seq, _) = sample::reverse_solved(&model, prec, &z, None, &g, sample::Solver::Sequential);
+    let tol = sample::Solver::Jacobi {
+        chunk: 0,
+        tol: 1e-6,
+        max_iters: 0,
+    };
+    let (x, passes) = sample::reverse_solved(&model, prec, &z, None, &g, tol);
+    let err = max_diff(&x, &seq);
+    assert!(err < 1e-4, "tolerance 1e-6 left an error of {err}");
+    let depth: i64 = passes.iter().sum();
+    assert!(
+        depth < 2 * (n - 1),
+        "no early stop: {passes:?} passes for {n} tokens"
+    );
+    let capped = sample::Solver::Jacobi {
+        chunk: 0,
+        tol: 0.0,
+        max_iters: 1,
+    };
+    let (x, passes) = sample::reverse_solved(&model, prec, &z, None, &g, capped);
+    assert_eq!(passes, vec![1, 1]);
+    assert!(
+        max_diff(&x, &seq) > 1e-4,
+        "one iteration cannot solve {n} tokens"
+    );
+}
