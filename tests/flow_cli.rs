@@ -473,3 +473,85 @@ fn bench_flow_reports_both_sides() {
             && String::from_utf8_lossy(&out.stderr).contains("unknown preset `nope`")
     );
 }
+
+/// `flow decode --solver jacobi` gives the sequential sampler's samples (exact mode) in fewer dependent
+/// passes here, says so, and honours a cap.
+#[test]
+fn jacobi_decoding_matches_the_sequential_sampler() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("flow.safetensors");
+    run_ok(
+        pipeline()
+            .args(["flow", "init", "--preset", "tiny-latent", "--output"])
+            .arg(&ckpt),
+    );
+    // A fresh flow starts as the identity (zero output projections), which any solver inverts in one
+    // pass: give the projections weights so that tokens depend on each other.
+    tch::manual_seed(3);
+    let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&ckpt)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let t = if n.ends_with("proj_out.weight") {
+                t.randn_like() * 0.05
+            } else {
+                t
+            };
+            (n, t)
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, &ckpt).unwrap();
+    let decode = |name: &str, solver: &[&str]| {
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let run = pipeline()
+            .args(["flow", "decode", "--device", "cpu", "--samples", "3"])
+            .args([
+                "--seed",
+                "7",
+                "--class",
+                "2",
+                "--guidance",
+                "1.5",
+                "--annealed",
+            ])
+            .args(solver)
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(run.status.success(), "{stderr}");
+        let depth: i64 = stderr
+            .split("sequential depth ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no depth in: {stderr}"));
+        (read(&out, "x"), depth, stderr)
+    };
+    let (seq, seq_depth, _) = decode("seq", &[]);
+    let (exact, exact_depth, said) = decode("jacobi", &["--solver", "jacobi"]);
+    assert!(said.contains("solver jacobi"), "{said}");
+    let err = max_diff(&seq, &exact);
+    let scale = seq.abs().max().double_value(&[]);
+    assert!(err < 1e-5 * scale.max(1.0), "exact Jacobi off by {err} (values up to {scale})");
+    assert!(exact_depth <= seq_depth, "{exact_depth} > {seq_depth}");
+    let (capped, capped_depth, said) =
+        decode("capped", &["--solver", "jacobi", "--jacobi-max-iters", "1"]);
+    let per_block = said
+        .split("last first: [")
+        .nth(1)
+        .and_then(|r| r.split(']').next())
+        .unwrap_or_else(|| panic!("no per-block passes in: {said}"));
+    let blocks = per_block.split(", ").filter(|p| *p == "1").count() as i64;
+    assert!(
+        blocks > 0 && capped_depth == blocks,
+        "one pass per block: {said}"
+    );
+    assert!(
+        max_diff(&seq, &capped) > 1e-4,
+        "one pass cannot solve every token"
+    );
+}

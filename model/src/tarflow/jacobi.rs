@@ -51,16 +51,16 @@ impl Solver {
                 tol,
                 max_iters,
             } => format!(
-                "jacobi (chunk {}, tol {tol:e}, max {} iterations per chunk)",
+                "jacobi (segments of {}, tol {tol:e}, at most {} passes per segment)",
                 if *chunk > 0 {
-                    chunk.to_string()
+                    format!("{chunk} tokens")
                 } else {
-                    "all".into()
+                    "the whole sequence".into()
                 },
                 if *max_iters > 0 {
                     max_iters.to_string()
                 } else {
-                    "its length".into()
+                    "its length in".into()
                 }
             ),
         }

@@ -3,6 +3,7 @@
 //! silently ignored costs a training run.
 
 mod precompute;
+pub mod solver;
 mod train;
 
 use std::path::{Path, PathBuf};

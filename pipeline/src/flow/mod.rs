@@ -11,6 +11,8 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance, Cond, Config};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::solver::SolverArgs;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -117,6 +119,8 @@ struct DecodeArgs {
     /// Redraw rounds for samples with NaN/Inf before giving up
     #[arg(long, default_value_t = 10)]
     max_redraws: usize,
+    #[command(flatten)]
+    solver: SolverArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -290,9 +294,12 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     if args.attn_temp <= 0.0 {
         bail!("--attn-temp must be positive, got {}", args.attn_temp);
     }
+    let solver = args.solver.solver()?;
     let (n, d) = (model.cfg.num_tokens(), model.cfg.token_dim());
     let mut xs = vec![];
     let mut redrawn = 0;
+    let mut passes = vec![];
+    let start_time = std::time::Instant::now();
     match (&args.input, args.samples) {
         (Some(path), _) => {
             let inputs = read_inputs(path)?;
@@ -312,13 +319,17 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 let yb = y
                     .as_ref()
                     .map(|y| y.narrow(0, start, len).to_device(device));
-                let x = model.reverse(
+                let (x, p) = tarflow::sample::reverse_solved(
+                    model,
+                    model.precision,
                     &z.narrow(0, start, len)
                         .to_kind(Kind::Float)
                         .to_device(device),
                     yb.as_ref(),
                     &g,
+                    solver,
                 );
+                passes = p;
                 xs.push(finish(model, &x, yb.as_ref(), &args));
             }
         }
@@ -337,9 +348,18 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 let yb = args
                     .class
                     .map(|k| Tensor::full([len], k, (Kind::Int64, device)));
-                let drawn =
-                    tarflow::sample::sample(model, len, yb.as_ref(), &g, seed, args.max_redraws)?;
+                let drawn = tarflow::sample::sample_solved(
+                    model,
+                    model.precision,
+                    len,
+                    yb.as_ref(),
+                    &g,
+                    seed,
+                    args.max_redraws,
+                    solver,
+                )?;
                 redrawn += drawn.redrawn;
+                passes = drawn.passes;
                 xs.push(finish(model, &drawn.x, yb.as_ref(), &args));
                 seed = seed.wrapping_add(1);
             }
@@ -349,9 +369,11 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let x = Tensor::cat(&xs, 0);
     model::weights::save_atomic(&[("x".to_string(), x.shallow_clone())], &args.output)?;
     eprintln!(
-        "decoded {} samples into {} ({redrawn} redrawn for NaN/Inf)",
+        "decoded {} samples into {} ({redrawn} redrawn for NaN/Inf) in {:.2} s; {} (last batch)",
         x.size()[0],
-        args.output.display()
+        args.output.display(),
+        start_time.elapsed().as_secs_f64(),
+        crate::config::solver::depth_line(&solver, &passes)
     );
     Ok(())
 }

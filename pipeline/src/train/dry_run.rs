@@ -202,7 +202,7 @@ fn measured_step(
 
     let online = match (tc.features, head) {
         (crate::config::Features::Online, Some(_)) => match cfg.precompute.encoder_dir() {
-            Some(dir) => match model::dinov2::Dinov2::from_folder(dir, device) {
+            Some(dir) => match model::vision::VisionEncoder::from_folder(dir, device) {
                 Ok(enc) => {
                     counted.push(format!("the online encoder {}", dir.display()));
                     Some(enc)
@@ -285,11 +285,8 @@ fn measured_step(
     let (x, y, features, images) = &batches[0];
     let features = match (&online, images) {
         (Some(enc), Some(images)) => Some(
-            tch::no_grad(|| {
-                enc.model
-                    .patch_tokens(images, cfg.precompute.encoder_input_size)
-            })?
-            .f_to_kind(Kind::Float)?,
+            tch::no_grad(|| enc.patch_tokens(images, cfg.precompute.encoder_input_size))?
+                .f_to_kind(Kind::Float)?,
         ),
         _ => features.as_ref().map(Tensor::shallow_clone),
     };
