@@ -260,8 +260,18 @@ fn fid_cmd_with(
     out: &Path,
     weights: &Path,
 ) -> std::process::Command {
+    fid_cmd_as("fid", samples, reference, out, weights)
+}
+
+fn fid_cmd_as(
+    command: &str,
+    samples: &Path,
+    reference: &Path,
+    out: &Path,
+    weights: &Path,
+) -> std::process::Command {
     let mut cmd = common::pipeline();
-    cmd.arg("fid")
+    cmd.arg(command)
         .arg("--samples")
         .arg(samples)
         .arg("--ref")
@@ -329,28 +339,64 @@ fn fid_stats_and_fid_end_to_end() {
     assert!(stderr.contains("fid-stats: 12 done in"), "{stderr}");
     let check = common::run_ok(common::python().arg("-c").arg(format!(
         "import json, numpy as np\n\
-         a, b = np.load({:?}), np.load({:?})\n\
-         print(json.dumps({{'files': sorted(a.files), 'mu': [list(a['mu'].shape), str(a['mu'].dtype)],\n\
-           'sigma': [list(a['sigma'].shape), str(a['sigma'].dtype)],\n\
-           'mu_diff': float(np.abs(a['mu'] - b['mu']).max()),\n\
-           'sigma_diff': float(np.abs(a['sigma'] - b['sigma']).max()),\n\
-           'sigma_scale': float(np.abs(b['sigma']).max())}}))",
+         a, b, c = np.load({:?}), np.load({:?}), np.load({:?})\n\
+         d = lambda x, y: float(np.abs(x - y).max())\n\
+         print(json.dumps({{'files': sorted(a.files),\n\
+           'shapes': {{k: [list(a[k].shape), str(a[k].dtype)] for k in a.files}},\n\
+           'mu_diff': d(a['mu'], b['mu']), 'sigma_diff': d(a['sigma'], b['sigma']),\n\
+           'sigma_scale': float(np.abs(b['sigma']).max()),\n\
+           'acts_diff': float(np.abs(a['acts'][:, None] - c['acts'][None]).max(2).min(1).max()),\n\
+           'acts_scale': float(np.abs(c['acts']).max()),\n\
+           'mu_s_diff': d(a['mu_s'], c['mu_s']), 'sigma_s_diff': d(a['sigma_s'], c['sigma_s']),\n\
+           'sigma_s_scale': float(np.abs(c['sigma_s']).max())}}))",
         reference.display().to_string(),
-        inputs.join("pytorch_fid_stats.npz").display().to_string()
+        inputs.join("pytorch_fid_stats.npz").display().to_string(),
+        inputs.join("pytorch_fid_acts.npz").display().to_string(),
     )));
     let check: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
-    assert_eq!(check["files"], serde_json::json!(["mu", "sigma"]));
-    assert_eq!(check["mu"], serde_json::json!([[2048], "float64"]));
-    assert_eq!(check["sigma"], serde_json::json!([[2048, 2048], "float64"]));
-    assert!(check["mu_diff"].as_f64().unwrap() < 1e-4, "{check}");
+    assert_eq!(
+        check["files"],
+        serde_json::json!(["acts", "mu", "mu_s", "sigma", "sigma_s"])
+    );
+    assert_eq!(
+        check["shapes"],
+        serde_json::json!({
+            "mu": [[2048], "float64"],
+            "sigma": [[2048, 2048], "float64"],
+            "mu_s": [[2023], "float64"],
+            "sigma_s": [[2023, 2023], "float64"],
+            "acts": [[12, 2048], "float32"],
+        })
+    );
+    let value = |k: &str| check[k].as_f64().unwrap();
+    assert!(value("mu_diff") < 1e-4, "{check}");
     // σ holds products of features (entries up to ~1e2 here): float32 features agree to ~1e-5
     // relative, so the bound scales with the largest entry.
-    let sigma_scale = check["sigma_scale"].as_f64().unwrap();
+    let sigma_scale = value("sigma_scale");
     assert!(
-        check["sigma_diff"].as_f64().unwrap() < 1e-4 * sigma_scale.max(1.0) * 0.1,
+        value("sigma_diff") < 1e-4 * sigma_scale.max(1.0) * 0.1,
         "{check}"
     );
-    assert!(check["sigma_scale"].as_f64().unwrap() > 1e-3, "{check}");
+    assert!(sigma_scale > 1e-3, "{check}");
+    // `acts` holds the stream's order (fid-stats reads shuffled shards); each row is one of
+    // pytorch-fid's.
+    assert!(
+        value("acts_diff") < 1e-4 * value("acts_scale").max(1.0),
+        "{check}"
+    );
+    // The spatial statistics against pytorch-fid's Mixed_6d 1×1 branch (its first 7 channels,
+    // NHWC-flattened), hooked in tests/python/fid_cli_inputs.py: the sFID tensor is the one ADM's
+    // evaluator takes from the TF graph, in its order.
+    let sigma_s_scale = value("sigma_s_scale");
+    assert!(sigma_s_scale > 1e-3, "{check}");
+    assert!(
+        value("mu_s_diff") < 1e-4 * sigma_s_scale.sqrt().max(1.0),
+        "{check}"
+    );
+    assert!(
+        value("sigma_s_diff") < 1e-5 * sigma_s_scale.max(1.0),
+        "{check}"
+    );
 
     // The same crops as PNGs against our statistics, and as a compressed .npz against pytorch-fid's
     // compressed statistics file: both ≈ 0, with the same Inception Score (same images, same order).
@@ -363,42 +409,129 @@ fn fid_stats_and_fid_end_to_end() {
         stderr.contains("fid: 5/12") && stderr.contains("fid: 12 done in"),
         "{stderr}"
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "FID: ",
+        "sFID: ",
+        "Inception Score: ",
+        "Precision: ",
+        "KID: ",
+    ] {
+        assert!(stdout.contains(line), "`{line}` not in: {stdout}");
+    }
+    assert!(!stdout.contains("skipped"), "{stdout}");
+    // pytorch-fid's statistics file (mu and sigma only) still gives FID and IS, through the
+    // `evaluate` alias; the metrics it cannot give are null, each with the reason.
     let npz_json = root.join("npz.json");
-    common::run_ok(&mut fid_cmd(
+    let out = common::run_ok(&mut fid_cmd_as(
+        "evaluate",
         &inputs.join("samples.npz"),
         &inputs.join("pytorch_fid_stats.npz"),
         &npz_json,
+        &weights_file(),
     ));
-    let (png, npz) = (read_json(&png_json), read_json(&npz_json));
-    for scores in [&png, &npz] {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("sFID: skipped")
+            && stdout.contains("note: precision, recall and KID skipped"),
+        "{stdout}"
+    );
+    // ADM's reference batch layout: arr_0 images with mu, sigma, mu_s, sigma_s as published (here
+    // pytorch-fid's statistics of the same crops); the activations come from arr_0.
+    let adm_json = root.join("adm.json");
+    let out = common::run_ok(&mut fid_cmd(
+        &inputs.join("pngs"),
+        &inputs.join("adm_ref.npz"),
+        &adm_json,
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("reference activations: 12 images of `arr_0`"),
+        "{stdout}"
+    );
+    let (png, npz, adm) = (
+        read_json(&png_json),
+        read_json(&npz_json),
+        read_json(&adm_json),
+    );
+    let num = |s: &serde_json::Value, key: &str| -> f64 {
+        s[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("`{key}` is not a number: {s}"))
+    };
+    for scores in [&png, &npz, &adm] {
         for key in ["fid", "inception_score", "inception_score_std"] {
-            assert!(scores[key].as_f64().unwrap().is_finite(), "{scores}");
+            assert!(num(scores, key).is_finite(), "{scores}");
         }
         assert_eq!(scores["samples"], 12);
         assert_eq!(scores["inception_score_splits"], 10);
-        assert!(scores["fid"].as_f64().unwrap().abs() < 1e-3, "{scores}");
-        assert!(
-            scores["inception_score"].as_f64().unwrap() >= 1.0,
-            "{scores}"
-        );
+        assert!(num(scores, "fid").abs() < 1e-3, "{scores}");
+        assert!(num(scores, "inception_score") >= 1.0, "{scores}");
     }
-    let is = |s: &serde_json::Value| s["inception_score"].as_f64().unwrap();
+    // The same images as the reference: sFID ≈ 0 (also against pytorch-fid's spatial statistics),
+    // and every sample is in the reference manifold and the other way round.
+    for scores in [&png, &adm] {
+        for key in ["sfid", "precision", "recall", "kid", "kid_std"] {
+            assert!(num(scores, key).is_finite(), "{key}: {scores}");
+        }
+        assert!(num(scores, "sfid").abs() < 1e-3, "{scores}");
+        assert_eq!(num(scores, "precision"), 1.0, "{scores}");
+        assert_eq!(num(scores, "recall"), 1.0, "{scores}");
+        assert_eq!(scores["pr_k"], 3);
+        assert_eq!(scores["kid_subset_size"], 12);
+        assert_eq!(scores["reference_features"], 12);
+        assert_eq!(scores["skipped"], serde_json::json!([]));
+    }
+    for key in ["sfid", "precision", "recall", "kid", "kid_std"] {
+        assert!(npz[key].is_null(), "{key}: {npz}");
+    }
+    let skipped = npz["skipped"].to_string();
+    assert!(
+        skipped.contains("sFID skipped") && skipped.contains("no `mu_s`/`sigma_s`"),
+        "{skipped}"
+    );
+    assert!(
+        skipped.contains("precision, recall and KID skipped") && skipped.contains("`acts`"),
+        "{skipped}"
+    );
+    let is = |s: &serde_json::Value| num(s, "inception_score");
     assert!((is(&png) - is(&npz)).abs() < 1e-9, "{png} vs {npz}");
 
-    // Other images: a clearly positive distance.
+    // Other images: a clearly positive distance, and precision and recall as the numpy transcription
+    // of ADM's ManifoldEstimator computes them from the two activation sets.
     let other_ref = root.join("other.npz");
     common::run_ok(&mut fid_stats_cmd(
         &root.join("other/demo-000000.tar"),
         &other_ref,
     ));
     let other_json = root.join("other.json");
-    common::run_ok(&mut fid_cmd(&inputs.join("pngs"), &other_ref, &other_json));
-    let other = read_json(&other_json)["fid"].as_f64().unwrap();
-    let same = png["fid"].as_f64().unwrap().abs();
+    // k = 2: on these sets precision and recall usually differ (the random weights change with each
+    // run), so the two would not trade places unseen.
+    common::run_ok(fid_cmd(&inputs.join("pngs"), &other_ref, &other_json).args(["--pr-k", "2"]));
+    let other = read_json(&other_json);
+    assert_eq!(other["pr_k"], 2);
+    let same = num(&png, "fid").abs();
     assert!(
-        other > 1e-2 && other > 1e3 * same,
+        num(&other, "fid") > 1e-2 && num(&other, "fid") > 1e3 * same,
         "FID to other images {other}, to itself {same}"
     );
+    assert!(num(&other, "sfid") > 1e-2, "{other}");
+    let numpy = common::run_ok(
+        common::python()
+            .arg(common::repo_root().join("bench/precision_recall_reference.py"))
+            .arg("check")
+            .arg(&other_ref)
+            .arg(inputs.join("pytorch_fid_acts.npz"))
+            .args(["--k", "2"]),
+    );
+    let numpy: serde_json::Value = serde_json::from_slice(&numpy.stdout).unwrap();
+    for key in ["precision", "recall"] {
+        assert_eq!(
+            num(&other, key),
+            num(&numpy, key),
+            "{key}: {other} vs numpy {numpy}"
+        );
+    }
 
     // Bad inputs: each error names the file.
     let bad_dir = root.join("bad_pngs");

@@ -536,7 +536,10 @@ fn jacobi_decoding_matches_the_sequential_sampler() {
     assert!(said.contains("solver jacobi"), "{said}");
     let err = max_diff(&seq, &exact);
     let scale = seq.abs().max().double_value(&[]);
-    assert!(err < 1e-5 * scale.max(1.0), "exact Jacobi off by {err} (values up to {scale})");
+    assert!(
+        err < 1e-5 * scale.max(1.0),
+        "exact Jacobi off by {err} (values up to {scale})"
+    );
     assert!(exact_depth <= seq_depth, "{exact_depth} > {seq_depth}");
     let (capped, capped_depth, said) =
         decode("capped", &["--solver", "jacobi", "--jacobi-max-iters", "1"]);
@@ -554,4 +557,37 @@ fn jacobi_decoding_matches_the_sequential_sampler() {
         max_diff(&seq, &capped) > 1e-4,
         "one pass cannot solve every token"
     );
+}
+
+/// `bench solvers` times each solver against the sequential sampler on the same noise and reports the
+/// depth and the deviation: exact Jacobi within float noise, sequential at N − 1 passes per block.
+#[test]
+fn bench_solvers_reports_depth_and_deviation() {
+    let out = run_ok(pipeline().args([
+        "bench",
+        "solvers",
+        "--random",
+        "tiny-latent",
+        "--samples",
+        "2",
+        "--repeats",
+        "1",
+        "--tol",
+        "0,1e-3",
+        "--guidance",
+        "1.0",
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON line on stdout");
+    let rows = report["solvers"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let n = 16; // tiny-latent: 8×8 latent, patch 2
+    let blocks = report["config"]["num_blocks"].as_i64().unwrap();
+    assert_eq!(rows[0]["depth"].as_i64(), Some(blocks * (n - 1)));
+    assert!(rows[1]["max_abs_diff_vs_sequential"].as_f64().unwrap() < 1e-4);
+    for row in &rows[1..] {
+        let depth = row["depth"].as_i64().unwrap();
+        assert!(depth >= blocks && depth <= blocks * (n - 1), "{row}");
+        assert!(row["time_vs_sequential"].as_f64().unwrap() > 0.0, "{row}");
+    }
 }

@@ -11,8 +11,6 @@ use tch::{Device, Kind, Tensor};
 
 use crate::frozen::EncoderError;
 use crate::inception::{Features, Inception};
-/// Precision, recall and KID live in [`crate::manifold`]; here too so that the whole table is one import.
-pub use crate::manifold::{kid, precision_recall};
 
 /// Splits of the Inception Score, as Salimans et al. and the ADM suite (5 000 of 50 000 samples each).
 pub const IS_SPLITS: usize = 10;

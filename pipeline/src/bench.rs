@@ -8,6 +8,7 @@ pub mod fid;
 pub mod flow;
 pub mod precompute;
 pub mod reference;
+pub mod solvers;
 pub mod train;
 pub mod writer;
 
@@ -31,6 +32,8 @@ enum BenchCommand {
     Flow(flow::Args),
     /// Precompute stages standalone vs overlapped, encode wait fraction, cache readback vs raw zstd
     Precompute(precompute::Args),
+    /// Reverse-pass solvers (sequential, Jacobi) on one flow: time, sequential depth, deviation
+    Solvers(solvers::Args),
     /// Training steps/s and data-wait fraction against the cache loader alone
     Train(train::Args),
     /// The cache writer alone on ImageNet-size fields: images/s and bytes per image for each zstd level
@@ -45,6 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         BenchCommand::Fid(a) => fid::run(a),
         BenchCommand::Flow(a) => flow::run(a),
         BenchCommand::Precompute(a) => precompute::run(a),
+        BenchCommand::Solvers(a) => solvers::run(a),
         BenchCommand::Train(a) => train::run(a),
         BenchCommand::Writer(a) => writer::run(a),
     }

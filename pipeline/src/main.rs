@@ -55,9 +55,11 @@ enum Command {
     Classify(evaluate::classify::Args),
     /// Bits per dimension (pixel models) or NLL per latent dimension, with a 95% confidence interval
     Bpd(evaluate::bpd::Args),
-    /// FID and Inception Score of samples (PNG directory or .npz) against reference statistics
+    /// IS, FID, sFID, precision, recall and KID of samples (PNG directory or .npz) against a reference
+    /// .npz
+    #[command(visible_alias = "evaluate")]
     Fid(evaluate::fid::Args),
-    /// Reference FID statistics (mu, sigma) of the training crops of shards
+    /// A reference .npz (pool3 and spatial statistics, pool3 activations) of the training crops
     FidStats(evaluate::fid_stats::Args),
 }
 

@@ -50,19 +50,19 @@ impl Solver {
                 chunk,
                 tol,
                 max_iters,
-            } => format!(
-                "jacobi (segments of {}, tol {tol:e}, at most {} passes per segment)",
-                if *chunk > 0 {
-                    format!("{chunk} tokens")
+            } => {
+                let segments = if *chunk > 0 {
+                    format!("segments of {chunk}")
                 } else {
-                    "the whole sequence".into()
-                },
-                if *max_iters > 0 {
-                    max_iters.to_string()
+                    "whole sequence".into()
+                };
+                let cap = if *max_iters > 0 {
+                    format!(", at most {max_iters} passes per segment")
                 } else {
-                    "its length in".into()
-                }
-            ),
+                    String::new()
+                };
+                format!("jacobi ({segments}, tol {tol:e}{cap})")
+            }
         }
     }
 }

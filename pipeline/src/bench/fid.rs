@@ -2,7 +2,10 @@
 //! pool3 and logits) against pytorch-fid's `InceptionV3` on the same image size, libtorch and thread
 //! count through bench/fid_reference.py, interleaved batch by batch in the same run; then one Fréchet
 //! distance at the feature width (two symmetric eigendecompositions) against pytorch-fid's
-//! `calculate_frechet_distance` (scipy `sqrtm`). Random weights: speed does not depend on them.
+//! `calculate_frechet_distance` (scipy `sqrtm`); then improved precision and recall
+//! (`model::manifold::precision_recall`) against a numpy transcription of the ADM evaluator's
+//! `ManifoldEstimator` (bench/precision_recall_reference.py) on the same features, read from one
+//! file. Random weights and features: speed does not depend on them.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,6 +43,114 @@ pub struct Args {
     /// The reference script
     #[arg(long, default_value = "bench/fid_reference.py")]
     reference: PathBuf,
+    /// Precision/recall: reference features (0 skips the precision/recall timing; ADM's ImageNet
+    /// reference batch has 10 000)
+    #[arg(long, default_value_t = 2000)]
+    pr_reference: i64,
+    /// Precision/recall: sample features (the paper table uses 50 000)
+    #[arg(long, default_value_t = 2000)]
+    pr_samples: i64,
+    /// Precision/recall: feature width
+    #[arg(long, default_value_t = 2048)]
+    pr_dim: i64,
+    /// Precision/recall: neighbourhood size k
+    #[arg(long, default_value_t = 3)]
+    pr_k: i64,
+    /// Precision/recall: rows per block of distances, both sides
+    #[arg(long, default_value_t = 10000)]
+    pr_block: i64,
+    /// Precision/recall: timed runs per side, interleaved (the median is reported)
+    #[arg(long, default_value_t = 1)]
+    pr_iters: usize,
+    /// The precision/recall reference script
+    #[arg(long, default_value = "bench/precision_recall_reference.py")]
+    pr_script: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+struct PrTiming {
+    seconds: Option<f64>,
+    value: Option<f64>,
+    recall: Option<f64>,
+    error: Option<String>,
+}
+
+/// Random pool3-like features (non-negative, a shared mean plus spread), float32 (n, d).
+fn random_features(n: i64, d: i64, shift: f64) -> Tensor {
+    (Tensor::randn([n, d], (Kind::Float, Device::Cpu)) + shift).relu()
+}
+
+/// Times `model::manifold::precision_recall` against the numpy reference on the same features.
+fn precision_recall_timing(args: &Args, threads: i32) -> anyhow::Result<()> {
+    let (nr, ns, d) = (args.pr_reference, args.pr_samples, args.pr_dim);
+    let reference = random_features(nr, d, 0.5);
+    let samples = random_features(ns, d, 0.55);
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("features.npz");
+    {
+        let mut npz = crate::formats::npz::NpzWriter::create(&file)?;
+        for (name, t) in [("reference", &reference), ("samples", &samples)] {
+            let size = t.size();
+            npz.begin(
+                name,
+                crate::formats::npz::Dtype::F32,
+                &[size[0] as usize, size[1] as usize],
+            )?;
+            npz.write(&Vec::<u8>::try_from(
+                t.contiguous().view_dtype(Kind::Uint8).flatten(0, -1),
+            )?)?;
+            npz.end()?;
+        }
+        npz.finish()?;
+    }
+    let mut numpy = Reference::start(
+        &args.python,
+        &args.pr_script,
+        &[
+            "serve".into(),
+            file.display().to_string(),
+            "--k".into(),
+            args.pr_k.to_string(),
+            "--block".into(),
+            args.pr_block.to_string(),
+            "--threads".into(),
+            threads.to_string(),
+        ],
+    )?;
+    let (mut ours_s, mut numpy_s) = (Vec::new(), Vec::new());
+    let (mut ours_v, mut numpy_v) = ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN));
+    for _ in 0..args.pr_iters {
+        let start = Instant::now();
+        ours_v = model::manifold::precision_recall(&reference, &samples, args.pr_k, args.pr_block)?;
+        ours_s.push(start.elapsed().as_secs_f64());
+        let answer: PrTiming = numpy.ask("pr")?;
+        let Some(seconds) = answer.seconds else {
+            bail!(
+                "{}: {}",
+                args.pr_script.display(),
+                answer.error.unwrap_or_default()
+            );
+        };
+        numpy_s.push(seconds);
+        numpy_v = (
+            answer.value.unwrap_or(f64::NAN),
+            answer.recall.unwrap_or(f64::NAN),
+        );
+    }
+    let (ours_s, numpy_s) = (median(ours_s), median(numpy_s));
+    println!(
+        "precision/recall, {nr} reference × {ns} sample features of {d}, k {}, blocks of {}: tch \
+         {ours_s:.2} s (precision {:.4}, recall {:.4}), numpy (ADM ManifoldEstimator, float32) \
+         {numpy_s:.2} s (precision {:.4}, recall {:.4}), ratio {:.1}x",
+        args.pr_k,
+        args.pr_block,
+        ours_v.0,
+        ours_v.1,
+        numpy_v.0,
+        numpy_v.1,
+        numpy_s / ours_s
+    );
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]
@@ -68,6 +179,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.iters == 0 || args.batch <= 0 || args.size < 75 || args.frechet_dim < 0 {
         bail!(
             "--iters and --batch must be positive, --size at least 75, --frechet-dim not negative"
+        );
+    }
+    if args.pr_reference > 0
+        && (args.pr_samples <= args.pr_k
+            || args.pr_reference <= args.pr_k
+            || args.pr_dim <= 0
+            || args.pr_k < 1
+            || args.pr_block < 1
+            || args.pr_iters == 0)
+    {
+        bail!(
+            "precision/recall: --pr-reference and --pr-samples must exceed --pr-k (at least 1), \
+             --pr-dim, --pr-block and --pr-iters must be positive"
         );
     }
     let threads = cpu_threads(args.threads);
@@ -144,6 +268,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             anchor_value.unwrap_or(f64::NAN),
             anchor / ours
         );
+    }
+    drop(reference);
+    if args.pr_reference > 0 {
+        precision_recall_timing(&args, threads)?;
     }
     Ok(())
 }

@@ -5,16 +5,15 @@ use model::tarflow::sample::Solver;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SolverKind {
-    /// One token per step with a KV cache: N − 1 dependent passes per block
     Sequential,
-    /// Parallel fixed-point passes over the whole sequence or segments (docs/flow.md, Solvers)
     Jacobi,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SolverArgs {
-    /// How each flow block is inverted: `jacobi` iterates parallel passes, exact (the sequential
-    /// sampler's samples) unless --jacobi-tol or --jacobi-max-iters stop it earlier
+    /// How each flow block is inverted: `sequential` decodes one token per step (N − 1 dependent
+    /// passes per block); `jacobi` iterates parallel passes, exact (the sequential sampler's samples)
+    /// unless --jacobi-tol or --jacobi-max-iters stop it earlier (docs/flow.md, Solvers)
     #[arg(long, value_enum, default_value = "sequential")]
     pub solver: SolverKind,
     /// Jacobi: tokens per segment, solved in turn on their exact prefix (0 = the whole sequence)

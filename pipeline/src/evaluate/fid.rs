@@ -1,22 +1,24 @@
-//! `pipeline fid`: FID and Inception Score of a sample set (a directory of PNGs or an ADM-style `.npz`)
-//! against reference statistics (`mu`, `sigma`: ADM's reference batches, pytorch-fid's `--save-stats`
-//! files, or `pipeline fid-stats`), with pytorch-fid's Inception network (`model::inception`).
+//! `pipeline fid` (alias `evaluate`): Inception Score, FID, sFID, precision, recall and KID of a sample
+//! set (a directory of PNGs or an ADM-style `.npz`) against a reference `.npz` (see
+//! [`crate::evaluate::fid_reference`]: ADM's reference batches, pytorch-fid's `--save-stats` files, or
+//! `pipeline fid-stats`), with pytorch-fid's Inception network (`model::inception`), as ADM's
+//! `evaluator.py` reports them.
 //!
 //! [`score`] is the library entry point for other jobs (training's periodic FID, freshly sampled
-//! batches): it takes uint8 (B, H, W, 3) batches from any iterator and keeps only running sums
-//! ([`FeatureStats`]), so the sample count is bounded by time, not memory.
+//! batches): it takes uint8 (B, H, W, 3) batches from any iterator and keeps running sums
+//! ([`FeatureStats`]) and, only when precision/recall or KID are asked for, the pool3 activations
+//! (N × 2048 float32 on the network's device: 400 MB for 50 000 samples).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use model::feature_stats::{FeatureStats, Statistics};
-use model::inception::{Inception, LoadedInception};
+use model::feature_stats::FeatureStats;
+use model::inception::{Features, Inception, LoadedInception};
 use tch::{Device, Kind, Tensor};
 
+pub use crate::evaluate::fid_reference::{read_reference, Reference};
 use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 use crate::formats::image_set::ImageSet;
-use crate::formats::npz::{Dtype, NpzWriter};
-use crate::formats::npz_read::NpzReader;
 use crate::runtime::progress::Progress;
 
 /// The file name `tools/convert_inception.py` gives the converted pytorch-fid weights.
@@ -81,12 +83,15 @@ pub struct Args {
     /// Samples: a directory of PNGs or an .npz whose `arr_0` is uint8 (N, H, W, 3)
     #[arg(long, value_name = "PATH")]
     samples: PathBuf,
-    /// Reference statistics: an .npz with `mu` (D) and `sigma` (D, D), e.g. ADM's
-    /// VIRTUAL_imagenet256_labeled.npz or the output of `pipeline fid-stats`
+    /// Reference: an .npz with `mu` (2048) and `sigma` (2048, 2048), and for sFID `mu_s`, `sigma_s`,
+    /// for precision/recall and KID `acts` or `arr_0` (ADM's VIRTUAL_imagenet256_labeled.npz, or the
+    /// output of `pipeline fid-stats`)
     #[arg(long = "ref", value_name = "REF.npz")]
     reference: PathBuf,
     #[command(flatten)]
     inception: InceptionArgs,
+    #[command(flatten)]
+    metrics: MetricArgs,
     /// Also write the scores as JSON here (required with several ranks: their features are joined
     /// beside it, on a filesystem every rank sees)
     #[arg(long, value_name = "FILE")]
@@ -95,133 +100,279 @@ pub struct Args {
     ranks: RankArgs,
 }
 
-/// What [`score`] returns.
+/// Settings of precision/recall and KID (the ADM suite's and torch-fidelity's defaults).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MetricArgs {
+    /// Precision/recall: a point's radius is the distance to its k-th nearest neighbour in its own set
+    #[arg(long = "pr-k", default_value_t = 3, value_name = "K")]
+    pub k: i64,
+    /// Precision/recall: rows per block of pairwise distances (memory: about block × N floats)
+    #[arg(long = "pr-block", default_value_t = 10000, value_name = "ROWS")]
+    pub block: i64,
+    /// KID: random subsets of each set
+    #[arg(long, default_value_t = 100)]
+    pub kid_subsets: usize,
+    /// KID: features per subset (capped at the smaller set's size)
+    #[arg(long, default_value_t = 1000)]
+    pub kid_subset_size: usize,
+    /// KID: seed of the subsets
+    #[arg(long, default_value_t = 0)]
+    pub kid_seed: u64,
+}
+
+impl Default for MetricArgs {
+    fn default() -> Self {
+        MetricArgs {
+            k: 3,
+            block: 10000,
+            kid_subsets: 100,
+            kid_subset_size: 1000,
+            kid_seed: 0,
+        }
+    }
+}
+
+impl MetricArgs {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.k < 1 || self.block < 1 || self.kid_subsets < 1 || self.kid_subset_size < 2 {
+            bail!(
+                "--pr-k, --pr-block and --kid-subsets must be at least 1, --kid-subset-size at least 2"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What is scored against a reference besides FID, sFID and the Inception Score.
+pub struct Against<'a> {
+    pub reference: &'a Reference,
+    /// The reference's pool3 activations on the network's device ([`Reference::activations`]); None
+    /// skips precision, recall and KID.
+    pub acts: Option<&'a Tensor>,
+    pub metrics: &'a MetricArgs,
+    /// Precision and recall (N × N distances over the samples: `pipeline fid` only).
+    pub precision_recall: bool,
+}
+
+/// What [`score`] returns. Metrics that could not be computed are None (null in JSON), with the reason
+/// in `skipped`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Scores {
     pub fid: f64,
+    pub sfid: Option<f64>,
     pub inception_score: f64,
     /// Standard deviation of the score over its splits.
     pub inception_score_std: f64,
     pub inception_score_splits: usize,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    /// The k of precision and recall.
+    pub pr_k: Option<i64>,
+    /// Mean and standard deviation of the unbiased MMD² estimate over the subsets.
+    pub kid: Option<f64>,
+    pub kid_std: Option<f64>,
+    pub kid_subsets: Option<usize>,
+    pub kid_subset_size: Option<usize>,
     pub samples: usize,
+    pub reference_features: Option<usize>,
+    pub skipped: Vec<String>,
 }
 
-/// Reads reference statistics from an `.npz` holding `mu` and `sigma` (float32 or float64); other
-/// arrays (ADM's `arr_0`, `mu_s`, `sigma_s`) are not read. Both headers are checked against each other
-/// and against the Inception features' width before either array is inflated, and `sigma` must be a
-/// covariance (symmetric, positive semi-definite up to rounding): anything else gives an FID that
-/// means nothing, even a negative one.
-pub fn read_reference(path: &Path) -> anyhow::Result<Statistics> {
-    let file = path.display();
-    let need = "reference statistics need `mu` and `sigma` (pipeline fid-stats, pytorch-fid \
-                --save-stats or the ADM reference batches write them)";
-    let mut npz = NpzReader::open(path)?;
-    let mu_shape = npz.member("mu").context(need)?.header.shape;
-    let sigma_shape = npz.member("sigma").context(need)?.header.shape;
-    let d = model::inception::FEATURES as usize;
-    if mu_shape != [d] || sigma_shape != [d, d] {
-        bail!(
-            "{file}: reference statistics have `mu` of shape {mu_shape:?} and `sigma` of shape \
-             {sigma_shape:?}; FID's Inception features need ({d},) and ({d}, {d})"
-        );
+/// The running sums of [`FeatureStats`] (pool3, spatial, Inception Score) and, when kept, the pool3
+/// activations batch by batch (on the device they were made on: no read-back per batch).
+pub struct Accumulator {
+    pub stats: FeatureStats,
+    acts: Option<Vec<Tensor>>,
+}
+
+impl Accumulator {
+    pub fn new(stats: FeatureStats, keep_acts: bool) -> Self {
+        Accumulator {
+            stats,
+            acts: keep_acts.then(Vec::new),
+        }
     }
-    let mut array = |name: &str| -> anyhow::Result<Tensor> {
-        let (values, shape) = npz.read_f64(name)?;
-        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        Ok(Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?)
-    };
-    let (mu, sigma) = (array("mu")?, array("sigma")?);
-    let stats = Statistics::new(&mu, &sigma)
-        .and_then(|s| s.check_covariance().map(|()| s))
-        .with_context(|| format!("{file}: reference statistics"))?;
-    Ok(stats)
-}
 
-/// Writes `mu` (D) and `sigma` (D, D) as float64, the arrays ADM's reference batches and pytorch-fid's
-/// statistics files hold under these names.
-pub fn write_reference(path: &Path, stats: &Statistics) -> anyhow::Result<()> {
-    let d = stats.dim() as usize;
-    let mut npz = NpzWriter::create(path)?;
-    for (name, tensor, shape) in [
-        ("mu", &stats.mu, vec![d]),
-        ("sigma", &stats.sigma, vec![d, d]),
-    ] {
-        let values = Vec::<f64>::try_from(tensor.f_contiguous()?.f_view(-1)?)?;
-        npz.begin(name, Dtype::F64, &shape)?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        npz.write(&bytes)?;
-        npz.end()?;
+    pub fn add(&mut self, f: &Features) -> anyhow::Result<()> {
+        self.stats.add(f)?;
+        if let Some(acts) = &mut self.acts {
+            acts.push(f.pool3.detach());
+        }
+        Ok(())
     }
-    npz.finish()
+
+    /// Pool3 features, logits and spatial features read back from a part.
+    fn add_parts(
+        &mut self,
+        pool3: &Tensor,
+        logits: &Tensor,
+        spatial: &Tensor,
+    ) -> anyhow::Result<()> {
+        self.stats.add_raw(pool3, Some(logits))?;
+        self.stats.add_spatial_raw(spatial)?;
+        if let Some(acts) = &mut self.acts {
+            acts.push(pool3.shallow_clone());
+        }
+        Ok(())
+    }
+
+    /// The kept pool3 activations (N, 2048), None unless kept.
+    pub fn activations(&self) -> anyhow::Result<Option<Tensor>> {
+        match &self.acts {
+            Some(a) if !a.is_empty() => Ok(Some(Tensor::f_cat(a, 0)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Replaces the kept activations (e.g. by those of every rank).
+    pub fn set_activations(&mut self, acts: Tensor) {
+        self.acts = Some(vec![acts]);
+    }
 }
 
-/// FID against `reference` and the Inception Score of exactly `total` images arriving as uint8
-/// (B, H, W, 3) batches on any device (any H, W; each is resized to 299 as pytorch-fid does). A libtorch
-/// failure on a batch is an error naming its images; `progress`, when given, advances per batch.
+/// Whether scoring against `reference` needs the samples' activations kept.
+pub fn keeps_acts(reference: &Reference) -> bool {
+    reference.acts != crate::evaluate::fid_reference::ActsSource::Absent
+}
+
+/// The scores of exactly `total` images arriving as uint8 (B, H, W, 3) batches on any device (any H,
+/// W; each is resized to 299 as pytorch-fid does). A libtorch failure on a batch is an error naming its
+/// images; `progress`, when given, advances per batch.
 pub fn score(
     inception: &Inception,
-    reference: &Statistics,
+    against: &Against,
     total: usize,
     batches: impl IntoIterator<Item = anyhow::Result<Tensor>>,
     progress: Option<&Progress>,
 ) -> anyhow::Result<Scores> {
-    let mut stats = FeatureStats::with_inception_score(total, inception.device());
+    let stats = FeatureStats::with_inception_score(total, inception.device());
+    let mut acc = Accumulator::new(stats, against.acts.is_some());
     let mut seen = 0;
     for batch in batches {
         let images = batch?;
         let n = batch_len(&images);
         let what = format!("Inception features of images {seen}..{}", seen + n);
         crate::runtime::torch_guard::guard(&what, || {
-            stats.add_images(inception, &images).context(what.clone())
+            let f = inception.features(&images).context(what.clone())?;
+            acc.add(&f).context(what.clone())
         })?;
         seen += n;
         if let Some(p) = progress {
             p.add(n as u64);
         }
     }
-    finish(&stats, reference, total, seen)
+    finish(&acc, against, total, seen)
 }
 
 fn batch_len(images: &Tensor) -> usize {
     images.size().first().copied().unwrap_or(0).max(0) as usize
 }
 
+/// Every metric of `acc` against `against`: FID and the Inception Score always; sFID when the reference
+/// has spatial statistics; KID (and precision/recall when asked for) when both activation sets are there.
 pub fn finish(
-    stats: &FeatureStats,
-    reference: &Statistics,
+    acc: &Accumulator,
+    against: &Against,
     total: usize,
     seen: usize,
 ) -> anyhow::Result<Scores> {
     if seen != total {
         bail!("expected {total} images, got {seen}");
     }
+    let stats = &acc.stats;
+    let reference = against.reference;
     let own = stats.statistics()?;
     let fid = own
-        .frechet_distance(reference)
+        .frechet_distance(&reference.pool3)
         .context("Fréchet distance to the reference statistics")?;
     let is = stats.inception_score()?;
-    Ok(Scores {
+    let mut skipped = Vec::new();
+    let sfid = match &reference.spatial {
+        Some(spatial) => Some(
+            stats
+                .spatial_statistics()?
+                .frechet_distance(spatial)
+                .context("Fréchet distance to the reference's spatial statistics")?,
+        ),
+        None => {
+            skipped.extend(reference.sfid_unavailable());
+            None
+        }
+    };
+    let mut scores = Scores {
         fid,
+        sfid,
         inception_score: is.mean,
         inception_score_std: is.std,
         inception_score_splits: is.splits,
+        precision: None,
+        recall: None,
+        pr_k: None,
+        kid: None,
+        kid_std: None,
+        kid_subsets: None,
+        kid_subset_size: None,
         samples: seen,
-    })
+        reference_features: None,
+        skipped,
+    };
+    let acts = acc.activations()?;
+    let (ref_acts, acts) = match (against.acts, acts) {
+        (Some(r), Some(a)) => (r, a),
+        _ => {
+            scores.skipped.extend(reference.acts_unavailable());
+            return Ok(scores);
+        }
+    };
+    let m = against.metrics;
+    let acts = acts.f_to_device(ref_acts.device())?;
+    let (n_ref, n) = (ref_acts.size()[0], acts.size()[0]);
+    scores.reference_features = Some(n_ref as usize);
+    if against.precision_recall {
+        if n_ref > m.k && n > m.k {
+            let (precision, recall) =
+                model::manifold::precision_recall(ref_acts, &acts, m.k, m.block)
+                    .context("precision and recall")?;
+            scores.precision = Some(precision);
+            scores.recall = Some(recall);
+            scores.pr_k = Some(m.k);
+        } else {
+            scores.skipped.push(format!(
+                "precision and recall skipped: k = {} needs more than k features in each set \
+                 ({n_ref} reference, {n} samples)",
+                m.k
+            ));
+        }
+    }
+    let size = m.kid_subset_size.min(n_ref as usize).min(n as usize);
+    if size >= 2 {
+        let (kid, kid_std) = model::manifold::kid(ref_acts, &acts, m.kid_subsets, size, m.kid_seed)
+            .context("KID")?;
+        scores.kid = Some(kid);
+        scores.kid_std = Some(kid_std);
+        scores.kid_subsets = Some(m.kid_subsets);
+        scores.kid_subset_size = Some(size);
+    } else {
+        scores.skipped.push(format!(
+            "KID skipped: subsets need 2 features ({n_ref} reference, {n} samples)"
+        ));
+    }
+    Ok(scores)
 }
 
 /// [`score`] over several ranks: batch k is rank (k mod W)'s; each rank writes the features of its
 /// batches to a part beside `base`, and rank 0 adds them in batch order to the statistics, exactly
 /// as one process would (same batches, same order), so the scores are the single-process ones. Rank 0
-/// returns the scores, the others None.
+/// returns the accumulator, the others None.
 fn score_ranks(
     ranks: &Ranks,
     inception: &Inception,
-    reference: &Statistics,
+    keep_acts: bool,
     total: usize,
     batches: impl IntoIterator<Item = anyhow::Result<Tensor>>,
     progress: &Progress,
     base: &Path,
-) -> anyhow::Result<Option<Scores>> {
+) -> anyhow::Result<Option<(Accumulator, usize)>> {
     let (rank, world) = (ranks.rank(), ranks.world());
     let mine = (|| -> anyhow::Result<()> {
         let mut part = PartWriter::create(ranks.part_path(base))?;
@@ -248,8 +399,8 @@ fn score_ranks(
             PartOrder::RoundRobin,
             inception.device(),
             total,
+            keep_acts,
         )
-        .and_then(|(stats, seen)| finish(&stats, reference, total, seen))
         .map(Some)
     } else {
         Ok(None)
@@ -258,11 +409,12 @@ fn score_ranks(
 }
 
 /// One batch's network outputs as a record of a features part: n (u64 LE), pool3 (n × 2048 f32 LE),
-/// logits_unbiased (n × 1008 f32 LE): what [`FeatureStats::add`] reads, bit for bit.
-pub fn write_features(part: &mut PartWriter, f: &model::inception::Features) -> anyhow::Result<()> {
+/// logits_unbiased (n × 1008 f32 LE), spatial (n × 2023 f32 LE): what [`FeatureStats::add`] reads,
+/// bit for bit.
+pub fn write_features(part: &mut PartWriter, f: &Features) -> anyhow::Result<()> {
     let n = f.pool3.size()[0];
     part.write(&(n as u64).to_le_bytes())?;
-    for t in [&f.pool3, &f.logits_unbiased] {
+    for t in [&f.pool3, &f.logits_unbiased, &f.spatial] {
         let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         part.write(&Vec::<u8>::try_from(
             t.view_dtype(Kind::Uint8).flatten(0, -1),
@@ -281,14 +433,15 @@ pub enum PartOrder {
 }
 
 /// Rank 0: the parts' records in global batch order into fresh statistics on `device` (with the
-/// Inception Score's logits for `total` images); the parts are removed. Returns them and the image
-/// count.
+/// Inception Score's logits for `total` images, and the pool3 activations when `keep_acts`); the parts
+/// are removed. Returns them and the image count.
 pub fn join_features(
     paths: &[PathBuf],
     order: PartOrder,
     device: Device,
     total: usize,
-) -> anyhow::Result<(FeatureStats, usize)> {
+    keep_acts: bool,
+) -> anyhow::Result<(Accumulator, usize)> {
     use std::io::Read;
     let mut parts = paths
         .iter()
@@ -298,7 +451,7 @@ pub fn join_features(
                 .with_context(|| format!("opening {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut stats = FeatureStats::with_inception_score(total, device);
+    let mut acc = Accumulator::new(FeatureStats::with_inception_score(total, device), keep_acts);
     let (mut seen, mut current) = (0, 0);
     for k in 0.. {
         let i = match order {
@@ -329,15 +482,17 @@ pub fn join_features(
         };
         let pool3 = read(model::inception::FEATURES)?;
         let logits = read(model::inception::CLASSES)?;
-        stats.add_raw(&pool3, Some(&logits))?;
+        let spatial = read(model::inception::SPATIAL_FEATURES)?;
+        acc.add_parts(&pool3, &logits, &spatial)?;
         seen += n as usize;
     }
     drop(parts);
     rank_parts::remove_parts(paths)?;
-    Ok((stats, seen))
+    Ok((acc, seen))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    args.metrics.check()?;
     // Both inputs are checked before the network loads, so a wrong path fails in a second.
     let reference = read_reference(&args.reference)?;
     let set = ImageSet::open(&args.samples)?;
@@ -378,6 +533,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             describe_device(inception.device()),
         );
     }
+    // Rank 0 scores against the reference: only it needs the reference's activations.
+    let ref_acts = if ranks.leader() {
+        reference_activations(&reference, inception, args.inception.batch)
+    } else {
+        Ok(None)
+    };
+    let ref_acts = ranks.agree("reading the reference's activations", ref_acts)?;
+    let against = Against {
+        reference: &reference,
+        acts: ref_acts.as_ref(),
+        metrics: &args.metrics,
+        precision_recall: true,
+    };
     // With several ranks each scores about 1/W of the images (whole batches, round robin).
     let batches_total = set.len().div_ceil(args.inception.batch.max(1));
     let my_batches = (batches_total + ranks.world() - 1 - ranks.rank()) / ranks.world();
@@ -387,7 +555,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let batches = set.batches(args.inception.batch);
     let scores = if ranks.single() {
-        score(inception, &reference, set.len(), batches, Some(&progress))
+        score(inception, &against, set.len(), batches, Some(&progress))
     } else {
         let out = args.out.as_deref().unwrap_or(Path::new("fid.json"));
         let base = out.with_file_name(format!(
@@ -397,13 +565,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         match score_ranks(
             &ranks,
             inception,
-            &reference,
+            keeps_acts(&reference),
             set.len(),
             batches,
             &progress,
             &base,
         )? {
-            Some(scores) => Ok(scores),
+            Some((acc, seen)) => finish(&acc, &against, set.len(), seen),
             None => {
                 progress.finish();
                 return Ok(());
@@ -423,8 +591,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The reference's pool3 activations on the network's device, saying where they came from.
+pub fn reference_activations(
+    reference: &Reference,
+    inception: &Inception,
+    batch: usize,
+) -> anyhow::Result<Option<Tensor>> {
+    use crate::evaluate::fid_reference::ActsSource;
+    let acts = reference
+        .activations(inception, batch)
+        .context("the reference's pool3 activations (precision, recall, KID)")?;
+    match reference.acts {
+        ActsSource::Stored { count } => println!("reference activations: `acts` [{count}, 2048]"),
+        ActsSource::Images { count } => println!(
+            "reference activations: {count} images of `arr_0` through the Inception network"
+        ),
+        ActsSource::Absent => {}
+    }
+    Ok(acts)
+}
+
 fn print_scores(scores: &Scores) {
     println!("FID: {:.4}", scores.fid);
+    match scores.sfid {
+        Some(s) => println!("sFID: {s:.4}"),
+        None => println!("sFID: skipped"),
+    }
     println!(
         "Inception Score: {:.4} ± {:.4} ({} splits of {} samples)",
         scores.inception_score,
@@ -432,6 +624,24 @@ fn print_scores(scores: &Scores) {
         scores.inception_score_splits,
         scores.samples
     );
+    if let (Some(p), Some(r), Some(k)) = (scores.precision, scores.recall, scores.pr_k) {
+        println!(
+            "Precision: {p:.4}, Recall: {r:.4} (k = {k}; {} reference and {} sample features)",
+            scores.reference_features.unwrap_or(0),
+            scores.samples
+        );
+    }
+    if let (Some(kid), Some(std), Some(subsets), Some(size)) = (
+        scores.kid,
+        scores.kid_std,
+        scores.kid_subsets,
+        scores.kid_subset_size,
+    ) {
+        println!("KID: {kid:.6} ± {std:.6} ({subsets} subsets of {size})");
+    }
+    for note in &scores.skipped {
+        println!("note: {note}");
+    }
 }
 
 /// Prints the scores and writes them with their inputs' paths as JSON to `out`, atomically.

@@ -1,7 +1,9 @@
-//! `pipeline fid-stats`: reference statistics (`mu`, `sigma` of Inception pool3 features, float64) of
-//! the training crops, for `pipeline fid --ref`. The crops come from the same image stream as training
-//! and precompute (ADM centre crop at `--size`, Pillow-exact), so the reference is the data the model
-//! learns; labels are not needed and not read.
+//! `pipeline fid-stats`: a reference file of the training crops for `pipeline fid --ref`: `mu`,
+//! `sigma` of the Inception pool3 features and `mu_s`, `sigma_s` of the sFID spatial features
+//! (float64), and the pool3 activations of the first `--max-acts` images as `acts` (float32 N × 2048)
+//! for precision/recall and KID (see [`crate::evaluate::fid_reference`]). The crops come from the
+//! same image stream as training and precompute (ADM centre crop at `--size`, Pillow-exact), so the
+//! reference is the data the model learns; labels are not needed and not read.
 
 use std::path::PathBuf;
 
@@ -10,7 +12,8 @@ use model::feature_stats::FeatureStats;
 use stages::config::DataConfig;
 use tch::Tensor;
 
-use crate::evaluate::fid::{describe_device, write_reference, InceptionArgs};
+use crate::evaluate::fid::{describe_device, InceptionArgs};
+use crate::evaluate::fid_reference::{f32_bytes, write_reference, Extras};
 use crate::runtime::progress::Progress;
 
 #[derive(clap::Args, Debug)]
@@ -18,7 +21,8 @@ pub struct Args {
     /// Shard spec, e.g. '/data/imagenet/imagenet-train-{000000..001281}.tar'
     #[arg(long)]
     shards: String,
-    /// Output .npz with `mu` (2048) and `sigma` (2048, 2048), float64
+    /// Output .npz: `mu` (2048), `sigma` (2048, 2048), `mu_s` (2023), `sigma_s` (2023, 2023), float64,
+    /// and `acts` (N, 2048) float32
     #[arg(long, value_name = "REF.npz")]
     out: PathBuf,
     /// Crop size (ADM center crop), as the model's training images
@@ -33,6 +37,10 @@ pub struct Args {
     /// Decode/crop threads (0 = one per core)
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Keep the pool3 activations of at most this many images as `acts` (precision/recall and KID
+    /// against this reference; 50 000 take 400 MB; 0 writes none)
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    max_acts: usize,
     #[command(flatten)]
     inception: InceptionArgs,
 }
@@ -40,6 +48,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.limit == Some(0) || args.limit == Some(1) {
         bail!("--limit must be at least 2 (a covariance needs two images)");
+    }
+    if args.max_acts == 1 {
+        bail!("--max-acts must be 0 (none) or at least 2 (precision/recall and KID need two)");
     }
     let cfg = DataConfig {
         shards: args.shards.clone(),
@@ -65,6 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let batch = args.inception.batch;
     let size = args.size as i64;
     let mut stats = FeatureStats::new(inception.device());
+    // float32 little-endian rows, read back per batch (the network is the slow part here).
+    let mut acts: Vec<u8> = Vec::new();
+    let row_bytes = model::inception::FEATURES as usize * 4;
     let progress = Progress::new("fid-stats", args.limit.unwrap_or(0) as u64);
     let mut pixels: Vec<u8> = Vec::new();
     let mut first_key = String::new();
@@ -73,7 +87,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let what = format!("the batch starting at {first_key}");
         crate::runtime::torch_guard::guard(&what, || {
             let images = Tensor::f_from_slice(pixels)?.f_view([n, size, size, 3])?;
-            stats.add_images(inception, &images).context(what.clone())
+            let f = inception.features(&images).context(what.clone())?;
+            stats.add(&f).context(what.clone())?;
+            let room = (args.max_acts - acts.len() / row_bytes).min(n as usize) as i64;
+            if room > 0 {
+                acts.extend_from_slice(&f32_bytes(&f.pool3.narrow(0, 0, room))?);
+            }
+            anyhow::Ok(())
         })?;
         pixels.clear();
         progress.add(n as u64);
@@ -101,12 +121,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let statistics = stats.statistics()?;
-    write_reference(&args.out, &statistics)?;
+    let spatial = stats.spatial_statistics()?;
+    let kept = acts.len() / row_bytes;
+    write_reference(
+        &args.out,
+        &statistics,
+        Extras {
+            spatial: Some(&spatial),
+            acts: (kept > 0).then_some((acts.as_slice(), kept)),
+        },
+    )?;
     println!(
-        "fid-stats: {seen} images ({} bad inputs skipped) → {} (mu [{d}], sigma [{d}, {d}], float64)",
+        "fid-stats: {seen} images ({} bad inputs skipped) → {} (mu [{d}], sigma [{d}, {d}], mu_s [{s}], \
+         sigma_s [{s}, {s}] float64; acts [{kept}, {d}] float32)",
         bad,
         args.out.display(),
-        d = statistics.dim()
+        d = statistics.dim(),
+        s = spatial.dim(),
     );
     Ok(())
 }

@@ -5,6 +5,7 @@
 pub mod bpd;
 pub mod classify;
 pub mod fid;
+pub mod fid_reference;
 pub mod fid_stats;
 pub mod labelled;
 pub mod rank_parts;

@@ -7,9 +7,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use model::tarflow::{self, sample::Guidance};
+use model::tarflow::{
+    self,
+    sample::{Guidance, Solver},
+};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::solver::{depth_line, SolverArgs};
 use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 use crate::evaluate::trained::{Trained, TrainedArgs};
 use crate::formats::grid::{encode_png, Grid};
@@ -19,6 +23,8 @@ use crate::formats::npz::{Dtype, NpzWriter};
 pub struct Args {
     #[command(flatten)]
     trained: TrainedArgs,
+    #[command(flatten)]
+    solver: SolverArgs,
     /// Number of samples
     #[arg(long)]
     num: usize,
@@ -74,7 +80,8 @@ pub struct Args {
     #[arg(long)]
     overwrite: bool,
     /// Also score the samples as they are drawn: FID against these reference statistics (`pipeline
-    /// fid-stats` output or an ADM reference batch) and the Inception Score, into OUT/fid.json
+    /// fid-stats` output or an ADM reference batch), the Inception Score, and sFID and KID when the
+    /// reference allows, into OUT/fid.json
     #[arg(long, value_name = "REF.npz")]
     fid_ref: Option<PathBuf>,
     /// Inception weights for --fid-ref (default: where `pipeline fid` looks)
@@ -87,7 +94,7 @@ pub struct Args {
 /// `--fid-ref`: the network and reference, and where this rank's features go.
 struct FidScoring {
     inception: model::inception::LoadedInception,
-    reference: model::feature_stats::Statistics,
+    reference: crate::evaluate::fid::Reference,
     weights: PathBuf,
     sink: FeatureSink,
 }
@@ -96,7 +103,7 @@ struct FidScoring {
 /// contiguous run of batches to a part that rank 0 joins in rank order (the same batches in the same
 /// order, so the same numbers).
 enum FeatureSink {
-    Stats(model::feature_stats::FeatureStats),
+    Stats(crate::evaluate::fid::Accumulator),
     Part(Option<PartWriter>),
 }
 
@@ -113,8 +120,9 @@ impl FidScoring {
         let inception = model::inception::Inception::from_file(&weights, device)
             .with_context(|| format!("--fid-weights: loading {}", weights.display()))?;
         let sink = if ranks.single() {
-            FeatureSink::Stats(model::feature_stats::FeatureStats::with_inception_score(
-                args.num, device,
+            FeatureSink::Stats(crate::evaluate::fid::Accumulator::new(
+                model::feature_stats::FeatureStats::with_inception_score(args.num, device),
+                crate::evaluate::fid::keeps_acts(&reference),
             ))
         } else {
             FeatureSink::Part(None)
@@ -134,7 +142,7 @@ impl FidScoring {
     ) -> anyhow::Result<()> {
         let net = &self.inception.model;
         match &mut self.sink {
-            FeatureSink::Stats(stats) => Ok(stats.add_images(net, images)?),
+            FeatureSink::Stats(acc) => acc.add(&net.features(images)?),
             FeatureSink::Part(writer) => {
                 if writer.is_none() {
                     *writer = Some(part()?);
@@ -200,19 +208,23 @@ fn labels(args: &Args, num_classes: i64) -> anyhow::Result<Option<Vec<i64>>> {
 
 /// Inverts the noise of samples `start..start+len`; samples that come out non-finite get the noise of
 /// their next redraw key and are redone, so a redraw does not shift any other sample's noise.
+/// Also returns the dependent passes of each block in the first inversion.
 fn draw(
     trained: &Trained,
     args: &Args,
     g: &Guidance,
-    start: u64,
-    len: usize,
+    (start, len): (u64, usize),
     y: Option<&Tensor>,
-) -> anyhow::Result<(Tensor, i64)> {
+    solver: Solver,
+) -> anyhow::Result<(Tensor, i64, Vec<i64>)> {
     let model = trained.model();
+    let reverse = |z: &Tensor, y: Option<&Tensor>| {
+        tarflow::sample::reverse_solved(model, model.precision, z, y, g, solver)
+    };
     let noise: Vec<Tensor> = (0..len as u64)
         .map(|i| sample_noise(model, args.seed, start + i, 0))
         .collect();
-    let mut x = model.reverse(&Tensor::cat(&noise, 0).to_device(trained.device), y, g);
+    let (mut x, passes) = reverse(&Tensor::cat(&noise, 0).to_device(trained.device), y);
     let mut redrawn = 0;
     for attempt in 1..=args.max_redraws as u64 + 1 {
         let bad = x
@@ -228,7 +240,7 @@ fn draw(
             .map(|(i, _)| i as i64)
             .collect();
         if bad.is_empty() {
-            return Ok((x, redrawn));
+            return Ok((x, redrawn, passes));
         }
         if attempt > args.max_redraws as u64 {
             bail!(
@@ -245,10 +257,9 @@ fn draw(
             .collect();
         let idx = Tensor::from_slice(&bad).to_device(trained.device);
         let y_bad = y.map(|y| y.index_select(0, &idx));
-        let redo = model.reverse(
+        let (redo, _) = reverse(
             &Tensor::cat(&fresh, 0).to_device(trained.device),
             y_bad.as_ref(),
-            g,
         );
         x = x.index_copy(0, &idx, &redo);
     }
@@ -376,6 +387,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut grid = Grid::new(n_grid, args.grid_cols, size);
     let batch = args.batch.max(1);
     let mine = rank_parts::batch_slice(args.num, batch, ranks.split());
+    let solver = args.solver.solver()?;
+    let mut passes = vec![];
     let mut draw_mine = || -> anyhow::Result<i64> {
         std::fs::create_dir_all(&args.out)
             .with_context(|| format!("creating {}", args.out.display()))?;
@@ -400,7 +413,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // A libtorch exception (CUDA out of memory at a large --batch) is an error naming the samples.
             let what = format!("samples {start}..{}", start + len);
             let (images, r) = crate::runtime::torch_guard::guard(&what, || {
-                let (x, r) = draw(&trained, &args, &g, start as u64, len, y.as_ref())?;
+                let (x, r, p) = draw(&trained, &args, &g, (start as u64, len), y.as_ref(), solver)?;
+                passes = p;
                 let x = if args.denoise {
                     tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
                 } else {
@@ -463,13 +477,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     PartWriter::create(p.clone())?.finish()?;
                 }
             }
-            let (stats, _) = crate::evaluate::fid::join_features(
+            let (acc, _) = crate::evaluate::fid::join_features(
                 &paths,
                 crate::evaluate::fid::PartOrder::Sequential,
                 trained.device,
                 args.num,
+                crate::evaluate::fid::keeps_acts(&fid.reference),
             )?;
-            fid.sink = FeatureSink::Stats(stats);
+            fid.sink = FeatureSink::Stats(acc);
         }
         if !ranks.leader() {
             return Ok(());
@@ -500,13 +515,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("images: {}/000000.png …", images_dir.display());
     }
     println!("redrawn for NaN/Inf: {redrawn}");
+    println!("{}", depth_line(&solver, &passes));
     if let Some(fid) = &fid {
-        let FeatureSink::Stats(stats) = &fid.sink else {
+        let FeatureSink::Stats(acc) = &fid.sink else {
             bail!("the FID features were not joined");
         };
-        let scores =
-            crate::evaluate::fid::finish(stats, &fid.reference, args.num, stats.count() as usize)
-                .context("scoring the samples")?;
+        let ref_acts = crate::evaluate::fid::reference_activations(
+            &fid.reference,
+            &fid.inception.model,
+            batch,
+        )?;
+        let metrics = crate::evaluate::fid::MetricArgs::default();
+        let against = crate::evaluate::fid::Against {
+            reference: &fid.reference,
+            acts: ref_acts.as_ref(),
+            metrics: &metrics,
+            precision_recall: false,
+        };
+        let seen = acc.stats.count() as usize;
+        let scores = crate::evaluate::fid::finish(acc, &against, args.num, seen)
+            .context("scoring the samples")?;
         crate::evaluate::fid::report(
             &scores,
             &args.out.join("fid.json"),

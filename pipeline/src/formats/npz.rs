@@ -13,6 +13,7 @@ use anyhow::Context;
 pub enum Dtype {
     U8,
     I64,
+    F32,
     F64,
 }
 
@@ -21,6 +22,7 @@ impl Dtype {
         match self {
             Dtype::U8 => "|u1",
             Dtype::I64 => "<i8",
+            Dtype::F32 => "<f4",
             Dtype::F64 => "<f8",
         }
     }

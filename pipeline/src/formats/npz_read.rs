@@ -299,6 +299,71 @@ impl NpzReader {
     }
 }
 
+impl NpzReader {
+    /// Reads a whole float array (float32 or float64) as f32 values, with its shape: feature sets
+    /// such as a reference file's `acts` (N × 2048), which are too large for [`Self::read_f64`]'s
+    /// bound. The member's size record bounds what is read (checked by [`Self::member`]); `max_bytes`
+    /// bounds the f32 result, refused from the header before a byte is inflated.
+    pub fn read_f32(
+        &mut self,
+        name: &str,
+        max_bytes: usize,
+    ) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+        let path = self.path.display().to_string();
+        let NpzMember { header, mut reader } = self.member(name)?;
+        let elem = match header.elem {
+            Some(e @ (Elem::F32 { .. } | Elem::F64 { .. })) => e,
+            _ => bail!(
+                "{path}: array `{name}` has dtype `{}`, expected float32 or float64",
+                header.descr
+            ),
+        };
+        let numel = header.numel().unwrap_or(usize::MAX);
+        if numel > max_bytes / 4 {
+            bail!(
+                "{path}: array `{name}` has shape {:?}: more than the {} MiB it may take",
+                header.shape,
+                max_bytes >> 20
+            );
+        }
+        let width = elem.bytes();
+        let mut values: Vec<f32> = Vec::with_capacity(numel.min(1 << 22));
+        let mut chunk = vec![0u8; (1 << 16) * width];
+        while values.len() < numel {
+            let n = (numel - values.len()).min(1 << 16) * width;
+            reader.read_exact(&mut chunk[..n]).with_context(|| {
+                format!(
+                    "{path}: array `{name}` is truncated ({} of {numel} values)",
+                    values.len()
+                )
+            })?;
+            let bytes = &chunk[..n];
+            match elem {
+                Elem::F32 { big_endian } => values.extend(bytes.chunks_exact(4).map(|c| {
+                    let c: [u8; 4] = c.try_into().expect("4 bytes");
+                    if big_endian {
+                        f32::from_be_bytes(c)
+                    } else {
+                        f32::from_le_bytes(c)
+                    }
+                })),
+                Elem::F64 { big_endian } => values.extend(bytes.chunks_exact(8).map(|c| {
+                    let c: [u8; 8] = c.try_into().expect("8 bytes");
+                    (if big_endian {
+                        f64::from_be_bytes(c)
+                    } else {
+                        f64::from_le_bytes(c)
+                    }) as f32
+                })),
+                Elem::U8 => unreachable!("matched above"),
+            }
+        }
+        check_member_crc(&mut reader)
+            .with_context(|| format!("{path}: array `{name}` is corrupt"))?;
+        Ok((values, header.shape))
+    }
+}
+
 /// The largest array [`NpzReader::read_f64`] reads whole (as f64): a 8192 × 8192 covariance.
 pub const MAX_WHOLE_ARRAY_BYTES: usize = 1 << 29;
 

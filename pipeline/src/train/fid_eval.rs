@@ -1,12 +1,16 @@
-//! FID and Inception Score of EMA samples during training (`train.fid_every`), with the network and
-//! statistics `pipeline fid` uses, logged with the other metrics. With several ranks each samples and
+//! FID, sFID, Inception Score and KID of EMA samples during training (`train.fid_every`), with the
+//! network and statistics `pipeline fid` uses, logged with the other metrics. sFID needs the
+//! reference's `mu_s`/`sigma_s`, KID its activations (`acts`, or `arr_0` run through the network once,
+//! at the first evaluation); without them the line says they were skipped and why. Precision and recall
+//! (N × N distances) are left to `pipeline fid`. With several ranks each samples and
 //! scores a contiguous share of whole batches (the same noise and classes as one process would draw)
 //! and the statistics are summed over the group, so evaluation takes 1/W of the time and no rank idles.
 
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use model::feature_stats::{FeatureStats, Statistics};
+use model::feature_stats::FeatureStats;
 use model::inception::{Inception, LoadedInception};
 use model::tarflow::{self, Model};
 use stages::order::RankSplit;
@@ -14,11 +18,13 @@ use tch::{Device, Kind, Tensor};
 
 use super::replicas::Replicas;
 use crate::config::TrainConfig;
-use crate::evaluate::fid::Scores;
+use crate::evaluate::fid::{Accumulator, Against, MetricArgs, Reference, Scores};
 
 pub struct FidEval {
     inception: LoadedInception,
-    reference: Statistics,
+    reference: Reference,
+    /// The reference's pool3 activations, read or computed at the first evaluation (rank 0 only).
+    reference_acts: OnceCell<Option<Tensor>>,
 }
 
 impl FidEval {
@@ -37,6 +43,7 @@ impl FidEval {
         Ok(FidEval {
             inception,
             reference,
+            reference_acts: OnceCell::new(),
         })
     }
 
@@ -56,7 +63,11 @@ impl FidEval {
         let split = replicas.map_or(RankSplit { rank: 0, world: 1 }, |(_, s)| s);
         let mine = crate::evaluate::rank_parts::batch_slice(total, batch, split);
         let device = self.inception.model.device();
-        let mut stats = FeatureStats::share_of(total, mine.start as u64, device);
+        let keep_acts = crate::evaluate::fid::keeps_acts(&self.reference);
+        let mut acc = Accumulator::new(
+            FeatureStats::share_of(total, mine.start as u64, device),
+            keep_acts,
+        );
         let classes = ema.cfg.num_classes;
         let precision = fid_precision(tc);
         for start in mine.clone().step_by(batch) {
@@ -84,14 +95,12 @@ impl FidEval {
                     .context("FID of a latent model needs the VAE named in [precompute] vae")?;
             // Quantised where they were made: the Inception network runs on the same device.
             let images = crate::evaluate::trained::to_uint8_on_device(&pixels);
-            stats
-                .add_images(&self.inception.model, &images)
-                .with_context(|| {
-                    format!("Inception features of FID images {start}..{}", start + n)
-                })?;
+            let what = || format!("Inception features of FID images {start}..{}", start + n);
+            let f = self.inception.model.features(&images).with_context(what)?;
+            acc.add(&f).with_context(what)?;
         }
         if let Some((replicas, _)) = replicas {
-            stats
+            acc.stats
                 .reduce(
                     model::inception::FEATURES,
                     model::inception::CLASSES,
@@ -102,12 +111,45 @@ impl FidEval {
                     },
                 )
                 .context("summing the FID statistics over the ranks")?;
+            if keep_acts {
+                // KID needs every rank's activations on rank 0: each fills its rows of a zero
+                // tensor, and the sum over the ranks is all of them.
+                let all = Tensor::zeros(
+                    [total as i64, model::inception::FEATURES],
+                    (Kind::Double, device),
+                );
+                if let Some(mine_acts) = acc.activations()? {
+                    all.narrow(0, mine.start as i64, mine.len() as i64)
+                        .copy_(&mine_acts);
+                }
+                replicas
+                    .sum_f64_(&all)
+                    .context("gathering the FID activations over the ranks")?;
+                acc.set_activations(all.to_kind(Kind::Float));
+            }
         }
         if split.rank != 0 {
             return Ok(None);
         }
-        let seen = stats.count() as usize;
-        crate::evaluate::fid::finish(&stats, &self.reference, total, seen).map(Some)
+        let ref_acts = match self.reference_acts.get() {
+            Some(acts) => acts,
+            None => {
+                let acts = self
+                    .reference
+                    .activations(&self.inception.model, batch)
+                    .context("train.fid_ref: the reference's pool3 activations (KID)")?;
+                self.reference_acts.get_or_init(|| acts)
+            }
+        };
+        let metrics = MetricArgs::default();
+        let against = Against {
+            reference: &self.reference,
+            acts: ref_acts.as_ref(),
+            metrics: &metrics,
+            precision_recall: false,
+        };
+        let seen = acc.stats.count() as usize;
+        crate::evaluate::fid::finish(&acc, &against, total, seen).map(Some)
     }
 }
 

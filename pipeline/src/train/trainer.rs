@@ -80,7 +80,7 @@ pub struct Trainer {
     /// `train.fid_every`'s network and reference statistics (every rank scores its share).
     fid: Option<super::fid_eval::FidEval>,
     /// The frozen encoder of `train.features = "online"`, run on each batch's crops.
-    online: Option<model::dinov2::LoadedDinov2>,
+    online: Option<model::vision::VisionEncoder>,
     /// The last checkpoint saved while no non-finite streak was running: what a user resumes from
     /// after a blow-up, so pruning never removes it.
     last_good: Option<PathBuf>,
@@ -290,13 +290,14 @@ impl Trainer {
                     "train.features = \"online\" runs the encoder of precompute.encoder: set it",
                 )?;
                 // The precision `from_folder` picks for the device, as precompute's encode stage uses.
-                let enc = model::dinov2::Dinov2::from_folder(dir, device)
+                let enc = model::vision::VisionEncoder::from_folder(dir, device)
                     .with_context(|| format!("loading the online encoder {}", dir.display()))?;
-                if enc.model.config.hidden_size != cfg.align.encoder_dim {
+                if enc.hidden_size() != cfg.align.encoder_dim {
                     bail!(
-                        "the online encoder {} gives {}-wide tokens, align.encoder_dim is {}",
+                        "the online encoder {} ({}) gives {}-wide tokens, align.encoder_dim is {}",
                         dir.display(),
-                        enc.model.config.hidden_size,
+                        enc.family().name(),
+                        enc.hidden_size(),
                         cfg.align.encoder_dim
                     );
                 }
@@ -416,12 +417,9 @@ impl Trainer {
         // Online alignment targets: the frozen encoder on the batch's crops, as precompute would.
         let features = match (&self.online, &batch.images) {
             (Some(enc), Some(images)) => Some(
-                tch::no_grad(|| {
-                    enc.model
-                        .patch_tokens(images, self.cfg.precompute.encoder_input_size)
-                })
-                .with_context(|| format!("step {}: online features", self.state.step))?
-                .to_kind(tch::Kind::Float),
+                tch::no_grad(|| enc.patch_tokens(images, self.cfg.precompute.encoder_input_size))
+                    .with_context(|| format!("step {}: online features", self.state.step))?
+                    .to_kind(tch::Kind::Float),
             ),
             _ => batch.features.as_ref().map(Tensor::shallow_clone),
         };
@@ -700,19 +698,28 @@ impl Trainer {
         tracing::info!(
             step,
             fid = scores.fid,
+            sfid = scores.sfid,
+            kid = scores.kid,
             inception_score = scores.inception_score,
             samples = scores.samples,
             seconds = started.elapsed().as_secs_f64(),
             "fid"
         );
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": step,
             "fid": scores.fid,
+            "sfid": scores.sfid,
             "inception_score": scores.inception_score,
             "inception_score_std": scores.inception_score_std,
+            "kid": scores.kid,
+            "kid_std": scores.kid_std,
             "fid_samples": scores.samples,
             "fid_s": started.elapsed().as_secs_f64(),
         });
+        if !scores.skipped.is_empty() {
+            // Why sFID or KID is missing (the reference lacks their arrays), in the line itself.
+            line["fid_skipped"] = scores.skipped.clone().into();
+        }
         if let Some(metrics) = self.metrics.as_mut() {
             writeln!(metrics, "{line}").context("writing metrics.jsonl")?;
             metrics.flush().context("writing metrics.jsonl")?;
