@@ -198,13 +198,7 @@ pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError>
 
 /// CLIP mean and std as (1, 3, 1, 1) float tensors on `device`.
 fn clip_constants(device: Device) -> (Tensor, Tensor) {
-    let make = |v: &[f64; 3]| {
-        Tensor::from_slice(v)
-            .to_kind(Kind::Float)
-            .to_device(device)
-            .view([1, 3, 1, 1])
-    };
-    (make(&CLIP_MEAN), make(&CLIP_STD))
+    frozen::channel_constants(&CLIP_MEAN, &CLIP_STD, device)
 }
 
 fn prepare_with(
@@ -213,21 +207,8 @@ fn prepare_with(
     mean: &Tensor,
     std: &Tensor,
 ) -> Result<Tensor, EncoderError> {
-    frozen::check_image_batch("CLIP preprocessing", images, 3, 1)?;
-    if images.kind() != Kind::Uint8 {
-        return Err(EncoderError::Input {
-            model: "CLIP preprocessing",
-            message: format!("expected uint8 images, got {:?}", images.kind()),
-        });
-    }
-    let x = images.to_kind(Kind::Float) / 255.0;
-    let (h, w) = (x.size()[2], x.size()[3]);
-    let x = if h == size && w == size {
-        x
-    } else {
-        x.upsample_bicubic2d([size, size], false, None, None)
-    };
-    Ok((x - mean) / std)
+    let x = frozen::unit_float(images, "CLIP preprocessing")?;
+    Ok((frozen::resize_bicubic(x, size) - mean) / std)
 }
 
 /// A frozen CLIP vision tower.

@@ -219,13 +219,7 @@ pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError>
 
 /// ImageNet mean and std as (1, 3, 1, 1) float tensors on `device`.
 fn imagenet_constants(device: Device) -> (Tensor, Tensor) {
-    let make = |v: &[f64; 3]| {
-        Tensor::from_slice(v)
-            .to_kind(Kind::Float)
-            .to_device(device)
-            .view([1, 3, 1, 1])
-    };
-    (make(&IMAGENET_MEAN), make(&IMAGENET_STD))
+    frozen::channel_constants(&IMAGENET_MEAN, &IMAGENET_STD, device)
 }
 
 fn prepare_with(
@@ -234,20 +228,8 @@ fn prepare_with(
     mean: &Tensor,
     std: &Tensor,
 ) -> Result<Tensor, EncoderError> {
-    frozen::check_image_batch("DINOv2 preprocessing", images, 3, 1)?;
-    if images.kind() != Kind::Uint8 {
-        return Err(EncoderError::Input {
-            model: "DINOv2 preprocessing",
-            message: format!("expected uint8 images, got {:?}", images.kind()),
-        });
-    }
-    let x = (images.to_kind(Kind::Float) / 255.0 - mean) / std;
-    let (h, w) = (x.size()[2], x.size()[3]);
-    if h == size && w == size {
-        // torch's interpolate to the same size is the identity too.
-        return Ok(x);
-    }
-    Ok(x.upsample_bicubic2d([size, size], false, None, None))
+    let x = (frozen::unit_float(images, "DINOv2 preprocessing")? - mean) / std;
+    Ok(frozen::resize_bicubic(x, size))
 }
 
 /// A frozen DINOv2 backbone.

@@ -321,3 +321,36 @@ pub fn check_image_batch(
         })
     }
 }
+
+/// Per-channel constants as (1, 3, 1, 1) float tensors on `device`: an encoder's input mean and std.
+pub fn channel_constants(mean: &[f64; 3], std: &[f64; 3], device: Device) -> (Tensor, Tensor) {
+    let make = |v: &[f64; 3]| {
+        Tensor::from_slice(v)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .view([1, 3, 1, 1])
+    };
+    (make(mean), make(std))
+}
+
+/// uint8 RGB images (B, 3, H, W) as float32 in [0, 1], as torchvision's `ToTensor` gives them.
+pub fn unit_float(images: &Tensor, model: &'static str) -> Result<Tensor, EncoderError> {
+    check_image_batch(model, images, 3, 1)?;
+    if images.kind() != Kind::Uint8 {
+        return Err(EncoderError::Input {
+            model,
+            message: format!("expected uint8 images, got {:?}", images.kind()),
+        });
+    }
+    Ok(images.to_kind(Kind::Float) / 255.0)
+}
+
+/// torch's bicubic `interpolate` to `size` × `size` (a = −0.75, no antialias, align_corners false);
+/// to the same size it is the identity, as torch's is.
+pub fn resize_bicubic(x: Tensor, size: i64) -> Tensor {
+    let (h, w) = (x.size()[2], x.size()[3]);
+    if h == size && w == size {
+        return x;
+    }
+    x.upsample_bicubic2d([size, size], false, None, None)
+}
