@@ -242,6 +242,29 @@ impl NpzReader {
     /// statistics, not data sets: one larger than [`MAX_WHOLE_ARRAY_BYTES`] as f64 is refused from
     /// its header, before a byte of it is inflated.
     pub fn read_f64(&mut self, name: &str) -> anyhow::Result<(Vec<f64>, Vec<usize>)> {
+        self.read_floats(name, MAX_WHOLE_ARRAY_BYTES)
+    }
+
+    /// Reads a whole float array (float32 or float64) as f32 values, with its shape: feature sets
+    /// such as a reference file's `acts` (N × 2048), which are too large for [`Self::read_f64`]'s
+    /// bound. The member's size record bounds what is read (checked by [`Self::member`]); `max_bytes`
+    /// bounds the f32 result, refused from the header before a byte is inflated.
+    pub fn read_f32(
+        &mut self,
+        name: &str,
+        max_bytes: usize,
+    ) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+        self.read_floats(name, max_bytes)
+    }
+
+    /// A float member decoded chunk by chunk into `T`: the only buffer the size of the array is the
+    /// result, refused from the header when it would pass `max_bytes`, and it grows as values arrive,
+    /// so a member cut short never costs what its header promised.
+    fn read_floats<T: FloatValue>(
+        &mut self,
+        name: &str,
+        max_bytes: usize,
+    ) -> anyhow::Result<(Vec<T>, Vec<usize>)> {
         let path = self.path.display().to_string();
         let NpzMember { header, mut reader } = self.member(name)?;
         let elem = match header.elem {
@@ -252,17 +275,15 @@ impl NpzReader {
             ),
         };
         let numel = header.numel().unwrap_or(usize::MAX); // checked by `member`
-        if numel > MAX_WHOLE_ARRAY_BYTES / 8 {
+        if numel > max_bytes / std::mem::size_of::<T>() {
             bail!(
-                "{path}: array `{name}` has shape {:?}: more than the {} MiB an array read whole may take",
+                "{path}: array `{name}` has shape {:?}: more than the {} MiB it may take",
                 header.shape,
-                MAX_WHOLE_ARRAY_BYTES >> 20
+                max_bytes >> 20
             );
         }
         let width = elem.bytes();
-        // Decoded chunk by chunk: the only buffer the size of the array is the result, and it grows
-        // as values arrive, so a member cut short never costs what its header promised.
-        let mut values: Vec<f64> = Vec::with_capacity(numel.min(1 << 20));
+        let mut values: Vec<T> = Vec::with_capacity(numel.min(1 << 20));
         let mut chunk = vec![0u8; (1 << 16) * width];
         while values.len() < numel {
             let n = (numel - values.len()).min(1 << 16) * width;
@@ -275,16 +296,16 @@ impl NpzReader {
             let bytes = &chunk[..n];
             match elem {
                 Elem::F64 { big_endian } => values.extend(bytes.chunks_exact(8).map(|c| {
-                    let c: [u8; 8] = c.try_into().expect("8 bytes");
-                    if big_endian {
+                    let c: [u8; 8] = c.try_into().expect("chunks of 8");
+                    T::from_f64(if big_endian {
                         f64::from_be_bytes(c)
                     } else {
                         f64::from_le_bytes(c)
-                    }
+                    })
                 })),
                 Elem::F32 { big_endian } => values.extend(bytes.chunks_exact(4).map(|c| {
-                    let c: [u8; 4] = c.try_into().expect("4 bytes");
-                    f64::from(if big_endian {
+                    let c: [u8; 4] = c.try_into().expect("chunks of 4");
+                    T::from_f32(if big_endian {
                         f32::from_be_bytes(c)
                     } else {
                         f32::from_le_bytes(c)
@@ -299,68 +320,27 @@ impl NpzReader {
     }
 }
 
-impl NpzReader {
-    /// Reads a whole float array (float32 or float64) as f32 values, with its shape: feature sets
-    /// such as a reference file's `acts` (N × 2048), which are too large for [`Self::read_f64`]'s
-    /// bound. The member's size record bounds what is read (checked by [`Self::member`]); `max_bytes`
-    /// bounds the f32 result, refused from the header before a byte is inflated.
-    pub fn read_f32(
-        &mut self,
-        name: &str,
-        max_bytes: usize,
-    ) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
-        let path = self.path.display().to_string();
-        let NpzMember { header, mut reader } = self.member(name)?;
-        let elem = match header.elem {
-            Some(e @ (Elem::F32 { .. } | Elem::F64 { .. })) => e,
-            _ => bail!(
-                "{path}: array `{name}` has dtype `{}`, expected float32 or float64",
-                header.descr
-            ),
-        };
-        let numel = header.numel().unwrap_or(usize::MAX);
-        if numel > max_bytes / 4 {
-            bail!(
-                "{path}: array `{name}` has shape {:?}: more than the {} MiB it may take",
-                header.shape,
-                max_bytes >> 20
-            );
-        }
-        let width = elem.bytes();
-        let mut values: Vec<f32> = Vec::with_capacity(numel.min(1 << 22));
-        let mut chunk = vec![0u8; (1 << 16) * width];
-        while values.len() < numel {
-            let n = (numel - values.len()).min(1 << 16) * width;
-            reader.read_exact(&mut chunk[..n]).with_context(|| {
-                format!(
-                    "{path}: array `{name}` is truncated ({} of {numel} values)",
-                    values.len()
-                )
-            })?;
-            let bytes = &chunk[..n];
-            match elem {
-                Elem::F32 { big_endian } => values.extend(bytes.chunks_exact(4).map(|c| {
-                    let c: [u8; 4] = c.try_into().expect("4 bytes");
-                    if big_endian {
-                        f32::from_be_bytes(c)
-                    } else {
-                        f32::from_le_bytes(c)
-                    }
-                })),
-                Elem::F64 { big_endian } => values.extend(bytes.chunks_exact(8).map(|c| {
-                    let c: [u8; 8] = c.try_into().expect("8 bytes");
-                    (if big_endian {
-                        f64::from_be_bytes(c)
-                    } else {
-                        f64::from_le_bytes(c)
-                    }) as f32
-                })),
-                Elem::U8 => unreachable!("matched above"),
-            }
-        }
-        check_member_crc(&mut reader)
-            .with_context(|| format!("{path}: array `{name}` is corrupt"))?;
-        Ok((values, header.shape))
+/// What a float member can be read as.
+trait FloatValue: Copy {
+    fn from_f32(x: f32) -> Self;
+    fn from_f64(x: f64) -> Self;
+}
+
+impl FloatValue for f64 {
+    fn from_f32(x: f32) -> Self {
+        f64::from(x)
+    }
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+}
+
+impl FloatValue for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn from_f64(x: f64) -> Self {
+        x as f32
     }
 }
 
