@@ -333,58 +333,77 @@ fn encoders_check_prints_architecture_parameters_fingerprint_and_forward() {
     assert!(stderr.contains("nope/config.json"), "{stderr}");
 }
 
-/// `encoders init --preset tiny-clip` writes what transformers reads as a `CLIPVisionModel` with no
-/// missing or unexpected tensor, and the port gives its `last_hidden_state[:, 1:]` on the same input,
-/// at the native 224 px and at 112 px (interpolated position table).
+/// Every `encoders init --preset tiny-FAMILY` writes what transformers' `AutoModel` reads as that
+/// family's model with no missing or unexpected tensor, and `VisionEncoder` gives its patch tokens on
+/// the same input, at the native 224 px and at 112 px (interpolated position table, or RoPE's own grid).
 #[test]
-fn tiny_clip_folder_loads_in_transformers_and_matches_it() {
+fn tiny_presets_load_in_transformers_and_match_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("clip");
-    common::run_ok(
-        common::pipeline()
-            .args([
-                "encoders",
-                "init",
-                "--preset",
-                "tiny-clip",
-                "--seed",
-                "7",
-                "--out",
-            ])
-            .arg(&dir),
-    );
+    let families = ["dinov2", "clip", "siglip", "mae", "ijepa", "dinov3"];
+    for family in families {
+        common::run_ok(
+            common::pipeline()
+                .args(["encoders", "init", "--preset", &format!("tiny-{family}")])
+                .args(["--seed", "7", "--out"])
+                .arg(tmp.path().join(family)),
+        );
+    }
     let refs = tmp.path().join("refs.safetensors");
+    // The tokens each family's Rust port returns: class and register tokens dropped; MAE given identity
+    // noise, so that its (ratio-0) shuffle keeps the grid order.
     let code = r#"
-import sys, torch
+import sys, json, torch
+from pathlib import Path
 from safetensors.torch import save_file
-from transformers import CLIPVisionModel
-model, info = CLIPVisionModel.from_pretrained(sys.argv[1], output_loading_info=True)
-bad = {k: v for k, v in info.items() if v}
-assert not bad, bad
-model.eval()
+from transformers import AutoModel
+root = Path(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 out = {}
-for size in (224, 112):
-    x = torch.randn(2, 3, size, size, generator=g)
-    with torch.no_grad():
-        y = model(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
-    out[f"pixels_{size}"] = x.contiguous()
-    out[f"tokens_{size}"] = y.contiguous()
+for family in sys.argv[3:]:
+    model, info = AutoModel.from_pretrained(root / family, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, (family, bad)
+    model.eval()
+    model_type = json.loads((root / family / "config.json").read_text())["model_type"]
+    for size in (224, 112):
+        x = torch.randn(2, 3, size, size, generator=g)
+        kwargs = {}
+        if model_type not in ("dinov2", "dinov3_vit"):
+            kwargs["interpolate_pos_encoding"] = True
+        if model_type == "vit_mae":
+            n = (size // model.config.patch_size) ** 2
+            kwargs["noise"] = torch.arange(n, dtype=torch.float32).expand(2, n)
+        with torch.no_grad():
+            y = model(pixel_values=x, **kwargs).last_hidden_state
+        drop = {"siglip_vision_model": 0, "ijepa": 0,
+                "dinov3_vit": 1 + getattr(model.config, "num_register_tokens", 0)}.get(model_type, 1)
+        out[f"{family}_pixels_{size}"] = x.contiguous()
+        out[f"{family}_tokens_{size}"] = y[:, drop:].contiguous()
 save_file(out, sys.argv[2])
 "#;
-    common::run_ok(common::python().args(["-c", code]).arg(&dir).arg(&refs));
+    common::run_ok(
+        common::python()
+            .args(["-c", code])
+            .arg(tmp.path())
+            .arg(&refs)
+            .args(families),
+    );
     let refs = common::References::load(&refs);
-    let loaded = model::clip::Clip::from_folder(&dir, Device::Cpu).unwrap();
-    for size in [224, 112] {
-        let tokens = loaded
-            .model
-            .forward(refs.get(&format!("pixels_{size}")))
-            .unwrap();
-        assert_close(
-            &format!("tiny-clip at {size} px"),
-            &tokens,
-            refs.get(&format!("tokens_{size}")),
-            1e-4,
-        );
+    for family in families {
+        let encoder =
+            model::vision::VisionEncoder::from_folder(&tmp.path().join(family), Device::Cpu)
+                .unwrap();
+        assert_eq!(encoder.family().name(), family);
+        for size in [224, 112] {
+            let tokens = encoder
+                .forward(refs.get(&format!("{family}_pixels_{size}")))
+                .unwrap();
+            assert_close(
+                &format!("tiny-{family} at {size} px"),
+                &tokens,
+                refs.get(&format!("{family}_tokens_{size}")),
+                1e-4,
+            );
+        }
     }
 }

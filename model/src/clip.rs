@@ -13,13 +13,14 @@
 //! tokens *before* `post_layernorm`, which CLIP only applies to the pooled class token. Input preparation
 //! follows REPA's `preprocess_raw_image` for CLIP (see [`prepare_input`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::frozen::{self, EncoderError, LayerNorm, Linear, Precision};
+use crate::frozen::{self, EncoderError, InputNorm, LayerNorm, Linear, Precision};
+use crate::vit::{self, Activation, Block, Mlp, SelfAttention};
 
-pub use crate::dinov2::{CONFIG_FILE, WEIGHTS_FILE};
+pub use crate::frozen::{CONFIG_FILE, WEIGHTS_FILE};
 
 /// OpenAI CLIP normalisation (`OPENAI_CLIP_MEAN` / `_STD` in transformers and open_clip).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -139,12 +140,7 @@ impl Config {
                 self.model_type
             ));
         }
-        if Activation::parse(&self.hidden_act).is_none() {
-            return Err(format!(
-                "hidden_act `{}` is not supported (CLIP uses quick_gelu or gelu)",
-                self.hidden_act
-            ));
-        }
+        Activation::check(&self.hidden_act)?;
         if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -167,12 +163,7 @@ impl Config {
 
     /// "CLIP ViT-B/16, 12 layers, ...": what `encoders check` prints.
     pub fn describe(&self) -> String {
-        let size = match self.hidden_size {
-            768 => "B",
-            1024 => "L",
-            1280 => "H",
-            _ => "custom",
-        };
+        let size = crate::vit::size_name(self.hidden_size);
         format!(
             "CLIP ViT-{size}/{}, {} layers, hidden {}, {} heads, {} MLP hidden {}, position grid {g}x{g} ({} px)",
             self.patch_size,
@@ -192,23 +183,11 @@ impl Config {
 /// the CLIP mean/std. REPA resizes before normalising here and after it for DINOv2; the order is kept
 /// so that both match REPA to the last bit. Always float32.
 pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
-    let (mean, std) = clip_constants(images.device());
-    prepare_with(images, size, &mean, &std)
+    input_norm().prepare(images, size)
 }
 
-/// CLIP mean and std as (1, 3, 1, 1) float tensors on `device`.
-fn clip_constants(device: Device) -> (Tensor, Tensor) {
-    frozen::channel_constants(&CLIP_MEAN, &CLIP_STD, device)
-}
-
-fn prepare_with(
-    images: &Tensor,
-    size: i64,
-    mean: &Tensor,
-    std: &Tensor,
-) -> Result<Tensor, EncoderError> {
-    let x = frozen::unit_float(images, "CLIP preprocessing")?;
-    Ok((frozen::resize_bicubic(x, size) - mean) / std)
+fn input_norm() -> InputNorm {
+    InputNorm::new("CLIP preprocessing", CLIP_MEAN, CLIP_STD, true)
 }
 
 /// A frozen CLIP vision tower.
@@ -217,13 +196,11 @@ pub struct Clip {
     pub config: Config,
     embeddings: Embeddings,
     pre_layrnorm: LayerNorm,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     // Only the pooled class token goes through it; holding it keeps loading strict.
     _post_layernorm: LayerNorm,
-    activation: Activation,
     pub precision: Precision,
-    /// CLIP mean and std on the device of the last batch.
-    constants: std::cell::RefCell<Option<(Device, Tensor, Tensor)>>,
+    pub input: InputNorm,
 }
 
 impl Clip {
@@ -237,48 +214,34 @@ impl Clip {
             embeddings: Embeddings::new(&p / "embeddings", config),
             pre_layrnorm: LayerNorm::new(&p / "pre_layrnorm", d, eps),
             layers: (0..config.num_hidden_layers)
-                .map(|i| Layer::new(&p / "encoder" / "layers" / i, config))
+                .map(|i| {
+                    clip_layer(
+                        &p / "encoder" / "layers" / i,
+                        d,
+                        config.intermediate_size,
+                        config.num_attention_heads,
+                        eps,
+                        Activation::parse(&config.hidden_act).unwrap_or(Activation::QuickGelu),
+                    )
+                })
                 .collect(),
             _post_layernorm: LayerNorm::new(&p / "post_layernorm", d, eps),
-            activation: Activation::parse(&config.hidden_act).unwrap_or(Activation::QuickGelu),
             precision: Precision::for_device(p.device()),
-            constants: Default::default(),
+            input: input_norm(),
         }
     }
 
     /// Loads `config.json` + `model.safetensors` from a Hugging Face folder (see the module docs for
     /// which tensors are ignored).
     pub fn from_folder(dir: &Path, device: Device) -> Result<LoadedClip, EncoderError> {
-        let config_path = dir.join(CONFIG_FILE);
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let config = Config::from_file(&config_path)?;
-        // The whole file is read, a full CLIPModel's text tower too: the layout is told by the names.
-        let tensors = crate::weights::read_safetensors(&weights_path)?;
-        let dotted = format!("{PREFIX}.");
-        let prefixed = tensors.keys().any(|k| k.starts_with(&dotted));
-        let mut vs = nn::VarStore::new(device);
-        let model = if prefixed {
-            Clip::new(vs.root() / PREFIX, &config)
-        } else {
-            Clip::new(vs.root(), &config)
-        };
-        let ignore = |name: &str| {
-            let inner = if prefixed {
-                name.strip_prefix(&dotted)
-            } else {
-                Some(name)
-            };
-            inner.is_none_or(|n| n == "embeddings.position_ids")
-        };
-        crate::weights::load_into(&mut vs, &tensors, &weights_path, &ignore)?;
-        vs.freeze();
-        Ok(LoadedClip {
-            parameters: frozen::parameter_count(&vs),
-            model,
-            vs,
-            config_path,
-            weights_path,
-        })
+        let config = Config::from_file(&dir.join(CONFIG_FILE))?;
+        frozen::load_tower(
+            dir,
+            device,
+            &[PREFIX],
+            &|name| name == "embeddings.position_ids",
+            |p| Clip::new(p, &config),
+        )
     }
 
     /// The input side the position table was trained for (`image_size`, 224 for ViT-B/16).
@@ -303,7 +266,7 @@ impl Clip {
                 .forward(pixels, &self.config, self.precision);
             let mut x = self.pre_layrnorm.forward(&x);
             for layer in &self.layers {
-                x = layer.forward(&x, &self.config, self.activation, self.precision);
+                x = layer.forward(&x, None, self.precision);
             }
             x.narrow(1, 1, x.size()[1] - 1).to_kind(Kind::Float)
         });
@@ -313,64 +276,16 @@ impl Clip {
     /// uint8 images (B, 3, H, W) → patch tokens at `size` × `size`: [`prepare_input`] then
     /// [`Self::forward`].
     pub fn patch_tokens(&self, images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
-        let device = images.device();
-        let mut slot = self.constants.borrow_mut();
-        if slot.as_ref().is_none_or(|(d, _, _)| *d != device) {
-            let (mean, std) = clip_constants(device);
-            *slot = Some((device, mean, std));
-        }
-        let (_, mean, std) = slot.as_ref().expect("set above");
-        let x = prepare_with(images, size, mean, std)?;
-        drop(slot);
-        self.forward(&x)
+        self.forward(&self.input.prepare(images, size)?)
     }
 }
 
-/// A model read from a folder, with what cache keys and `encoders check` need.
-#[derive(Debug)]
-pub struct LoadedClip {
-    pub model: Clip,
-    pub vs: nn::VarStore,
-    pub parameters: i64,
-    pub config_path: PathBuf,
-    pub weights_path: PathBuf,
-}
-
-impl LoadedClip {
-    /// blake3 of `config.json` and `model.safetensors` (see [`frozen::fingerprint_files`]).
-    pub fn fingerprint(&self) -> Result<String, EncoderError> {
-        fingerprint(self.config_path.parent().unwrap_or(Path::new(".")))
-    }
-}
+/// A CLIP vision tower read from a folder.
+pub type LoadedClip = frozen::Loaded<Clip>;
 
 /// The fingerprint of a CLIP folder, without loading it.
 pub fn fingerprint(dir: &Path) -> Result<String, EncoderError> {
-    frozen::fingerprint_files(&[&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE)])
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
-    /// x·σ(1.702x), OpenAI's checkpoints.
-    QuickGelu,
-    /// Exact (erf) GELU, e.g. LAION's OpenCLIP ViT-H/14 in transformers format.
-    Gelu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "quick_gelu" => Some(Activation::QuickGelu),
-            "gelu" => Some(Activation::Gelu),
-            _ => None,
-        }
-    }
-
-    fn apply(self, x: Tensor) -> Tensor {
-        match self {
-            Activation::QuickGelu => (&x * 1.702).sigmoid() * x,
-            Activation::Gelu => x.gelu("none"),
-        }
-    }
+    frozen::fingerprint_folder(dir)
 }
 
 #[derive(Debug)]
@@ -405,132 +320,58 @@ impl Embeddings {
     /// Position table for an input of `height` × `width` pixels: `interpolate_pos_encoding` of
     /// transformers' `CLIPVisionEmbeddings`, including when it leaves the table as is (patch count
     /// unchanged and a square input) and its bicubic without antialiasing.
-    fn positions(&self, n_patches: i64, height: i64, width: i64, cfg: &Config) -> Tensor {
-        let n_positions = self.position_embedding.size()[0] - 1;
+    fn positions(&self, height: i64, width: i64, cfg: &Config) -> Tensor {
         let table = self.position_embedding.unsqueeze(0);
-        if n_patches == n_positions && height == width {
-            return table;
-        }
-        let d = cfg.hidden_size;
-        let (new_h, new_w) = (height / cfg.patch_size, width / cfg.patch_size);
-        let side = (n_positions as f64).sqrt() as i64;
-        // (1, s·s, d) -> (1, d, s, s)
-        let grid = table
-            .narrow(1, 1, n_positions)
-            .reshape([1, side, side, d])
-            .permute([0, 3, 1, 2]);
-        let resized = grid.upsample_bicubic2d([new_h, new_w], false, None, None);
-        // (1, d, h, w) -> (1, h·w, d)
-        let resized = resized.permute([0, 2, 3, 1]).reshape([1, new_h * new_w, d]);
-        Tensor::cat(&[table.narrow(1, 0, 1), resized], 1)
+        let n_positions = table.size()[1] - 1;
+        let patches = vit::interpolate_positions(
+            &table.narrow(1, 1, n_positions),
+            height / cfg.patch_size,
+            width / cfg.patch_size,
+            height == width,
+        );
+        Tensor::cat(&[table.narrow(1, 0, 1), patches], 1)
     }
 
     fn forward(&self, pixels: &Tensor, cfg: &Config, precision: Precision) -> Tensor {
         let (b, h, w) = (pixels.size()[0], pixels.size()[2], pixels.size()[3]);
-        let kind = precision.compute_kind();
-        // A per-call cast of the patch kernel is cheap (under 1 M values even for ViT-L/14).
-        let patches = pixels
-            .to_kind(kind)
-            .conv2d(
-                &self.patch_embedding.to_kind(kind),
-                None::<Tensor>,
-                [cfg.patch_size, cfg.patch_size],
-                [0, 0],
-                [1, 1],
-                1,
-            )
-            .flatten(2, 3)
-            .transpose(1, 2); // (b, n, d)
-        let n = patches.size()[1];
+        let patches = vit::embed_patches(
+            pixels,
+            &self.patch_embedding,
+            None,
+            cfg.patch_size,
+            precision,
+        );
         let cls = self
             .class_embedding
             .view([1, 1, cfg.hidden_size])
             .expand([b, 1, cfg.hidden_size], true);
         // As under autocast: `cat` promotes the bf16 patches to the class token's fp32.
-        Tensor::cat(&[cls, patches.to_kind(Kind::Float)], 1) + self.positions(n, h, w, cfg)
+        Tensor::cat(&[cls, patches.to_kind(Kind::Float)], 1) + self.positions(h, w, cfg)
     }
 }
 
-#[derive(Debug)]
-struct Layer {
-    layer_norm1: LayerNorm,
-    self_attn: Attention,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl Layer {
-    fn new(p: nn::Path, cfg: &Config) -> Self {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        let mlp = &p / "mlp";
-        Layer {
-            layer_norm1: LayerNorm::new(&p / "layer_norm1", d, eps),
-            self_attn: Attention::new(&p / "self_attn", d),
-            layer_norm2: LayerNorm::new(&p / "layer_norm2", d, eps),
-            fc1: Linear::new(&mlp / "fc1", d, cfg.intermediate_size, true),
-            fc2: Linear::new(&mlp / "fc2", cfg.intermediate_size, d, true),
-        }
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        cfg: &Config,
-        activation: Activation,
-        precision: Precision,
-    ) -> Tensor {
-        let h = self.self_attn.forward(
-            &self.layer_norm1.forward(x),
-            cfg.num_attention_heads,
-            precision,
-        );
-        let x = x + h;
-        let h = activation.apply(self.fc1.forward(&self.layer_norm2.forward(&x), precision));
-        &x + self.fc2.forward(&h, precision)
-    }
-}
-
-#[derive(Debug)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-}
-
-impl Attention {
-    fn new(p: nn::Path, d: i64) -> Self {
-        Attention {
-            q_proj: Linear::new(&p / "q_proj", d, d, true),
-            k_proj: Linear::new(&p / "k_proj", d, d, true),
-            v_proj: Linear::new(&p / "v_proj", d, d, true),
-            out_proj: Linear::new(&p / "out_proj", d, d, true),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, heads: i64, precision: Precision) -> Tensor {
-        let (b, t, d) = x.size3().expect("3-D hidden states");
-        let head_dim = d / heads;
-        // (b, t, d) -> (b, h, t, d/h)
-        let split = |y: Tensor| y.view([b, t, heads, head_dim]).transpose(1, 2);
-        let q = split(self.q_proj.forward(x, precision));
-        let k = split(self.k_proj.forward(x, precision));
-        let v = split(self.v_proj.forward(x, precision));
-        let scale = (head_dim as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            scale,
-            false,
-        );
-        // (b, h, t, d/h) -> (b, t, d)
-        let y = y.transpose(1, 2).reshape([b, t, d]);
-        self.out_proj.forward(&y, precision)
+/// One block under CLIP's names: `layer_norm1`, `self_attn.{q,k,v,out}_proj`, `layer_norm2`,
+/// `mlp.{fc1,fc2}` (SigLIP's are the same).
+pub(crate) fn clip_layer(
+    p: nn::Path,
+    d: i64,
+    intermediate: i64,
+    heads: i64,
+    eps: f64,
+    activation: Activation,
+) -> Block {
+    let mlp = &p / "mlp";
+    Block {
+        norm1: LayerNorm::new(&p / "layer_norm1", d, eps),
+        attention: SelfAttention::clip_names(&(&p / "self_attn"), d, heads),
+        scale1: None,
+        norm2: LayerNorm::new(&p / "layer_norm2", d, eps),
+        mlp: Mlp::Plain {
+            up: Linear::new(&mlp / "fc1", d, intermediate, true),
+            down: Linear::new(&mlp / "fc2", intermediate, d, true),
+        },
+        scale2: None,
+        activation,
     }
 }
 

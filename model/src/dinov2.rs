@@ -11,21 +11,20 @@
 //! The project uses the final-LayerNorm patch tokens (REPA's `x_norm_patchtokens`): CLS and register
 //! tokens are dropped. Input preparation follows REPA's `preprocess_raw_image` (see [`prepare_input`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::frozen::{self, Conv2d, EncoderError, LayerNorm, Linear, Precision};
+use crate::frozen::{self, Conv2d, EncoderError, InputNorm, LayerNorm, Linear, Precision};
+use crate::vit::{Activation, Block, Mlp, SelfAttention};
 
 /// ImageNet normalisation used by DINOv2 and REPA (timm `IMAGENET_DEFAULT_MEAN` / `_STD`,
 /// https://github.com/huggingface/pytorch-image-models/blob/main/timm/data/constants.py).
-pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+pub use crate::frozen::{IMAGENET_MEAN, IMAGENET_STD};
 /// REPA feeds 224 px (16 × 16 patches of 14 px) for 256-px images.
 pub const INPUT_SIZE: i64 = 224;
 
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub use crate::frozen::{CONFIG_FILE, WEIGHTS_FILE};
 
 /// The fields of a transformers `Dinov2Config` / `Dinov2WithRegistersConfig` that change the forward
 /// pass; defaults are transformers'. Unknown keys are accepted on purpose: this is Hugging Face's file
@@ -185,13 +184,7 @@ impl Config {
 
     /// "ViT-B/14 (dinov2), 12 layers, ...": what `encoders check` prints.
     pub fn describe(&self) -> String {
-        let size = match self.hidden_size {
-            384 => "S",
-            768 => "B",
-            1024 => "L",
-            1536 => "g",
-            _ => "custom",
-        };
+        let size = crate::vit::size_name(self.hidden_size);
         format!(
             "DINOv2 ViT-{size}/{} ({}), {} layers, hidden {}, {} heads, {} MLP hidden {}, {} registers, position grid {g}x{g} ({} px)",
             self.patch_size,
@@ -213,23 +206,11 @@ impl Config {
 /// to `size` × `size`. Normalising before resizing matters: bicubic overshoot happens in normalised
 /// units. 64-px training images go through the same path (64 → 224 upsampling). Always float32.
 pub fn prepare_input(images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
-    let (mean, std) = imagenet_constants(images.device());
-    prepare_with(images, size, &mean, &std)
+    input_norm().prepare(images, size)
 }
 
-/// ImageNet mean and std as (1, 3, 1, 1) float tensors on `device`.
-fn imagenet_constants(device: Device) -> (Tensor, Tensor) {
-    frozen::channel_constants(&IMAGENET_MEAN, &IMAGENET_STD, device)
-}
-
-fn prepare_with(
-    images: &Tensor,
-    size: i64,
-    mean: &Tensor,
-    std: &Tensor,
-) -> Result<Tensor, EncoderError> {
-    let x = (frozen::unit_float(images, "DINOv2 preprocessing")? - mean) / std;
-    Ok(frozen::resize_bicubic(x, size))
+fn input_norm() -> InputNorm {
+    InputNorm::imagenet("DINOv2 preprocessing")
 }
 
 /// A frozen DINOv2 backbone.
@@ -237,11 +218,10 @@ fn prepare_with(
 pub struct Dinov2 {
     pub config: Config,
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     layernorm: LayerNorm,
     pub precision: Precision,
-    /// ImageNet mean and std on the device of the last batch.
-    constants: std::cell::RefCell<Option<(Device, Tensor, Tensor)>>,
+    pub input: InputNorm,
 }
 
 impl Dinov2 {
@@ -249,7 +229,7 @@ impl Dinov2 {
     pub fn new(p: nn::Path, config: &Config) -> Self {
         let embeddings = Embeddings::new(&p / "embeddings", config);
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::new(&p / "encoder" / "layer" / i, config))
+            .map(|i| layer(&p / "encoder" / "layer" / i, config))
             .collect();
         let layernorm = LayerNorm::new(&p / "layernorm", config.hidden_size, config.layer_norm_eps);
         let precision = Precision::for_device(p.device());
@@ -259,25 +239,14 @@ impl Dinov2 {
             layers,
             layernorm,
             precision,
-            constants: Default::default(),
+            input: input_norm(),
         }
     }
 
     /// Loads `config.json` + `model.safetensors` from a Hugging Face folder, strictly.
     pub fn from_folder(dir: &Path, device: Device) -> Result<LoadedDinov2, EncoderError> {
-        let config_path = dir.join(CONFIG_FILE);
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let config = Config::from_file(&config_path)?;
-        let (model, vs) = frozen::build_and_load(device, &weights_path, &|_| false, |p| {
-            Dinov2::new(p, &config)
-        })?;
-        Ok(LoadedDinov2 {
-            parameters: frozen::parameter_count(&vs),
-            model,
-            vs,
-            config_path,
-            weights_path,
-        })
+        let config = Config::from_file(&dir.join(CONFIG_FILE))?;
+        frozen::load_tower(dir, device, &[], &|_| false, |p| Dinov2::new(p, &config))
     }
 
     /// Final-LayerNorm patch tokens (B, N, D), N = (H/14)·(W/14), CLS and registers excluded, float32.
@@ -294,7 +263,7 @@ impl Dinov2 {
                 .embeddings
                 .forward(pixels, &self.config, self.precision); // (b, 1 + r + n, d)
             for layer in &self.layers {
-                x = layer.forward(&x, &self.config, self.precision);
+                x = layer.forward(&x, None, self.precision);
             }
             let x = self.layernorm.forward(&x);
             x.narrow(
@@ -309,40 +278,16 @@ impl Dinov2 {
     /// uint8 images (B, 3, H, W) → patch tokens at `size` × `size` ([`INPUT_SIZE`] for REPA's 16×16):
     /// [`prepare_input`] then [`Self::forward`], the position table interpolated to the grid.
     pub fn patch_tokens(&self, images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
-        // The normalisation constants stay on the images' device instead of being copied per batch.
-        let device = images.device();
-        let mut slot = self.constants.borrow_mut();
-        if slot.as_ref().is_none_or(|(d, _, _)| *d != device) {
-            let (mean, std) = imagenet_constants(device);
-            *slot = Some((device, mean, std));
-        }
-        let (_, mean, std) = slot.as_ref().expect("set above");
-        let x = prepare_with(images, size, mean, std)?;
-        drop(slot);
-        self.forward(&x)
+        self.forward(&self.input.prepare(images, size)?)
     }
 }
 
-/// A model read from a folder, with what cache keys and `encoders check` need.
-#[derive(Debug)]
-pub struct LoadedDinov2 {
-    pub model: Dinov2,
-    pub vs: nn::VarStore,
-    pub parameters: i64,
-    pub config_path: PathBuf,
-    pub weights_path: PathBuf,
-}
-
-impl LoadedDinov2 {
-    /// blake3 of `config.json` and `model.safetensors` (see [`frozen::fingerprint_files`]).
-    pub fn fingerprint(&self) -> Result<String, EncoderError> {
-        fingerprint(self.config_path.parent().unwrap_or(Path::new(".")))
-    }
-}
+/// A DINOv2 read from a folder.
+pub type LoadedDinov2 = frozen::Loaded<Dinov2>;
 
 /// The fingerprint of a DINOv2 folder, without loading it.
 pub fn fingerprint(dir: &Path) -> Result<String, EncoderError> {
-    frozen::fingerprint_files(&[&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE)])
+    frozen::fingerprint_folder(dir)
 }
 
 #[derive(Debug)]
@@ -439,130 +384,39 @@ impl Embeddings {
     }
 }
 
-#[derive(Debug)]
-struct Layer {
-    norm1: LayerNorm,
-    attention: Attention,
-    layer_scale1: Tensor,
-    norm2: LayerNorm,
-    mlp: Mlp,
-    layer_scale2: Tensor,
-}
-
-impl Layer {
-    fn new(p: nn::Path, cfg: &Config) -> Self {
-        let d = cfg.hidden_size;
-        Layer {
-            norm1: LayerNorm::new(&p / "norm1", d, cfg.layer_norm_eps),
-            attention: Attention::new(&p / "attention", cfg),
-            layer_scale1: (&p / "layer_scale1").var("lambda1", &[d], nn::Init::Const(1.)),
-            norm2: LayerNorm::new(&p / "norm2", d, cfg.layer_norm_eps),
-            mlp: Mlp::new(&p / "mlp", cfg),
-            layer_scale2: (&p / "layer_scale2").var("lambda1", &[d], nn::Init::Const(1.)),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, cfg: &Config, precision: Precision) -> Tensor {
-        let h = self
-            .attention
-            .forward(&self.norm1.forward(x), cfg, precision);
-        let x = x + h * &self.layer_scale1;
-        let h = self.mlp.forward(&self.norm2.forward(&x), precision);
-        x + h * &self.layer_scale2
-    }
-}
-
-/// Self-attention under the checkpoint's names `attention.attention.{query,key,value}` and
-/// `attention.output.dense` (transformers 5 renames them to q_proj… in memory only).
-#[derive(Debug)]
-struct Attention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    output: Linear,
-}
-
-impl Attention {
-    fn new(p: nn::Path, cfg: &Config) -> Self {
-        let d = cfg.hidden_size;
-        let inner = &p / "attention";
-        Attention {
-            query: Linear::new(&inner / "query", d, d, cfg.qkv_bias),
-            key: Linear::new(&inner / "key", d, d, cfg.qkv_bias),
-            value: Linear::new(&inner / "value", d, d, cfg.qkv_bias),
-            output: Linear::new(&p / "output" / "dense", d, d, true),
-        }
-    }
-
-    fn forward(&self, x: &Tensor, cfg: &Config, precision: Precision) -> Tensor {
-        let (b, t, d) = x.size3().expect("3-D hidden states");
-        let heads = cfg.num_attention_heads;
-        let head_dim = d / heads;
-        // (b, t, d) -> (b, h, t, d/h)
-        let split = |y: Tensor| y.view([b, t, heads, head_dim]).transpose(1, 2);
-        let q = split(self.query.forward(x, precision));
-        let k = split(self.key.forward(x, precision));
-        let v = split(self.value.forward(x, precision));
-        let scale = (head_dim as f64).powf(-0.5);
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            scale,
-            false,
-        );
-        // (b, h, t, d/h) -> (b, t, d)
-        let y = y.transpose(1, 2).reshape([b, t, d]);
-        self.output.forward(&y, precision)
-    }
-}
-
-#[derive(Debug)]
-enum Mlp {
-    /// ViT-S/B/L: fc1 → exact GELU → fc2.
-    Gelu { fc1: Linear, fc2: Linear },
-    /// ViT-g: fused `weights_in` (gate ‖ up) → SiLU(gate)·up → `weights_out`.
-    SwiGlu {
-        weights_in: Linear,
-        weights_out: Linear,
-    },
-}
-
-impl Mlp {
-    fn new(p: nn::Path, cfg: &Config) -> Self {
-        let (d, hidden) = (cfg.hidden_size, cfg.mlp_hidden());
-        if cfg.use_swiglu_ffn {
-            Mlp::SwiGlu {
-                weights_in: Linear::new(&p / "weights_in", d, 2 * hidden, true),
-                weights_out: Linear::new(&p / "weights_out", hidden, d, true),
-            }
-        } else {
-            Mlp::Gelu {
-                fc1: Linear::new(&p / "fc1", d, hidden, true),
-                fc2: Linear::new(&p / "fc2", hidden, d, true),
-            }
-        }
-    }
-
-    fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        match self {
-            Mlp::Gelu { fc1, fc2 } => {
-                // Exact (erf) GELU, in place on the fresh fc1 output: one 4·D-wide buffer fewer per layer.
-                let mut hidden = fc1.forward(x, precision);
-                let _ = hidden.gelu_("none");
-                fc2.forward(&hidden, precision)
-            }
-            Mlp::SwiGlu {
-                weights_in,
-                weights_out,
-            } => {
-                let gate_up = weights_in.forward(x, precision).chunk(2, -1);
-                weights_out.forward(&(gate_up[0].silu() * &gate_up[1]), precision)
-            }
-        }
+/// One block under the checkpoint's names: `norm1`, `attention.attention.{query,key,value}`,
+/// `attention.output.dense`, `layer_scale1.lambda1`, `norm2`, `mlp.{fc1,fc2}` (exact GELU) or, for
+/// ViT-g, `mlp.{weights_in,weights_out}` (fused SwiGLU), `layer_scale2.lambda1`.
+fn layer(p: nn::Path, cfg: &Config) -> Block {
+    let (d, hidden, eps) = (cfg.hidden_size, cfg.mlp_hidden(), cfg.layer_norm_eps);
+    let mlp = &p / "mlp";
+    let (mlp, activation) = if cfg.use_swiglu_ffn {
+        let mlp = Mlp::FusedGated {
+            gate_up: Linear::new(&mlp / "weights_in", d, 2 * hidden, true),
+            down: Linear::new(&mlp / "weights_out", hidden, d, true),
+        };
+        (mlp, Activation::Silu)
+    } else {
+        let mlp = Mlp::Plain {
+            up: Linear::new(&mlp / "fc1", d, hidden, true),
+            down: Linear::new(&mlp / "fc2", hidden, d, true),
+        };
+        (mlp, Activation::Gelu)
+    };
+    let scale = |name: &str| Some((&p / name).var("lambda1", &[d], nn::Init::Const(1.)));
+    Block {
+        norm1: LayerNorm::new(&p / "norm1", d, eps),
+        attention: SelfAttention::vit_names(
+            &(&p / "attention"),
+            d,
+            cfg.num_attention_heads,
+            cfg.qkv_bias,
+        ),
+        scale1: scale("layer_scale1"),
+        norm2: LayerNorm::new(&p / "norm2", d, eps),
+        mlp,
+        scale2: scale("layer_scale2"),
+        activation,
     }
 }
 

@@ -354,3 +354,123 @@ pub fn resize_bicubic(x: Tensor, size: i64) -> Tensor {
     }
     x.upsample_bicubic2d([size, size], false, None, None)
 }
+
+/// Every Hugging Face encoder folder holds these two files.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The fingerprint of an encoder folder (`config.json` and `model.safetensors`), without loading it.
+pub fn fingerprint_folder(dir: &Path) -> Result<String, EncoderError> {
+    fingerprint_files(&[&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE)])
+}
+
+/// A model read from a folder, with what cache keys and `encoders check` need.
+#[derive(Debug)]
+pub struct Loaded<M> {
+    pub model: M,
+    pub vs: nn::VarStore,
+    pub parameters: i64,
+    pub config_path: PathBuf,
+    pub weights_path: PathBuf,
+}
+
+impl<M> Loaded<M> {
+    /// blake3 of `config.json` and `model.safetensors` (see [`fingerprint_files`]).
+    pub fn fingerprint(&self) -> Result<String, EncoderError> {
+        fingerprint_folder(self.config_path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+/// Loads the vision tower in `dir`'s `model.safetensors`, strictly within the tower. Published
+/// checkpoints often wrap the tower in a larger model (CLIP's and SigLIP's `vision_model.*` next to a
+/// text tower, MAE's `vit.*` next to its decoder): when any tensor name starts with one of `prefixes`,
+/// the tower is built under that prefix and every tensor outside it is ignored. Within the tower a
+/// tensor is ignored only when `extra` accepts its name (relative to the tower), e.g. pooling heads and
+/// saved `position_ids` buffers.
+pub fn load_tower<M>(
+    dir: &Path,
+    device: Device,
+    prefixes: &[&str],
+    extra: &dyn Fn(&str) -> bool,
+    build: impl FnOnce(nn::Path) -> M,
+) -> Result<Loaded<M>, EncoderError> {
+    let config_path = dir.join(CONFIG_FILE);
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let tensors = crate::weights::read_safetensors(&weights_path)?;
+    let prefix = prefixes
+        .iter()
+        .map(|p| format!("{p}."))
+        .find(|dotted| tensors.keys().any(|k| k.starts_with(dotted.as_str())));
+    let mut vs = nn::VarStore::new(device);
+    let model = match &prefix {
+        Some(dotted) => build(vs.root() / dotted.trim_end_matches('.')),
+        None => build(vs.root()),
+    };
+    let ignore = |name: &str| {
+        let inner = match &prefix {
+            Some(dotted) => name.strip_prefix(dotted.as_str()),
+            None => Some(name),
+        };
+        inner.is_none_or(extra)
+    };
+    crate::weights::load_into(&mut vs, &tensors, &weights_path, &ignore)?;
+    vs.freeze();
+    Ok(Loaded {
+        parameters: parameter_count(&vs),
+        model,
+        vs,
+        config_path,
+        weights_path,
+    })
+}
+
+/// How a family turns uint8 images into its input: /255, then its per-channel mean/std and a torch
+/// bicubic resize, in the order REPA's `preprocess_raw_image` uses for it (CLIP resizes first, the
+/// ImageNet-normalised encoders normalise first; both orders are kept so that each matches REPA to the
+/// last bit). The constants stay on the images' device instead of being copied per batch.
+#[derive(Debug)]
+pub struct InputNorm {
+    pub model: &'static str,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    pub resize_first: bool,
+    constants: std::cell::RefCell<Option<(Device, Tensor, Tensor)>>,
+}
+
+/// ImageNet mean and std (timm's `IMAGENET_DEFAULT_MEAN` / `_STD`).
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+impl InputNorm {
+    pub fn new(model: &'static str, mean: [f64; 3], std: [f64; 3], resize_first: bool) -> Self {
+        InputNorm {
+            model,
+            mean,
+            std,
+            resize_first,
+            constants: Default::default(),
+        }
+    }
+
+    /// ImageNet statistics, normalised before the resize (DINOv2, MAE, I-JEPA, DINOv3).
+    pub fn imagenet(model: &'static str) -> Self {
+        Self::new(model, IMAGENET_MEAN, IMAGENET_STD, false)
+    }
+
+    /// uint8 images (B, 3, H, W) → float32 input at `size` × `size`.
+    pub fn prepare(&self, images: &Tensor, size: i64) -> Result<Tensor, EncoderError> {
+        let x = unit_float(images, self.model)?;
+        let device = images.device();
+        let mut slot = self.constants.borrow_mut();
+        if slot.as_ref().is_none_or(|(d, _, _)| *d != device) {
+            let (mean, std) = channel_constants(&self.mean, &self.std, device);
+            *slot = Some((device, mean, std));
+        }
+        let (_, mean, std) = slot.as_ref().expect("set above");
+        Ok(if self.resize_first {
+            (resize_bicubic(x, size) - mean) / std
+        } else {
+            resize_bicubic((x - mean) / std, size)
+        })
+    }
+}

@@ -177,7 +177,12 @@ impl Config {
             // What the encoder gives at precompute.encoder_input_size must be what the flow aligns to
             // (checked when the encoder folder can be read: its config has the family, patch size and
             // width).
-            if let Some(enc) = p.encoder_dir().and_then(EncoderShape::read) {
+            // An unreadable folder is skipped: the config may name a path on another machine, and
+            // precompute reports an unreadable folder itself.
+            if let Some(enc) = p
+                .encoder_dir()
+                .and_then(|dir| model::vision::Shape::of_folder(dir).ok())
+            {
                 let (patch, label) = (enc.patch_size, enc.label());
                 let grid = p.encoder_input_size / patch;
                 if grid * patch != p.encoder_input_size || grid * grid != tokens {
@@ -207,48 +212,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-/// What `check_runnable` needs of the `precompute.encoder` folder: its family, patch size and token
-/// width, from `config.json` alone (no weights are read).
-struct EncoderShape {
-    family: model::vision::Family,
-    patch_size: i64,
-    hidden_size: i64,
-}
-
-impl EncoderShape {
-    /// None when the folder cannot be read or is no supported family: the config may name a path on
-    /// another machine, and precompute reports an unreadable folder itself.
-    fn read(dir: &Path) -> Option<Self> {
-        use model::vision::Family;
-        let family = Family::of_folder(dir).ok()?;
-        let (patch_size, hidden_size) = match family {
-            Family::Dinov2 => {
-                let c =
-                    model::dinov2::Config::from_file(&dir.join(model::dinov2::CONFIG_FILE)).ok()?;
-                (c.patch_size, c.hidden_size)
-            }
-            Family::Clip => {
-                let c = model::clip::Config::from_file(&dir.join(model::clip::CONFIG_FILE)).ok()?;
-                (c.patch_size, c.hidden_size)
-            }
-        };
-        Some(EncoderShape {
-            family,
-            patch_size,
-            hidden_size,
-        })
-    }
-
-    /// "DINOv2/14", "CLIP/16".
-    fn label(&self) -> String {
-        let name = match self.family {
-            model::vision::Family::Dinov2 => "DINOv2",
-            model::vision::Family::Clip => "CLIP",
-        };
-        format!("{name}/{}", self.patch_size)
     }
 }
 

@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use model::clip::{self, Clip};
-use model::dinov2::{self, Dinov2};
 use model::vae::{self, AttentionNaming, AutoencoderKl};
+use model::vision::{Family, TowerConfig};
 use tch::{nn, Device, Kind, Tensor};
 
 #[derive(clap::Args)]
@@ -15,8 +14,10 @@ pub struct Args {
     /// Output folder. `tiny` and `base` write OUT/dinov2 and OUT/vae; the single presets write OUT itself
     #[arg(long)]
     out: PathBuf,
-    /// tiny (both, CPU-sized), base (dinov2-base + sd-vae), tiny-dinov2, tiny-clip (a CLIP vision
-    /// tower), tiny-vae, dinov2-base, sd-vae, inception (a random-init FID Inception,
+    /// tiny (both, CPU-sized), base (dinov2-base + sd-vae), tiny-FAMILY (a CPU-sized vision encoder:
+    /// tiny-dinov2, tiny-clip, tiny-siglip, tiny-mae, tiny-ijepa, tiny-dinov3), FAMILY-base (the
+    /// published base size: dinov2-base, clip-base, siglip-base, mae-base, dinov3-base; I-JEPA's smallest
+    /// published is ijepa-huge), tiny-vae, sd-vae, inception (a random-init FID Inception,
     /// OUT/inception.safetensors: a stand-in for the demo only)
     #[arg(long, default_value = "tiny")]
     preset: String,
@@ -30,43 +31,31 @@ pub struct Args {
 /// A network a preset writes, and the folder it goes to.
 type Folder<C> = Option<(C, PathBuf)>;
 
-/// The vision encoder a preset writes: either family `model::vision::VisionEncoder` reads.
-enum Encoder {
-    Dinov2(dinov2::Config),
-    Clip(clip::Config),
-}
-
-impl Encoder {
-    fn describe(&self) -> String {
-        match self {
-            Encoder::Dinov2(c) => c.describe(),
-            Encoder::Clip(c) => c.describe(),
-        }
-    }
-
-    fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        match self {
-            Encoder::Dinov2(c) => write_dinov2(c, dir),
-            Encoder::Clip(c) => write_clip(c, dir),
-        }
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let dino = |c: dinov2::Config, dir: PathBuf| Some((Encoder::Dinov2(c), dir));
-    let (enc, vae): (Folder<Encoder>, Folder<vae::Config>) = match args.preset.as_str() {
-        "tiny" => (dino(tiny_dinov2(), args.out.join("dinov2")), Some((tiny_vae(), args.out.join("vae")))),
-        "base" => (dino(dinov2::Config::vit_base(), args.out.join("dinov2")), Some((vae::Config::sd_vae(), args.out.join("vae")))),
-        "tiny-dinov2" => (dino(tiny_dinov2(), args.out.clone()), None),
-        "tiny-clip" => (Some((Encoder::Clip(tiny_clip()), args.out.clone())), None),
-        "dinov2-base" => (dino(dinov2::Config::vit_base(), args.out.clone()), None),
+    let here = |c: TowerConfig| Some((c, args.out.clone()));
+    let preset = args.preset.as_str();
+    let family = |name: &str| Family::ALL.into_iter().find(|f| f.name() == name);
+    let (enc, vae): (Folder<TowerConfig>, Folder<vae::Config>) = match preset {
+        "tiny" => (Some((tiny(Family::Dinov2), args.out.join("dinov2"))), Some((tiny_vae(), args.out.join("vae")))),
+        "base" => (Some((TowerConfig::base(Family::Dinov2), args.out.join("dinov2"))), Some((vae::Config::sd_vae(), args.out.join("vae")))),
         "tiny-vae" => (None, Some((tiny_vae(), args.out.clone()))),
         "sd-vae" => (None, Some((vae::Config::sd_vae(), args.out.clone()))),
+        "ijepa-huge" => (here(TowerConfig::base(Family::Ijepa)), None),
         "inception" => {
             anyhow::ensure!(args.fit.fit_on.is_none(), "--fit-on fits a VAE, and preset `inception` writes none");
             return write_inception(&args.out, args.seed);
         }
-        other => anyhow::bail!("unknown preset `{other}`: expected tiny, base, tiny-dinov2, tiny-clip, tiny-vae, dinov2-base, sd-vae or inception"),
+        _ => match (
+            preset.strip_prefix("tiny-").and_then(family),
+            preset.strip_suffix("-base").and_then(family).filter(|f| *f != Family::Ijepa),
+        ) {
+            (Some(f), _) => (here(tiny(f)), None),
+            (_, Some(f)) => (here(TowerConfig::base(f)), None),
+            _ => anyhow::bail!(
+                "unknown preset `{preset}`: expected tiny, base, tiny-{{dinov2,clip,siglip,mae,ijepa,dinov3}}, \
+                 {{dinov2,clip,siglip,mae,dinov3}}-base, ijepa-huge, tiny-vae, sd-vae or inception"
+            ),
+        },
     };
     if args.fit.fit_on.is_some() && vae.is_none() {
         anyhow::bail!(
@@ -76,9 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     tch::manual_seed(args.seed);
     if let Some((config, dir)) = enc {
-        config
-            .write(&dir)
-            .with_context(|| format!("writing {}", dir.display()))?;
+        write_encoder(&config, &dir).with_context(|| format!("writing {}", dir.display()))?;
         println!("encoder: {} ({})", dir.display(), config.describe());
     }
     if let Some((config, dir)) = vae {
@@ -106,30 +93,60 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// ViT with width 32, 2 layers and patch 56 at 224 px: 4×4 = 16 tokens, as many as the tiny flows have,
-/// and cheap enough for the demo on two CPU cores.
-fn tiny_dinov2() -> dinov2::Config {
-    dinov2::Config {
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        image_size: 224,
-        patch_size: 56,
-        ..dinov2::Config::vit_base()
+/// A family's tower at width 32, 2 layers (2 heads, MLP 128) and patch 56 at 224 px: 4×4 = 16 tokens
+/// at the default `precompute.encoder_input_size`, as many as the tiny flows have, and cheap enough for
+/// the demo on two CPU cores. DINOv3 keeps its 4 registers.
+fn tiny(family: Family) -> TowerConfig {
+    match TowerConfig::base(family) {
+        TowerConfig::Dinov2(c) => TowerConfig::Dinov2(model::dinov2::Config {
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 224,
+            patch_size: 56,
+            ..c
+        }),
+        TowerConfig::Clip(c) => TowerConfig::Clip(model::clip::Config {
+            hidden_size: 32,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 224,
+            patch_size: 56,
+            ..c
+        }),
+        TowerConfig::Siglip(c) => TowerConfig::Siglip(model::siglip::Config {
+            hidden_size: 32,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 224,
+            patch_size: 56,
+            ..c
+        }),
+        TowerConfig::Mae(c) => TowerConfig::Mae(tiny_hf_vit(c)),
+        TowerConfig::Ijepa(c) => TowerConfig::Ijepa(tiny_hf_vit(c)),
+        TowerConfig::Dinov3(c) => TowerConfig::Dinov3(model::dinov3::Config {
+            hidden_size: 32,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            image_size: 224,
+            patch_size: 56,
+            ..c
+        }),
     }
 }
 
-/// The CLIP counterpart of [`tiny_dinov2`]: width 32, 2 layers, MLP 128 and patch 56 at 224 px, so
-/// 4×4 = 16 tokens at the default `precompute.encoder_input_size`.
-fn tiny_clip() -> clip::Config {
-    clip::Config {
+fn tiny_hf_vit(c: model::vit::HfVitConfig) -> model::vit::HfVitConfig {
+    model::vit::HfVitConfig {
         hidden_size: 32,
         intermediate_size: 128,
         num_hidden_layers: 2,
         num_attention_heads: 2,
         image_size: 224,
         patch_size: 56,
-        ..clip::Config::vit_base_patch16()
+        ..c
     }
 }
 
@@ -189,70 +206,18 @@ fn narrow_posterior(vs: &nn::VarStore, latent: i64) {
     });
 }
 
-fn write_dinov2(c: &dinov2::Config, dir: &Path) -> anyhow::Result<()> {
+/// A random-init vision tower in the layout transformers' `save_pretrained` writes for a single-tower
+/// model of the family (`config.json` + `model.safetensors`, no `vision_model.` prefix).
+fn write_encoder(c: &TowerConfig, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let vs = nn::VarStore::new(Device::Cpu);
-    let _net = Dinov2::new(vs.root(), c);
+    let _net = c.build(vs.root());
     randomise(&vs);
-    let config = serde_json::json!({
-        "architectures": ["Dinov2Model"],
-        "model_type": "dinov2",
-        "hidden_size": c.hidden_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "mlp_ratio": c.mlp_ratio,
-        "hidden_act": c.hidden_act,
-        "layer_norm_eps": c.layer_norm_eps,
-        "image_size": c.image_size,
-        "patch_size": c.patch_size,
-        "num_channels": c.num_channels,
-        "qkv_bias": c.qkv_bias,
-        "use_swiglu_ffn": c.use_swiglu_ffn,
-        "use_mask_token": c.use_mask_token,
-        "layerscale_value": 1.0,
-        "drop_path_rate": 0.0,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-    });
     stages::atomic::write_bytes_atomic(
-        &dir.join(dinov2::CONFIG_FILE),
-        &serde_json::to_vec_pretty(&config)?,
+        &dir.join(model::frozen::CONFIG_FILE),
+        &serde_json::to_vec_pretty(&c.config_json())?,
     )?;
-    model::weights::save_var_store(&vs, &dir.join(dinov2::WEIGHTS_FILE))?;
-    Ok(())
-}
-
-/// A `CLIPVisionModel` folder as transformers 5 `save_pretrained` writes it: `config.json` of
-/// `model_type` "clip_vision_model" and `model.safetensors` with its names (`embeddings.*`,
-/// `pre_layrnorm.*`, `encoder.layers.N.*`, `post_layernorm.*`, no `vision_model.` prefix).
-fn write_clip(c: &clip::Config, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let vs = nn::VarStore::new(Device::Cpu);
-    let _net = Clip::new(vs.root(), c);
-    randomise(&vs);
-    let config = serde_json::json!({
-        "architectures": ["CLIPVisionModel"],
-        "model_type": "clip_vision_model",
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_channels": c.num_channels,
-        "image_size": c.image_size,
-        "patch_size": c.patch_size,
-        "hidden_act": c.hidden_act,
-        "layer_norm_eps": c.layer_norm_eps,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "initializer_factor": 1.0,
-        "projection_dim": 512,
-    });
-    stages::atomic::write_bytes_atomic(
-        &dir.join(clip::CONFIG_FILE),
-        &serde_json::to_vec_pretty(&config)?,
-    )?;
-    model::weights::save_var_store(&vs, &dir.join(clip::WEIGHTS_FILE))?;
+    model::weights::save_var_store(&vs, &dir.join(model::frozen::WEIGHTS_FILE))?;
     Ok(())
 }
 

@@ -21,12 +21,7 @@ pub fn cache_settings(config: &Config) -> anyhow::Result<serde_json::Value> {
     let encoder = match p.encoder_dir() {
         Some(dir) => {
             let fingerprint = || -> Result<_, model::frozen::EncoderError> {
-                let family = Family::of_folder(dir)?;
-                let fp = match family {
-                    Family::Dinov2 => model::dinov2::fingerprint(dir)?,
-                    Family::Clip => model::clip::fingerprint(dir)?,
-                };
-                Ok((family, fp))
+                Ok((Family::of_folder(dir)?, model::vision::fingerprint(dir)?))
             };
             let (family, fp) = fingerprint()
                 .with_context(|| format!("fingerprinting encoder {}", dir.display()))?;
