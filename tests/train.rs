@@ -1186,3 +1186,64 @@ fn a_libtorch_error_in_a_step_saves_the_last_completed_step() {
     );
     assert_eq!(metrics(&out).len(), 5);
 }
+
+/// Every vision-encoder family beyond DINOv2 (`encoders init --preset tiny-FAMILY`) fills a cache of
+/// its own (the manifest's encoder kind is the family) and trains the latent demo with cached and with
+/// online features: the first step's alignment cosine is the same either way (the targets differ by the
+/// cache's f16 rounding only), so the online path runs the same encoder with the same preparation.
+#[test]
+fn every_encoder_family_trains_with_cached_and_online_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    demo_data(&root.join("data"), 2, 4, 1, 0, &[]);
+    tiny_encoders(&root.join("encoders"));
+    for family in ["clip", "siglip", "mae", "ijepa", "dinov3"] {
+        let dir = root.join("encoders").join(family);
+        run_ok(
+            pipeline()
+                .args(["encoders", "init", "--preset", &format!("tiny-{family}")])
+                .arg("--out")
+                .arg(&dir),
+        );
+        let encoder = format!("precompute.encoder={:?}", dir.display().to_string());
+        let sets = [
+            "train.steps=2",
+            "train.batch=4",
+            "train.checkpoint_every=0",
+            "train.sample_every=0",
+            "train.metrics_every=1",
+            "precompute.device=\"cpu\"",
+            encoder.as_str(),
+        ];
+        let cached = demo_run(root, "demo-000000.tar", &format!("{family}-cached"), &sets);
+        let online = demo_run(
+            root,
+            "demo-000000.tar",
+            &format!("{family}-online"),
+            &[&sets[..], &["train.features=\"online\""]].concat(),
+        );
+        assert_eq!((cached.len(), online.len()), (2, 2), "{family}");
+        // Every alignment location's cosine; the cosines are O(0.01–0.1) with random towers, and f16
+        // targets move them by about 1e-5.
+        let cos = |m: &[serde_json::Value]| -> Vec<f64> {
+            let values = m[0]["cos"].as_array().unwrap();
+            values.iter().map(|c| c.as_f64().unwrap()).collect()
+        };
+        let (c, o) = (cos(&cached), cos(&online));
+        assert!(
+            c.len() == o.len() && c.iter().zip(&o).all(|(c, o)| (c - o).abs() < 1e-4),
+            "{family}: first-step cosines cached {c:?} vs online {o:?}"
+        );
+        let kinds: Vec<String> = std::fs::read_dir(root.join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("manifest.json"))
+            .filter(|m| m.exists())
+            .map(|m| {
+                let m: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(m).unwrap()).unwrap();
+                m["settings"]["encoder"]["kind"].as_str().unwrap_or("none").to_string()
+            })
+            .collect();
+        assert!(kinds.iter().any(|k| k == family), "{family}: caches {kinds:?}");
+    }
+}
