@@ -474,19 +474,15 @@ fn bench_flow_reports_both_sides() {
     );
 }
 
-/// `flow decode --solver jacobi` gives the sequential sampler's samples (exact mode) in fewer dependent
-/// passes here, says so, and honours a cap.
-#[test]
-fn jacobi_decoding_matches_the_sequential_sampler() {
-    let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("flow.safetensors");
+/// `flow init --preset tiny-latent` as DIR/flow.safetensors, made to depend on its tokens: a fresh
+/// flow starts as the identity (zero output projections), which any solver inverts in one pass.
+fn dependent_flow(dir: &Path) -> std::path::PathBuf {
+    let ckpt = dir.join("flow.safetensors");
     run_ok(
         pipeline()
             .args(["flow", "init", "--preset", "tiny-latent", "--output"])
             .arg(&ckpt),
     );
-    // A fresh flow starts as the identity (zero output projections), which any solver inverts in one
-    // pass: give the projections weights so that tokens depend on each other.
     tch::manual_seed(3);
     let tensors: Vec<(String, Tensor)> = Tensor::read_safetensors(&ckpt)
         .unwrap()
@@ -501,6 +497,15 @@ fn jacobi_decoding_matches_the_sequential_sampler() {
         })
         .collect();
     Tensor::write_safetensors(&tensors, &ckpt).unwrap();
+    ckpt
+}
+
+/// `flow decode --solver jacobi` gives the sequential sampler's samples (exact mode) in fewer dependent
+/// passes here, says so, and honours a cap.
+#[test]
+fn jacobi_decoding_matches_the_sequential_sampler() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dependent_flow(dir.path());
     let decode = |name: &str, solver: &[&str]| {
         let out = dir.path().join(format!("{name}.safetensors"));
         let run = pipeline()
@@ -590,4 +595,94 @@ fn bench_solvers_reports_depth_and_deviation() {
         assert!(depth >= blocks && depth <= blocks * (n - 1), "{row}");
         assert!(row["time_vs_sequential"].as_f64().unwrap() > 0.0, "{row}");
     }
+}
+
+/// `flow calibrate` measures each block on data and writes a schedule beside the checkpoint whose every
+/// choice stayed within the target; `flow decode --solver auto` then uses it (and says so), with fewer
+/// dependent passes than the sequential solver, and inverts the data's own noise back to the data. Without
+/// a schedule `auto` falls back to the default and names the file it looked for.
+#[test]
+fn calibrated_schedule_is_written_beside_the_checkpoint_and_used_by_auto() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dependent_flow(dir.path());
+    let path = |name: &str| dir.path().join(name);
+    let flow = |args: &[&str], files: &[(&str, &Path)]| {
+        let mut cmd = pipeline();
+        cmd.arg("flow")
+            .args(args)
+            .args(["--device", "cpu", "--checkpoint"])
+            .arg(&ckpt);
+        for (flag, file) in files {
+            cmd.arg(flag).arg(file);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "flow {args:?}: {stderr}");
+        stderr
+    };
+    // "Training data": the flow's own samples, and their noise.
+    flow(
+        &["decode", "--samples", "12", "--seed", "1"],
+        &[("--output", &path("data.safetensors"))],
+    );
+    flow(
+        &["encode"],
+        &[
+            ("--input", &path("data.safetensors")),
+            ("--output", &path("z.safetensors")),
+        ],
+    );
+    let said = flow(
+        &["decode", "--solver", "auto"],
+        &[
+            ("--input", &path("z.safetensors")),
+            ("--output", &path("default.safetensors")),
+        ],
+    );
+    assert!(
+        said.contains("default (") && said.contains("flow.solver.json not found"),
+        "{said}"
+    );
+
+    let said = flow(
+        &["calibrate", "--target", "1e-3"],
+        &[("--input", &path("data.safetensors"))],
+    );
+    assert!(said.contains("flow.solver.json"), "{said}");
+    let schedule: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path("flow.solver.json")).unwrap()).unwrap();
+    let blocks = schedule["plan"].as_array().unwrap().len() as i64;
+    let n = 16; // tiny-latent: 8×8 latent, patch 2
+    let mut depth = 0;
+    for c in schedule["calibration"].as_array().unwrap() {
+        assert!(c["max_abs_error"].as_f64().unwrap() <= 1e-3, "{c}");
+        depth += c["passes"].as_i64().unwrap();
+    }
+    assert!(blocks > 0 && depth < blocks * (n - 1), "{schedule}");
+
+    let said = flow(
+        &["decode", "--solver", "auto"],
+        &[
+            ("--input", &path("z.safetensors")),
+            ("--output", &path("auto.safetensors")),
+        ],
+    );
+    assert!(
+        said.contains("per-block schedule") && said.contains("flow.solver.json)"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("sequential depth {depth} ")),
+        "{said}"
+    );
+    let (data, back) = (
+        read(&path("data.safetensors"), "x"),
+        read(&path("auto.safetensors"), "x"),
+    );
+    let scale = data.abs().max().double_value(&[]);
+    let err = max_diff(&data, &back);
+    assert!(
+        err < 1e-2 * scale.max(1.0),
+        "auto schedule off by {err} (values up to {scale})"
+    );
 }

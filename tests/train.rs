@@ -1241,9 +1241,15 @@ fn every_encoder_family_trains_with_cached_and_online_features() {
             .map(|m| {
                 let m: serde_json::Value =
                     serde_json::from_str(&std::fs::read_to_string(m).unwrap()).unwrap();
-                m["settings"]["encoder"]["kind"].as_str().unwrap_or("none").to_string()
+                m["settings"]["encoder"]["kind"]
+                    .as_str()
+                    .unwrap_or("none")
+                    .to_string()
             })
             .collect();
-        assert!(kinds.iter().any(|k| k == family), "{family}: caches {kinds:?}");
+        assert!(
+            kinds.iter().any(|k| k == family),
+            "{family}: caches {kinds:?}"
+        );
     }
 }

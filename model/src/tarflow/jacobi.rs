@@ -142,35 +142,183 @@ pub(super) fn jacobi_block(
     (block.permutation.apply(&x), passes)
 }
 
-/// The inverse of every block, last to first, with `solver`: images (B, C, H, W) and the dependent
-/// network passes each block took (in the order they ran).
-pub(super) fn reverse_jacobi(
+/// Which solver inverts each block: one for all, or a schedule with one per block in model order
+/// (block 0 is inverted last), as `pipeline flow calibrate` writes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Plan {
+    Uniform(Solver),
+    PerBlock(Vec<Solver>),
+}
+
+impl From<Solver> for Plan {
+    fn from(solver: Solver) -> Self {
+        Plan::Uniform(solver)
+    }
+}
+
+impl Plan {
+    /// The default when no calibrated schedule exists, after Selective Jacobi Decoding (2025): the
+    /// first block sampled (the model's last), whose tokens depend on each other most, sequentially;
+    /// every other block by whole-sequence Jacobi stopped at a max-norm change of 1e-4.
+    pub fn selective(blocks: usize) -> Self {
+        let mut solvers = vec![
+            Solver::Jacobi {
+                chunk: 0,
+                tol: 1e-4,
+                max_iters: 0,
+            };
+            blocks
+        ];
+        if let Some(last) = solvers.last_mut() {
+            *last = Solver::Sequential;
+        }
+        Plan::PerBlock(solvers)
+    }
+
+    /// The solver of block `i` (model order). A schedule shorter than the model is rejected by
+    /// [`Plan::check`]; here a missing entry falls back to the sequential solver.
+    pub fn for_block(&self, i: usize) -> Solver {
+        match self {
+            Plan::Uniform(s) => *s,
+            Plan::PerBlock(v) => v.get(i).copied().unwrap_or_default(),
+        }
+    }
+
+    /// Fails unless a per-block schedule has one entry per block.
+    pub fn check(&self, blocks: usize) -> Result<(), String> {
+        match self {
+            Plan::PerBlock(v) if v.len() != blocks => Err(format!(
+                "the schedule has {} blocks, the flow {blocks}",
+                v.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Plan::Uniform(s) => s.describe(),
+            Plan::PerBlock(v) => {
+                let each: Vec<String> = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| format!("block {i}: {}", s.describe()))
+                    .collect();
+                format!("per-block schedule [{}]", each.join("; "))
+            }
+        }
+    }
+}
+
+/// The inverse of every block, last to first, each with its solver in `plan`: images (B, C, H, W)
+/// and the dependent network passes each block took (in the order they ran).
+pub(super) fn reverse_planned(
     model: &Model,
     prec: Precision,
     z: &Tensor,
     y: Option<&Tensor>,
     g: &Guidance,
-    (chunk, tol, max_iters): (i64, f64, i64),
+    plan: &Plan,
 ) -> (Tensor, Vec<i64>) {
     tch::no_grad(|| {
         let _cast = model.cast_weights_in(prec);
         let mut x = z.to_kind(Kind::Float) * model.var.sqrt();
+        let guided = g.weight != 0.0;
         let mut passes = Vec::with_capacity(model.blocks.len());
-        for block in model.blocks.iter().rev() {
-            let (next, p) = jacobi_block(
-                prec,
-                block,
-                &x,
-                y,
-                g,
-                g.weight != 0.0,
-                chunk,
-                tol,
-                max_iters,
-            );
+        for (i, block) in model.blocks.iter().enumerate().rev() {
+            let (next, p) = match plan.for_block(i) {
+                Solver::Sequential => (
+                    super::sample::reverse_block(model, prec, block, &x, y, g, guided),
+                    model.cfg.num_tokens() - 1,
+                ),
+                Solver::Jacobi {
+                    chunk,
+                    tol,
+                    max_iters,
+                } => jacobi_block(prec, block, &x, y, g, guided, chunk, tol, max_iters),
+            };
             x = next;
             passes.push(p);
         }
         (model.unpatchify(&x), passes)
+    })
+}
+
+/// What calibration measured for one block: each candidate's dependent passes and largest deviation
+/// from the block's true input, and the one chosen.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Calibration {
+    pub block: usize,
+    pub chosen: Solver,
+    pub passes: i64,
+    pub max_abs_error: f64,
+    pub tried: Vec<(Solver, i64, f64)>,
+}
+
+/// The candidate with the fewest passes among those within `target` and cheaper than the sequential
+/// solver's N − 1, or the sequential solver (its error is float rounding, reported as 0).
+pub fn choose(tried: &[(Solver, i64, f64)], target: f64, n: i64) -> (Solver, i64, f64) {
+    tried
+        .iter()
+        .filter(|(_, p, e)| *e <= target && *p < n - 1)
+        .min_by_key(|(_, p, _)| *p)
+        .copied()
+        .unwrap_or((Solver::Sequential, n - 1, 0.0))
+}
+
+/// Chooses a solver per block on data: `x` (B, C, H, W) in the flow's input space (training latents
+/// or images) is pushed through the flow, and each block is inverted from its own output by Jacobi
+/// candidates (whole sequence and segments of N/4 and N/16, stopped at `target` and at `target`/10).
+/// The candidate with the fewest dependent passes whose largest deviation from the block's true input
+/// stays within `target` is chosen; a block where none does, or where none takes fewer than the
+/// sequential solver's N − 1 passes, stays sequential. This ranks blocks by how strongly their tokens
+/// depend on each other, as GS-Jacobi's convergence ranking does, and turns the ranking into a
+/// schedule. Unguided: guidance changes the branches' mix, not which blocks are hard.
+pub fn calibrate(model: &Model, x: &Tensor, y: Option<&Tensor>, target: f64) -> Vec<Calibration> {
+    let prec = model.precision;
+    let n = model.cfg.num_tokens();
+    let g = Guidance {
+        weight: 0.0,
+        annealed: false,
+        attn_temp: 1.0,
+    };
+    let cond = y.map_or(super::Cond::Null, super::Cond::Labels);
+    tch::no_grad(|| {
+        let _cast = model.cast_weights_in(prec);
+        let out = model.forward(x, &cond, &[]);
+        let mut chunks = vec![0, n / 4, n / 16];
+        chunks.retain(|&c| c == 0 || (c > 1 && c < n));
+        chunks.dedup();
+        model
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, block)| {
+                let (z, truth) = (&out.outputs[i], &out.inputs[i]);
+                let mut tried = vec![];
+                for &chunk in &chunks {
+                    for tol in [target, target / 10.0] {
+                        let solver = Solver::Jacobi {
+                            chunk,
+                            tol,
+                            max_iters: 0,
+                        };
+                        let (xh, passes) =
+                            jacobi_block(prec, block, z, y, &g, false, chunk, tol, 0);
+                        let err = (&xh - truth).abs().max().double_value(&[]);
+                        tried.push((solver, passes, err));
+                    }
+                }
+                let (chosen, passes, max_abs_error) = choose(&tried, target, n);
+                Calibration {
+                    block: i,
+                    chosen,
+                    passes,
+                    max_abs_error,
+                    tried,
+                }
+            })
+            .collect()
     })
 }

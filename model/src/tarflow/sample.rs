@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 use super::block::{Cond, MetaBlock};
 use super::guidance::Branches;
 pub use super::guidance::Guidance;
-pub use super::jacobi::Solver;
+pub use super::jacobi::{calibrate, choose, Calibration, Plan, Solver};
 use super::{nll, FlowError, Model, Precision};
 
 impl Model {
@@ -61,25 +61,21 @@ pub fn reverse_solved(
     z: &Tensor,
     y: Option<&Tensor>,
     g: &Guidance,
-    solver: Solver,
+    plan: &Plan,
 ) -> (Tensor, Vec<i64>) {
-    match solver {
-        Solver::Sequential => {
+    match plan {
+        Plan::Uniform(Solver::Sequential) => {
             let steps = model.cfg.num_tokens() - 1;
             let x = reverse_in(model, prec, z, y, g, g.weight != 0.0);
             (x, vec![steps; model.blocks.len()])
         }
-        Solver::Jacobi {
-            chunk,
-            tol,
-            max_iters,
-        } => super::jacobi::reverse_jacobi(model, prec, z, y, g, (chunk, tol, max_iters)),
+        _ => super::jacobi::reverse_planned(model, prec, z, y, g, plan),
     }
 }
 
 /// One block's inverse with a KV cache. With guidance the conditional and unconditional branches are
 /// one batch of 2B rows (cond first), so each step is a single pass.
-fn reverse_block(
+pub(super) fn reverse_block(
     model: &Model,
     prec: Precision,
     block: &MetaBlock,
@@ -207,11 +203,11 @@ pub fn sample_in(
         g,
         seed,
         max_redraws,
-        Solver::Sequential,
+        &Plan::Uniform(Solver::Sequential),
     )
 }
 
-/// [`sample_in`] with the reverse pass solved by `solver`.
+/// [`sample_in`] with the reverse pass solved by `plan`.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_solved(
     model: &Model,
@@ -221,12 +217,12 @@ pub fn sample_solved(
     g: &Guidance,
     seed: u64,
     max_redraws: usize,
-    solver: Solver,
+    plan: &Plan,
 ) -> Result<Samples, FlowError> {
     let device = model.device();
     let z = cpu_noise(model, batch, seed);
-    let reverse = |z: &Tensor, y: Option<&Tensor>| reverse_solved(model, prec, z, y, g, solver).0;
-    let (mut x, passes) = reverse_solved(model, prec, &z.to_device(device), y, g, solver);
+    let reverse = |z: &Tensor, y: Option<&Tensor>| reverse_solved(model, prec, z, y, g, plan).0;
+    let (mut x, passes) = reverse_solved(model, prec, &z.to_device(device), y, g, plan);
     let mut redrawn = 0;
     for attempt in 0..=max_redraws {
         let bad = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);

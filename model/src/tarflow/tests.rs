@@ -873,8 +873,14 @@ fn exact_jacobi_equals_the_sequential_sampler() {
             },
         ] {
             let prec = model.precision;
-            let (seq, seq_passes) =
-                sample::reverse_solved(&model, prec, &z, Some(&y), &g, sample::Solver::Sequential);
+            let (seq, seq_passes) = sample::reverse_solved(
+                &model,
+                prec,
+                &z,
+                Some(&y),
+                &g,
+                &sample::Solver::Sequential.into(),
+            );
             assert_eq!(seq_passes, vec![n - 1; 3]);
             for solver in [
                 sample::Solver::exact(),
@@ -884,7 +890,8 @@ fn exact_jacobi_equals_the_sequential_sampler() {
                     max_iters: 0,
                 },
             ] {
-                let (x, passes) = sample::reverse_solved(&model, prec, &z, Some(&y), &g, solver);
+                let (x, passes) =
+                    sample::reverse_solved(&model, prec, &z, Some(&y), &g, &solver.into());
                 let err = max_diff(&x, &seq);
                 assert!(err < 1e-5, "{name} {g:?} {solver:?}: off by {err}");
                 assert!(
@@ -907,13 +914,20 @@ fn jacobi_with_a_tolerance_stops_early_and_a_cap_is_honoured() {
     let z = Tensor::randn([3, n, c.token_dim()], (Kind::Float, Device::Cpu));
     let g = Guidance::default();
     let prec = model.precision;
-    let (seq, _) = sample::reverse_solved(&model, prec, &z, None, &g, sample::Solver::Sequential);
+    let (seq, _) = sample::reverse_solved(
+        &model,
+        prec,
+        &z,
+        None,
+        &g,
+        &sample::Solver::Sequential.into(),
+    );
     let tol = sample::Solver::Jacobi {
         chunk: 0,
         tol: 1e-6,
         max_iters: 0,
     };
-    let (x, passes) = sample::reverse_solved(&model, prec, &z, None, &g, tol);
+    let (x, passes) = sample::reverse_solved(&model, prec, &z, None, &g, &tol.into());
     let err = max_diff(&x, &seq);
     assert!(err < 1e-4, "tolerance 1e-6 left an error of {err}");
     let depth: i64 = passes.iter().sum();
@@ -926,10 +940,93 @@ fn jacobi_with_a_tolerance_stops_early_and_a_cap_is_honoured() {
         tol: 0.0,
         max_iters: 1,
     };
-    let (x, passes) = sample::reverse_solved(&model, prec, &z, None, &g, capped);
+    let (x, passes) = sample::reverse_solved(&model, prec, &z, None, &g, &capped.into());
     assert_eq!(passes, vec![1, 1]);
     assert!(
         max_diff(&x, &seq) > 1e-4,
         "one iteration cannot solve {n} tokens"
+    );
+}
+
+/// A per-block plan mixing the sequential solver with exact Jacobi gives the sequential sampler's
+/// images under guidance, each block reporting its own passes; calibration on the flow's own samples
+/// picks, per block, a candidate whose measured error is within the target, and the plan it makes
+/// inverts those samples' noise back to them.
+#[test]
+fn per_block_plans_and_calibration() {
+    let _rng = rng();
+    let c = latent(cfg(8, 2, 2, 3, 2, 5), true, false);
+    let (_vs, model) = random_model(&c, 13);
+    let n = c.num_tokens();
+    let prec = model.precision;
+    let z = Tensor::randn([3, n, c.token_dim()], (Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[1i64, -1, 3]);
+    let g = Guidance {
+        weight: 1.0,
+        annealed: true,
+        attn_temp: 1.0,
+    };
+    let seq_plan = sample::Solver::Sequential.into();
+    let (seq, _) = sample::reverse_solved(&model, prec, &z, Some(&y), &g, &seq_plan);
+    let mixed = sample::Plan::PerBlock(vec![
+        sample::Solver::exact(),
+        sample::Solver::Sequential,
+        sample::Solver::Jacobi {
+            chunk: 3,
+            tol: 0.0,
+            max_iters: 0,
+        },
+    ]);
+    let (x, passes) = sample::reverse_solved(&model, prec, &z, Some(&y), &g, &mixed);
+    assert!(max_diff(&x, &seq) < 1e-5, "off by {}", max_diff(&x, &seq));
+    // Blocks run last first: block 1 is the second to run, and it is the sequential one.
+    assert_eq!(passes[1], n - 1, "{passes:?}");
+    assert!(mixed.check(3).is_ok() && mixed.check(2).is_err());
+    assert_eq!(
+        sample::Plan::selective(3).for_block(2),
+        sample::Solver::Sequential
+    );
+
+    let target = 1e-3;
+    let data =
+        sample::reverse_solved(&model, prec, &z, Some(&y), &Guidance::default(), &seq_plan).0;
+    let report = sample::calibrate(&model, &data, Some(&y), target);
+    assert_eq!(report.len(), 3);
+    for r in &report {
+        assert!(r.max_abs_error <= target, "{r:?}");
+        assert!(r.passes < n && !r.tried.is_empty(), "{r:?}");
+        if r.chosen != sample::Solver::Sequential {
+            let measured = r.tried.iter().find(|(s, _, _)| *s == r.chosen).unwrap();
+            assert_eq!((measured.1, measured.2), (r.passes, r.max_abs_error));
+        }
+    }
+    // The choice: fewest passes within the target, never one as slow as sequential decoding.
+    let jacobi = |chunk, tol| sample::Solver::Jacobi {
+        chunk,
+        tol,
+        max_iters: 0,
+    };
+    let tried = [
+        (jacobi(0, 1e-3), 2, 5e-3),
+        (jacobi(0, 1e-4), 4, 2e-4),
+        (jacobi(4, 1e-3), 3, 9e-4),
+        (jacobi(4, 1e-4), 15, 1e-6),
+    ];
+    assert_eq!(sample::choose(&tried, 1e-3, 16), (jacobi(4, 1e-3), 3, 9e-4));
+    assert_eq!(
+        sample::choose(&tried, 1e-4, 16).0,
+        sample::Solver::Sequential
+    );
+    assert_eq!(
+        sample::choose(&tried, 1e-5, 20),
+        (jacobi(4, 1e-4), 15, 1e-6)
+    );
+    let plan = sample::Plan::PerBlock(report.iter().map(|r| r.chosen).collect());
+    let (back, _) = sample::reverse_solved(&model, prec, &z, Some(&y), &Guidance::default(), &plan);
+    // A block's error within the target can grow through the blocks inverted after it.
+    assert!(
+        max_diff(&back, &data) < 10.0 * target,
+        "{}",
+        max_diff(&back, &data)
     );
 }

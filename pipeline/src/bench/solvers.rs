@@ -102,8 +102,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut out = None;
         for i in 0..=args.repeats {
             let start = Instant::now();
-            let (x, passes) =
-                sample::reverse_solved(model, model.precision, &noise, y.as_ref(), &g, solver);
+            let (x, passes) = sample::reverse_solved(
+                model,
+                model.precision,
+                &noise,
+                y.as_ref(),
+                &g,
+                &solver.into(),
+            );
             sync(device);
             if i > 0 {
                 best = best.min(start.elapsed().as_secs_f64());

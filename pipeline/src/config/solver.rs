@@ -1,19 +1,25 @@
 //! How a reverse pass inverts each flow block: the flags `sample` and `flow decode` share.
 
-use anyhow::bail;
-use model::tarflow::sample::Solver;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use model::tarflow::sample::{Calibration, Plan, Solver};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SolverKind {
     Sequential,
     Jacobi,
+    /// The schedule `pipeline flow calibrate` wrote beside the checkpoint, or --schedule FILE; without
+    /// either, the first-sampled block sequential and the others by Jacobi to 1e-4
+    Auto,
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SolverArgs {
     /// How each flow block is inverted: `sequential` decodes one token per step (N − 1 dependent
     /// passes per block); `jacobi` iterates parallel passes, exact (the sequential sampler's samples)
-    /// unless --jacobi-tol or --jacobi-max-iters stop it earlier (docs/flow.md, Solvers)
+    /// unless --jacobi-tol or --jacobi-max-iters stop it earlier; `auto` takes a solver per block from
+    /// the calibrated schedule (docs/flow.md, Solvers)
     #[arg(long, value_enum, default_value = "sequential")]
     pub solver: SolverKind,
     /// Jacobi: tokens per segment, solved in turn on their exact prefix (0 = the whole sequence)
@@ -25,6 +31,9 @@ pub struct SolverArgs {
     /// Jacobi: at most this many passes per segment (0 = the segment's length, which is exact)
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub jacobi_max_iters: i64,
+    /// With --solver auto: the schedule file (default: CHECKPOINT's `.solver.json` beside it)
+    #[arg(long, value_name = "FILE")]
+    pub schedule: Option<PathBuf>,
 }
 
 impl SolverArgs {
@@ -42,7 +51,7 @@ impl SolverArgs {
             );
         }
         Ok(match self.solver {
-            SolverKind::Sequential => Solver::Sequential,
+            SolverKind::Sequential | SolverKind::Auto => Solver::Sequential,
             SolverKind::Jacobi => Solver::Jacobi {
                 chunk: self.jacobi_chunk,
                 tol: self.jacobi_tol,
@@ -50,13 +59,72 @@ impl SolverArgs {
             },
         })
     }
+
+    /// The solver of every block for `checkpoint`'s flow of `blocks` blocks, and where it came from.
+    pub fn plan(&self, checkpoint: &Path, blocks: usize) -> anyhow::Result<(Plan, String)> {
+        let solver = self.solver()?;
+        if self.solver != SolverKind::Auto {
+            if self.schedule.is_some() {
+                bail!("--schedule is read with --solver auto");
+            }
+            return Ok((solver.into(), "flags".into()));
+        }
+        let (path, explicit) = match &self.schedule {
+            Some(p) => (p.clone(), true),
+            None => (schedule_path(checkpoint), false),
+        };
+        if !explicit && !path.exists() {
+            return Ok((
+                Plan::selective(blocks),
+                format!("default ({} not found)", path.display()),
+            ));
+        }
+        let schedule = Schedule::read(&path)?;
+        schedule
+            .plan
+            .check(blocks)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok((schedule.plan, path.display().to_string()))
+    }
+}
+
+/// Where `pipeline flow calibrate` writes a checkpoint's schedule: `ema.safetensors` → `ema.solver.json`.
+pub fn schedule_path(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("solver.json")
+}
+
+/// A calibrated solver schedule, as `pipeline flow calibrate` writes it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Largest deviation from each block's true input allowed when choosing.
+    pub target_max_abs_error: f64,
+    /// Samples the choice was measured on.
+    pub samples: i64,
+    /// One solver per block, model order (block 0 is inverted last).
+    pub plan: Plan,
+    pub calibration: Vec<Calibration>,
+}
+
+impl Schedule {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the solver schedule {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a solver schedule", path.display()))
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        stages::atomic::write_bytes_atomic(path, &serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
 }
 
 /// One line on what a solver did: dependent passes per block and the sequential depth per sample.
-pub fn depth_line(solver: &Solver, passes: &[i64]) -> String {
+pub fn depth_line(plan: &Plan, passes: &[i64]) -> String {
     format!(
         "solver {}: sequential depth {} dependent passes (per block, last first: {passes:?})",
-        solver.describe(),
+        plan.describe(),
         passes.iter().sum::<i64>()
     )
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use model::tarflow::{
     self,
-    sample::{Guidance, Solver},
+    sample::{Guidance, Plan},
 };
 use tch::{Device, Kind, Tensor};
 
@@ -215,11 +215,11 @@ fn draw(
     g: &Guidance,
     (start, len): (u64, usize),
     y: Option<&Tensor>,
-    solver: Solver,
+    plan: &Plan,
 ) -> anyhow::Result<(Tensor, i64, Vec<i64>)> {
     let model = trained.model();
     let reverse = |z: &Tensor, y: Option<&Tensor>| {
-        tarflow::sample::reverse_solved(model, model.precision, z, y, g, solver)
+        tarflow::sample::reverse_solved(model, model.precision, z, y, g, plan)
     };
     let noise: Vec<Tensor> = (0..len as u64)
         .map(|i| sample_noise(model, args.seed, start + i, 0))
@@ -387,7 +387,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut grid = Grid::new(n_grid, args.grid_cols, size);
     let batch = args.batch.max(1);
     let mine = rank_parts::batch_slice(args.num, batch, ranks.split());
-    let solver = args.solver.solver()?;
+    let (plan, source) = args.solver.plan(&trained.checkpoint, model.blocks.len())?;
+    eprintln!("solver: {} (from {source})", plan.describe());
     let mut passes = vec![];
     let mut draw_mine = || -> anyhow::Result<i64> {
         std::fs::create_dir_all(&args.out)
@@ -413,7 +414,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // A libtorch exception (CUDA out of memory at a large --batch) is an error naming the samples.
             let what = format!("samples {start}..{}", start + len);
             let (images, r) = crate::runtime::torch_guard::guard(&what, || {
-                let (x, r, p) = draw(&trained, &args, &g, (start as u64, len), y.as_ref(), solver)?;
+                let (x, r, p) = draw(&trained, &args, &g, (start as u64, len), y.as_ref(), &plan)?;
                 passes = p;
                 let x = if args.denoise {
                     tarflow::sample::denoise(model, &x, y.as_ref(), model.cfg.noise_std, 1.0)
@@ -515,7 +516,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("images: {}/000000.png …", images_dir.display());
     }
     println!("redrawn for NaN/Inf: {redrawn}");
-    println!("{}", depth_line(&solver, &passes));
+    println!("{}", depth_line(&plan, &passes));
     if let Some(fid) = &fid {
         let FeatureSink::Stats(acc) = &fid.sink else {
             bail!("the FID features were not joined");

@@ -1,7 +1,8 @@
-//! `pipeline flow {init,encode,decode}`: the flow from outside. `encode` maps images to noise with
+//! `pipeline flow {init,encode,decode,import,calibrate}`: the flow from outside. `encode` maps images to noise with
 //! log-dets, per-block outputs and NLL; `decode` inverts noise (given, or drawn from a seed) with
 //! guidance and optional score denoising. Tensors travel as safetensors.
 
+pub mod calibrate;
 pub mod import;
 
 use std::collections::HashMap;
@@ -29,6 +30,9 @@ enum FlowCommand {
     Decode(DecodeArgs),
     /// A checkpoint of another code base (ml-tarflow's `.pth`) → safetensors + `.model.toml` sidecar
     Import(crate::flow::import::ImportArgs),
+    /// Measure how each block's inverse converges on data `x` and write the per-block solver schedule
+    /// (`--solver auto`) beside the checkpoint
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Where the model's configuration comes from.
@@ -129,6 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FlowCommand::Encode(a) => encode(a),
         FlowCommand::Decode(a) => decode(a),
         FlowCommand::Import(a) => import::import(a),
+        FlowCommand::Calibrate(a) => calibrate::calibrate(a),
     }
 }
 
@@ -294,7 +299,10 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     if args.attn_temp <= 0.0 {
         bail!("--attn-temp must be positive, got {}", args.attn_temp);
     }
-    let solver = args.solver.solver()?;
+    let (plan, source) = args
+        .solver
+        .plan(&args.model.checkpoint, model.blocks.len())?;
+    eprintln!("solver: {} (from {source})", plan.describe());
     let (n, d) = (model.cfg.num_tokens(), model.cfg.token_dim());
     let mut xs = vec![];
     let mut redrawn = 0;
@@ -327,7 +335,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                         .to_device(device),
                     yb.as_ref(),
                     &g,
-                    solver,
+                    &plan,
                 );
                 passes = p;
                 xs.push(finish(model, &x, yb.as_ref(), &args));
@@ -356,7 +364,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                     &g,
                     seed,
                     args.max_redraws,
-                    solver,
+                    &plan,
                 )?;
                 redrawn += drawn.redrawn;
                 passes = drawn.passes;
@@ -373,7 +381,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         x.size()[0],
         args.output.display(),
         start_time.elapsed().as_secs_f64(),
-        crate::config::solver::depth_line(&solver, &passes)
+        crate::config::solver::depth_line(&plan, &passes)
     );
     Ok(())
 }
