@@ -407,3 +407,56 @@ save_file(out, sys.argv[2])
         }
     }
 }
+
+/// `config --check` reads the grid and width of any family's folder and says what to set when they do
+/// not match the flow: an input size always, pooling only where the flow's grid is a whole multiple of
+/// the encoder's, the width when it differs.
+#[test]
+fn config_check_reads_every_family_and_names_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let check = |dir: &Path, sets: &[&str]| {
+        let mut cmd = common::pipeline();
+        cmd.args(["config", "--check", "--set"]).arg(format!(
+            "precompute.encoder={:?}",
+            dir.display().to_string()
+        ));
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for family in ["clip", "siglip", "mae", "ijepa", "dinov3"] {
+        let dir = tmp.path().join(family);
+        common::run_ok(
+            common::pipeline()
+                .args(["encoders", "init", "--preset", &format!("tiny-{family}")])
+                .arg("--out")
+                .arg(&dir),
+        );
+        // The demo flow aligns 16 tokens of width 32: the tiny towers give 4×4 at 224 px.
+        let (ok, said) = check(&dir, &[]);
+        assert!(ok, "{family}: {said}");
+        let (ok, said) = check(&dir, &["precompute.encoder_input_size=112"]);
+        assert!(!ok, "{family}: {said}");
+        assert!(
+            said.contains("gives 4: set precompute.encoder_input_size = 224 (or align.encoder_tokens = 4 with align.token_match = \"pool\")"),
+            "{family}: {said}"
+        );
+        let (ok, said) = check(&dir, &["precompute.encoder_input_size=168"]);
+        // A 3×3 grid cannot pool the 4×4 flow: only the input size is offered.
+        assert!(
+            !ok && said.contains("gives 9: set precompute.encoder_input_size = 224")
+                && !said.contains("pool"),
+            "{family}: {said}"
+        );
+        let (ok, said) = check(&dir, &["align.encoder_dim=64"]);
+        assert!(
+            !ok && said.contains("gives 32-wide tokens: set align.encoder_dim = 32"),
+            "{family}: {said}"
+        );
+    }
+}

@@ -191,12 +191,23 @@ impl Config {
                     "the flow aligns to {tokens} encoder tokens, but {label} at precompute.encoder_input_size = {} gives {}: {}",
                     p.encoder_input_size,
                     grid * grid,
-                    if a.token_match == model::tarflow::align::TokenMatch::EncoderResize {
-                        format!("set precompute.encoder_input_size = {}", side * patch)
-                    } else {
+                    {
+                        // Pooling flow tokens needs the flow's grid to be a whole multiple of the
+                        // encoder's; an input size giving the aligned grid always works.
+                        let flow_side = (m.num_tokens() as f64).sqrt().round() as i64;
+                        let pool = grid > 0 && grid < flow_side && flow_side % grid == 0
+                            && a.token_match != model::tarflow::align::TokenMatch::EncoderResize;
                         format!(
-                            "set align.encoder_tokens = {} (and align.token_match = \"pool\" when it differs from the flow's)",
-                            grid * grid
+                            "set precompute.encoder_input_size = {}{}",
+                            side * patch,
+                            if pool {
+                                format!(
+                                    " (or align.encoder_tokens = {} with align.token_match = \"pool\")",
+                                    grid * grid
+                                )
+                            } else {
+                                String::new()
+                            }
                         )
                     }
                 );

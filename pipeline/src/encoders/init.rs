@@ -1,4 +1,4 @@
-//! `pipeline encoders init`: random-init DINOv2, CLIP and AutoencoderKL folders in the Hugging Face
+//! `pipeline encoders init`: random-init vision towers of every family and AutoencoderKL folders in the Hugging Face
 //! layout (`config.json` + safetensors, the names `from_folder` reads), so the demo, the tests and the
 //! benchmarks run without downloads: tiny networks for CPU, the published sizes for benchmarks.
 

@@ -1,4 +1,4 @@
-//! `pipeline encoders check`: loads the frozen vision encoder (DINOv2 or CLIP) and SD-VAE folders the
+//! `pipeline encoders check`: loads the frozen vision encoder (any family `model::vision` reads) and SD-VAE folders the
 //! configs point at, prints what was found (family, architecture, token width and grid, parameter
 //! count, fingerprint) and runs one forward on a generated image, so a download can be verified before
 //! a long precompute is started on it.
@@ -24,18 +24,20 @@ pub struct Args {
 enum Command {
     /// Load the encoder and/or VAE folders, print architecture, parameters and fingerprint, run one forward
     Check(CheckArgs),
-    /// Write random-init DINOv2 / CLIP / AutoencoderKL folders (Hugging Face layout) for demos, tests, benchmarks
+    /// Write random-init vision towers (any family) and AutoencoderKL folders (Hugging Face layout) for demos, tests, benchmarks
     Init(crate::encoders::init::Args),
 }
 
 #[derive(clap::Args)]
 struct CheckArgs {
-    /// Vision encoder folder from Hugging Face (`config.json` + `model.safetensors`): DINOv2 (e.g.
-    /// facebook/dinov2-base) or CLIP (e.g. openai/clip-vit-base-patch16), told apart by `model_type`
+    /// Vision encoder folder from Hugging Face (`config.json` + `model.safetensors`), its family told by
+    /// `model_type`: DINOv2 (facebook/dinov2-base), CLIP (openai/clip-vit-base-patch16), SigLIP / SigLIP 2
+    /// (google/siglip-base-patch16-224), MAE (facebook/vit-mae-base), I-JEPA (facebook/ijepa_vith14_1k)
+    /// or DINOv3 (facebook/dinov3-vitb16-pretrain-lvd1689m)
     #[arg(long)]
     encoder: Option<PathBuf>,
     /// Side the encoder sees, in pixels (precompute.encoder_input_size); default 224 for DINOv2, the
-    /// config's image_size for CLIP
+    /// config's image_size for the other families
     #[arg(long)]
     encoder_input_size: Option<i64>,
     /// AutoencoderKL folder (`config.json` + `diffusion_pytorch_model.safetensors`), e.g. stabilityai/sd-vae-ft-ema

@@ -457,7 +457,7 @@ pub(crate) fn load_encoders(p: &PrecomputeConfig) -> anyhow::Result<Encoders> {
         torch_ext::cuda::cudnn_deterministic(true);
     }
     let mut stores = Vec::new();
-    // DINOv2 or CLIP, as the folder's config.json says; the encoder keeps its own var store.
+    // Any vision family, as the folder's config.json says; the encoder keeps its own var store.
     let encoder = match p.encoder_dir() {
         Some(dir) => Some(
             model::vision::VisionEncoder::from_folder(dir, device)
