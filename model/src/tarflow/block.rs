@@ -268,12 +268,43 @@ impl MetaBlock {
                 kv,
                 capacity,
                 packs,
+                commit: 1,
             };
             h = layer.forward(&h, pos, self.rope.as_ref(), Some(slot), q_scale, prec);
         }
         self.proj_out
             .forward_packed(&h, prec, packs, Activation::None)
             .to_kind(Kind::Float)
+    }
+
+    /// The parameters for permuted tokens `pos + 1 ..= pos + T` from tokens `pos .. pos + T` (B, T, D)
+    /// in one pass over the cached prefix `0..pos`: (B, T, 2D) float, as [`MetaBlock::step_output`]
+    /// gives them one at a time. Only the first `commit` tokens' keys and values stay in `cache`: a
+    /// Jacobi segment commits its final prefix once and then iterates on its own tokens, so a pass
+    /// costs the segment, not the sequence before it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn segment_output(
+        &self,
+        tokens: &Tensor,
+        pos: i64,
+        class: Option<&Tensor>,
+        cache: &mut Cache,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+        commit: i64,
+    ) -> Tensor {
+        let mut h = self.embed(tokens, pos, class, prec, None);
+        let capacity = cache.capacity;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let slot = Slot {
+                kv,
+                capacity,
+                packs: None,
+                commit,
+            };
+            h = layer.forward(&h, pos, self.rope.as_ref(), Some(slot), q_scale, prec);
+        }
+        self.proj_out.forward(&h, prec).to_kind(Kind::Float)
     }
 
     /// The parameters of every token of a permuted prefix (B, T, D) from one parallel causal pass:

@@ -91,6 +91,13 @@ pub(super) fn jacobi_block(
         Tensor::from_slice(&w).view([1, n, 1]).to_device(z.device())
     });
     let chunk = if chunk > 0 { chunk } else { n };
+    let rows = if guided { 2 * batch } else { batch };
+    let both = |t: Tensor| if guided { Tensor::cat(&[&t, &t], 0) } else { t };
+    // Keys and values of permuted positions 0..committed are final. A segment's first pass computes
+    // those of the tokens before it (final by then) and commits them; its later passes run only the
+    // segment's own tokens against the cache.
+    let mut cache = block.new_cache(n, rows, prec, false);
+    let mut committed = 0;
     let mut passes = 0;
     let mut start = 1;
     while start < n {
@@ -103,26 +110,39 @@ pub(super) fn jacobi_block(
             len
         };
         let z_seg = zp.narrow(1, start, len);
+        // Token t's parameters come from the pass over token t − 1: (rows, len, 2D) for start..end.
+        let mut params: Option<Tensor> = None;
         for _ in 0..cap {
-            let prefix = x.narrow(1, 0, end);
-            let rows = if guided {
-                Tensor::cat(&[&prefix, &prefix], 0)
-            } else {
-                prefix
-            };
-            let mut o = block.parallel_output(&rows, class.as_ref(), q_scale.as_ref(), prec);
-            if let Some(w) = &weights {
-                // cond + w·(cond − uncond), as the sequential step combines them.
-                o = o
-                    .narrow(0, 0, batch)
-                    .lerp_tensor(&o.narrow(0, batch, batch), &-w.narrow(1, 0, end));
-            }
-            let d = o.size()[2] / 2;
-            let (a, b) = (
-                o.narrow(2, 0, d).narrow(1, start, len),
-                o.narrow(2, d, d).narrow(1, start, len),
+            let from = committed;
+            let tokens = both(x.narrow(1, from, end - 1 - from));
+            let o = block.segment_output(
+                &tokens,
+                from,
+                class.as_ref(),
+                &mut cache,
+                q_scale.as_ref(),
+                prec,
+                start - from,
             );
-            let next = b.addcmul(&z_seg, &a.exp());
+            committed = start;
+            let o = match &mut params {
+                None => o.narrow(1, o.size()[1] - len, len),
+                Some(p) => {
+                    // Token `start`'s parameters depend on final tokens only: kept from the first pass.
+                    p.narrow(1, 1, len - 1).copy_(&o);
+                    p.shallow_clone()
+                }
+            };
+            params = Some(o.shallow_clone());
+            let o = match &weights {
+                // cond + w·(cond − uncond), as the sequential step combines them.
+                Some(w) => o
+                    .narrow(0, 0, batch)
+                    .lerp_tensor(&o.narrow(0, batch, batch), &-w.narrow(1, start, len)),
+                None => o,
+            };
+            let d = o.size()[2] / 2;
+            let next = o.narrow(2, d, d).addcmul(&z_seg, &o.narrow(2, 0, d).exp());
             let mut seg = x.narrow(1, start, len);
             passes += 1;
             // The stopping rule needs the change on the host: one read-back per parallel pass, which

@@ -99,11 +99,14 @@ pub struct LayerCache {
 }
 
 /// What a decode step hands one layer: its KV cache (preallocated for `capacity` tokens) and the
-/// block's packed weights, if any.
+/// block's packed weights, if any. The new keys and values are written after the cached ones and
+/// attended to, but only the first `commit` of them stay cached: a Jacobi segment rewrites its own
+/// tokens' on every pass.
 pub struct Slot<'a> {
     pub kv: &'a mut Option<LayerCache>,
     pub capacity: i64,
     pub packs: Option<&'a Packs>,
+    pub commit: i64,
 }
 
 /// One KV cache per attention layer of a block; a fresh one per block and per reverse pass.
@@ -180,7 +183,12 @@ impl Attention {
             None => Tensor::scaled_dot_product_attention::<Tensor>(
                 &q, &k, &v, None, 0.0, true, scale, false,
             ),
-            Some(Slot { kv, capacity, .. }) => {
+            Some(Slot {
+                kv,
+                capacity,
+                commit,
+                ..
+            }) => {
                 let entry = kv.get_or_insert_with(|| LayerCache {
                     k: k.new_zeros(
                         [b, self.heads, capacity, self.head_dim],
@@ -198,17 +206,23 @@ impl Attention {
                 );
                 entry.k.narrow(2, start, t).copy_(&k);
                 entry.v.narrow(2, start, t).copy_(&v);
-                entry.len += t;
-                let (ks, vs) = (
-                    entry.k.narrow(2, 0, entry.len),
-                    entry.v.narrow(2, 0, entry.len),
-                );
-                // t > 1 with a cache only happens when prefilling from empty: still causal.
+                let visible = start + t;
+                entry.len = start + commit.clamp(0, t);
+                let (ks, vs) = (entry.k.narrow(2, 0, visible), entry.v.narrow(2, 0, visible));
+                // Several new tokens after a cached prefix (a Jacobi segment) see the whole prefix and
+                // the new tokens up to their own: sdpa's `is_causal` aligns the mask top-left, which is
+                // only right from an empty cache.
+                let mask = (t > 1 && start > 0).then(|| {
+                    let queries = Tensor::arange(t, (Kind::Int64, q.device())).view([t, 1]) + start;
+                    Tensor::arange(visible, (Kind::Int64, q.device()))
+                        .view([1, visible])
+                        .le_tensor(&queries)
+                });
                 Tensor::scaled_dot_product_attention::<Tensor>(
                     &q,
                     &ks,
                     &vs,
-                    None,
+                    mask,
                     0.0,
                     t > 1 && start == 0,
                     scale,
