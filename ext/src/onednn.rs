@@ -16,6 +16,8 @@ use torch_sys::C_tensor;
 
 use crate::{check, ExtError, Handle};
 
+pub mod routing;
+
 extern "C" {
     fn ext_packed_linear_available() -> i32;
     fn ext_pack_linear_weight(w: Handle, out: *mut *mut C_tensor) -> *mut c_char;
@@ -87,17 +89,15 @@ pub fn enabled() -> bool {
 }
 
 /// Whether oneDNN beats MKL for a product of `rows` rows by a (fan_out, fan_in) weight, forward only
-/// or (`backward`) with the two gradient products too. Below these sizes a call's fixed cost (the
-/// dispatcher's boxed call, the transposed copies of backward) outweighs the faster kernel; measured
-/// on this project's CPU (BENCHMARKS.md, "oneDNN linear layers"): the forward wins from about 1 M
-/// multiply-adds, forward + backward from 64 rows and 4 M.
+/// or (`backward`) with the two gradient products too: measured on this machine the first time the
+/// shape class is met ([`routing`]).
 pub fn pays_off(rows: i64, fan_in: i64, fan_out: i64, backward: bool) -> bool {
-    let macs = rows.saturating_mul(fan_in).saturating_mul(fan_out);
-    if backward {
-        rows >= 64 && macs >= 4 << 20
+    let product = if backward {
+        routing::Product::Training
     } else {
-        macs >= 1 << 20
-    }
+        routing::Product::Forward
+    };
+    routing::uses_onednn(product, rows, fan_in, fan_out)
 }
 
 /// `x·wᵀ + b` for float32 CPU tensors, x (…, in), w (out, in), recorded by autograd when grad mode

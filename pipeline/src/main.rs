@@ -94,6 +94,7 @@ fn enable_tf32_matmul() {
 
 fn main() {
     runtime::logging::init();
+    runtime::routing::install();
     let cli = Cli::parse();
     if wants_tf32(&cli.command) {
         enable_tf32_matmul();

@@ -16,8 +16,8 @@ use super::linear::{Linear, Precision};
 pub struct Packs(HashMap<usize, PackedLinear>);
 
 impl Packs {
-    /// Packs those of `linears` whose products with `rows` rows gain from it
-    /// ([`onednn::pays_off`]), where packing is possible: float32 CPU weights, fp32 compute and a
+    /// Packs those of `linears` whose products with `rows` rows gain from it (measured on this
+    /// machine, [`onednn::routing`]), where packing is possible: float32 CPU weights, fp32 compute and a
     /// libtorch with oneDNN's linear ops. `None` when it is not; unpacked layers run the plain product.
     pub fn new<'a>(
         linears: impl IntoIterator<Item = &'a Linear>,
@@ -33,7 +33,12 @@ impl Packs {
                 return None;
             }
             let (fan_out, fan_in) = (l.weight.size()[0], l.weight.size()[1]);
-            if !onednn::pays_off(rows, fan_in, fan_out, false) {
+            if !onednn::routing::uses_onednn(
+                onednn::routing::Product::Packed,
+                rows,
+                fan_in,
+                fan_out,
+            ) {
                 continue;
             }
             let packed = PackedLinear::new(&l.weight, Some(&l.bias)).ok()?;

@@ -251,10 +251,27 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         "checkpoint_blocks": args.checkpoint_blocks,
         "pack_weights": model.pack_weights,
         "onednn_linear": torch_ext::onednn::enabled(),
+        "routing": routing_report(),
         "sample_s": sample_s,
         "sample_s_runs": sample_runs,
         "sample_tokens_per_s": tokens / sample_s,
     }))
+}
+
+/// The backend each float32 CPU product class ran on and the timings behind the choice.
+fn routing_report() -> Vec<serde_json::Value> {
+    torch_ext::onednn::routing::choices()
+        .into_iter()
+        .map(|(class, choice)| {
+            serde_json::json!({
+                "class": class.to_string(),
+                "backend": choice.backend(),
+                "mkl_ms": choice.mkl_s * 1e3,
+                "onednn_ms": choice.onednn_s * 1e3,
+                "measured_here": choice.source == torch_ext::onednn::routing::Source::Measured,
+            })
+        })
+        .collect()
 }
 
 /// The fastest of several timings: the estimate least disturbed by other load on a shared machine.
