@@ -141,12 +141,12 @@ impl Config {
             ));
         }
         Activation::check(&self.hidden_act)?;
-        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
+        crate::vit::check_grid(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.patch_size,
+            self.image_size,
+        )?;
         // The rotary frequencies cover head_dim / 4 per axis, twice (sin and cos halves).
         if (self.hidden_size / self.num_attention_heads) % 4 != 0 {
             return Err(format!(
@@ -154,10 +154,10 @@ impl Config {
                 self.hidden_size / self.num_attention_heads
             ));
         }
-        if self.patch_size <= 0 || self.num_register_tokens < 0 {
+        if self.num_register_tokens < 0 {
             return Err(format!(
-                "patch_size {} / num_register_tokens {} are not valid",
-                self.patch_size, self.num_register_tokens
+                "num_register_tokens {} is negative",
+                self.num_register_tokens
             ));
         }
         Ok(())

@@ -134,18 +134,12 @@ impl Config {
             ));
         }
         Activation::check(&self.hidden_act)?;
-        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if self.patch_size <= 0 || self.image_size < self.patch_size {
-            return Err(format!(
-                "image_size {} / patch_size {} make no patch grid",
-                self.image_size, self.patch_size
-            ));
-        }
+        crate::vit::check_grid(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.patch_size,
+            self.image_size,
+        )?;
         Ok(())
     }
 

@@ -197,20 +197,20 @@ impl Tower for Dinov2 {
 
 /// The towers whose default input is the side their position table (or config) was trained for.
 macro_rules! tower_at_image_size {
-    ($ty:ty, $config:ident, $describe:expr) => {
+    ($ty:ty, $($config:ident).+, $describe:expr) => {
         impl Tower for $ty {
             tower_common!();
             fn default_input_size(&self) -> i64 {
-                self.$config.image_size
+                self.$($config).+.image_size
             }
             fn hidden_size(&self) -> i64 {
-                self.$config.hidden_size
+                self.$($config).+.hidden_size
             }
             fn patch_size(&self) -> i64 {
-                self.$config.patch_size
+                self.$($config).+.patch_size
             }
             fn describe(&self) -> String {
-                $describe(&self.$config)
+                $describe(&self.$($config).+)
             }
         }
     };
@@ -219,38 +219,10 @@ macro_rules! tower_at_image_size {
 tower_at_image_size!(Clip, config, crate::clip::Config::describe);
 tower_at_image_size!(Siglip, config, crate::siglip::Config::describe);
 tower_at_image_size!(Dinov3, config, dinov3::Config::describe);
-
-impl Tower for Mae {
-    tower_common!();
-    fn default_input_size(&self) -> i64 {
-        self.vit.config.image_size
-    }
-    fn hidden_size(&self) -> i64 {
-        self.vit.config.hidden_size
-    }
-    fn patch_size(&self) -> i64 {
-        self.vit.config.patch_size
-    }
-    fn describe(&self) -> String {
-        self.vit.config.describe("MAE")
-    }
-}
-
-impl Tower for Ijepa {
-    tower_common!();
-    fn default_input_size(&self) -> i64 {
-        self.vit.config.image_size
-    }
-    fn hidden_size(&self) -> i64 {
-        self.vit.config.hidden_size
-    }
-    fn patch_size(&self) -> i64 {
-        self.vit.config.patch_size
-    }
-    fn describe(&self) -> String {
-        self.vit.config.describe("I-JEPA")
-    }
-}
+tower_at_image_size!(Mae, vit.config, |c: &crate::vit::HfVitConfig| c
+    .describe("MAE"));
+tower_at_image_size!(Ijepa, vit.config, |c: &crate::vit::HfVitConfig| c
+    .describe("I-JEPA"));
 
 /// A loaded frozen vision encoder.
 #[derive(Debug)]

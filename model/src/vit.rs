@@ -257,6 +257,21 @@ pub fn interpolate_positions(table: &Tensor, grid_h: i64, grid_w: i64, square: b
         .reshape([1, grid_h * grid_w, d])
 }
 
+/// The checks every ViT config needs before a network is built from it: whole heads and a patch grid.
+pub fn check_grid(hidden: i64, heads: i64, patch: i64, image: i64) -> Result<(), String> {
+    if heads <= 0 || hidden % heads != 0 {
+        return Err(format!(
+            "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+        ));
+    }
+    if patch <= 0 || image < patch {
+        return Err(format!(
+            "image_size {image} / patch_size {patch} make no patch grid"
+        ));
+    }
+    Ok(())
+}
+
 /// The size letter of a ViT by width, for `encoders check`: "B" for 768, "So400m" for 1152.
 pub fn size_name(hidden: i64) -> &'static str {
     match hidden {
@@ -368,18 +383,12 @@ impl HfVitConfig {
             ));
         }
         Activation::check(&self.hidden_act)?;
-        if self.num_attention_heads <= 0 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if self.patch_size <= 0 || self.image_size < self.patch_size {
-            return Err(format!(
-                "image_size {} / patch_size {} make no patch grid",
-                self.image_size, self.patch_size
-            ));
-        }
+        crate::vit::check_grid(
+            self.hidden_size,
+            self.num_attention_heads,
+            self.patch_size,
+            self.image_size,
+        )?;
         Ok(())
     }
 

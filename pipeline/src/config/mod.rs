@@ -195,7 +195,7 @@ impl Config {
                         // Pooling flow tokens needs the flow's grid to be a whole multiple of the
                         // encoder's; an input size giving the aligned grid always works.
                         let flow_side = (m.num_tokens() as f64).sqrt().round() as i64;
-                        let pool = grid > 0 && grid < flow_side && flow_side % grid == 0
+                        let pool = grid > 0 && grid <= flow_side && flow_side % grid == 0
                             && a.token_match != model::tarflow::align::TokenMatch::EncoderResize;
                         format!(
                             "set precompute.encoder_input_size = {}{}",
@@ -410,9 +410,12 @@ mod tests {
         check(large, &["align.encoder_dim=1024"]).unwrap();
         let base = r#"{"model_type": "clip", "vision_config": {"model_type": "clip_vision_model",
             "hidden_size": 768, "patch_size": 16, "image_size": 224}}"#;
+        // 14×14 cannot pool the flow's 16×16: only the input size is offered.
         let e = check(base, &[]).unwrap_err();
         assert!(
-            e.contains("CLIP/16") && e.contains("align.encoder_tokens = 196"),
+            e.contains("CLIP/16")
+                && e.contains("set precompute.encoder_input_size = 256")
+                && !e.contains("pool"),
             "{e}"
         );
         // At 256 px CLIP/16 gives the flow's 16×16 grid.

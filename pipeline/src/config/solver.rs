@@ -9,8 +9,9 @@ use model::tarflow::sample::{Calibration, Plan, Solver};
 pub enum SolverKind {
     Sequential,
     Jacobi,
-    /// The schedule `pipeline flow calibrate` wrote beside the checkpoint, or --schedule FILE; without
-    /// either, the first-sampled block sequential and the others by Jacobi to 1e-4
+    // The schedule `pipeline flow calibrate` wrote beside the checkpoint, or --schedule FILE; without
+    // either, the first-sampled block sequential and the others by Jacobi to 1e-4. (A doc comment here
+    // would make clap list every value with its own help.)
     Auto,
 }
 

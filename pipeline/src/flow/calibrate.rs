@@ -5,10 +5,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tch::Kind;
 
-use super::{labels, load_model, read_inputs, refuse_inputs, ModelArgs};
+use super::{data_input, load_model, refuse_inputs, ModelArgs};
 use crate::config::solver::{schedule_path, Schedule};
 
 #[derive(clap::Args)]
@@ -45,15 +45,8 @@ pub fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     refuse_inputs(&output, &args.model, Some(&args.input))?;
     let loaded = load_model(&args.model)?;
     let model = &loaded.model;
-    let inputs = read_inputs(&args.input)?;
-    let x = inputs
-        .get("x")
-        .with_context(|| format!("{}: tensor `x` is missing", args.input.display()))?;
-    model
-        .check_input(x)
-        .map_err(|e| anyhow::anyhow!("{}: tensor `x`: {e}", args.input.display()))?;
+    let (x, y) = data_input(model, &args.input)?;
     let rows = x.size()[0].min(args.samples);
-    let y = labels(&inputs, &args.input, x.size()[0], model.cfg.num_classes)?;
     let device = model.device();
     let x = x.narrow(0, 0, rows).to_kind(Kind::Float).to_device(device);
     let y = y.map(|y| y.narrow(0, 0, rows).to_device(device));

@@ -194,6 +194,19 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<tarflow::Loaded> {
     )?)
 }
 
+/// `x` (B, C, H, W) in the flow's space and its optional labels `y` from a safetensors file, checked.
+fn data_input(model: &tarflow::Model, path: &Path) -> anyhow::Result<(Tensor, Option<Tensor>)> {
+    let inputs = read_inputs(path)?;
+    let x = inputs
+        .get("x")
+        .with_context(|| format!("{}: tensor `x` is missing", path.display()))?;
+    model
+        .check_input(x)
+        .map_err(|e| anyhow::anyhow!("{}: tensor `x`: {e}", path.display()))?;
+    let y = labels(&inputs, path, x.size()[0], model.cfg.num_classes)?;
+    Ok((x.shallow_clone(), y))
+}
+
 fn read_inputs(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     Ok(model::weights::read_safetensors(path)?)
 }
@@ -241,15 +254,8 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model)?;
     let model = &loaded.model;
     let device = model.device();
-    let inputs = read_inputs(&args.input)?;
-    let x = inputs
-        .get("x")
-        .with_context(|| format!("{}: tensor `x` is missing", args.input.display()))?;
-    model
-        .check_input(x)
-        .map_err(|e| anyhow::anyhow!("{}: tensor `x`: {e}", args.input.display()))?;
+    let (x, y) = data_input(model, &args.input)?;
     let batch = x.size()[0];
-    let y = labels(&inputs, &args.input, batch, model.cfg.num_classes)?;
     let (mut z, mut logdet, mut nll, mut blocks) = (
         vec![],
         vec![],

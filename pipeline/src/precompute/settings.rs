@@ -148,22 +148,33 @@ mod tests {
         );
     }
 
-    /// A CLIP folder names its family, so its cache never shares a directory with a DINOv2 one.
+    /// Every family's folder names its family, so its cache never shares a directory with another
+    /// family's; a model_type no family reads is an error naming it.
     #[test]
-    fn clip_encoder_settings_name_the_family() {
+    fn encoder_settings_name_the_family() {
         let dir = encoder_folder("clip_vision_model");
         let clip = encoder_section(dir.path());
         assert_eq!(clip["kind"], "clip");
         assert_eq!(clip["input_size"], 224);
         let dino = encoder_folder("dinov2");
         assert_ne!(clip, encoder_section(dino.path()));
-        let other = encoder_folder("siglip");
+        for (model_type, kind) in [
+            ("siglip", "siglip"),
+            ("siglip_vision_model", "siglip"),
+            ("vit_mae", "mae"),
+            ("ijepa", "ijepa"),
+            ("dinov3_vit", "dinov3"),
+        ] {
+            let dir = encoder_folder(model_type);
+            assert_eq!(encoder_section(dir.path())["kind"], kind, "{model_type}");
+        }
+        let other = encoder_folder("siglip2");
         let set = format!(
             "precompute.encoder={:?}",
             other.path().display().to_string()
         );
         let loaded = crate::config::load_str("[precompute]\n", "t.toml", &[set]).unwrap();
         let err = format!("{:#}", cache_settings(&loaded.config).unwrap_err());
-        assert!(err.contains("model_type `siglip`"), "{err}");
+        assert!(err.contains("model_type `siglip2`"), "{err}");
     }
 }
