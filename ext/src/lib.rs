@@ -12,6 +12,7 @@ pub mod dist;
 pub mod event;
 pub mod memory;
 pub mod onednn;
+pub mod routing;
 pub mod skip;
 
 use std::ffi::{c_char, CStr};

@@ -16,8 +16,6 @@ use torch_sys::C_tensor;
 
 use crate::{check, ExtError, Handle};
 
-pub mod routing;
-
 extern "C" {
     fn ext_packed_linear_available() -> i32;
     fn ext_pack_linear_weight(w: Handle, out: *mut *mut C_tensor) -> *mut c_char;
@@ -86,18 +84,6 @@ pub fn set_enabled(on: bool) {
 /// Whether callers should route float32 CPU linear layers through [`linear`].
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed) && available()
-}
-
-/// Whether oneDNN beats MKL for a product of `rows` rows by a (fan_out, fan_in) weight, forward only
-/// or (`backward`) with the two gradient products too: measured on this machine the first time the
-/// shape class is met ([`routing`]).
-pub fn pays_off(rows: i64, fan_in: i64, fan_out: i64, backward: bool) -> bool {
-    let product = if backward {
-        routing::Product::Training
-    } else {
-        routing::Product::Forward
-    };
-    routing::uses_onednn(product, rows, fan_in, fan_out)
 }
 
 /// `x·wᵀ + b` for float32 CPU tensors, x (…, in), w (out, in), recorded by autograd when grad mode

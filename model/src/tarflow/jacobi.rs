@@ -249,7 +249,7 @@ pub(super) fn reverse_planned(
         for (i, block) in model.blocks.iter().enumerate().rev() {
             let (next, p) = match plan.for_block(i) {
                 Solver::Sequential => (
-                    super::sample::reverse_block(model, prec, block, &x, y, g, guided),
+                    super::decode::reverse_block(model, prec, block, &x, y, g, guided),
                     model.cfg.num_tokens() - 1,
                 ),
                 Solver::Jacobi {

@@ -96,6 +96,11 @@ impl Linear {
         let rows = x.numel() as i64 / fan_in.max(1);
         let backward = torch_ext::checkpoint::grad_enabled()
             && (self.weight.requires_grad() || x.requires_grad());
-        onednn::pays_off(rows, fan_in, out, backward)
+        let product = if backward {
+            torch_ext::routing::Product::Training
+        } else {
+            torch_ext::routing::Product::Forward
+        };
+        torch_ext::routing::uses_onednn(product, rows, fan_in, out)
     }
 }

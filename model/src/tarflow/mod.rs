@@ -14,6 +14,7 @@ pub mod align;
 mod block;
 pub mod classify;
 mod config;
+mod decode;
 mod error;
 mod guidance;
 mod jacobi;

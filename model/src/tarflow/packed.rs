@@ -17,7 +17,7 @@ pub struct Packs(HashMap<usize, PackedLinear>);
 
 impl Packs {
     /// Packs those of `linears` whose products with `rows` rows gain from it (measured on this
-    /// machine, [`onednn::routing`]), where packing is possible: float32 CPU weights, fp32 compute and a
+    /// machine, [`torch_ext::routing`]), where packing is possible: float32 CPU weights, fp32 compute and a
     /// libtorch with oneDNN's linear ops. `None` when it is not; unpacked layers run the plain product.
     pub fn new<'a>(
         linears: impl IntoIterator<Item = &'a Linear>,
@@ -33,8 +33,8 @@ impl Packs {
                 return None;
             }
             let (fan_out, fan_in) = (l.weight.size()[0], l.weight.size()[1]);
-            if !onednn::routing::uses_onednn(
-                onednn::routing::Product::Packed,
+            if !torch_ext::routing::uses_onednn(
+                torch_ext::routing::Product::Packed,
                 rows,
                 fan_in,
                 fan_out,

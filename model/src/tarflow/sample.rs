@@ -3,8 +3,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::block::{Cond, MetaBlock};
-use super::guidance::Branches;
+use super::block::Cond;
+use super::decode::reverse_block;
 pub use super::guidance::Guidance;
 pub use super::jacobi::{calibrate, choose, Calibration, Plan, Solver};
 use super::{nll, FlowError, Model, Precision};
@@ -71,56 +71,6 @@ pub fn reverse_solved(
         }
         _ => super::jacobi::reverse_planned(model, prec, z, y, g, plan),
     }
-}
-
-/// One block's inverse with a KV cache. With guidance the conditional and unconditional branches are
-/// one batch of 2B rows (cond first), so each step is a single pass.
-pub(super) fn reverse_block(
-    model: &Model,
-    prec: Precision,
-    block: &MetaBlock,
-    z: &Tensor,
-    y: Option<&Tensor>,
-    g: &Guidance,
-    guided: bool,
-) -> Tensor {
-    let (batch, n, _) = z.size3().expect("(B, N, D)");
-    let Branches { class, q_scale } = Branches::new(block, y, g, batch, guided, z.device());
-    let x = block.permutation.apply(z);
-    let mut tokens: Vec<Tensor> = (0..n).map(|i| x.narrow(1, i, 1)).collect();
-    let rows = if guided { 2 * batch } else { batch };
-    let mut cache = block.new_cache(n, rows, prec, model.pack_weights);
-    for i in 0..n - 1 {
-        let token = if guided {
-            Tensor::cat(&[&tokens[i as usize], &tokens[i as usize]], 0)
-        } else {
-            tokens[i as usize].shallow_clone()
-        };
-        let mut o = block.step_output(
-            &token,
-            i,
-            class.as_ref(),
-            &mut cache,
-            q_scale.as_ref(),
-            prec,
-        );
-        if guided {
-            let w = g.weight_at(i + 1, n);
-            // cond + w·(cond − uncond) for a and b at once: lerp from cond towards uncond by −w.
-            o = o.narrow(0, 0, batch).lerp(&o.narrow(0, batch, batch), -w);
-        }
-        let d = o.size()[2] / 2;
-        let (a, b) = (o.narrow(2, 0, d), o.narrow(2, d, d));
-        let next = &tokens[i as usize + 1];
-        let updated = if next.kind() == Kind::Float {
-            b.addcmul(next, &a.exp())
-        } else {
-            b.addcmul(&next.to_kind(Kind::Float), &a.exp())
-                .to_kind(next.kind())
-        };
-        tokens[i as usize + 1] = updated;
-    }
-    block.permutation.apply(&Tensor::cat(&tokens, 1))
 }
 
 /// Reverse without a cache: every step reruns the whole causal pass on the partially inverted

@@ -148,7 +148,7 @@ fn kv_cache_reverse_equals_full_recompute() {
 /// stay plain.
 #[test]
 fn packed_sampling_equals_plain_products() {
-    use torch_ext::onednn::routing;
+    use torch_ext::routing;
     let _rng = rng();
     // Wide enough that a guided pass over 16 samples packs the larger products.
     let base = Config {
@@ -165,7 +165,7 @@ fn packed_sampling_equals_plain_products() {
     ] {
         let (_vs, mut model) = random_model(&c, 5);
         let linears = 2 + 2 * (2 + if c.mlp == MlpKind::Swiglu { 3 } else { 2 });
-        // Which layers pack is measured per machine (torch_ext::onednn::routing); routed to oneDNN
+        // Which layers pack is measured per machine (torch_ext::routing); routed to oneDNN
         // they all do, routed to MKL none does.
         let packs = |onednn: bool| {
             routing::forced(onednn, || {

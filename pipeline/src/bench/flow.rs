@@ -260,7 +260,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
 
 /// The backend each float32 CPU product class ran on and the timings behind the choice.
 fn routing_report() -> Vec<serde_json::Value> {
-    torch_ext::onednn::routing::choices()
+    torch_ext::routing::choices()
         .into_iter()
         .map(|(class, choice)| {
             serde_json::json!({
@@ -268,7 +268,7 @@ fn routing_report() -> Vec<serde_json::Value> {
                 "backend": choice.backend(),
                 "mkl_ms": choice.mkl_s * 1e3,
                 "onednn_ms": choice.onednn_s * 1e3,
-                "measured_here": choice.source == torch_ext::onednn::routing::Source::Measured,
+                "measured_here": choice.source == torch_ext::routing::Source::Measured,
             })
         })
         .collect()

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use tch::Kind;
 
-use super::{data_input, load_model, refuse_inputs, ModelArgs};
+use super::model_io::{data_input, load_model, refuse_inputs, ModelArgs};
 use crate::config::solver::{schedule_path, Schedule};
 
 #[derive(clap::Args)]

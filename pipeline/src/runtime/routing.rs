@@ -1,4 +1,4 @@
-//! Where the oneDNN-or-MKL choices of float32 CPU products persist (`torch_ext::onednn::routing`): one
+//! Where the oneDNN-or-MKL choices of float32 CPU products persist (`torch_ext::routing`): one
 //! file per CPU model in the user's cache directory, so that each shape class is timed once per machine
 //! and every process on it routes the class the same way (a resumed run computes what the first did).
 //! `FLOWBACK_ONEDNN_ROUTING=FILE` names another file, `=off` keeps the choices per process.
@@ -13,7 +13,7 @@ pub fn install() {
         Some(v) => Some(PathBuf::from(v)),
         None => default_path(),
     };
-    torch_ext::onednn::routing::set_store(path);
+    torch_ext::routing::set_store(path);
 }
 
 /// `$XDG_CACHE_HOME` (or `~/.cache`) `/flowback/onednn-routing/<cpu model>.txt`.

@@ -173,9 +173,9 @@ pub fn forced<T>(onednn: bool, f: impl FnOnce() -> T) -> T {
 }
 
 /// Whether oneDNN runs a product of `rows` rows by a (fan_out, fan_in) weight: the class's choice,
-/// measured on first use. Callers check [`super::enabled`] (or, for packing, their own switch) first.
+/// measured on first use. Callers check [`crate::onednn::enabled`] (or, for packing, their own switch) first.
 pub fn uses_onednn(product: Product, rows: i64, fan_in: i64, fan_out: i64) -> bool {
-    if rows <= 0 || fan_in <= 0 || fan_out <= 0 || !super::available() {
+    if rows <= 0 || fan_in <= 0 || fan_out <= 0 || !crate::onednn::available() {
         return false;
     }
     if let Some(forced) = FORCED.with(std::cell::Cell::get) {
@@ -276,7 +276,7 @@ fn measure(class: Class) -> Choice {
                     let _ = x.linear(&w, Some(&b));
                     Some(())
                 }),
-                time(&|| super::linear(&x, &w, Some(&b)).ok().map(drop)),
+                time(&|| crate::onednn::linear(&x, &w, Some(&b)).ok().map(drop)),
             )
         }),
         Product::Training => {
@@ -286,7 +286,7 @@ fn measure(class: Class) -> Choice {
             let b = b.set_requires_grad(true);
             let step = |onednn: bool| -> Option<()> {
                 let y = if onednn {
-                    super::linear(&x, &w, Some(&b)).ok()?
+                    crate::onednn::linear(&x, &w, Some(&b)).ok()?
                 } else {
                     x.linear(&w, Some(&b))
                 };
@@ -297,13 +297,18 @@ fn measure(class: Class) -> Choice {
             };
             (time(&|| step(false)), time(&|| step(true)))
         }
-        Product::Packed => tch::no_grad(|| match super::PackedLinear::new(&w, Some(&b)) {
+        Product::Packed => tch::no_grad(|| match crate::onednn::PackedLinear::new(&w, Some(&b)) {
             Ok(packed) => (
                 time(&|| {
                     let _ = x.linear(&w, Some(&b));
                     Some(())
                 }),
-                time(&|| packed.forward(&x, super::Activation::None).ok().map(drop)),
+                time(&|| {
+                    packed
+                        .forward(&x, crate::onednn::Activation::None)
+                        .ok()
+                        .map(drop)
+                }),
             ),
             Err(_) => (0.0, f64::INFINITY),
         }),
