@@ -686,3 +686,48 @@ fn calibrated_schedule_is_written_beside_the_checkpoint_and_used_by_auto() {
         "auto schedule off by {err} (values up to {scale})"
     );
 }
+
+/// `--solver auto --schedule FILE` refuses a file that is no schedule, naming it, and one too large to
+/// be one before reading it.
+#[test]
+fn a_bad_schedule_file_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dependent_flow(dir.path());
+    let decode = |schedule: &Path| {
+        let out = pipeline()
+            .args([
+                "flow",
+                "decode",
+                "--device",
+                "cpu",
+                "--samples",
+                "1",
+                "--solver",
+                "auto",
+            ])
+            .arg("--schedule")
+            .arg(schedule)
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .arg("--output")
+            .arg(dir.path().join("x.safetensors"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let garbage = dir.path().join("garbage.solver.json");
+    std::fs::write(&garbage, b"{\"plan\": 3").unwrap();
+    let said = decode(&garbage);
+    assert!(
+        said.contains("garbage.solver.json: not a solver schedule"),
+        "{said}"
+    );
+    let huge = dir.path().join("huge.solver.json");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(17 << 20)
+        .unwrap();
+    let said = decode(&huge);
+    assert!(said.contains("is not a solver schedule (at most"), "{said}");
+}

@@ -109,6 +109,17 @@ pub struct Schedule {
 
 impl Schedule {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
+        // A schedule is a line per block and candidate: kilobytes. The size is checked before reading.
+        const MAX_BYTES: u64 = 16 << 20;
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading the solver schedule {}", path.display()))?
+            .len();
+        if len > MAX_BYTES {
+            bail!(
+                "{}: {len} bytes is not a solver schedule (at most {MAX_BYTES})",
+                path.display()
+            );
+        }
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the solver schedule {}", path.display()))?;
         serde_json::from_str(&text)
