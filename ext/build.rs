@@ -38,18 +38,26 @@ fn main() {
     let cuda = site.map(|s| s.join("nvidia/cu13/include"));
     let nccl = site.map(|s| s.join("nvidia/nccl/include"));
     let has_cuda_lib = lib.join("libtorch_cuda.so").exists();
-    match (cuda, nccl) {
-        (Some(cuda), Some(nccl))
-            if has_cuda_lib
-                && nccl.join("nccl.h").exists()
-                && cuda.join("crt/host_config.h").exists()
-                && (cuda.join("nv/target").exists() || cuda.join("cccl/nv/target").exists()) =>
-        {
+    // The CUDA headers alone (crt/ and CCCL's nv/ included) are what CUDA graphs need; NCCL adds nccl.h.
+    let cuda = cuda.filter(|cuda| {
+        has_cuda_lib
+            && cuda.join("crt/host_config.h").exists()
+            && (cuda.join("nv/target").exists() || cuda.join("cccl/nv/target").exists())
+    });
+    match &cuda {
+        Some(cuda) => {
             build
-                .define("USE_C10D_NCCL", None)
-                .include(&cuda)
-                .include(cuda.join("cccl"))
-                .include(&nccl);
+                .define("EXT_CUDA", None)
+                .include(cuda)
+                .include(cuda.join("cccl"));
+        }
+        None => println!(
+            "cargo:warning=torch-ext: no CUDA headers in this build (needs libtorch_cuda and the CUDA headers of scripts/requirements-extra.txt): CUDA-graph decoding and multi-GPU training will be refused at run time"
+        ),
+    }
+    match (&cuda, nccl) {
+        (Some(_), Some(nccl)) if nccl.join("nccl.h").exists() => {
+            build.define("USE_C10D_NCCL", None).include(&nccl);
         }
         _ => println!(
             "cargo:warning=torch-ext: no NCCL process group in this build (needs libtorch_cuda, nccl.h and the CUDA headers of scripts/requirements-extra.txt): multi-GPU training will be refused at run time"

@@ -191,6 +191,9 @@ if [[ $MODE == gpu ]]; then
     # The paper's latent model (1.08e9 parameters) at batch 16: compute-bound, and small enough that the
     # Rust side's cached allocations plus the reference process's fit one 80 GB card together.
     FLOW_LARGE=(--preset latent256 --batch 16 --sample-batch 16 --steps 5 --sample-repeats 1 --bf16)
+    # Issue 34's setting: N = 256 tokens, batch 64, guided; eager KV-cache steps against CUDA graphs
+    # and Jacobi (a random flow: the cost per pass is real, its convergence is not a trained flow's).
+    SOLVERS=(--random latent256 --samples 64 --guidance 1.5 --repeats 1 --tol 1e-4,1e-3 --cuda-graphs)
 else
     PER_CLASS=4 BASE_PER_CLASS=4
     STEPS=12 STOP_AT=6 INF_AT=3 BATCH=16 MICRO=8
@@ -198,6 +201,7 @@ else
     BASE_CONFIG='' BASE_BATCHES=2
     FLOW_SMALL=(--preset tiny --batch 4 --sample-batch 2 --steps 1 --sample-repeats 1)
     FLOW_LARGE=(--preset tiny-latent --batch 4 --sample-batch 2 --steps 1 --sample-repeats 1)
+    SOLVERS=(--random tiny-latent --samples 2 --guidance 1.5 --repeats 1 --tol 1e-4,1e-3)
 fi
 
 # ---------------------------------------------------------------------------------------------------
@@ -560,6 +564,21 @@ check_bench_flow_large() {
     bench_flow "${FLOW_LARGE[@]}"
 }
 
+# The reverse-pass solvers on one random flow and the same noise (`bench solvers`): each row's speed
+# against the eager sequential sampler, its sequential depth; the CUDA-graph row must match the eager
+# one within 1e-4 and every row must be finite. The speeds are figures, not pass/fail.
+check_solvers() {
+    local out=$WORK/$CHECK.out summary
+    pl bench solvers "${BAD[@]}" "${SOLVERS[@]}" --device "$DEV" --threads "$THREADS" >"$out" || {
+        cat "$out"
+        return 1
+    }
+    cat "$out"
+    summary=$("$TORCH_PYTHON" "$ROOT/scripts/solvers_summary.py" "$out") || return 1
+    figure "${summary#* }"
+    [[ $summary == ok* ]]
+}
+
 # sha256 of every cache file by its path under the cache root, leaving out the manifest (it records
 # times) and the lock files.
 cache_hashes() {
@@ -758,6 +777,7 @@ check model-tests 90 check_model_tests
 check nccl 30 check_nccl
 check bench-flow-small 90 check_bench_flow_small
 check bench-flow-large 150 check_bench_flow_large
+check solvers 120 check_solvers
 check precompute 60 check_precompute
 check encode-base 90 check_encode_base
 check train 150 check_train

@@ -565,7 +565,9 @@ fn jacobi_decoding_matches_the_sequential_sampler() {
 }
 
 /// `bench solvers` times each solver against the sequential sampler on the same noise and reports the
-/// depth and the deviation: exact Jacobi within float noise, sequential at N − 1 passes per block.
+/// depth, the deviation and the reconstruction error: exact Jacobi within float noise, sequential at
+/// N − 1 passes per block, the default `auto` plan as a row, encode-then-decode back to the images;
+/// `--cuda-graphs` on the CPU is refused by name.
 #[test]
 fn bench_solvers_reports_depth_and_deviation() {
     let out = run_ok(pipeline().args([
@@ -585,7 +587,11 @@ fn bench_solvers_reports_depth_and_deviation() {
     let report: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("one JSON line on stdout");
     let rows = report["solvers"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4);
+    assert!(rows[3]["solver"]
+        .as_str()
+        .unwrap()
+        .contains("selective default"));
     let n = 16; // tiny-latent: 8×8 latent, patch 2
     let blocks = report["config"]["num_blocks"].as_i64().unwrap();
     assert_eq!(rows[0]["depth"].as_i64(), Some(blocks * (n - 1)));
@@ -595,6 +601,27 @@ fn bench_solvers_reports_depth_and_deviation() {
         assert!(depth >= blocks && depth <= blocks * (n - 1), "{row}");
         assert!(row["time_vs_sequential"].as_f64().unwrap() > 0.0, "{row}");
     }
+    // Exact solvers give the images back from their own noise; a tolerance leaves a bounded error.
+    for row in &rows[..2] {
+        assert!(row["reconstruction_mse"].as_f64().unwrap() < 1e-10, "{row}");
+    }
+    for row in &rows[2..] {
+        let mse = row["reconstruction_mse"].as_f64().unwrap();
+        assert!(mse.is_finite() && mse < 1e-3, "{row}");
+    }
+    let refused = pipeline()
+        .args([
+            "bench",
+            "solvers",
+            "--random",
+            "tiny-latent",
+            "--cuda-graphs",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--cuda-graphs needs a CUDA device"), "{said}");
 }
 
 /// `flow calibrate` measures each block on data and writes a schedule beside the checkpoint whose every

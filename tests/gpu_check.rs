@@ -22,6 +22,7 @@ const CHECKS: &[&str] = &[
     "nccl",
     "bench-flow-small",
     "bench-flow-large",
+    "solvers",
     "precompute",
     "encode-base",
     "train",

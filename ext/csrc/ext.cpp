@@ -599,3 +599,107 @@ char* ext_onednn_linear(const Tensor* x, const Tensor* w, const Tensor* bias, Te
   });
 }
 }
+
+// ---- CUDA graphs (at::cuda::CUDAGraph): a fixed-shape piece of work captured once on a side stream and
+// replayed on the current stream, so a launch-bound loop (one decode step: ~100 small kernels) costs
+// one graph launch per iteration instead of one launch per kernel.
+// Streams, events and the device guard go through c10's device-generic interfaces (as the events above
+// do): CUDA's own inline wrappers would call the CUDA runtime from this object, which would then need
+// libcudart on its link line and the runtime's library path. CUDAGraph itself lives in libtorch_cuda.
+#ifdef EXT_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/StreamGuard.h>
+
+namespace {
+struct ExtGraph {
+  at::cuda::CUDAGraph graph;
+  c10::DeviceIndex device;
+};
+}  // namespace
+#endif
+
+extern "C" {
+// The Rust side: enqueues the work on the current stream; non-zero when it failed (its message stays on
+// the Rust side).
+typedef int (*ext_graph_body)(void* ctx);
+
+int ext_graph_available() {
+#ifdef EXT_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Runs `body` `warmups` times eagerly and then once under capture, both on a side stream of CUDA device
+// `device` (capture cannot use the legacy default stream, and the warm-up lets cuBLAS and the allocator
+// set up outside the graph). The side stream first waits for the current stream's work, and the current
+// stream for the side stream's. The graph is returned in *out (free with ext_graph_free).
+char* ext_graph_capture(int device, int warmups, void* ctx, ext_graph_body body, void** out) {
+#ifdef EXT_CUDA
+  return guard([&] {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    if (device < 0 || device >= impl->deviceCount()) {
+      throw std::runtime_error("no CUDA device " + std::to_string(device));
+    }
+    auto index = static_cast<c10::DeviceIndex>(device);
+    const c10::Device dev(c10::DeviceType::CUDA, index);
+    c10::DeviceGuard device_guard(dev);
+    auto current = impl->getStream(dev);
+    auto side = impl->getStreamFromGlobalPool(dev, false);
+    c10::Event ready(c10::DeviceType::CUDA);
+    ready.record(current);
+    ready.block(side);
+    auto graph = std::make_unique<ExtGraph>();
+    graph->device = index;
+    {
+      c10::StreamGuard stream_guard(side);
+      for (int i = 0; i < warmups; i++) {
+        if (body(ctx) != 0) throw std::runtime_error("the step failed before capture");
+      }
+      side.synchronize();
+      // Thread-local mode: a loader thread's allocations elsewhere do not invalidate the capture.
+      graph->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      int failed = body(ctx);
+      // A capture that was begun is always ended, so the stream leaves capture mode.
+      graph->graph.capture_end();
+      if (failed != 0) throw std::runtime_error("the step failed under capture");
+    }
+    c10::Event done(c10::DeviceType::CUDA);
+    done.record(side);
+    done.block(current);
+    *out = graph.release();
+  });
+#else
+  (void)device;
+  (void)warmups;
+  (void)ctx;
+  (void)body;
+  (void)out;
+  return error_copy("this build has no CUDA headers (torch-ext was compiled without EXT_CUDA)");
+#endif
+}
+
+// Launches the captured work on its device's current stream.
+char* ext_graph_replay(void* graph) {
+#ifdef EXT_CUDA
+  return guard([&] {
+    auto* g = static_cast<ExtGraph*>(graph);
+    c10::DeviceGuard device_guard(c10::Device(c10::DeviceType::CUDA, g->device));
+    g->graph.replay();
+  });
+#else
+  (void)graph;
+  return error_copy("this build has no CUDA headers");
+#endif
+}
+
+void ext_graph_free(void* graph) {
+#ifdef EXT_CUDA
+  delete static_cast<ExtGraph*>(graph);
+#else
+  (void)graph;
+#endif
+}
+}  // extern "C"

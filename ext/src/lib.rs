@@ -3,13 +3,14 @@
 //! are made of. Each call is one libtorch dispatch over a whole list of tensors instead of one or more
 //! kernels per parameter, and none reads a value back to the host; and (`dist`) c10d's process groups
 //! for data-parallel training; (`checkpoint`) activation checkpointing through a custom autograd node;
-//! (`memory`) the CUDA caching allocator's statistics; (`event`) CUDA events. C++ exceptions come back as [`ExtError`] with the operation's name,
+//! (`memory`) the CUDA caching allocator's statistics; (`event`) CUDA events; (`graph`) CUDA graphs. C++ exceptions come back as [`ExtError`] with the operation's name,
 //! never as a panic.
 
 pub mod checkpoint;
 pub mod cuda;
 pub mod dist;
 pub mod event;
+pub mod graph;
 pub mod memory;
 pub mod onednn;
 pub mod routing;

@@ -126,10 +126,12 @@ impl MetaBlock {
     }
 
     /// Input embedding of tokens at permuted positions start..start+T (B, T, C).
+    /// Tokens at permuted positions start..start+T, or (T = 1) at the position the device tensor `at`
+    /// holds.
     fn embed(
         &self,
         x_perm: &Tensor,
-        start: i64,
+        (start, at): (i64, Option<&Tensor>),
         class: Option<&Tensor>,
         prec: Precision,
         packs: Option<&Packs>,
@@ -140,10 +142,11 @@ impl MetaBlock {
             .forward_packed(x_perm, prec, packs, Activation::None)
             .to_kind(Kind::Float);
         if let Some(pos) = &self.pos_embed {
-            h = h + self
-                .permutation
-                .apply(&pos.unsqueeze(0))
-                .narrow(1, start, t);
+            let table = self.permutation.apply(&pos.unsqueeze(0));
+            h = h + match at {
+                Some(at) => table.index_select(1, at),
+                None => table.narrow(1, start, t),
+            };
         }
         if let Some(class) = class {
             h = h + class;
@@ -170,7 +173,7 @@ impl MetaBlock {
         upto: Option<usize>,
         prec: Precision,
     ) -> BlockPass {
-        let mut h = self.embed(x_perm, 0, class, prec, None);
+        let mut h = self.embed(x_perm, (0, None), class, prec, None);
         let mut hidden = Vec::with_capacity(keep.len());
         let run = upto.unwrap_or(self.layers.len()).min(self.layers.len());
         for (j, layer) in self.layers.iter().take(run).enumerate() {
@@ -260,8 +263,23 @@ impl MetaBlock {
         q_scale: Option<&Tensor>,
         prec: Precision,
     ) -> Tensor {
+        self.step_output_at(token, (pos, None), class, cache, q_scale, prec)
+    }
+
+    /// [`MetaBlock::step_output`] with the position given as `(pos, None)`, or on the device as
+    /// `(_, Some(at))` (a one-element int64 tensor): then every step has the same shapes and reads no
+    /// host value, which is what a CUDA graph replays.
+    pub fn step_output_at(
+        &self,
+        token: &Tensor,
+        (pos, at): (i64, Option<&Tensor>),
+        class: Option<&Tensor>,
+        cache: &mut Cache,
+        q_scale: Option<&Tensor>,
+        prec: Precision,
+    ) -> Tensor {
         let packs = cache.packs.as_ref();
-        let mut h = self.embed(token, pos, class, prec, packs);
+        let mut h = self.embed(token, (pos, at), class, prec, packs);
         let capacity = cache.capacity;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let slot = Slot {
@@ -269,6 +287,7 @@ impl MetaBlock {
                 capacity,
                 packs,
                 commit: 1,
+                at,
             };
             h = layer.forward(&h, pos, self.rope.as_ref(), Some(slot), q_scale, prec);
         }
@@ -293,7 +312,7 @@ impl MetaBlock {
         prec: Precision,
         commit: i64,
     ) -> Tensor {
-        let mut h = self.embed(tokens, pos, class, prec, None);
+        let mut h = self.embed(tokens, (pos, None), class, prec, None);
         let capacity = cache.capacity;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let slot = Slot {
@@ -301,6 +320,7 @@ impl MetaBlock {
                 capacity,
                 packs: None,
                 commit,
+                at: None,
             };
             h = layer.forward(&h, pos, self.rope.as_ref(), Some(slot), q_scale, prec);
         }
@@ -318,7 +338,7 @@ impl MetaBlock {
         q_scale: Option<&Tensor>,
         prec: Precision,
     ) -> Tensor {
-        let mut h = self.embed(x_perm, 0, class, prec, None);
+        let mut h = self.embed(x_perm, (0, None), class, prec, None);
         for layer in &self.layers {
             h = layer.forward(&h, 0, self.rope.as_ref(), None, q_scale, prec);
         }

@@ -1,9 +1,11 @@
 //! The sequential inverse of one flow block: one token per step with a KV cache, what `--solver
-//! sequential` runs for every block and a per-block plan for the blocks it keeps sequential.
+//! sequential` runs for every block and a per-block plan for the blocks it keeps sequential; with
+//! [`Model::decode_steps`] set, the fixed-shape step of `graphed` (a CUDA graph on a GPU) instead.
 
 use tch::{Kind, Tensor};
 
 use super::block::MetaBlock;
+use super::graphed::{record_failure, reverse_block_fixed, StepMode};
 use super::guidance::{Branches, Guidance};
 use super::{Model, Precision};
 
@@ -18,6 +20,14 @@ pub(super) fn reverse_block(
     g: &Guidance,
     guided: bool,
 ) -> Tensor {
+    if model.decode_steps != StepMode::Cached {
+        let graph = model.decode_steps == StepMode::CudaGraph;
+        match reverse_block_fixed(prec, block, z, y, g, guided, graph, model.pack_weights) {
+            Ok(x) => return x,
+            // The KV-cache steps give the same samples; the caller reports why.
+            Err(e) => record_failure(e),
+        }
+    }
     let (batch, n, _) = z.size3().expect("(B, N, D)");
     let Branches { class, q_scale } = Branches::new(block, y, g, batch, guided, z.device());
     let x = block.permutation.apply(z);

@@ -76,11 +76,18 @@ impl Rope {
         }
     }
 
-    /// Rotates (B, H, T, d) whose tokens sit at sequence positions start..start+T.
-    fn apply(&self, t: &Tensor, start: i64) -> Tensor {
+    /// Rotates (B, H, T, d) whose tokens sit at sequence positions start..start+T, or (T = 1) at the
+    /// position held by the device tensor `at`.
+    fn apply(&self, t: &Tensor, start: i64, at: Option<&Tensor>) -> Tensor {
         let len = t.size()[2];
-        let cos = self.cos.narrow(0, start, len).to_kind(t.kind());
-        let sin = self.sin.narrow(0, start, len).to_kind(t.kind());
+        let (cos, sin) = match at {
+            Some(at) => (self.cos.index_select(0, at), self.sin.index_select(0, at)),
+            None => (
+                self.cos.narrow(0, start, len),
+                self.sin.narrow(0, start, len),
+            ),
+        };
+        let (cos, sin) = (cos.to_kind(t.kind()), sin.to_kind(t.kind()));
         let s = t.size();
         // (x0, x1) -> (-x1, x0) within each adjacent pair
         let pairs = t.view([s[0], s[1], s[2], s[3] / 2, 2]);
@@ -101,12 +108,15 @@ pub struct LayerCache {
 /// What a decode step hands one layer: its KV cache (preallocated for `capacity` tokens) and the
 /// block's packed weights, if any. The new keys and values are written after the cached ones and
 /// attended to, but only the first `commit` of them stay cached: a Jacobi segment rewrites its own
-/// tokens' on every pass.
+/// tokens' on every pass. With `at` (a one-element int64 tensor on the device) the single new token's
+/// position is read on the device instead: it is written at that index and attends to the whole
+/// buffer under a mask, so the step has one shape at every position and can be captured as a graph.
 pub struct Slot<'a> {
     pub kv: &'a mut Option<LayerCache>,
     pub capacity: i64,
     pub packs: Option<&'a Packs>,
     pub commit: i64,
+    pub at: Option<&'a Tensor>,
 }
 
 /// One KV cache per attention layer of a block; a fresh one per block and per reverse pass.
@@ -163,6 +173,7 @@ impl Attention {
         prec: Precision,
     ) -> Tensor {
         let packs = cache.as_ref().and_then(|slot| slot.packs);
+        let at = cache.as_ref().and_then(|slot| slot.at);
         let (b, t, c) = x.size3().expect("(B, T, C)");
         // (B, T, 3C) -> 3 × (B, H, T, d): the layout is [q heads | k heads | v heads]
         let qkv = self
@@ -172,8 +183,8 @@ impl Attention {
             .permute([2, 0, 3, 1, 4]);
         let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         if let Some(rope) = rope {
-            q = rope.apply(&q, start);
-            k = rope.apply(&k, start);
+            q = rope.apply(&q, start, at);
+            k = rope.apply(&k, start, at);
         }
         if let Some(scale) = q_scale {
             q = &q * scale.to_kind(q.kind());
@@ -200,34 +211,53 @@ impl Attention {
                     ),
                     len: 0,
                 });
-                assert_eq!(
-                    entry.len, start,
-                    "KV cache positions must be filled in order"
-                );
-                entry.k.narrow(2, start, t).copy_(&k);
-                entry.v.narrow(2, start, t).copy_(&v);
-                let visible = start + t;
-                entry.len = start + commit.clamp(0, t);
-                let (ks, vs) = (entry.k.narrow(2, 0, visible), entry.v.narrow(2, 0, visible));
-                // Several new tokens after a cached prefix (a Jacobi segment) see the whole prefix and
-                // the new tokens up to their own: sdpa's `is_causal` aligns the mask top-left, which is
-                // only right from an empty cache.
-                let mask = (t > 1 && start > 0).then(|| {
-                    let queries = Tensor::arange(t, (Kind::Int64, q.device())).view([t, 1]) + start;
-                    Tensor::arange(visible, (Kind::Int64, q.device()))
-                        .view([1, visible])
-                        .le_tensor(&queries)
-                });
-                Tensor::scaled_dot_product_attention::<Tensor>(
-                    &q,
-                    &ks,
-                    &vs,
-                    mask,
-                    0.0,
-                    t > 1 && start == 0,
-                    scale,
-                    false,
-                )
+                if let Some(at) = at {
+                    let _ = entry.k.index_copy_(2, at, &k);
+                    let _ = entry.v.index_copy_(2, at, &v);
+                    let mask = Tensor::arange(capacity, (Kind::Int64, q.device()))
+                        .le_tensor(at)
+                        .view([1, 1, 1, capacity]);
+                    Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q,
+                        &entry.k,
+                        &entry.v,
+                        Some(mask),
+                        0.0,
+                        false,
+                        scale,
+                        false,
+                    )
+                } else {
+                    assert_eq!(
+                        entry.len, start,
+                        "KV cache positions must be filled in order"
+                    );
+                    entry.k.narrow(2, start, t).copy_(&k);
+                    entry.v.narrow(2, start, t).copy_(&v);
+                    let visible = start + t;
+                    entry.len = start + commit.clamp(0, t);
+                    let (ks, vs) = (entry.k.narrow(2, 0, visible), entry.v.narrow(2, 0, visible));
+                    // Several new tokens after a cached prefix (a Jacobi segment) see the whole prefix and
+                    // the new tokens up to their own: sdpa's `is_causal` aligns the mask top-left, which is
+                    // only right from an empty cache.
+                    let mask = (t > 1 && start > 0).then(|| {
+                        let queries =
+                            Tensor::arange(t, (Kind::Int64, q.device())).view([t, 1]) + start;
+                        Tensor::arange(visible, (Kind::Int64, q.device()))
+                            .view([1, visible])
+                            .le_tensor(&queries)
+                    });
+                    Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q,
+                        &ks,
+                        &vs,
+                        mask,
+                        0.0,
+                        t > 1 && start == 0,
+                        scale,
+                        false,
+                    )
+                }
             }
         };
         // (B, H, T, d) -> (B, T, C)

@@ -16,6 +16,7 @@ pub mod classify;
 mod config;
 mod decode;
 mod error;
+pub mod graphed;
 mod guidance;
 mod jacobi;
 mod layers;
@@ -31,6 +32,7 @@ use tch::{nn, Device, Kind, Tensor};
 pub use block::{BlockPass, Cond, MetaBlock, Permutation};
 pub use config::{Config, GateActivation, MlpKind, PRESETS};
 pub use error::FlowError;
+pub use graphed::StepMode;
 pub use layers::{Cache, CastScope};
 pub use linear::Precision;
 
@@ -65,6 +67,9 @@ pub struct Model {
     /// Pack each block's weights once per reverse pass for the CPU decode steps (oneDNN); off runs the
     /// plain products (an A/B switch for tests and `bench flow --no-pack`).
     pub pack_weights: bool,
+    /// How sequential decode steps run: the growing KV cache (default), or the fixed-shape step that a
+    /// CUDA graph captures (`graphed`).
+    pub decode_steps: StepMode,
 }
 
 impl Model {
@@ -88,6 +93,7 @@ impl Model {
             precision: Precision::Fp32,
             checkpoint_blocks: false,
             pack_weights: true,
+            decode_steps: StepMode::Cached,
         })
     }
 

@@ -46,8 +46,12 @@ fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 
 /// A model whose every parameter is random (proj_out included), so no path is trivially zero.
 fn random_model(c: &Config, seed: i64) -> (nn::VarStore, Model) {
+    random_model_on(c, seed, Device::Cpu)
+}
+
+fn random_model_on(c: &Config, seed: i64, device: Device) -> (nn::VarStore, Model) {
     tch::manual_seed(seed);
-    let vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(device);
     let model = Model::new(vs.root(), c).unwrap();
     tch::no_grad(|| {
         for (name, mut v) in sorted(&vs) {
@@ -1032,4 +1036,79 @@ fn per_block_plans_and_calibration() {
         "{}",
         max_diff(&back, &data)
     );
+}
+
+/// The fixed-shape decode step (device position, full-length cache under a mask: what a CUDA graph
+/// captures) gives the KV-cache decoder's images for the same noise, with and without guidance, with
+/// learned positions or RoPE, packed or plain weights. Asking for a CUDA graph on the CPU is refused
+/// with a recorded reason and decodes by the KV cache instead, with the same images. On a GPU the
+/// captured graph's images are compared too.
+#[test]
+fn fixed_shape_steps_and_graphs_equal_the_kv_cache_decoder() {
+    use super::graphed::{take_failures, StepMode};
+    let _rng = rng();
+    let base = cfg(8, 2, 2, 3, 2, 5);
+    let _ = take_failures();
+    for (name, c) in [
+        ("pos+gelu", base.clone()),
+        ("rope+swiglu", latent(base.clone(), true, true)),
+    ] {
+        let (_vs, mut model) = random_model(&c, 13);
+        let n = c.num_tokens();
+        let z = Tensor::randn([3, n, c.token_dim()], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[1i64, -1, 3]);
+        for g in [
+            Guidance::default(),
+            Guidance {
+                weight: 2.0,
+                annealed: true,
+                attn_temp: 0.8,
+            },
+        ] {
+            for pack in [true, false] {
+                model.pack_weights = pack;
+                model.decode_steps = StepMode::Cached;
+                let cached = model.reverse(&z, Some(&y), &g);
+                model.decode_steps = StepMode::Fixed;
+                let fixed = model.reverse(&z, Some(&y), &g);
+                let err = max_diff(&fixed, &cached);
+                assert!(err < 1e-5, "{name} {g:?} pack {pack}: off by {err}");
+                assert!(take_failures().is_empty());
+                model.decode_steps = StepMode::CudaGraph;
+                let refused = model.reverse(&z, Some(&y), &g);
+                assert_eq!(max_diff(&refused, &cached), 0.0);
+                let why = take_failures();
+                assert_eq!(why.len(), c.num_blocks as usize, "{why:?}");
+                assert!(why[0].contains("need a CUDA device"), "{why:?}");
+            }
+        }
+    }
+    if tch::Cuda::device_count() == 0 || !torch_ext::graph::available() {
+        torch_ext::skip::gpu_branch(
+            "tarflow::fixed_shape_steps_and_graphs_equal_the_kv_cache_decoder",
+            "no CUDA device or no CUDA headers in this build",
+        );
+        return;
+    }
+    let c = latent(base, true, true);
+    let cuda = Device::Cuda(0);
+    let (_vs, mut on_gpu) = random_model_on(&c, 13, cuda);
+    let n = c.num_tokens();
+    let z = Tensor::randn([4, n, c.token_dim()], (Kind::Float, Device::Cpu)).to_device(cuda);
+    let y = Tensor::from_slice(&[0i64, 1, -1, 3]).to_device(cuda);
+    let g = Guidance {
+        weight: 1.5,
+        annealed: true,
+        attn_temp: 0.9,
+    };
+    on_gpu.decode_steps = StepMode::Cached;
+    let eager = on_gpu.reverse(&z, Some(&y), &g);
+    on_gpu.decode_steps = StepMode::CudaGraph;
+    let graphed = on_gpu.reverse(&z, Some(&y), &g);
+    assert!(take_failures().is_empty());
+    let err = max_diff(
+        &graphed.to_device(Device::Cpu),
+        &eager.to_device(Device::Cpu),
+    );
+    assert!(err < 1e-4, "graph vs eager on the GPU: off by {err}");
 }

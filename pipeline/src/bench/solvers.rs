@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use model::tarflow::sample::{self, Guidance, Solver};
-use model::tarflow::{self, Config};
+use model::tarflow::sample::{self, Guidance, Plan, Solver};
+use model::tarflow::{self, Config, StepMode};
 use tch::{Device, Kind, Tensor};
 
+use crate::config::solver::Schedule;
 use crate::train::step::sync;
 
 #[derive(clap::Args)]
@@ -34,6 +35,13 @@ pub struct Args {
     /// Jacobi segment length (0 = the whole sequence)
     #[arg(long, default_value_t = 0)]
     chunk: i64,
+    /// Also run the sequential solver with its token steps as CUDA graphs (`--cuda-graphs`), against
+    /// the eager KV-cache steps; CUDA devices only
+    #[arg(long)]
+    cuda_graphs: bool,
+    /// Also run the per-block plan of this calibrated schedule (`pipeline flow calibrate`)
+    #[arg(long, value_name = "FILE")]
+    schedule: Option<PathBuf>,
     /// Timed passes per solver after one warm-up; the fastest is reported
     #[arg(long, default_value_t = 2)]
     repeats: usize,
@@ -66,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     tch::set_num_threads(args.threads);
     let device = model::device::parse_device(&args.device)?;
-    let (loaded, weights) = match (&args.checkpoint, &args.random) {
+    let (mut loaded, weights) = match (&args.checkpoint, &args.random) {
         (Some(path), _) => {
             let (cfg, _) =
                 crate::formats::space::read_sidecar(&crate::formats::space::sidecar(path))?;
@@ -79,7 +87,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(preset)) => (random_flow(preset, device)?, format!("random {preset}")),
         (None, None) => bail!("give --checkpoint or --random PRESET"),
     };
-    let model = &loaded.model;
+    let graphs =
+        crate::config::solver::SolverArgs::graphs_only(args.cuda_graphs).step_mode(device)?;
+    loaded.model.decode_steps = StepMode::Cached;
+    let model = &mut loaded.model;
     let noise = sample::cpu_noise(model, args.samples, 0).to_device(device);
     let y = (model.cfg.num_classes > 0).then(|| {
         Tensor::arange(args.samples, (Kind::Int64, device)).remainder(model.cfg.num_classes)
@@ -89,28 +100,61 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         annealed: true,
         attn_temp: 1.0,
     };
-    let mut solvers = vec![Solver::Sequential];
-    solvers.extend(args.tol.iter().map(|&tol| Solver::Jacobi {
-        chunk: args.chunk,
-        tol,
-        max_iters: 0,
+    let cached = StepMode::Cached;
+    let mut plans: Vec<(String, Plan, StepMode)> = vec![(
+        Solver::Sequential.describe(),
+        Solver::Sequential.into(),
+        cached,
+    )];
+    if graphs == StepMode::CudaGraph {
+        plans.push((
+            "sequential, CUDA-graph steps".into(),
+            Solver::Sequential.into(),
+            graphs,
+        ));
+    }
+    plans.extend(args.tol.iter().map(|&tol| {
+        let solver = Solver::Jacobi {
+            chunk: args.chunk,
+            tol,
+            max_iters: 0,
+        };
+        (solver.describe(), solver.into(), cached)
     }));
+    let blocks = model.blocks.len();
+    plans.push((
+        "selective default (`--solver auto` without a schedule)".into(),
+        Plan::selective(blocks),
+        cached,
+    ));
+    if let Some(path) = &args.schedule {
+        let schedule = Schedule::read(path)?;
+        schedule
+            .plan
+            .check(blocks)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        plans.push((
+            format!("schedule {}", path.display()),
+            schedule.plan,
+            cached,
+        ));
+    }
     let mut anchor: Option<(Tensor, f64)> = None;
     let mut rows = vec![];
-    for solver in solvers {
+    for (label, plan, steps) in plans {
+        model.decode_steps = steps;
+        let model = &*model;
         let mut best = f64::INFINITY;
         let mut out = None;
         for i in 0..=args.repeats {
             let start = Instant::now();
-            let (x, passes) = sample::reverse_solved(
-                model,
-                model.precision,
-                &noise,
-                y.as_ref(),
-                &g,
-                &solver.into(),
-            );
+            let (x, passes) =
+                sample::reverse_solved(model, model.precision, &noise, y.as_ref(), &g, &plan);
             sync(device);
+            let failed = model::tarflow::graphed::take_failures();
+            if !failed.is_empty() {
+                bail!("{label}: {}", failed.join("; "));
+            }
             if i > 0 {
                 best = best.min(start.elapsed().as_secs_f64());
             }
@@ -122,16 +166,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => (0.0, 1.0),
         };
         if anchor.is_none() {
-            anchor = Some((x, best));
+            anchor = Some((x.shallow_clone(), best));
         }
+        let (x0, _) = anchor.as_ref().expect("set above");
+        let (recon_mse, recon_max) = reconstruction(model, x0, y.as_ref(), &plan);
         let depth: i64 = passes.iter().sum();
         eprintln!(
-            "{:<45} {best:>8.3} s  ×{time_ratio:<6.2} depth {depth:>6}  max |Δ| {err:.2e}",
-            solver.describe()
+            "{label:<55} {best:>8.3} s  ×{time_ratio:<6.2} depth {depth:>6}  max |Δ| {err:.2e}  recon mse {recon_mse:.2e}"
         );
         rows.push(serde_json::json!({
-            "solver": solver, "seconds": best, "time_vs_sequential": time_ratio,
+            "solver": label, "plan": plan, "seconds": best, "time_vs_sequential": time_ratio,
             "depth": depth, "passes_per_block": passes, "max_abs_diff_vs_sequential": err,
+            "reconstruction_mse": recon_mse, "reconstruction_max_abs": recon_max,
         }));
     }
     println!(
@@ -143,4 +189,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// ‖x − decode(encode(x))‖ of the images `x` (the sequential sampler's): the flow's forward pass gives
+/// the noise, which `plan` inverts unguided (the forward pass has no guidance). Mean squared and largest
+/// absolute error, in the flow's input space.
+fn reconstruction(
+    model: &tarflow::Model,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    plan: &Plan,
+) -> (f64, f64) {
+    let cond = y.map_or(tarflow::Cond::Null, tarflow::Cond::Labels);
+    let z = tch::no_grad(|| {
+        let _cast = model.cast_weights();
+        model.forward(x, &cond, &[]).z / model.var.sqrt()
+    });
+    let (xr, _) = sample::reverse_solved(model, model.precision, &z, y, &Guidance::default(), plan);
+    let d = (xr - x).to_kind(Kind::Double);
+    (
+        d.square().mean(Kind::Double).double_value(&[]),
+        d.abs().max().double_value(&[]),
+    )
 }

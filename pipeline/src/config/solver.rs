@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use model::tarflow::sample::{Calibration, Plan, Solver};
+use model::tarflow::StepMode;
+use tch::Device;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SolverKind {
@@ -35,6 +37,11 @@ pub struct SolverArgs {
     /// With --solver auto: the schedule file (default: CHECKPOINT's `.solver.json` beside it)
     #[arg(long, value_name = "FILE")]
     pub schedule: Option<PathBuf>,
+    /// Sequentially decoded blocks run their token step as a CUDA graph (captured once per block and
+    /// batch, replayed N − 1 times): one launch per step instead of one per kernel, the same samples.
+    /// CUDA devices only; a block whose capture fails is decoded eagerly, with a warning
+    #[arg(long)]
+    pub cuda_graphs: bool,
 }
 
 impl SolverArgs {
@@ -59,6 +66,31 @@ impl SolverArgs {
                 max_iters: self.jacobi_max_iters,
             },
         })
+    }
+
+    /// Only the `--cuda-graphs` switch set, for commands that choose their solvers themselves.
+    pub fn graphs_only(cuda_graphs: bool) -> Self {
+        Self {
+            solver: SolverKind::Sequential,
+            jacobi_chunk: 0,
+            jacobi_tol: 0.0,
+            jacobi_max_iters: 0,
+            schedule: None,
+            cuda_graphs,
+        }
+    }
+
+    /// How sequential decode steps run on `device`: `--cuda-graphs` is refused off CUDA, where there
+    /// is nothing to capture.
+    pub fn step_mode(&self, device: Device) -> anyhow::Result<StepMode> {
+        match (self.cuda_graphs, device) {
+            (false, _) => Ok(StepMode::Cached),
+            (true, Device::Cuda(_)) if torch_ext::graph::available() => Ok(StepMode::CudaGraph),
+            (true, Device::Cuda(_)) => {
+                bail!("--cuda-graphs: this build has no CUDA headers (see the torch-ext build warning)")
+            }
+            (true, other) => bail!("--cuda-graphs needs a CUDA device; this run is on {other:?}"),
+        }
     }
 
     /// The solver of every block for `checkpoint`'s flow of `blocks` blocks, and where it came from.
@@ -129,6 +161,21 @@ impl Schedule {
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         stages::atomic::write_bytes_atomic(path, &serde_json::to_vec_pretty(self)?)
             .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// What the solver line adds when sequential steps run as CUDA graphs.
+pub fn graph_note(steps: StepMode) -> &'static str {
+    match steps {
+        StepMode::CudaGraph => ", sequential steps as CUDA graphs",
+        _ => "",
+    }
+}
+
+/// Warns once per failed CUDA-graph capture since the last call (those blocks were decoded eagerly).
+pub fn warn_graph_failures() {
+    for why in model::tarflow::graphed::take_failures() {
+        tracing::warn!("CUDA graph not used for a block (decoded eagerly, same samples): {why}");
     }
 }
 

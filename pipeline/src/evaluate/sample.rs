@@ -13,7 +13,7 @@ use model::tarflow::{
 };
 use tch::{Device, Kind, Tensor};
 
-use crate::config::solver::{depth_line, SolverArgs};
+use crate::config::solver::{depth_line, graph_note, warn_graph_failures, SolverArgs};
 use crate::evaluate::rank_parts::{self, PartWriter, RankArgs, Ranks};
 use crate::evaluate::trained::{Trained, TrainedArgs};
 use crate::formats::grid::{encode_png, Grid};
@@ -219,7 +219,9 @@ fn draw(
 ) -> anyhow::Result<(Tensor, i64, Vec<i64>)> {
     let model = trained.model();
     let reverse = |z: &Tensor, y: Option<&Tensor>| {
-        tarflow::sample::reverse_solved(model, model.precision, z, y, g, plan)
+        let out = tarflow::sample::reverse_solved(model, model.precision, z, y, g, plan);
+        warn_graph_failures();
+        out
     };
     let noise: Vec<Tensor> = (0..len as u64)
         .map(|i| sample_noise(model, args.seed, start + i, 0))
@@ -342,7 +344,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok(())
     };
     ranks.agree("preparing --out", prepared)?;
-    let trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
+    let mut trained = ranks.agree("loading the model", args.trained.load(true, &ranks.launch))?;
+    let steps = args.solver.step_mode(trained.model().device())?;
+    trained.model_mut().decode_steps = steps;
     let model = trained.model();
     let labels = ranks.agree("choosing the classes", labels(&args, model.cfg.num_classes))?;
     let g = Guidance {
@@ -388,7 +392,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let batch = args.batch.max(1);
     let mine = rank_parts::batch_slice(args.num, batch, ranks.split());
     let (plan, source) = args.solver.plan(&trained.checkpoint, model.blocks.len())?;
-    eprintln!("solver: {} (from {source})", plan.describe());
+    eprintln!(
+        "solver: {} (from {source}){}",
+        plan.describe(),
+        graph_note(steps)
+    );
     let mut passes = vec![];
     let mut draw_mine = || -> anyhow::Result<i64> {
         std::fs::create_dir_all(&args.out)

@@ -216,6 +216,11 @@ impl Trained {
         &self.flow.model
     }
 
+    /// The flow, for run-time switches (how decode steps run).
+    pub fn model_mut(&mut self) -> &mut tarflow::Model {
+        &mut self.flow.model
+    }
+
     /// Side length of the images the model makes or reads, in pixels.
     pub fn pixel_size(&self) -> i64 {
         if let Some(space) = &self.space {

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use model::tarflow::{self, sample::Guidance, Cond, Config};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::solver::SolverArgs;
+use crate::config::solver::{graph_note, warn_graph_failures, SolverArgs};
 use model_io::{data_input, labels, load_model, read_inputs, refuse_inputs, ModelArgs};
 
 #[derive(clap::Args)]
@@ -178,7 +178,9 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
 
 fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     refuse_inputs(&args.output, &args.model, args.input.as_deref())?;
-    let loaded = load_model(&args.model)?;
+    let mut loaded = load_model(&args.model)?;
+    let steps = args.solver.step_mode(loaded.model.device())?;
+    loaded.model.decode_steps = steps;
     let model = &loaded.model;
     let device = model.device();
     let g = Guidance {
@@ -192,7 +194,11 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let (plan, source) = args
         .solver
         .plan(&args.model.checkpoint, model.blocks.len())?;
-    eprintln!("solver: {} (from {source})", plan.describe());
+    eprintln!(
+        "solver: {} (from {source}){}",
+        plan.describe(),
+        graph_note(steps)
+    );
     let (n, d) = (model.cfg.num_tokens(), model.cfg.token_dim());
     let mut xs = vec![];
     let mut redrawn = 0;
@@ -227,6 +233,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                     &g,
                     &plan,
                 );
+                warn_graph_failures();
                 passes = p;
                 xs.push(finish(model, &x, yb.as_ref(), &args));
             }
@@ -256,6 +263,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                     args.max_redraws,
                     &plan,
                 )?;
+                warn_graph_failures();
                 redrawn += drawn.redrawn;
                 passes = drawn.passes;
                 xs.push(finish(model, &drawn.x, yb.as_ref(), &args));
