@@ -1,38 +1,39 @@
 #!/usr/bin/env bash
-# The CPU product routing A/B of issue 35: each of bench/flow.sh's configs with the default routing
-# (measured per shape class on this machine), with oneDNN and packing off (MKL only), and optionally with
-# another binary (e.g. a build from before the routing was measured), interleaved per config so that
-# machine load falls on all alike. Prints one row per run: step and sampling ratios against PyTorch and
-# the Rust side's own times.
-# Usage: bench/routing_ab.sh [PIPELINE_BINARY] [THREADS] [OTHER_BINARY]
+# The CPU product routing A/B of issue 35 on each of bench/flow.sh's configs: the default routing (measured
+# per shape class on this machine) against every product on MKL with no packing (`--no-onednn --no-pack`),
+# as PAIRS interleaved pairs inside one process (`bench flow --ab-routing`), so that the load of a shared
+# machine falls on both alike; and the step and sampling ratios against PyTorch from the same run.
+# Prints one row per config: A/B ratios (measured / MKL-only, below 1 = the routing is faster) and the
+# PyTorch ratios (step time Rust / PyTorch, sampling speed Rust / PyTorch).
+# Usage: bench/routing_ab.sh [PIPELINE_BINARY] [THREADS] [PAIRS]
 set -euo pipefail
 bin=${1:-target/release/pipeline}
 threads=${2:-1}
-other=${3:-}
-echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads"
+pairs=${3:-15}
+echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, $pairs pairs"
 configs=(
     "--preset tiny --batch 8 --steps 30"
     "--preset in64 --channels 256 --blocks 2 --layers 2 --batch 4 --sample-batch 4 --steps 5"
     "--preset latent256 --channels 256 --blocks 2 --layers 2 --batch 4 --sample-batch 4 --steps 5"
     "--preset in64 --blocks 2 --layers 1 --batch 2 --sample-batch 2 --steps 3"
 )
-row() {
-    local label=$1 config=$2 binary=$3
-    shift 3
-    # shellcheck disable=SC2086
-    "$binary" bench flow $config --threads "$threads" "$@" 2>/dev/null | python3 -c '
+echo "| config | step measured/MKL | sampling time measured/MKL | step ms (measured, MKL) | step Rust/PyTorch | sampling speed Rust/PyTorch |"
+echo "|---|---|---|---|---|---|"
+for config in "${configs[@]}"; do
+    # shellcheck disable=SC2086 # the config is words
+    "$bin" bench flow $config --threads "$threads" --ab-routing "$pairs" 2>/dev/null | "${PYTHON:-python3}" -c '
 import json, sys
 r = json.loads(sys.stdin.readline())
-rust = r["rust"]
-step, sample = r["step_time_ratio"], r["sample_speed_ratio"]
-ms, tps = rust["step_s"] * 1e3, rust["sample_tokens_per_s"]
-print(f"{sys.argv[1]:<20} {sys.argv[2]:<78} step {step:.3f} ({ms:8.1f} ms)  sampling {sample:.3f} ({tps:9.0f} tok/s)")
-' "$label" "${config%% --steps*}"
-}
-for config in "${configs[@]}"; do
-    row "measured (default)" "$config" "$bin"
-    row "MKL only" "$config" "$bin" --no-onednn --no-pack
-    if [[ -n "$other" ]]; then
-        row "other binary" "$config" "$other"
-    fi
+ab = r["rust"]["routing_ab"]
+s, p = ab["step"], ab["sample"]
+cells = [
+    "`" + sys.argv[1] + "`",
+    "%.3f" % s["ratio"],
+    "%.3f" % p["ratio"],
+    "%.1f, %.1f" % (1e3 * s["measured_s"], 1e3 * s["mkl_only_s"]),
+    "%.3f" % r["step_time_ratio"],
+    "%.3f" % r["sample_speed_ratio"],
+]
+print("| " + " | ".join(cells) + " |")
+' "${config%% --steps*}"
 done

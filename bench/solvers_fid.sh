@@ -16,8 +16,10 @@ demo=$2
 num=${3:-1000}
 out=${4:-$demo/solvers-fid}
 run=$demo/run
-ckpt=$run/checkpoints/latest/ema.safetensors
-[ -f "$ckpt" ] || { echo "no trained flow at $ckpt (run make demo first)" >&2; exit 2; }
+# checkpoints/latest names the newest step folder.
+latest=$(cat "$run/checkpoints/latest" 2>/dev/null || true)
+ckpt=$run/checkpoints/$latest/ema.safetensors
+[ -n "$latest" ] && [ -f "$ckpt" ] || { echo "no trained flow in $run/checkpoints (run make demo first)" >&2; exit 2; }
 mkdir -p "$out"
 weights=${FLOWBACK_INCEPTION_WEIGHTS:-$demo/encoders/inception.safetensors}
 if [ ! -f "$weights" ]; then

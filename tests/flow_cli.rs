@@ -441,9 +441,20 @@ fn bench_flow_reports_both_sides() {
         "1",
         "--threads",
         "1",
+        "--ab-routing",
+        "3",
     ]));
     let report: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    // The in-process A/B of the routing: three interleaved pairs of steps and of sampling passes.
+    let ab = &report["rust"]["routing_ab"];
+    assert_eq!(ab["pairs"].as_u64(), Some(3), "{report}");
+    for part in ["step", "sample"] {
+        for key in ["measured_s", "mkl_only_s", "ratio"] {
+            let v = ab[part][key].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{part}.{key}: {report}");
+        }
+    }
     for side in ["rust", "pytorch"] {
         assert!(report[side]["step_s"].as_f64().unwrap() > 0.0, "{report}");
         assert!(

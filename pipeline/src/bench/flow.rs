@@ -63,6 +63,12 @@ pub struct Args {
     /// reference does (an A/B of the routing)
     #[arg(long)]
     no_onednn: bool,
+    /// Also time N pairs of training steps and of sampling passes in this process, each pair one with
+    /// the measured routing and one with every product on MKL and no packing (what `--no-onednn
+    /// --no-pack` runs), interleaved so that load on the machine falls on both alike; reports the
+    /// median of the per-pair ratios (0 = off)
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    ab_routing: usize,
     /// Skip the PyTorch reference (Rust numbers only)
     #[arg(long)]
     no_reference: bool,
@@ -239,6 +245,41 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     }
     let sample_s = min(&sample_runs);
     let tokens = (args.sample_batch * cfg.num_tokens() * cfg.num_blocks) as f64;
+    let ab = if args.ab_routing > 0 && device == Device::Cpu {
+        let timed = |mkl: bool, f: &mut dyn FnMut() -> anyhow::Result<()>| {
+            let start = Instant::now();
+            let out = if mkl {
+                torch_ext::routing::forced(false, &mut *f)
+            } else {
+                f()
+            };
+            out.map(|()| start.elapsed().as_secs_f64())
+        };
+        let (mut steps, mut samples) = (vec![], vec![]);
+        for i in 0..args.ab_routing {
+            // Alternate which side goes first, so neither always follows the other's cache state.
+            let order = if i % 2 == 0 { [false, true] } else { [true, false] };
+            let mut pair = [0.0; 2];
+            for mkl in order {
+                pair[mkl as usize] = timed(mkl, &mut || step(None))?;
+            }
+            steps.push(pair);
+            for mkl in order {
+                pair[mkl as usize] = timed(mkl, &mut || {
+                    let _ = model.reverse(&noise, ys.as_ref(), &g);
+                    Ok(())
+                })?;
+            }
+            samples.push(pair);
+        }
+        Some(serde_json::json!({
+            "pairs": args.ab_routing,
+            "step": ab_summary(&steps),
+            "sample": ab_summary(&samples),
+        }))
+    } else {
+        None
+    };
     Ok(serde_json::json!({
         "step_s": step_s,
         "step_s_mean": step_s_mean,
@@ -255,7 +296,27 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
         "sample_s": sample_s,
         "sample_s_runs": sample_runs,
         "sample_tokens_per_s": tokens / sample_s,
+        "routing_ab": ab,
     }))
+}
+
+/// Pairs of (measured routing, MKL only) times: each side's median and the median of the per-pair
+/// ratios measured / MKL (below 1: the measured routing is faster).
+fn ab_summary(pairs: &[[f64; 2]]) -> serde_json::Value {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    serde_json::json!({
+        "measured_s": median(pairs.iter().map(|p| p[0]).collect()),
+        "mkl_only_s": median(pairs.iter().map(|p| p[1]).collect()),
+        "ratio": median(pairs.iter().map(|p| p[0] / p[1]).collect()),
+    })
 }
 
 /// The backend each float32 CPU product class ran on and the timings behind the choice.

@@ -23,6 +23,15 @@ pub struct Args {
     /// random flow says little about a trained one, the cost per pass does
     #[arg(long, value_name = "PRESET")]
     random: Option<String>,
+    /// With --random: override the preset's width (channels)
+    #[arg(long, requires = "random")]
+    channels: Option<i64>,
+    /// With --random: override the preset's number of flow blocks
+    #[arg(long, requires = "random")]
+    blocks: Option<i64>,
+    /// With --random: override the preset's layers per block
+    #[arg(long, requires = "random")]
+    layers: Option<i64>,
     /// Samples per pass
     #[arg(long, default_value_t = 8)]
     samples: i64,
@@ -53,8 +62,12 @@ pub struct Args {
     device: String,
 }
 
-fn random_flow(preset: &str, device: Device) -> anyhow::Result<tarflow::Loaded> {
-    let cfg = Config::preset(preset).with_context(|| format!("unknown preset `{preset}`"))?;
+fn random_flow(preset: &str, args: &Args, device: Device) -> anyhow::Result<tarflow::Loaded> {
+    let mut cfg = Config::preset(preset).with_context(|| format!("unknown preset `{preset}`"))?;
+    cfg.channels = args.channels.unwrap_or(cfg.channels);
+    cfg.num_blocks = args.blocks.unwrap_or(cfg.num_blocks);
+    cfg.layers_per_block = args.layers.unwrap_or(cfg.layers_per_block);
+    cfg.validate()?;
     tch::manual_seed(0);
     let vs = tch::nn::VarStore::new(device);
     let model = tarflow::Model::new(vs.root(), &cfg)?;
@@ -84,7 +97,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 path.display().to_string(),
             )
         }
-        (None, Some(preset)) => (random_flow(preset, device)?, format!("random {preset}")),
+        (None, Some(preset)) => (random_flow(preset, &args, device)?, format!("random {preset}")),
         (None, None) => bail!("give --checkpoint or --random PRESET"),
     };
     let graphs =
