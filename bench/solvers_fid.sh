@@ -6,7 +6,8 @@
 #
 # Usage: bench/solvers_fid.sh PIPELINE_BINARY DEMO_DIR [NUM] [OUT_DIR]
 #   DEMO_DIR is what `make demo` (or scripts/demo-prepare.sh + `pipeline train`) leaves: run/, heldout/,
-#   encoders/. The Inception is the demo's random-init one unless FLOWBACK_INCEPTION_WEIGHTS names the
+#   encoders/. RUN names another run directory trained on the same data (e.g. a pixel flow with
+#   N = 256 tokens), whose samples are compared with DEMO_DIR's held-out crops at 64 px. The Inception is the demo's random-init one unless FLOWBACK_INCEPTION_WEIGHTS names the
 #   converted pytorch-fid weights: its FIDs rank the solvers against each other, nothing more. `auto`
 #   without --schedule uses the default plan unless a schedule already sits beside the checkpoint (its
 #   log line says which). PYTHON (default python3) needs numpy.
@@ -15,7 +16,7 @@ bin=$1
 demo=$2
 num=${3:-1000}
 out=${4:-$demo/solvers-fid}
-run=$demo/run
+run=${RUN:-$demo/run}
 # checkpoints/latest names the newest step folder.
 latest=$(cat "$run/checkpoints/latest" 2>/dev/null || true)
 ckpt=$run/checkpoints/$latest/ema.safetensors

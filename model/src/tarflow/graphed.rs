@@ -8,6 +8,7 @@
 use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
+use torch_ext::event::CudaEvent;
 use torch_ext::graph::CudaGraph;
 
 use super::block::MetaBlock;
@@ -122,12 +123,21 @@ pub(super) fn reverse_block_fixed(
             }
         }
         Some(index) => {
+            // One eager step on the current stream first: it allocates the KV cache there, so the
+            // buffers the replays write are never blocks of the capture's side stream that the
+            // allocator could hand to another stream's work while the replays still run.
+            step()?;
             let graph = CudaGraph::capture(index, 1, &mut step).map_err(|e| e.to_string())?;
-            // The warm-up ran one step: start again (the step rewrites everything it wrote).
+            // The eager steps ran: start again (a step rewrites everything it wrote).
             let _ = at.shallow_clone().f_zero_().map_err(|e| e.to_string())?;
             for _ in 0..n - 1 {
                 graph.replay().map_err(|e| e.to_string())?;
             }
+            // The graph's private pool goes back to the allocator when it is dropped: wait for the
+            // replays first (once per block, not per step).
+            CudaEvent::record(index)
+                .and_then(|done| done.synchronize())
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(block.permutation.apply(&x))
