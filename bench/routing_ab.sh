@@ -9,7 +9,7 @@
 set -euo pipefail
 bin=${1:-target/release/pipeline}
 threads=${2:-1}
-pairs=${3:-15}
+pairs=${3:-16}
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, threads=$threads, $pairs pairs"
 configs=(
     "--preset tiny --batch 8 --steps 30"

@@ -7,7 +7,7 @@
 # Usage: bench/solvers_fid.sh PIPELINE_BINARY DEMO_DIR [NUM] [OUT_DIR]
 #   DEMO_DIR is what `make demo` (or scripts/demo-prepare.sh + `pipeline train`) leaves: run/, heldout/,
 #   encoders/. RUN names another run directory trained on the same data (e.g. a pixel flow with
-#   N = 256 tokens), whose samples are compared with DEMO_DIR's held-out crops at 64 px. The Inception is the demo's random-init one unless FLOWBACK_INCEPTION_WEIGHTS names the
+#   N = 256 tokens, with CHUNK=16), whose samples are compared with DEMO_DIR's held-out crops at 64 px. The Inception is the demo's random-init one unless FLOWBACK_INCEPTION_WEIGHTS names the
 #   converted pytorch-fid weights: its FIDs rank the solvers against each other, nothing more. `auto`
 #   without --schedule uses the default plan unless a schedule already sits beside the checkpoint (its
 #   log line says which). PYTHON (default python3) needs numpy.
@@ -38,6 +38,8 @@ fi
     --target 1e-3 --output "$out/schedule.solver.json" >/dev/null
 
 classes=0,1,2,3,4,5,6,7,8,9
+# The Gauss-Seidel row's segment length (N/4 for the demo's 16 tokens).
+chunk=${CHUNK:-4}
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 echo "# $bin, $ckpt, $num samples, seed 0, classes $classes cycled, cfg 1.0 annealed"
 echo "| solver | flags | wall s | × sequential | sequential depth | FID | IS | max pixel Δ vs sequential |"
@@ -72,7 +74,7 @@ sequential|--solver sequential
 jacobi-exact|--solver jacobi
 jacobi-1e-4|--solver jacobi --jacobi-tol 1e-4
 jacobi-1e-3|--solver jacobi --jacobi-tol 1e-3
-gs-jacobi-4-1e-4|--solver jacobi --jacobi-chunk 4 --jacobi-tol 1e-4
+gs-jacobi-$chunk-1e-4|--solver jacobi --jacobi-chunk $chunk --jacobi-tol 1e-4
 auto-default|--solver auto
 auto-calibrated|--solver auto --schedule $out/schedule.solver.json
 EOF

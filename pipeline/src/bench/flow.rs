@@ -66,7 +66,7 @@ pub struct Args {
     /// Also time N pairs of training steps and of sampling passes in this process, each pair one with
     /// the measured routing and one with every product on MKL and no packing (what `--no-onednn
     /// --no-pack` runs), interleaved so that load on the machine falls on both alike; reports the
-    /// median of the per-pair ratios (0 = off)
+    /// geometric mean of the per-pair ratios (0 = off; use an even N, which balances the order)
     #[arg(long, default_value_t = 0, value_name = "N")]
     ab_routing: usize,
     /// Skip the PyTorch reference (Rust numbers only)
@@ -255,23 +255,26 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
             };
             out.map(|()| start.elapsed().as_secs_f64())
         };
-        let (mut steps, mut samples) = (vec![], vec![]);
-        for i in 0..args.ab_routing {
-            // Alternate which side goes first, so neither always follows the other's cache state.
-            let order = if i % 2 == 0 { [false, true] } else { [true, false] };
-            let mut pair = [0.0; 2];
-            for mkl in order {
-                pair[mkl as usize] = timed(mkl, &mut || step(None))?;
-            }
-            steps.push(pair);
-            for mkl in order {
-                pair[mkl as usize] = timed(mkl, &mut || {
-                    let _ = model.reverse(&noise, ys.as_ref(), &g);
-                    Ok(())
-                })?;
-            }
-            samples.push(pair);
-        }
+        // Steps and sampling passes in separate runs of pairs, so each timed call follows one of its
+        // own kind; within a run the side that goes first alternates (AB, BA, …), so what the previous
+        // call leaves in caches and allocator falls on both sides equally.
+        let pairs = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<Vec<[f64; 2]>> {
+            f()?;
+            (0..args.ab_routing)
+                .map(|i| {
+                    let mut pair = [0.0; 2];
+                    for mkl in [i % 2 == 1, i % 2 == 0] {
+                        pair[mkl as usize] = timed(mkl, f)?;
+                    }
+                    Ok(pair)
+                })
+                .collect()
+        };
+        let steps = pairs(&mut || step(None))?;
+        let samples = pairs(&mut || {
+            let _ = model.reverse(&noise, ys.as_ref(), &g);
+            Ok(())
+        })?;
         Some(serde_json::json!({
             "pairs": args.ab_routing,
             "step": ab_summary(&steps),
@@ -300,8 +303,9 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     }))
 }
 
-/// Pairs of (measured routing, MKL only) times: each side's median and the median of the per-pair
-/// ratios measured / MKL (below 1: the measured routing is faster).
+/// Pairs of (measured routing, MKL only) times: each side's median and the geometric mean of the
+/// per-pair ratios measured / MKL (below 1: the measured routing is faster). With the order alternating
+/// and an even number of pairs, an effect of going first or second cancels in that mean.
 fn ab_summary(pairs: &[[f64; 2]]) -> serde_json::Value {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -315,7 +319,7 @@ fn ab_summary(pairs: &[[f64; 2]]) -> serde_json::Value {
     serde_json::json!({
         "measured_s": median(pairs.iter().map(|p| p[0]).collect()),
         "mkl_only_s": median(pairs.iter().map(|p| p[1]).collect()),
-        "ratio": median(pairs.iter().map(|p| p[0] / p[1]).collect()),
+        "ratio": (pairs.iter().map(|p| (p[0] / p[1]).ln()).sum::<f64>() / pairs.len() as f64).exp(),
     })
 }
 

@@ -97,7 +97,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 path.display().to_string(),
             )
         }
-        (None, Some(preset)) => (random_flow(preset, &args, device)?, format!("random {preset}")),
+        (None, Some(preset)) => (
+            random_flow(preset, &args, device)?,
+            format!("random {preset}"),
+        ),
         (None, None) => bail!("give --checkpoint or --random PRESET"),
     };
     let graphs =
