@@ -123,6 +123,9 @@ const MARGIN: f64 = 0.97;
 
 /// Timed products per backend (after one untimed each); the median is compared.
 const REPEATS: usize = 3;
+/// Short products are timed until their timings add up to this much (2 ms), at most MAX_REPEATS times.
+const MIN_TIMED_S: f64 = 2e-3;
+const MAX_REPEATS: usize = 101;
 
 /// Measurements stop growing the product beyond this many multiply-adds: the rows measured are cut
 /// (to at least 16) so that deciding a large layer's class costs a fraction of a second, not seconds,
@@ -241,6 +244,22 @@ fn filler(shape: &[i64]) -> Tensor {
         .view(shape)
 }
 
+/// At least REPEATS timings of `f`, and for products of a few microseconds as many as fill MIN_TIMED_S
+/// (up to MAX_REPEATS), so a decode-step class is not decided by three noisy samples. `None` when a
+/// run fails.
+fn timings(f: &dyn Fn() -> Option<()>) -> Option<Vec<f64>> {
+    let mut times = Vec::with_capacity(REPEATS);
+    let mut total = 0.0;
+    while times.len() < REPEATS || (total < MIN_TIMED_S && times.len() < MAX_REPEATS) {
+        let start = Instant::now();
+        f()?;
+        let t = start.elapsed().as_secs_f64();
+        total += t;
+        times.push(t);
+    }
+    Some(times)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -257,17 +276,7 @@ fn measure(class: Class) -> Choice {
         if f().is_none() {
             return f64::INFINITY;
         }
-        median(
-            (0..REPEATS)
-                .map(|_| {
-                    let start = Instant::now();
-                    match f() {
-                        Some(()) => start.elapsed().as_secs_f64(),
-                        None => f64::INFINITY,
-                    }
-                })
-                .collect(),
-        )
+        timings(f).map_or(f64::INFINITY, median)
     };
     let (mkl_s, onednn_s) = match class.product {
         Product::Forward => tch::no_grad(|| {
@@ -457,6 +466,21 @@ mod tests {
         assert_eq!(stored.len(), 2);
         assert!(stored[&other].onednn);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Microsecond products are timed until the timings fill MIN_TIMED_S (capped), millisecond ones
+    /// REPEATS times; a failing run ends the timing.
+    #[test]
+    fn short_products_are_timed_more_often() {
+        let quick = super::timings(&|| Some(())).unwrap();
+        assert_eq!(quick.len(), super::MAX_REPEATS);
+        let slow = super::timings(&|| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            Some(())
+        })
+        .unwrap();
+        assert_eq!(slow.len(), super::REPEATS);
+        assert!(super::timings(&|| None).is_none());
     }
 
     /// Deciding a class draws nothing from the global RNG and gives a consistent, cached answer.
