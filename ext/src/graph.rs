@@ -24,7 +24,8 @@ extern "C" {
 
 /// Whether this build can capture CUDA graphs at all (it was compiled against the CUDA headers).
 pub fn available() -> bool {
-    // SAFETY: reads a compile-time constant.
+    // SAFETY: returns a constant compiled into the shim; no state, so nothing an earlier call did can
+    // change it.
     unsafe { ext_graph_available() != 0 }
 }
 
@@ -37,8 +38,10 @@ struct Body<'a> {
 }
 
 extern "C" fn call_body(ctx: *mut c_void) -> c_int {
-    // SAFETY: `ctx` is the `Body` borrowed by `capture` for the duration of the shim call, and the shim
-    // calls back only from inside that call, on this thread.
+    // SAFETY: `ctx` is the `Body` that this call's `capture` borrows mutably for the whole shim call; the
+    // shim calls back only from inside that call, on this thread, one call at a time, so no other
+    // reference to it is live. A body that failed or panicked in an earlier callback left only its
+    // message in `error`, which is still a valid `Body`.
     let body = unsafe { &mut *ctx.cast::<Body>() };
     let result = match catch_unwind(AssertUnwindSafe(|| (body.f)())) {
         Ok(r) => r,
@@ -82,6 +85,8 @@ impl CudaGraph {
         let mut graph: *mut c_void = std::ptr::null_mut();
         // SAFETY: `ctx` outlives the call and is only touched through `call_body` during it; `graph` is
         // an out-pointer to a live local, written only on success; the shim catches every C++ exception.
+        // A capture the shim began is always ended before it returns, also when the body failed, so an
+        // earlier failed call leaves no stream in capture mode and no half-made graph behind.
         let err = unsafe {
             ext_graph_capture(
                 index,
@@ -104,14 +109,16 @@ impl CudaGraph {
 
     /// Launches the captured work on its device's current stream.
     pub fn replay(&self) -> Result<(), ExtError> {
-        // SAFETY: self.0 came from ext_graph_capture and is freed only in Drop.
+        // SAFETY: self.0 came from a successful ext_graph_capture (a failed one returns no graph) and is
+        // freed only in Drop; a replay leaves the graph as it was, so any number may follow.
         check("cuda graph replay", unsafe { ext_graph_replay(self.0) })
     }
 }
 
 impl Drop for CudaGraph {
     fn drop(&mut self) {
-        // SAFETY: self.0 came from ext_graph_capture; this is its only free.
+        // SAFETY: self.0 came from a successful ext_graph_capture; Drop runs once, so this is its only
+        // free, and no replay can follow it.
         unsafe { ext_graph_free(self.0) }
     }
 }
@@ -122,22 +129,36 @@ mod tests {
 
     use super::CudaGraph;
 
-    /// Without a device the capture is refused by name, the body never runs, and a failing body is an
-    /// error carrying its message, never a crash; on a GPU, a captured in-place step replays on its own
-    /// buffers (a counter advanced by the graph) and a failing body is reported the same way.
+    /// Mutated calls in sequence: devices that do not exist, a warm-up count beyond the shim's range,
+    /// failing and panicking bodies. Each is refused by name without running the body where there is
+    /// nothing to run it on, and leaves nothing behind: on a GPU, a good capture after them replays a
+    /// counter advanced by the graph on its own buffers, and a failing capture after that still fails
+    /// cleanly while the good graph keeps replaying.
     #[test]
     fn captures_replays_or_refuses() {
         let count = tch::Cuda::device_count() as usize;
-        for bad in [count, count + 3, usize::MAX / 2] {
-            let mut ran = false;
-            let err = CudaGraph::capture(bad, 1, || {
-                ran = true;
-                Ok(())
-            })
-            .err()
-            .expect("no such device");
-            assert!(err.to_string().contains("cuda graph capture"), "{err}");
-            assert!(!ran, "the body ran for a device that does not exist");
+        for round in 0..2 {
+            for bad in [count, count + 3, usize::MAX / 2] {
+                let mut ran = false;
+                let err = CudaGraph::capture(bad, 1, || {
+                    ran = true;
+                    Ok(())
+                })
+                .err()
+                .expect("no such device");
+                assert!(err.to_string().contains("cuda graph capture"), "{err}");
+                assert!(!ran, "round {round}: the body ran for device {bad}");
+            }
+            let err = CudaGraph::capture(0, u32::MAX, || Ok(()))
+                .err()
+                .expect("too many warm-ups");
+            assert!(err.to_string().contains("warm-up"), "{err}");
+            if count == 0 {
+                let err = CudaGraph::capture(0, 0, || Err("planted failure".into()))
+                    .err()
+                    .expect("no device");
+                assert!(err.to_string().contains("cuda graph capture"), "{err}");
+            }
         }
         if count == 0 || !super::available() {
             crate::skip::gpu_branch(
@@ -146,6 +167,16 @@ mod tests {
             );
             return;
         }
+        for warmups in [0, 1] {
+            let err = CudaGraph::capture(0, warmups, || Err("planted failure".into()))
+                .err()
+                .expect("the body failed");
+            assert!(err.to_string().contains("planted failure"), "{err}");
+        }
+        let err = CudaGraph::capture(0, 0, || panic!("planted panic"))
+            .err()
+            .expect("the body panicked");
+        assert!(err.to_string().contains("planted panic"), "{err}");
         let pos = Tensor::zeros([1], (Kind::Int64, Device::Cuda(0)));
         let out = Tensor::zeros([8], (Kind::Float, Device::Cuda(0)));
         let graph = CudaGraph::capture(0, 1, || {
@@ -164,14 +195,14 @@ mod tests {
         // The warm-up ran once: start again from 0.
         let _ = pos.shallow_clone().zero_();
         let _ = out.shallow_clone().zero_();
-        for _ in 0..8 {
+        for _ in 0..4 {
+            graph.replay().unwrap();
+        }
+        assert!(CudaGraph::capture(0, 0, || Err("planted failure".into())).is_err());
+        for _ in 0..4 {
             graph.replay().unwrap();
         }
         let got = Vec::<f32>::try_from(out.to_device(Device::Cpu)).unwrap();
         assert_eq!(got, (1..=8).map(|i| i as f32).collect::<Vec<_>>());
-        let err = CudaGraph::capture(0, 0, || Err("planted failure".into()))
-            .err()
-            .expect("the body failed");
-        assert!(err.to_string().contains("planted failure"), "{err}");
     }
 }

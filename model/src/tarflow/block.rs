@@ -74,6 +74,20 @@ impl Share for MetaBlock {
     }
 }
 
+/// The inverse affine step of the tokens whose parameters `params` (…, 2D) [a | b] are, from their
+/// noise `z`: x = z·exp(a) + b, computed in fp32 and returned in z's precision. Every solver ends a
+/// step with it.
+pub(super) fn invert_tokens(params: &Tensor, z: &Tensor) -> Tensor {
+    let d = params.size()[params.dim() - 1] / 2;
+    let (a, b) = (params.narrow(-1, 0, d), params.narrow(-1, d, d));
+    if z.kind() == Kind::Float {
+        b.addcmul(z, &a.exp())
+    } else {
+        b.addcmul(&z.to_kind(Kind::Float), &a.exp())
+            .to_kind(z.kind())
+    }
+}
+
 impl MetaBlock {
     pub fn new(p: nn::Path, cfg: &Config, permutation: Permutation) -> Self {
         let (n, d, c) = (cfg.num_tokens(), cfg.token_dim(), cfg.channels);
@@ -125,9 +139,8 @@ impl MetaBlock {
         Some(emb.unsqueeze(1))
     }
 
-    /// Input embedding of tokens at permuted positions start..start+T (B, T, C).
-    /// Tokens at permuted positions start..start+T, or (T = 1) at the position the device tensor `at`
-    /// holds.
+    /// Input embedding (B, T, C) of tokens at permuted positions start..start+T, or (T = 1) at the
+    /// position the device tensor `at` holds.
     fn embed(
         &self,
         x_perm: &Tensor,
@@ -281,6 +294,13 @@ impl MetaBlock {
         let packs = cache.packs.as_ref();
         let mut h = self.embed(token, (pos, at), class, prec, packs);
         let capacity = cache.capacity;
+        // Which cached positions the token attends to: one mask for every layer of the step.
+        let mask = at.map(|at| {
+            Tensor::arange(capacity, (Kind::Int64, at.device()))
+                .le_tensor(at)
+                .view([1, 1, 1, capacity])
+        });
+        let at = at.zip(mask.as_ref());
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let slot = Slot {
                 kv,

@@ -2,9 +2,9 @@
 //! sequential` runs for every block and a per-block plan for the blocks it keeps sequential; with
 //! [`Model::decode_steps`] set, the fixed-shape step of `graphed` (a CUDA graph on a GPU) instead.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::block::MetaBlock;
+use super::block::{invert_tokens, MetaBlock};
 use super::graphed::{record_failure, reverse_block_fixed, StepMode};
 use super::guidance::{Branches, Guidance};
 use super::{Model, Precision};
@@ -53,16 +53,7 @@ pub(super) fn reverse_block(
             // cond + w·(cond − uncond) for a and b at once: lerp from cond towards uncond by −w.
             o = o.narrow(0, 0, batch).lerp(&o.narrow(0, batch, batch), -w);
         }
-        let d = o.size()[2] / 2;
-        let (a, b) = (o.narrow(2, 0, d), o.narrow(2, d, d));
-        let next = &tokens[i as usize + 1];
-        let updated = if next.kind() == Kind::Float {
-            b.addcmul(next, &a.exp())
-        } else {
-            b.addcmul(&next.to_kind(Kind::Float), &a.exp())
-                .to_kind(next.kind())
-        };
-        tokens[i as usize + 1] = updated;
+        tokens[i as usize + 1] = invert_tokens(&o, &tokens[i as usize + 1]);
     }
     block.permutation.apply(&Tensor::cat(&tokens, 1))
 }

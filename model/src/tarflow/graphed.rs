@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use torch_ext::event::CudaEvent;
 use torch_ext::graph::CudaGraph;
 
-use super::block::MetaBlock;
+use super::block::{invert_tokens, MetaBlock};
 use super::guidance::{Branches, Guidance};
 use super::linear::Precision;
 
@@ -96,16 +96,8 @@ pub(super) fn reverse_block_fixed(
                 .narrow(0, 0, batch)
                 .lerp_tensor(&o.narrow(0, batch, batch), &w);
         }
-        let d = o.size()[2] / 2;
-        let (a, b) = (o.narrow(2, 0, d), o.narrow(2, d, d));
         let next_at = &at + 1;
-        let next = zp.index_select(1, &next_at);
-        let updated = if next.kind() == Kind::Float {
-            b.addcmul(&next, &a.exp())
-        } else {
-            b.addcmul(&next.to_kind(Kind::Float), &a.exp())
-                .to_kind(next.kind())
-        };
+        let updated = invert_tokens(&o, &zp.index_select(1, &next_at));
         let _ = x
             .shallow_clone()
             .f_index_copy_(1, &next_at, &updated)

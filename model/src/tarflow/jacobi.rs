@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::block::MetaBlock;
+use super::block::{invert_tokens, MetaBlock};
 use super::guidance::{Branches, Guidance};
 use super::{Model, Precision};
 
@@ -141,8 +141,7 @@ pub(super) fn jacobi_block(
                     .lerp_tensor(&o.narrow(0, batch, batch), &-w.narrow(1, start, len)),
                 None => o,
             };
-            let d = o.size()[2] / 2;
-            let next = o.narrow(2, d, d).addcmul(&z_seg, &o.narrow(2, 0, d).exp());
+            let next = invert_tokens(&o, &z_seg);
             let mut seg = x.narrow(1, start, len);
             passes += 1;
             // The stopping rule needs the change on the host: one read-back per parallel pass, which

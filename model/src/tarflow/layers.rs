@@ -108,15 +108,16 @@ pub struct LayerCache {
 /// What a decode step hands one layer: its KV cache (preallocated for `capacity` tokens) and the
 /// block's packed weights, if any. The new keys and values are written after the cached ones and
 /// attended to, but only the first `commit` of them stay cached: a Jacobi segment rewrites its own
-/// tokens' on every pass. With `at` (a one-element int64 tensor on the device) the single new token's
-/// position is read on the device instead: it is written at that index and attends to the whole
-/// buffer under a mask, so the step has one shape at every position and can be captured as a graph.
+/// tokens' on every pass. With `at` (a one-element int64 tensor on the device, and the (1, 1, 1,
+/// capacity) mask of the positions up to it) the single new token's position is read on the device
+/// instead: it is written at that index and attends to the whole buffer under the mask, so the step
+/// has one shape at every position and can be captured as a graph.
 pub struct Slot<'a> {
     pub kv: &'a mut Option<LayerCache>,
     pub capacity: i64,
     pub packs: Option<&'a Packs>,
     pub commit: i64,
-    pub at: Option<&'a Tensor>,
+    pub at: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// One KV cache per attention layer of a block; a fresh one per block and per reverse pass.
@@ -174,6 +175,7 @@ impl Attention {
     ) -> Tensor {
         let packs = cache.as_ref().and_then(|slot| slot.packs);
         let at = cache.as_ref().and_then(|slot| slot.at);
+        let pos = at.map(|(pos, _)| pos);
         let (b, t, c) = x.size3().expect("(B, T, C)");
         // (B, T, 3C) -> 3 × (B, H, T, d): the layout is [q heads | k heads | v heads]
         let qkv = self
@@ -183,8 +185,8 @@ impl Attention {
             .permute([2, 0, 3, 1, 4]);
         let (mut q, mut k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         if let Some(rope) = rope {
-            q = rope.apply(&q, start, at);
-            k = rope.apply(&k, start, at);
+            q = rope.apply(&q, start, pos);
+            k = rope.apply(&k, start, pos);
         }
         if let Some(scale) = q_scale {
             q = &q * scale.to_kind(q.kind());
@@ -211,13 +213,10 @@ impl Attention {
                     ),
                     len: 0,
                 });
-                if let Some(at) = at {
+                if let Some((at, mask)) = at {
                     let _ = entry.k.index_copy_(2, at, &k);
                     let _ = entry.v.index_copy_(2, at, &v);
-                    let mask = Tensor::arange(capacity, (Kind::Int64, q.device()))
-                        .le_tensor(at)
-                        .view([1, 1, 1, capacity]);
-                    Tensor::scaled_dot_product_attention::<Tensor>(
+                    Tensor::scaled_dot_product_attention::<&Tensor>(
                         &q,
                         &entry.k,
                         &entry.v,

@@ -96,6 +96,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--batch, --sample-batch, --steps and --sample-repeats must be at least 1");
     }
     let device = model::device::parse_device(&args.device)?;
+    if args.ab_routing > 0 && device != Device::Cpu {
+        bail!("--ab-routing compares CPU product routes; {device:?} has none");
+    }
     if args.bf16 && !device.is_cuda() {
         bail!("--bf16 needs a CUDA device (autocast is CUDA-only here)");
     }
@@ -245,7 +248,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
     }
     let sample_s = min(&sample_runs);
     let tokens = (args.sample_batch * cfg.num_tokens() * cfg.num_blocks) as f64;
-    let ab = if args.ab_routing > 0 && device == Device::Cpu {
+    let ab = if args.ab_routing > 0 {
         let timed = |mkl: bool, f: &mut dyn FnMut() -> anyhow::Result<()>| {
             let start = Instant::now();
             let out = if mkl {
@@ -307,15 +310,7 @@ fn measure(cfg: &Config, args: &Args, device: Device) -> anyhow::Result<serde_js
 /// per-pair ratios measured / MKL (below 1: the measured routing is faster). With the order alternating
 /// and an even number of pairs, an effect of going first or second cancels in that mean.
 fn ab_summary(pairs: &[[f64; 2]]) -> serde_json::Value {
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
+    use crate::bench::reference::median;
     serde_json::json!({
         "measured_s": median(pairs.iter().map(|p| p[0]).collect()),
         "mkl_only_s": median(pairs.iter().map(|p| p[1]).collect()),

@@ -10,7 +10,7 @@ use model::tarflow::sample::{self, Guidance, Plan, Solver};
 use model::tarflow::{self, Config, StepMode};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::solver::Schedule;
+use crate::config::solver::{step_mode, Schedule};
 use crate::train::step::sync;
 
 #[derive(clap::Args)]
@@ -103,8 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         (None, None) => bail!("give --checkpoint or --random PRESET"),
     };
-    let graphs =
-        crate::config::solver::SolverArgs::graphs_only(args.cuda_graphs).step_mode(device)?;
+    let graphs = step_mode(args.cuda_graphs, device)?;
     loaded.model.decode_steps = StepMode::Cached;
     let model = &mut loaded.model;
     let noise = sample::cpu_noise(model, args.samples, 0).to_device(device);

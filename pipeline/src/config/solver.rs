@@ -68,29 +68,9 @@ impl SolverArgs {
         })
     }
 
-    /// Only the `--cuda-graphs` switch set, for commands that choose their solvers themselves.
-    pub fn graphs_only(cuda_graphs: bool) -> Self {
-        Self {
-            solver: SolverKind::Sequential,
-            jacobi_chunk: 0,
-            jacobi_tol: 0.0,
-            jacobi_max_iters: 0,
-            schedule: None,
-            cuda_graphs,
-        }
-    }
-
-    /// How sequential decode steps run on `device`: `--cuda-graphs` is refused off CUDA, where there
-    /// is nothing to capture.
+    /// How sequential decode steps run on `device` ([`step_mode`]).
     pub fn step_mode(&self, device: Device) -> anyhow::Result<StepMode> {
-        match (self.cuda_graphs, device) {
-            (false, _) => Ok(StepMode::Cached),
-            (true, Device::Cuda(_)) if torch_ext::graph::available() => Ok(StepMode::CudaGraph),
-            (true, Device::Cuda(_)) => {
-                bail!("--cuda-graphs: this build has no CUDA headers (see the torch-ext build warning)")
-            }
-            (true, other) => bail!("--cuda-graphs needs a CUDA device; this run is on {other:?}"),
-        }
+        step_mode(self.cuda_graphs, device)
     }
 
     /// The solver of every block for `checkpoint`'s flow of `blocks` blocks, and where it came from.
@@ -161,6 +141,19 @@ impl Schedule {
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         stages::atomic::write_bytes_atomic(path, &serde_json::to_vec_pretty(self)?)
             .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// How sequential decode steps run on `device` with or without `--cuda-graphs`, which is refused off
+/// CUDA (there is nothing to capture) and in a build without the CUDA headers.
+pub fn step_mode(cuda_graphs: bool, device: Device) -> anyhow::Result<StepMode> {
+    match (cuda_graphs, device) {
+        (false, _) => Ok(StepMode::Cached),
+        (true, Device::Cuda(_)) if torch_ext::graph::available() => Ok(StepMode::CudaGraph),
+        (true, Device::Cuda(_)) => {
+            bail!("--cuda-graphs: this build has no CUDA headers (see the torch-ext build warning)")
+        }
+        (true, other) => bail!("--cuda-graphs needs a CUDA device; this run is on {other:?}"),
     }
 }
 
